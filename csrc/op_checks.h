@@ -1,0 +1,79 @@
+// Argument checks shared by the CPU and CUDA implementations of every op, so that a direct call of
+// torch.ops.gam_ext.* with bad input fails with a message naming the argument, never a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace gam {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              name, " must be float16, bfloat16, float32 or float64, got ", st);
+}
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
+  TORCH_CHECK(t.dim() == rank, name, " must have ", rank, " dimensions, got shape ", t.sizes());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                         const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+// x (B, N, D), weight (D, K) with K >= 1, bias (D) or none.
+inline void check_conv_args(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+  check_float(x, "x");
+  check_rank(x, 3, "x");
+  check_float(weight, "weight");
+  check_rank(weight, 2, "weight");
+  check_device(weight, x, "weight", "x");
+  TORCH_CHECK(weight.size(0) == x.size(2), "weight has ", weight.size(0),
+              " channels but x has D=", x.size(2));
+  TORCH_CHECK(weight.size(1) >= 1, "weight must have a kernel size K >= 1, got K=0");
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    check_rank(*bias, 1, "bias");
+    check_device(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->size(0) == x.size(2), "bias must have shape (", x.size(2), "), got ",
+                bias->sizes());
+  }
+}
+
+// h (B, N, D), memory (S, D) with S >= 1.
+inline void check_memory_args(const at::Tensor& h, const at::Tensor& memory) {
+  check_float(h, "h");
+  check_rank(h, 3, "h");
+  check_float(memory, "memory");
+  check_rank(memory, 2, "memory");
+  check_device(memory, h, "memory", "h");
+  TORCH_CHECK(memory.size(1) == h.size(2), "memory must have shape (S, ", h.size(2),
+              ") to match h, got ", memory.sizes());
+  TORCH_CHECK(memory.size(0) >= 1, "memory must have at least one slot (S >= 1)");
+}
+
+// local and global_ctx (B, N, D) of one dtype, gate_logits (B, N, 2D) of the same dtype.
+inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ctx,
+                            const at::Tensor& gate_logits) {
+  check_float(local, "local");
+  check_rank(local, 3, "local");
+  check_rank(global_ctx, 3, "global_ctx");
+  check_rank(gate_logits, 3, "gate_logits");
+  check_device(global_ctx, local, "global_ctx", "local");
+  check_device(gate_logits, local, "gate_logits", "local");
+  TORCH_CHECK(global_ctx.sizes() == local.sizes(), "global_ctx must have the shape of local ",
+              local.sizes(), ", got ", global_ctx.sizes());
+  TORCH_CHECK(gate_logits.size(0) == local.size(0) && gate_logits.size(1) == local.size(1) &&
+                  gate_logits.size(2) == 2 * local.size(2),
+              "gate_logits must have shape (B, N, 2D) = (", local.size(0), ", ", local.size(1),
+              ", ", 2 * local.size(2), "), got ", gate_logits.sizes());
+  TORCH_CHECK(global_ctx.scalar_type() == local.scalar_type() &&
+                  gate_logits.scalar_type() == local.scalar_type(),
+              "local, global_ctx and gate_logits must share one dtype, got ",
+              local.scalar_type(), ", ", global_ctx.scalar_type(), ", ",
+              gate_logits.scalar_type());
+}
+
+}  // namespace gam

@@ -1,0 +1,31 @@
+// The gam_ext op registry: schemas of every op, and the Python module gam_ext._C.
+// Kernels register their implementations per device with TORCH_LIBRARY_IMPL in cpu/ and cuda/;
+// fake kernels and autograd are registered from Python (gam_ext/ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gam_ext, m) {
+  // Weight is (D, K); the returned grads of weight and bias are in weight's dtype.
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("causal_conv1d_bwd(Tensor grad_y, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)");
+  // Returns (out, lse): lse is the fp32 logsumexp of the scores of each row, kept for backward.
+  m.def("memory_retrieval_fwd(Tensor h, Tensor memory, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "memory_retrieval_bwd(Tensor grad_out, Tensor h, Tensor memory, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def("gate_fusion_fwd(Tensor local, Tensor global_ctx, Tensor gate_logits) -> Tensor");
+  m.def(
+      "gate_fusion_bwd(Tensor grad_out, Tensor local, Tensor global_ctx, Tensor gate_logits) -> "
+      "(Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gam_ext compiled ops (registered under torch.ops.gam_ext)";
+  m.def("cuda_compiled", [] {
+#ifdef GAM_EXT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

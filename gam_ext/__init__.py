@@ -1,0 +1,23 @@
+"""gam_ext: fast kernels and modules for the Gated Associative Memory (GAM) sequence model."""
+
+from gam_ext import reference
+from gam_ext._backend import backend_info, get_backend, set_backend
+from gam_ext.modules import GAMBlock, GAMConfig, GAMModel
+from gam_ext.ops import causal_conv1d, gam_block, gam_mixer, gate_fusion, memory_retrieval
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GAMBlock",
+    "GAMConfig",
+    "GAMModel",
+    "backend_info",
+    "causal_conv1d",
+    "gam_block",
+    "gam_mixer",
+    "gate_fusion",
+    "get_backend",
+    "memory_retrieval",
+    "reference",
+    "set_backend",
+]

@@ -1,0 +1,101 @@
+"""Which implementation runs each op: the compiled kernels or the pure-PyTorch reference.
+
+The compiled extension ``gam_ext._C`` registers the ops ``torch.ops.gam_ext.*`` with a kernel per
+device it was built for. An op runs its kernel when one is registered for the tensor's device and the
+backend is ``auto``; otherwise it runs ``gam_ext.reference``. Set ``GAM_EXT_BACKEND=reference`` in
+the environment, or call ``gam_ext.set_backend("reference")``, to force the reference path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+BACKENDS = ("auto", "reference")
+# The forward ops behind the three public primitives; each has a matching *_bwd op.
+OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
+DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# The dtypes each device's kernels take; others (float64 on CUDA) run the reference.
+KERNEL_DTYPES = {
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+}
+
+_extension: Any = None
+_extension_error: str | None = None
+try:
+    from gam_ext import _C as _extension  # noqa: F401  (importing registers the ops)
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _extension_error = str(exc)
+    if os.environ.get("GAM_EXT_QUIET") != "1":
+        warnings.warn(
+            "gam_ext: the compiled extension gam_ext._C is not available "
+            f"({exc}); every op runs the pure-PyTorch reference. Build it with "
+            "`pip install --no-build-isolation .` or `make build`.",
+            stacklevel=2,
+        )
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    if _extension is None:
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"gam_ext::{op}_{direction}", DEVICE_KEYS[device_type]
+        )
+        for direction in ("fwd", "bwd")
+    )
+
+
+# Computed once at import so that torch.compile reads a plain dict, not a C++ query.
+_KERNELS: dict[str, dict[str, bool]] = {
+    device: {op: _has_kernel(op, device) for op in OPS} for device in DEVICE_KEYS
+}
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("GAM_EXT_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"GAM_EXT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _backend_from_env()
+
+
+def set_backend(name: str) -> str:
+    """Select ``"auto"`` (kernels where built, else reference) or ``"reference"``; returns the old one."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
+    """True when ``op`` on ``device_type`` tensors (of ``dtype``) runs the compiled kernel."""
+    if _backend != "auto" or not _KERNELS.get(device_type, {}).get(op, False):
+        return False
+    return dtype is None or dtype in KERNEL_DTYPES[device_type]
+
+
+def backend_info() -> dict[str, Any]:
+    """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why."""
+    return {
+        "backend": _backend,
+        "extension": None if _extension is None else _extension.__file__,
+        "extension_error": _extension_error,
+        "cuda_compiled": bool(_extension is not None and _extension.cuda_compiled()),
+        "cuda_available": torch.cuda.is_available(),
+        "ops": {
+            device: {op: "kernel" if use_kernel(op, device) else "reference" for op in OPS}
+            for device in DEVICE_KEYS
+        },
+    }

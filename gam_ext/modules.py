@@ -1,0 +1,225 @@
+"""GAMBlock and GAMModel: the paper's language model, with parameter names matching its public code.
+
+A state_dict saved from the paper's ``GAM_Model`` loads into :class:`GAMModel` with ``strict=True``
+(see :meth:`GAMModel.from_official`); the forward pass runs through the gam_ext ops.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam_ext.ops import gam_block
+
+__all__ = ["GAMConfig", "GAMBlock", "GAMModel"]
+
+
+@dataclass
+class GAMConfig:
+    vocab_size: int = 10000
+    block_size: int = 256
+    d_model: int = 512
+    n_layer: int = 6
+    dropout: float = 0.1
+    num_memory_slots: int = 512
+    conv_kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "num_memory_slots",
+                     "conv_kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GAMConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GAMConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class GAMBlock(nn.Module):
+    """x + GatedMixer(LN1(x)), then x + Dropout(FFN(LN2(x))); the mixer is conv + memory + gates."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_memory_slots: int = 512,
+        conv_kernel_size: int = 3,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.ln1 = nn.LayerNorm(d_model)
+        # Held as an nn.Conv1d so checkpoints of the paper's code load; run by gam_ext's kernel.
+        self.causal_conv = nn.Conv1d(
+            d_model, d_model, conv_kernel_size, padding=conv_kernel_size - 1, groups=d_model
+        )
+        self.memory_bank = nn.Parameter(torch.empty(num_memory_slots, d_model))
+        nn.init.xavier_uniform_(self.memory_bank)
+        self.gate = nn.Linear(d_model, 2 * d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+        self.ln2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gam_block(
+            x,
+            self.ln1.weight,
+            self.ln1.bias,
+            self.causal_conv.weight,
+            self.causal_conv.bias,
+            self.memory_bank,
+            self.gate.weight,
+            self.gate.bias,
+            self.ln2.weight,
+            self.ln2.bias,
+            self.ffn[0].weight,
+            self.ffn[0].bias,
+            self.ffn[2].weight,
+            self.ffn[2].bias,
+            eps=self.ln1.eps,
+            dropout=self.ffn[3].p,
+            training=self.training,
+        )
+
+
+class GAMModel(nn.Module):
+    """Token + learned position embeddings, n_layer GAMBlocks, final LayerNorm, tied LM head."""
+
+    def __init__(self, config: GAMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embedding = nn.Embedding(config.block_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            GAMBlock(config.d_model, config.num_memory_slots, config.conv_kernel_size,
+                     config.dropout)
+            for _ in range(config.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, N) token ids, got shape {tuple(idx.shape)}")
+        n = idx.shape[1]
+        if n > self.config.block_size:
+            raise ValueError(
+                f"sequence length {n} exceeds block_size {self.config.block_size}"
+            )
+        positions = torch.arange(n, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N), nanoGPT style."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            probs = F.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
+    @classmethod
+    def from_official(
+        cls, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+        dropout: float = 0.1,
+    ) -> GAMModel:
+        """Build a GAMModel from a state_dict (or a file holding one) of the paper's GAM_Model.
+
+        The config is inferred from the tensor shapes; loading is strict. Checkpoints that wrap the
+        state_dict (``{"model": ...}``) or prefix its keys (``module.`` from DDP, ``_orig_mod.``
+        from torch.compile) are unwrapped.
+        """
+        state = _unwrap_state_dict(state_dict_or_path)
+        config = config_from_state_dict(state, dropout=dropout)
+        model = cls(config)
+        if "head.weight" not in state:
+            state = {**state, "head.weight": state["token_embedding.weight"]}
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def _unwrap_state_dict(
+    state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
+) -> dict[str, torch.Tensor]:
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        path = os.fspath(state_dict_or_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint file at {path!r}")
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = state_dict_or_path
+    if not isinstance(state, Mapping):
+        raise TypeError(f"expected a state_dict (a mapping), got {type(state).__name__}")
+    for wrapper_key in ("model", "state_dict", "model_state_dict"):
+        if "token_embedding.weight" not in state and isinstance(state.get(wrapper_key), Mapping):
+            state = state[wrapper_key]
+    prefixes = ("_orig_mod.", "module.")
+    result = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        result[key] = value
+    if "token_embedding.weight" not in result:
+        raise KeyError(
+            "not a GAM_Model state_dict: it has no 'token_embedding.weight' "
+            f"(keys start with {sorted(result)[:5]})"
+        )
+    return result
+
+
+def config_from_state_dict(state: Mapping[str, torch.Tensor], dropout: float = 0.1) -> GAMConfig:
+    """Infer a GAMConfig (vocab, block size, width, layers, slots, kernel size) from tensor shapes."""
+    vocab_size, d_model = state["token_embedding.weight"].shape
+    block_size = state["pos_embedding.weight"].shape[0]
+    layer_ids = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
+    n_layer = len(layer_ids)
+    if n_layer == 0 or layer_ids != set(range(n_layer)):
+        raise KeyError(f"blocks must be numbered 0..n-1, found {sorted(layer_ids)}")
+    num_memory_slots = state["blocks.0.memory_bank"].shape[0]
+    conv_kernel_size = state["blocks.0.causal_conv.weight"].shape[-1]
+    return GAMConfig(
+        vocab_size=int(vocab_size),
+        block_size=int(block_size),
+        d_model=int(d_model),
+        n_layer=n_layer,
+        dropout=dropout,
+        num_memory_slots=int(num_memory_slots),
+        conv_kernel_size=int(conv_kernel_size),
+    )

@@ -1,0 +1,282 @@
+"""Public GAM primitives: argument checks, then the compiled op or the reference.
+
+Each primitive takes token-major ``(B, N, D)`` tensors and is differentiable in every tensor
+argument. The compiled ops ``torch.ops.gam_ext.<op>_fwd`` / ``<op>_bwd`` get their fake (meta)
+kernels and their autograd formula here, so ``torch.compile(fullgraph=True)`` traces them and
+``torch.library.opcheck`` passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gam_ext import _backend, reference
+
+__all__ = ["causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer", "gam_block"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: a clear Python exception that names the argument, before any kernel runs.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_float_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}"
+        )
+    if value.dim() != ndim:
+        raise ValueError(
+            f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def _check_same_device(reference_name: str, reference_tensor: torch.Tensor, **others) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != reference_tensor.device:
+            raise ValueError(
+                f"{name} is on {value.device} but {reference_name} is on "
+                f"{reference_tensor.device}; all tensors must be on one device"
+            )
+
+
+def _activation(t: torch.Tensor) -> torch.Tensor:
+    """Under autocast, run an op's activation input in the autocast dtype (parameters stay)."""
+    device_type = t.device.type
+    if (
+        device_type in ("cpu", "cuda")
+        and torch.is_autocast_enabled(device_type)
+        and t.dtype == torch.float32
+    ):
+        return t.to(torch.get_autocast_dtype(device_type))
+    return t
+
+
+def _check_conv(x: object, weight: object, bias: object) -> torch.Tensor:
+    x = _check_float_tensor("x", x, 3)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() == 3:
+        if weight.shape[1] != 1:
+            raise ValueError(
+                "weight of shape (D, 1, K) expected for a depthwise conv, got "
+                f"{tuple(weight.shape)}"
+            )
+    elif weight.dim() != 2:
+        raise ValueError(f"weight must be (D, K) or (D, 1, K), got shape {tuple(weight.shape)}")
+    _check_float_tensor("weight", weight, weight.dim())
+    d = x.shape[2]
+    if weight.shape[0] != d:
+        raise ValueError(f"weight has {weight.shape[0]} channels but x has D={d}")
+    if weight.shape[-1] < 1:
+        raise ValueError("weight must have a kernel size K >= 1, got K=0")
+    if bias is not None:
+        _check_float_tensor("bias", bias, 1)
+        if bias.shape[0] != d:
+            raise ValueError(f"bias must have shape ({d},), got {tuple(bias.shape)}")
+    _check_same_device("x", x, weight=weight, bias=bias)
+    return weight.reshape(d, weight.shape[-1])
+
+
+def _check_memory(h: object, memory: object, scale: object) -> None:
+    h = _check_float_tensor("h", h, 3)
+    memory = _check_float_tensor("memory", memory, 2)
+    if memory.shape[1] != h.shape[2]:
+        raise ValueError(
+            f"memory must have shape (S, {h.shape[2]}) to match h, got {tuple(memory.shape)}"
+        )
+    if memory.shape[0] < 1:
+        raise ValueError("memory must have at least one slot (S >= 1)")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    _check_same_device("h", h, memory=memory)
+
+
+def _check_gate(local: object, global_ctx: object, gate_logits: object) -> None:
+    local = _check_float_tensor("local", local, 3)
+    global_ctx = _check_float_tensor("global_ctx", global_ctx, 3)
+    gate_logits = _check_float_tensor("gate_logits", gate_logits, 3)
+    if global_ctx.shape != local.shape:
+        raise ValueError(
+            f"global_ctx must have the shape of local {tuple(local.shape)}, "
+            f"got {tuple(global_ctx.shape)}"
+        )
+    b, n, d = local.shape
+    if tuple(gate_logits.shape) != (b, n, 2 * d):
+        raise ValueError(
+            f"gate_logits must have shape {(b, n, 2 * d)} (first D local, last D global), "
+            f"got {tuple(gate_logits.shape)}"
+        )
+    _check_same_device("local", local, global_ctx=global_ctx, gate_logits=gate_logits)
+
+
+# --------------------------------------------------------------------------------------------
+# Public primitives
+# --------------------------------------------------------------------------------------------
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal depthwise conv over time of ``x`` (B, N, D); weight (D, K) or (D, 1, K)."""
+    weight_2d = _check_conv(x, weight, bias)
+    x = _activation(x)
+    if _backend.use_kernel("causal_conv1d", x.device.type, x.dtype):
+        return torch.ops.gam_ext.causal_conv1d_fwd(x, weight_2d, bias)
+    return reference.causal_conv1d(x, weight_2d, bias)
+
+
+def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """softmax(scale * h M^T) M for h (B, N, D) and the memory bank M (S, D)."""
+    _check_memory(h, memory, scale)
+    h = _activation(h)
+    if _backend.use_kernel("memory_retrieval", h.device.type, h.dtype):
+        return torch.ops.gam_ext.memory_retrieval_fwd(h, memory, float(scale))[0]
+    return reference.memory_retrieval(h, memory, scale)
+
+
+def gate_fusion(
+    local: torch.Tensor, global_ctx: torch.Tensor, gate_logits: torch.Tensor
+) -> torch.Tensor:
+    """sigmoid(zl) * local + sigmoid(zg) * global_ctx; gate_logits (B, N, 2D) holds [zl, zg].
+
+    Inputs of different dtypes are computed in their promoted dtype.
+    """
+    _check_gate(local, global_ctx, gate_logits)
+    dtype = torch.promote_types(
+        torch.promote_types(local.dtype, global_ctx.dtype), gate_logits.dtype
+    )
+    local, global_ctx, gate_logits = (t.to(dtype) for t in (local, global_ctx, gate_logits))
+    if _backend.use_kernel("gate_fusion", local.device.type, dtype):
+        return torch.ops.gam_ext.gate_fusion_fwd(local, global_ctx, gate_logits)
+    return reference.gate_fusion(local, global_ctx, gate_logits)
+
+
+def gam_mixer(
+    h: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    memory: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias)."""
+    local = causal_conv1d(h, conv_weight, conv_bias)
+    global_ctx = memory_retrieval(h, memory, scale)
+    gate_logits = F.linear(_activation(h), gate_weight, gate_bias)
+    return gate_fusion(local, global_ctx, gate_logits)
+
+
+def gam_block(
+    x: torch.Tensor,
+    ln1_weight: torch.Tensor,
+    ln1_bias: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    memory: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    ln2_weight: torch.Tensor,
+    ln2_bias: torch.Tensor,
+    ffn_w1: torch.Tensor,
+    ffn_b1: torch.Tensor | None,
+    ffn_w2: torch.Tensor,
+    ffn_b2: torch.Tensor | None,
+    *,
+    eps: float = 1e-5,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """One GAM block (PAPER.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.)))."""
+    _check_float_tensor("x", x, 3)
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), ln1_weight, ln1_bias, eps)
+    x = x + gam_mixer(h, conv_weight, conv_bias, memory, gate_weight, gate_bias)
+    u = F.layer_norm(x, (d,), ln2_weight, ln2_bias, eps)
+    u = F.linear(F.gelu(F.linear(u, ffn_w1, ffn_b1)), ffn_w2, ffn_b2)
+    return x + F.dropout(u, dropout, training)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the compiled ops
+# --------------------------------------------------------------------------------------------
+
+
+def _register_compiled_ops() -> None:
+    lib = "gam_ext::"
+
+    @torch.library.register_fake(lib + "causal_conv1d_fwd")
+    def _conv_fwd_fake(x, weight, bias):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "causal_conv1d_bwd")
+    def _conv_bwd_fake(grad_y, x, weight):
+        d = weight.shape[0]
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((d,))
+
+    @torch.library.register_fake(lib + "memory_retrieval_fwd")
+    def _mem_fwd_fake(h, memory, scale):
+        return h.new_empty(h.shape), h.new_empty(h.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "memory_retrieval_bwd")
+    def _mem_bwd_fake(grad_out, h, memory, out, lse, scale):
+        return h.new_empty(h.shape), memory.new_empty(memory.shape)
+
+    @torch.library.register_fake(lib + "gate_fusion_fwd")
+    def _gate_fwd_fake(local, global_ctx, gate_logits):
+        return local.new_empty(local.shape)
+
+    @torch.library.register_fake(lib + "gate_fusion_bwd")
+    def _gate_bwd_fake(grad_out, local, global_ctx, gate_logits):
+        return (
+            local.new_empty(local.shape),
+            global_ctx.new_empty(global_ctx.shape),
+            gate_logits.new_empty(gate_logits.shape),
+        )
+
+    def conv_setup(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    def conv_backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        dx, dw, dbias = torch.ops.gam_ext.causal_conv1d_bwd(grad_y, x, weight)
+        return dx, dw, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
+
+    def mem_setup(ctx, inputs, output):
+        h, memory, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(h, memory, out, lse)
+        ctx.scale = scale
+
+    def mem_backward(ctx, grad_out, grad_lse):
+        h, memory, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dh, dmemory = torch.ops.gam_ext.memory_retrieval_bwd(
+            grad_out, h, memory, out, lse, ctx.scale
+        )
+        return dh, dmemory, None
+
+    def gate_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def gate_backward(ctx, grad_out):
+        return torch.ops.gam_ext.gate_fusion_bwd(grad_out, *ctx.saved_tensors)
+
+    torch.library.register_autograd(lib + "causal_conv1d_fwd", conv_backward, setup_context=conv_setup)
+    torch.library.register_autograd(lib + "memory_retrieval_fwd", mem_backward, setup_context=mem_setup)
+    torch.library.register_autograd(lib + "gate_fusion_fwd", gate_backward, setup_context=gate_setup)
+
+
+if _backend._extension is not None:
+    _register_compiled_ops()

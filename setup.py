@@ -1,0 +1,149 @@
+"""Build of gam_ext and its compiled extension gam_ext._C (op registry, CPU kernels, CUDA kernels).
+
+Environment knobs:
+  GAM_EXT_SKIP_CUDA=1    build without the CUDA sources even where a toolkit is found
+  GAM_EXT_FORCE_CUDA=1   build the CUDA sources; fail if that is impossible
+  TORCH_CUDA_ARCH_LIST   architectures to compile for (default: the visible GPU's, or a list
+                         from 7.5 to 12.0 plus PTX when no GPU is visible)
+  MAX_JOBS               parallel compile jobs (ninja)
+  CUDA_HOME              the CUDA toolkit; found from nvcc when unset
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "gam_ext builds against the PyTorch of the environment it is installed into, and none was "
+        "found. Install PyTorch first (`pip install torch`), then build gam_ext without build "
+        "isolation: `pip install --no-build-isolation .`"
+    )
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_toolkit(folder: str | None) -> bool:
+    """A CUDA toolkit root holds bin/nvcc and its libraries side by side."""
+    if not folder:
+        return False
+    root = Path(folder)
+    has_lib = (root / "lib64").is_dir() or (root / "lib").is_dir()
+    return (root / "bin" / "nvcc").is_file() and has_lib
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME if set; else the toolkit behind the nvcc on PATH, even when that nvcc is a wrapper.
+
+    torch guesses the folder above the nvcc on PATH, which is wrong when nvcc is a wrapper script
+    living outside the toolkit: ask nvcc itself where its toolkit is (its dry-run prints TOP=...).
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates: list[str] = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        try:
+            dry_run = subprocess.run(
+                [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
+            )
+            for line in (dry_run.stdout + dry_run.stderr).splitlines():
+                if "TOP=" in line:
+                    candidates.append(os.path.realpath(line.split("TOP=", 1)[1].strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    return next((c for c in candidates if is_toolkit(c)), None)
+
+
+def read_sources() -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {"common": [], "cpu": [], "cuda": []}
+    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            group, path = line.split()
+            groups[group].append(path)
+    return groups
+
+
+def want_cuda(cuda_home: str | None) -> bool:
+    if env_flag("GAM_EXT_SKIP_CUDA"):
+        return False
+    possible = torch.version.cuda is not None and cuda_home is not None
+    if env_flag("GAM_EXT_FORCE_CUDA") and not possible:
+        sys.exit(
+            "GAM_EXT_FORCE_CUDA=1 but the CUDA sources cannot be built: "
+            f"torch {torch.__version__} CUDA={torch.version.cuda}, toolkit={cuda_home}"
+        )
+    return possible
+
+
+def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
+    """ATen's CUDA headers include cusparse.h & co; pip's nvidia wheels carry them if the toolkit lacks them."""
+    if (Path(cuda_home) / "include" / "cusparse.h").is_file():
+        return []
+    found = []
+    for site in {Path(torch.__file__).parent.parent}:
+        found += [d for d in glob.glob(str(site / "nvidia" / "*" / "include"))
+                  if Path(d, "cusparse.h").is_file()]
+    return found
+
+
+def build_extensions() -> tuple[list, dict]:
+    cuda_home = find_cuda_home()
+    with_cuda = want_cuda(cuda_home)
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = read_sources()
+    csrc = str(ROOT / "csrc")
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    kwargs = dict(
+        name="gam_ext._C",
+        include_dirs=[csrc],
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        kwargs["sources"] = sources["common"] + sources["cpu"] + sources["cuda"]
+        kwargs["include_dirs"] += extra_cuda_include_dirs(cuda_home)
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx_flags + ["-DGAM_EXT_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+                     "-DGAM_EXT_WITH_CUDA"],
+        }
+        extension = CUDAExtension(**kwargs)
+    else:
+        kwargs["sources"] = sources["common"] + sources["cpu"]
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+        extension = CppExtension(**kwargs)
+    print(f"gam_ext: building {'with' if with_cuda else 'without'} CUDA sources "
+          f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = build_extensions()
+
+setup(
+    packages=find_packages(include=["gam_ext", "gam_ext.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
