@@ -95,7 +95,7 @@ def want_cuda(cuda_home: str | None) -> bool:
 
 
 def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
-    """ATen's CUDA headers include cusparse.h & co; pip's nvidia wheels carry them if the toolkit lacks them."""
+    """ATen's CUDA headers include cusparse.h; pip's nvidia wheels hold it where the toolkit lacks it."""
     if (Path(cuda_home) / "include" / "cusparse.h").is_file():
         return []
     found = []

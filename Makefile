@@ -1,0 +1,55 @@
+# Two commands do everything from a fresh clone: `make train` and `make test`.
+# Each sets up what it needs (a virtual environment in .venv, the dependencies, the extension build)
+# and redoes nothing that is already done.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMPS := .make
+
+# With no GPU visible, build the CUDA sources for one architecture (+PTX): the compile check stays
+# short. On a GPU machine torch builds for the visible GPU. An explicit TORCH_CUDA_ARCH_LIST wins.
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export TORCH_CUDA_ARCH_LIST ?= 8.0+PTX
+endif
+
+EXTENSION_SOURCES := setup.py $(shell find csrc -type f -not -path 'csrc/emu/*')
+
+.PHONY: help setup build train test lint clean
+
+help:
+	@echo "make train   train the example GAM language model on the offline default corpus"
+	@echo "make test    run the whole test suite (lint, unit, kernel, emulated CUDA kernels)"
+	@echo "make build   set up .venv and build the extension gam_ext._C in place"
+	@echo "make lint    ruff over the Python code"
+	@echo "make clean   remove build outputs (keeps .venv)"
+
+$(STAMPS)/venv: requirements-dev.txt
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@# Make the source tree importable from anywhere in the venv (the extension is built in place).
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "gam_ext_dev.pth").write_text("$(CURDIR)\n")'
+	touch $@
+
+setup: $(STAMPS)/venv
+
+$(STAMPS)/build: $(STAMPS)/venv $(EXTENSION_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(STAMPS)/build
+
+train: build
+	$(PY) examples/train.py
+
+lint: $(STAMPS)/venv
+	$(PY) -m ruff check gam_ext python_tests benchmarks examples setup.py
+
+test: build lint
+	$(PY) -m pytest python_tests -m "not emulated"
+	bash python_tests/run_emulated.sh
+
+clean:
+	rm -rf build $(STAMPS) gam_ext/_C*.so

@@ -1,0 +1,112 @@
+"""The public API: argument errors that name the argument, backend selection, autocast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gam_ext
+from gam_ext import reference
+
+X = torch.randn(2, 5, 4)
+W = torch.randn(4, 3)
+M = torch.randn(6, 4)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: gam_ext.causal_conv1d(X.numpy(), W), TypeError, "x must be a torch.Tensor"),
+        (lambda: gam_ext.causal_conv1d(X[0], W), ValueError, "x must have 3 dimensions"),
+        (lambda: gam_ext.causal_conv1d(X.long(), W), TypeError, "x must be float"),
+        (lambda: gam_ext.causal_conv1d(X, torch.randn(5, 3)), ValueError, "weight has 5 channels"),
+        (lambda: gam_ext.causal_conv1d(X, torch.randn(4, 2, 3)), ValueError, "weight of shape"),
+        (lambda: gam_ext.causal_conv1d(X, torch.randn(4, 0)), ValueError, "K >= 1"),
+        (lambda: gam_ext.causal_conv1d(X, W, torch.randn(3)), ValueError, "bias must have shape"),
+        (lambda: gam_ext.causal_conv1d(X, W, torch.randn(4, 1)), ValueError, "bias must have 1"),
+        (lambda: gam_ext.memory_retrieval(X, torch.randn(6, 5)), ValueError, "memory must have shape"),
+        (lambda: gam_ext.memory_retrieval(X, torch.randn(0, 4)), ValueError, "at least one slot"),
+        (lambda: gam_ext.memory_retrieval(X, M.half().int()), TypeError, "memory must be float"),
+        (lambda: gam_ext.memory_retrieval(X, M, scale="1"), TypeError, "scale"),
+        (lambda: gam_ext.gate_fusion(X, X[:, :4], torch.randn(2, 5, 8)), ValueError, "global_ctx"),
+        (lambda: gam_ext.gate_fusion(X, X, torch.randn(2, 5, 4)), ValueError, "gate_logits"),
+        (lambda: gam_ext.gate_fusion(X, X, None), TypeError, "gate_logits must be"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices_are_rejected():
+    with pytest.raises(ValueError, match="weight is on"):
+        gam_ext.causal_conv1d(X.cuda(), W)
+
+
+def test_set_backend_switches_and_validates():
+    previous = gam_ext.set_backend("reference")
+    try:
+        info = gam_ext.backend_info()
+        assert info["backend"] == "reference"
+        assert set(info["ops"]["cpu"].values()) == {"reference"}
+        with pytest.raises(ValueError, match="backend must be one of"):
+            gam_ext.set_backend("fast")
+    finally:
+        gam_ext.set_backend(previous)
+    assert gam_ext.get_backend() == previous
+
+
+def test_environment_forces_the_reference_path():
+    code = "import gam_ext; print(gam_ext.backend_info()['ops']['cpu']['memory_retrieval'])"
+    env = {**os.environ, "GAM_EXT_BACKEND": "reference", "GAM_EXT_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "reference"
+    env["GAM_EXT_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "GAM_EXT_BACKEND must be one of" in bad.stderr
+
+
+def test_backend_info_reports_the_build():
+    info = gam_ext.backend_info()
+    assert info["extension"] is not None, info["extension_error"]
+    assert set(info["ops"]) == {"cpu", "cuda"}
+    assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_mixer_and_block_match_reference_in_float64(backend):
+    torch.manual_seed(0)
+    d = 6
+    h = torch.randn(2, 7, d, dtype=torch.float64)
+    params = dict(
+        conv_weight=torch.randn(d, 1, 3, dtype=torch.float64),
+        conv_bias=torch.randn(d, dtype=torch.float64),
+        memory=torch.randn(5, d, dtype=torch.float64),
+        gate_weight=torch.randn(2 * d, d, dtype=torch.float64),
+        gate_bias=torch.randn(2 * d, dtype=torch.float64),
+    )
+    previous = gam_ext.set_backend(backend)
+    try:
+        torch.testing.assert_close(gam_ext.gam_mixer(h, **params), reference.gam_mixer(h, **params))
+    finally:
+        gam_ext.set_backend(previous)
+
+
+def test_gate_fusion_promotes_mixed_dtypes():
+    local = torch.randn(1, 3, 4, dtype=torch.bfloat16)
+    out = gam_ext.gate_fusion(local, local.float(), torch.randn(1, 3, 8))
+    assert out.dtype == torch.float32
+
+
+def test_autocast_runs_activations_in_low_precision():
+    h = torch.randn(2, 5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gam_ext.memory_retrieval(h, M)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.memory_retrieval(h, M), rtol=2e-2, atol=5e-2)

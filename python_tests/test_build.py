@@ -1,0 +1,49 @@
+"""The build: CUDA sources compiled where a toolkit and a CUDA torch exist, clear failure without torch."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gam_ext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cuda_build_expected() -> bool:
+    skip = os.environ.get("GAM_EXT_SKIP_CUDA", "").lower() in ("1", "true", "yes", "on")
+    return not skip and torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+@pytest.mark.skipif(not cuda_build_expected(), reason="no nvcc or no CUDA-enabled torch here")
+def test_cuda_sources_were_compiled():
+    info = gam_ext.backend_info()
+    assert info["cuda_compiled"], (
+        "nvcc and a CUDA torch are present but gam_ext._C was built without its CUDA sources"
+    )
+
+
+@pytest.mark.skipif(not cuda_build_expected(), reason="no nvcc or no CUDA-enabled torch here")
+def test_setup_finds_a_real_toolkit():
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    match = re.search(r"building with CUDA sources \(CUDA_HOME=(\S+),", out)
+    assert match, out
+    home = Path(match.group(1))
+    assert (home / "bin" / "nvcc").is_file()
+    assert (home / "lib64").is_dir() or (home / "lib").is_dir()
+
+
+def test_setup_without_torch_says_what_to_do():
+    code = "import runpy, sys; sys.modules['torch'] = None; runpy.run_path('setup.py')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "pip install --no-build-isolation ." in out.stderr
