@@ -1,0 +1,122 @@
+"""Profile GAM training steps: NVTX ranges for Nsight on a GPU, torch.profiler tables anywhere.
+
+On a GPU, Nsight Systems (timeline) and Nsight Compute (per kernel; the CUDA sources are built with
+-lineinfo, so it shows source lines):
+
+    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi -o gam python benchmarks/profile.py
+    ncu --nvtx --nvtx-include "gam_step/" --set full -o gam python benchmarks/profile.py --steps 1
+
+Only the measured steps are captured (after --warmup steps), each inside an NVTX range "gam_step"
+with nested "forward" and "backward" ranges. With --torch-profiler (the default on CPU) it prints
+torch.profiler's table of the busiest ops instead, and --trace FILE writes a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+import gam_ext
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"])
+    parser.add_argument("--what", default="block", choices=["block", "model"],
+                        help="one GAMBlock on (B, N, D) activations, or a whole GAMModel on tokens")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--slots", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6, help="GAMModel layers (--what model)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--torch-profiler", action="store_true",
+                        help="print torch.profiler's op table (always on for --device cpu)")
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of the measured steps")
+    args = parser.parse_args(argv)
+    for name in ("batch", "seqlen", "d_model", "slots", "layers", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    return args
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    device = torch.device(args.device)
+    if args.what == "block":
+        module = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
+        inputs = torch.randn(args.batch, args.seqlen, args.d_model, device=device, requires_grad=True)
+    else:
+        config = gam_ext.GAMConfig(block_size=args.seqlen, d_model=args.d_model, n_layer=args.layers,
+                                   num_memory_slots=args.slots, dropout=0.0)
+        module = gam_ext.GAMModel(config).to(device)
+        inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
+    return module, inputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    module, inputs = build(args)
+    autocast = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    cuda = args.device == "cuda"
+    nvtx = torch.cuda.nvtx if cuda else None
+
+    def step() -> None:
+        with nvtx.range("forward") if cuda else contextlib.nullcontext(), autocast:
+            out = module(inputs)
+            loss = (out[0] if isinstance(out, tuple) else out).float().square().mean()
+        with nvtx.range("backward") if cuda else contextlib.nullcontext():
+            loss.backward()
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+
+    profiler = None
+    if args.torch_profiler or not cuda or args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+
+    print(f"gam_ext backends: {gam_ext.backend_info()['ops'][args.device]}")
+    with profiler if profiler is not None else contextlib.nullcontext():
+        if cuda:
+            torch.cuda.cudart().cudaProfilerStart()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            with nvtx.range("gam_step") if cuda else contextlib.nullcontext():
+                step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+        elapsed = time.perf_counter() - start
+
+    tokens = args.batch * args.seqlen * args.steps
+    print(f"{args.what} fwd+bwd: {1e3 * elapsed / args.steps:.2f} ms/step, "
+          f"{tokens / elapsed:,.0f} tokens/s on {args.device}")
+    if profiler is not None:
+        sort_key = "cuda_time_total" if cuda else "cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_key, row_limit=20))
+        if args.trace:
+            profiler.export_chrome_trace(args.trace)
+            print(f"wrote {args.trace}")
+
+
+if __name__ == "__main__":
+    main()

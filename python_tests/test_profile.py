@@ -1,0 +1,29 @@
+"""benchmarks/profile.py runs on the CPU and reports the gam_ext ops it profiled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_profile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_profile_runs_on_cpu(tmp_path):
+    trace = tmp_path / "trace.json"
+    out = run_profile("--device", "cpu", "--what", "model", "--batch", "2", "--seqlen", "16",
+                      "--d-model", "16", "--slots", "4", "--layers", "1", "--warmup", "1",
+                      "--steps", "1", "--trace", str(trace))
+    assert out.returncode == 0, out.stderr
+    assert "ms/step" in out.stdout and "Self CPU" in out.stdout
+    assert trace.stat().st_size > 0
+
+
+def test_profile_rejects_bad_flags():
+    out = run_profile("--batch", "0")
+    assert out.returncode == 2 and "--batch must be >= 1" in out.stderr
