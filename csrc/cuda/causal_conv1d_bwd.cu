@@ -1,0 +1,272 @@
+// Causal depthwise conv backward:
+//   dx[b,t,c] = sum_j w[c,j] * dy[b, t+(K-1)-j, c]
+//   dw[c,j]   = sum_{b,t} dy[b,t,c] * x[b, t-(K-1)+j, c],  dbias[c] = sum_{b,t} dy[b,t,c]
+// One pass reads dy and x once (plus halos), writes dx, and leaves per-block fp32 partials of
+// dw/dbias in a workspace; a second pass sums the partials in a fixed order (deterministic, no
+// float atomics).
+#include "common.cuh"
+#include "conv_common.cuh"
+#include "launchers.h"
+
+namespace gam {
+namespace cuda {
+namespace {
+
+// 8-byte vectors for half types (4 channels): 16 would double the registers of the K*VEC weights
+// and accumulators and cost occupancy; a warp still reads whole 256-byte rows.
+constexpr int kBwdVec = 4;
+constexpr int kReduceRows = 8;
+
+// Sums each thread's VEC values of `val` over the kConvThreadsY time spans of the block, in a fixed
+// order, into partials[q * dim + c]. Every thread of the block must call it.
+template <int VEC>
+__device__ __forceinline__ void block_partial(float* red, const float (&val)[VEC], bool active_c,
+                                              int64_t c, float* __restrict__ out) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  if (active_c) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) red[(ty * kConvThreadsX + tx) * VEC + v] = val[v];
+  }
+  __syncthreads();
+  if (ty == 0 && active_c) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      float s = 0.f;
+      for (int r = 0; r < kConvThreadsY; ++r) s += red[(r * kConvThreadsX + tx) * VEC + v];
+      out[c + v] = s;
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+    conv_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                    const float* __restrict__ w, T* __restrict__ dx,
+                    float* __restrict__ partials, int64_t seqlen, int64_t dim,
+                    int tblocks_per_seq, int span) {
+  GAM_SHARED(float, red, kConvThreadsX * kConvThreadsY * VEC);
+  ConvThread th;
+  const bool active = conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th);
+  const bool active_c = th.c < dim;
+  float dw[K][VEC], db[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    db[v] = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) dw[j][v] = 0.f;
+  }
+  if (active) {
+    const int64_t base = th.b * seqlen * dim + th.c;
+    const T* xb = x + base;
+    const T* gb = dy + base;
+    T* dxb = dx + base;
+    float wr[K][VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+#pragma unroll
+      for (int j = 0; j < K; ++j) wr[j][v] = w[(th.c + v) * K + j];
+    }
+    // bx[i] = x at t - (K-1) + i (causal halo behind); bg[i] = dy at t + i (halo ahead).
+    float bx[K - 1 + kConvStep][VEC], bg[K - 1 + kConvStep][VEC];
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+      const int64_t tx_ = th.t0 - (K - 1) + j;
+      const int64_t tg = th.t0 + j;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) bx[j][v] = bg[j][v] = 0.f;
+      if (tx_ >= 0) load_f32<T, VEC>(xb + tx_ * dim, bx[j]);
+      if (tg < seqlen) load_f32<T, VEC>(gb + tg * dim, bg[j]);
+    }
+    for (int64_t t = th.t0; t < th.t1; t += kConvStep) {
+#pragma unroll
+      for (int i = 0; i < kConvStep; ++i) {
+        const int64_t tg = t + (K - 1) + i;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) bx[K - 1 + i][v] = bg[K - 1 + i][v] = 0.f;
+        if (t + i < th.t1) load_f32<T, VEC>(xb + (t + i) * dim, bx[K - 1 + i]);
+        if (tg < seqlen) load_f32<T, VEC>(gb + tg * dim, bg[K - 1 + i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kConvStep; ++i) {
+        if (t + i < th.t1) {
+          float out[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            float acc = 0.f;
+#pragma unroll
+            for (int j = 0; j < K; ++j) acc = fmaf(wr[j][v], bg[i + K - 1 - j][v], acc);
+            out[v] = acc;
+            const float g = bg[i][v];
+            db[v] += g;
+#pragma unroll
+            for (int j = 0; j < K; ++j) dw[j][v] = fmaf(g, bx[i + j][v], dw[j][v]);
+          }
+          store_f32<T, VEC>(dxb + (t + i) * dim, out);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < K - 1; ++j) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          bx[j][v] = bx[kConvStep + j][v];
+          bg[j][v] = bg[kConvStep + j][v];
+        }
+      }
+    }
+  }
+  float* part = partials + int64_t(blockIdx.x) * (K + 1) * dim;
+#pragma unroll
+  for (int j = 0; j < K; ++j) block_partial<VEC>(red, dw[j], active_c, th.c, part + j * dim);
+  block_partial<VEC>(red, db, active_c, th.c, part + K * dim);
+}
+
+// Any K: dx taps and the K+1 partial sums each re-walk the span from global memory (L1/L2 hits).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+    conv_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                            const float* __restrict__ w, T* __restrict__ dx,
+                            float* __restrict__ partials, int64_t seqlen, int64_t dim,
+                            int tblocks_per_seq, int span, int k) {
+  GAM_SHARED(float, red, kConvThreadsX * kConvThreadsY * VEC);
+  ConvThread th;
+  const bool active = conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th);
+  const bool active_c = th.c < dim;
+  const int64_t base = th.b * seqlen * dim + th.c;
+  if (active) {
+    for (int64_t t = th.t0; t < th.t1; ++t) {
+      float acc[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+      for (int j = 0; j < k; ++j) {
+        const int64_t tg = t + (k - 1) - j;
+        if (tg >= seqlen) continue;
+        float g[VEC];
+        load_f32<T, VEC>(dy + base + tg * dim, g);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[(th.c + v) * k + j], g[v], acc[v]);
+      }
+      store_f32<T, VEC>(dx + base + t * dim, acc);
+    }
+  }
+  float* part = partials + int64_t(blockIdx.x) * (k + 1) * dim;
+  for (int q = 0; q <= k; ++q) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+    if (active) {
+      for (int64_t t = th.t0; t < th.t1; ++t) {
+        const int64_t tx_ = t - (k - 1) + q;  // q == k: the bias term, no x
+        if (q < k && tx_ < 0) continue;
+        float g[VEC], xv[VEC];
+        load_f32<T, VEC>(dy + base + t * dim, g);
+        if (q < k) {
+          load_f32<T, VEC>(x + base + tx_ * dim, xv);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) xv[v] = 1.f;
+        }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(g[v], xv[v], acc[v]);
+      }
+    }
+    block_partial<VEC>(red, acc, active_c, th.c, part + q * dim);
+  }
+}
+
+// out[q] = sum_p partials[p * cols + q] over p in a fixed order: rows strided over threadIdx.y,
+// then the kReduceRows sums added in order. Writes q < k*dim to dw (D, K) and the rest to dbias.
+__global__ void __launch_bounds__(kConvThreadsX * kReduceRows)
+    conv_bwd_reduce_kernel(const float* __restrict__ partials, int64_t nparts, int k,
+                           int64_t dim, float* __restrict__ dw, float* __restrict__ dbias) {
+  GAM_SHARED(float, red, kConvThreadsX * kReduceRows);
+  const int64_t cols = (k + 1) * dim;
+  const int64_t col = int64_t(blockIdx.x) * kConvThreadsX + threadIdx.x;
+  float s = 0.f;
+  if (col < cols) {
+    for (int64_t p = threadIdx.y; p < nparts; p += kReduceRows) s += partials[p * cols + col];
+  }
+  red[threadIdx.y * kConvThreadsX + threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+    for (int r = 0; r < kReduceRows; ++r) total += red[r * kConvThreadsX + threadIdx.x];
+    const int64_t q = col / dim, c = col - q * dim;
+    if (q < k) {
+      dw[c * k + q] = total;
+    } else {
+      dbias[c] = total;
+    }
+  }
+}
+
+template <typename T, int VEC>
+void launch_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t stream) {
+  const dim3 block(kConvThreadsX, kConvThreadsY);
+  const auto* dy = static_cast<const T*>(p.dy);
+  const auto* x = static_cast<const T*>(p.x);
+  auto* dx = static_cast<T*>(p.dx);
+  switch (p.kwidth) {
+    case 2:
+      gam_launch("conv_bwd_k2", conv_bwd_kernel<T, VEC, 2>, g.grid(), block, 0, stream, dy, x,
+                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
+      break;
+    case 3:
+      gam_launch("conv_bwd_k3", conv_bwd_kernel<T, VEC, 3>, g.grid(), block, 0, stream, dy, x,
+                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
+      break;
+    case 4:
+      gam_launch("conv_bwd_k4", conv_bwd_kernel<T, VEC, 4>, g.grid(), block, 0, stream, dy, x,
+                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
+      break;
+    default:
+      gam_launch("conv_bwd_generic", conv_bwd_generic_kernel<T, VEC>, g.grid(), block, 0, stream,
+                 dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span, p.kwidth);
+  }
+}
+
+template <typename T>
+bool use_vec(const ConvBwdParams& p) {
+  const int bytes = kBwdVec * static_cast<int>(sizeof(T));
+  return p.dim % kBwdVec == 0 && aligned(p.dy, bytes) && aligned(p.x, bytes) &&
+         aligned(p.dx, bytes);
+}
+
+}  // namespace
+
+int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth,
+                                           DType dtype) {
+  if (batch == 0 || seqlen == 0 || dim == 0) return 0;
+  (void)dtype;  // the time tiling does not depend on the vector width
+  const ConvGrid g = conv_grid(batch, seqlen, dim, 1, /*backward=*/true);
+  return g.xblocks * (kwidth + 1) * dim;
+}
+
+void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
+  if (p.dim == 0) return;
+  if (p.batch == 0 || p.seqlen == 0) {
+    GAM_CUDA_CHECK(cudaMemsetAsync(p.dweight, 0, sizeof(float) * p.dim * p.kwidth, stream));
+    GAM_CUDA_CHECK(cudaMemsetAsync(p.dbias, 0, sizeof(float) * p.dim, stream));
+    return;
+  }
+  int64_t nparts = 0;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int vec = use_vec<T>(p) ? kBwdVec : 1;
+    const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, vec, /*backward=*/true);
+    nparts = g.xblocks;
+    if (vec == kBwdVec) {
+      launch_bwd<T, kBwdVec>(p, g, stream);
+    } else {
+      launch_bwd<T, 1>(p, g, stream);
+    }
+  });
+  const int64_t cols = (p.kwidth + 1) * p.dim;
+  gam_launch("conv_bwd_reduce", conv_bwd_reduce_kernel,
+             dim3(static_cast<unsigned>(ceil_div(cols, kConvThreadsX))),
+             dim3(kConvThreadsX, kReduceRows), 0, stream, p.partials, nparts, p.kwidth, p.dim,
+             p.dweight, p.dbias);
+}
+
+}  // namespace cuda
+}  // namespace gam

@@ -1,0 +1,133 @@
+// Causal depthwise conv forward: y[b,t,c] = bias[c] + sum_j w[c,j] * x[b, t-(K-1)+j, c].
+// Fast paths with K in registers (K = 2, 3, 4); a generic path for any other K.
+#include "common.cuh"
+#include "conv_common.cuh"
+#include "launchers.h"
+
+namespace gam {
+namespace cuda {
+namespace {
+
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+    conv_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                    const float* __restrict__ bias, T* __restrict__ y, int64_t seqlen,
+                    int64_t dim, int tblocks_per_seq, int span) {
+  ConvThread th;
+  if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
+  const T* xb = x + th.b * seqlen * dim + th.c;
+  T* yb = y + th.b * seqlen * dim + th.c;
+  float wr[K][VEC], br[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    br[v] = bias != nullptr ? bias[th.c + v] : 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) wr[j][v] = w[(th.c + v) * K + j];
+  }
+  // buf[i] holds x at time t - (K-1) + i: K-1 halo steps, then kConvStep new ones.
+  float buf[K - 1 + kConvStep][VEC];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) {
+    const int64_t t = th.t0 - (K - 1) + j;
+    if (t >= 0) {
+      load_f32<T, VEC>(xb + t * dim, buf[j]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) buf[j][v] = 0.f;
+    }
+  }
+  for (int64_t t = th.t0; t < th.t1; t += kConvStep) {
+#pragma unroll
+    for (int i = 0; i < kConvStep; ++i) {
+      if (t + i < th.t1) load_f32<T, VEC>(xb + (t + i) * dim, buf[K - 1 + i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kConvStep; ++i) {
+      if (t + i < th.t1) {
+        float out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          float acc = br[v];
+#pragma unroll
+          for (int j = 0; j < K; ++j) acc = fmaf(wr[j][v], buf[i + j][v], acc);
+          out[v] = acc;
+        }
+        store_f32<T, VEC>(yb + (t + i) * dim, out);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) buf[j][v] = buf[kConvStep + j][v];
+    }
+  }
+}
+
+// Any K: taps read straight from global memory (the K-1 re-reads hit L1).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+    conv_fwd_generic_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                            const float* __restrict__ bias, T* __restrict__ y, int64_t seqlen,
+                            int64_t dim, int tblocks_per_seq, int span, int k) {
+  ConvThread th;
+  if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
+  const T* xb = x + th.b * seqlen * dim + th.c;
+  T* yb = y + th.b * seqlen * dim + th.c;
+  for (int64_t t = th.t0; t < th.t1; ++t) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = bias != nullptr ? bias[th.c + v] : 0.f;
+    const int j0 = t - (k - 1) >= 0 ? 0 : static_cast<int>((k - 1) - t);
+    for (int j = j0; j < k; ++j) {
+      float xv[VEC];
+      load_f32<T, VEC>(xb + (t - (k - 1) + j) * dim, xv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[(th.c + v) * k + j], xv[v], acc[v]);
+    }
+    store_f32<T, VEC>(yb + t * dim, acc);
+  }
+}
+
+template <typename T, int VEC>
+void launch_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+  const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, VEC, /*backward=*/false);
+  const int per_seq = g.per_seq;
+  const dim3 block(kConvThreadsX, kConvThreadsY);
+  const auto* x = static_cast<const T*>(p.x);
+  auto* y = static_cast<T*>(p.y);
+  switch (p.kwidth) {
+    case 2:
+      gam_launch("conv_fwd_k2", conv_fwd_kernel<T, VEC, 2>, g.grid(), block, 0, stream, x,
+                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
+      break;
+    case 3:
+      gam_launch("conv_fwd_k3", conv_fwd_kernel<T, VEC, 3>, g.grid(), block, 0, stream, x,
+                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
+      break;
+    case 4:
+      gam_launch("conv_fwd_k4", conv_fwd_kernel<T, VEC, 4>, g.grid(), block, 0, stream, x,
+                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
+      break;
+    default:
+      gam_launch("conv_fwd_generic", conv_fwd_generic_kernel<T, VEC>, g.grid(), block, 0, stream,
+                 x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span, p.kwidth);
+  }
+}
+
+}  // namespace
+
+void causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    if (p.dim % V == 0 && aligned16(p.x) && aligned16(p.y)) {
+      launch_fwd<T, V>(p, stream);
+    } else {
+      launch_fwd<T, 1>(p, stream);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace gam

@@ -1,0 +1,309 @@
+// Host dispatch of the CUDA kernels: argument checks (op_checks.h), contiguous inputs, parameter
+// conversions, outputs and workspaces, then the torch-free launchers of csrc/cuda/*.cu.
+//
+// Real build: TORCH_LIBRARY_IMPL(gam_ext, CUDA) for the six ops, on the current stream.
+// Emulated build (-DGAM_EMULATE, test-only): the same functions on CPU tensors, exposed as a
+// pybind module (python_tests/test_cuda_emulated.py); the kernels run in the SIMT emulator.
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "op_checks.h"
+
+#ifndef GAM_EMULATE
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "cuda/launchers.h"
+
+namespace gam {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+#ifdef GAM_EMULATE
+// Tests flip these to reach both retrieval paths.
+bool g_tensor_cores = true;
+int g_max_smem = 227 * 1024;
+#endif
+
+void check_on_device(const Tensor& t, const char* name) {
+#ifdef GAM_EMULATE
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor in the emulated build");
+#else
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+#endif
+}
+
+DType kernel_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float16, bfloat16 or float32 for the CUDA kernels, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+Tensor f32_contig(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// What the launchers need from the device: the stream, and for the retrieval forward whether
+// tensor cores apply to dtype and how much shared memory a block may opt into.
+struct DeviceCtx {
+#ifdef GAM_EMULATE
+  explicit DeviceCtx(const Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+  bool tensor_cores(DType) const { return g_tensor_cores; }
+  int max_smem() const { return g_max_smem; }
+#else
+  explicit DeviceCtx(const Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
+  bool tensor_cores(DType dtype) const {
+    const char* env = std::getenv("GAM_EXT_RETRIEVAL_TENSOR_CORES");
+    if (env != nullptr && std::string(env) == "0") return false;
+    int dev = 0, major = 0;
+    GAM_CUDA_CHECK(cudaGetDevice(&dev));
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return dtype == DType::kBFloat16 ? major >= 8 : dtype == DType::kFloat16 && major >= 7;
+  }
+  int max_smem() const {
+    int dev = 0, bytes = 0;
+    GAM_CUDA_CHECK(cudaGetDevice(&dev));
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    return bytes;
+  }
+#endif
+};
+
+// ---- causal conv ------------------------------------------------------------------------------
+
+Tensor conv_fwd(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  check_conv_args(x_in, weight, bias);
+  check_on_device(x_in, "x");
+  const DType dt = kernel_dtype(x_in, "x");
+  DeviceCtx ctx(x_in);
+  const Tensor x = x_in.contiguous();
+  const Tensor w = f32_contig(weight);
+  const Tensor b = bias.has_value() ? f32_contig(*bias) : Tensor();
+  Tensor y = at::empty_like(x);
+  ConvFwdParams p{};
+  p.x = x.data_ptr();
+  p.weight = w.data_ptr<float>();
+  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  p.y = y.data_ptr();
+  p.batch = x.size(0);
+  p.seqlen = x.size(1);
+  p.dim = x.size(2);
+  p.kwidth = static_cast<int>(w.size(1));
+  p.dtype = dt;
+  causal_conv1d_fwd(p, ctx.stream());
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& grad_y, const Tensor& x_in,
+                                            const Tensor& weight) {
+  check_conv_args(x_in, weight, c10::nullopt);
+  check_float(grad_y, "grad_y");
+  check_device(grad_y, x_in, "grad_y", "x");
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have the shape of x ", x_in.sizes(),
+              ", got ", grad_y.sizes());
+  check_on_device(x_in, "x");
+  const DType dt = kernel_dtype(x_in, "x");
+  DeviceCtx ctx(x_in);
+  const Tensor x = x_in.contiguous();
+  const Tensor dy = grad_y.to(x.scalar_type()).contiguous();
+  const Tensor w = f32_contig(weight);
+  const int64_t batch = x.size(0), seqlen = x.size(1), dim = x.size(2);
+  const int kwidth = static_cast<int>(w.size(1));
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::empty({dim, kwidth}, x.options().dtype(at::kFloat));
+  Tensor db = at::empty({dim}, x.options().dtype(at::kFloat));
+  Tensor ws = at::empty({causal_conv1d_bwd_workspace_floats(batch, seqlen, dim, kwidth, dt)},
+                        x.options().dtype(at::kFloat));
+  ConvBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.weight = w.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.dweight = dw.data_ptr<float>();
+  p.dbias = db.data_ptr<float>();
+  p.partials = ws.data_ptr<float>();
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.dim = dim;
+  p.kwidth = kwidth;
+  p.dtype = dt;
+  causal_conv1d_bwd(p, ctx.stream());
+  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+// ---- memory retrieval -------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> retrieval_fwd(const Tensor& h_in, const Tensor& memory, double scale) {
+  check_memory_args(h_in, memory);
+  check_on_device(h_in, "h");
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const Tensor h = h_in.contiguous();
+  const Tensor m = memory.to(h.scalar_type()).contiguous();
+  Tensor out = at::empty_like(h);
+  Tensor lse = at::empty({h.size(0), h.size(1)}, h.options().dtype(at::kFloat));
+  RetrievalFwdParams p{};
+  p.h = h.data_ptr();
+  p.memory = m.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.rows = h.size(0) * h.size(1);
+  p.slots = m.size(0);
+  p.dim = m.size(1);
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt;
+  p.tensor_cores = ctx.tensor_cores(dt);
+  p.max_smem_bytes = ctx.max_smem();
+  memory_retrieval_fwd(p, ctx.stream());
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h_in,
+                                         const Tensor& memory, const Tensor& out_in,
+                                         const Tensor& lse_in, double scale) {
+  check_memory_args(h_in, memory);
+  check_on_device(h_in, "h");
+  check_float(grad_out, "grad_out");
+  check_float(out_in, "out");
+  check_device(grad_out, h_in, "grad_out", "h");
+  check_device(out_in, h_in, "out", "h");
+  check_device(lse_in, h_in, "lse", "h");
+  TORCH_CHECK(grad_out.sizes() == h_in.sizes(), "grad_out must have the shape of h ",
+              h_in.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(out_in.sizes() == h_in.sizes(), "out must have the shape of h ", h_in.sizes(),
+              ", got ", out_in.sizes());
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) &&
+                  lse_in.size(1) == h_in.size(1),
+              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
+              lse_in.sizes());
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const auto st = h_in.scalar_type();
+  const Tensor h = h_in.contiguous();
+  const Tensor m = memory.to(st).contiguous();
+  const Tensor dg = grad_out.to(st).contiguous();
+  const Tensor g = out_in.to(st).contiguous();
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
+  const int splits = memory_retrieval_bwd_row_splits(rows, slots, dim);
+  Tensor dh = at::empty_like(h);
+  Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
+  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
+  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(rows, slots, dim, splits)},
+                        h.options().dtype(at::kFloat));
+  RetrievalBwdParams p{};
+  p.grad_out = dg.data_ptr();
+  p.h = h.data_ptr();
+  p.memory = m.data_ptr();
+  p.out = g.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dh = dh.data_ptr();
+  p.dmemory = dm.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.partials = ws.data_ptr<float>();
+  p.rows = rows;
+  p.slots = slots;
+  p.dim = dim;
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt;
+  p.row_splits = splits;
+  memory_retrieval_bwd(p, ctx.stream());
+  return {dh, dm.to(memory.scalar_type())};
+}
+
+// ---- gate fusion ------------------------------------------------------------------------------
+
+Tensor gate_fwd(const Tensor& local_in, const Tensor& global_in, const Tensor& gate_in) {
+  check_gate_args(local_in, global_in, gate_in);
+  check_on_device(local_in, "local");
+  const DType dt = kernel_dtype(local_in, "local");
+  DeviceCtx ctx(local_in);
+  const Tensor l = local_in.contiguous(), g = global_in.contiguous(), z = gate_in.contiguous();
+  Tensor out = at::empty_like(l);
+  GateFwdParams p{};
+  p.local = l.data_ptr();
+  p.global = g.data_ptr();
+  p.gate = z.data_ptr();
+  p.out = out.data_ptr();
+  p.rows = l.size(0) * l.size(1);
+  p.dim = l.size(2);
+  p.dtype = dt;
+  gate_fusion_fwd(p, ctx.stream());
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& grad_out, const Tensor& local_in,
+                                            const Tensor& global_in, const Tensor& gate_in) {
+  check_gate_args(local_in, global_in, gate_in);
+  check_on_device(local_in, "local");
+  check_float(grad_out, "grad_out");
+  check_device(grad_out, local_in, "grad_out", "local");
+  TORCH_CHECK(grad_out.sizes() == local_in.sizes(), "grad_out must have the shape of local ",
+              local_in.sizes(), ", got ", grad_out.sizes());
+  const DType dt = kernel_dtype(local_in, "local");
+  DeviceCtx ctx(local_in);
+  const Tensor df = grad_out.to(local_in.scalar_type()).contiguous();
+  const Tensor l = local_in.contiguous(), g = global_in.contiguous(), z = gate_in.contiguous();
+  Tensor dl = at::empty_like(l), dg = at::empty_like(g), dz = at::empty_like(z);
+  GateBwdParams p{};
+  p.grad_out = df.data_ptr();
+  p.local = l.data_ptr();
+  p.global = g.data_ptr();
+  p.gate = z.data_ptr();
+  p.dlocal = dl.data_ptr();
+  p.dglobal = dg.data_ptr();
+  p.dgate = dz.data_ptr();
+  p.rows = l.size(0) * l.size(1);
+  p.dim = l.size(2);
+  p.dtype = dt;
+  gate_fusion_bwd(p, ctx.stream());
+  return {dl, dg, dz};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace gam
+
+#ifdef GAM_EMULATE
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace gc = gam::cuda;
+  m.doc() = "gam_ext CUDA kernels run by the SIMT emulator on CPU tensors (test-only)";
+  m.def("causal_conv1d_fwd", &gc::conv_fwd, py::arg("x"), py::arg("weight"), py::arg("bias"));
+  m.def("causal_conv1d_bwd", &gc::conv_bwd);
+  m.def("memory_retrieval_fwd", &gc::retrieval_fwd);
+  m.def("memory_retrieval_bwd", &gc::retrieval_bwd);
+  m.def("gate_fusion_fwd", &gc::gate_fwd);
+  m.def("gate_fusion_bwd", &gc::gate_bwd);
+  m.def("set_retrieval_path", [](bool tensor_cores, int max_smem_bytes) {
+    gc::g_tensor_cores = tensor_cores;
+    gc::g_max_smem = max_smem_bytes;
+  });
+  m.def("tc_smem_bytes", &gc::memory_retrieval_tc_smem_bytes);
+}
+
+#else
+
+TORCH_LIBRARY_IMPL(gam_ext, CUDA, m) {
+  m.impl("causal_conv1d_fwd", &gam::cuda::conv_fwd);
+  m.impl("causal_conv1d_bwd", &gam::cuda::conv_bwd);
+  m.impl("memory_retrieval_fwd", &gam::cuda::retrieval_fwd);
+  m.impl("memory_retrieval_bwd", &gam::cuda::retrieval_bwd);
+  m.impl("gate_fusion_fwd", &gam::cuda::gate_fwd);
+  m.impl("gate_fusion_bwd", &gam::cuda::gate_bwd);
+}
+
+#endif

@@ -1,0 +1,89 @@
+// POD parameter structs shared by the CUDA kernel sources (torch-free) and their host dispatch.
+// All tensors are contiguous; activations are token-major (B, N, D) with rows = B * N.
+#pragma once
+
+#include <cstdint>
+
+namespace gam {
+namespace cuda {
+
+// Element type of the activation tensors. Parameters (conv weight/bias) are always fp32 here;
+// the dispatch converts them. Every kernel accumulates in fp32.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct ConvFwdParams {
+  const void* x;        // (B, N, D) activations
+  const float* weight;  // (D, K)
+  const float* bias;    // (D) or nullptr
+  void* y;              // (B, N, D)
+  int64_t batch, seqlen, dim;
+  int kwidth;
+  DType dtype;
+};
+
+struct ConvBwdParams {
+  const void* dy;       // (B, N, D)
+  const void* x;        // (B, N, D)
+  const float* weight;  // (D, K)
+  void* dx;             // (B, N, D)
+  float* dweight;       // (D, K) fp32, written (not accumulated)
+  float* dbias;         // (D) fp32, written
+  float* partials;      // workspace: conv_bwd_workspace_floats() floats
+  int64_t batch, seqlen, dim;
+  int kwidth;
+  DType dtype;
+};
+
+struct RetrievalFwdParams {
+  const void* h;       // (R, D) rows of the queries, R = B * N
+  const void* memory;  // (S, D), same dtype as h
+  void* out;           // (R, D)
+  float* lse;          // (R) fp32 logsumexp of the scaled scores
+  int64_t rows, slots, dim;
+  float scale;
+  DType dtype;
+  // Tensor-core (WMMA) path for fp16/bf16 when true and the shape fits its shared memory;
+  // the fp32 SIMT path otherwise. The dispatch decides from the device (bf16 needs sm_80).
+  bool tensor_cores;
+  int max_smem_bytes;  // opt-in shared memory per block of the device
+};
+
+struct RetrievalBwdParams {
+  const void* grad_out;  // (R, D) dg
+  const void* h;         // (R, D)
+  const void* memory;    // (S, D), same dtype as h
+  const void* out;       // (R, D) g from the forward
+  const float* lse;      // (R)
+  void* dh;              // (R, D)
+  float* dmemory;        // (S, D) fp32, written
+  float* delta;          // workspace (R) fp32
+  float* partials;       // workspace: retrieval_bwd_workspace_floats() floats
+  int64_t rows, slots, dim;
+  float scale;
+  DType dtype;
+  int row_splits;        // dM partial sums over this many row ranges (set by the launcher helper)
+};
+
+struct GateFwdParams {
+  const void* local;   // (R, D)
+  const void* global;  // (R, D)
+  const void* gate;    // (R, 2D): [zl, zg]
+  void* out;           // (R, D)
+  int64_t rows, dim;
+  DType dtype;
+};
+
+struct GateBwdParams {
+  const void* grad_out;  // (R, D)
+  const void* local;
+  const void* global;
+  const void* gate;      // (R, 2D)
+  void* dlocal;          // (R, D)
+  void* dglobal;         // (R, D)
+  void* dgate;           // (R, 2D)
+  int64_t rows, dim;
+  DType dtype;
+};
+
+}  // namespace cuda
+}  // namespace gam
