@@ -1,0 +1,50 @@
+// Launchers of the emulator self-test kernels (selftest_kernels.cu). Torch
+// free, like every kernel header: POD params plus a cudaStream_t.
+#pragma once
+
+#include <driver_types.h>
+
+#include <cstddef>
+
+namespace gam_selftest {
+
+// out[b] = sum of x[b*block .. b*block+block) (shared-memory tree).
+void block_reduce(const float* x, float* out, int n, int block,
+                  cudaStream_t stream);
+// One warp per 32 values: out_xor[w], out_down[w] = warp sums.
+void warp_reduce(const float* x, float* out_xor, float* out_down, int n,
+                 cudaStream_t stream);
+// Inclusive scan within each warp with __shfl_up_sync.
+void warp_scan(const float* x, float* out, int n, cudaStream_t stream);
+// Per warp of 32 inputs: ballot of x > 0, any, all (as int32).
+void warp_vote(const float* x, int* ballot, int* any, int* all, int n,
+               cudaStream_t stream);
+// y[i] = x[i-1] + x[i] + x[i+1] (zero outside), tile + halo in shared.
+void halo_stencil(const float* x, float* y, int n, int block,
+                  cudaStream_t stream);
+// *out += sum(x) with one atomicAdd per thread.
+void atomic_sum(const float* x, float* out, int n, cudaStream_t stream);
+// Reverses each block-sized chunk through dynamic shared memory.
+void dynamic_reverse(const float* x, float* y, int n, int block,
+                     cudaStream_t stream);
+// Partial warps: y[i] = 2 x[i] + block sum; ballots[w] = active-lane ballot.
+void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
+               cudaStream_t stream);
+// c(16x16, fp32, row major) = a(16x16) b(16x16); a row major, b row or col
+// major as given. dtype: 0 half, 1 bf16 (a, b point at 16-bit elements).
+void wmma_tile(const void* a, const void* b, float* c, int dtype,
+               bool b_col_major, cudaStream_t stream);
+// 256 threads x `blocks` blocks x `rounds` barriers (speed check).
+void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
+
+// Planted faults; each must be caught by the emulator or ASan.
+void fault_oob_global(float* x, int n, cudaStream_t stream);
+void fault_oob_shared(float* out, cudaStream_t stream);
+void fault_uninit_shared(float* out, cudaStream_t stream);  // out[64] <- NaN
+void fault_divergent_barrier(float* out, cudaStream_t stream);
+void fault_warp_deadlock(float* out, cudaStream_t stream);
+void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream);
+void fault_empty_grid(float* out, cudaStream_t stream);
+void fault_smem_limit(float* out, cudaStream_t stream);
+
+}  // namespace gam_selftest

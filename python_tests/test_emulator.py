@@ -1,0 +1,250 @@
+"""Self-tests of the SIMT emulation layer (csrc/emu) that runs CUDA kernel sources on the CPU.
+
+The kernels are csrc/emu/selftest_kernels.cu, written against the kernel contract of
+csrc/cuda/compat.cuh. Run with `bash python_tests/run_emulated.sh` (ASan preloaded); in a plain
+pytest process these tests skip. Planted memory errors run in child processes, so the
+AddressSanitizer abort they cause cannot take this process down, and every child has a timeout,
+so an emulator hang fails instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.emulated
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION_PY = ROOT / "gam_ext" / "_emulation.py"
+CHILD_TIMEOUT_S = 600  # generous: a child may have to build the module on a cold cache
+
+
+def _load_emulation() -> types.ModuleType:
+    # Loaded by path: the emulator's tests must not depend on gam_ext (and its compiled
+    # extension) importing.
+    spec = importlib.util.spec_from_file_location("gam_emulation_selftest", EMULATION_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+emu = _load_emulation()
+
+
+@pytest.fixture(scope="module")
+def st() -> types.ModuleType:
+    reason = emu.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return emu.load_selftest_module()
+
+
+def _child_env() -> dict[str, str]:
+    return emu.asan_subprocess_env() if emu.asan_requested() else dict(os.environ)
+
+
+def _run_child(body: str) -> subprocess.CompletedProcess[str]:
+    """Runs `body` in a fresh Python with `mod` = the self-test module already loaded."""
+    script = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('gam_emulation_child', sys.argv[1])\n"
+        "emu = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(emu)\n"
+        "mod = emu.load_selftest_module()\n"
+        "import torch\n" + body
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script, str(EMULATION_PY)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env=_child_env(),
+        cwd=ROOT,
+    )
+
+
+# ---- features -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_block_reduction_through_shared_memory(st: types.ModuleType, block: int) -> None:
+    x = torch.randn(1000)
+    out = st.block_reduce(x, block)
+    padded = torch.cat([x, x.new_zeros(-x.numel() % block)])
+    torch.testing.assert_close(out, padded.view(-1, block).sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_warp_shuffle_reductions_xor_and_down(st: types.ModuleType) -> None:
+    x = torch.randn(200)
+    out_xor, out_down = st.warp_reduce(x)
+    padded = torch.cat([x, x.new_zeros(out_xor.numel() * 32 - x.numel())])
+    expected = padded.view(-1, 32).sum(1)
+    torch.testing.assert_close(out_xor, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out_down, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_warp_scan_with_shfl_up(st: types.ModuleType) -> None:
+    x = torch.randn(300)
+    out = st.warp_scan(x)
+    padded = torch.cat([x, x.new_zeros(-x.numel() % 32)])
+    expected = padded.view(-1, 32).cumsum(1).flatten()[: x.numel()]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_ballot_any_all(st: types.ModuleType) -> None:
+    x = torch.cat([torch.ones(32), -torch.ones(32), torch.tensor([1.0, -1.0] * 16), torch.zeros(32)])
+    x[96 + 5] = 2.0  # one positive lane in the last warp
+    ballot, any_, all_ = st.warp_vote(x)
+    bits = [sum(1 << i for i in range(32) if x[32 * w + i] > 0) for w in range(4)]
+    assert [b & 0xFFFFFFFF for b in ballot.tolist()] == bits
+    assert any_.tolist() == [1, 0, 1, 1]
+    assert all_.tolist() == [1, 0, 0, 0]
+
+
+def test_halo_exchange_between_neighbours(st: types.ModuleType) -> None:
+    x = torch.randn(1000)  # 8 blocks of 128, the last one partial
+    y = st.halo_stencil(x)
+    padded = torch.nn.functional.pad(x, (1, 1))
+    torch.testing.assert_close(y, padded[:-2] + padded[1:-1] + padded[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_float_atomic_add_from_many_blocks(st: types.ModuleType) -> None:
+    x = torch.randint(-5, 6, (5000,)).float()  # integers: the sum is exact in any order
+    out = st.atomic_sum(x)  # the launcher zeroes `out` with cudaMemsetAsync first
+    assert out.item() == x.sum().item()
+
+
+def test_dynamic_shared_memory(st: types.ModuleType) -> None:
+    x = torch.arange(300, dtype=torch.float32)
+    y = st.dynamic_reverse(x, 64)
+    expected = torch.cat([chunk.flip(0) for chunk in x.split(64)])
+    assert torch.equal(y, expected)
+
+
+def test_block_size_not_a_multiple_of_32(st: types.ModuleType) -> None:
+    block, n = 50, 130  # two warps per block, the second with 18 lanes
+    x = torch.randn(n)
+    y, ballots = st.odd_block(x, block)
+    padded = torch.cat([x, x.new_zeros(-n % block)])
+    block_sums = padded.view(-1, block).sum(1).repeat_interleave(block)[:n]
+    torch.testing.assert_close(y, 2 * x + block_sums, rtol=1e-5, atol=1e-4)
+    assert ballots.tolist() == [0xFFFFFFFF, (1 << 18) - 1] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b_col_major", [False, True])
+def test_wmma_tile_product(st: types.ModuleType, dtype: torch.dtype, b_col_major: bool) -> None:
+    a = torch.randn(16, 16).to(dtype)
+    b = torch.randn(16, 16).to(dtype)
+    b_mem = b.t().contiguous() if b_col_major else b
+    c = st.wmma_tile(a, b_mem, b_col_major)
+    expected = 1.5 * (a.double() @ b.double())  # the kernel computes ab, halves it, adds ab
+    torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_barrier_heavy_kernel_is_fast(st: types.ModuleType) -> None:
+    st.barrier_stress(2, 1)  # warm up stacks
+    blocks, rounds = 100, 16  # 256 threads x 100 blocks x 32 barriers
+    start = time.perf_counter()
+    data = st.barrier_stress(blocks, rounds)
+    elapsed = time.perf_counter() - start
+    v = torch.arange(256, dtype=torch.float32)
+    for _ in range(rounds):
+        v = 0.5 * (v + v.roll(-1))
+    torch.testing.assert_close(data.view(blocks, 256), v.expand(blocks, 256))
+    assert elapsed < 1.0, f"emulated launch took {elapsed:.2f} s"
+
+
+def test_uninitialised_shared_memory_reads_nan(st: types.ModuleType) -> None:
+    out = st.run_fault("uninit_shared")
+    assert torch.equal(out[:32], torch.ones(32))
+    assert out[32:].isnan().all()
+
+
+# ---- planted faults -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "kernel"),
+    [("oob_global", "oob_global_kernel"), ("oob_shared", "oob_shared_kernel")],
+)
+def test_out_of_bounds_write_is_caught_by_asan(st: types.ModuleType, fault: str, kernel: str) -> None:
+    if not emu.asan_requested():
+        pytest.skip("bounds checking needs the ASan build (GAM_EMU_ASAN=0 is set)")
+    proc = _run_child(f"mod.run_fault({fault!r})\nprint('SURVIVED')\n")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "SURVIVED" not in proc.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in proc.stderr, proc.stderr[-3000:]
+    assert kernel in proc.stderr  # the report's stack names the faulting kernel
+
+
+@pytest.fixture(scope="module")
+def fault_messages(st: types.ModuleType) -> dict[str, str]:
+    """Runs every fault that must raise, in one child (timeout guards against a hang)."""
+    body = (
+        "out = {}\n"
+        "for name in ['divergent_barrier', 'warp_deadlock', 'wmma_misaligned', "
+        "'empty_grid', 'smem_limit']:\n"
+        "    try:\n"
+        "        mod.run_fault(name)\n"
+        "        out[name] = 'NOT RAISED'\n"
+        "    except RuntimeError as exc:\n"
+        "        out[name] = str(exc)\n"
+        "x = torch.arange(256, dtype=torch.float32)\n"
+        "out['recovered'] = mod.block_reduce(x, 128).tolist()\n"
+        "print('RESULT' + json.dumps(out))\n"
+    )
+    proc = _run_child(body)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+@pytest.mark.parametrize(
+    ("fault", "needles"),
+    [
+        ("divergent_barrier", ["gam_launch(divergent_barrier_kernel)", "divergent __syncthreads"]),
+        ("warp_deadlock", ["gam_launch(warp_deadlock_kernel)", "__shfl_sync", "__ballot_sync"]),
+        ("wmma_misaligned", ["gam_launch(wmma_misaligned_kernel)", "32-byte) aligned"]),
+        ("empty_grid", ["gam_launch(atomic_sum_kernel)", "invalid configuration"]),
+        ("smem_limit", ["gam_launch(smem_limit_kernel)", "48 KiB"]),
+    ],
+)
+def test_fault_raises_runtime_error_naming_kernel(
+    fault_messages: dict[str, str], fault: str, needles: list[str]
+) -> None:
+    message = fault_messages[fault]
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_emulator_recovers_after_faults(fault_messages: dict[str, str]) -> None:
+    assert fault_messages["recovered"] == [float(sum(range(128))), float(sum(range(128, 256)))]
+
+
+# ---- the same sources under nvcc ------------------------------------------------------------
+
+
+def test_selftest_kernels_compile_with_nvcc(tmp_path: Path) -> None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    proc = subprocess.run(
+        [nvcc, "-c", "-std=c++17", "-arch=sm_80", "-x", "cu", "-I", str(ROOT / "csrc"),
+         str(ROOT / "csrc" / "emu" / "selftest_kernels.cu"), "-o", str(tmp_path / "k.o")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "k.o").stat().st_size > 0
