@@ -1,0 +1,119 @@
+// Helpers shared by the CPU kernels: accumulation types, row conversions, a vectorisable exp,
+// GEMM on raw fp32/fp64 tiles, and the fixed work partitions that keep reductions deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace gam::cpu {
+
+// Half types are computed in fp32 (torch's bf16 GEMM on CPU is ~300x slower than fp32), fp64 in fp64.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+inline at::ScalarType acc_scalar_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// dst[i] = src[i] converted; plain loops so the compiler vectorises them.
+template <typename D, typename S>
+inline void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
+  if constexpr (std::is_same_v<D, S>) {
+    std::memcpy(dst, src, sizeof(D) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(static_cast<float>(src[i]));
+  }
+}
+
+// exp(x) for float in the style of Cephes expf: x = n*ln2 + r, |r| <= ln2/2, exp(r) by a
+// degree-6 polynomial, 2^n built in the exponent bits. Branch-free so loops over it vectorise
+// (std::exp does not). Relative error ~2 ulp; inputs are clamped to [-87, 88], so exp of very
+// negative numbers is ~1e-38 rather than 0, which no softmax or sigmoid here can tell apart.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Round x*log2(e) to the nearest integer with the 1.5*2^23 trick (exact for |v| < 2^22).
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  const int32_t ni = bits - 0x4B400000;
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t pow_bits = (ni + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &pow_bits, sizeof(pow2));
+  return y * pow2;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + fast_exp(-z));
+}
+
+// A row-major matrix view of raw memory: rows x cols with a leading dimension (row stride).
+template <typename A>
+struct Mat {
+  A* data;
+  int64_t rows, cols, ld;
+};
+
+template <typename A>
+inline at::Tensor as_tensor(const Mat<A>& m) {
+  return at::from_blob(m.data, {m.rows, m.cols}, {m.ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+}
+
+// c = alpha * op(a) @ op(b) + beta * c on fp32/fp64 tiles (op = transpose when the flag is set),
+// through ATen's BLAS (MKL here). Called inside at::parallel_for, where it runs single-threaded,
+// so every call gives the same bits whatever the thread count.
+template <typename A>
+inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, Mat<A> c,
+                 A alpha, A beta) {
+  const int64_t k = trans_a ? a.rows : a.cols;
+  if (c.rows == 0 || c.cols == 0) return;
+  at::Tensor ct = as_tensor(c);
+  if (k == 0) {
+    if (beta == A(0)) ct.zero_(); else ct.mul_(beta);
+    return;
+  }
+  at::Tensor at_ = as_tensor(a), bt = as_tensor(b);
+  if (trans_a) at_ = at_.t();
+  if (trans_b) bt = bt.t();
+  // With beta == 0 BLAS never reads c, so uninitialised scratch in it cannot leak through.
+  at::addmm_out(ct, ct, at_, bt, beta, alpha);
+}
+
+// Splits [0, n) into ceil(n / block) fixed blocks and runs fn(block_begin, block_end) on each in
+// parallel. The blocks depend only on n and block, never on the thread count.
+template <typename F>
+inline void parallel_blocks(int64_t n, int64_t block, const F& fn) {
+  if (n <= 0) return;
+  const int64_t nblocks = (n + block - 1) / block;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      fn(blk * block, std::min(n, (blk + 1) * block));
+    }
+  });
+}
+
+}  // namespace gam::cpu

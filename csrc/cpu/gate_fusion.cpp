@@ -1,0 +1,108 @@
+// Gate fusion f = sigmoid(zl) * local + sigmoid(zg) * global, forward and backward, one pass each.
+// gate_logits rows are [zl (D) | zg (D)]; all loops are elementwise over contiguous rows.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/cpu_common.h"
+#include "cpu/cpu_ops.h"
+#include "op_checks.h"
+
+namespace gam::cpu {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 32;
+
+template <typename T>
+void gate_fwd_kernel(const T* local, const T* glob, const T* z, T* f, int64_t rows, int64_t d) {
+  using A = acc_t<T>;
+  parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict l = local + r * d;
+      const T* __restrict g = glob + r * d;
+      const T* __restrict zl = z + r * 2 * d;
+      const T* __restrict zg = zl + d;
+      T* __restrict out = f + r * d;
+      for (int64_t c = 0; c < d; ++c) {
+        const A sl = sigmoid(static_cast<A>(zl[c]));
+        const A sg = sigmoid(static_cast<A>(zg[c]));
+        out[c] = static_cast<T>(sl * static_cast<A>(l[c]) + sg * static_cast<A>(g[c]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void gate_bwd_kernel(const T* df, const T* local, const T* glob, const T* z, T* dlocal, T* dglob,
+                     T* dz, int64_t rows, int64_t d) {
+  using A = acc_t<T>;
+  parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict dfr = df + r * d;
+      const T* __restrict l = local + r * d;
+      const T* __restrict g = glob + r * d;
+      const T* __restrict zl = z + r * 2 * d;
+      const T* __restrict zg = zl + d;
+      T* __restrict dl = dlocal + r * d;
+      T* __restrict dg = dglob + r * d;
+      T* __restrict dzl = dz + r * 2 * d;
+      T* __restrict dzg = dzl + d;
+      for (int64_t c = 0; c < d; ++c) {
+        const A grad = static_cast<A>(dfr[c]);
+        const A sl = sigmoid(static_cast<A>(zl[c]));
+        const A sg = sigmoid(static_cast<A>(zg[c]));
+        dl[c] = static_cast<T>(sl * grad);
+        dg[c] = static_cast<T>(sg * grad);
+        dzl[c] = static_cast<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
+        dzg[c] = static_cast<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gate_fusion_fwd(const at::Tensor& local_in, const at::Tensor& global_in,
+                           const at::Tensor& logits_in) {
+  check_gate_args(local_in, global_in, logits_in);
+  const at::Tensor local = local_in.contiguous(), glob = global_in.contiguous(),
+                   z = logits_in.contiguous();
+  at::Tensor f = at::empty_like(local, at::MemoryFormat::Contiguous);
+  const int64_t d = local.size(2), rows = local.size(0) * local.size(1);
+  if (f.numel() == 0) return f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, local.scalar_type(), "gate_fusion_fwd",
+                                  [&] {
+    gate_fwd_kernel<scalar_t>(local.const_data_ptr<scalar_t>(), glob.const_data_ptr<scalar_t>(),
+                              z.const_data_ptr<scalar_t>(), f.mutable_data_ptr<scalar_t>(), rows,
+                              d);
+  });
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_fusion_bwd(const at::Tensor& grad_out,
+                                                               const at::Tensor& local_in,
+                                                               const at::Tensor& global_in,
+                                                               const at::Tensor& logits_in) {
+  check_gate_args(local_in, global_in, logits_in);
+  check_grad_like(grad_out, local_in, "grad_out", "local");
+  const at::Tensor local = local_in.contiguous(), glob = global_in.contiguous(),
+                   z = logits_in.contiguous();
+  const at::Tensor df = grad_out.to(local.scalar_type()).contiguous();
+  at::Tensor dlocal = at::empty_like(local, at::MemoryFormat::Contiguous);
+  at::Tensor dglob = at::empty_like(glob, at::MemoryFormat::Contiguous);
+  at::Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const int64_t d = local.size(2), rows = local.size(0) * local.size(1);
+  if (local.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, local.scalar_type(),
+                                    "gate_fusion_bwd", [&] {
+      gate_bwd_kernel<scalar_t>(df.const_data_ptr<scalar_t>(), local.const_data_ptr<scalar_t>(),
+                                glob.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+                                dlocal.mutable_data_ptr<scalar_t>(),
+                                dglob.mutable_data_ptr<scalar_t>(),
+                                dz.mutable_data_ptr<scalar_t>(), rows, d);
+    });
+  }
+  return {dlocal, dglob, dz};
+}
+
+}  // namespace gam::cpu

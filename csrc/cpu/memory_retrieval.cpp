@@ -1,0 +1,263 @@
+// Memory retrieval g = softmax(scale * h M^T) M, forward and backward, flash-attention style.
+//
+// Rows of h (all B*N of them: keys = values = M are shared by every row, there is no mask) are
+// processed in tiles against chunks of memory slots. The forward keeps a running max and sum per
+// row (online softmax) and saves only lse = logsumexp of each row's scores. The backward recomputes
+// p = exp(scale * h M^T - lse) chunk by chunk. Scores and probabilities live only in tile-sized
+// scratch: extra memory is bounded by the tile sizes and the thread count, never B*N*S.
+// GEMMs run on fp32 (or fp64) tiles through ATen's BLAS; half inputs are converted tile by tile.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/cpu_ops.h"
+#include "op_checks.h"
+
+namespace gam::cpu {
+namespace {
+
+constexpr int64_t kFwdRows = 64;       // forward: rows per parallel work item
+constexpr int64_t kSlotChunk = 512;    // slots per score tile; larger banks use the online softmax
+constexpr int64_t kBwdTileRows = 256;  // backward: rows per tile; dM is accumulated tile by tile
+constexpr int64_t kBwdSubRows = 64;    // backward: rows per parallel work item inside a tile
+constexpr int64_t kDmSlotRows = 64;    // backward: dM slot rows per parallel work item
+
+template <typename A>
+A row_max(const A* x, int64_t n) {
+  // Eight independent maxima so the loop vectorises without reassociating anything.
+  A m[8];
+  for (auto& v : m) v = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) m[q] = std::max(m[q], x[j + q]);
+  }
+  for (; j < n; ++j) m[0] = std::max(m[0], x[j]);
+  for (int q = 1; q < 8; ++q) m[0] = std::max(m[0], m[q]);
+  return m[0];
+}
+
+template <typename A>
+A row_sum(const A* x, int64_t n) {
+  A s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) s[q] += x[j + q];
+  }
+  for (; j < n; ++j) s[0] += x[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+template <typename A, typename T>
+A row_dot(const A* a, const T* b, int64_t n) {
+  A s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) s[q] += a[j + q] * static_cast<A>(b[j + q]);
+  }
+  for (; j < n; ++j) s[0] += a[j] * static_cast<A>(b[j]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
+template <typename T>
+void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows, int64_t d,
+                    int64_t s, acc_t<T> scale) {
+  using A = acc_t<T>;
+  constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
+  const int64_t sc = std::min(s, kSlotChunk);
+  const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
+  A* const mem_p = const_cast<A*>(mem);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> hbuf(kDirect ? 0 : kFwdRows * d), obuf(kDirect ? 0 : kFwdRows * d);
+    std::vector<A> sbuf(kFwdRows * sc), mrow(kFwdRows), lrow(kFwdRows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kFwdRows, t = std::min(kFwdRows, rows - r0);
+      A* hs;
+      A* acc;
+      if constexpr (kDirect) {
+        hs = const_cast<A*>(h + r0 * d);
+        acc = out + r0 * d;
+      } else {
+        for (int64_t i = 0; i < t; ++i) convert_row(hbuf.data() + i * d, h + (r0 + i) * d, d);
+        hs = hbuf.data();
+        acc = obuf.data();
+      }
+      const Mat<A> hm{hs, t, d, d}, am{acc, t, d, d};
+      for (int64_t c0 = 0; c0 < s; c0 += sc) {
+        const int64_t w = std::min(sc, s - c0);
+        const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf.data(), t, w, w};
+        gemm<A>(hm, false, mc, true, sm, scale, A(0));
+        for (int64_t i = 0; i < t; ++i) {
+          A* __restrict srow = sbuf.data() + i * w;
+          const A mx = row_max(srow, w);
+          const A m_new = c0 == 0 ? mx : std::max(mrow[i], mx);
+          // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
+          const A shift = std::isfinite(m_new) ? m_new : A(0);
+          for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
+          const A sum = row_sum(srow, w);
+          if (c0 == 0) {
+            lrow[i] = sum;
+          } else {
+            // Rescale what earlier chunks accumulated to the new running max.
+            const A corr = fast_exp(mrow[i] - shift);
+            lrow[i] = lrow[i] * corr + sum;
+            A* __restrict arow = acc + i * d;
+            for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
+          }
+          mrow[i] = shift;
+        }
+        gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
+      }
+      for (int64_t i = 0; i < t; ++i) {
+        A* __restrict arow = acc + i * d;
+        const A inv = A(1) / lrow[i];
+        for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
+        if constexpr (!kDirect) convert_row(out + (r0 + i) * d, arow, d);
+        lse[r0 + i] = static_cast<float>(mrow[i] + std::log(lrow[i]));
+      }
+    }
+  });
+}
+
+// dh (rows, d) in T and dm_acc (s, d) in A, for dg = grad_out, the saved out and lse.
+//
+// Rows go tile by tile (kBwdTileRows); inside a tile, fixed sub-blocks of rows run in parallel:
+//   [s ; dp] = [h ; dg] M^T          one GEMM on the stacked rows
+//   p = exp(scale*s - lse), ds = p * (dp - delta), with delta = rowsum(dg * out)
+//   dh = scale * ds M                 (accumulated over slot chunks)
+// then, in parallel over fixed blocks of slots,
+//   dM += [scale*ds ; p]^T [h ; dg]   one GEMM over the tile's stacked rows.
+// Each dM element is summed tile after tile in a fixed order by one GEMM call per block, so dM has
+// the same bits whatever the thread count, and no per-thread copies of dM are needed.
+template <typename T>
+void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, const float* lse,
+                    T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d, int64_t s,
+                    acc_t<T> scale) {
+  using A = acc_t<T>;
+  constexpr bool kDirect = std::is_same_v<T, A>;  // accumulate dh in the output itself
+  const int64_t sc = std::min(s, kSlotChunk);
+  const int64_t tile = std::min(kBwdTileRows, rows);
+  A* const mem_p = const_cast<A*>(mem);
+  // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
+  // [its h rows ; its dg rows] in x2, and [scale*ds ; p] in p2, so the whole tile is contiguous.
+  std::vector<A> x2(2 * tile * d), p2(2 * tile * sc), delta(tile);
+  std::vector<A> dh_buf(kDirect ? 0 : tile * d);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t tr = std::min(tile, rows - r0);
+    for (int64_t c0 = 0; c0 < s; c0 += sc) {
+      const int64_t w = std::min(sc, s - c0);
+      const Mat<A> mc{mem_p + c0 * d, w, d, d};
+      const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
+      parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
+        const int64_t t = i1 - i0;
+        A* xs = x2.data() + 2 * i0 * d;
+        A* ps = p2.data() + 2 * i0 * w;
+        if (first_chunk) {
+          for (int64_t q = 0; q < t; ++q) {
+            const int64_t r = r0 + i0 + q;
+            convert_row(xs + q * d, h + r * d, d);
+            convert_row(xs + (t + q) * d, dg + r * d, d);
+            delta[i0 + q] = row_dot(xs + (t + q) * d, out + r * d, d);
+          }
+        }
+        gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
+        for (int64_t q = 0; q < t; ++q) {
+          A* __restrict srow = ps + q * w;
+          A* __restrict dprow = ps + (t + q) * w;
+          const A l = static_cast<A>(lse[r0 + i0 + q]), dl = delta[i0 + q];
+          for (int64_t j = 0; j < w; ++j) {
+            const A p = fast_exp(scale * srow[j] - l);
+            srow[j] = scale * p * (dprow[j] - dl);
+            dprow[j] = p;
+          }
+        }
+        A* dhs;
+        if constexpr (kDirect) {
+          dhs = dh + (r0 + i0) * d;
+        } else {
+          dhs = dh_buf.data() + i0 * d;
+        }
+        gemm<A>(Mat<A>{ps, t, w, w}, false, mc, false, Mat<A>{dhs, t, d, d}, A(1),
+                first_chunk ? A(0) : A(1));
+        if constexpr (!kDirect) {
+          if (last_chunk) {
+            for (int64_t q = 0; q < t; ++q) convert_row(dh + (r0 + i0 + q) * d, dhs + q * d, d);
+          }
+        }
+      });
+      const Mat<A> xm{x2.data(), 2 * tr, d, d};
+      parallel_blocks(w, kDmSlotRows, [&](int64_t j0, int64_t j1) {
+        gemm<A>(Mat<A>{p2.data() + j0, 2 * tr, j1 - j0, w}, true, xm, false,
+                Mat<A>{dm_acc + (c0 + j0) * d, j1 - j0, d, d}, A(1), r0 == 0 ? A(0) : A(1));
+      });
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
+                                                        const at::Tensor& memory, double scale) {
+  check_memory_args(h_in, memory);
+  const at::Tensor h = h_in.contiguous();
+  const int64_t b = h.size(0), n = h.size(1), d = h.size(2), s = memory.size(0);
+  at::Tensor out = at::empty_like(h, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({b, n}, h.options().dtype(at::kFloat));
+  if (b * n == 0) return {out, lse};
+  if (d == 0) {
+    // No features: every score is 0, p is uniform, out is empty and lse = log(S).
+    lse.fill_(std::log(static_cast<double>(s)));
+    return {out, lse};
+  }
+  const at::Tensor mem = memory.to(acc_scalar_type(h.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
+                                  "memory_retrieval_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    mem_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
+                             b * n, d, s, static_cast<A>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_out,
+                                                        const at::Tensor& h_in,
+                                                        const at::Tensor& memory,
+                                                        const at::Tensor& out_in,
+                                                        const at::Tensor& lse_in, double scale) {
+  check_memory_args(h_in, memory);
+  check_grad_like(grad_out, h_in, "grad_out", "h");
+  check_grad_like(out_in, h_in, "out", "h");
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) && lse_in.size(1) == h_in.size(1),
+              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.device() == h_in.device(), "lse is on ", lse_in.device(), " but h is on ",
+              h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  const auto st = h.scalar_type();
+  const auto acc = acc_scalar_type(st);
+  const at::Tensor dg = grad_out.to(st).contiguous();
+  const at::Tensor out = out_in.to(st).contiguous();
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t b = h.size(0), n = h.size(1), d = h.size(2), s = memory.size(0);
+  const int64_t rows = b * n;
+  at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
+  if (rows == 0 || d == 0) return {dh, at::zeros_like(memory, at::MemoryFormat::Contiguous)};
+  const at::Tensor mem = memory.to(acc).contiguous();
+  // dM is accumulated in the accumulation type; straight into the result when the types agree.
+  at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    mem_bwd_kernel<scalar_t>(dg.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+                             mem.const_data_ptr<A>(), out.const_data_ptr<scalar_t>(),
+                             lse.const_data_ptr<float>(), dh.mutable_data_ptr<scalar_t>(),
+                             dm_acc.mutable_data_ptr<A>(), rows, d, s, static_cast<A>(scale));
+  });
+  return {dh, dm_acc.to(memory.scalar_type())};
+}
+
+}  // namespace gam::cpu
