@@ -139,7 +139,9 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
                     acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // accumulate dh in the output itself
-  const int64_t sc = std::min(s, kSlotChunk);
+  // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
+  constexpr bool kExactRows = std::is_same_v<A, double>;
+  const int64_t sc = kExactRows ? s : std::min(s, kSlotChunk);
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
@@ -169,10 +171,21 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
           A* __restrict srow = ps + q * w;
           A* __restrict dprow = ps + (t + q) * w;
           const A l = static_cast<A>(lse[r0 + i0 + q]), dl = delta[i0 + q];
-          for (int64_t j = 0; j < w; ++j) {
-            const A p = fast_exp(scale * srow[j] - l);
-            srow[j] = scale * p * (dprow[j] - dl);
-            dprow[j] = p;
+          if constexpr (kExactRows) {
+            // lse is fp32: in fp64, renormalise the row so p carries no fp32 rounding.
+            for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
+            const A inv = A(1) / row_sum(srow, w);
+            for (int64_t j = 0; j < w; ++j) {
+              const A p = srow[j] * inv;
+              srow[j] = scale * p * (dprow[j] - dl);
+              dprow[j] = p;
+            }
+          } else {
+            for (int64_t j = 0; j < w; ++j) {
+              const A p = fast_exp(scale * srow[j] - l);
+              srow[j] = scale * p * (dprow[j] - dl);
+              dprow[j] = p;
+            }
           }
         }
         A* dhs;

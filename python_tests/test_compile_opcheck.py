@@ -1,0 +1,95 @@
+"""The CPU kernels under torch.library.opcheck and torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gam_ext
+
+pytestmark = pytest.mark.skipif(
+    gam_ext.backend_info()["ops"]["cpu"]["memory_retrieval"] != "kernel",
+    reason="the CPU kernels are not built",
+)
+
+OP = torch.ops.gam_ext
+
+
+def _samples(requires_grad: bool, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape, scale=1.0, grad=requires_grad):
+        x = (torch.randn(*shape, generator=gen) * scale).to(dtype)
+        return x.requires_grad_(grad)
+
+    b, n, d, s, k = 2, 9, 6, 11, 3
+    x, w, bias = t(b, n, d), t(d, k, scale=0.5), t(d)
+    h, m = t(b, n, d), t(s, d, scale=0.5)
+    out, lse = OP.memory_retrieval_fwd(h.detach(), m.detach(), 0.7)
+    local, glob, z = t(b, n, d), t(b, n, d), t(b, n, 2 * d)
+    g = t(b, n, d, grad=False)
+    return [
+        (OP.causal_conv1d_fwd, (x, w, bias)),
+        (OP.causal_conv1d_fwd, (x, w, None)),
+        (OP.causal_conv1d_bwd, (g, x.detach(), w.detach())),
+        (OP.memory_retrieval_fwd, (h, m, 0.7)),
+        (OP.memory_retrieval_bwd, (g, h.detach(), m.detach(), out, lse, 0.7)),
+        (OP.gate_fusion_fwd, (local, glob, z)),
+        (OP.gate_fusion_bwd, (g, local.detach(), glob.detach(), z.detach())),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("index", range(7))
+def test_opcheck(requires_grad, index):
+    op, args = _samples(requires_grad)[index]
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_half_activations_fp32_params():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 4, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(4, 3, generator=gen).requires_grad_()
+    m = torch.randn(7, 4, generator=gen).requires_grad_()
+    torch.library.opcheck(OP.causal_conv1d_fwd, (x, w, None))
+    torch.library.opcheck(OP.memory_retrieval_fwd, (x, m, 1.0))
+
+
+def _small_block_input(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 11, 16, generator=gen)
+
+
+def test_compile_gam_block_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    block = gam_ext.GAMBlock(16, num_memory_slots=12, conv_kernel_size=3, dropout=0.0)
+    x = _small_block_input().requires_grad_()
+    y_eager = block(x)
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), [x, *block.parameters()])
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_gam_model_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    config = gam_ext.GAMConfig(vocab_size=37, block_size=16, d_model=16, n_layer=2, dropout=0.0,
+                               num_memory_slots=9, conv_kernel_size=4)
+    model = gam_ext.GAMModel(config)
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 37, (2, 13), generator=gen)
+    targets = torch.randint(0, 37, (2, 13), generator=gen)
+    logits_eager, loss_eager = model(idx, targets)
+    grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    logits, loss = compiled(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(logits, logits_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,380 @@
+"""The C++ CPU kernels of the three ops, forward and backward, against the float64 reference.
+
+Every case runs through the public functions (gam_ext.causal_conv1d / memory_retrieval /
+gate_fusion) and torch.autograd, on the shape classes of DESIGN.md: N = 1, 2, primes, lengths
+across the kernels' row blocks (64 rows), dw/dbias chunks (32 rows), backward tiles (256 rows) and
+slot chunks (512 slots); D odd and not a multiple of 8; S = 1 and odd; K = 1..8 and K > N;
+non-contiguous inputs; empty batches; fp32 parameters with half activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gam_ext
+from gam_ext import reference
+
+pytestmark = pytest.mark.skipif(
+    gam_ext.backend_info()["extension"] is None, reason="the compiled extension is not built"
+)
+
+OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# DESIGN.md tolerances against the float64 reference.
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (3e-4, 1e-3),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    previous = gam_ext.set_backend("auto")
+    yield
+    gam_ext.set_backend(previous)
+
+
+def test_kernel_path_is_used():
+    info = gam_ext.backend_info()
+    for op in OPS:
+        assert info["ops"]["cpu"][op] == "kernel", info
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, noncontig=False, gen=None):
+    if noncontig:
+        # The same values laid out with the last two dims swapped, then viewed back.
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen) * scale
+        return t.to(dtype).transpose(-1, -2)
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _fwd_bwd(fn, inputs, grad_out):
+    """Output and grads of every floating input that requires grad."""
+    leaves = [
+        t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs
+    ]
+    out = fn(*leaves)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype), allow_unused=True)
+    return out.detach(), grads
+
+
+def _as64(inputs):
+    return [t.detach().double() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def _assert_close(name, ours, ref64, eager, dtype):
+    """DESIGN.md: within the dtype's tolerance, or within twice the error of eager in that dtype."""
+    assert ours.shape == ref64.shape, (name, ours.shape, ref64.shape)
+    rtol, atol = TOL[dtype]
+    diff = (ours.double() - ref64).abs()
+    ok = diff <= atol + rtol * ref64.abs()
+    if eager is not None:
+        ok |= diff <= 2 * (eager.double() - ref64).abs() + 1e-5
+    if not bool(ok.all()):
+        worst = int(torch.argmax(diff - atol - rtol * ref64.abs()))
+        raise AssertionError(
+            f"{name}: {int((~ok).sum())}/{ok.numel()} elements off; worst at flat index {worst}: "
+            f"ours {ours.flatten()[worst].item()} ref64 {ref64.flatten()[worst].item()} "
+            f"max|diff| {diff.max().item():.3g}"
+        )
+
+
+def _check_op(name, fn, ref_fn, inputs, dtype, gen):
+    """Forward and every gradient of fn (kernel) against ref_fn in float64 (and in dtype)."""
+    with torch.no_grad():
+        probe = ref_fn(*_as64(inputs))
+    grad_out = torch.randn(probe.shape, generator=gen, dtype=torch.float64)
+    out, grads = _fwd_bwd(fn, inputs, grad_out)
+    ref_out, ref_grads = _fwd_bwd(ref_fn, _as64(inputs), grad_out)
+    eager_out, eager_grads = (None, [None] * len(grads))
+    if dtype in (torch.float16, torch.bfloat16):
+        eager_out, eager_grads = _fwd_bwd(ref_fn, inputs, grad_out)
+    assert out.dtype == inputs[0].dtype
+    _assert_close(f"{name} forward", out, ref_out, eager_out, dtype)
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    for i, (g, rg, eg, t) in enumerate(zip(grads, ref_grads, eager_grads, tensors, strict=True)):
+        assert g is not None and g.dtype == t.dtype, (name, i, None if g is None else g.dtype)
+        _assert_close(f"{name} grad of input {i}", g, rg, eg, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal conv
+# --------------------------------------------------------------------------------------------
+
+CONV_SHAPES = [
+    # (B, N, D, K)
+    (1, 1, 1, 1),
+    (2, 1, 5, 4),  # K > N
+    (2, 2, 3, 3),
+    (1, 3, 8, 8),  # K > N
+    (3, 7, 13, 2),
+    (2, 13, 17, 5),
+    (1, 64, 9, 3),  # one full row block
+    (2, 67, 33, 6),  # rows cross the 64-row blocks and 32-row dw chunks
+    (3, 97, 11, 7),
+    (1, 31, 4, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "B{}N{}D{}K{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_causal_conv1d(dtype, shape, bias):
+    b, n, d, k = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 1000)
+    x = _rand(b, n, d, dtype=dtype, gen=gen)
+    w = _rand(d, 1, k, dtype=dtype, scale=0.5, gen=gen)
+    inputs = [x, w] + ([_rand(d, dtype=dtype, gen=gen)] if bias else [])
+    _check_op("conv", gam_ext.causal_conv1d, reference.causal_conv1d, inputs, dtype, gen)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_causal_conv1d_every_k(k):
+    gen = torch.Generator().manual_seed(k)
+    inputs = [_rand(2, 5, 7, gen=gen), _rand(7, k, gen=gen), _rand(7, gen=gen)]  # (D, K) weight
+    _check_op("conv", gam_ext.causal_conv1d, reference.causal_conv1d, inputs, torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_causal_conv1d_fp32_params_half_activations(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = _rand(2, 41, 12, dtype=dtype, gen=gen)
+    w, b = _rand(12, 1, 3, scale=0.5, gen=gen), _rand(12, gen=gen)
+    y, (dx, dw, db) = _fwd_bwd(gam_ext.causal_conv1d, [x, w, b], torch.ones(2, 41, 12))
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    _check_op("conv mixed", gam_ext.causal_conv1d, reference.causal_conv1d, [x, w, b], dtype, gen)
+
+
+def test_causal_conv1d_noncontiguous():
+    gen = torch.Generator().manual_seed(2)
+    x = _rand(2, 19, 6, noncontig=True, gen=gen)
+    w = _rand(3, 6, gen=gen).t()  # a (D, K) transposed view
+    b = _rand(12, gen=gen)[::2]
+    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    _check_op("conv noncontig", gam_ext.causal_conv1d, reference.causal_conv1d, [x, w, b],
+              torch.float32, gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory retrieval
+# --------------------------------------------------------------------------------------------
+
+MEM_SHAPES = [
+    # (B, N, D, S)
+    (1, 1, 1, 1),
+    (2, 1, 3, 1),  # S = 1: p = 1, out = M
+    (1, 2, 5, 3),
+    (2, 7, 17, 13),
+    (3, 13, 9, 64),
+    (1, 67, 33, 31),  # rows cross the 64-row forward blocks
+    (2, 131, 12, 45),  # 262 rows: cross the 256-row backward tile
+    (1, 37, 8, 515),  # slots cross the 512-slot chunk: online softmax
+    (3, 97, 6, 1031),  # both: several tiles and three slot chunks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MEM_SHAPES, ids=lambda s: "B{}N{}D{}S{}".format(*s))
+def test_memory_retrieval(dtype, shape):
+    b, n, d, s = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 1000)
+    h = _rand(b, n, d, dtype=dtype, gen=gen)
+    m = _rand(s, d, dtype=dtype, scale=0.7, gen=gen)
+    _check_op("memory", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], dtype, gen)
+
+
+@pytest.mark.parametrize("scale", [0.125, 1.0, 2.5])
+def test_memory_retrieval_scale_and_lse(scale):
+    gen = torch.Generator().manual_seed(3)
+    h, m = _rand(2, 9, 10, gen=gen), _rand(21, 10, gen=gen)
+    inputs = [h, m, scale]
+    _check_op("memory scale", gam_ext.memory_retrieval, reference.memory_retrieval, inputs,
+              torch.float32, gen)
+    out, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, scale)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 9)
+    torch.testing.assert_close(
+        lse, torch.logsumexp(scale * h.double() @ m.double().t(), -1).float(), rtol=1e-5,
+        atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_memory_retrieval_fp32_memory_half_activations(dtype):
+    gen = torch.Generator().manual_seed(4)
+    h, m = _rand(2, 70, 16, dtype=dtype, gen=gen), _rand(40, 16, scale=0.5, gen=gen)
+    g, (dh, dm) = _fwd_bwd(gam_ext.memory_retrieval, [h, m], torch.ones(2, 70, 16))
+    assert g.dtype == dtype and dh.dtype == dtype and dm.dtype == torch.float32
+    _check_op("memory mixed", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], dtype,
+              gen)
+
+
+def test_memory_retrieval_noncontiguous():
+    gen = torch.Generator().manual_seed(5)
+    h = _rand(3, 11, 7, noncontig=True, gen=gen)
+    m = _rand(7, 29, gen=gen).t()
+    assert not h.is_contiguous() and not m.is_contiguous()
+    _check_op("memory noncontig", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m],
+              torch.float32, gen)
+
+
+def test_memory_retrieval_large_scores_are_stable():
+    # Scores in the hundreds: the online softmax must not overflow.
+    gen = torch.Generator().manual_seed(6)
+    h, m = _rand(1, 5, 8, scale=10.0, gen=gen), _rand(600, 8, scale=3.0, gen=gen)
+    _check_op("memory large", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m],
+              torch.float32, gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Gate fusion
+# --------------------------------------------------------------------------------------------
+
+GATE_SHAPES = [(1, 1, 1), (2, 2, 3), (1, 13, 7), (3, 37, 33), (2, 65, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: "B{}N{}D{}".format(*s))
+def test_gate_fusion(dtype, shape):
+    b, n, d = shape
+    gen = torch.Generator().manual_seed(hash(shape) % 1000)
+    inputs = [
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(b, n, 2 * d, dtype=dtype, scale=3.0, gen=gen),
+    ]
+    _check_op("gate", gam_ext.gate_fusion, reference.gate_fusion, inputs, dtype, gen)
+
+
+def test_gate_fusion_noncontiguous_and_saturated():
+    gen = torch.Generator().manual_seed(7)
+    local = _rand(2, 9, 5, noncontig=True, gen=gen)
+    glob = _rand(2, 9, 10, gen=gen)[..., ::2]
+    logits = _rand(2, 9, 10, scale=40.0, noncontig=True, gen=gen)  # sigmoids saturate
+    _check_op("gate noncontig", gam_ext.gate_fusion, reference.gate_fusion,
+              [local, glob, logits], torch.float32, gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Empty batches, gradcheck, determinism, errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,n", [(0, 5), (2, 0)])
+def test_empty_batch(b, n):
+    d = 6
+    cases = [
+        (gam_ext.causal_conv1d, [torch.randn(b, n, d), torch.randn(d, 3), torch.randn(d)]),
+        (gam_ext.memory_retrieval, [torch.randn(b, n, d), torch.randn(4, d)]),
+        (gam_ext.gate_fusion, [torch.randn(b, n, d), torch.randn(b, n, d),
+                               torch.randn(b, n, 2 * d)]),
+    ]
+    for fn, inputs in cases:
+        out, grads = _fwd_bwd(fn, inputs, torch.zeros(b, n, d))
+        assert out.shape == (b, n, d)
+        for g, t in zip(grads, inputs, strict=True):
+            assert g.shape == t.shape
+            assert not g.isnan().any() and (g == 0).all()
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(8)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+
+    assert torch.autograd.gradcheck(
+        gam_ext.causal_conv1d, (leaf(2, 6, 3), leaf(3, 1, 4), leaf(3)), atol=1e-6
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, m: gam_ext.memory_retrieval(h, m, 0.8), (leaf(2, 5, 4), leaf(7, 4)),
+        atol=1e-5,
+    )
+    assert torch.autograd.gradcheck(
+        gam_ext.gate_fusion, (leaf(2, 3, 4), leaf(2, 3, 4), leaf(2, 3, 8, scale=2.0)), atol=1e-6
+    )
+
+
+def _all_outputs(dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = _rand(3, 150, 24, dtype=dtype, gen=gen)  # 450 rows: several tiles, blocks and chunks
+    w, b = _rand(24, 1, 4, gen=gen), _rand(24, gen=gen)
+    m = _rand(530, 24, scale=0.5, gen=gen)  # two slot chunks
+    z = _rand(3, 150, 48, dtype=dtype, gen=gen)
+    go = _rand(3, 150, 24, dtype=dtype, gen=gen)
+    results = []
+    for fn, inputs in (
+        (gam_ext.causal_conv1d, [x, w, b]),
+        (gam_ext.memory_retrieval, [x, m]),
+        (gam_ext.gate_fusion, [x, x * 0.5, z]),
+    ):
+        out, grads = _fwd_bwd(fn, inputs, go)
+        results += [out, *grads]
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_across_runs_and_thread_counts(dtype):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = _all_outputs(dtype), _all_outputs(dtype)
+        torch.set_num_threads(1)
+        single = _all_outputs(dtype)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single, strict=True):
+        assert torch.equal(a, b), "two runs differ"
+        assert torch.equal(a, c), "1 thread and 2 threads differ"
+
+
+X = torch.randn(2, 5, 4)
+W2 = torch.randn(4, 3)
+M = torch.randn(6, 4)
+OP = torch.ops.gam_ext
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: OP.causal_conv1d_fwd(X.long(), W2, None), "x must be float"),
+        (lambda: OP.causal_conv1d_fwd(X[0], W2, None), "x must have 3 dimensions"),
+        (lambda: OP.causal_conv1d_fwd(X, W2[None], None), "weight must have 2 dimensions"),
+        (lambda: OP.causal_conv1d_fwd(X, torch.randn(5, 3), None), "weight has 5 channels"),
+        (lambda: OP.causal_conv1d_fwd(X, torch.randn(4, 0), None), "K >= 1"),
+        (lambda: OP.causal_conv1d_fwd(X, W2, torch.randn(3)), "bias must have shape"),
+        (lambda: OP.causal_conv1d_fwd(X, W2, torch.randn(4).int()), "bias must be float"),
+        (lambda: OP.causal_conv1d_bwd(X[:, :4], X, W2), "grad_y must have the shape of x"),
+        (lambda: OP.causal_conv1d_bwd(X.int(), X, W2), "grad_y must be float"),
+        (lambda: OP.memory_retrieval_fwd(X, torch.randn(6, 5), 1.0), "memory must have shape"),
+        (lambda: OP.memory_retrieval_fwd(X, torch.randn(0, 4), 1.0), "at least one slot"),
+        (lambda: OP.memory_retrieval_fwd(X, M[0], 1.0), "memory must have 2 dimensions"),
+        (lambda: OP.memory_retrieval_fwd(X.int(), M, 1.0), "h must be float"),
+        (lambda: OP.memory_retrieval_bwd(X, X, M, X[:, :3], torch.zeros(2, 5), 1.0),
+         "out must have the shape of h"),
+        (lambda: OP.memory_retrieval_bwd(X, X, M, X, torch.zeros(2, 4), 1.0), "lse must have shape"),
+        (lambda: OP.memory_retrieval_bwd(X[:1], X, M, X, torch.zeros(2, 5), 1.0),
+         "grad_out must have the shape of h"),
+        (lambda: OP.gate_fusion_fwd(X, X[:, :4], torch.randn(2, 5, 8)), "global_ctx must have"),
+        (lambda: OP.gate_fusion_fwd(X, X, torch.randn(2, 5, 4)), "gate_logits must have shape"),
+        (lambda: OP.gate_fusion_fwd(X, X.double(), torch.randn(2, 5, 8)), "share one dtype"),
+        (lambda: OP.gate_fusion_fwd(X.long(), X, torch.randn(2, 5, 8)), "local must be float"),
+        (lambda: OP.gate_fusion_bwd(X[:, :2], X, X, torch.randn(2, 5, 8)),
+         "grad_out must have the shape of local"),
+    ],
+)
+def test_kernel_bad_input_names_the_argument(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_public_bad_device_names_the_argument():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        gam_ext.causal_conv1d(x, torch.randn(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="memory is on meta"):
+        gam_ext.memory_retrieval(x, torch.randn(6, 4, device="meta"))
