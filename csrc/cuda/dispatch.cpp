@@ -220,6 +220,8 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
   p.row_splits = splits;
+  p.tensor_cores = ctx.tensor_cores(dt);
+  p.max_smem_bytes = ctx.max_smem();
   memory_retrieval_bwd(p, ctx.stream());
   return {dh, dm.to(memory.scalar_type())};
 }

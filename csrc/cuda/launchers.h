@@ -20,6 +20,8 @@ void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream);
 // Shared memory the tensor-core retrieval forward needs for rows of width dim (bytes).
 int64_t memory_retrieval_tc_smem_bytes(int64_t dim);
 void memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream);
+// Shared memory of the tensor-core retrieval backward kernels (bytes).
+int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim);
 // Row ranges the dM reduction is split over, and the workspace floats for its partials.
 int memory_retrieval_bwd_row_splits(int64_t rows, int64_t slots, int64_t dim);
 int64_t memory_retrieval_bwd_workspace_floats(int64_t rows, int64_t slots, int64_t dim,

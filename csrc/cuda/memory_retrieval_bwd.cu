@@ -4,9 +4,13 @@
 // Kernels: (1) delta per row; (2) dh per row tile, streaming slot tiles (p recomputed from lse);
 // (3) dM per (slot tile, column slice, row range): each block walks its row range and writes an
 // fp32 partial; (4) the partials summed in a fixed order (deterministic, no float atomics).
-// fp32 SIMT math for every dtype.
+// Tensor-core path (fp16/bf16, WMMA, fp32 accumulation) for (2) and (3): tiles of 32 rows x 32
+// slots; warps 0-3 compute the four 16x16 quadrants of h M^T and warps 4-7 those of dg M^T; scalar
+// code turns them into P and scale * dS, stored as T (as flash-attention does) for the GEMMs
+// dh += (scale dS) M and dM += (scale dS)^T h + P^T dg. fp32 SIMT path otherwise.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -172,11 +176,280 @@ __global__ void __launch_bounds__(kReduceCols * kReduceRows)
   }
 }
 
+
+// ---- tensor-core path ---------------------------------------------------------------------------
+
+using namespace nvcuda;
+
+constexpr int kTbRows = 32;
+constexpr int kTbSlots = 32;
+constexpr int kTbThreads = 256;
+constexpr int kTbPad = kTbSlots + 8;  // row stride of the P / dS tiles
+
+__host__ __device__ inline int64_t tb_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
+__host__ __device__ inline int64_t tb_ld(int64_t dim) { return tb_pad_dim(dim) + 8; }
+
+// Shared memory: three 32-row tiles of width D (h rows, dg rows, M slots), the two fp32 score
+// tiles (also the per-warp epilogue scratch), P and dS as T, and lse / delta of the rows.
+struct TbSmem {
+  int64_t a, b, c, sc, ps, ds, stats, total;
+  __host__ __device__ explicit TbSmem(int64_t dim, int elem_bytes) {
+    const int64_t tile = kTbRows * tb_ld(dim) * elem_bytes;
+    a = 0;
+    b = a + tile;
+    c = b + tile;
+    sc = c + tile;
+    ps = sc + 2 * kTbRows * kTbSlots * 4;
+    ds = ps + kTbRows * kTbPad * elem_bytes;
+    stats = ds + kTbRows * kTbPad * elem_bytes;
+    total = stats + 2 * kTbRows * 4 + 128;  // + room to align the base to 128 bytes
+  }
+};
+
+template <typename T>
+struct TbPtrs {
+  T *hs, *gs, *ms, *ps, *ds;
+  float *sc, *lse, *delta;
+  __device__ TbPtrs(unsigned char* raw, int64_t dim) {
+    unsigned char* base = raw + ((128 - reinterpret_cast<uintptr_t>(raw) % 128) % 128);
+    const TbSmem lay(dim, sizeof(T));
+    hs = reinterpret_cast<T*>(base + lay.a);
+    gs = reinterpret_cast<T*>(base + lay.b);
+    ms = reinterpret_cast<T*>(base + lay.c);
+    sc = reinterpret_cast<float*>(base + lay.sc);
+    ps = reinterpret_cast<T*>(base + lay.ps);
+    ds = reinterpret_cast<T*>(base + lay.ds);
+    lse = reinterpret_cast<float*>(base + lay.stats);
+    delta = lse + kTbRows;
+  }
+};
+
+// 32 rows of src from row r0 (rows >= limit and columns >= dim as zeros) into dst (stride ld).
+template <typename T>
+__device__ __forceinline__ void tb_load(const T* __restrict__ src, int64_t r0, int64_t limit,
+                                        int64_t dim, T* dst) {
+  const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+  const T zero = from_f32<T>(0.f);
+  for (int64_t idx = threadIdx.x; idx < kTbRows * dpad; idx += kTbThreads) {
+    const int64_t r = idx / dpad, k = idx - r * dpad;
+    dst[r * ld + k] = (r0 + r < limit && k < dim) ? src[(r0 + r) * dim + k] : zero;
+  }
+}
+
+// sc[0:1024] = h M^T and sc[1024:2048] = dg M^T of the current tiles (row-major 32 x 32).
+template <typename T>
+__device__ __forceinline__ void tb_scores(const TbPtrs<T>& s, int64_t dim) {
+  const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+  const int warp = threadIdx.x / 32, q = warp & 3, qr = q >> 1, qc = q & 1;
+  const T* src = warp < 4 ? s.hs : s.gs;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+  for (int64_t k = 0; k < dpad; k += 16) {
+    wmma::load_matrix_sync(a, src + (16 * qr) * ld + k, ld);
+    wmma::load_matrix_sync(b, s.ms + (16 * qc) * ld + k, ld);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+  wmma::store_matrix_sync(s.sc + (warp < 4 ? 0 : kTbRows * kTbSlots) + (16 * qr) * kTbSlots + 16 * qc,
+                          acc, kTbSlots, wmma::mem_row_major);
+}
+
+// P and scale * dS of the tile as T; rows >= rlim and slots >= slots give 0.
+template <typename T>
+__device__ __forceinline__ void tb_probs(const TbPtrs<T>& s, int64_t r0, int64_t rlim, int64_t s0,
+                                         int64_t slots, float scale) {
+  for (int e = threadIdx.x; e < kTbRows * kTbSlots; e += kTbThreads) {
+    const int r = e / kTbSlots, c = e % kTbSlots;
+    const bool ok = r0 + r < rlim && s0 + c < slots;
+    const float p = ok ? __expf(scale * s.sc[e] - s.lse[r]) : 0.f;
+    const float ds = p * (s.sc[kTbRows * kTbSlots + e] - s.delta[r]);
+    s.ps[r * kTbPad + c] = from_f32<T>(p);
+    s.ds[r * kTbPad + c] = from_f32<T>(scale * ds);
+  }
+}
+
+__device__ __forceinline__ void tb_load_stats(const float* __restrict__ lse,
+                                              const float* __restrict__ delta, int64_t r0,
+                                              int64_t rlim, float* lse_s, float* delta_s) {
+  if (threadIdx.x < kTbRows) {
+    const int64_t row = r0 + threadIdx.x;
+    lse_s[threadIdx.x] = row < rlim ? lse[row] : 0.f;
+    delta_s[threadIdx.x] = row < rlim ? delta[row] : 0.f;
+  }
+}
+
+// dh for 32 rows x (4 * NF * 16) columns; warps: 2 row groups x 4 column groups.
+template <typename T, int NF>
+__global__ void __launch_bounds__(kTbThreads)
+    retrieval_bwd_dh_tc_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+                               const T* __restrict__ mem, const float* __restrict__ lse,
+                               const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
+                               int64_t slots, int64_t dim, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+  __trap();
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+    __trap();
+  } else {
+    GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
+    const TbPtrs<T> s(smem_raw, dim);
+    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp >> 2, wc = warp & 3;
+    const int64_t row0 = int64_t(blockIdx.x) * kTbRows;
+    const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
+    tb_load(h, row0, rows, dim, s.hs);
+    tb_load(dg, row0, rows, dim, s.gs);
+    tb_load_stats(lse, delta, row0, rows, s.lse, s.delta);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+    for (int64_t s0 = 0; s0 < slots; s0 += kTbSlots) {
+      tb_load(mem, s0, slots, dim, s.ms);
+      __syncthreads();
+      tb_scores(s, dim);
+      __syncthreads();
+      tb_probs(s, row0, rows, s0, slots, scale);
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+#pragma unroll
+      for (int ks = 0; ks < kTbSlots / 16; ++ks) {
+        wmma::load_matrix_sync(a, s.ds + (16 * wr) * kTbPad + 16 * ks, kTbPad);
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+          const int64_t c = d0 + (wc * NF + f) * 16;
+          if (c < dpad) {
+            wmma::load_matrix_sync(b, s.ms + (16 * ks) * ld + c, ld);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+    float* scratch = s.sc + warp * 256;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int64_t c = d0 + (wc * NF + f) * 16;
+      if (c < dpad) {
+        wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+          const int64_t row = row0 + 16 * wr + e / 16, col = c + e % 16;
+          if (row < rows && col < dim) dh[row * dim + col] = from_f32<T>(scratch[e]);
+        }
+        __syncwarp();
+      }
+    }
+  }
+#endif
+}
+
+// Partial dM of 32 slots x (4 * NF * 16) columns over one row range; warps: 2 slot groups x 4
+// column groups.
+template <typename T, int NF>
+__global__ void __launch_bounds__(kTbThreads)
+    retrieval_bwd_dm_tc_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+                               const T* __restrict__ mem, const float* __restrict__ lse,
+                               const float* __restrict__ delta, float* __restrict__ partials,
+                               int64_t rows, int64_t slots, int64_t dim, float scale,
+                               int64_t rows_per_split) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+  __trap();
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+    __trap();
+  } else {
+    GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
+    const TbPtrs<T> s(smem_raw, dim);
+    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ws = warp >> 2, wc = warp & 3;
+    const int64_t s0 = int64_t(blockIdx.x) * kTbSlots;
+    const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
+    const int64_t rbeg = int64_t(blockIdx.z) * rows_per_split;
+    const int64_t rend = rbeg + rows_per_split < rows ? rbeg + rows_per_split : rows;
+    tb_load(mem, s0, slots, dim, s.ms);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+    for (int64_t r0 = rbeg; r0 < rend; r0 += kTbRows) {
+      tb_load(h, r0, rend, dim, s.hs);
+      tb_load(dg, r0, rend, dim, s.gs);
+      tb_load_stats(lse, delta, r0, rend, s.lse, s.delta);
+      __syncthreads();
+      tb_scores(s, dim);
+      __syncthreads();
+      tb_probs(s, r0, rend, s0, slots, scale);
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dS^T, P^T
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+#pragma unroll
+      for (int ks = 0; ks < kTbRows / 16; ++ks) {
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+          const int64_t c = d0 + (wc * NF + f) * 16;
+          if (c < dpad) {
+            wmma::load_matrix_sync(a, s.ds + (16 * ks) * kTbPad + 16 * ws, kTbPad);
+            wmma::load_matrix_sync(b, s.hs + (16 * ks) * ld + c, ld);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+            wmma::load_matrix_sync(a, s.ps + (16 * ks) * kTbPad + 16 * ws, kTbPad);
+            wmma::load_matrix_sync(b, s.gs + (16 * ks) * ld + c, ld);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+    float* scratch = s.sc + warp * 256;
+    float* out = partials + int64_t(blockIdx.z) * slots * dim;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int64_t c = d0 + (wc * NF + f) * 16;
+      if (c < dpad) {
+        wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+          const int64_t slot = s0 + 16 * ws + e / 16, col = c + e % 16;
+          if (slot < slots && col < dim) out[slot * dim + col] = scratch[e];
+        }
+        __syncwarp();
+      }
+    }
+  }
+#endif
+}
+
+template <typename T, int NF>
+void launch_bwd_tc(const RetrievalBwdParams& p, int64_t smem, int64_t rps, cudaStream_t stream) {
+  auto dh_kernel = retrieval_bwd_dh_tc_kernel<T, NF>;
+  auto dm_kernel = retrieval_bwd_dm_tc_kernel<T, NF>;
+  GAM_CUDA_CHECK(cudaFuncSetAttribute(dh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  GAM_CUDA_CHECK(cudaFuncSetAttribute(dm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  const auto* dg = static_cast<const T*>(p.grad_out);
+  const auto* h = static_cast<const T*>(p.h);
+  const auto* mem = static_cast<const T*>(p.memory);
+  const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, 4 * NF * 16));
+  gam_launch("retrieval_bwd_dh_tc", dh_kernel,
+             dim3(static_cast<unsigned>(ceil_div(p.rows, kTbRows)), col_blocks),
+             dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
+             static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale);
+  gam_launch("retrieval_bwd_dm_tc", dm_kernel,
+             dim3(static_cast<unsigned>(ceil_div(p.slots, kTbSlots)), col_blocks,
+                  static_cast<unsigned>(p.row_splits)),
+             dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
+             p.partials, p.rows, p.slots, p.dim, p.scale, rps);
+}
+
+// Multiple of both row tiles (16 SIMT, 32 tensor cores).
 int64_t rows_per_split(int64_t rows, int splits) {
-  return ceil_div(ceil_div(rows, splits), kSimtRows) * kSimtRows;
+  return ceil_div(ceil_div(rows, splits), kTbRows) * kTbRows;
 }
 
 }  // namespace
+
+int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim) { return TbSmem(dim, 2).total; }
 
 int memory_retrieval_bwd_row_splits(int64_t rows, int64_t slots, int64_t dim) {
   (void)slots;
@@ -205,6 +478,23 @@ void memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
     gam_launch("retrieval_bwd_delta", retrieval_delta_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
                0, stream, dg, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
+    if constexpr (!std::is_same<T, float>::value) {
+      const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
+      if (p.tensor_cores && smem <= p.max_smem_bytes) {
+        const int64_t rps = rows_per_split(p.rows, p.row_splits);
+        const int64_t dpad = tb_pad_dim(p.dim);
+        if (dpad <= 64) {
+          launch_bwd_tc<T, 1>(p, smem, rps, stream);
+        } else if (dpad <= 128) {
+          launch_bwd_tc<T, 2>(p, smem, rps, stream);
+        } else if (dpad <= 256) {
+          launch_bwd_tc<T, 4>(p, smem, rps, stream);
+        } else {
+          launch_bwd_tc<T, 8>(p, smem, rps, stream);
+        }
+        return;
+      }
+    }
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, kSimtCols));
     gam_launch("retrieval_bwd_dh", retrieval_bwd_dh_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.rows, kSimtRows)), col_blocks),

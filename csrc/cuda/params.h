@@ -62,6 +62,8 @@ struct RetrievalBwdParams {
   float scale;
   DType dtype;
   int row_splits;        // dM partial sums over this many row ranges (set by the launcher helper)
+  bool tensor_cores;     // as in RetrievalFwdParams
+  int max_smem_bytes;
 };
 
 struct GateFwdParams {

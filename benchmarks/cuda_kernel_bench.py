@@ -1,0 +1,127 @@
+"""Per-kernel figures of the CUDA kernels against their targets (H100, bf16), as a markdown table.
+
+    python benchmarks/cuda_kernel_bench.py --batch 16 --dim 512 --slots 512 --seqlens 256,1024,8192
+
+Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as % of a measured
+device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
+the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
+SDPA (K = V = M); the mixer reports fwd+bwd speed-up over eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import gam_ext
+from gam_ext import reference
+
+# Nominal peaks (SXM parts): HBM GB/s, bf16 dense TFLOP/s.
+PEAKS = {"H100": (3350.0, 989.0), "H200": (4800.0, 989.0), "A100": (2039.0, 312.0)}
+
+
+def timeit(fn, reps: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2] * 1e-3  # median, seconds
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a))
+    return 2 * a.numel() / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--slots", type=int, default=512)
+    ap.add_argument("--kernel-size", type=int, default=3)
+    ap.add_argument("--seqlens", default="256,1024,4096,8192")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    name = torch.cuda.get_device_name()
+    hbm, tc_peak = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    copy_bw = copy_bandwidth()
+    esz = torch.finfo(dtype).bits // 8
+    b, d, s, k = args.batch, args.dim, args.slots, args.kernel_size
+    print(f"device: {name}; dtype {args.dtype}; B={b} D={d} S={s} K={k}; "
+          f"measured copy {copy_bw:.0f} GB/s; nominal HBM {hbm} GB/s, bf16 TC peak {tc_peak} TFLOP/s\n")
+    print("| N | op | ms | figure | % copy BW | % nominal | vs eager | vs compile | vs sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    mem_compiled = torch.compile(reference.memory_retrieval)
+
+    def bw_row(n, op, fn, nbytes, eager_fn=None):
+        t = timeit(fn)
+        gbs = nbytes / t / 1e9
+        nominal = f"{100 * gbs / hbm:.0f}%" if hbm else "-"
+        vs = f"{timeit(eager_fn) / t:.2f}x" if eager_fn else "-"
+        print(f"| {n} | {op} | {t * 1e3:.3f} | {gbs:.0f} GB/s | {100 * gbs / copy_bw:.0f}% | "
+              f"{nominal} | {vs} | - | - |")
+
+    for n in [int(v) for v in args.seqlens.split(",")]:
+        torch.manual_seed(0)
+        x = torch.randn(b, n, d, device="cuda", dtype=dtype)
+        w = torch.randn(d, k, device="cuda")
+        bias = torch.randn(d, device="cuda")
+        dy = torch.randn_like(x)
+        bnd = b * n * d * esz
+        bw_row(n, "conv fwd", lambda: gam_ext.causal_conv1d(x, w, bias), 2 * bnd,
+               lambda: reference.causal_conv1d(x, w, bias))
+        bw_row(n, "conv bwd", lambda: torch.ops.gam_ext.causal_conv1d_bwd(dy, x, w), 3 * bnd)
+        z = torch.randn(b, n, 2 * d, device="cuda", dtype=dtype)
+        bw_row(n, "gate fwd", lambda: gam_ext.gate_fusion(x, dy, z), 5 * bnd,
+               lambda: reference.gate_fusion(x, dy, z))
+        bw_row(n, "gate bwd", lambda: torch.ops.gam_ext.gate_fusion_bwd(dy, x, dy, z), 9 * bnd)
+
+        m = torch.randn(s, d, device="cuda", dtype=dtype) * d**-0.5
+        h = torch.randn(b, n, d, device="cuda", dtype=dtype)
+        t = timeit(lambda: gam_ext.memory_retrieval(h, m))
+        flops = 4 * b * n * s * d
+        te = timeit(lambda: reference.memory_retrieval(h, m))
+        tc = timeit(lambda: mem_compiled(h, m))
+        mk = m[None, None].expand(b, 1, s, d)
+        ts = timeit(lambda: F.scaled_dot_product_attention(h[:, None], mk, mk, scale=1.0))
+        tf = flops / t / 1e12
+        pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"
+        print(f"| {n} | retrieval fwd | {t * 1e3:.3f} | {tf:.0f} TFLOP/s | - | {pct} | "
+              f"{te / t:.2f}x | {tc / t:.2f}x | {ts / t:.2f}x |")
+        g, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0)
+        t = timeit(lambda: torch.ops.gam_ext.memory_retrieval_bwd(dy, h, m, g, lse, 1.0))
+        print(f"| {n} | retrieval bwd | {t * 1e3:.3f} | {2 * flops / t / 1e12:.0f} TFLOP/s (5 GEMM-eq.) | - | - | - | - | - |")
+
+        gw = torch.randn(2 * d, d, device="cuda", dtype=dtype) * d**-0.5
+        gb = torch.zeros(2 * d, device="cuda", dtype=dtype)
+        wc = torch.randn(d, 1, k, device="cuda", dtype=dtype)
+        mm = m.clone()
+        params = [t_.requires_grad_() for t_ in (h.clone(), wc, bias.to(dtype), mm, gw, gb)]
+
+        def mixer(fn):
+            def run():
+                for p in params:
+                    p.grad = None
+                fn(*params).float().sum().backward()
+            return run
+
+        t = timeit(mixer(gam_ext.gam_mixer), reps=10)
+        te = timeit(mixer(reference.gam_mixer), reps=10)
+        print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - |")
+
+
+if __name__ == "__main__":
+    main()

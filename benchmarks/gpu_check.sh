@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
+# and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU, runs the CUDA
+# tests, compute-sanitizer on a small case of every kernel, and the op benchmarks, and writes
+# benchmarks/results/<device>-<date>.md. Each stage has a time limit so the whole check fits in
+# 10 minutes and the report is always written.
+#   bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+START=$(date +%s)
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")
+SLUG=$(echo "$DEVICE" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')
+DATE=$(date -u +%Y-%m-%d)
+mkdir -p benchmarks/results
+OUT="benchmarks/results/${SLUG}-${DATE}.md"
+LOG=$(mktemp -d)
+
+status() {  # stage name, exit code
+  if [[ $2 -eq 0 ]]; then echo "ok"; elif [[ $2 -eq 124 ]]; then echo "TIMEOUT"; else echo "FAILED (rc=$2)"; fi
+}
+elapsed() { echo $(( $(date +%s) - START ))s; }
+
+echo "== build (arch $ARCH)"
+TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
+  timeout 300 "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
+BUILD_RC=$?
+tail -5 "$LOG/build.txt"
+BUILD_TIME=$(elapsed)
+
+echo "== pytest -m cuda"
+timeout 150 "$PY" -m pytest python_tests/test_cuda.py -m cuda -q -p no:cacheprovider \
+  > "$LOG/pytest.txt" 2>&1
+TEST_RC=$?
+tail -15 "$LOG/pytest.txt"
+
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+MEM_RC=127; RACE_RC=127
+if [[ -n "$SAN" ]]; then
+  echo "== compute-sanitizer memcheck / racecheck"
+  timeout 90 "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+    > "$LOG/memcheck.txt" 2>&1
+  MEM_RC=$?
+  timeout 120 "$SAN" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+    > "$LOG/racecheck.txt" 2>&1
+  RACE_RC=$?
+  tail -3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
+fi
+
+echo "== benchmarks"
+BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
+timeout 120 "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
+KB_RC=$?
+OPS_RC=127
+if [[ -f benchmarks/bench_ops.py ]]; then
+  # The shared op benchmark (providers gam_ext / eager / compile / sdpa).
+  timeout 150 "$PY" benchmarks/bench_ops.py --device cuda --dtype bf16 --batch 16 --dim 512 \
+    --slots 512 --seqlens 256,512,1024,2048,4096,8192 > "$LOG/ops.md" 2>&1
+  OPS_RC=$?
+fi
+
+{
+  echo "# GPU check: $DEVICE, $DATE"
+  echo
+  echo "- device: $DEVICE (sm_${ARCH/./}), $(nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+  echo "- torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), $(nvcc --version 2>/dev/null | tail -1)"
+  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- command: \`bash benchmarks/gpu_check.sh\` (total $(elapsed))"
+  echo
+  echo "| stage | command | result |"
+  echo "|---|---|---|"
+  echo "| build | TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(status build $BUILD_RC) ($BUILD_TIME) |"
+  echo "| tests | $PY -m pytest python_tests/test_cuda.py -m cuda | $(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt") |"
+  echo "| memcheck | compute-sanitizer --tool memcheck $PY benchmarks/cuda_sanitize_driver.py | $(status mem $MEM_RC) |"
+  echo "| racecheck | compute-sanitizer --tool racecheck $PY benchmarks/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
+  echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
+  echo "| op bench | $PY benchmarks/bench_ops.py --device cuda ... | $(status ops $OPS_RC) |"
+  echo
+  echo "Targets (H100, bf16): conv fwd/bwd >= 70% of HBM bandwidth, gate >= 80%; retrieval fwd"
+  echo ">= 3x eager and >= 1.5x torch.compile at N >= 1024 and >= 30% of the bf16 dense peak;"
+  echo "mixer fwd+bwd >= 2.5x eager."
+  echo
+  echo "## Kernel figures"
+  echo
+  cat "$LOG/kernels.md"
+  if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  if [[ $TEST_RC -ne 0 ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
+  if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
+  for t in memcheck racecheck; do
+    if [[ -f "$LOG/$t.txt" ]] && ! grep -q "ERROR SUMMARY: 0 errors" "$LOG/$t.txt"; then
+      echo; echo "## $t (tail)"; echo '```'; tail -40 "$LOG/$t.txt"; echo '```'
+    fi
+  done
+} > "$OUT"
+echo "== wrote $OUT ($(elapsed))"
+cat "$OUT"

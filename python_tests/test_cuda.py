@@ -1,0 +1,192 @@
+"""The CUDA kernels on a GPU: every op vs the fp64 reference, opcheck, torch.compile, autocast,
+determinism and bad input. Skipped without a CUDA GPU and a CUDA build of gam_ext._C
+(benchmarks/gpu_check.sh builds one and runs `pytest -m cuda`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gam_ext
+from gam_ext import _backend, reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        not all(_backend._KERNELS["cuda"].values()),
+        reason="gam_ext._C was built without the CUDA kernels",
+    ),
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOL = {
+    torch.float32: dict(rtol=3e-4, atol=1e-3),
+    torch.float16: dict(rtol=3e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=5e-2),
+}
+DEV = "cuda"
+
+
+def close(ours, ref, dtype, scale=1.0):
+    tol = dict(TOL[dtype])
+    tol["atol"] *= scale
+    torch.testing.assert_close(ours.double(), ref.double(), **tol)
+
+
+def gen(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(DEV, dtype)
+
+
+def grads(fn, inputs, grad_out):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def ref_grads(fn, inputs, grad_out):
+    return grads(fn, [t.double() for t in inputs], grad_out.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 8, 3), (2, 131, 24, 3), (1, 67, 13, 2), (2, 300, 64, 4), (1, 33, 40, 7),
+              (3, 5, 512, 8)], ids=lambda s: "B{}N{}D{}K{}".format(*s))
+def test_conv(dtype, shape):
+    b, n, d, k = shape
+    x, w, bias = gen((b, n, d), dtype, 1), gen((d, 1, k), torch.float32, 2, 0.5), gen((d,), torch.float32, 3)
+    dy = gen((b, n, d), dtype, 4)
+    out, g = grads(gam_ext.causal_conv1d, [x, w, bias], dy)
+    out_ref, g_ref = ref_grads(reference.causal_conv1d, [x, w, bias], dy)
+    close(out, out_ref, dtype)
+    close(g[0], g_ref[0], dtype)
+    for ours, ref in zip(g[1:], g_ref[1:]):
+        assert ours.dtype == torch.float32
+        close(ours, ref, torch.float32, scale=max(1.0, (b * n) ** 0.5))
+
+
+@pytest.mark.parametrize("tensor_cores", ["1", "0"], ids=["wmma", "simt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512),
+              (1, 9, 40, 1100)], ids=lambda s: "B{}N{}S{}D{}".format(*s))
+def test_retrieval(dtype, shape, tensor_cores, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL_TENSOR_CORES", tensor_cores)
+    b, n, s, d = shape
+    h, m = gen((b, n, d), dtype, 5, d ** -0.25), gen((s, d), torch.float32, 6, d ** -0.25)
+    dg = gen((b, n, d), dtype, 7)
+    out, g = grads(gam_ext.memory_retrieval, [h, m], dg)
+    out_ref, g_ref = ref_grads(lambda a, c: reference.memory_retrieval(a, c.to(a.dtype)), [h, m], dg)
+    close(out, out_ref, dtype)
+    close(g[0], g_ref[0], dtype)
+    assert g[1].dtype == torch.float32
+    close(g[1], g_ref[1], dtype, scale=max(1.0, (b * n / 16) ** 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 13), (2, 129, 512), (1, 3, 1000)],
+                         ids=lambda s: "B{}N{}D{}".format(*s))
+def test_gate(dtype, shape):
+    b, n, d = shape
+    args = [gen((b, n, d), dtype, 8), gen((b, n, d), dtype, 9), gen((b, n, 2 * d), dtype, 10, 2.0)]
+    df = gen((b, n, d), dtype, 11)
+    out, g = grads(gam_ext.gate_fusion, args, df)
+    out_ref, g_ref = ref_grads(reference.gate_fusion, args, df)
+    close(out, out_ref, dtype)
+    for ours, ref in zip(g, g_ref):
+        close(ours, ref, dtype)
+
+
+def test_non_contiguous_and_empty():
+    x = gen((2, 16, 40), torch.float16, 12).transpose(1, 2).contiguous().transpose(1, 2)
+    w = gen((40, 3), torch.float32, 13)
+    close(gam_ext.causal_conv1d(x, w), reference.causal_conv1d(x.double(), w.double()), torch.float16)
+    m = gen((20, 40), torch.float16, 14)
+    close(gam_ext.memory_retrieval(x, m), reference.memory_retrieval(x.double(), m.double()),
+          torch.float16)
+    e = torch.zeros(0, 4, 40, device=DEV, requires_grad=True)
+    gam_ext.memory_retrieval(e, m.float().requires_grad_()).sum().backward()
+    gam_ext.causal_conv1d(e, w).sum().backward()
+
+
+def _samples():
+    x = gen((2, 9, 16), torch.float32, 20)
+    return [
+        (torch.ops.gam_ext.causal_conv1d_fwd, (x, gen((16, 3), torch.float32, 21), gen((16,), torch.float32, 22))),
+        (torch.ops.gam_ext.causal_conv1d_fwd, (x.half(), gen((16, 4), torch.float32, 21), None)),
+        (torch.ops.gam_ext.memory_retrieval_fwd, (x, gen((7, 16), torch.float32, 23), 0.5)),
+        (torch.ops.gam_ext.memory_retrieval_fwd, (x.bfloat16(), gen((40, 16), torch.bfloat16, 23), 1.0)),
+        (torch.ops.gam_ext.gate_fusion_fwd, (x, x * 2, gen((2, 9, 32), torch.float32, 24))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    op, args = _samples()[case]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(op, args)
+
+
+def test_compile_gam_block_fullgraph():
+    torch.manual_seed(0)
+    block = gam_ext.GAMBlock(64, num_memory_slots=48, conv_kernel_size=3, dropout=0.0).to(DEV)
+    x = torch.randn(2, 37, 64, device=DEV, requires_grad=True)
+    eager = block(x)
+    eager.sum().backward()
+    g_eager = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    close(out, eager, torch.float32)
+    close(x.grad, g_eager, torch.float32)
+
+
+def test_autocast_block():
+    torch.manual_seed(0)
+    block = gam_ext.GAMBlock(64, num_memory_slots=40, dropout=0.0).to(DEV)
+    x = torch.randn(2, 50, 64, device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block(x)
+    out.float().sum().backward()
+    gam_ext.set_backend("reference")
+    try:
+        ref = block.double()(x.double())
+    finally:
+        gam_ext.set_backend("auto")
+    torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=1e-1)
+    assert block.memory_bank.grad is not None and block.causal_conv.weight.grad is not None
+
+
+def test_deterministic_backward():
+    x = gen((4, 700, 96), torch.bfloat16, 30)
+    w = gen((96, 3), torch.float32, 31)
+    m = gen((100, 96), torch.float32, 32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_() for t in (x, w, m)]
+        out = gam_ext.memory_retrieval(leaves[0], leaves[2]) + gam_ext.causal_conv1d(leaves[0], leaves[1])
+        out.float().square().sum().backward()
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bad_input():
+    x = gen((1, 4, 8), torch.float32, 40)
+    with pytest.raises(RuntimeError, match="weight has 4 channels"):
+        torch.ops.gam_ext.causal_conv1d_fwd(x, torch.zeros(4, 3, device=DEV), None)
+    with pytest.raises(RuntimeError, match="memory must have shape"):
+        torch.ops.gam_ext.memory_retrieval_fwd(x, torch.zeros(3, 7, device=DEV), 1.0)
+    with pytest.raises(RuntimeError, match="is on"):
+        torch.ops.gam_ext.memory_retrieval_fwd(x, torch.zeros(3, 8), 1.0)
+    with pytest.raises(RuntimeError, match="gate_logits must have shape"):
+        torch.ops.gam_ext.gate_fusion_fwd(x, x, x)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        torch.ops.gam_ext.gate_fusion_fwd(x.double(), x.double(), torch.zeros(1, 4, 16, device=DEV).double())
+    with pytest.raises(ValueError, match="is on"):
+        gam_ext.memory_retrieval(x, torch.zeros(3, 8))

@@ -1,0 +1,316 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run through the SIMT emulator on the CPU, vs the fp64 reference.
+
+Run with `bash python_tests/run_emulated.sh` (AddressSanitizer preloaded, so out-of-bounds global
+or shared memory accesses abort); in a plain pytest process these tests skip. The module exposes
+the host dispatch of csrc/cuda/dispatch.cpp (the same checks, conversions and launchers as the
+real CUDA build) on CPU tensors. Shapes are small but cross every tile edge of the kernels:
+conv blocks cover 128 time steps and 32 channel groups; retrieval tiles are 64 rows x 32 slots
+(tensor-core forward), 32 x 32 (tensor-core backward) or 16 x 32 (SIMT) with 256-column slices;
+the dM reduction splits rows every 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gam_ext import reference
+
+pytestmark = pytest.mark.emulated
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOL = {
+    torch.float32: dict(rtol=3e-4, atol=1e-3),
+    torch.float16: dict(rtol=3e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=5e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from gam_ext import _emulation
+
+    reason = _emulation.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    mod = _emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
+    mod.set_retrieval_path(True, 227 * 1024)
+    return mod
+
+
+def close(ours, ref, dtype, scale=1.0, **kw):
+    tol = dict(TOL[dtype])
+    tol["atol"] *= scale
+    tol.update(kw)
+    torch.testing.assert_close(ours.double(), ref.double(), **tol)
+
+
+def gen(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def misaligned(t):
+    """A contiguous copy of t whose data pointer is off the 16-byte grid (forces scalar paths)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# --------------------------------------------------------------------------------------------
+# Causal conv
+# --------------------------------------------------------------------------------------------
+
+
+def conv_ref(x, w, b, dy):
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    bd = None if b is None else b.double().requires_grad_()
+    y = reference.causal_conv1d(xd, wd, bd)
+    y.backward(dy.double())
+    return y.detach(), xd.grad, wd.grad, None if bd is None else bd.grad
+
+
+CONV_SHAPES = [
+    # (B, N, D, K): N = 1, 2, primes, across the 128-step block edge; D odd / not a multiple of
+    # the vector width / multiple of 8; K = 1..8 (fast paths 2-4, generic others), K > N.
+    (1, 1, 8, 3),
+    (2, 2, 5, 4),
+    (2, 7, 16, 8),
+    (1, 131, 24, 3),
+    (2, 129, 13, 2),
+    (1, 67, 40, 1),
+    (1, 37, 64, 5),
+    (2, 11, 9, 6),
+    (1, 257, 8, 4),
+    (1, 5, 264, 7),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "B{}N{}D{}K{}".format(*s))
+def test_conv(emu, dtype, shape):
+    b_, n, d, k = shape
+    x = gen((b_, n, d), dtype, 1)
+    w = gen((d, k), torch.float32, 2, 0.5)  # fp32 params with half activations
+    bias = gen((d,), torch.float32, 3)
+    dy = gen((b_, n, d), dtype, 4)
+    y_ref, dx_ref, dw_ref, db_ref = conv_ref(x, w, bias, dy)
+    y = emu.causal_conv1d_fwd(x, w, bias)
+    assert y.dtype == dtype and y.shape == x.shape
+    close(y, y_ref, dtype)
+    dx, dw, db = emu.causal_conv1d_bwd(dy, x, w)
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    close(dx, dx_ref, dtype)
+    # dw, dbias sum B*N products in fp32: relative to the size of the sum.
+    close(dw, dw_ref, torch.float32, scale=max(1.0, (b_ * n) ** 0.5))
+    close(db, db_ref, torch.float32, scale=max(1.0, (b_ * n) ** 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_scalar_path_and_layouts(emu, dtype):
+    # Misaligned data pointer (scalar path at D % vec == 0), non-contiguous input, no bias,
+    # weight in the activation dtype.
+    x = gen((2, 45, 16), dtype, 5)
+    w = gen((16, 3), dtype, 6, 0.5)
+    dy = gen((2, 45, 16), dtype, 7)
+    y_ref, dx_ref, dw_ref, _ = conv_ref(x, w, None, dy)
+    close(emu.causal_conv1d_fwd(misaligned(x), w, None), y_ref, dtype)
+    dx, dw, db = emu.causal_conv1d_bwd(misaligned(dy), misaligned(x), w)
+    close(dx, dx_ref, dtype)
+    close(dw, dw_ref, dtype, scale=4.0)
+    assert dw.dtype == dtype
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, D) view, channel stride N
+    assert not xt.is_contiguous()
+    close(emu.causal_conv1d_fwd(xt, w, None), y_ref, dtype)
+    dx2, dw2, _ = emu.causal_conv1d_bwd(dy.transpose(1, 2).contiguous().transpose(1, 2), xt, w)
+    close(dx2, dx_ref, dtype)
+
+
+def test_conv_empty_and_deterministic(emu):
+    x = torch.zeros(0, 5, 8)
+    w = gen((8, 3), torch.float32, 8)
+    assert emu.causal_conv1d_fwd(x, w, None).shape == (0, 5, 8)
+    dx, dw, db = emu.causal_conv1d_bwd(x, x, w)
+    assert dx.shape == x.shape and torch.all(dw == 0) and torch.all(db == 0)
+    x = gen((3, 300, 8), torch.float32, 9)  # several time blocks -> several partials
+    dy = gen((3, 300, 8), torch.float32, 10)
+    first = emu.causal_conv1d_bwd(dy, x, w)
+    second = emu.causal_conv1d_bwd(dy, x, w)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_conv_bad_input(emu):
+    x = gen((1, 4, 8), torch.float32, 11)
+    with pytest.raises(RuntimeError, match="weight has 4 channels"):
+        emu.causal_conv1d_fwd(x, torch.zeros(4, 3), None)
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16 or float32"):
+        emu.causal_conv1d_fwd(x.double(), torch.zeros(8, 3), None)
+    with pytest.raises(RuntimeError, match="x must have 3 dimensions"):
+        emu.causal_conv1d_fwd(x[0], torch.zeros(8, 3), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory retrieval
+# --------------------------------------------------------------------------------------------
+
+
+def retrieval_ref(h, m, scale, dg):
+    hd = h.double().requires_grad_()
+    md = m.double().requires_grad_()
+    out = reference.memory_retrieval(hd, md, scale)
+    out.backward(dg.double())
+    lse = torch.logsumexp(scale * hd.detach() @ md.detach().t(), dim=-1)
+    return out.detach(), lse, hd.grad, md.grad
+
+
+RET_SHAPES = [
+    # (B, N, S, D): S = 1, S not a multiple of 32, several slot tiles; rows across the 64-row
+    # (tensor core), 16-row (SIMT) and 128-row (dM split) edges; D odd, < 16, not a multiple of
+    # 16, and > 256 (several SIMT column slices).
+    (1, 1, 1, 8),
+    (2, 2, 3, 5),
+    (1, 67, 33, 24),
+    (2, 37, 70, 40),
+    (1, 131, 17, 16),
+    (1, 9, 45, 130),
+    (1, 5, 20, 264),
+]
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RET_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
+def test_retrieval(emu, dtype, shape, tensor_cores):
+    b_, n, s, d = shape
+    h = gen((b_, n, d), dtype, 20, 0.5)
+    m = gen((s, d), torch.float32, 21, 0.5)  # fp32 bank with half activations
+    dg = gen((b_, n, d), dtype, 22)
+    scale = 0.75
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m.to(dtype), scale, dg)
+    emu.set_retrieval_path(tensor_cores, 227 * 1024)
+    try:
+        out, lse = emu.memory_retrieval_fwd(h, m, scale)
+        dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, scale)
+    finally:
+        emu.set_retrieval_path(True, 227 * 1024)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b_, n)
+    close(out, out_ref, dtype)
+    close(lse, lse_ref, dtype)
+    assert dm.dtype == torch.float32 and dm.shape == m.shape
+    close(dh, dh_ref, dtype)
+    close(dm, dm_ref, dtype, scale=max(1.0, (b_ * n / 16) ** 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_rescale_path(emu, dtype):
+    # Slot norms that grow along the bank push each row's max up tile after tile, so the
+    # tensor-core kernel must rescale its output fragments (threshold exp(8)) several times.
+    h = gen((1, 70, 32), dtype, 30)
+    grow = torch.linspace(0.2, 3.0, 130).unsqueeze(1)
+    m = (gen((130, 32), torch.float64, 31) * grow).to(dtype)
+    dg = gen((1, 70, 32), dtype, 32)
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.5, dg)
+    out, lse = emu.memory_retrieval_fwd(h, m, 1.5)
+    close(out, out_ref, dtype, scale=4.0)
+    close(lse, lse_ref, dtype, scale=4.0)
+    dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.5)
+    assert dm.dtype == dtype
+    ref_mag = max(1.0, dh_ref.abs().max().item() / 4)
+    close(dh, dh_ref, dtype, scale=ref_mag)
+
+
+def test_retrieval_smem_fallback_and_layouts(emu):
+    # A device with too little shared memory for the tensor-core tile takes the SIMT path.
+    h = gen((1, 20, 48), torch.bfloat16, 40)
+    m = gen((40, 48), torch.bfloat16, 41)
+    dg = gen((1, 20, 48), torch.bfloat16, 42)
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, dg)
+    assert emu.tc_smem_bytes(48) > 1024
+    emu.set_retrieval_path(True, 1024)
+    try:
+        out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+        dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
+    finally:
+        emu.set_retrieval_path(True, 227 * 1024)
+    close(out, out_ref, torch.bfloat16)
+    close(dh, dh_ref, torch.bfloat16)
+    close(dm, dm_ref, torch.bfloat16, scale=2.0)
+    # Non-contiguous and misaligned inputs give the same result.
+    ht = h.transpose(0, 1).contiguous().transpose(0, 1)
+    out2, lse2 = emu.memory_retrieval_fwd(ht, misaligned(m), 1.0)
+    close(out2, out_ref, torch.bfloat16)
+    dh, dm = emu.memory_retrieval_bwd(misaligned(dg), ht, m, out2, lse2, 1.0)
+    close(dh, dh_ref, torch.bfloat16)
+    close(dm, dm_ref, torch.bfloat16, scale=2.0)
+
+
+def test_retrieval_empty_and_deterministic(emu):
+    h = torch.zeros(0, 4, 8)
+    m = gen((5, 8), torch.float32, 50)
+    out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+    assert out.shape == h.shape and lse.shape == (0, 4)
+    dh, dm = emu.memory_retrieval_bwd(h, h, m, out, lse, 1.0)
+    assert dh.shape == h.shape and torch.all(dm == 0)
+    h = gen((2, 150, 8), torch.float32, 51)  # 300 rows: 3 dM row splits
+    dg = gen((2, 150, 8), torch.float32, 52)
+    out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+    first = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
+    second = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    _, _, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, dg)
+    close(first[1], dm_ref, torch.float32, scale=4.0)
+
+
+def test_retrieval_bad_input(emu):
+    h = gen((1, 4, 8), torch.float32, 60)
+    with pytest.raises(RuntimeError, match="memory must have shape"):
+        emu.memory_retrieval_fwd(h, torch.zeros(3, 7), 1.0)
+    with pytest.raises(RuntimeError, match="at least one slot"):
+        emu.memory_retrieval_fwd(h, torch.zeros(0, 8), 1.0)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        emu.memory_retrieval_bwd(h, h, torch.zeros(3, 8), h, torch.zeros(4), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Gate fusion
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (2, 7, 16), (1, 33, 40), (3, 5, 13)],
+                         ids=lambda s: "B{}N{}D{}".format(*s))
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
+def test_gate(emu, dtype, shape, aligned):
+    b_, n, d = shape
+    loc = gen((b_, n, d), dtype, 70)
+    glob = gen((b_, n, d), dtype, 71)
+    z = gen((b_, n, 2 * d), dtype, 72, 2.0)
+    df = gen((b_, n, d), dtype, 73)
+    args = [t.double().requires_grad_() for t in (loc, glob, z)]
+    f_ref = reference.gate_fusion(*args)
+    f_ref.backward(df.double())
+    prep = (lambda t: t) if aligned else misaligned
+    f = emu.gate_fusion_fwd(prep(loc), prep(glob), prep(z))
+    close(f, f_ref.detach(), dtype)
+    grads = emu.gate_fusion_bwd(prep(df), prep(loc), prep(glob), prep(z))
+    for ours, ref in zip(grads, args):
+        assert ours.dtype == dtype
+        close(ours, ref.grad, dtype)
+
+
+def test_gate_layouts_and_errors(emu):
+    loc = gen((2, 6, 8), torch.float32, 80)
+    glob = gen((2, 6, 8), torch.float32, 81)
+    z = gen((2, 6, 16), torch.float32, 82)
+    ref = reference.gate_fusion(loc, glob, z)
+    zt = z.transpose(0, 1).contiguous().transpose(0, 1)
+    close(emu.gate_fusion_fwd(loc, glob, zt), ref, torch.float32)
+    e = torch.zeros(0, 6, 8)
+    assert emu.gate_fusion_fwd(e, e, torch.zeros(0, 6, 16)).shape == e.shape
+    with pytest.raises(RuntimeError, match="gate_logits must have shape"):
+        emu.gate_fusion_fwd(loc, glob, loc)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        emu.gate_fusion_fwd(loc, glob.half(), z)
