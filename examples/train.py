@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Flags that steer one invocation; everything else comes from the checkpoint on --resume.
 RUN_CONTROL = {"resume", "out_dir", "device", "stop_at_step", "sample_tokens", "temperature",
-               "top_k", "compile", "data_dir", "compare", "models", "explicit"}
+               "top_k", "compile", "threads", "data_dir", "compare", "models", "explicit"}
 
 
 class UserError(Exception):
@@ -75,12 +75,15 @@ class UserError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 
+_KIND = {int: "an integer", float: "a number"}
+
+
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_KIND[kind]}, got {text!r}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -93,7 +96,7 @@ def _non_negative(kind: type) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_KIND[kind]}, got {text!r}") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
@@ -163,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16/fp16: autocast on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=_non_negative(int), default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is fastest for tiny "
+                   "models or on a busy machine)")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train each of --models on the same data and budget, write a table")
@@ -191,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
             parser.error(f"--{flag.replace('_', '-')}: no such file: {path}")
+    if args.recall_pairs > args.recall_keys:
+        parser.error(f"--recall-pairs {args.recall_pairs} exceeds --recall-keys "
+                     f"{args.recall_keys}: keys must be distinct within an example")
     if args.dataset is None:
         args.dataset = "pydoc" if args.train_file is None else "file"
     if args.dtype != "fp32" and args.device == "cpu":
@@ -294,9 +303,6 @@ def prepare_data(args: argparse.Namespace, ctx: Dist) -> Data:
     name = dataset_name(args)
     if args.dataset == "recall":
         spec = RecallSpec(args.recall_pairs, args.recall_keys, args.recall_values)
-        if spec.num_pairs > spec.num_keys:
-            raise UserError(f"--recall-pairs {spec.num_pairs} exceeds --recall-keys "
-                            f"{spec.num_keys}: keys must be distinct within an example")
         args.seq_len = spec.seq_len
         train_x, train_y = recall_examples(args.recall_train, spec, seed=args.seed)
         val_x, val_y = recall_examples(args.recall_val, spec, seed=args.seed + 1)
@@ -454,11 +460,16 @@ def write_sample(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Di
         x, y = data.val_x[:1].to(ctx.device), data.val_y[0]
         with torch.no_grad():
             predicted = model(x)[0][0].argmax(-1).cpu()
-        lines = ["query key -> predicted value (true value)"]
+        def name(token: int) -> str:
+            keys = args.recall_keys
+            return f"k{token}" if token < keys else f"v{token - keys}"
+
+        lines = ["context: " + " ".join(name(int(t)) for t in x[0, : 2 * args.recall_pairs]),
+                 "query -> predicted (true)"]
         for t in (y != IGNORE_INDEX).nonzero().flatten().tolist():
             mark = "" if predicted[t] == y[t] else "   <- wrong"
-            lines.append(f"k{int(x[0, t])} -> v{int(predicted[t]) - args.recall_keys} "
-                         f"(v{int(y[t]) - args.recall_keys}){mark}")
+            lines.append(f"{name(int(x[0, t]))} -> {name(int(predicted[t]))} "
+                         f"({name(int(y[t]))}){mark}")
         return "\n".join(lines)
     prompt = data.val_x[:1, :16].to(ctx.device)
     generator = torch.Generator(device=ctx.device).manual_seed(args.seed)
@@ -705,6 +716,8 @@ def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ctx: Dist | None = None
     try:
         ctx = setup_distributed(args.device)
