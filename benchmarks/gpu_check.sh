@@ -9,6 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
+# setup.py finds the toolkit from nvcc; name it when nvcc is a wrapper outside the toolkit.
+if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc && -d /usr/local/cuda/lib64 ]]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
 START=$(date +%s)
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")

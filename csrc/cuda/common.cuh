@@ -77,6 +77,33 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float (&in)[V
   }
 }
 
+// Copies rows [r0, r0 + nrows) x columns [0, dpad) of a row-major (limit x dim) tensor into shared
+// memory with row stride ld (elements); rows >= limit and columns >= dim become zeros. With vec
+// (dim a multiple of the 16-byte vector, src 16-byte aligned, dpad and ld multiples of it) the
+// copy moves 16 bytes per access. Every thread of the block calls it.
+template <typename T>
+__device__ __forceinline__ void load_rows_to_smem(T* dst, int64_t ld, const T* __restrict__ src,
+                                                  int64_t r0, int nrows, int64_t limit,
+                                                  int64_t dim, int64_t dpad, bool vec) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  if (vec) {
+    constexpr int V = kVec16<T>;
+    const int64_t groups = dpad / V;
+    for (int64_t idx = tid; idx < nrows * groups; idx += nthreads) {
+      const int64_t r = idx / groups, k = (idx - r * groups) * V;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r0 + r < limit && k < dim) v = *reinterpret_cast<const uint4*>(src + (r0 + r) * dim + k);
+      *reinterpret_cast<uint4*>(dst + r * ld + k) = v;
+    }
+  } else {
+    const T zero = from_f32<T>(0.f);
+    for (int64_t idx = tid; idx < nrows * dpad; idx += nthreads) {
+      const int64_t r = idx / dpad, k = idx - r * dpad;
+      dst[r * ld + k] = (r0 + r < limit && k < dim) ? src[(r0 + r) * dim + k] : zero;
+    }
+  }
+}
+
 __device__ __forceinline__ float sigmoid_f32(float z) { return 1.f / (1.f + __expf(-z)); }
 
 inline bool aligned(const void* p, int bytes) {

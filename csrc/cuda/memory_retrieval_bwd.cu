@@ -227,13 +227,8 @@ struct TbPtrs {
 // 32 rows of src from row r0 (rows >= limit and columns >= dim as zeros) into dst (stride ld).
 template <typename T>
 __device__ __forceinline__ void tb_load(const T* __restrict__ src, int64_t r0, int64_t limit,
-                                        int64_t dim, T* dst) {
-  const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
-  const T zero = from_f32<T>(0.f);
-  for (int64_t idx = threadIdx.x; idx < kTbRows * dpad; idx += kTbThreads) {
-    const int64_t r = idx / dpad, k = idx - r * dpad;
-    dst[r * ld + k] = (r0 + r < limit && k < dim) ? src[(r0 + r) * dim + k] : zero;
-  }
+                                        int64_t dim, T* dst, bool vec) {
+  load_rows_to_smem(dst, tb_ld(dim), src, r0, kTbRows, limit, dim, tb_pad_dim(dim), vec);
 }
 
 // sc[0:1024] = h M^T and sc[1024:2048] = dg M^T of the current tiles (row-major 32 x 32).
@@ -285,7 +280,7 @@ __global__ void __launch_bounds__(kTbThreads)
     retrieval_bwd_dh_tc_kernel(const T* __restrict__ dg, const T* __restrict__ h,
                                const T* __restrict__ mem, const float* __restrict__ lse,
                                const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
-                               int64_t slots, int64_t dim, float scale) {
+                               int64_t slots, int64_t dim, float scale, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
   __trap();
 #else
@@ -298,14 +293,14 @@ __global__ void __launch_bounds__(kTbThreads)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp >> 2, wc = warp & 3;
     const int64_t row0 = int64_t(blockIdx.x) * kTbRows;
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
-    tb_load(h, row0, rows, dim, s.hs);
-    tb_load(dg, row0, rows, dim, s.gs);
+    tb_load(h, row0, rows, dim, s.hs, vec);
+    tb_load(dg, row0, rows, dim, s.gs, vec);
     tb_load_stats(lse, delta, row0, rows, s.lse, s.delta);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
     for (int64_t s0 = 0; s0 < slots; s0 += kTbSlots) {
-      tb_load(mem, s0, slots, dim, s.ms);
+      tb_load(mem, s0, slots, dim, s.ms, vec);
       __syncthreads();
       tb_scores(s, dim);
       __syncthreads();
@@ -353,7 +348,7 @@ __global__ void __launch_bounds__(kTbThreads)
                                const T* __restrict__ mem, const float* __restrict__ lse,
                                const float* __restrict__ delta, float* __restrict__ partials,
                                int64_t rows, int64_t slots, int64_t dim, float scale,
-                               int64_t rows_per_split) {
+                               int64_t rows_per_split, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
   __trap();
 #else
@@ -368,13 +363,13 @@ __global__ void __launch_bounds__(kTbThreads)
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
     const int64_t rbeg = int64_t(blockIdx.z) * rows_per_split;
     const int64_t rend = rbeg + rows_per_split < rows ? rbeg + rows_per_split : rows;
-    tb_load(mem, s0, slots, dim, s.ms);
+    tb_load(mem, s0, slots, dim, s.ms, vec);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
     for (int64_t r0 = rbeg; r0 < rend; r0 += kTbRows) {
-      tb_load(h, r0, rend, dim, s.hs);
-      tb_load(dg, r0, rend, dim, s.gs);
+      tb_load(h, r0, rend, dim, s.hs, vec);
+      tb_load(dg, r0, rend, dim, s.gs, vec);
       tb_load_stats(lse, delta, r0, rend, s.lse, s.delta);
       __syncthreads();
       tb_scores(s, dim);
@@ -431,15 +426,17 @@ void launch_bwd_tc(const RetrievalBwdParams& p, int64_t smem, int64_t rps, cudaS
   const auto* h = static_cast<const T*>(p.h);
   const auto* mem = static_cast<const T*>(p.memory);
   const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, 4 * NF * 16));
+  const bool vec = p.dim % kVec16<T> == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
+                   aligned16(p.memory);
   gam_launch("retrieval_bwd_dh_tc", dh_kernel,
              dim3(static_cast<unsigned>(ceil_div(p.rows, kTbRows)), col_blocks),
              dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
-             static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale);
+             static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale, vec);
   gam_launch("retrieval_bwd_dm_tc", dm_kernel,
              dim3(static_cast<unsigned>(ceil_div(p.slots, kTbSlots)), col_blocks,
                   static_cast<unsigned>(p.row_splits)),
              dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
-             p.partials, p.rows, p.slots, p.dim, p.scale, rps);
+             p.partials, p.rows, p.slots, p.dim, p.scale, rps, vec);
 }
 
 // Multiple of both row tiles (16 SIMT, 32 tensor cores).

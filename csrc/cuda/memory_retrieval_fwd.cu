@@ -54,7 +54,7 @@ template <typename T, int NF>
 __global__ void __launch_bounds__(kTcThreads)
     retrieval_fwd_tc_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                             T* __restrict__ out, float* __restrict__ lse, int64_t rows,
-                            int64_t slots, int64_t dim, float scale) {
+                            int64_t slots, int64_t dim, float scale, bool vec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
   __trap();  // the host never selects this path below sm_70
 #else
@@ -79,12 +79,8 @@ __global__ void __launch_bounds__(kTcThreads)
     const int wm = warp >> 1, wn = warp & 1;  // 4 row groups x 2 column halves
     const int64_t row0 = int64_t(blockIdx.x) * kTcRows;
     const int64_t d0 = int64_t(blockIdx.y) * (2 * NF * 16);
-    const T zero = from_f32<T>(0.f);
 
-    for (int64_t idx = tid; idx < kTcRows * dpad; idx += kTcThreads) {
-      const int64_t r = idx / dpad, k = idx - r * dpad;
-      hs[r * ld + k] = (row0 + r < rows && k < dim) ? h[(row0 + r) * dim + k] : zero;
-    }
+    load_rows_to_smem(hs, ld, h, row0, kTcRows, rows, dim, dpad, vec);
     if (tid < kTcRows) {
       m_ref[tid] = -INFINITY;
       l_sum[tid] = 0.f;
@@ -95,10 +91,7 @@ __global__ void __launch_bounds__(kTcThreads)
     float* scratch = ss + warp * 256;  // per-warp 16x16 fp32, reuses the score tile
 
     for (int64_t s0 = 0; s0 < slots; s0 += kTcSlots) {
-      for (int64_t idx = tid; idx < kTcSlots * dpad; idx += kTcThreads) {
-        const int64_t r = idx / dpad, k = idx - r * dpad;
-        ms[r * ld + k] = (s0 + r < slots && k < dim) ? mem[(s0 + r) * dim + k] : zero;
-      }
+      load_rows_to_smem(ms, ld, mem, s0, kTcSlots, slots, dim, dpad, vec);
       if (tid == 0) *flag = 0;
       __syncthreads();
 
@@ -267,7 +260,8 @@ void launch_tc(const RetrievalFwdParams& p, int64_t smem, cudaStream_t stream) {
                   static_cast<unsigned>(ceil_div(p.dim, 2 * NF * 16)));
   gam_launch("retrieval_fwd_tc", kernel, grid, dim3(kTcThreads), static_cast<size_t>(smem),
              stream, static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
-             static_cast<T*>(p.out), p.lse, p.rows, p.slots, p.dim, p.scale);
+             static_cast<T*>(p.out), p.lse, p.rows, p.slots, p.dim, p.scale,
+             p.dim % kVec16<T> == 0 && aligned16(p.h) && aligned16(p.memory));
 }
 
 }  // namespace
