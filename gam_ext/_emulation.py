@@ -239,6 +239,7 @@ def load_emulated_module(
 
     cflags = ["-DGAM_EMULATE", "-O1", "-g", "-fno-omit-frame-pointer"]
     cflags.append("-fvisibility=hidden")  # each emulated module keeps its own emulator
+    cflags.append("-Wno-unknown-pragmas")  # `#pragma unroll` is for nvcc
     ldflags: list[str] = []
     if use_asan:
         cflags.append("-fsanitize=address")

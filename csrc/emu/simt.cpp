@@ -728,6 +728,11 @@ unsigned active_mask() {
   return e->warp_exists[e->cur->warp] & ~e->warp_done[e->cur->warp];
 }
 
+int current_warp() {
+  Engine* e = t_engine;
+  return (e == nullptr || e->cur == nullptr) ? 0 : e->cur->warp;
+}
+
 void* shared_array(const void* site_key, size_t bytes, size_t align,
                    const char* name, const char* file, int line) {
   Engine* ep = t_engine;

@@ -112,6 +112,8 @@ int block_barrier(int mode, int predicate, const char* file, int line);
 
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
+// Warp index of the calling thread within its block.
+int current_warp();
 
 // Shared memory of the running block. shared_array returns the same pointer
 // to every thread calling it with the same site key.
