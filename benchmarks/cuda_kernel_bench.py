@@ -45,6 +45,86 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / t / 1e9
 
 
+def bw_row(n, op, fn, nbytes, hbm, copy_bw, eager_fn=None):
+    t = timeit(fn)
+    gbs = nbytes / t / 1e9
+    nominal = f"{100 * gbs / hbm:.0f}%" if hbm else "-"
+    vs = f"{timeit(eager_fn) / t:.2f}x" if eager_fn else "-"
+    print(
+        f"| {n} | {op} | {t * 1e3:.3f} | {gbs:.0f} GB/s | {100 * gbs / copy_bw:.0f}% | "
+        f"{nominal} | {vs} | - | - |"
+    )
+
+
+def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(b, n, d, device="cuda", dtype=dtype)
+    w = torch.randn(d, k, device="cuda")
+    bias = torch.randn(d, device="cuda")
+    dy = torch.randn_like(x)
+    bnd = b * n * d * esz
+    bw_row(
+        n,
+        "conv fwd",
+        lambda: gam_ext.causal_conv1d(x, w, bias),
+        2 * bnd,
+        hbm,
+        copy_bw,
+        lambda: reference.causal_conv1d(x, w, bias),
+    )
+    bw_row(n, "conv bwd", lambda: torch.ops.gam_ext.causal_conv1d_bwd(dy, x, w), 3 * bnd, hbm, copy_bw)
+    z = torch.randn(b, n, 2 * d, device="cuda", dtype=dtype)
+    bw_row(
+        n,
+        "gate fwd",
+        lambda: gam_ext.gate_fusion(x, dy, z),
+        5 * bnd,
+        hbm,
+        copy_bw,
+        lambda: reference.gate_fusion(x, dy, z),
+    )
+    bw_row(n, "gate bwd", lambda: torch.ops.gam_ext.gate_fusion_bwd(dy, x, dy, z), 9 * bnd, hbm, copy_bw)
+
+    m = torch.randn(s, d, device="cuda", dtype=dtype) * d**-0.5
+    h = torch.randn(b, n, d, device="cuda", dtype=dtype)
+    t = timeit(lambda: gam_ext.memory_retrieval(h, m))
+    flops = 4 * b * n * s * d
+    te = timeit(lambda: reference.memory_retrieval(h, m))
+    tc = timeit(lambda: mem_compiled(h, m))
+    mk = m[None, None].expand(b, 1, s, d)
+    ts = timeit(lambda: F.scaled_dot_product_attention(h[:, None], mk, mk, scale=1.0))
+    tf = flops / t / 1e12
+    pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"
+    print(
+        f"| {n} | retrieval fwd | {t * 1e3:.3f} | {tf:.0f} TFLOP/s | - | {pct} | "
+        f"{te / t:.2f}x | {tc / t:.2f}x | {ts / t:.2f}x |"
+    )
+    g, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0)
+    t = timeit(lambda: torch.ops.gam_ext.memory_retrieval_bwd(dy, h, m, g, lse, 1.0))
+    # The backward needs 5 GEMM-sized products (2 * B*N*S*D flops each): 2.5x the forward.
+    print(
+        f"| {n} | retrieval bwd | {t * 1e3:.3f} | {2.5 * flops / t / 1e12:.0f} TFLOP/s | - | - | - | - | - |"
+    )
+
+    gw = torch.randn(2 * d, d, device="cuda", dtype=dtype) * d**-0.5
+    gb = torch.zeros(2 * d, device="cuda", dtype=dtype)
+    wc = torch.randn(d, 1, k, device="cuda", dtype=dtype)
+    mm = m.clone()
+    params = [t_.requires_grad_() for t_ in (h.clone(), wc, bias.to(dtype), mm, gw, gb)]
+
+    def mixer(fn):
+        def run():
+            for p in params:
+                p.grad = None
+            fn(*params).float().sum().backward()
+
+        return run
+
+    t = timeit(mixer(gam_ext.gam_mixer), reps=10)
+    te = timeit(mixer(reference.gam_mixer), reps=10)
+    print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
@@ -60,67 +140,16 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     esz = torch.finfo(dtype).bits // 8
     b, d, s, k = args.batch, args.dim, args.slots, args.kernel_size
-    print(f"device: {name}; dtype {args.dtype}; B={b} D={d} S={s} K={k}; "
-          f"measured copy {copy_bw:.0f} GB/s; nominal HBM {hbm} GB/s, bf16 TC peak {tc_peak} TFLOP/s\n")
+    print(
+        f"device: {name}; dtype {args.dtype}; B={b} D={d} S={s} K={k}; "
+        f"measured copy {copy_bw:.0f} GB/s; nominal HBM {hbm} GB/s, bf16 TC peak {tc_peak} TFLOP/s\n"
+    )
     print("| N | op | ms | figure | % copy BW | % nominal | vs eager | vs compile | vs sdpa |")
     print("|---|---|---|---|---|---|---|---|---|")
     mem_compiled = torch.compile(reference.memory_retrieval)
 
-    def bw_row(n, op, fn, nbytes, eager_fn=None):
-        t = timeit(fn)
-        gbs = nbytes / t / 1e9
-        nominal = f"{100 * gbs / hbm:.0f}%" if hbm else "-"
-        vs = f"{timeit(eager_fn) / t:.2f}x" if eager_fn else "-"
-        print(f"| {n} | {op} | {t * 1e3:.3f} | {gbs:.0f} GB/s | {100 * gbs / copy_bw:.0f}% | "
-              f"{nominal} | {vs} | - | - |")
-
     for n in [int(v) for v in args.seqlens.split(",")]:
-        torch.manual_seed(0)
-        x = torch.randn(b, n, d, device="cuda", dtype=dtype)
-        w = torch.randn(d, k, device="cuda")
-        bias = torch.randn(d, device="cuda")
-        dy = torch.randn_like(x)
-        bnd = b * n * d * esz
-        bw_row(n, "conv fwd", lambda: gam_ext.causal_conv1d(x, w, bias), 2 * bnd,
-               lambda: reference.causal_conv1d(x, w, bias))
-        bw_row(n, "conv bwd", lambda: torch.ops.gam_ext.causal_conv1d_bwd(dy, x, w), 3 * bnd)
-        z = torch.randn(b, n, 2 * d, device="cuda", dtype=dtype)
-        bw_row(n, "gate fwd", lambda: gam_ext.gate_fusion(x, dy, z), 5 * bnd,
-               lambda: reference.gate_fusion(x, dy, z))
-        bw_row(n, "gate bwd", lambda: torch.ops.gam_ext.gate_fusion_bwd(dy, x, dy, z), 9 * bnd)
-
-        m = torch.randn(s, d, device="cuda", dtype=dtype) * d**-0.5
-        h = torch.randn(b, n, d, device="cuda", dtype=dtype)
-        t = timeit(lambda: gam_ext.memory_retrieval(h, m))
-        flops = 4 * b * n * s * d
-        te = timeit(lambda: reference.memory_retrieval(h, m))
-        tc = timeit(lambda: mem_compiled(h, m))
-        mk = m[None, None].expand(b, 1, s, d)
-        ts = timeit(lambda: F.scaled_dot_product_attention(h[:, None], mk, mk, scale=1.0))
-        tf = flops / t / 1e12
-        pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"
-        print(f"| {n} | retrieval fwd | {t * 1e3:.3f} | {tf:.0f} TFLOP/s | - | {pct} | "
-              f"{te / t:.2f}x | {tc / t:.2f}x | {ts / t:.2f}x |")
-        g, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0)
-        t = timeit(lambda: torch.ops.gam_ext.memory_retrieval_bwd(dy, h, m, g, lse, 1.0))
-        print(f"| {n} | retrieval bwd | {t * 1e3:.3f} | {2 * flops / t / 1e12:.0f} TFLOP/s (5 GEMM-eq.) | - | - | - | - | - |")
-
-        gw = torch.randn(2 * d, d, device="cuda", dtype=dtype) * d**-0.5
-        gb = torch.zeros(2 * d, device="cuda", dtype=dtype)
-        wc = torch.randn(d, 1, k, device="cuda", dtype=dtype)
-        mm = m.clone()
-        params = [t_.requires_grad_() for t_ in (h.clone(), wc, bias.to(dtype), mm, gw, gb)]
-
-        def mixer(fn):
-            def run():
-                for p in params:
-                    p.grad = None
-                fn(*params).float().sum().backward()
-            return run
-
-        t = timeit(mixer(gam_ext.gam_mixer), reps=10)
-        te = timeit(mixer(reference.gam_mixer), reps=10)
-        print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - |")
+        bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def step(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     x = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
     w = torch.randn(d, k, device=DEV, requires_grad=True)
     b = torch.randn(d, device=DEV, requires_grad=True)
-    m = (torch.randn(70, d, device=DEV) * torch.linspace(0.2, 3, 70, device=DEV)[:, None])
+    m = torch.randn(70, d, device=DEV) * torch.linspace(0.2, 3, 70, device=DEV)[:, None]
     m.requires_grad_()
     z = torch.randn(2, n, 2 * d, device=DEV, dtype=dtype, requires_grad=True)
     loc = gam_ext.causal_conv1d(x, w, b)
@@ -38,9 +38,9 @@ def main() -> None:
     for tc in ("1", "0"):
         os.environ["GAM_EXT_RETRIEVAL_TENSOR_CORES"] = tc
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            step(dtype, d=64, k=3, n=150)   # vectorised, fast K, several time blocks and splits
-            step(dtype, d=13, k=5, n=37)    # scalar paths, generic K
-            step(dtype, d=40, k=2, n=3)     # N < K - 1 halo
+            step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
+            step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
+            step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
     torch.cuda.synchronize()
     print("cuda_sanitize_driver: ok")
 

@@ -53,8 +53,10 @@ def ref_grads(fn, inputs, grad_out):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape", [(2, 1, 8, 3), (2, 131, 24, 3), (1, 67, 13, 2), (2, 300, 64, 4), (1, 33, 40, 7),
-              (3, 5, 512, 8)], ids=lambda s: "B{}N{}D{}K{}".format(*s))
+    "shape",
+    [(2, 1, 8, 3), (2, 131, 24, 3), (1, 67, 13, 2), (2, 300, 64, 4), (1, 33, 40, 7), (3, 5, 512, 8)],
+    ids=lambda s: "B{}N{}D{}K{}".format(*s),
+)
 def test_conv(dtype, shape):
     b, n, d, k = shape
     x, w, bias = gen((b, n, d), dtype, 1), gen((d, 1, k), torch.float32, 2, 0.5), gen((d,), torch.float32, 3)
@@ -63,7 +65,7 @@ def test_conv(dtype, shape):
     out_ref, g_ref = ref_grads(reference.causal_conv1d, [x, w, bias], dy)
     close(out, out_ref, dtype)
     close(g[0], g_ref[0], dtype)
-    for ours, ref in zip(g[1:], g_ref[1:]):
+    for ours, ref in zip(g[1:], g_ref[1:], strict=True):
         assert ours.dtype == torch.float32
         close(ours, ref, torch.float32, scale=max(1.0, (b * n) ** 0.5))
 
@@ -71,12 +73,14 @@ def test_conv(dtype, shape):
 @pytest.mark.parametrize("tensor_cores", ["1", "0"], ids=["wmma", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512),
-              (1, 9, 40, 1100)], ids=lambda s: "B{}N{}S{}D{}".format(*s))
+    "shape",
+    [(1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512), (1, 9, 40, 1100)],
+    ids=lambda s: "B{}N{}S{}D{}".format(*s),
+)
 def test_retrieval(dtype, shape, tensor_cores, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL_TENSOR_CORES", tensor_cores)
     b, n, s, d = shape
-    h, m = gen((b, n, d), dtype, 5, d ** -0.25), gen((s, d), torch.float32, 6, d ** -0.25)
+    h, m = gen((b, n, d), dtype, 5, d**-0.25), gen((s, d), torch.float32, 6, d**-0.25)
     dg = gen((b, n, d), dtype, 7)
     out, g = grads(gam_ext.memory_retrieval, [h, m], dg)
     out_ref, g_ref = ref_grads(lambda a, c: reference.memory_retrieval(a, c.to(a.dtype)), [h, m], dg)
@@ -87,8 +91,9 @@ def test_retrieval(dtype, shape, tensor_cores, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 13), (2, 129, 512), (1, 3, 1000)],
-                         ids=lambda s: "B{}N{}D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (2, 7, 13), (2, 129, 512), (1, 3, 1000)], ids=lambda s: "B{}N{}D{}".format(*s)
+)
 def test_gate(dtype, shape):
     b, n, d = shape
     args = [gen((b, n, d), dtype, 8), gen((b, n, d), dtype, 9), gen((b, n, 2 * d), dtype, 10, 2.0)]
@@ -96,7 +101,7 @@ def test_gate(dtype, shape):
     out, g = grads(gam_ext.gate_fusion, args, df)
     out_ref, g_ref = ref_grads(reference.gate_fusion, args, df)
     close(out, out_ref, dtype)
-    for ours, ref in zip(g, g_ref):
+    for ours, ref in zip(g, g_ref, strict=True):
         close(ours, ref, dtype)
 
 
@@ -105,8 +110,7 @@ def test_non_contiguous_and_empty():
     w = gen((40, 3), torch.float32, 13)
     close(gam_ext.causal_conv1d(x, w), reference.causal_conv1d(x.double(), w.double()), torch.float16)
     m = gen((20, 40), torch.float16, 14)
-    close(gam_ext.memory_retrieval(x, m), reference.memory_retrieval(x.double(), m.double()),
-          torch.float16)
+    close(gam_ext.memory_retrieval(x, m), reference.memory_retrieval(x.double(), m.double()), torch.float16)
     e = torch.zeros(0, 4, 40, device=DEV, requires_grad=True)
     gam_ext.memory_retrieval(e, m.float().requires_grad_()).sum().backward()
     gam_ext.causal_conv1d(e, w).sum().backward()
@@ -115,7 +119,10 @@ def test_non_contiguous_and_empty():
 def _samples():
     x = gen((2, 9, 16), torch.float32, 20)
     return [
-        (torch.ops.gam_ext.causal_conv1d_fwd, (x, gen((16, 3), torch.float32, 21), gen((16,), torch.float32, 22))),
+        (
+            torch.ops.gam_ext.causal_conv1d_fwd,
+            (x, gen((16, 3), torch.float32, 21), gen((16,), torch.float32, 22)),
+        ),
         (torch.ops.gam_ext.causal_conv1d_fwd, (x.half(), gen((16, 4), torch.float32, 21), None)),
         (torch.ops.gam_ext.memory_retrieval_fwd, (x, gen((7, 16), torch.float32, 23), 0.5)),
         (torch.ops.gam_ext.memory_retrieval_fwd, (x.bfloat16(), gen((40, 16), torch.bfloat16, 23), 1.0)),
@@ -126,8 +133,9 @@ def _samples():
 @pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     op, args = _samples()[case]
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+    args = tuple(
+        a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
     torch.library.opcheck(op, args)
 
 
@@ -172,7 +180,7 @@ def test_deterministic_backward():
         out = gam_ext.memory_retrieval(leaves[0], leaves[2]) + gam_ext.causal_conv1d(leaves[0], leaves[1])
         out.float().square().sum().backward()
         runs.append([out.detach()] + [t.grad for t in leaves])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 

@@ -138,7 +138,7 @@ def test_conv_empty_and_deterministic(emu):
     dy = gen((3, 300, 8), torch.float32, 10)
     first = emu.causal_conv1d_bwd(dy, x, w)
     second = emu.causal_conv1d_bwd(dy, x, w)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -177,6 +177,8 @@ RET_SHAPES = [
     (1, 131, 17, 16),
     (1, 9, 45, 130),
     (1, 5, 20, 264),
+    (1, 40, 40, 100),
+    (1, 3, 5, 520),  # > 512 columns: several output slices per row tile on every path
 ]
 
 
@@ -280,8 +282,9 @@ def test_retrieval_bad_input(emu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (2, 7, 16), (1, 33, 40), (3, 5, 13)],
-                         ids=lambda s: "B{}N{}D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (2, 3, 5), (2, 7, 16), (1, 33, 40), (3, 5, 13)], ids=lambda s: "B{}N{}D{}".format(*s)
+)
 @pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
 def test_gate(emu, dtype, shape, aligned):
     b_, n, d = shape
@@ -296,7 +299,7 @@ def test_gate(emu, dtype, shape, aligned):
     f = emu.gate_fusion_fwd(prep(loc), prep(glob), prep(z))
     close(f, f_ref.detach(), dtype)
     grads = emu.gate_fusion_bwd(prep(df), prep(loc), prep(glob), prep(z))
-    for ours, ref in zip(grads, args):
+    for ours, ref in zip(grads, args, strict=True):
         assert ours.dtype == dtype
         close(ours, ref.grad, dtype)
 
