@@ -47,13 +47,17 @@ void gate_bwd_kernel(const T* df, const T* local, const T* glob, const T* z, T* 
       T* __restrict dg = dglob + r * d;
       T* __restrict dzl = dz + r * 2 * d;
       T* __restrict dzg = dzl + d;
+      // The local and the global half in two simple loops, each of which vectorises.
       for (int64_t c = 0; c < d; ++c) {
         const A grad = static_cast<A>(dfr[c]);
         const A sl = sigmoid(static_cast<A>(zl[c]));
-        const A sg = sigmoid(static_cast<A>(zg[c]));
         dl[c] = static_cast<T>(sl * grad);
-        dg[c] = static_cast<T>(sg * grad);
         dzl[c] = static_cast<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        const A grad = static_cast<A>(dfr[c]);
+        const A sg = sigmoid(static_cast<A>(zg[c]));
+        dg[c] = static_cast<T>(sg * grad);
         dzg[c] = static_cast<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
       }
     }
