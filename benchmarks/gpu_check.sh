@@ -26,16 +26,22 @@ status() {  # stage name, exit code
   if [[ $2 -eq 0 ]]; then echo "ok"; elif [[ $2 -eq 124 ]]; then echo "TIMEOUT"; else echo "FAILED (rc=$2)"; fi
 }
 elapsed() { echo $(( $(date +%s) - START ))s; }
+BUDGET=${GAM_CHECK_BUDGET_S:-570}  # the whole check, seconds
+limit() {  # a stage's time limit: its own cap, or what is left of the budget
+  local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
+  (( left < 5 )) && left=5
+  echo $(( $1 < left ? $1 : left ))
+}
 
 echo "== build (arch $ARCH)"
 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
-  timeout 300 "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
+  timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
 BUILD_RC=$?
 tail -5 "$LOG/build.txt"
 BUILD_TIME=$(elapsed)
 
 echo "== pytest -m cuda"
-timeout 150 "$PY" -m pytest python_tests/test_cuda.py -m cuda -q -p no:cacheprovider \
+timeout $(limit 150) "$PY" -m pytest python_tests/test_cuda.py -m cuda -q -p no:cacheprovider \
   > "$LOG/pytest.txt" 2>&1
 TEST_RC=$?
 tail -15 "$LOG/pytest.txt"
@@ -44,10 +50,10 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 MEM_RC=127; RACE_RC=127
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer memcheck / racecheck"
-  timeout 90 "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+  timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
   MEM_RC=$?
-  timeout 120 "$SAN" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+  timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
     > "$LOG/racecheck.txt" 2>&1
   RACE_RC=$?
   tail -3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
@@ -55,13 +61,14 @@ fi
 
 echo "== benchmarks"
 BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
-timeout 120 "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
+timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
 KB_RC=$?
 OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
   # The shared op benchmark (providers gam_ext / eager / compile / sdpa).
-  timeout 150 "$PY" benchmarks/bench_ops.py --device cuda --dtype bf16 --batch 16 --dim 512 \
-    --slots 512 --seqlens 256,512,1024,2048,4096,8192 > "$LOG/ops.md" 2>&1
+  OPS_ARGS="--device cuda --dtype bfloat16 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
+--seqlen 256 512 1024 2048 4096 8192 --max-seconds 1 --out benchmarks/results/${SLUG}-${DATE}-ops"
+  timeout $(limit 200) "$PY" benchmarks/bench_ops.py $OPS_ARGS > "$LOG/ops.md" 2>&1
   OPS_RC=$?
 fi
 
@@ -80,7 +87,7 @@ fi
   echo "| memcheck | compute-sanitizer --tool memcheck $PY benchmarks/cuda_sanitize_driver.py | $(status mem $MEM_RC) |"
   echo "| racecheck | compute-sanitizer --tool racecheck $PY benchmarks/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
-  echo "| op bench | $PY benchmarks/bench_ops.py --device cuda ... | $(status ops $OPS_RC) |"
+  echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
   echo
   echo "Targets (H100, bf16): conv fwd/bwd >= 70% of HBM bandwidth, gate >= 80%; retrieval fwd"
   echo ">= 3x eager and >= 1.5x torch.compile at N >= 1024 and >= 30% of the bf16 dense peak;"
