@@ -170,8 +170,30 @@ def gam_mixer(
     """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias)."""
     local = causal_conv1d(h, conv_weight, conv_bias)
     global_ctx = memory_retrieval(h, memory, scale)
-    gate_logits = F.linear(_activation(h), gate_weight, gate_bias)
+    gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
     return gate_fusion(local, global_ctx, gate_logits)
+
+
+def _gate_linear(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """h @ weight.T + bias. With the CPU kernels and half activations, computed in fp32.
+
+    torch's float16/bfloat16 GEMM on CPU runs about 100x slower than its fp32 GEMM (DESIGN.md),
+    so the gate linear would dominate the mixer; in fp32 it is fast (and more accurate), rounded
+    once to h's dtype. This also takes fp32 parameters with half activations outside autocast.
+    """
+    if (
+        h.device.type == "cpu"
+        and h.dtype in (torch.float16, torch.bfloat16)
+        and _backend.use_kernel("gate_fusion", "cpu", h.dtype)
+    ):
+        with torch.autocast("cpu", enabled=False):
+            out = F.linear(
+                h.float(), weight.float(), None if bias is None else bias.float()
+            )
+        return out.to(h.dtype)
+    return F.linear(h, weight, bias)
 
 
 def gam_block(

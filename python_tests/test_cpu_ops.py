@@ -83,7 +83,7 @@ def _assert_close(name, ours, ref64, eager, dtype):
         )
 
 
-def _check_op(name, fn, ref_fn, inputs, dtype, gen):
+def _check_op(name, fn, ref_fn, inputs, dtype, gen, eager_budget=True):
     """Forward and every gradient of fn (kernel) against ref_fn in float64 (and in dtype)."""
     with torch.no_grad():
         probe = ref_fn(*_as64(inputs))
@@ -91,7 +91,7 @@ def _check_op(name, fn, ref_fn, inputs, dtype, gen):
     out, grads = _fwd_bwd(fn, inputs, grad_out)
     ref_out, ref_grads = _fwd_bwd(ref_fn, _as64(inputs), grad_out)
     eager_out, eager_grads = (None, [None] * len(grads))
-    if dtype in (torch.float16, torch.bfloat16):
+    if eager_budget and dtype in (torch.float16, torch.bfloat16):
         eager_out, eager_grads = _fwd_bwd(ref_fn, inputs, grad_out)
     assert out.dtype == inputs[0].dtype
     _assert_close(f"{name} forward", out, ref_out, eager_out, dtype)
@@ -257,6 +257,32 @@ def test_gate_fusion_noncontiguous_and_saturated():
     logits = _rand(2, 9, 10, scale=40.0, noncontig=True, gen=gen)  # sigmoids saturate
     _check_op("gate noncontig", gam_ext.gate_fusion, reference.gate_fusion,
               [local, glob, logits], torch.float32, gen)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole mixer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fp32_params", [False, True], ids=["params_same", "params_fp32"])
+def test_gam_mixer(dtype, fp32_params):
+    if fp32_params and dtype in (torch.float32, torch.float64):
+        pytest.skip("same as params_same")
+    gen = torch.Generator().manual_seed(10)
+    b, n, d, s, k = 2, 37, 12, 19, 3
+    pdtype = torch.float32 if fp32_params else dtype
+    inputs = [
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(d, 1, k, dtype=pdtype, scale=0.5, gen=gen),
+        _rand(d, dtype=pdtype, scale=0.1, gen=gen),
+        _rand(s, d, dtype=pdtype, scale=0.4, gen=gen),
+        _rand(2 * d, d, dtype=pdtype, scale=0.3, gen=gen),
+        _rand(2 * d, dtype=pdtype, scale=0.1, gen=gen),
+    ]
+    # The reference's F.linear does not take fp32 weights with half h: no eager error budget there.
+    _check_op("mixer", gam_ext.gam_mixer, reference.gam_mixer, inputs, dtype, gen,
+              eager_budget=not fp32_params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,411 @@
+"""Benchmark of the GAM ops: gam_ext kernels against the paper's eager formulation and torch.compile.
+
+For each op (conv, retrieval, gate) and the whole token mixer (conv + retrieval + gate linear +
+gate fusion, as in one GAM block), in forward, backward and forward+backward, on the same inputs in
+one process, it reports the median time, GFLOP/s, peak memory and the speedup over eager, plus the
+fp32 GEMM floor of the mixer (its model GEMM FLOPs at the fp32 GEMM rate measured in the same run).
+
+Providers:
+  gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer)
+  eager     the paper's formulation in plain PyTorch: nn.Conv1d-style depthwise conv padded by K-1
+            on both sides (permute + conv + slice), matmul-softmax-matmul, two sigmoid gates
+  compile   torch.compile of that eager formulation (default inductor backend)
+  sdpa      (cuda only, retrieval only) F.scaled_dot_product_attention with the bank as K and V
+
+Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
+untimed before each repeat), fwdbwd (both).
+
+Peak memory: on cuda torch.cuda.max_memory_allocated; on cpu the peak of live bytes of torch's CPU
+allocator during one call, from the profiler's memory records (buffers allocated outside torch's
+allocator would not be seen; gam_ext's CPU kernels allocate their scratch through ATen). Both are
+relative to the memory live before the call (inputs and parameters), so outputs and grads count.
+
+FLOPs are model FLOPs: conv 2BNDK fwd, 4BNDK bwd; retrieval 4BNSD fwd, 8BNSD bwd (recomputation in
+a flash-style backward is not counted); gate fusion ~10 flops per element fwd, ~12 bwd; the mixer
+adds the gate linear (4BND^2 fwd, 8BND^2 bwd).
+
+Output: a markdown table and a CSV (same stem) under benchmarks/results/, with the machine, date,
+load average and the exact command. The CLI is stable (benchmarks/gpu_check scripts call it):
+
+  python benchmarks/bench_ops.py --device cpu --dtype float32 --batch 4 --seqlen 512 \\
+      --d-model 512 --slots 512 --kernel-size 3 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import gam_ext  # noqa: E402
+
+OPS = ("conv", "retrieval", "gate", "mixer")
+MODES = ("fwd", "bwd", "fwdbwd")
+PROVIDERS = ("gam_ext", "eager", "compile", "sdpa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's eager formulation (what the public GAM code runs)
+# --------------------------------------------------------------------------------------------
+
+
+def eager_conv(x, weight, bias):
+    n, k = x.shape[1], weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=x.shape[2])
+    return y[..., :n].transpose(1, 2)
+
+
+def eager_retrieval(h, memory):
+    return torch.matmul(F.softmax(torch.matmul(h, memory.t()), dim=-1), memory)
+
+
+def eager_gate(local, global_ctx, gate_logits):
+    zl, zg = gate_logits.chunk(2, dim=-1)
+    return torch.sigmoid(zl) * local + torch.sigmoid(zg) * global_ctx
+
+
+def eager_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
+    return eager_gate(eager_conv(h, conv_w, conv_b), eager_retrieval(h, memory),
+                      F.linear(h, gate_w, gate_b))
+
+
+def sdpa_retrieval(h, memory):
+    kv = memory.unsqueeze(0).unsqueeze(0)
+    return F.scaled_dot_product_attention(h.unsqueeze(1), kv, kv, scale=1.0).squeeze(1)
+
+
+def gam_conv(x, weight, bias):
+    return gam_ext.causal_conv1d(x, weight, bias)
+
+
+def gam_retrieval(h, memory):
+    return gam_ext.memory_retrieval(h, memory)
+
+
+def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
+    return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
+
+
+FUNCS = {
+    ("conv", "eager"): eager_conv,
+    ("retrieval", "eager"): eager_retrieval,
+    ("gate", "eager"): eager_gate,
+    ("mixer", "eager"): eager_mixer,
+    ("conv", "gam_ext"): gam_conv,
+    ("retrieval", "gam_ext"): gam_retrieval,
+    ("gate", "gam_ext"): gam_ext.gate_fusion,
+    ("mixer", "gam_ext"): gam_mixer,
+    ("retrieval", "sdpa"): sdpa_retrieval,
+}
+
+
+def make_inputs(op, b, n, d, s, k, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=gen) * scale
+        return x.to(device=device, dtype=dtype).requires_grad_()
+
+    if op == "conv":
+        return [t(b, n, d), t(d, 1, k, scale=0.5), t(d, scale=0.1)]
+    if op == "retrieval":
+        # xavier-like bank, as GAMBlock initialises it
+        return [t(b, n, d), t(s, d, scale=math.sqrt(2.0 / (s + d)))]
+    if op == "gate":
+        return [t(b, n, d), t(b, n, d), t(b, n, 2 * d)]
+    return [t(b, n, d), t(d, 1, k, scale=0.5), t(d, scale=0.1),
+            t(s, d, scale=math.sqrt(2.0 / (s + d))), t(2 * d, d, scale=1 / math.sqrt(d)),
+            t(2 * d, scale=0.01)]
+
+
+def model_flops(op, mode, b, n, d, s, k):
+    conv = {"fwd": 2 * b * n * d * k, "bwd": 4 * b * n * d * k}
+    retrieval = {"fwd": 4 * b * n * s * d, "bwd": 8 * b * n * s * d}
+    gate = {"fwd": 10 * b * n * d, "bwd": 12 * b * n * d}
+    linear = {"fwd": 4 * b * n * d * d, "bwd": 8 * b * n * d * d}
+    parts = {"conv": [conv], "retrieval": [retrieval], "gate": [gate],
+             "mixer": [conv, retrieval, gate, linear]}[op]
+    modes = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
+    return sum(p[m] for p in parts for m in modes)
+
+
+def mixer_gemm_flops(b, n, d, s):
+    """GEMM FLOPs of the mixer fwd+bwd: retrieval (2 fwd + 4 bwd) and gate linear (1 + 2)."""
+    return 3 * 4 * b * n * s * d + 3 * 4 * b * n * d * d
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(fn, inputs, grad, mode, device):
+    """One repeat of mode; returns the timed seconds."""
+    for t in inputs:
+        t.grad = None
+    if mode == "bwd":
+        out = fn(*inputs)
+        sync(device)
+        start = time.perf_counter()
+        out.backward(grad)
+        sync(device)
+        return time.perf_counter() - start
+    sync(device)
+    start = time.perf_counter()
+    out = fn(*inputs)
+    if mode == "fwdbwd":
+        out.backward(grad)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
+
+
+def time_mode(fn, inputs, grad, mode, device, repeats, warmup, max_seconds):
+    """Median seconds over repeats; stops early (at least 3 repeats, or 1) past max_seconds."""
+    for _ in range(warmup):
+        run_once(fn, inputs, grad, mode, device)
+    times, spent = [], 0.0
+    for _ in range(repeats):
+        times.append(run_once(fn, inputs, grad, mode, device))
+        spent += times[-1]
+        if spent > max_seconds and (len(times) >= 3 or spent > 3 * max_seconds):
+            break
+    return statistics.median(times), len(times)
+
+
+def peak_memory(fn, inputs, grad, mode, device):
+    """Peak bytes allocated during one call of mode, above what was live before it."""
+    for t in inputs:
+        t.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn(*inputs)
+        if mode != "fwd":
+            out.backward(grad)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*inputs)
+        if mode != "fwd":
+            out.backward(grad)
+        del out
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    records.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in records:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def gemm_rate(device, repeats=10):
+    """fp32 GEMM GFLOP/s of a 2048x512x512-class product on this device, measured now."""
+    a = torch.randn(2048, 512, device=device)
+    b = torch.randn(512, 512, device=device)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - start) / 5)
+    return 2 * 2048 * 512 * 512 / statistics.median(times) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def machine_description(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} "
+            f"(torch {torch.__version__})")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"],
+                        help="activation and parameter dtype(s) (default float32)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, nargs="+", default=[512],
+                        help="one or more sequence lengths N")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--slots", type=int, default=512, help="memory slots S")
+    parser.add_argument("--kernel-size", type=int, default=3, help="conv kernel size K")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="default: gam_ext eager compile (+ sdpa on cuda)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=5.0,
+                        help="time budget per measurement; slow cells stop after 3 repeats (or 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--out", default=None,
+                        help="output stem (default benchmarks/results/<device>-<date>); "
+                             "writes <stem>.md and <stem>.csv")
+    parser.add_argument("--note", default="", help="free text added to the results file")
+    args = parser.parse_args(argv)
+    if args.providers is None:
+        args.providers = ["gam_ext", "eager", "compile"] + (["sdpa"] if args.device == "cuda" else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    gam_ext.set_backend("auto")
+    info = gam_ext.backend_info()["ops"][device]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rate = gemm_rate(device)
+    print(f"# {machine_description(device)}; fp32 GEMM {rate:.1f} GFLOP/s; gam_ext ops: {info}",
+          flush=True)
+
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        for n in args.seqlen:
+            b, d, s, k = args.batch, args.d_model, args.slots, args.kernel_size
+            for op in args.ops:
+                compiled = {}
+                for provider in args.providers:
+                    if provider == "sdpa" and (device != "cuda" or op != "retrieval"):
+                        continue
+                    if provider == "compile":
+                        fn = compiled.setdefault(op, torch.compile(FUNCS[(op, "eager")]))
+                    else:
+                        fn = FUNCS[(op, provider)]
+                    inputs = make_inputs(op, b, n, d, s, k, dtype, device)
+                    grad = torch.randn(b, n, d, generator=torch.Generator().manual_seed(1))
+                    grad = grad.to(device=device, dtype=dtype)
+                    for mode in args.modes:
+                        seconds, count = time_mode(fn, inputs, grad, mode, device, args.repeats,
+                                                   args.warmup, args.max_seconds)
+                        peak = (None if args.no_memory
+                                else peak_memory(fn, inputs, grad, mode, device))
+                        flops = model_flops(op, mode, b, n, d, s, k)
+                        row = dict(dtype=dtype_name, batch=b, seqlen=n, d_model=d, slots=s,
+                                   kernel_size=k, op=op, mode=mode, provider=provider,
+                                   ms=seconds * 1e3, gflops=flops / seconds / 1e9,
+                                   peak_mb=None if peak is None else peak / 2**20,
+                                   repeats=count)
+                        rows.append(row)
+                        print(f"{dtype_name} N={n} {op:9s} {mode:6s} {provider:8s} "
+                              f"{row['ms']:9.2f} ms {row['gflops']:8.1f} GFLOP/s "
+                              f"peak {'-' if peak is None else f'{peak / 2**20:.1f} MB'}",
+                              flush=True)
+                    del inputs
+    for row in rows:
+        base = next((r for r in rows if r["provider"] == "eager" and all(
+            r[key] == row[key] for key in ("dtype", "seqlen", "op", "mode"))), None)
+        row["speedup_vs_eager"] = base["ms"] / row["ms"] if base else None
+        row["mem_vs_eager"] = (row["peak_mb"] / base["peak_mb"]
+                               if base and base["peak_mb"] and row["peak_mb"] is not None
+                               else None)
+    write_results(args, rows, rate, load, info)
+
+
+def write_results(args, rows, rate, load, info):
+    date = _dt.date.today().isoformat()
+    stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{args.device}-{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["dtype", "batch", "seqlen", "d_model", "slots", "kernel_size", "op", "mode",
+              "provider", "ms", "gflops", "peak_mb", "speedup_vs_eager", "mem_vs_eager", "repeats"]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT),
+                                                            *sys.argv[1:]])
+    lines = [
+        f"# gam_ext op benchmark ({args.device}, {date})",
+        "",
+        f"- machine: {machine_description(args.device)}",
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `{command}`",
+        f"- gam_ext ops on {args.device}: {info}",
+        f"- fp32 GEMM rate measured in this run: {rate:.1f} GFLOP/s",
+    ]
+    if load is not None:
+        lines.append(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+                     f"{load[2]:.2f} (other processes share this machine: timings are noisy)")
+    if args.note:
+        lines.append(f"- note: {args.note}")
+    lines += ["", "Times are medians; speedup = eager ms / provider ms; memory is peak bytes "
+              "above the inputs during one call (outputs and grads included).", ""]
+    for dtype_name in args.dtype:
+        for n in args.seqlen:
+            b, d, s, k = args.batch, args.d_model, args.slots, args.kernel_size
+            lines += [f"## {dtype_name}, B={b} N={n} D={d} S={s} K={k}", "",
+                      "| op | mode | provider | ms | GFLOP/s | peak MB | speedup vs eager "
+                      "| memory vs eager |",
+                      "|---|---|---|---:|---:|---:|---:|---:|"]
+            for r in rows:
+                if r["dtype"] != dtype_name or r["seqlen"] != n:
+                    continue
+                lines.append(
+                    f"| {r['op']} | {r['mode']} | {r['provider']} | {r['ms']:.2f} | "
+                    f"{r['gflops']:.1f} | {fmt(r['peak_mb'], '.1f')} | "
+                    f"{fmt(r['speedup_vs_eager'], '.2f')} | {fmt(r['mem_vs_eager'], '.2f')} |")
+            floor_ms = mixer_gemm_flops(b, n, d, s) / (rate * 1e9) * 1e3
+            lines += ["", f"fp32 GEMM floor of the mixer fwd+bwd (its {mixer_gemm_flops(b, n, d, s)/1e9:.2f} "
+                      f"GEMM GFLOP at {rate:.1f} GFLOP/s): {floor_ms:.2f} ms", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()
