@@ -103,10 +103,9 @@ def file_corpus(train_file: str, val_file: str | None, val_fraction: float = 0.1
 
 
 def _hub_reachable(timeout: float) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("0", ""):
-        return False
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(flag, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
         urllib.request.urlopen(f"{endpoint}/api/datasets/wikitext", timeout=timeout)

@@ -51,9 +51,9 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 # The default preset fits `make train` (about 5 minutes on 2 CPU cores); `paper` is Table 1's.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        d_model=256, n_layer=4, memory_slots=256, conv_kernel=3, dropout=0.1, vocab_size=2048,
-        seq_len=128, batch_size=16, max_steps=360, epochs=None, lr=1e-3, warmup_steps=30,
-        weight_decay=0.1, grad_clip=1.0, eval_interval=40, eval_batches=0, init="gpt",
+        d_model=192, n_layer=4, memory_slots=192, conv_kernel=3, dropout=0.1, vocab_size=2048,
+        seq_len=128, batch_size=16, max_steps=300, epochs=None, lr=1e-3, warmup_steps=30,
+        weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=0, init="gpt",
     ),
     "paper": dict(
         d_model=512, n_layer=6, memory_slots=512, conv_kernel=3, dropout=0.1, vocab_size=10000,
@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16/fp16: autocast on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=_non_negative(int), default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is fastest for tiny "
-                   "models or on a busy machine)")
+                   help="CPU threads for torch; 0: torch's default, or 1 when the machine is "
+                   "already busy (load average >= cores), where one thread runs faster")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train each of --models on the same data and budget, write a table")
@@ -562,7 +562,8 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
         f"vocab {data.vocab_size}, seq {args.seq_len}, {args.init} init")
     log(f"recipe: {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of "
         f"{steps_per_epoch}), batch {args.batch_size} x {ctx.world} process(es), lr {args.lr}, "
-        f"warm-up {args.warmup_steps}, device {ctx.device}, {args.dtype}")
+        f"warm-up {args.warmup_steps}, device {ctx.device}, {args.dtype}, "
+        f"{torch.get_num_threads()} CPU thread(s)")
     log(f"unigram perplexity of the validation targets: {data.unigram_ppl:.2f}")
 
     from tqdm import tqdm
@@ -714,10 +715,18 @@ def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
     return summaries
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads; 0 picks torch's default, or 1 on a machine already busy."""
+    if threads == 0 and "OMP_NUM_THREADS" not in os.environ and hasattr(os, "getloadavg"):
+        if os.getloadavg()[0] >= (os.cpu_count() or 1):
+            threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     ctx: Dist | None = None
     try:
         ctx = setup_distributed(args.device)
