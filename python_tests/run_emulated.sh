@@ -3,7 +3,8 @@
 # the host compiler against the SIMT emulation layer (csrc/emu), under AddressSanitizer.
 # The ASan runtime must be the first library in the process, so this is a separate pytest run
 # with LD_PRELOAD set (libstdc++ too, so ASan can intercept C++ exceptions). Extra arguments go
-# to pytest, e.g. `bash python_tests/run_emulated.sh -k wmma -x`.
+# to pytest, e.g. `bash python_tests/run_emulated.sh -k wmma -x` or
+# `bash python_tests/run_emulated.sh python_tests/test_emulator.py`.
 # GAM_EMU_ASAN=0 runs the same tests without ASan (no bounds checking).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,12 @@ if [[ "${GAM_EMU_ASAN:-1}" != "0" ]]; then
   export LD_PRELOAD="$asan $stdcxx${LD_PRELOAD:+ $LD_PRELOAD}"
 fi
 
-exec "$PY" -m pytest python_tests -m emulated "$@"
+# Test paths among the arguments replace the default python_tests folder.
+paths=(python_tests)
+for arg in "$@"; do
+  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+    paths=()
+    break
+  fi
+done
+exec "$PY" -m pytest "${paths[@]}" -m emulated "$@"

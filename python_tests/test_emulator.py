@@ -77,7 +77,7 @@ def _run_child(body: str) -> subprocess.CompletedProcess[str]:
 # ---- features -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [64, 128, 1024])
 def test_block_reduction_through_shared_memory(st: types.ModuleType, block: int) -> None:
     x = torch.randn(1000)
     out = st.block_reduce(x, block)
@@ -100,6 +100,17 @@ def test_warp_scan_with_shfl_up(st: types.ModuleType) -> None:
     padded = torch.cat([x, x.new_zeros(-x.numel() % 32)])
     expected = padded.view(-1, 32).cumsum(1).flatten()[: x.numel()]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_shuffles_of_int_unsigned_double_half_bf16(st: types.ModuleType) -> None:
+    x = torch.arange(32, dtype=torch.float32) * 0.5 - 3.0  # exact in half and bf16
+    out = st.shfl_types(x)
+    lanes = torch.arange(32)
+    assert torch.equal(out[0], torch.full((32,), float(int(x[3].item()))))
+    assert torch.equal(out[1], (lanes ^ 5).float())
+    assert torch.equal(out[2], x[lanes ^ 1])
+    assert torch.equal(out[3], torch.cat([x[1:], x[31:]]))  # lane 31 keeps its own value
+    assert torch.equal(out[4], torch.cat([x[:2], x[:-2]]))  # lanes 0, 1 keep theirs
 
 
 def test_ballot_any_all(st: types.ModuleType) -> None:

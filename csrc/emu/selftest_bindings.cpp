@@ -48,6 +48,14 @@ Tensor warp_scan(const Tensor& x_in) {
   return out;
 }
 
+Tensor shfl_types(const Tensor& x_in) {
+  const Tensor x = f32(x_in, "x");
+  TORCH_CHECK(x.numel() == 32, "x must have 32 elements");
+  Tensor out = torch::empty({5, 32}, x.options());
+  gam_selftest::shfl_types(cfp(x), fp(out), nullptr);
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor> warp_vote(const Tensor& x_in) {
   const Tensor x = f32(x_in, "x");
   const int64_t warps = (x.numel() + 63) / 64 * 2;
@@ -160,6 +168,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_reduce", &block_reduce);
   m.def("warp_reduce", &warp_reduce);
   m.def("warp_scan", &warp_scan);
+  m.def("shfl_types", &shfl_types);
   m.def("warp_vote", &warp_vote);
   m.def("halo_stencil", &halo_stencil);
   m.def("atomic_sum", &atomic_sum);

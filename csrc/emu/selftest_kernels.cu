@@ -59,6 +59,22 @@ __global__ void warp_scan_kernel(const float* __restrict__ x,
   if (i < n) out[i] = v;
 }
 
+__global__ void shfl_types_kernel(const float* __restrict__ x,
+                                  float* __restrict__ out) {
+  const int lane = threadIdx.x;
+  const float v = x[lane];
+  const int i = __shfl_sync(kFull, static_cast<int>(v), 3);
+  const unsigned u = __shfl_xor_sync(kFull, static_cast<unsigned>(lane), 5);
+  const double d = __shfl_xor_sync(kFull, static_cast<double>(v), 1);
+  const __half h = __shfl_down_sync(kFull, __float2half(v), 1);
+  const __nv_bfloat16 b = __shfl_up_sync(kFull, __float2bfloat16(v), 2);
+  out[lane] = static_cast<float>(i);
+  out[32 + lane] = static_cast<float>(u);
+  out[64 + lane] = static_cast<float>(d);
+  out[96 + lane] = __half2float(h);
+  out[128 + lane] = __bfloat162float(b);
+}
+
 __global__ void warp_vote_kernel(const float* __restrict__ x, int* ballot,
                                  int* any, int* all, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -237,6 +253,11 @@ void warp_reduce(const float* x, float* out_xor, float* out_down, int n,
 void warp_scan(const float* x, float* out, int n, cudaStream_t stream) {
   gam_launch("warp_scan_kernel", warp_scan_kernel, dim3(blocks_for(n, 96)),
              dim3(96), 0, stream, x, out, n);
+}
+
+void shfl_types(const float* x, float* out, cudaStream_t stream) {
+  gam_launch("shfl_types_kernel", shfl_types_kernel, dim3(1), dim3(32), 0,
+             stream, x, out);
 }
 
 void warp_vote(const float* x, int* ballot, int* any, int* all, int n,

@@ -16,6 +16,10 @@ void warp_reduce(const float* x, float* out_xor, float* out_down, int n,
                  cudaStream_t stream);
 // Inclusive scan within each warp with __shfl_up_sync.
 void warp_scan(const float* x, float* out, int n, cudaStream_t stream);
+// Shuffles of other payload types within one warp of 32 lanes; out is 5x32:
+// int broadcast from lane 3, unsigned xor 5, double xor 1, __half down 1,
+// __nv_bfloat16 up 2 (each converted back to float).
+void shfl_types(const float* x, float* out, cudaStream_t stream);
 // Per warp of 32 inputs: ballot of x > 0, any, all (as int32).
 void warp_vote(const float* x, int* ballot, int* any, int* all, int n,
                cudaStream_t stream);

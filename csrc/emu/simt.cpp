@@ -37,7 +37,7 @@
 #define GAM_EMU_ASAN 0
 #endif
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(GAM_EMU_USE_UCONTEXT)  // -D to test the fallback
 #define GAM_EMU_ASM_SWITCH 1
 #else
 #define GAM_EMU_ASM_SWITCH 0

@@ -149,7 +149,7 @@ inline uint64_t to_bits(const T& v) {
 template <typename T>
 inline T from_bits(uint64_t bits) {
   T v;
-  std::memcpy(&v, &bits, sizeof(T));
+  std::memcpy(static_cast<void*>(&v), &bits, sizeof(T));
   return v;
 }
 
