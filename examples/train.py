@@ -104,14 +104,28 @@ def _non_negative(kind: type) -> Any:
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each knob's preset values, and the default of the other flags that have one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.dest in PRESETS["cpu"]:
+            values = ", ".join(f"{name} {'-' if preset[action.dest] is None else preset[action.dest]}"
+                               for name, preset in PRESETS.items())
+            return f"{text} (preset {values})".strip()
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            return f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train GAM or the paper's baselines; see examples/README.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     pos_int, pos_float = _positive(int), _positive(float)
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODELS, default="gam")
+    g.add_argument("--model", choices=MODELS, default="gam", help="which model to train")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="defaults for every knob below left unset")
     g.add_argument("--d-model", type=pos_int, help="width D")
@@ -119,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-slots", type=pos_int, help="GAM memory slots S")
     g.add_argument("--conv-kernel", type=pos_int, help="GAM causal conv width K")
     g.add_argument("--n-head", type=pos_int, default=8, help="Transformer heads")
-    g.add_argument("--dropout", type=_non_negative(float))
+    g.add_argument("--dropout", type=_non_negative(float), help="dropout probability")
     g.add_argument("--init", choices=("torch", "gpt"),
                    help="embeddings: torch = N(0, 1) as the paper's code (initial loss about "
                    "3*sqrt(D) nats through the tied head), gpt = N(0, 0.02)")
@@ -129,27 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-file", help="local UTF-8 text for training")
     g.add_argument("--val-file", help="local UTF-8 text for validation "
                    "(default: the last 10%% of --train-file)")
-    g.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe")
+    g.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
+                   help="BPE trained on the training split, or UTF-8 bytes")
     g.add_argument("--vocab-size", type=pos_int, help="BPE vocabulary size")
     g.add_argument("--data-dir", default=str(ROOT / "data"), help="tokenizer cache")
     g.add_argument("--recall-pairs", type=pos_int, default=16, help="key-value pairs per example")
-    g.add_argument("--recall-keys", type=pos_int, default=64)
-    g.add_argument("--recall-values", type=pos_int, default=64)
+    g.add_argument("--recall-keys", type=pos_int, default=64, help="distinct key tokens")
+    g.add_argument("--recall-values", type=pos_int, default=64, help="distinct value tokens")
     g.add_argument("--recall-train", type=pos_int, default=20000, help="training examples")
     g.add_argument("--recall-val", type=pos_int, default=1000, help="validation examples")
     g = p.add_argument_group("recipe")
-    g.add_argument("--seq-len", type=pos_int)
+    g.add_argument("--seq-len", type=pos_int, help="tokens per training sequence")
     g.add_argument("--batch-size", type=pos_int, help="per process")
     g.add_argument("--max-steps", type=pos_int, help="optimizer steps (wins over --epochs)")
-    g.add_argument("--epochs", type=pos_int)
+    g.add_argument("--epochs", type=pos_int, help="passes over the training split")
     g.add_argument("--lr", type=pos_float, help="peak learning rate (AdamW, betas 0.9/0.95)")
     g.add_argument("--warmup-steps", type=_non_negative(int),
                    help="linear warm-up, then cosine to 0")
-    g.add_argument("--weight-decay", type=_non_negative(float))
+    g.add_argument("--weight-decay", type=_non_negative(float), help="AdamW weight decay")
     g.add_argument("--grad-clip", type=_non_negative(float), help="0 disables")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="model init, data order, dropout")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=pos_int, help="steps (default: once per epoch)")
+    g.add_argument("--eval-interval", type=pos_int, help="steps between evaluations (-: once per epoch)")
     g.add_argument("--eval-batches", type=_non_negative(int),
                    help="validation batches per evaluation (0: all)")
     g.add_argument("--out-dir", help="default: runs/<model>-<dataset>")
@@ -158,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-step", type=pos_int,
                    help="stop after this step with a checkpoint, as if interrupted "
                    "(the schedule still spans the whole run)")
-    g.add_argument("--sample-tokens", type=_non_negative(int), default=200)
-    g.add_argument("--temperature", type=pos_float, default=0.8)
-    g.add_argument("--top-k", type=pos_int, default=40)
+    g.add_argument("--sample-tokens", type=_non_negative(int), default=200,
+                   help="tokens to sample at the end (0: none)")
+    g.add_argument("--temperature", type=pos_float, default=0.8, help="sampling temperature")
+    g.add_argument("--top-k", type=pos_int, default=40, help="sample from the k likeliest")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16/fp16: autocast on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -172,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train each of --models on the same data and budget, write a table")
-    g.add_argument("--models", default="gam,transformer,mamba")
+    g.add_argument("--models", default="gam,transformer,mamba",
+                   help="comma-separated models for --compare")
     return p
 
 
