@@ -38,12 +38,16 @@ def env_flag(name: str) -> bool:
 
 
 def is_toolkit(folder: str | None) -> bool:
-    """A CUDA toolkit root holds bin/nvcc and its libraries side by side."""
+    """A CUDA toolkit root holds bin/nvcc, its headers and libcudart side by side.
+
+    (/usr/local, with a wrapper nvcc in /usr/local/bin and some lib/, is not one.)
+    """
     if not folder:
         return False
     root = Path(folder)
-    has_lib = (root / "lib64").is_dir() or (root / "lib").is_dir()
-    return (root / "bin" / "nvcc").is_file() and has_lib
+    has_cudart = any(glob.glob(str(root / lib / "libcudart.so*")) for lib in ("lib64", "lib"))
+    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file() \
+        and has_cudart
 
 
 def find_cuda_home() -> str | None:
@@ -98,7 +102,8 @@ def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
     """ATen's CUDA headers include cusparse.h; pip's nvidia wheels hold it where the toolkit lacks it."""
     if (Path(cuda_home) / "include" / "cusparse.h").is_file():
         return []
-    found = []
+    # The toolkit's own include folder first: the wheels' cuda_runtime.h lacks the crt/ headers.
+    found = [str(Path(cuda_home) / "include")]
     for site in {Path(torch.__file__).parent.parent}:
         found += [d for d in glob.glob(str(site / "nvidia" / "*" / "include"))
                   if Path(d, "cusparse.h").is_file()]
