@@ -10,7 +10,30 @@
 #include <cstdint>
 #include <cstring>
 
+// The extension is compiled for the baseline x86-64 ISA (SSE2). The elementwise loops with exp
+// (gates, softmax) are compute-bound there, so they also get an AVX2+FMA build, chosen at run time:
+// GAM_AVX2 marks a function compiled for AVX2+FMA; the loop bodies are GAM_INLINE templates that
+// get compiled into both the baseline and the AVX2 wrapper.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GAM_AVX2 __attribute__((target("avx2,fma")))
+#define GAM_INLINE inline __attribute__((always_inline))
+#define GAM_HAVE_AVX2_BUILD 1
+#else
+#define GAM_AVX2
+#define GAM_INLINE inline
+#define GAM_HAVE_AVX2_BUILD 0
+#endif
+
 namespace gam::cpu {
+
+inline bool cpu_has_avx2_fma() {
+#if GAM_HAVE_AVX2_BUILD
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 // Half types are computed in fp32 (torch's bf16 GEMM on CPU is ~300x slower than fp32), fp64 in fp64.
 template <typename T>
@@ -30,7 +53,7 @@ inline at::ScalarType acc_scalar_type(at::ScalarType st) {
 
 // dst[i] = src[i] converted; plain loops so the compiler vectorises them.
 template <typename D, typename S>
-inline void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
+GAM_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
   if constexpr (std::is_same_v<D, S>) {
     std::memcpy(dst, src, sizeof(D) * n);
   } else {
@@ -43,7 +66,7 @@ inline void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
 // integers: GCC (with the default -ftrapping-math) will not if-convert float compares, and a loop
 // with control flow does not vectorise (std::exp does not either). |x| is clamped to 100 (NaN
 // kept), then 2^n to [0, inf]: exp(x) is 0 below about -87.3 (no denormals) and inf above 88.7.
-inline float fast_exp(float x) {
+GAM_INLINE float fast_exp(float x) {
   int32_t xb;
   std::memcpy(&xb, &x, sizeof(xb));
   const int32_t mag = xb & 0x7fffffff;
@@ -72,7 +95,7 @@ inline float fast_exp(float x) {
 inline double fast_exp(double x) { return std::exp(x); }
 
 template <typename A>
-inline A sigmoid(A z) {
+GAM_INLINE A sigmoid(A z) {
   return A(1) / (A(1) + fast_exp(-z));
 }
 

@@ -13,21 +13,84 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 32;
 
+// Rows [r0, r1) of the forward.
+template <typename T>
+GAM_INLINE void gate_fwd_rows(const T* local, const T* glob, const T* z, T* f, int64_t r0,
+                              int64_t r1, int64_t d) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict l = local + r * d;
+    const T* __restrict g = glob + r * d;
+    const T* __restrict zl = z + r * 2 * d;
+    const T* __restrict zg = zl + d;
+    T* __restrict out = f + r * d;
+    for (int64_t c = 0; c < d; ++c) {
+      const A sl = sigmoid(static_cast<A>(zl[c]));
+      const A sg = sigmoid(static_cast<A>(zg[c]));
+      out[c] = static_cast<T>(sl * static_cast<A>(l[c]) + sg * static_cast<A>(g[c]));
+    }
+  }
+}
+
+// Rows [r0, r1) of the backward.
+template <typename T>
+GAM_INLINE void gate_bwd_rows(const T* df, const T* local, const T* glob, const T* z, T* dlocal,
+                              T* dglob, T* dz, int64_t r0, int64_t r1, int64_t d) {
+  using A = acc_t<T>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict dfr = df + r * d;
+    const T* __restrict l = local + r * d;
+    const T* __restrict g = glob + r * d;
+    const T* __restrict zl = z + r * 2 * d;
+    const T* __restrict zg = zl + d;
+    T* __restrict dl = dlocal + r * d;
+    T* __restrict dg = dglob + r * d;
+    T* __restrict dzl = dz + r * 2 * d;
+    T* __restrict dzg = dzl + d;
+    // The local and the global half in two simple loops, each of which vectorises.
+    for (int64_t c = 0; c < d; ++c) {
+      const A grad = static_cast<A>(dfr[c]);
+      const A sl = sigmoid(static_cast<A>(zl[c]));
+      dl[c] = static_cast<T>(sl * grad);
+      dzl[c] = static_cast<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
+    }
+    for (int64_t c = 0; c < d; ++c) {
+      const A grad = static_cast<A>(dfr[c]);
+      const A sg = sigmoid(static_cast<A>(zg[c]));
+      dg[c] = static_cast<T>(sg * grad);
+      dzg[c] = static_cast<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
+    }
+  }
+}
+
+template <typename T>
+void gate_fwd_base(const T* l, const T* g, const T* z, T* f, int64_t r0, int64_t r1, int64_t d) {
+  gate_fwd_rows(l, g, z, f, r0, r1, d);
+}
+template <typename T>
+GAM_AVX2 void gate_fwd_avx2(const T* l, const T* g, const T* z, T* f, int64_t r0, int64_t r1,
+                            int64_t d) {
+  gate_fwd_rows(l, g, z, f, r0, r1, d);
+}
+template <typename T>
+void gate_bwd_base(const T* df, const T* l, const T* g, const T* z, T* dl, T* dg, T* dz,
+                   int64_t r0, int64_t r1, int64_t d) {
+  gate_bwd_rows(df, l, g, z, dl, dg, dz, r0, r1, d);
+}
+template <typename T>
+GAM_AVX2 void gate_bwd_avx2(const T* df, const T* l, const T* g, const T* z, T* dl, T* dg, T* dz,
+                            int64_t r0, int64_t r1, int64_t d) {
+  gate_bwd_rows(df, l, g, z, dl, dg, dz, r0, r1, d);
+}
+
 template <typename T>
 void gate_fwd_kernel(const T* local, const T* glob, const T* z, T* f, int64_t rows, int64_t d) {
-  using A = acc_t<T>;
+  const bool avx2 = cpu_has_avx2_fma();
   parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict l = local + r * d;
-      const T* __restrict g = glob + r * d;
-      const T* __restrict zl = z + r * 2 * d;
-      const T* __restrict zg = zl + d;
-      T* __restrict out = f + r * d;
-      for (int64_t c = 0; c < d; ++c) {
-        const A sl = sigmoid(static_cast<A>(zl[c]));
-        const A sg = sigmoid(static_cast<A>(zg[c]));
-        out[c] = static_cast<T>(sl * static_cast<A>(l[c]) + sg * static_cast<A>(g[c]));
-      }
+    if (avx2) {
+      gate_fwd_avx2(local, glob, z, f, r0, r1, d);
+    } else {
+      gate_fwd_base(local, glob, z, f, r0, r1, d);
     }
   });
 }
@@ -35,31 +98,12 @@ void gate_fwd_kernel(const T* local, const T* glob, const T* z, T* f, int64_t ro
 template <typename T>
 void gate_bwd_kernel(const T* df, const T* local, const T* glob, const T* z, T* dlocal, T* dglob,
                      T* dz, int64_t rows, int64_t d) {
-  using A = acc_t<T>;
+  const bool avx2 = cpu_has_avx2_fma();
   parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict dfr = df + r * d;
-      const T* __restrict l = local + r * d;
-      const T* __restrict g = glob + r * d;
-      const T* __restrict zl = z + r * 2 * d;
-      const T* __restrict zg = zl + d;
-      T* __restrict dl = dlocal + r * d;
-      T* __restrict dg = dglob + r * d;
-      T* __restrict dzl = dz + r * 2 * d;
-      T* __restrict dzg = dzl + d;
-      // The local and the global half in two simple loops, each of which vectorises.
-      for (int64_t c = 0; c < d; ++c) {
-        const A grad = static_cast<A>(dfr[c]);
-        const A sl = sigmoid(static_cast<A>(zl[c]));
-        dl[c] = static_cast<T>(sl * grad);
-        dzl[c] = static_cast<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
-      }
-      for (int64_t c = 0; c < d; ++c) {
-        const A grad = static_cast<A>(dfr[c]);
-        const A sg = sigmoid(static_cast<A>(zg[c]));
-        dg[c] = static_cast<T>(sg * grad);
-        dzg[c] = static_cast<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
-      }
+    if (avx2) {
+      gate_bwd_avx2(df, local, glob, z, dlocal, dglob, dz, r0, r1, d);
+    } else {
+      gate_bwd_base(df, local, glob, z, dlocal, dglob, dz, r0, r1, d);
     }
   });
 }

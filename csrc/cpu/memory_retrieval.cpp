@@ -29,7 +29,7 @@ constexpr int64_t kBwdSubRows = 64;    // backward: rows per parallel work item 
 constexpr int64_t kDmSlotRows = 64;    // backward: dM slot rows per parallel work item
 
 template <typename A>
-A row_max(const A* x, int64_t n) {
+GAM_INLINE A row_max(const A* x, int64_t n) {
   // Eight independent maxima so the loop vectorises without reassociating anything.
   A m[8];
   for (auto& v : m) v = -std::numeric_limits<A>::infinity();
@@ -43,7 +43,7 @@ A row_max(const A* x, int64_t n) {
 }
 
 template <typename A>
-A row_sum(const A* x, int64_t n) {
+GAM_INLINE A row_sum(const A* x, int64_t n) {
   A s[8] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -54,7 +54,7 @@ A row_sum(const A* x, int64_t n) {
 }
 
 template <typename A, typename T>
-A row_dot(const A* a, const T* b, int64_t n) {
+GAM_INLINE A row_dot(const A* a, const T* b, int64_t n) {
   A s[8] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -62,6 +62,82 @@ A row_dot(const A* a, const T* b, int64_t n) {
   }
   for (; j < n; ++j) s[0] += a[j] * static_cast<A>(b[j]);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w) into
+// exp(s - running max) in place, updates the running max and sum, and rescales the rows of acc
+// (the p @ M accumulated over earlier chunks) to the new max.
+template <typename A>
+GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
+                              int64_t d) {
+  for (int64_t i = 0; i < t; ++i) {
+    A* __restrict srow = sbuf + i * w;
+    const A mx = row_max(srow, w);
+    const A m_new = first ? mx : std::max(mrow[i], mx);
+    // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
+    const A shift = std::isfinite(m_new) ? m_new : A(0);
+    for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
+    const A sum = row_sum(srow, w);
+    if (first) {
+      lrow[i] = sum;
+    } else {
+      const A corr = fast_exp(mrow[i] - shift);
+      lrow[i] = lrow[i] * corr + sum;
+      A* __restrict arow = acc + i * d;
+      for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
+    }
+    mrow[i] = shift;
+  }
+}
+template <typename A>
+void softmax_chunk_base(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
+                        int64_t d) {
+  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
+}
+template <typename A>
+GAM_AVX2 void softmax_chunk_avx2(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow,
+                                 A* acc, int64_t d) {
+  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
+}
+
+// Backward, in place on the stacked tile ps = [s ; dp] (2t x w) of one sub-block:
+// p = exp(scale*s - lse), rows 0..t-1 become scale * ds = scale * p * (dp - delta), rows t..2t-1
+// become p.
+template <typename A>
+GAM_INLINE void scores_to_grads(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
+                                A scale) {
+  for (int64_t q = 0; q < t; ++q) {
+    A* __restrict srow = ps + q * w;
+    A* __restrict dprow = ps + (t + q) * w;
+    const A l = static_cast<A>(lse[q]), dl = delta[q];
+    if constexpr (std::is_same_v<A, double>) {
+      // lse is fp32: in fp64 (which holds all S slots of a row at once) renormalise the row so
+      // that p carries no fp32 rounding.
+      for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
+      const A inv = A(1) / row_sum(srow, w);
+      for (int64_t j = 0; j < w; ++j) {
+        const A p = srow[j] * inv;
+        srow[j] = scale * p * (dprow[j] - dl);
+        dprow[j] = p;
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        const A p = fast_exp(scale * srow[j] - l);
+        srow[j] = scale * p * (dprow[j] - dl);
+        dprow[j] = p;
+      }
+    }
+  }
+}
+template <typename A>
+void scores_to_grads_base(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
+                          A scale) {
+  scores_to_grads(ps, t, w, lse, delta, scale);
+}
+template <typename A>
+GAM_AVX2 void scores_to_grads_avx2(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
+                                   A scale) {
+  scores_to_grads(ps, t, w, lse, delta, scale);
 }
 
 // out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
@@ -72,6 +148,7 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
   constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
   const int64_t sc = std::min(s, kSlotChunk);
   const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
+  const bool avx2 = cpu_has_avx2_fma();
   A* const mem_p = const_cast<A*>(mem);
   // Per-thread scratch, allocated here through ATen (so memory profilers see it): h and out tiles
   // in A (half inputs only), scores, running max and sum.
@@ -106,24 +183,10 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
         const int64_t w = std::min(sc, s - c0);
         const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
         gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        for (int64_t i = 0; i < t; ++i) {
-          A* __restrict srow = sbuf + i * w;
-          const A mx = row_max(srow, w);
-          const A m_new = c0 == 0 ? mx : std::max(mrow[i], mx);
-          // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
-          const A shift = std::isfinite(m_new) ? m_new : A(0);
-          for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
-          const A sum = row_sum(srow, w);
-          if (c0 == 0) {
-            lrow[i] = sum;
-          } else {
-            // Rescale what earlier chunks accumulated to the new running max.
-            const A corr = fast_exp(mrow[i] - shift);
-            lrow[i] = lrow[i] * corr + sum;
-            A* __restrict arow = acc + i * d;
-            for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
-          }
-          mrow[i] = shift;
+        if (avx2) {
+          softmax_chunk_avx2(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
+        } else {
+          softmax_chunk_base(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
         }
         gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
       }
@@ -157,6 +220,7 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
   constexpr bool kExactRows = std::is_same_v<A, double>;
   const int64_t sc = kExactRows ? s : std::min(s, kSlotChunk);
+  const bool avx2 = cpu_has_avx2_fma();
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
@@ -187,26 +251,10 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
           }
         }
         gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        for (int64_t q = 0; q < t; ++q) {
-          A* __restrict srow = ps + q * w;
-          A* __restrict dprow = ps + (t + q) * w;
-          const A l = static_cast<A>(lse[r0 + i0 + q]), dl = delta[i0 + q];
-          if constexpr (kExactRows) {
-            // lse is fp32: in fp64, renormalise the row so p carries no fp32 rounding.
-            for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
-            const A inv = A(1) / row_sum(srow, w);
-            for (int64_t j = 0; j < w; ++j) {
-              const A p = srow[j] * inv;
-              srow[j] = scale * p * (dprow[j] - dl);
-              dprow[j] = p;
-            }
-          } else {
-            for (int64_t j = 0; j < w; ++j) {
-              const A p = fast_exp(scale * srow[j] - l);
-              srow[j] = scale * p * (dprow[j] - dl);
-              dprow[j] = p;
-            }
-          }
+        if (avx2) {
+          scores_to_grads_avx2(ps, t, w, lse + r0 + i0, delta + i0, scale);
+        } else {
+          scores_to_grads_base(ps, t, w, lse + r0 + i0, delta + i0, scale);
         }
         A* dhs;
         if constexpr (kDirect) {
