@@ -183,6 +183,14 @@ def test_uninitialised_shared_memory_reads_nan(st: types.ModuleType) -> None:
     assert out[32:].isnan().all()
 
 
+def test_missing_barrier_shows_up_as_nan(st: types.ModuleType) -> None:
+    out = st.run_fault("missing_barrier")
+    # Block 0 runs threads in order, so each read happens after the neighbour's write: the race
+    # is invisible there. Block 1 runs them in reverse: every read precedes the write.
+    assert torch.equal(out[1:32], torch.arange(31, dtype=torch.float32))
+    assert out[33:].isnan().all()
+
+
 # ---- planted faults -----------------------------------------------------------------------
 
 

@@ -144,6 +144,9 @@ Tensor run_fault(const std::string& name) {
   } else if (name == "uninit_shared") {
     gam_selftest::fault_uninit_shared(fp(out), nullptr);
     return out.narrow(0, 0, 64);
+  } else if (name == "missing_barrier") {
+    gam_selftest::fault_missing_barrier(fp(out), nullptr);
+    return out.narrow(0, 0, 64);
   } else if (name == "divergent_barrier") {
     gam_selftest::fault_divergent_barrier(fp(out), nullptr);
   } else if (name == "warp_deadlock") {

@@ -202,6 +202,14 @@ __global__ void uninit_shared_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+__global__ void missing_barrier_kernel(float* out) {
+  GAM_SHARED(float, s, 32);
+  const int t = threadIdx.x;
+  s[t] = static_cast<float>(t);
+  // __syncthreads() missing here: thread t reads what thread t-1 wrote.
+  out[blockIdx.x * 32 + t] = t > 0 ? s[t - 1] : 0.0f;
+}
+
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x >= 16) return;  // half the block leaves early ...
   __syncthreads();                // ... so this barrier can never complete
@@ -338,6 +346,11 @@ void fault_oob_shared(float* out, cudaStream_t stream) {
 void fault_uninit_shared(float* out, cudaStream_t stream) {
   gam_launch("uninit_shared_kernel", uninit_shared_kernel, dim3(1), dim3(64),
              0, stream, out);
+}
+
+void fault_missing_barrier(float* out, cudaStream_t stream) {
+  gam_launch("missing_barrier_kernel", missing_barrier_kernel, dim3(2),
+             dim3(32), 0, stream, out);
 }
 
 void fault_divergent_barrier(float* out, cudaStream_t stream) {

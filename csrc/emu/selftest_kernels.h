@@ -45,6 +45,9 @@ void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
 void fault_oob_global(float* x, int n, cudaStream_t stream);
 void fault_oob_shared(float* out, cudaStream_t stream);
 void fault_uninit_shared(float* out, cudaStream_t stream);  // out[64] <- NaN
+// Reads a neighbour's shared-memory write without a barrier; 2 blocks of 32,
+// out[64]. Forward order hides it, the reversed second block shows NaN.
+void fault_missing_barrier(float* out, cudaStream_t stream);
 void fault_divergent_barrier(float* out, cudaStream_t stream);
 void fault_warp_deadlock(float* out, cudaStream_t stream);
 void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream);

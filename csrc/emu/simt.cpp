@@ -207,7 +207,19 @@ struct Engine {
   void* dyn_smem = nullptr;
   bool faulted = false;
   std::string fault;
+  bool reverse = false;  // run this block's threads from the last to the first
 };
+
+// Odd-numbered blocks run their threads in reverse order, so a shared-memory
+// read that lacks a barrier sees the 0xFF (NaN) fill in one direction or the
+// other, whichever thread it reads from. GAM_EMU_SCHEDULE=forward turns it off.
+bool alternate_order() {
+  static const bool on = [] {
+    const char* env = std::getenv("GAM_EMU_SCHEDULE");
+    return env == nullptr || std::strcmp(env, "forward") != 0;
+  }();
+  return on;
+}
 
 thread_local Engine* t_engine = nullptr;
 thread_local StackPool t_stacks;
@@ -286,8 +298,11 @@ void transfer(Context* from, Fiber* next, bool from_exits) {
 
 Fiber* pick_next(Engine& e, int after) {
   if (e.n_runnable == 0) return nullptr;
-  for (int k = 1; k <= e.nthreads; ++k) {
-    Fiber& f = e.fibers[(after + k) % e.nthreads];
+  const int n = e.nthreads;
+  const int step = e.reverse ? n - 1 : 1;  // -1 modulo n
+  for (int k = 1, i = after; k <= n; ++k) {
+    i = (i + step) % n;
+    Fiber& f = e.fibers[i];
     if (f.state == State::kRunnable) return &f;
   }
   return nullptr;
@@ -572,7 +587,10 @@ void run_block(Engine& e, const uint3& block) {
     throw std::bad_alloc();
   std::memset(e.dyn_smem, 0xff, dyn == 0 ? 1 : dyn);
 
-  transfer(&e.main, &e.fibers[0], false);
+  const uint64_t linear_block =
+      block.x + uint64_t{e.spec->grid.x} * (block.y + uint64_t{e.spec->grid.y} * block.z);
+  e.reverse = alternate_order() && (linear_block & 1u);
+  transfer(&e.main, &e.fibers[e.reverse ? e.nthreads - 1 : 0], false);
   // Back on the launching stack: every fiber exited, faulted or is stuck.
   release_shared(e);
   if (e.faulted || e.n_done != e.nthreads) {

@@ -17,10 +17,13 @@
 // Math intrinsics and atomics live in intrinsics.h, WMMA in wmma.h.
 //
 // Deliberate differences from hardware (see also README "Testing"):
-//   * threads of a block are never preempted, so data races between threads
-//     (missing __syncthreads) mostly go unnoticed; shared memory starts as
-//     0xFF bytes (NaN for float/half/bf16, -1 for ints) so reads before
-//     writes show up as NaN;
+//   * threads of a block are never preempted: they switch only at barriers,
+//     warp collectives and exit. Shared memory starts as 0xFF bytes (NaN for
+//     float/half/bf16, -1 for ints) and odd-numbered blocks run their threads
+//     in reverse order, so a read of another thread's shared-memory write
+//     without a barrier between them usually shows up as NaN in some block
+//     (GAM_EMU_SCHEDULE=forward disables the reversal). Races on global
+//     memory and memory-ordering bugs are not detected;
 //   * a __syncthreads() that not every thread reaches (early return,
 //     different call sites in divergent branches) is an error, although some
 //     GPUs tolerate it;
