@@ -9,6 +9,10 @@ non-contiguous inputs; empty batches; fp32 parameters with half activations.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -404,3 +408,36 @@ def test_public_bad_device_names_the_argument():
         gam_ext.causal_conv1d(x, torch.randn(4, 3, device="meta"))
     with pytest.raises(ValueError, match="memory is on meta"):
         gam_ext.memory_retrieval(x, torch.randn(6, 4, device="meta"))
+
+
+_ISA_SCRIPT = """
+import sys, torch, gam_ext
+torch.manual_seed(0)
+x, z = torch.randn(2, 70, 20), torch.randn(2, 70, 40)
+m, w = torch.randn(530, 20) * 0.5, torch.randn(20, 3)
+outs = []
+for dtype in (torch.float32, torch.bfloat16):
+    leaves = [t.to(dtype).requires_grad_() for t in (x, x * 0.5, z)]
+    f = gam_ext.gate_fusion(*leaves)
+    h = x.to(dtype).requires_grad_()
+    g = gam_ext.memory_retrieval(h, m.requires_grad_(), 0.9)
+    y = gam_ext.causal_conv1d(h, w)
+    outs += [f, g, y, *torch.autograd.grad((f.sum() + g.square().sum() + y.sum()).float(),
+                                          [*leaves, h, m])]
+torch.save([t.detach().float() for t in outs], sys.argv[1])
+"""
+
+
+def test_baseline_and_avx2_builds_agree(tmp_path):
+    """The exp loops have a baseline-ISA and an AVX2+FMA build; both must give the same math."""
+    results = []
+    for baseline in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "GAM_EXT_CPU_BASELINE"}
+        if baseline:
+            env["GAM_EXT_CPU_BASELINE"] = "1"
+        path = tmp_path / f"out{int(baseline)}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        results.append(torch.load(path))
+    for a, b in zip(*results, strict=True):
+        # FMA contraction changes roundings only; bf16 outputs may differ by one bf16 ulp.
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)

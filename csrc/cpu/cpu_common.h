@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 // The extension is compiled for the baseline x86-64 ISA (SSE2). The elementwise loops with exp
@@ -26,9 +27,12 @@
 
 namespace gam::cpu {
 
+// True when the AVX2 builds run: the CPU has AVX2 and FMA, and GAM_EXT_CPU_BASELINE is not set
+// in the environment (the tests set it to check the baseline builds too).
 inline bool cpu_has_avx2_fma() {
 #if GAM_HAVE_AVX2_BUILD
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("GAM_EXT_CPU_BASELINE") == nullptr;
   return ok;
 #else
   return false;
