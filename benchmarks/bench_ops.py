@@ -183,7 +183,7 @@ def run_once(fn, inputs, grad, mode, device):
 
 
 def time_mode(fn, inputs, grad, mode, device, repeats, warmup, max_seconds):
-    """Median seconds over repeats; stops early (at least 3 repeats, or 1) past max_seconds."""
+    """(median, min) seconds over repeats; stops early (>= 3 repeats, or 1) past max_seconds."""
     for _ in range(warmup):
         run_once(fn, inputs, grad, mode, device)
     times, spent = [], 0.0
@@ -192,7 +192,17 @@ def time_mode(fn, inputs, grad, mode, device, repeats, warmup, max_seconds):
         spent += times[-1]
         if spent > max_seconds and (len(times) >= 3 or spent > 3 * max_seconds):
             break
-    return statistics.median(times), len(times)
+    return statistics.median(times), min(times), len(times)
+
+
+def result_bytes(fn, inputs, mode):
+    """Bytes every implementation must hold at the end: the output (+ the inputs' grads)."""
+    with torch.no_grad():
+        out = fn(*[t.detach() for t in inputs])
+    total = out.numel() * out.element_size()
+    if mode != "fwd":
+        total += sum(t.numel() * t.element_size() for t in inputs)
+    return total
 
 
 def peak_memory(fn, inputs, grad, mode, device):
@@ -328,29 +338,35 @@ def main(argv=None):
                     grad = torch.randn(b, n, d, generator=torch.Generator().manual_seed(1))
                     grad = grad.to(device=device, dtype=dtype)
                     for mode in args.modes:
-                        seconds, count = time_mode(fn, inputs, grad, mode, device, args.repeats,
+                        seconds, best, count = time_mode(fn, inputs, grad, mode, device, args.repeats,
                                                    args.warmup, args.max_seconds)
                         peak = (None if args.no_memory
                                 else peak_memory(fn, inputs, grad, mode, device))
+                        extra = (None if peak is None
+                                 else max(0, peak - result_bytes(fn, inputs, mode)))
                         flops = model_flops(op, mode, b, n, d, s, k)
                         row = dict(dtype=dtype_name, batch=b, seqlen=n, d_model=d, slots=s,
                                    kernel_size=k, op=op, mode=mode, provider=provider,
-                                   ms=seconds * 1e3, gflops=flops / seconds / 1e9,
+                                   ms=seconds * 1e3, min_ms=best * 1e3,
+                                   gflops=flops / seconds / 1e9,
                                    peak_mb=None if peak is None else peak / 2**20,
+                                   extra_mb=None if extra is None else extra / 2**20,
                                    repeats=count)
                         rows.append(row)
                         print(f"{dtype_name} N={n} {op:9s} {mode:6s} {provider:8s} "
                               f"{row['ms']:9.2f} ms {row['gflops']:8.1f} GFLOP/s "
-                              f"peak {'-' if peak is None else f'{peak / 2**20:.1f} MB'}",
+                              f"peak {'-' if peak is None else f'{peak / 2**20:.1f} MB'} "
+                              f"extra {'-' if extra is None else f'{extra / 2**20:.1f} MB'}",
                               flush=True)
                     del inputs
     for row in rows:
         base = next((r for r in rows if r["provider"] == "eager" and all(
             r[key] == row[key] for key in ("dtype", "seqlen", "op", "mode"))), None)
         row["speedup_vs_eager"] = base["ms"] / row["ms"] if base else None
-        row["mem_vs_eager"] = (row["peak_mb"] / base["peak_mb"]
-                               if base and base["peak_mb"] and row["peak_mb"] is not None
-                               else None)
+        row["speedup_min_vs_eager"] = base["min_ms"] / row["min_ms"] if base else None
+        for key in ("peak_mb", "extra_mb"):
+            row[key.replace("_mb", "_vs_eager")] = (
+                row[key] / base[key] if base and base[key] and row[key] is not None else None)
     write_results(args, rows, rate, load, info)
 
 
@@ -359,7 +375,9 @@ def write_results(args, rows, rate, load, info):
     stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{args.device}-{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     fields = ["dtype", "batch", "seqlen", "d_model", "slots", "kernel_size", "op", "mode",
-              "provider", "ms", "gflops", "peak_mb", "speedup_vs_eager", "mem_vs_eager", "repeats"]
+              "provider", "ms", "min_ms", "gflops", "peak_mb", "extra_mb", "speedup_vs_eager",
+              "speedup_min_vs_eager", "peak_vs_eager",
+              "extra_vs_eager", "repeats"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -384,22 +402,27 @@ def write_results(args, rows, rate, load, info):
                      f"{load[2]:.2f} (other processes share this machine: timings are noisy)")
     if args.note:
         lines.append(f"- note: {args.note}")
-    lines += ["", "Times are medians; speedup = eager ms / provider ms; memory is peak bytes "
-              "above the inputs during one call (outputs and grads included).", ""]
+    lines += ["", "GFLOP/s and speedup use median times; (from min) is the speedup from the "
+              "fastest repeat, less sensitive to other load on a shared machine. peak MB: peak bytes "
+              "allocated during one call above what was live before it (outputs and grads "
+              "included); extra MB: that peak minus the bytes of the output and the inputs' grads, "
+              "i.e. the workspace an implementation adds (saved activations, scratch).", ""]
     for dtype_name in args.dtype:
         for n in args.seqlen:
             b, d, s, k = args.batch, args.d_model, args.slots, args.kernel_size
             lines += [f"## {dtype_name}, B={b} N={n} D={d} S={s} K={k}", "",
-                      "| op | mode | provider | ms | GFLOP/s | peak MB | speedup vs eager "
-                      "| memory vs eager |",
-                      "|---|---|---|---:|---:|---:|---:|---:|"]
+                      "| op | mode | provider | median ms | min ms | GFLOP/s | speedup vs eager "
+                      "| (from min) | peak MB | peak vs eager | extra MB | extra vs eager |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
                 if r["dtype"] != dtype_name or r["seqlen"] != n:
                     continue
                 lines.append(
                     f"| {r['op']} | {r['mode']} | {r['provider']} | {r['ms']:.2f} | "
-                    f"{r['gflops']:.1f} | {fmt(r['peak_mb'], '.1f')} | "
-                    f"{fmt(r['speedup_vs_eager'], '.2f')} | {fmt(r['mem_vs_eager'], '.2f')} |")
+                    f"{r['min_ms']:.2f} | {r['gflops']:.1f} | {fmt(r['speedup_vs_eager'], '.2f')} | "
+                    f"{fmt(r['speedup_min_vs_eager'], '.2f')} | "
+                    f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['peak_vs_eager'], '.2f')} | "
+                    f"{fmt(r['extra_mb'], '.1f')} | {fmt(r['extra_vs_eager'], '.2f')} |")
             floor_ms = mixer_gemm_flops(b, n, d, s) / (rate * 1e9) * 1e3
             lines += ["", f"fp32 GEMM floor of the mixer fwd+bwd (its {mixer_gemm_flops(b, n, d, s)/1e9:.2f} "
                       f"GEMM GFLOP at {rate:.1f} GFLOP/s): {floor_ms:.2f} ms", ""]
