@@ -59,9 +59,9 @@ void conv_bwd_kernel(const T* dy, const T* x, const acc_t<T>* wt, T* dx, acc_t<T
                      int64_t chunks, int64_t chunk_rows, int64_t rows, int64_t n, int64_t d,
                      int64_t k) {
   using A = acc_t<T>;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_items(chunks, [&](int64_t ch) {
     std::vector<A> acc(d), dyr(d);
-    for (int64_t ch = c0; ch < c1; ++ch) {
+    {
       A* __restrict part = partials + ch * (k + 1) * d;
       std::fill(part, part + (k + 1) * d, A(0));
       A* __restrict db = part + k * d;

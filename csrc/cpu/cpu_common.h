@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -136,16 +137,31 @@ inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, M
   at::addmm_out(ct, ct, at_, bt, beta, alpha);
 }
 
+// Runs fn(item) for every item in [0, n) on the intra-op threads. Items are handed out from an
+// atomic counter rather than in fixed per-thread ranges, so a thread slowed down by other load on
+// the machine does not hold the others up. What an item computes never depends on which thread
+// runs it, so results do not depend on the thread count or the schedule.
+template <typename F>
+inline void parallel_items(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
 // Splits [0, n) into ceil(n / block) fixed blocks and runs fn(block_begin, block_end) on each in
 // parallel. The blocks depend only on n and block, never on the thread count.
 template <typename F>
 inline void parallel_blocks(int64_t n, int64_t block, const F& fn) {
   if (n <= 0) return;
-  const int64_t nblocks = (n + block - 1) / block;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      fn(blk * block, std::min(n, (blk + 1) * block));
-    }
+  parallel_items((n + block - 1) / block, [&](int64_t blk) {
+    fn(blk * block, std::min(n, (blk + 1) * block));
   });
 }
 

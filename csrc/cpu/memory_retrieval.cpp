@@ -158,7 +158,7 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
   const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
   A* const scratch_p = scratch.mutable_data_ptr<A>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_items(nblocks, [&](int64_t blk) {
     const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(slot < slots);
     A* const hbuf = scratch_p + slot * per_thread;
@@ -166,7 +166,7 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
     A* const sbuf = obuf + hsize;
     A* const mrow = sbuf + kFwdRows * sc;
     A* const lrow = mrow + kFwdRows;
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    {
       const int64_t r0 = blk * kFwdRows, t = std::min(kFwdRows, rows - r0);
       A* hs;
       A* acc;
