@@ -700,18 +700,8 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
-    base = Path(args.out_dir) if args.out_dir else ROOT / "runs" / f"compare-{dataset_name(args)}"
-    if args.resume is not None:
-        raise UserError("--compare does not take --resume; resume each model's run on its own")
-    summaries = []
-    for name in args.models.split(","):
-        run_args = argparse.Namespace(**vars(args))
-        run_args.model, run_args.out_dir = name, str(base / name)
-        if ctx.main:
-            print(f"\n=== {name} ===")
-        summaries.append(train(run_args, ctx))
-    recall = args.dataset == "recall"
+def compare_table(summaries: list[dict[str, Any]], recall: bool) -> str:
+    """A markdown table like the paper's Table 1, one row per finished run."""
     header = "| model | params | s/epoch | tokens/s | val loss | val PPL |"
     rule = "|---|---|---|---|---|---|"
     if recall:
@@ -719,16 +709,34 @@ def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
     rows = [header, rule]
     for s in summaries:
         row = (f"| {s['model']} | {s['params'] / 1e6:.2f}M | {s['s_per_epoch']:.1f} | "
-               f"{s['tokens_per_s']:,.0f} | {s['val_loss']:.4f} | {s['val_ppl']:.2f} |")
-        rows.append(row + (f" {s['val_acc']:.3f} |" if recall else ""))
-    table = "\n".join(rows)
+               f"{s['tokens_per_s']:,.0f} | {s.get('val_loss', math.nan):.4f} | "
+               f"{s.get('val_ppl', math.nan):.2f} |")
+        rows.append(row + (f" {s.get('val_acc', math.nan):.3f} |" if recall else ""))
+    return "\n".join(rows)
+
+
+def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
+    """Train each of ``--models`` in turn; ``compare.md`` is rewritten after every model."""
+    base = Path(args.out_dir) if args.out_dir else ROOT / "runs" / f"compare-{dataset_name(args)}"
+    if args.resume is not None:
+        raise UserError("--compare does not take --resume; resume each model's run on its own")
+    summaries: list[dict[str, Any]] = []
+    text = ""
+    for name in args.models.split(","):
+        run_args = argparse.Namespace(**vars(args))
+        run_args.model, run_args.out_dir = name, str(base / name)
+        if ctx.main:
+            print(f"\n=== {name} ===")
+        summaries.append(train(run_args, ctx))
+        if ctx.main:
+            s0 = summaries[0]
+            text = (f"Dataset {s0['dataset']}, {s0['steps']} steps each "
+                    f"({s0['steps'] / s0['steps_per_epoch']:.2f} epochs), device {ctx.device} x "
+                    f"{ctx.world}; unigram PPL of the validation targets "
+                    f"{s0['unigram_ppl']:.2f}.\n\n"
+                    f"{compare_table(summaries, args.dataset == 'recall')}\n")
+            (base / "compare.md").write_text(text)
     if ctx.main:
-        s0 = summaries[0]
-        text = (f"Dataset {s0['dataset']}, {s0['steps']} steps each "
-                f"({s0['steps'] / s0['steps_per_epoch']:.2f} epochs), device {ctx.device} x "
-                f"{ctx.world}; unigram PPL of the validation targets {s0['unigram_ppl']:.2f}.\n\n"
-                f"{table}\n")
-        (base / "compare.md").write_text(text)
         print(f"\n{text}\nwritten to {base / 'compare.md'}")
     return summaries
 
