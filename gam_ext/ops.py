@@ -193,7 +193,8 @@ def _gate_linear(
                 h.float(), weight.float(), None if bias is None else bias.float()
             )
         return out.to(h.dtype)
-    return F.linear(h, weight, bias)
+    # Parameters follow the activations' dtype, as in the other ops (a no-op under autocast).
+    return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
 
 
 def gam_block(

@@ -110,3 +110,19 @@ def test_autocast_runs_activations_in_low_precision():
         out = gam_ext.memory_retrieval(h, M)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference.memory_retrieval(h, M), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_mixer_takes_fp32_parameters_with_half_activations(backend):
+    torch.manual_seed(0)
+    d = 8
+    h = torch.randn(2, 5, d)
+    params = dict(conv_weight=torch.randn(d, 1, 3), conv_bias=torch.randn(d), memory=torch.randn(4, d),
+                  gate_weight=torch.randn(2 * d, d), gate_bias=torch.randn(2 * d))
+    previous = gam_ext.set_backend(backend)
+    try:
+        out = gam_ext.gam_mixer(h.bfloat16(), **params)
+    finally:
+        gam_ext.set_backend(previous)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.gam_mixer(h, **params), rtol=5e-2, atol=1e-1)
