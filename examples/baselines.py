@@ -14,13 +14,12 @@ counts its parameters with ``num_parameters()``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import gam_ext
+from gam_ext.modules import generate_tokens
 
 MODELS = ("gam", "transformer", "mamba")
 
@@ -59,7 +58,6 @@ class LanguageModel(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -69,15 +67,8 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N)."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.block_size:])
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_token], dim=1)
-        return idx
+        return generate_tokens(self, idx, max_new_tokens, self.block_size, temperature, top_k,
+                               generator)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -133,7 +133,6 @@ class GAMModel(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -143,17 +142,8 @@ class GAMModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N), nanoGPT style."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            probs = F.softmax(logits, dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, next_token], dim=1)
-        return idx
+        return generate_tokens(self, idx, max_new_tokens, self.config.block_size, temperature,
+                               top_k, generator)
 
     @classmethod
     def from_official(
@@ -173,6 +163,28 @@ class GAMModel(nn.Module):
             state = {**state, "head.weight": state["token_embedding.weight"]}
         model.load_state_dict(state, strict=True)
         return model
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    block_size: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Autoregressive sampling for any ``model(idx) -> (logits, loss)`` that sees ``block_size`` tokens."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -block_size:])
+        logits = logits[:, -1, :] / max(temperature, 1e-8)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx
 
 
 def _unwrap_state_dict(
