@@ -121,7 +121,7 @@ def build_extensions() -> tuple[list, dict]:
 
     sources = read_sources()
     csrc = str(ROOT / "csrc")
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]  # C++20 as torch >= 2.14 needs, on every torch
     kwargs = dict(
         name="gam_ext._C",
         include_dirs=[csrc],
