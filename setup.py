@@ -103,10 +103,10 @@ def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
     if (Path(cuda_home) / "include" / "cusparse.h").is_file():
         return []
     # The toolkit's own include folder first: the wheels' cuda_runtime.h lacks the crt/ headers.
+    site_packages = Path(torch.__file__).parent.parent
+    wheel_dirs = glob.glob(str(site_packages / "nvidia" / "*" / "include"))
     found = [str(Path(cuda_home) / "include")]
-    for site in {Path(torch.__file__).parent.parent}:
-        found += [d for d in glob.glob(str(site / "nvidia" / "*" / "include"))
-                  if Path(d, "cusparse.h").is_file()]
+    found += [d for d in wheel_dirs if Path(d, "cusparse.h").is_file()]
     return found
 
 
