@@ -122,10 +122,16 @@ def build_extensions() -> tuple[list, dict]:
     sources = read_sources()
     csrc = str(ROOT / "csrc")
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]  # C++20 as torch >= 2.14 needs, on every torch
+    link_flags = ["-fopenmp"]
+    if sys.platform.startswith("linux"):
+        # Link the C++ runtime dynamically even where the compiler driver adds -static-libstdc++
+        # (the GPU machines' image does): a private copy of the runtime inside _C breaks every
+        # exception that crosses into torch (TORCH_CHECK errors crash or lose their message).
+        link_flags += ["-Wl,-Bdynamic", "-lstdc++"]
     kwargs = dict(
         name="gam_ext._C",
         include_dirs=[csrc],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
     if with_cuda:
         kwargs["sources"] = sources["common"] + sources["cpu"] + sources["cuda"]

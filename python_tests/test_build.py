@@ -47,3 +47,28 @@ def test_setup_without_torch_says_what_to_do():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert "pip install --no-build-isolation ." in out.stderr
+
+
+def compiled_module() -> Path:
+    try:
+        from gam_ext import _C
+    except ImportError:
+        pytest.skip("gam_ext._C is not built")
+    return Path(_C.__file__)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None,
+                    reason="needs Linux and binutils' nm")
+def test_module_shares_torchs_cxx_runtime():
+    # A compiler driver that adds -static-libstdc++ puts a private C++ runtime into _C; then every
+    # TORCH_CHECK error that crosses into torch crashes the process or loses its message.
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(compiled_module())],
+                             capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"\s__cxa_throw\b", symbols), "gam_ext._C carries its own libstdc++"
+
+
+def test_kernel_errors_reach_python_whole():
+    compiled_module()
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match="weight has 4 channels but x has D=8"):
+        torch.ops.gam_ext.causal_conv1d_fwd(x, torch.zeros(4, 3), None)
