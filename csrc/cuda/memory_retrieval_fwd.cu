@@ -135,6 +135,7 @@ __global__ void __launch_bounds__(kTcThreads)
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        __syncwarp();  // all lanes of row r have read m_ref[r]; shuffles do not order smem
         if (q == 0) {
           l_sum[r] = l_sum[r] * a + sum;
           m_ref[r] = m_new;
