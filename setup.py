@@ -110,6 +110,25 @@ def extra_cuda_include_dirs(cuda_home: str) -> list[str]:
     return found
 
 
+def shared_cxx_runtime() -> list[str]:
+    """Link _C against the libstdc++ that torch runs with, named by path.
+
+    A toolchain whose own library folder holds only libstdc++.a (the GPU machines' image does)
+    links a private copy of the C++ runtime into _C; every exception that then crosses into torch
+    (each TORCH_CHECK error) crashes the process or loses its message. The shared library named
+    before the driver's own -lstdc++ resolves every runtime symbol, so nothing is taken from an
+    archive.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:  # torch is imported: its libstdc++ is mapped
+            loaded = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(loaded)[:1]
+
+
 def build_extensions() -> tuple[list, dict]:
     cuda_home = find_cuda_home()
     with_cuda = want_cuda(cuda_home)
@@ -122,12 +141,7 @@ def build_extensions() -> tuple[list, dict]:
     sources = read_sources()
     csrc = str(ROOT / "csrc")
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]  # C++20 as torch >= 2.14 needs, on every torch
-    link_flags = ["-fopenmp"]
-    if sys.platform.startswith("linux"):
-        # Link the C++ runtime dynamically even where the compiler driver adds -static-libstdc++
-        # (the GPU machines' image does): a private copy of the runtime inside _C breaks every
-        # exception that crosses into torch (TORCH_CHECK errors crash or lose their message).
-        link_flags += ["-Wl,-Bdynamic", "-lstdc++"]
+    link_flags = ["-fopenmp"] + shared_cxx_runtime()
     kwargs = dict(
         name="gam_ext._C",
         include_dirs=[csrc],
