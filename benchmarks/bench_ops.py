@@ -49,10 +49,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, benchmarks/ is sys.path[0], and its profile.py would shadow the standard
-# library's profile module (which torch.compile imports through cProfile).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

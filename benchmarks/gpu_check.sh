@@ -71,7 +71,7 @@ if [[ -n "$SAN" ]]; then
   timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
     > "$LOG/racecheck.txt" 2>&1
   RACE_RC=$?
-  tail -3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
+  tail -n 3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
 fi
 
 echo "== benchmarks"
@@ -95,7 +95,7 @@ NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval --set
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
 if [[ -n "$NCU" ]]; then
   echo "== ncu"
-  timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile.py $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
+  timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
 fi
 
@@ -104,7 +104,8 @@ fi
   echo
   echo "- device: $DEVICE (sm_${ARCH/./}), $(nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader 2>/dev/null)"
   echo "- torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), $(nvcc --version 2>/dev/null | tail -1)"
-  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain \
+    --untracked-files=no 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
   echo "- command: \`bash benchmarks/gpu_check.sh\` (total $(elapsed))"
   echo
   echo "| stage | command | result |"
@@ -115,7 +116,7 @@ fi
   echo "| racecheck | compute-sanitizer --tool racecheck $PY benchmarks/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
-  echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
+  echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
   echo
   echo "Targets (H100, bf16): conv fwd/bwd >= 70% of HBM bandwidth, gate >= 80%; retrieval fwd"
   echo ">= 3x eager and >= 1.5x torch.compile at N >= 1024 and >= 30% of the bf16 dense peak;"

@@ -3,8 +3,8 @@
 On a GPU, Nsight Systems (timeline) and Nsight Compute (per kernel; the CUDA sources are built with
 -lineinfo, so it shows source lines):
 
-    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi -o gam python benchmarks/profile.py
-    ncu --nvtx --nvtx-include "gam_step/" --set full -o gam python benchmarks/profile.py --steps 1
+    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi -o gam python benchmarks/profile_steps.py
+    ncu --nvtx --nvtx-include "gam_step/" --set full -o gam python benchmarks/profile_steps.py --steps 1
 
 Only the measured steps are captured (after --warmup steps), each inside an NVTX range "gam_step"
 with nested "forward" and "backward" ranges. With --torch-profiler (the default on CPU) it prints

@@ -1,4 +1,4 @@
-"""benchmarks/profile.py runs on the CPU and reports the gam_ext ops it profiled."""
+"""benchmarks/profile_steps.py runs on the CPU and reports the gam_ext ops it profiled."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_profile(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_steps.py"), *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -27,3 +27,12 @@ def test_profile_runs_on_cpu(tmp_path):
 def test_profile_rejects_bad_flags():
     out = run_profile("--batch", "0")
     assert out.returncode == 2 and "--batch must be >= 1" in out.stderr
+
+
+def test_no_script_shadows_the_standard_library():
+    # A script's folder is sys.path[0]: a benchmarks/profile.py once hid the stdlib module that
+    # torch.compile imports, and every other script in that folder failed on a GPU.
+    scripts = [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")]
+    assert scripts
+    clashes = [p.name for p in scripts if p.stem in sys.stdlib_module_names]
+    assert not clashes, f"rename these: they shadow standard-library modules: {clashes}"
