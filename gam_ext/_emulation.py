@@ -6,14 +6,15 @@ with ``-DGAM_EMULATE`` they run on CPU memory through the SIMT emulation layer i
 no GPU are needed. By default the module is built with AddressSanitizer, so out-of-bounds
 global and shared memory accesses abort with a report.
 
-Adding kernel bindings (what a kernel engineer does)::
+Binding kernels (the project's own bindings are csrc/cuda/dispatch.cpp, whose -DGAM_EMULATE branch
+defines the pybind module; docs/architecture.md describes the whole path)::
 
-    # csrc/cuda/emulated_bindings.cpp: includes <torch/extension.h> and your torch-free
-    # launcher headers, checks CPU tensors, calls the launchers with a nullptr stream, and
-    # exposes them with PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(...); }.
+    # my_bindings.cpp: includes <torch/extension.h> and your torch-free launcher headers,
+    # checks CPU tensors, calls the launchers with a nullptr stream, and exposes them with
+    # PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(...); }.
 
     from gam_ext._emulation import load_emulated_module
-    mod = load_emulated_module(["csrc/cuda/emulated_bindings.cpp"], name="gam_emulated_kernels")
+    mod = load_emulated_module(["my_bindings.cpp"], name="gam_emulated_kernels")
     mod.my_launcher(x_cpu, ...)
 
 ``load_emulated_module`` compiles every csrc/cuda/*.cu (through generated wrapper .cpp files

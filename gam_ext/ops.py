@@ -179,9 +179,10 @@ def _gate_linear(
 ) -> torch.Tensor:
     """h @ weight.T + bias. With the CPU kernels and half activations, computed in fp32.
 
-    torch's float16/bfloat16 GEMM on CPU runs about 100x slower than its fp32 GEMM (DESIGN.md),
-    so the gate linear would dominate the mixer; in fp32 it is fast (and more accurate), rounded
-    once to h's dtype. This also takes fp32 parameters with half activations outside autocast.
+    torch's float16/bfloat16 GEMM on a CPU without native half-precision matrix instructions runs
+    far slower than its fp32 GEMM (figures: docs/design.md, "Half precision on the CPU"), so the
+    gate linear would dominate the mixer; in fp32 it is fast (and more accurate), rounded once to
+    h's dtype. This also takes fp32 parameters with half activations outside autocast.
     """
     if (
         h.device.type == "cpu"
@@ -217,7 +218,7 @@ def gam_block(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """One GAM block (PAPER.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.)))."""
+    """One GAM block (docs/paper.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.)))."""
     _check_float_tensor("x", x, 3)
     d = x.shape[-1]
     h = F.layer_norm(x, (d,), ln1_weight, ln1_bias, eps)

@@ -1,6 +1,7 @@
 """Pure-PyTorch reference math of GAM: the definition every kernel is tested against.
 
-Written exactly as the paper's public code computes it (PAPER.md): an ``nn.Conv1d``-style depthwise
+Written exactly as the paper's public code computes it (docs/paper.md, "The GAM block"; the
+formulas are in docs/design.md, "The math of each op"): an ``nn.Conv1d``-style depthwise
 convolution padded by K-1 on both sides and cut back to the first N outputs, a plain
 matmul-softmax-matmul retrieval from the memory bank (keys = values = M, no projection), and two
 independent sigmoid gates. All tensors are token-major ``(B, N, D)``.

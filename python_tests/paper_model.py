@@ -1,4 +1,4 @@
-"""An independent replica of the paper's public GAM_Model, written from PAPER.md for the tests.
+"""An independent replica of the paper's public GAM_Model (docs/paper.md), written for the tests.
 
 It is deliberately plain nn.Module code (nn.Conv1d padded by K-1 and sliced, matmul-softmax-matmul,
 two sigmoid gates) and shares nothing with gam_ext, so that comparing the two checks gam_ext's math

@@ -1,10 +1,11 @@
 """The C++ CPU kernels of the three ops, forward and backward, against the float64 reference.
 
 Every case runs through the public functions (gam_ext.causal_conv1d / memory_retrieval /
-gate_fusion) and torch.autograd, on the shape classes of DESIGN.md: N = 1, 2, primes, lengths
-across the kernels' row blocks (64 rows), dw/dbias chunks (32 rows), backward tiles (256 rows) and
-slot chunks (512 slots); D odd and not a multiple of 8; S = 1 and odd; K = 1..8 and K > N;
-non-contiguous inputs; empty batches; fp32 parameters with half activations.
+gate_fusion) and torch.autograd, on the shape classes of docs/design.md ("Shapes the tests
+cover"): N = 1, 2, primes, lengths across the kernels' row blocks (64 rows), dw/dbias chunks
+(32 rows), backward tiles (256 rows) and slot chunks (512 slots); D odd and not a multiple of 8;
+S = 1 and odd; K = 1..8 and K > N; non-contiguous inputs; empty batches; fp32 parameters with half
+activations.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# DESIGN.md tolerances against the float64 reference.
+# Tolerances against the float64 reference (docs/design.md, "Tolerances").
 TOL = {
     torch.float64: (1e-9, 1e-9),
     torch.float32: (3e-4, 1e-3),
@@ -71,7 +72,7 @@ def _as64(inputs):
 
 
 def _assert_close(name, ours, ref64, eager, dtype):
-    """DESIGN.md: within the dtype's tolerance, or within twice the error of eager in that dtype."""
+    """Within the dtype's tolerance, or within twice the error of eager in that dtype (docs/design.md)."""
     assert ours.shape == ref64.shape, (name, ours.shape, ref64.shape)
     rtol, atol = TOL[dtype]
     diff = (ours.double() - ref64).abs()

@@ -1,4 +1,4 @@
-"""gam_ext.reference against the math of DESIGN.md, written out independently, in float64."""
+"""gam_ext.reference against the math of docs/design.md, written out independently, in float64."""
 
 from __future__ import annotations
 

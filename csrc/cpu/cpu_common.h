@@ -40,7 +40,8 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
-// Half types are computed in fp32 (torch's bf16 GEMM on CPU is ~300x slower than fp32), fp64 in fp64.
+// Half types are computed in fp32 (torch's half GEMM is far slower than fp32 on CPUs without native
+// half-precision matrix instructions: docs/design.md, "Half precision on the CPU"), fp64 in fp64.
 template <typename T>
 struct AccType {
   using type = float;

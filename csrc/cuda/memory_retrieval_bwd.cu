@@ -1,4 +1,4 @@
-// Memory retrieval backward (DESIGN.md):
+// Memory retrieval backward (docs/design.md, "Memory retrieval"):
 //   delta = rowsum(dg * g);  p = exp(scale * h M^T - lse);  ds = p * (dg M^T - delta)
 //   dh = scale * ds M;  dM = scale * ds^T h + p^T dg   (summed over all rows)
 // Kernels: (1) delta per row; (2) dh per row tile, streaming slot tiles (p recomputed from lse);

@@ -16,7 +16,8 @@
 //     std::runtime_error naming the kernel.
 // Math intrinsics and atomics live in intrinsics.h, WMMA in wmma.h.
 //
-// Deliberate differences from hardware (see also README "Testing"):
+// Deliberate differences from hardware (see also README.md, section "Tests", and
+// docs/architecture.md, "The emulator: CUDA kernels without a GPU"):
 //   * threads of a block are never preempted: they switch only at barriers,
 //     warp collectives and exit. Shared memory starts as 0xFF bytes (NaN for
 //     float/half/bf16, -1 for ints) and odd-numbered blocks run their threads
