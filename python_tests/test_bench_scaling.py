@@ -40,7 +40,7 @@ def test_block_grid_writes_table_csv_and_plot(tmp_path):
     assert by["naive_attn", 32]["status"].startswith("skipped")
     text = stem.with_suffix(".md").read_text()
     assert "time slope" in text and "The paper's figures" in text and "| 8192 | 217.3 |" in text
-    assert "gam_ext is" in text and "faster than gam_reference" in text
+    assert "gam_reference time / gam_ext time = " in text
     assert stem.with_suffix(".png").stat().st_size > 10_000
 
 
