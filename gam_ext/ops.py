@@ -20,6 +20,8 @@ Higher-order and forward-mode derivatives go through the pure-PyTorch reference 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -290,8 +292,9 @@ def _reference_vjp(
     """Input gradients of ``fn(*inputs)`` for ``grad_output``, themselves differentiable.
 
     ``fn`` is an op's reference math; it runs on the saved inputs (which keep their place in the
-    graph) cast to the compute dtype of the first one, and the gradients come back in each input's
-    dtype. ``needed`` marks the inputs whose gradient is wanted (``ctx.needs_input_grad``).
+    graph) cast to the compute dtype of the first one, with autocast off (a CPU backward runs in
+    the caller's thread, under its autocast), and the gradients come back in each input's dtype.
+    ``needed`` marks the inputs whose gradient is wanted (``ctx.needs_input_grad``).
     """
     dtype = _compute_dtype(inputs[0])
     leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
@@ -299,7 +302,10 @@ def _reference_vjp(
     grads: list[torch.Tensor | None] = [None] * len(inputs)
     if not wanted:
         return grads
-    with torch.enable_grad():
+    device_type = inputs[0].device.type
+    no_autocast = (torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda")
+                   else contextlib.nullcontext())
+    with torch.enable_grad(), no_autocast:
         out = fn(*(t.to(dtype) for t in leaves))
         found = torch.autograd.grad(
             out, [leaves[i] for i in wanted], grad_output.to(dtype), create_graph=True,

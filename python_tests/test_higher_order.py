@@ -330,3 +330,18 @@ def test_export_keeps_the_kernels():
     assert {"gam_ext.causal_conv1d_fwd.default", "gam_ext.memory_retrieval_fwd.default",
             "gam_ext.gate_fusion_fwd.default"} <= targets
     torch.testing.assert_close(exported.module()(*inputs), reference.gam_mixer(*inputs))
+
+
+def test_create_graph_backward_under_autocast_computes_in_fp32():
+    # The forward ran in fp32; the backward (on this thread, for CPU tensors) runs under autocast.
+    fn, (h, m) = _case("memory_retrieval", dtype=torch.float32)
+    h, m = h.requires_grad_(), m.requires_grad_()
+
+    def first_order(autocast):
+        loss = fn(h, m).square().sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return torch.autograd.grad(loss, (h, m), create_graph=True)
+
+    for got, expected in zip(first_order(True), first_order(False), strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
