@@ -35,9 +35,10 @@ class GAMConfig:
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "num_memory_slots",
                      "conv_kernel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GAMConfig.{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GAMConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
@@ -52,6 +53,15 @@ class GAMBlock(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        for name, value in (("d_model", d_model), ("num_memory_slots", num_memory_slots),
+                            ("conv_kernel_size", conv_kernel_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"GAMBlock: {name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"GAMBlock: {name} must be >= 1, got {value}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"GAMBlock: dropout must be a float in [0, 1), got {dropout!r}")
         self.d_model = d_model
         self.ln1 = nn.LayerNorm(d_model)
         # Held as an nn.Conv1d so checkpoints of the paper's code load; run by gam_ext's kernel.

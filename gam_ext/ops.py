@@ -53,6 +53,17 @@ def _check_float_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     return value
 
 
+def _check_param(
+    name: str, value: object, shape: tuple[int, ...], optional: bool = False
+) -> None:
+    """A parameter tensor of exactly ``shape`` (``None`` allowed when ``optional``)."""
+    if value is None and optional:
+        return
+    _check_float_tensor(name, value, len(shape))
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+
+
 def _check_same_device(reference_name: str, reference_tensor: torch.Tensor, **others) -> None:
     for name, value in others.items():
         if value is not None and value.device != reference_tensor.device:
@@ -216,7 +227,15 @@ def gam_mixer(
     gate_bias: torch.Tensor | None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias)."""
+    """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias).
+
+    gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``.
+    """
+    _check_float_tensor("h", h, 3)
+    d = h.shape[2]
+    _check_param("gate_weight", gate_weight, (2 * d, d))
+    _check_param("gate_bias", gate_bias, (2 * d,), optional=True)
+    _check_same_device("h", h, gate_weight=gate_weight, gate_bias=gate_bias)
     local = causal_conv1d(h, conv_weight, conv_bias)
     global_ctx = memory_retrieval(h, memory, scale)
     gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
@@ -266,9 +285,31 @@ def gam_block(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """One GAM block (PAPER.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.)))."""
+    """One GAM block: x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.))).
+
+    LayerNorm weights and biases are (D,); ffn_w1 (H, D), ffn_b1 (H,), ffn_w2 (D, H), ffn_b2 (D,)
+    as ``nn.Linear``; the mixer's parameters as in :func:`gam_mixer`.
+    """
     _check_float_tensor("x", x, 3)
     d = x.shape[-1]
+    for name, value in (("ln1_weight", ln1_weight), ("ln1_bias", ln1_bias),
+                        ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
+        _check_param(name, value, (d,))
+    _check_float_tensor("ffn_w1", ffn_w1, 2)
+    hidden = ffn_w1.shape[0]
+    _check_param("ffn_w1", ffn_w1, (hidden, d))
+    _check_param("ffn_b1", ffn_b1, (hidden,), optional=True)
+    _check_param("ffn_w2", ffn_w2, (d, hidden))
+    _check_param("ffn_b2", ffn_b2, (d,), optional=True)
+    _check_same_device("x", x, ln1_weight=ln1_weight, ln1_bias=ln1_bias, ln2_weight=ln2_weight,
+                       ln2_bias=ln2_bias, ffn_w1=ffn_w1, ffn_b1=ffn_b1, ffn_w2=ffn_w2,
+                       ffn_b2=ffn_b2)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
     h = F.layer_norm(x, (d,), ln1_weight, ln1_bias, eps)
     x = x + gam_mixer(h, conv_weight, conv_bias, memory, gate_weight, gate_bias)
     u = F.layer_norm(x, (d,), ln2_weight, ln2_bias, eps)
