@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +212,69 @@ def test_gam_config_rejects_bool_and_non_number_dropout():
         gam_ext.GAMConfig(n_layer=True)
     with pytest.raises(ValueError, match="GAMConfig.dropout"):
         gam_ext.GAMConfig(dropout="0.1")
+
+
+# Imports gam_ext with only the copies the test means on sys.path (this test environment may make
+# another source tree importable): argv[1] is a folder to add ('' for none).
+_IMPORT_ISOLATED = """
+import os, sys
+sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "gam_ext"))]
+sys.path.insert(0, os.getcwd())
+if sys.argv[1]:
+    sys.path.append(sys.argv[1])
+import gam_ext
+print(gam_ext.backend_info()["ops"]["cpu"]["gate_fusion"])
+"""
+
+
+def _copy_sources(folder):
+    (folder / "gam_ext").mkdir(parents=True)
+    for f in (Path(gam_ext.__file__).parent).glob("*.py"):
+        (folder / "gam_ext" / f.name).write_bytes(f.read_bytes())
+    return folder / "gam_ext"
+
+
+def _import_in(cwd, extra=""):
+    env = {k: v for k, v in os.environ.items() if k not in ("GAM_EXT_QUIET", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-c", _IMPORT_ISOLATED, str(extra)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _warning_line(stderr):
+    lines = [line for line in stderr.splitlines() if "gam_ext._C" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_unbuilt_extension_warning_gives_the_real_reason(tmp_path):
+    package = _copy_sources(tmp_path / "tree")
+    out = _import_in(tmp_path / "tree")
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stderr
+    line = _warning_line(out.stderr)
+    assert f"gam_ext._C is not built in {package}" in line
+    assert "pip install --no-build-isolation ." in line and "build_ext --inplace" in line
+    assert "circular import" not in out.stderr
+
+
+def test_broken_extension_warning_gives_the_import_error(tmp_path):
+    package = _copy_sources(tmp_path / "tree")
+    (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_text("not a library")
+    out = _import_in(tmp_path / "tree")
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stderr
+    line = _warning_line(out.stderr)
+    assert f"gam_ext._C in {package} failed to load: " in line
+    assert "rebuild it against this PyTorch" in line
+
+
+@pytest.mark.skipif(gam_ext.backend_info()["extension"] is None, reason="needs a built extension")
+def test_source_tree_hiding_an_installed_build_says_so(tmp_path):
+    _copy_sources(tmp_path / "tree")
+    site = tmp_path / "site"
+    (site / "gam_ext").mkdir(parents=True)
+    for f in Path(gam_ext.__file__).parent.iterdir():
+        if f.suffix in (".py", ".so"):
+            (site / "gam_ext" / f.name).symlink_to(f)
+    out = _import_in(tmp_path / "tree", site)
+    line = _warning_line(out.stderr)
+    assert f"it hides the built gam_ext installed at {site / 'gam_ext'}" in line
+    assert "run from another directory" in line
