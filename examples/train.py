@@ -531,14 +531,13 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def check_packages(args: argparse.Namespace, device: torch.device) -> None:
-    """Stop with one line naming every optional package this run needs and does not have."""
+def check_packages(args: argparse.Namespace, device: torch.device, models: list[str]) -> None:
+    """Stop with one line naming every optional package a run of ``models`` needs and lacks."""
     needs = {"tqdm": "the progress bar", "matplotlib": "the plots"}
     if args.dataset != "recall" and args.tokenizer == "bpe":
         needs["tokenizers"] = "the BPE tokenizer; --tokenizer byte needs none"
     if args.dataset in HF_DATASETS:
         needs["datasets"] = f"--dataset {args.dataset}"
-    models = args.models.split(",") if args.compare else [args.model]
     if "mamba" in models and not (device.type == "cuda" and _installed("mamba_ssm")):
         needs["mambapy"] = "--model mamba" + ("" if device.type == "cuda" else " on CPU")
     missing = {package: why for package, why in needs.items() if not _installed(package)}
@@ -560,7 +559,8 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
     """Train one model as ``args`` says; returns the summary (rank 0's view)."""
     if args.out_dir is None:
         args.out_dir = str(default_out_dir(args))
-    ckpt = resolve_resume(args)
+    ckpt = resolve_resume(args)  # the run's settings come from the checkpoint, if any
+    check_packages(args, ctx.device, [args.model])
     out_dir = Path(args.out_dir)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -780,6 +780,7 @@ def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
     base = Path(args.out_dir) if args.out_dir else Path("runs") / f"compare-{dataset_name(args)}"
     if args.resume is not None:
         raise UserError("--compare does not take --resume; resume each model's run on its own")
+    check_packages(args, ctx.device, args.models.split(","))
     summaries: list[dict[str, Any]] = []
     text = ""
     for name in args.models.split(","):
@@ -816,7 +817,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx: Dist | None = None
     try:
         ctx = setup_distributed(args.device)
-        check_packages(args, ctx.device)
         if args.compare:
             compare(args, ctx)
         else:

@@ -431,3 +431,22 @@ def test_source_tree_without_extension_says_why(tmp_path: Path) -> None:
     assert (f"ops:    gam_ext {tree / 'gam_ext'}: the pure-PyTorch reference for causal_conv1d, "
             "memory_retrieval, gate_fusion (the compiled extension gam_ext._C is not built"
             in result.stdout)
+
+
+def test_package_check_reads_the_resumed_settings(tmp_path: Path, corpus: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["--train-file", str(corpus), *TINY, "--max-steps", "2", "--eval-batches", "1",
+              "--sample-tokens", "0", "--out-dir", str(tmp_path)]
+    assert train.main([*common, "--tokenizer", "byte", "--stop-at-step", "1"]) == 0
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    assert train.main([*common, "--resume"]) == 0  # a byte-tokenizer run needs no tokenizers
+
+
+def test_compare_checks_every_model_first(corpus: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "mambapy", None)
+    rc = train.main(["--compare", "--models", "gam,mamba", "--train-file", str(corpus),
+                     "--tokenizer", "byte", *TINY, "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert rc == 2 and "mambapy (--model mamba on CPU)" in capsys.readouterr().err
+    assert not (tmp_path / "gam").exists()  # stopped before training the first model
