@@ -247,7 +247,7 @@ def _gate_linear(
 ) -> torch.Tensor:
     """h @ weight.T + bias. With the CPU kernels and half activations, computed in fp32.
 
-    torch's float16/bfloat16 GEMM on CPU runs about 100x slower than its fp32 GEMM (DESIGN.md),
+    torch's float16/bfloat16 GEMM on CPU runs about 100x slower than its fp32 GEMM on AVX2 CPUs,
     so the gate linear would dominate the mixer; in fp32 it is fast (and more accurate), rounded
     once to h's dtype. This also takes fp32 parameters with half activations outside autocast.
     """
