@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import importlib.util
 import math
 import os
 import platform
@@ -49,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The installed gam_ext; this source tree (built in place) only when none is installed.
+if importlib.util.find_spec("gam_ext") is None:
+    sys.path.insert(1, str(ROOT))
 
 import gam_ext  # noqa: E402
 
@@ -310,6 +312,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == "cpu":
+        # torch.profiler (the CPU peak-memory measurement) logs a Kineto "USDT profiler_start/stop"
+        # line at every call, and on a machine without a GPU an error about the device count.
+        # An explicit KINETO_LOG_LEVEL wins.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import gam_ext
+# The installed gam_ext; this source tree (built in place) only when none is installed.
+if importlib.util.find_spec("gam_ext") is None:
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import gam_ext  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,6 +78,10 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.device == "cpu":
+        # torch.profiler's Kineto logs "USDT profiler_start/stop" lines and, without a GPU,
+        # "gpuGetDeviceCount failed"; a CPU profile needs neither. An explicit KINETO_LOG_LEVEL wins.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     module, inputs = build(args)
     autocast = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     cuda = args.device == "cuda"

@@ -268,7 +268,7 @@ def build_model(
             conv_kernel_size=conv_kernel_size,
         )
         model: nn.Module = gam_ext.GAMModel(config)
-        info = (f"GAM (gam_ext, backend {gam_ext.get_backend()}, "
+        info = (f"GAM (gam_ext, "
                 f"{num_memory_slots} memory slots, conv K={conv_kernel_size})")
     elif name == "transformer":
         model = TransformerLM(vocab_size, block_size, d_model, n_layer, n_head, dropout)

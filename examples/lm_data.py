@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class Corpus:
     name: str
     train: list[str]
     val: list[str]
+    note: str = ""  # how the documents were cut, for the run's header
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,32 +76,63 @@ def pydoc_corpus(val_every: int = 10, block: int = 20) -> Corpus:
     return Corpus("pydoc", train, val)
 
 
-def file_corpus(train_file: str, val_file: str | None, val_fraction: float = 0.1) -> Corpus:
-    """Local text: one document per blank-line separated paragraph; without a validation file,
-    the last ``val_fraction`` of the training file's paragraphs."""
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 text (binary data, another encoding) is
+    refused rather than read with replacement characters."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path} is not a text file (byte {nul} is NUL): --train-file and "
+                        "--val-file take UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): "
+                        "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
-    def read(path: str) -> list[str]:
-        try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc.strerror}") from exc
-        docs = [p.strip() for p in text.split("\n\n") if p.strip()]
+
+def text_documents(text: str) -> tuple[list[str], str]:
+    """Split text into documents: blank-line separated paragraphs, or lines when it has no blank
+    lines. Returns the documents and what they are ("paragraphs" or "lines")."""
+    paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    if len(paragraphs) == 1:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(lines) > 1:
+            return lines, "lines"
+    return paragraphs, "paragraphs"
+
+
+def file_corpus(train_file: str, val_file: str | None, val_fraction: float = 0.1) -> Corpus:
+    """Local UTF-8 text: one document per blank-line separated paragraph (per line in a file with
+    no blank lines); without a validation file, the last ``val_fraction`` of the training file's
+    documents."""
+
+    def read(path: str) -> tuple[list[str], str]:
+        docs, unit = text_documents(read_text_file(path))
         if not docs:
             raise DataError(f"{path} holds no text")
-        return docs
+        return docs, unit
 
-    train = read(train_file)
+    train, unit = read(train_file)
+    note = f"documents: {unit}"
     if val_file is not None:
-        val = read(val_file)
+        val, val_unit = read(val_file)
+        if val_unit != unit:
+            note = f"documents: {unit} (train), {val_unit} (validation)"
     else:
         if len(train) < 2:
-            raise DataError(f"{train_file} is too short to split off a validation part; "
-                            "pass --val-file")
+            raise DataError(f"{train_file} is one line of text: too short to split off a "
+                            "validation part; give more lines or paragraphs, or pass --val-file")
         cut = max(1, round(len(train) * (1 - val_fraction)))
         cut = min(cut, len(train) - 1)
         train, val = train[:cut], train[cut:]
+        note += f", the last {len(val)} of {len(train) + len(val)} for validation"
     name = "file-" + Path(train_file).stem
-    return Corpus(name, train, val)
+    return Corpus(name, train, val, note)
 
 
 def _hub_reachable(timeout: float) -> bool:

@@ -7,14 +7,16 @@
     python examples/train.py --dataset recall                 # synthetic associative recall
     torchrun --nproc_per_node 8 examples/train.py --preset paper --dataset tinystories
 
-Writes to --out-dir (default runs/<model>-<dataset>): metrics.jsonl (one line per evaluation),
-ckpt.pt (continue exactly with --resume), loss.png, ppl.png, sample.txt and summary.json.
+Writes to --out-dir (default runs/<model>-<dataset> in the current directory): metrics.jsonl (one
+line per evaluation), ckpt.pt (continue exactly with --resume), loss.png, ppl.png, sample.txt and
+summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -24,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (str(ROOT), str(Path(__file__).resolve().parent)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+EXAMPLES = Path(__file__).resolve().parent
+ROOT = EXAMPLES.parent
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+# gam_ext as installed (pip install, or the source tree made importable by `make`); only when no
+# gam_ext is installed, the source tree this script lives in (built in place by `make build`).
+if importlib.util.find_spec("gam_ext") is None:
+    sys.path.insert(1, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -47,6 +53,8 @@ from lm_data import (  # noqa: E402
 )
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+
+import gam_ext  # noqa: E402
 
 # The default preset fits `make train` (about 5 minutes on 2 CPU cores); `paper` is Table 1's.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -167,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=pos_int, help="steps between evaluations (-: once per epoch)")
     g.add_argument("--eval-batches", type=_non_negative(int),
                    help="validation batches per evaluation (0: all)")
-    g.add_argument("--out-dir", help="default: runs/<model>-<dataset>")
+    g.add_argument("--out-dir", help="default: runs/<model>-<dataset> in the current directory "
+                   "(with --compare: runs/compare-<dataset>)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default: <out-dir>/ckpt.pt)")
     g.add_argument("--stop-at-step", type=pos_int,
@@ -181,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="bf16/fp16: autocast on CUDA")
+                   help="bf16/fp16: autocast (on CPU or CUDA; fp16 with a gradient scaler)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--threads", type=_non_negative(int), default=0,
                    help="CPU threads for torch; 0: torch's default, or 1 when the machine is "
@@ -220,8 +229,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"{args.recall_keys}: keys must be distinct within an example")
     if args.dataset is None:
         args.dataset = "pydoc" if args.train_file is None else "file"
-    if args.dtype != "fp32" and args.device == "cpu":
-        parser.error(f"--dtype {args.dtype} autocasts on CUDA only; use --dtype fp32 on CPU")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
@@ -239,7 +246,8 @@ def dataset_name(args: argparse.Namespace) -> str:
 
 
 def default_out_dir(args: argparse.Namespace) -> Path:
-    return ROOT / "runs" / f"{args.model}-{dataset_name(args)}"
+    """runs/<model>-<dataset>, relative to the current directory."""
+    return Path("runs") / f"{args.model}-{dataset_name(args)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +357,7 @@ def prepare_data(args: argparse.Namespace, ctx: Dist) -> Data:
         raise UserError(f"the validation split has {len(val_ids)} tokens, fewer than one chunk "
                         f"of --seq-len {args.seq_len} + 1")
     desc = (f"{name}: {len(train_ids):,} train / {len(val_ids):,} val tokens, tokenizer "
-            f"{tokenizer.description}")
+            f"{tokenizer.description}" + (f"; {corpus.note}" if corpus.note else ""))
     return Data(name, train_x, train_y, val_x, val_y, tokenizer.vocab_size, tokenizer, desc,
                 unigram_perplexity(val_y))
 
@@ -498,6 +506,50 @@ def write_sample(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Di
             f"{data.tokenizer.decode(out[0, prompt.shape[1]:].tolist())}")
 
 
+def gam_ext_backend(device: torch.device) -> str:
+    """Which gam_ext runs and what runs each op on ``device``, for the run's header."""
+    info = gam_ext.backend_info()
+    ops = info["ops"][device.type]
+    where = Path(gam_ext.__file__).parent
+    if all(how == "kernel" for how in ops.values()):
+        text = f"compiled {device.type} kernels for {', '.join(ops)}"
+    elif all(how == "reference" for how in ops.values()):
+        text = f"the pure-PyTorch reference for {', '.join(ops)}"
+    else:
+        text = ", ".join(f"{op} {how}" for op, how in ops.items())
+    if info["backend"] == "reference":
+        text += " (forced: backend reference)"
+    elif info["extension_error"]:
+        text += f" ({info['extension_error']})"
+    return f"gam_ext {where}: {text}"
+
+
+# Optional packages of the training example (pyproject's [train] extra), and what needs them.
+def _installed(package: str) -> bool:
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def check_packages(args: argparse.Namespace, device: torch.device, models: list[str]) -> None:
+    """Stop with one line naming every optional package a run of ``models`` needs and lacks."""
+    needs = {"tqdm": "the progress bar", "matplotlib": "the plots"}
+    if args.dataset != "recall" and args.tokenizer == "bpe":
+        needs["tokenizers"] = "the BPE tokenizer; --tokenizer byte needs none"
+    if args.dataset in HF_DATASETS:
+        needs["datasets"] = f"--dataset {args.dataset}"
+    if "mamba" in models and not (device.type == "cuda" and _installed("mamba_ssm")):
+        needs["mambapy"] = "--model mamba" + ("" if device.type == "cuda" else " on CPU")
+    missing = {package: why for package, why in needs.items() if not _installed(package)}
+    if missing:
+        names = " ".join(missing)
+        listing = ", ".join(f"{package} ({why})" for package, why in missing.items())
+        raise UserError(
+            f"this run needs packages that are not installed: {listing}. Install them with "
+            f"`pip install {names}`, or every dependency of the training example with "
+            "`pip install --no-build-isolation '.[train]'` in the gam_ext source tree")
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -507,7 +559,8 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
     """Train one model as ``args`` says; returns the summary (rank 0's view)."""
     if args.out_dir is None:
         args.out_dir = str(default_out_dir(args))
-    ckpt = resolve_resume(args)
+    ckpt = resolve_resume(args)  # the run's settings come from the checkpoint, if any
+    check_packages(args, ctx.device, [args.model])
     out_dir = Path(args.out_dir)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -539,9 +592,11 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
     eval_interval = args.eval_interval or steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.warmup_steps, total_steps))
-    use_amp = args.dtype != "fp32" and ctx.device.type == "cuda"
+    # Autocast on either device (gam_ext has CPU and CUDA kernels for bf16 and fp16); fp16 with a
+    # gradient scaler.
+    use_amp = args.dtype != "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.dtype == "fp16")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
 
     step, loss_sum, loss_count, elapsed_before = 0, 0.0, 0, 0.0
     metrics: list[dict[str, Any]] = []
@@ -572,15 +627,20 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
     if ctx.enabled:
         run_model = DistributedDataParallel(
             eval_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=amp_dtype) if use_amp
+    autocast = (torch.autocast(ctx.device.type, dtype=amp_dtype) if use_amp
                 else contextlib.nullcontext())
 
     log(f"data:   {data.description}")
     log(f"model:  {info}: {n_params:,} parameters, D={args.d_model}, {args.n_layer} layers, "
         f"vocab {data.vocab_size}, seq {args.seq_len}, {args.init} init")
+    if args.model == "gam":
+        log(f"ops:    {gam_ext_backend(ctx.device)}")
+    precision = f"{args.dtype} autocast" if use_amp else "fp32"
+    if args.dtype == "fp16":
+        precision += " with a gradient scaler"
     log(f"recipe: {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs of "
         f"{steps_per_epoch}), batch {args.batch_size} x {ctx.world} process(es), lr {args.lr}, "
-        f"warm-up {args.warmup_steps}, device {ctx.device}, {args.dtype}, "
+        f"warm-up {args.warmup_steps}, device {ctx.device}, {precision}, "
         f"{torch.get_num_threads()} CPU thread(s)")
     log(f"unigram perplexity of the validation targets: {data.unigram_ppl:.2f}")
 
@@ -717,9 +777,10 @@ def compare_table(summaries: list[dict[str, Any]], recall: bool) -> str:
 
 def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
     """Train each of ``--models`` in turn; ``compare.md`` is rewritten after every model."""
-    base = Path(args.out_dir) if args.out_dir else ROOT / "runs" / f"compare-{dataset_name(args)}"
+    base = Path(args.out_dir) if args.out_dir else Path("runs") / f"compare-{dataset_name(args)}"
     if args.resume is not None:
         raise UserError("--compare does not take --resume; resume each model's run on its own")
+    check_packages(args, ctx.device, args.models.split(","))
     summaries: list[dict[str, Any]] = []
     text = ""
     for name in args.models.split(","):
@@ -762,6 +823,13 @@ def main(argv: list[str] | None = None) -> int:
             train(args, ctx)
     except (UserError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in ("gam_ext", "torch"):
+            raise
+        print(f"error: the package `{exc.name}` is not installed (pip install {exc.name}, or "
+              "pip install --no-build-isolation '.[train]' for everything the example uses)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: continue with --resume (from the last checkpoint)", file=sys.stderr)

@@ -8,7 +8,11 @@ the environment, or call ``gam_ext.set_backend("reference")``, to force the refe
 
 from __future__ import annotations
 
+import glob
+import importlib
+import importlib.machinery
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -24,19 +28,43 @@ KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
 }
 
+def _explain_import_error(exc: ImportError) -> str:
+    """One line: why gam_ext._C did not load, and what to do about it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "gam_ext._C":
+        why = f"the compiled extension gam_ext._C is not built in {here}"
+        # A source tree on sys.path (the current directory comes first) hides an installed copy.
+        parent = os.path.dirname(here)
+        others = [p for p in sys.path if os.path.abspath(p or os.curdir) != parent]
+        spec = importlib.machinery.PathFinder.find_spec("gam_ext", others)
+        installed = None if spec is None or not spec.submodule_search_locations else \
+            list(spec.submodule_search_locations)[0]
+        if installed and glob.glob(os.path.join(installed, "_C.*")):
+            todo = (f"it hides the built gam_ext installed at {installed}: run from another "
+                    "directory than the source tree, or build the tree in place with "
+                    "`python setup.py build_ext --inplace` (or `make build`)")
+        else:
+            todo = ("build it with `pip install --no-build-isolation .` (then run from outside "
+                    "the source tree), or in place with `python setup.py build_ext --inplace` "
+                    "(or `make build`)")
+    else:
+        message = " ".join(str(exc).split())
+        why = f"the compiled extension gam_ext._C in {here} failed to load: {message}"
+        todo = (f"rebuild it against this PyTorch ({torch.__version__}) with "
+                "`pip install --no-build-isolation .` or `make build`")
+    return f"{why}; every op runs the pure-PyTorch reference. To fix: {todo}"
+
+
 _extension: Any = None
 _extension_error: str | None = None
 try:
-    from gam_ext import _C as _extension  # noqa: F401  (importing registers the ops)
+    # Importing registers the ops. (``from gam_ext import _C`` would report a missing module as
+    # "a circular import"; import_module gives the real error.)
+    _extension = importlib.import_module("gam_ext._C")
 except ImportError as exc:  # pragma: no cover - depends on the build
-    _extension_error = str(exc)
+    _extension_error = _explain_import_error(exc)
     if os.environ.get("GAM_EXT_QUIET") != "1":
-        warnings.warn(
-            "gam_ext: the compiled extension gam_ext._C is not available "
-            f"({exc}); every op runs the pure-PyTorch reference. Build it with "
-            "`pip install --no-build-isolation .` or `make build`.",
-            stacklevel=2,
-        )
+        warnings.warn(f"gam_ext: {_extension_error}", stacklevel=2)
 
 
 def _has_kernel(op: str, device_type: str) -> bool:

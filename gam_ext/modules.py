@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +36,10 @@ class GAMConfig:
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "num_memory_slots",
                      "conv_kernel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GAMConfig.{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GAMConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
@@ -52,6 +54,15 @@ class GAMBlock(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        for name, value in (("d_model", d_model), ("num_memory_slots", num_memory_slots),
+                            ("conv_kernel_size", conv_kernel_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"GAMBlock: {name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"GAMBlock: {name} must be >= 1, got {value}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"GAMBlock: dropout must be a float in [0, 1), got {dropout!r}")
         self.d_model = d_model
         self.ln1 = nn.LayerNorm(d_model)
         # Held as an nn.Conv1d so checkpoints of the paper's code load; run by gam_ext's kernel.
@@ -154,7 +165,8 @@ class GAMModel(nn.Module):
 
         The config is inferred from the tensor shapes; loading is strict. Checkpoints that wrap the
         state_dict (``{"model": ...}``) or prefix its keys (``module.`` from DDP, ``_orig_mod.``
-        from torch.compile) are unwrapped.
+        from torch.compile, in any mix such as ``module._orig_mod.``) are unwrapped. A file that is
+        not a PyTorch checkpoint raises ValueError; a state_dict without GAM_Model keys, KeyError.
         """
         state = _unwrap_state_dict(state_dict_or_path)
         config = config_from_state_dict(state, dropout=dropout)
@@ -187,6 +199,56 @@ def generate_tokens(
     return idx
 
 
+# Key prefixes of wrappers: DDP (module.) and torch.compile (_orig_mod.), nested in any order.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    """``module._orig_mod.blocks.0...`` (DDP around a compiled model) -> ``blocks.0...``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch.load's weights-only error that names what it refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(exc).__name__
+
+
+def _load_checkpoint_file(path: str) -> Any:
+    """torch.load a checkpoint's tensors only, with an error that says what the file is not."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (since torch 1.6) or, in the legacy format, a pickle.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise ValueError(
+            f"{path!r} is not a PyTorch checkpoint (a file written by torch.save holding a "
+            "GAM_Model state_dict); its first bytes are " + repr(head)
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"cannot read {path!r} as a checkpoint of tensors: it holds other objects "
+            f"({_unpickler_reason(exc)}). If you trust the file, load it with "
+            "torch.load(path, weights_only=False) and pass its state_dict"
+        ) from exc
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read {path!r} as a checkpoint (truncated or corrupt?): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
 def _unwrap_state_dict(
     state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
 ) -> dict[str, torch.Tensor]:
@@ -194,7 +256,7 @@ def _unwrap_state_dict(
         path = os.fspath(state_dict_or_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint file at {path!r}")
-        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+        state: Any = _load_checkpoint_file(path)
     else:
         state = state_dict_or_path
     if not isinstance(state, Mapping):
@@ -202,13 +264,9 @@ def _unwrap_state_dict(
     for wrapper_key in ("model", "state_dict", "model_state_dict"):
         if "token_embedding.weight" not in state and isinstance(state.get(wrapper_key), Mapping):
             state = state[wrapper_key]
-    prefixes = ("_orig_mod.", "module.")
     result = {}
     for key, value in state.items():
-        for prefix in prefixes:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        result[key] = value
+        result[_strip_wrapper_prefixes(key)] = value
     if "token_embedding.weight" not in result:
         raise KeyError(
             "not a GAM_Model state_dict: it has no 'token_embedding.weight' "

@@ -4,12 +4,28 @@ Each primitive takes token-major ``(B, N, D)`` tensors and is differentiable in 
 argument. The compiled ops ``torch.ops.gam_ext.<op>_fwd`` / ``<op>_bwd`` get their fake (meta)
 kernels and their autograd formula here, so ``torch.compile(fullgraph=True)`` traces them and
 ``torch.library.opcheck`` passes.
+
+Higher-order and forward-mode derivatives go through the pure-PyTorch reference math
+(``gam_ext.reference``), which autograd and torch.func differentiate to any order:
+
+- a backward run with ``create_graph=True`` (double backward, gradient penalties,
+  ``torch.autograd.functional.hessian``) computes each op's input gradients as a differentiable
+  vector-Jacobian product of the reference math, on the saved inputs, in fp32 (fp64 for fp64
+  inputs); an ordinary backward runs the compiled ``*_bwd`` kernel;
+- under a differentiating torch.func transform (``grad``, ``vjp``, ``jacrev``, ``jvp``,
+  ``jacfwd``, ``hessian``), and for inputs that carry a ``torch.autograd.forward_ad`` tangent, the
+  op itself runs the reference math. ``vmap`` and ``functionalize`` alone keep the kernels, and so
+  do ``torch.compile`` and ``torch.export`` traces.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from gam_ext import _backend, reference
 
@@ -35,6 +51,17 @@ def _check_float_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
             f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}"
         )
     return value
+
+
+def _check_param(
+    name: str, value: object, shape: tuple[int, ...], optional: bool = False
+) -> None:
+    """A parameter tensor of exactly ``shape`` (``None`` allowed when ``optional``)."""
+    if value is None and optional:
+        return
+    _check_float_tensor(name, value, len(shape))
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
 
 
 def _check_same_device(reference_name: str, reference_tensor: torch.Tensor, **others) -> None:
@@ -117,6 +144,39 @@ def _check_gate(local: object, global_ctx: object, gate_logits: object) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Which math runs: torch.func transforms and forward-mode AD take the reference
+# --------------------------------------------------------------------------------------------
+
+_DIFFERENTIATING_TRANSFORMS = (TransformType.Grad, TransformType.Jvp)
+
+
+def _needs_reference_math(*tensors: torch.Tensor | None) -> bool:
+    """True when the compiled ops cannot give the derivatives asked for, so the reference must run.
+
+    That is under a torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd,
+    hessian: the compiled ops have neither a forward-mode formula nor functorch support), or when
+    an input carries a forward-mode tangent of ``torch.autograd.forward_ad``. Cheap: two global
+    reads when neither is active; nothing at all while torch.compile or torch.export traces.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None and any(
+        interpreter.key() in _DIFFERENTIATING_TRANSFORMS
+        for interpreter in retrieve_all_functorch_interpreters()
+    ):
+        return True
+    if forward_ad._current_level >= 0:
+        return any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+        )
+    return False
+
+
+def _use_kernel(op: str, device_type: str, dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    return _backend.use_kernel(op, device_type, dtype) and not _needs_reference_math(*tensors)
+
+
+# --------------------------------------------------------------------------------------------
 # Public primitives
 # --------------------------------------------------------------------------------------------
 
@@ -127,7 +187,7 @@ def causal_conv1d(
     """Causal depthwise conv over time of ``x`` (B, N, D); weight (D, K) or (D, 1, K)."""
     weight_2d = _check_conv(x, weight, bias)
     x = _activation(x)
-    if _backend.use_kernel("causal_conv1d", x.device.type, x.dtype):
+    if _use_kernel("causal_conv1d", x.device.type, x.dtype, x, weight_2d, bias):
         return torch.ops.gam_ext.causal_conv1d_fwd(x, weight_2d, bias)
     return reference.causal_conv1d(x, weight_2d, bias)
 
@@ -136,7 +196,7 @@ def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, scale: float = 1.0) 
     """softmax(scale * h M^T) M for h (B, N, D) and the memory bank M (S, D)."""
     _check_memory(h, memory, scale)
     h = _activation(h)
-    if _backend.use_kernel("memory_retrieval", h.device.type, h.dtype):
+    if _use_kernel("memory_retrieval", h.device.type, h.dtype, h, memory):
         return torch.ops.gam_ext.memory_retrieval_fwd(h, memory, float(scale))[0]
     return reference.memory_retrieval(h, memory, scale)
 
@@ -153,7 +213,7 @@ def gate_fusion(
         torch.promote_types(local.dtype, global_ctx.dtype), gate_logits.dtype
     )
     local, global_ctx, gate_logits = (t.to(dtype) for t in (local, global_ctx, gate_logits))
-    if _backend.use_kernel("gate_fusion", local.device.type, dtype):
+    if _use_kernel("gate_fusion", local.device.type, dtype, local, global_ctx, gate_logits):
         return torch.ops.gam_ext.gate_fusion_fwd(local, global_ctx, gate_logits)
     return reference.gate_fusion(local, global_ctx, gate_logits)
 
@@ -167,7 +227,15 @@ def gam_mixer(
     gate_bias: torch.Tensor | None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias)."""
+    """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias).
+
+    gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``.
+    """
+    _check_float_tensor("h", h, 3)
+    d = h.shape[2]
+    _check_param("gate_weight", gate_weight, (2 * d, d))
+    _check_param("gate_bias", gate_bias, (2 * d,), optional=True)
+    _check_same_device("h", h, gate_weight=gate_weight, gate_bias=gate_bias)
     local = causal_conv1d(h, conv_weight, conv_bias)
     global_ctx = memory_retrieval(h, memory, scale)
     gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
@@ -218,9 +286,31 @@ def gam_block(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """One GAM block (docs/paper.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.)))."""
+    """One GAM block (docs/paper.md): x + mixer(LN1(x)), then + Dropout(W2 GELU(W1 LN2(.))).
+
+    LayerNorm weights and biases are (D,); ffn_w1 (H, D), ffn_b1 (H,), ffn_w2 (D, H), ffn_b2 (D,)
+    as ``nn.Linear``; the mixer's parameters as in :func:`gam_mixer`.
+    """
     _check_float_tensor("x", x, 3)
     d = x.shape[-1]
+    for name, value in (("ln1_weight", ln1_weight), ("ln1_bias", ln1_bias),
+                        ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
+        _check_param(name, value, (d,))
+    _check_float_tensor("ffn_w1", ffn_w1, 2)
+    hidden = ffn_w1.shape[0]
+    _check_param("ffn_w1", ffn_w1, (hidden, d))
+    _check_param("ffn_b1", ffn_b1, (hidden,), optional=True)
+    _check_param("ffn_w2", ffn_w2, (d, hidden))
+    _check_param("ffn_b2", ffn_b2, (d,), optional=True)
+    _check_same_device("x", x, ln1_weight=ln1_weight, ln1_bias=ln1_bias, ln2_weight=ln2_weight,
+                       ln2_bias=ln2_bias, ffn_w1=ffn_w1, ffn_b1=ffn_b1, ffn_w2=ffn_w2,
+                       ffn_b2=ffn_b2)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
     h = F.layer_norm(x, (d,), ln1_weight, ln1_bias, eps)
     x = x + gam_mixer(h, conv_weight, conv_bias, memory, gate_weight, gate_bias)
     u = F.layer_norm(x, (d,), ln2_weight, ln2_bias, eps)
@@ -231,6 +321,41 @@ def gam_block(
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd of the compiled ops
 # --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the differentiable backward computes in: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _reference_vjp(
+    fn, inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor, needed: tuple[bool, ...]
+) -> list[torch.Tensor | None]:
+    """Input gradients of ``fn(*inputs)`` for ``grad_output``, themselves differentiable.
+
+    ``fn`` is an op's reference math; it runs on the saved inputs (which keep their place in the
+    graph) cast to the compute dtype of the first one, with autocast off (a CPU backward runs in
+    the caller's thread, under its autocast), and the gradients come back in each input's dtype.
+    ``needed`` marks the inputs whose gradient is wanted (``ctx.needs_input_grad``).
+    """
+    dtype = _compute_dtype(inputs[0])
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+    wanted = [i for i, need in enumerate(needed) if need]
+    grads: list[torch.Tensor | None] = [None] * len(inputs)
+    if not wanted:
+        return grads
+    device_type = inputs[0].device.type
+    no_autocast = (torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda")
+                   else contextlib.nullcontext())
+    with torch.enable_grad(), no_autocast:
+        out = fn(*(t.to(dtype) for t in leaves))
+        found = torch.autograd.grad(
+            out, [leaves[i] for i in wanted], grad_output.to(dtype), create_graph=True,
+            allow_unused=True,
+        )
+    for i, g in zip(wanted, found, strict=True):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
 
 
 def _register_compiled_ops() -> None:
@@ -265,6 +390,10 @@ def _register_compiled_ops() -> None:
             gate_logits.new_empty(gate_logits.shape),
         )
 
+    # An ordinary backward runs the *_bwd kernels. A backward with create_graph=True (grad mode is
+    # on inside it) computes the same gradients through the reference math instead, so that they
+    # are differentiable again: the *_bwd ops have no derivative of their own.
+
     def conv_setup(ctx, inputs, output):
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
@@ -272,6 +401,15 @@ def _register_compiled_ops() -> None:
 
     def conv_backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw = _reference_vjp(
+                lambda x, w: reference.causal_conv1d(x, w), (x, weight), grad_y,
+                ctx.needs_input_grad[:2],
+            )
+            dbias = None
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                dbias = grad_y.to(_compute_dtype(x)).sum((0, 1)).to(ctx.bias_dtype)
+            return dx, dw, dbias
         dx, dw, dbias = torch.ops.gam_ext.causal_conv1d_bwd(grad_y, x, weight)
         return dx, dw, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype)
 
@@ -286,6 +424,13 @@ def _register_compiled_ops() -> None:
         h, memory, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        if torch.is_grad_enabled():
+            scale = ctx.scale
+            dh, dmemory = _reference_vjp(
+                lambda h, m: reference.memory_retrieval(h, m, scale), (h, memory), grad_out,
+                ctx.needs_input_grad[:2],
+            )
+            return dh, dmemory, None
         dh, dmemory = torch.ops.gam_ext.memory_retrieval_bwd(
             grad_out, h, memory, out, lse, ctx.scale
         )
@@ -295,6 +440,10 @@ def _register_compiled_ops() -> None:
         ctx.save_for_backward(*inputs)
 
     def gate_backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            return tuple(_reference_vjp(
+                reference.gate_fusion, ctx.saved_tensors, grad_out, ctx.needs_input_grad
+            ))
         return torch.ops.gam_ext.gate_fusion_bwd(grad_out, *ctx.saved_tensors)
 
     torch.library.register_autograd(lib + "causal_conv1d_fwd", conv_backward, setup_context=conv_setup)

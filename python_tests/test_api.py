@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +128,153 @@ def test_mixer_takes_fp32_parameters_with_half_activations(backend):
         gam_ext.set_backend(previous)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference.gam_mixer(h, **params), rtol=5e-2, atol=1e-1)
+
+
+def _mixer_args(d=4):
+    gen = torch.Generator().manual_seed(3)
+    return dict(h=torch.randn(2, 5, d, generator=gen), conv_weight=torch.randn(d, 1, 3, generator=gen),
+                conv_bias=torch.randn(d, generator=gen), memory=torch.randn(6, d, generator=gen),
+                gate_weight=torch.randn(2 * d, d, generator=gen), gate_bias=torch.randn(2 * d, generator=gen))
+
+
+def _block_args(d=4, hidden=16):
+    gen = torch.Generator().manual_seed(4)
+    mixer = _mixer_args(d)
+    x = mixer.pop("h")
+    return dict(x=x, ln1_weight=torch.ones(d), ln1_bias=torch.zeros(d), **mixer,
+                ln2_weight=torch.ones(d), ln2_bias=torch.zeros(d),
+                ffn_w1=torch.randn(hidden, d, generator=gen), ffn_b1=torch.randn(hidden, generator=gen),
+                ffn_w2=torch.randn(d, hidden, generator=gen), ffn_b2=torch.randn(d, generator=gen))
+
+
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (dict(gate_weight=torch.randint(0, 3, (8, 4))), TypeError, "gate_weight must be float"),
+        (dict(gate_weight=torch.randn(4, 4)), ValueError, r"gate_weight must have shape \(8, 4\)"),
+        (dict(gate_weight=torch.randn(8, 4, 1)), ValueError, "gate_weight must have 2 dimensions"),
+        (dict(gate_weight=[[1.0] * 4] * 8), TypeError, "gate_weight must be a torch.Tensor"),
+        (dict(gate_weight=None), TypeError, "gate_weight must be a torch.Tensor"),
+        (dict(gate_bias=torch.randn(4)), ValueError, r"gate_bias must have shape \(8,\)"),
+        (dict(gate_bias=torch.randn(8).long()), TypeError, "gate_bias must be float"),
+        (dict(h=torch.randn(5, 4)), ValueError, "h must have 3 dimensions"),
+    ],
+)
+def test_gam_mixer_bad_input_names_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        gam_ext.gam_mixer(**{**_mixer_args(), **changes})
+
+
+def test_gam_mixer_takes_no_gate_bias():
+    args = {**_mixer_args(), "gate_bias": None}
+    torch.testing.assert_close(gam_ext.gam_mixer(**args), reference.gam_mixer(**args))
+
+
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        (dict(ln1_weight=torch.ones(5)), ValueError, r"ln1_weight must have shape \(4,\)"),
+        (dict(ln2_bias=torch.zeros(4).int()), TypeError, "ln2_bias must be float"),
+        (dict(ffn_w1=torch.randn(16, 5)), ValueError, r"ffn_w1 must have shape \(16, 4\)"),
+        (dict(ffn_w1=2.0), TypeError, "ffn_w1 must be a torch.Tensor"),
+        (dict(ffn_b1=torch.randn(15)), ValueError, r"ffn_b1 must have shape \(16,\)"),
+        (dict(ffn_w2=torch.randn(16, 4)), ValueError, r"ffn_w2 must have shape \(4, 16\)"),
+        (dict(ffn_b2=torch.randn(16)), ValueError, r"ffn_b2 must have shape \(4,\)"),
+        (dict(gate_weight=torch.randint(0, 3, (8, 4))), TypeError, "gate_weight must be float"),
+        (dict(eps=0.0), ValueError, "eps must be a positive float"),
+        (dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\)"),
+        (dict(training=1), TypeError, "training must be a bool"),
+    ],
+)
+def test_gam_block_bad_input_names_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        gam_ext.gam_block(**{**_block_args(), **changes})
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((8.0,), TypeError, "GAMBlock: d_model must be an int, got 8.0"),
+        ((0,), ValueError, "GAMBlock: d_model must be >= 1"),
+        ((8, 4.0), TypeError, "num_memory_slots must be an int"),
+        ((8, 4, True), TypeError, "conv_kernel_size must be an int"),
+        ((8, 4, 3, 1.5), ValueError, r"dropout must be a float in \[0, 1\)"),
+        ((8, 4, 3, "0.1"), ValueError, r"dropout must be a float in \[0, 1\)"),
+    ],
+)
+def test_gam_block_module_bad_arguments(args, error, match):
+    with pytest.raises(error, match=match):
+        gam_ext.GAMBlock(*args)
+
+
+def test_gam_config_rejects_bool_and_non_number_dropout():
+    with pytest.raises(ValueError, match="GAMConfig.n_layer"):
+        gam_ext.GAMConfig(n_layer=True)
+    with pytest.raises(ValueError, match="GAMConfig.dropout"):
+        gam_ext.GAMConfig(dropout="0.1")
+
+
+# Imports gam_ext with only the copies the test means on sys.path (this test environment may make
+# another source tree importable): argv[1] is a folder to add ('' for none).
+_IMPORT_ISOLATED = """
+import os, sys
+sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "gam_ext"))]
+sys.path.insert(0, os.getcwd())
+if sys.argv[1]:
+    sys.path.append(sys.argv[1])
+import gam_ext
+print(gam_ext.backend_info()["ops"]["cpu"]["gate_fusion"])
+"""
+
+
+def _copy_sources(folder):
+    (folder / "gam_ext").mkdir(parents=True)
+    for f in (Path(gam_ext.__file__).parent).glob("*.py"):
+        (folder / "gam_ext" / f.name).write_bytes(f.read_bytes())
+    return folder / "gam_ext"
+
+
+def _import_in(cwd, extra=""):
+    env = {k: v for k, v in os.environ.items() if k not in ("GAM_EXT_QUIET", "PYTHONPATH")}
+    return subprocess.run([sys.executable, "-c", _IMPORT_ISOLATED, str(extra)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _warning_line(stderr):
+    lines = [line for line in stderr.splitlines() if "gam_ext._C" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_unbuilt_extension_warning_gives_the_real_reason(tmp_path):
+    package = _copy_sources(tmp_path / "tree")
+    out = _import_in(tmp_path / "tree")
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stderr
+    line = _warning_line(out.stderr)
+    assert f"gam_ext._C is not built in {package}" in line
+    assert "pip install --no-build-isolation ." in line and "build_ext --inplace" in line
+    assert "circular import" not in out.stderr
+
+
+def test_broken_extension_warning_gives_the_import_error(tmp_path):
+    package = _copy_sources(tmp_path / "tree")
+    (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_text("not a library")
+    out = _import_in(tmp_path / "tree")
+    assert out.returncode == 0 and out.stdout.strip() == "reference", out.stderr
+    line = _warning_line(out.stderr)
+    assert f"gam_ext._C in {package} failed to load: " in line
+    assert "rebuild it against this PyTorch" in line
+
+
+@pytest.mark.skipif(gam_ext.backend_info()["extension"] is None, reason="needs a built extension")
+def test_source_tree_hiding_an_installed_build_says_so(tmp_path):
+    _copy_sources(tmp_path / "tree")
+    site = tmp_path / "site"
+    (site / "gam_ext").mkdir(parents=True)
+    for f in Path(gam_ext.__file__).parent.iterdir():
+        if f.suffix in (".py", ".so"):
+            (site / "gam_ext" / f.name).symlink_to(f)
+    out = _import_in(tmp_path / "tree", site)
+    line = _warning_line(out.stderr)
+    assert f"it hides the built gam_ext installed at {site / 'gam_ext'}" in line
+    assert "run from another directory" in line

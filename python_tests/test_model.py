@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from paper_model import PaperModel
@@ -133,3 +135,38 @@ def test_generate_extends_the_prompt():
     assert out.shape == (2, 15)
     assert torch.equal(out[:, :3], prompt)
     assert int(out.max()) < 30 and int(out.min()) >= 0
+
+
+@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module.module.",
+                                    "_orig_mod._orig_mod.module."])
+def test_from_official_strips_any_mix_of_wrapper_prefixes(prefix, tmp_path):
+    paper = make_paper_model(seed=3)
+    idx = torch.randint(0, SMALL["vocab"], (2, 10))
+    with torch.no_grad():
+        expected = paper(idx)
+    prefixed = {prefix + k: v for k, v in paper.state_dict().items()}
+    torch.save({"model": prefixed}, tmp_path / "ckpt.pt")
+    for source in (prefixed, tmp_path / "ckpt.pt"):
+        model = GAMModel.from_official(source).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-4)
+
+
+def test_from_official_says_when_a_file_is_not_a_checkpoint(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("every tenth paragraph\n")
+    with pytest.raises(ValueError, match="notes.txt' is not a PyTorch checkpoint"):
+        GAMModel.from_official(text)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        GAMModel.from_official(empty)
+    truncated = tmp_path / "truncated.pt"
+    torch.save(make_paper_model().state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read .*truncated.pt. as a checkpoint"):
+        GAMModel.from_official(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"model": make_paper_model().state_dict(), "args": argparse.Namespace(lr=1.0)}, other)
+    with pytest.raises(ValueError, match="it holds other objects .*Namespace.*weights_only=False"):
+        GAMModel.from_official(other)

@@ -29,7 +29,9 @@ import lm_data  # noqa: E402
 import train  # noqa: E402
 
 # One thread: tiny models run many times faster so, above all on a machine shared with builds.
-ENV = {**os.environ, "GAM_EXT_QUIET": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# PYTHONPATH: the script imports the installed gam_ext; make that this source tree.
+ENV = {**os.environ, "GAM_EXT_QUIET": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 TINY = ["--d-model", "48", "--n-layer", "2", "--n-head", "4", "--memory-slots", "16",
         "--seq-len", "32", "--batch-size", "8", "--sample-tokens", "8", "--warmup-steps", "5",
         "--threads", "1"]
@@ -220,7 +222,6 @@ def test_torchrun_two_processes_gloo(corpus: Path, tmp_path: Path) -> None:
         (["--val-file", "/tmp/x.txt"], "--val-file needs --train-file"),
         (["--resume", "/nonexistent/ckpt.pt"], "--resume: no such checkpoint"),
         (["--compare", "--models", "gam,lstm"], "--models: unknown model"),
-        (["--dtype", "bf16", "--device", "cpu"], "--dtype bf16 autocasts on CUDA only"),
         (["--dataset", "recall", "--recall-pairs", "9", "--recall-keys", "8"],
          "--recall-pairs 9 exceeds --recall-keys 8"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
@@ -256,3 +257,196 @@ def test_offline_hf_dataset_fails_fast(tmp_path: Path) -> None:
     assert "cannot load --dataset wikitext2" in result.stderr
     assert "--train-file" in result.stderr and "--dataset recall" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision, packages, files, output folder, which gam_ext runs
+# ------------------------------------------------------------------------------------------------
+
+RECALL_TINY = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
+               "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
+               "--d-model", "8", "--n-layer", "1", "--memory-slots", "4", "--batch-size", "16",
+               "--max-steps", "3", "--eval-interval", "3", "--threads", "1"]
+
+
+def test_cpu_bf16_autocasts_for_real_on_auto_and_cpu(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    runs = {}
+    for name, flags in [("fp32", ["--device", "cpu"]), ("auto", ["--dtype", "bf16"]),
+                        ("cpu", ["--dtype", "bf16", "--device", "cpu"])]:
+        assert train.main([*RECALL_TINY, *flags, "--out-dir", str(tmp_path / name)]) == 0
+        runs[name] = read_metrics(tmp_path / name)[-1]
+        header = capsys.readouterr().out
+        assert ("bf16 autocast" in header) == (name != "fp32"), header
+    assert runs["auto"]["train_loss"] == runs["cpu"]["train_loss"]  # one behaviour both ways
+    assert runs["auto"]["train_loss"] != runs["fp32"]["train_loss"]  # and really in bf16
+    assert abs(runs["auto"]["val_loss"] - runs["fp32"]["val_loss"]) < 0.05
+
+
+def test_cpu_fp16_autocasts_with_a_gradient_scaler(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert train.main([*RECALL_TINY, "--dtype", "fp16", "--out-dir", str(tmp_path)]) == 0
+    assert "fp16 autocast with a gradient scaler" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["scaler"]["scale"] > 0  # the scaler was enabled
+    assert all(m["val_loss"] < 10 for m in read_metrics(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("argv", "package", "hint"),
+    [
+        ([], "tokenizers", "--tokenizer byte needs none"),
+        ([], "tqdm", "progress bar"),
+        ([], "matplotlib", "plots"),
+        (["--model", "mamba", "--device", "cpu"], "mambapy", "--model mamba on CPU"),
+    ],
+)
+def test_missing_optional_packages_give_one_line(argv: list[str], package: str, hint: str,
+                                                 corpus: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    rc = train.main(["--train-file", str(corpus), *TINY, *argv, "--max-steps", "1",
+                     "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("error: this run needs packages")
+    assert f"{package} (" in err and hint in err and f"pip install {package}" in err
+    assert "'.[train]'" in err
+
+
+def test_missing_package_found_late_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("No module named 'somepkg'", name="somepkg")
+
+    monkeypatch.setattr(train, "prepare_data", fail)
+    assert train.main([*RECALL_TINY, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the package `somepkg` is not installed (pip install somepkg")
+    assert err.count("\n") == 1
+
+
+def test_default_out_dir_is_in_the_current_directory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*RECALL_TINY, "--sample-tokens", "0"]) == 0
+    assert (tmp_path / "runs" / "gam-recall" / "metrics.jsonl").is_file()
+    assert "in the current directory" in " ".join(train.build_parser().format_help().split())
+
+
+def test_file_without_blank_lines_is_split_by_lines(tmp_path: Path) -> None:
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line number {i} of the text\n" for i in range(40)))
+    corpus = lm_data.file_corpus(str(path), None)
+    assert len(corpus.train) == 36 and len(corpus.val) == 4
+    assert corpus.val[0] == "line number 36 of the text"
+    assert "documents: lines" in corpus.note
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"first paragraph\r\nstill first\r\n\r\nsecond\r\n\r\nthird\r\n")
+    assert lm_data.file_corpus(str(crlf), str(crlf)).train == [
+        "first paragraph\nstill first", "second", "third"]
+    one = tmp_path / "one.txt"
+    one.write_text("just one line\n")
+    with pytest.raises(lm_data.DataError, match="one line of text: too short .* --val-file"):
+        lm_data.file_corpus(str(one), None)
+
+
+def test_lines_file_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"the cat sat on mat number {i % 7}.\n" for i in range(400)))
+    assert train.main(["--train-file", str(path), "--tokenizer", "byte", *TINY,
+                       "--max-steps", "2", "--eval-batches", "1", "--sample-tokens", "0",
+                       "--out-dir", str(tmp_path / "run")]) == 0
+    assert "documents: lines, the last 40 of 400 for validation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (bytes(range(256)) * 8, r"is not a text file \(byte 0 is NUL\)"),
+        ("café au lait\n\nencore\n".encode("latin-1"), r"is not UTF-8 text \(byte 3 is 0xe9\)"),
+    ],
+    ids=["binary", "latin1"],
+)
+def test_non_text_files_are_refused(data: bytes, message: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with pytest.raises(lm_data.DataError, match=message):
+        lm_data.file_corpus(str(path), None)
+    assert train.main(["--train-file", str(path), "--tokenizer", "byte", *TINY,
+                       "--out-dir", str(tmp_path / "run")]) == 2
+    assert "data.bin is not" in capsys.readouterr().err
+
+
+# Runs a script with only the gam_ext the test means on sys.path (this test environment may make
+# another source tree importable): argv[1] is a folder to put on sys.path ('' for none), then the
+# script and its arguments.
+ISOLATED = """
+import os, runpy, sys
+extra = sys.argv[1]
+sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "gam_ext"))]
+if extra:
+    sys.path.append(extra)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_isolated(extra: str, script: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ISOLATED, extra, str(script), *args],
+                          capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_examples_use_the_installed_gam_ext(tmp_path: Path) -> None:
+    # An "installed" gam_ext elsewhere (links to this tree's files, built _C included).
+    site = tmp_path / "site"
+    (site / "gam_ext").mkdir(parents=True)
+    for f in (ROOT / "gam_ext").iterdir():
+        if f.suffix in (".py", ".so", ".pyd"):
+            (site / "gam_ext" / f.name).symlink_to(f)
+    result = run_isolated(str(site), TRAIN, [*RECALL_TINY, "--out-dir", str(tmp_path / "run")],
+                          ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"ops:    gam_ext {site / 'gam_ext'}: compiled cpu kernels for causal_conv1d" \
+        in result.stdout
+
+
+def test_source_tree_without_extension_says_why(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for folder in ("gam_ext", "examples"):
+        (tree / folder).mkdir(parents=True)
+        for f in (ROOT / folder).glob("*.py"):
+            (tree / folder / f.name).write_bytes(f.read_bytes())
+    env = {k: v for k, v in ENV.items() if k != "GAM_EXT_QUIET"}
+    result = run_isolated("", tree / "examples" / "train.py",
+                          [*RECALL_TINY, "--out-dir", str(tmp_path / "run")], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = [line for line in result.stderr.splitlines() if "gam_ext._C" in line]
+    assert len(warning) == 1, result.stderr
+    assert f"gam_ext._C is not built in {tree / 'gam_ext'}" in warning[0]
+    assert "python setup.py build_ext --inplace" in warning[0]
+    assert "circular import" not in result.stderr
+    assert (f"ops:    gam_ext {tree / 'gam_ext'}: the pure-PyTorch reference for causal_conv1d, "
+            "memory_retrieval, gate_fusion (the compiled extension gam_ext._C is not built"
+            in result.stdout)
+
+
+def test_package_check_reads_the_resumed_settings(tmp_path: Path, corpus: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["--train-file", str(corpus), *TINY, "--max-steps", "2", "--eval-batches", "1",
+              "--sample-tokens", "0", "--out-dir", str(tmp_path)]
+    assert train.main([*common, "--tokenizer", "byte", "--stop-at-step", "1"]) == 0
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    assert train.main([*common, "--resume"]) == 0  # a byte-tokenizer run needs no tokenizers
+
+
+def test_compare_checks_every_model_first(corpus: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "mambapy", None)
+    rc = train.main(["--compare", "--models", "gam,mamba", "--train-file", str(corpus),
+                     "--tokenizer", "byte", *TINY, "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert rc == 2 and "mambapy (--model mamba on CPU)" in capsys.readouterr().err
+    assert not (tmp_path / "gam").exists()  # stopped before training the first model
