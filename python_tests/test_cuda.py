@@ -1,6 +1,6 @@
 """The CUDA kernels on a GPU: every op vs the fp64 reference, opcheck, torch.compile, autocast,
 determinism and bad input. Skipped without a CUDA GPU and a CUDA build of gam_ext._C
-(benchmarks/gpu_check.sh builds one and runs `pytest -m cuda`).
+(scripts/gpu_check.sh builds one and runs `pytest -m cuda`).
 """
 
 from __future__ import annotations
