@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA implementations of every op, so that a direct call of
-// torch.ops.gam_ext.* with bad input fails with a message naming the argument, never a crash.
+// The contract of every op shared by its CPU and CUDA implementations: the argument checks of the
+// forward and backward ops, so that a direct call of torch.ops.gam_ext.* with bad input fails with
+// a message naming the argument, never a crash; and the dtype the memory bank is computed in.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -74,6 +75,51 @@ inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ct
               "local, global_ctx and gate_logits must share one dtype, got ",
               local.scalar_type(), ", ", global_ctx.scalar_type(), ", ",
               gate_logits.scalar_type());
+}
+
+// A gradient argument against the tensor it is the gradient of: a float dtype, its device, its shape.
+inline void check_grad_like(const at::Tensor& grad, const at::Tensor& like, const char* name,
+                            const char* like_name) {
+  check_float(grad, name);
+  check_device(grad, like, name, like_name);
+  TORCH_CHECK(grad.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
+              like.sizes(), ", got ", grad.sizes());
+}
+
+// Backward of the causal conv: the forward's checks, and grad_y like x.
+inline void check_conv_bwd_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                const at::Tensor& weight) {
+  check_conv_args(x, weight, c10::nullopt);
+  check_grad_like(grad_y, x, "grad_y", "x");
+}
+
+// Backward of the memory retrieval: the forward's checks, grad_out and out like h, lse (B, N).
+inline void check_memory_bwd_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                  const at::Tensor& memory, const at::Tensor& out,
+                                  const at::Tensor& lse) {
+  check_memory_args(h, memory);
+  check_grad_like(grad_out, h, "grad_out", "h");
+  check_grad_like(out, h, "out", "h");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == h.size(0) && lse.size(1) == h.size(1),
+              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ",
+              lse.sizes());
+  check_device(lse, h, "lse", "h");
+}
+
+// Backward of the gate fusion: the forward's checks, and grad_out like local.
+inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& local,
+                                const at::Tensor& global_ctx, const at::Tensor& gate_logits) {
+  check_gate_args(local, global_ctx, gate_logits);
+  check_grad_like(grad_out, local, "grad_out", "local");
+}
+
+// The precision of the memory bank, one rule for every device: M is rounded to the activation
+// dtype (h's) before any product, as torch.autocast treats the eager formulation
+// (reference.memory_retrieval), whose matmuls cast both operands to the autocast dtype. An fp32 bank
+// with bf16 activations is therefore rounded to bf16 on the CPU and on the GPU alike; the kernels
+// then accumulate in fp32 (fp64 for fp64). The gradient of M is returned in M's own dtype.
+inline at::Tensor memory_in_activation_dtype(const at::Tensor& memory, const at::Tensor& h) {
+  return memory.to(h.scalar_type()).contiguous();
 }
 
 }  // namespace gam

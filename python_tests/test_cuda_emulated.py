@@ -224,6 +224,51 @@ def test_retrieval_rescale_path(emu, dtype):
     close(dh, dh_ref, dtype, scale=ref_mag)
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, tensor_cores):
+    # One rule (csrc/op_checks.h): the memory bank is rounded to the activation dtype, as autocast
+    # does for the eager formulation's matmuls. An fp32 bank must then give the very bits of the
+    # pre-rounded bank, on the CPU kernels and on the CUDA kernels alike.
+    import gam_ext
+
+    h32 = gen((2, 37, 40), torch.float32, 90, 0.5)
+    m = gen((70, 40), torch.float32, 91, 0.5)
+    assert not torch.equal(m.to(dtype).float(), m)  # the bank does round
+    m_rounded = m.to(dtype)
+    dg = gen((2, 37, 40), dtype, 92)
+    with torch.autocast("cpu", dtype=dtype):
+        eager = reference.memory_retrieval(h32, m, 0.75)
+        ours = gam_ext.memory_retrieval(h32, m, 0.75)
+    h = h32.to(dtype)
+    assert eager.dtype == dtype and ours.dtype == dtype
+    cpu_out, cpu_lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 0.75)
+    assert torch.equal(ours, cpu_out)
+    cpu_rounded = torch.ops.gam_ext.memory_retrieval_fwd(h, m_rounded, 0.75)
+    assert torch.equal(cpu_out, cpu_rounded[0]) and torch.equal(cpu_lse, cpu_rounded[1])
+    cpu_dh, cpu_dm = torch.ops.gam_ext.memory_retrieval_bwd(dg, h, m, cpu_out, cpu_lse, 0.75)
+    cpu_dh_r, cpu_dm_r = torch.ops.gam_ext.memory_retrieval_bwd(
+        dg, h, m_rounded, cpu_out, cpu_lse, 0.75
+    )
+    assert torch.equal(cpu_dh, cpu_dh_r) and torch.equal(cpu_dm.to(dtype), cpu_dm_r)
+    emu.set_retrieval_path(tensor_cores, 227 * 1024)
+    try:
+        out, lse = emu.memory_retrieval_fwd(h, m, 0.75)
+        out_r, lse_r = emu.memory_retrieval_fwd(h, m_rounded, 0.75)
+        dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, 0.75)
+        dh_r, dm_r = emu.memory_retrieval_bwd(dg, h, m_rounded, out, lse, 0.75)
+    finally:
+        emu.set_retrieval_path(True, 227 * 1024)
+    assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+    assert torch.equal(dh, dh_r) and torch.equal(dm.to(dtype), dm_r)
+    # Both devices agree with the eager formulation under autocast, and with each other.
+    close(cpu_out, eager, dtype)
+    close(out, eager, dtype)
+    close(out, cpu_out, dtype)
+    close(dh, cpu_dh, dtype)
+    close(dm, cpu_dm, dtype, scale=2.0)
+
+
 def test_retrieval_smem_fallback_and_layouts(emu):
     # A device with too little shared memory for the tensor-core tile takes the SIMT path.
     h = gen((1, 20, 48), torch.bfloat16, 40)

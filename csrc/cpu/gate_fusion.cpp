@@ -131,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_fusion_bwd(const at::Tensor&
                                                                const at::Tensor& local_in,
                                                                const at::Tensor& global_in,
                                                                const at::Tensor& logits_in) {
-  check_gate_args(local_in, global_in, logits_in);
-  check_grad_like(grad_out, local_in, "grad_out", "local");
+  check_gate_bwd_args(grad_out, local_in, global_in, logits_in);
   const at::Tensor local = local_in.contiguous(), glob = global_in.contiguous(),
                    z = logits_in.contiguous();
   const at::Tensor df = grad_out.to(local.scalar_type()).contiguous();

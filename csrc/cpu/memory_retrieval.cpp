@@ -294,7 +294,9 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
     lse.fill_(std::log(static_cast<double>(s)));
     return {out, lse};
   }
-  const at::Tensor mem = memory.to(acc_scalar_type(h.scalar_type())).contiguous();
+  // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
+  const at::Tensor mem =
+      memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "memory_retrieval_fwd", [&] {
     using A = acc_t<scalar_t>;
@@ -310,14 +312,7 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
                                                         const at::Tensor& memory,
                                                         const at::Tensor& out_in,
                                                         const at::Tensor& lse_in, double scale) {
-  check_memory_args(h_in, memory);
-  check_grad_like(grad_out, h_in, "grad_out", "h");
-  check_grad_like(out_in, h_in, "out", "h");
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) && lse_in.size(1) == h_in.size(1),
-              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
-              lse_in.sizes());
-  TORCH_CHECK(lse_in.device() == h_in.device(), "lse is on ", lse_in.device(), " but h is on ",
-              h_in.device());
+  check_memory_bwd_args(grad_out, h_in, memory, out_in, lse_in);
   const at::Tensor h = h_in.contiguous();
   const auto st = h.scalar_type();
   const auto acc = acc_scalar_type(st);
@@ -328,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
   const int64_t rows = b * n;
   at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
   if (rows == 0 || d == 0) return {dh, at::zeros_like(memory, at::MemoryFormat::Contiguous)};
-  const at::Tensor mem = memory.to(acc).contiguous();
+  const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
   // dM is accumulated in the accumulation type; straight into the result when the types agree.
   at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {

@@ -109,11 +109,7 @@ Tensor conv_fwd(const Tensor& x_in, const Tensor& weight, const c10::optional<Te
 
 std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& grad_y, const Tensor& x_in,
                                             const Tensor& weight) {
-  check_conv_args(x_in, weight, c10::nullopt);
-  check_float(grad_y, "grad_y");
-  check_device(grad_y, x_in, "grad_y", "x");
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have the shape of x ", x_in.sizes(),
-              ", got ", grad_y.sizes());
+  check_conv_bwd_args(grad_y, x_in, weight);
   check_on_device(x_in, "x");
   const DType dt = kernel_dtype(x_in, "x");
   DeviceCtx ctx(x_in);
@@ -152,7 +148,7 @@ std::tuple<Tensor, Tensor> retrieval_fwd(const Tensor& h_in, const Tensor& memor
   const DType dt = kernel_dtype(h_in, "h");
   DeviceCtx ctx(h_in);
   const Tensor h = h_in.contiguous();
-  const Tensor m = memory.to(h.scalar_type()).contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
   Tensor out = at::empty_like(h);
   Tensor lse = at::empty({h.size(0), h.size(1)}, h.options().dtype(at::kFloat));
   RetrievalFwdParams p{};
@@ -174,26 +170,13 @@ std::tuple<Tensor, Tensor> retrieval_fwd(const Tensor& h_in, const Tensor& memor
 std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h_in,
                                          const Tensor& memory, const Tensor& out_in,
                                          const Tensor& lse_in, double scale) {
-  check_memory_args(h_in, memory);
+  check_memory_bwd_args(grad_out, h_in, memory, out_in, lse_in);
   check_on_device(h_in, "h");
-  check_float(grad_out, "grad_out");
-  check_float(out_in, "out");
-  check_device(grad_out, h_in, "grad_out", "h");
-  check_device(out_in, h_in, "out", "h");
-  check_device(lse_in, h_in, "lse", "h");
-  TORCH_CHECK(grad_out.sizes() == h_in.sizes(), "grad_out must have the shape of h ",
-              h_in.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(out_in.sizes() == h_in.sizes(), "out must have the shape of h ", h_in.sizes(),
-              ", got ", out_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) &&
-                  lse_in.size(1) == h_in.size(1),
-              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
-              lse_in.sizes());
   const DType dt = kernel_dtype(h_in, "h");
   DeviceCtx ctx(h_in);
   const auto st = h_in.scalar_type();
   const Tensor h = h_in.contiguous();
-  const Tensor m = memory.to(st).contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
   const Tensor dg = grad_out.to(st).contiguous();
   const Tensor g = out_in.to(st).contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
@@ -249,12 +232,8 @@ Tensor gate_fwd(const Tensor& local_in, const Tensor& global_in, const Tensor& g
 
 std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& grad_out, const Tensor& local_in,
                                             const Tensor& global_in, const Tensor& gate_in) {
-  check_gate_args(local_in, global_in, gate_in);
+  check_gate_bwd_args(grad_out, local_in, global_in, gate_in);
   check_on_device(local_in, "local");
-  check_float(grad_out, "grad_out");
-  check_device(grad_out, local_in, "grad_out", "local");
-  TORCH_CHECK(grad_out.sizes() == local_in.sizes(), "grad_out must have the shape of local ",
-              local_in.sizes(), ", got ", grad_out.sizes());
   const DType dt = kernel_dtype(local_in, "local");
   DeviceCtx ctx(local_in);
   const Tensor df = grad_out.to(local_in.scalar_type()).contiguous();
