@@ -77,7 +77,7 @@ inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ct
               gate_logits.scalar_type());
 }
 
-// A gradient argument against the tensor it is the gradient of: a float dtype, its device, its shape.
+// A gradient argument against the tensor it is the gradient of: float dtype, device and shape.
 inline void check_grad_like(const at::Tensor& grad, const at::Tensor& like, const char* name,
                             const char* like_name) {
   check_float(grad, name);
@@ -115,9 +115,9 @@ inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& lo
 
 // The precision of the memory bank, one rule for every device: M is rounded to the activation
 // dtype (h's) before any product, as torch.autocast treats the eager formulation
-// (reference.memory_retrieval), whose matmuls cast both operands to the autocast dtype. An fp32 bank
-// with bf16 activations is therefore rounded to bf16 on the CPU and on the GPU alike; the kernels
-// then accumulate in fp32 (fp64 for fp64). The gradient of M is returned in M's own dtype.
+// (reference.memory_retrieval), whose matmuls cast both operands to the autocast dtype. An fp32
+// bank with bf16 activations is therefore rounded to bf16 on the CPU and on the GPU alike; the
+// kernels then accumulate in fp32 (fp64 for fp64). The gradient of M is returned in M's dtype.
 inline at::Tensor memory_in_activation_dtype(const at::Tensor& memory, const at::Tensor& h) {
   return memory.to(h.scalar_type()).contiguous();
 }

@@ -275,7 +275,7 @@ def test_retrieval_smem_fallback_and_layouts(emu):
     m = gen((40, 48), torch.bfloat16, 41)
     dg = gen((1, 20, 48), torch.bfloat16, 42)
     out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, dg)
-    assert emu.tc_smem_bytes(48) > 1024
+    assert emu.memory_retrieval_fwd_tc_smem_bytes(48) > 1024
     emu.set_retrieval_path(True, 1024)
     try:
         out, lse = emu.memory_retrieval_fwd(h, m, 1.0)

@@ -142,8 +142,8 @@ GAM_AVX2 void scores_to_grads_avx2(A* ps, int64_t t, int64_t w, const float* lse
 
 // out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
 template <typename T>
-void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows, int64_t d,
-                    int64_t s, acc_t<T> scale) {
+void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows,
+                          int64_t d, int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
   const int64_t sc = std::min(s, kSlotChunk);
@@ -201,20 +201,20 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
   });
 }
 
-// dh (rows, d) in T and dm_acc (s, d) in A, for dg = grad_out, the saved out and lse.
+// dh (rows, d) in T and dm_acc (s, d) in A, from grad_out, the saved out and lse.
 //
 // Rows go tile by tile (kBwdTileRows); inside a tile, fixed sub-blocks of rows run in parallel:
-//   [s ; dp] = [h ; dg] M^T          one GEMM on the stacked rows
-//   p = exp(scale*s - lse), ds = p * (dp - delta), with delta = rowsum(dg * out)
+//   [s ; dp] = [h ; grad_out] M^T    one GEMM on the stacked rows
+//   p = exp(scale*s - lse), ds = p * (dp - delta), with delta = rowsum(grad_out * out)
 //   dh = scale * ds M                 (accumulated over slot chunks)
 // then, in parallel over fixed blocks of slots,
-//   dM += [scale*ds ; p]^T [h ; dg]   one GEMM over the tile's stacked rows.
+//   dM += [scale*ds ; p]^T [h ; grad_out]   one GEMM over the tile's stacked rows.
 // Each dM element is summed tile after tile in a fixed order by one GEMM call per block, so dM has
 // the same bits whatever the thread count, and no per-thread copies of dM are needed.
 template <typename T>
-void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, const float* lse,
-                    T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d, int64_t s,
-                    acc_t<T> scale) {
+void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, const T* out,
+                          const float* lse, T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d,
+                          int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // accumulate dh in the output itself
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
@@ -224,7 +224,8 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
-  // [its h rows ; its dg rows] in x2, and [scale*ds ; p] in p2, so the whole tile is contiguous.
+  // [its h rows ; its grad_out rows] in x2, and [scale*ds ; p] in p2, so the whole tile is
+  // contiguous.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   at::Tensor x2_t = at::empty({2 * tile * d}, opts), p2_t = at::empty({2 * tile * sc}, opts);
   at::Tensor delta_t = at::empty({tile}, opts), dh_t = at::empty({kDirect ? 0 : tile * d}, opts);
@@ -246,7 +247,7 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
           for (int64_t q = 0; q < t; ++q) {
             const int64_t r = r0 + i0 + q;
             convert_row(xs + q * d, h + r * d, d);
-            convert_row(xs + (t + q) * d, dg + r * d, d);
+            convert_row(xs + (t + q) * d, grad_out + r * d, d);
             delta[i0 + q] = row_dot(xs + (t + q) * d, out + r * d, d);
           }
         }
@@ -300,23 +301,24 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "memory_retrieval_fwd", [&] {
     using A = acc_t<scalar_t>;
-    mem_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
-                             b * n, d, s, static_cast<A>(scale));
+    retrieval_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                                   out.mutable_data_ptr<scalar_t>(),
+                                   lse.mutable_data_ptr<float>(), b * n, d, s,
+                                   static_cast<A>(scale));
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_out_in,
                                                         const at::Tensor& h_in,
                                                         const at::Tensor& memory,
                                                         const at::Tensor& out_in,
                                                         const at::Tensor& lse_in, double scale) {
-  check_memory_bwd_args(grad_out, h_in, memory, out_in, lse_in);
+  check_memory_bwd_args(grad_out_in, h_in, memory, out_in, lse_in);
   const at::Tensor h = h_in.contiguous();
   const auto st = h.scalar_type();
   const auto acc = acc_scalar_type(st);
-  const at::Tensor dg = grad_out.to(st).contiguous();
+  const at::Tensor grad_out = grad_out_in.to(st).contiguous();
   const at::Tensor out = out_in.to(st).contiguous();
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t b = h.size(0), n = h.size(1), d = h.size(2), s = memory.size(0);
@@ -328,10 +330,11 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
   at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {
     using A = acc_t<scalar_t>;
-    mem_bwd_kernel<scalar_t>(dg.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-                             mem.const_data_ptr<A>(), out.const_data_ptr<scalar_t>(),
-                             lse.const_data_ptr<float>(), dh.mutable_data_ptr<scalar_t>(),
-                             dm_acc.mutable_data_ptr<A>(), rows, d, s, static_cast<A>(scale));
+    retrieval_bwd_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
+                                   h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                                   out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
+                                   dh.mutable_data_ptr<scalar_t>(), dm_acc.mutable_data_ptr<A>(),
+                                   rows, d, s, static_cast<A>(scale));
   });
   return {dh, dm_acc.to(memory.scalar_type())};
 }

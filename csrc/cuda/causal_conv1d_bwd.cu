@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kConvThreadsX * kReduceRows)
 }
 
 template <typename T, int VEC>
-void launch_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t stream) {
+void launch_conv_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t stream) {
   const dim3 block(kConvThreadsX, kConvThreadsY);
   const auto* dy = static_cast<const T*>(p.dy);
   const auto* x = static_cast<const T*>(p.x);
@@ -234,15 +234,14 @@ bool use_vec(const ConvBwdParams& p) {
 
 }  // namespace
 
-int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth,
-                                           DType dtype) {
+int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth) {
   if (batch == 0 || seqlen == 0 || dim == 0) return 0;
-  (void)dtype;  // the time tiling does not depend on the vector width
+  // The time tiling does not depend on the vector width (nor, so, on the dtype).
   const ConvGrid g = conv_grid(batch, seqlen, dim, 1, /*backward=*/true);
   return g.xblocks * (kwidth + 1) * dim;
 }
 
-void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
+void launch_causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
   if (p.dim == 0) return;
   if (p.batch == 0 || p.seqlen == 0) {
     GAM_CUDA_CHECK(cudaMemsetAsync(p.dweight, 0, sizeof(float) * p.dim * p.kwidth, stream));
@@ -256,9 +255,9 @@ void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
     const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, vec, /*backward=*/true);
     nparts = g.xblocks;
     if (vec == kBwdVec) {
-      launch_bwd<T, kBwdVec>(p, g, stream);
+      launch_conv_bwd<T, kBwdVec>(p, g, stream);
     } else {
-      launch_bwd<T, 1>(p, g, stream);
+      launch_conv_bwd<T, 1>(p, g, stream);
     }
   });
   const int64_t cols = (p.kwidth + 1) * p.dim;

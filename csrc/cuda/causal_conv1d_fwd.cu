@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
 }
 
 template <typename T, int VEC>
-void launch_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+void launch_conv_fwd(const ConvFwdParams& p, cudaStream_t stream) {
   const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, VEC, /*backward=*/false);
   const int per_seq = g.per_seq;
   const dim3 block(kConvThreadsX, kConvThreadsY);
@@ -116,15 +116,15 @@ void launch_fwd(const ConvFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+void launch_causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = kVec16<T>;
     if (p.dim % V == 0 && aligned16(p.x) && aligned16(p.y)) {
-      launch_fwd<T, V>(p, stream);
+      launch_conv_fwd<T, V>(p, stream);
     } else {
-      launch_fwd<T, 1>(p, stream);
+      launch_conv_fwd<T, 1>(p, stream);
     }
   });
 }
