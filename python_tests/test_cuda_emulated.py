@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import TOL
 
 from gam_ext import reference
 
 pytestmark = pytest.mark.emulated
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TOL = {
-    torch.float32: dict(rtol=3e-4, atol=1e-3),
-    torch.float16: dict(rtol=3e-3, atol=5e-3),
-    torch.bfloat16: dict(rtol=1e-2, atol=5e-2),
-}
 
 
 @pytest.fixture(scope="module")

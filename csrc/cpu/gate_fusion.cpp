@@ -66,48 +66,19 @@ GAM_INLINE void gate_bwd_rows(const T* grad_out, const T* local, const T* global
 }
 
 template <typename T>
-void gate_fwd_base(const T* l, const T* g, const T* z, T* f, int64_t r0, int64_t r1, int64_t d) {
-  gate_fwd_rows(l, g, z, f, r0, r1, d);
-}
-template <typename T>
-GAM_AVX2 void gate_fwd_avx2(const T* l, const T* g, const T* z, T* f, int64_t r0, int64_t r1,
-                            int64_t d) {
-  gate_fwd_rows(l, g, z, f, r0, r1, d);
-}
-template <typename T>
-void gate_bwd_base(const T* df, const T* l, const T* g, const T* z, T* dl, T* dg, T* dz,
-                   int64_t r0, int64_t r1, int64_t d) {
-  gate_bwd_rows(df, l, g, z, dl, dg, dz, r0, r1, d);
-}
-template <typename T>
-GAM_AVX2 void gate_bwd_avx2(const T* df, const T* l, const T* g, const T* z, T* dl, T* dg, T* dz,
-                            int64_t r0, int64_t r1, int64_t d) {
-  gate_bwd_rows(df, l, g, z, dl, dg, dz, r0, r1, d);
-}
-
-template <typename T>
 void gate_fwd_kernel(const T* local, const T* global_ctx, const T* z, T* f, int64_t rows,
                      int64_t d) {
-  const bool avx2 = cpu_has_avx2_fma();
   parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
-    if (avx2) {
-      gate_fwd_avx2(local, global_ctx, z, f, r0, r1, d);
-    } else {
-      gate_fwd_base(local, global_ctx, z, f, r0, r1, d);
-    }
+    run_best_isa<gate_fwd_rows<T>>(local, global_ctx, z, f, r0, r1, d);
   });
 }
 
 template <typename T>
 void gate_bwd_kernel(const T* grad_out, const T* local, const T* global_ctx, const T* z, T* dlocal,
                      T* dglobal_ctx, T* dz, int64_t rows, int64_t d) {
-  const bool avx2 = cpu_has_avx2_fma();
   parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
-    if (avx2) {
-      gate_bwd_avx2(grad_out, local, global_ctx, z, dlocal, dglobal_ctx, dz, r0, r1, d);
-    } else {
-      gate_bwd_base(grad_out, local, global_ctx, z, dlocal, dglobal_ctx, dz, r0, r1, d);
-    }
+    run_best_isa<gate_bwd_rows<T>>(grad_out, local, global_ctx, z, dlocal, dglobal_ctx, dz, r0,
+                                   r1, d);
   });
 }
 

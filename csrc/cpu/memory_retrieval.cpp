@@ -89,16 +89,6 @@ GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
     mrow[i] = shift;
   }
 }
-template <typename A>
-void softmax_chunk_base(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
-                        int64_t d) {
-  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
-}
-template <typename A>
-GAM_AVX2 void softmax_chunk_avx2(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow,
-                                 A* acc, int64_t d) {
-  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
-}
 
 // Backward, in place on the stacked tile ps = [s ; dp] (2t x w) of one sub-block:
 // p = exp(scale*s - lse), rows 0..t-1 become scale * ds = scale * p * (dp - delta), rows t..2t-1
@@ -129,16 +119,6 @@ GAM_INLINE void scores_to_grads(A* ps, int64_t t, int64_t w, const float* lse, c
     }
   }
 }
-template <typename A>
-void scores_to_grads_base(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
-                          A scale) {
-  scores_to_grads(ps, t, w, lse, delta, scale);
-}
-template <typename A>
-GAM_AVX2 void scores_to_grads_avx2(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
-                                   A scale) {
-  scores_to_grads(ps, t, w, lse, delta, scale);
-}
 
 // out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
 template <typename T>
@@ -148,7 +128,6 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, i
   constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
   const int64_t sc = std::min(s, kSlotChunk);
   const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
-  const bool avx2 = cpu_has_avx2_fma();
   A* const mem_p = const_cast<A*>(mem);
   // Per-thread scratch, allocated here through ATen (so memory profilers see it): h and out tiles
   // in A (half inputs only), scores, running max and sum.
@@ -183,11 +162,7 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, i
         const int64_t w = std::min(sc, s - c0);
         const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
         gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        if (avx2) {
-          softmax_chunk_avx2(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
-        } else {
-          softmax_chunk_base(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
-        }
+        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
         gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
       }
       for (int64_t i = 0; i < t; ++i) {
@@ -220,7 +195,6 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
   constexpr bool kExactRows = std::is_same_v<A, double>;
   const int64_t sc = kExactRows ? s : std::min(s, kSlotChunk);
-  const bool avx2 = cpu_has_avx2_fma();
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
@@ -252,11 +226,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
           }
         }
         gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        if (avx2) {
-          scores_to_grads_avx2(ps, t, w, lse + r0 + i0, delta + i0, scale);
-        } else {
-          scores_to_grads_base(ps, t, w, lse + r0 + i0, delta + i0, scale);
-        }
+        run_best_isa<scores_to_grads<A>>(ps, t, w, lse + r0 + i0, delta + i0, scale);
         A* dhs;
         if constexpr (kDirect) {
           dhs = dh + (r0 + i0) * d;

@@ -23,8 +23,6 @@ namespace cuda {
 namespace {
 
 constexpr int kDeltaWarps = 8;
-constexpr int kReduceCols = 32;
-constexpr int kReduceRows = 8;
 constexpr int kDmColsPerThread = kSimtCols / 8;  // thread: one slot, 32 columns
 
 template <typename T>
@@ -162,26 +160,6 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
 }
 
-// out[q] = sum_p partials[p * cols + q], p in a fixed order.
-__global__ void __launch_bounds__(kReduceCols * kReduceRows)
-    reduce_partials_kernel(const float* __restrict__ partials, int64_t nparts, int64_t cols,
-                           float* __restrict__ out) {
-  GAM_SHARED(float, red, kReduceCols * kReduceRows);
-  const int64_t col = int64_t(blockIdx.x) * kReduceCols + threadIdx.x;
-  float s = 0.f;
-  if (col < cols) {
-    for (int64_t p = threadIdx.y; p < nparts; p += kReduceRows) s += partials[p * cols + col];
-  }
-  red[threadIdx.y * kReduceCols + threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int r = 0; r < kReduceRows; ++r) total += red[r * kReduceCols + threadIdx.x];
-    out[col] = total;
-  }
-}
-
-
 // ---- tensor-core path ---------------------------------------------------------------------------
 
 using namespace nvcuda;
@@ -191,15 +169,12 @@ constexpr int kBwdTcSlots = 32;
 constexpr int kBwdTcThreads = 256;
 constexpr int kBwdTcPad = kBwdTcSlots + 8;  // row stride of the P / dS tiles
 
-__host__ __device__ inline int64_t tb_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
-__host__ __device__ inline int64_t tb_ld(int64_t dim) { return tb_pad_dim(dim) + 8; }
-
 // Shared memory: three 32-row tiles of width D (h rows, grad_out rows, M slots), the two fp32 score
 // tiles (also the per-warp epilogue scratch), P and dS as T, and lse / delta of the rows.
 struct RetrievalBwdTcSmem {
   int64_t a, b, c, sc, ps, ds, stats, total;
   __host__ __device__ explicit RetrievalBwdTcSmem(int64_t dim, int elem_bytes) {
-    const int64_t tile = kBwdTcRows * tb_ld(dim) * elem_bytes;
+    const int64_t tile = kBwdTcRows * wmma_ld(dim) * elem_bytes;
     a = 0;
     b = a + tile;
     c = b + tile;
@@ -207,7 +182,7 @@ struct RetrievalBwdTcSmem {
     ps = sc + 2 * kBwdTcRows * kBwdTcSlots * 4;
     ds = ps + kBwdTcRows * kBwdTcPad * elem_bytes;
     stats = ds + kBwdTcRows * kBwdTcPad * elem_bytes;
-    total = stats + 2 * kBwdTcRows * 4 + 128;  // + room to align the base to 128 bytes
+    total = stats + 2 * kBwdTcRows * 4 + kSmemBaseAlign;  // + room to align the base
   }
 };
 
@@ -216,7 +191,7 @@ struct RetrievalBwdTcTiles {
   T *hs, *grad_out_s, *ms, *ps, *ds;
   float *sc, *lse, *delta;
   __device__ RetrievalBwdTcTiles(unsigned char* raw, int64_t dim) {
-    unsigned char* base = raw + ((128 - reinterpret_cast<uintptr_t>(raw) % 128) % 128);
+    unsigned char* base = GAM_ALIGN_SMEM_BASE(raw);
     const RetrievalBwdTcSmem lay(dim, sizeof(T));
     hs = reinterpret_cast<T*>(base + lay.a);
     grad_out_s = reinterpret_cast<T*>(base + lay.b);
@@ -233,13 +208,13 @@ struct RetrievalBwdTcTiles {
 template <typename T>
 __device__ __forceinline__ void bwd_tc_load_rows(const T* __restrict__ src, int64_t r0,
                                                  int64_t limit, int64_t dim, T* dst, bool vec) {
-  load_rows_to_smem(dst, tb_ld(dim), src, r0, kBwdTcRows, limit, dim, tb_pad_dim(dim), vec);
+  load_rows_to_smem(dst, wmma_ld(dim), src, r0, kBwdTcRows, limit, dim, wmma_pad_dim(dim), vec);
 }
 
 // sc[0:1024] = h M^T and sc[1024:2048] = grad_out M^T of the current tiles (row-major 32 x 32).
 template <typename T>
 __device__ __forceinline__ void bwd_tc_scores(const RetrievalBwdTcTiles<T>& s, int64_t dim) {
-  const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+  const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
   const int warp = threadIdx.x / 32, q = warp & 3, qr = q >> 1, qc = q & 1;
   const T* src = warp < 4 ? s.hs : s.grad_out_s;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -288,15 +263,12 @@ __global__ void __launch_bounds__(kBwdTcThreads)
                                const T* __restrict__ mem, const float* __restrict__ lse,
                                const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
                                int64_t slots, int64_t dim, float scale, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+  if constexpr (!kWmmaCompiled<T>) {
     __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
     const RetrievalBwdTcTiles<T> s(smem_raw, dim);
-    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp >> 2, wc = warp & 3;
     const int64_t row0 = int64_t(blockIdx.x) * kBwdTcRows;
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
@@ -344,7 +316,6 @@ __global__ void __launch_bounds__(kBwdTcThreads)
       }
     }
   }
-#endif
 }
 
 // Partial dM of 32 slots x (4 * NF * 16) columns over one row range; warps: 2 slot groups x 4
@@ -356,15 +327,12 @@ __global__ void __launch_bounds__(kBwdTcThreads)
                                const float* __restrict__ delta, float* __restrict__ partials,
                                int64_t rows, int64_t slots, int64_t dim, float scale,
                                int64_t rows_per_split, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+  if constexpr (!kWmmaCompiled<T>) {
     __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
     const RetrievalBwdTcTiles<T> s(smem_raw, dim);
-    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ws = warp >> 2, wc = warp & 3;
     const int64_t s0 = int64_t(blockIdx.x) * kBwdTcSlots;
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
@@ -418,7 +386,6 @@ __global__ void __launch_bounds__(kBwdTcThreads)
       }
     }
   }
-#endif
 }
 
 template <typename T, int NF>
@@ -483,16 +450,15 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
       const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
       if (p.tensor_cores && smem <= p.max_smem_bytes) {
         const int64_t rps = rows_per_split(p.rows, p.row_splits);
-        const int64_t dpad = tb_pad_dim(p.dim);
-        if (dpad <= 64) {
-          launch_retrieval_bwd_tc<T, 1>(p, smem, rps, stream);
-        } else if (dpad <= 128) {
-          launch_retrieval_bwd_tc<T, 2>(p, smem, rps, stream);
-        } else if (dpad <= 256) {
-          launch_retrieval_bwd_tc<T, 4>(p, smem, rps, stream);
-        } else {
-          launch_retrieval_bwd_tc<T, 8>(p, smem, rps, stream);
-        }
+        // Output columns per block (64 * NF): the smallest slice holding D (up to 512), else
+        // 512-column slices.
+        const int64_t dpad = wmma_pad_dim(p.dim);
+        static_switch<1, 2, 4>(
+            [&](int nf) { return dpad <= 64 * nf; },
+            [&](auto nf) {
+              launch_retrieval_bwd_tc<T, decltype(nf)::value>(p, smem, rps, stream);
+            },
+            [&] { launch_retrieval_bwd_tc<T, 8>(p, smem, rps, stream); });
         return;
       }
     }
@@ -507,11 +473,8 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
                dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta, p.partials, p.rows,
                p.slots, p.dim, p.scale, rows_per_split(p.rows, p.row_splits));
   });
-  const int64_t cols = p.slots * p.dim;
-  gam_launch("retrieval_bwd_reduce", reduce_partials_kernel,
-             dim3(static_cast<unsigned>(ceil_div(cols, kReduceCols))),
-             dim3(kReduceCols, kReduceRows), 0, stream, p.partials, int64_t(p.row_splits), cols,
-             p.dmemory);
+  launch_reduce_partials("retrieval_bwd_reduce", p.partials, int64_t(p.row_splits),
+                         p.slots * p.dim, StoreContiguous{p.dmemory}, stream);
 }
 
 }  // namespace cuda

@@ -33,20 +33,17 @@ constexpr int kFwdTcThreads = kFwdTcWarps * 32;
 constexpr int kFwdTcPadP = kFwdTcSlots + 8;  // row stride of P (keeps WMMA rows 32-byte aligned)
 constexpr float kRescaleSlack = 8.f;
 
-__host__ __device__ inline int64_t tc_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
-__host__ __device__ inline int64_t tc_ld(int64_t dim) { return tc_pad_dim(dim) + 8; }  // skews shared-memory banks
-
 // Byte offsets of the shared-memory regions of the tensor-core kernel.
 struct RetrievalFwdTcSmem {
   int64_t h, m, s, p, stats, total;
   __host__ __device__ explicit RetrievalFwdTcSmem(int64_t dim, int elem_bytes) {
-    const int64_t ld = tc_ld(dim);
+    const int64_t ld = wmma_ld(dim);
     h = 0;
     m = h + kFwdTcRows * ld * elem_bytes;
     s = m + kFwdTcSlots * ld * elem_bytes;
     p = s + int64_t(kFwdTcRows) * kFwdTcSlots * 4;
     stats = p + int64_t(kFwdTcRows) * kFwdTcPadP * elem_bytes;
-    total = stats + 3 * kFwdTcRows * 4 + 16 + 128;  // + room to align the base to 128 bytes
+    total = stats + 3 * kFwdTcRows * 4 + 16 + kSmemBaseAlign;  // + room to align the base
   }
 };
 
@@ -55,16 +52,12 @@ __global__ void __launch_bounds__(kFwdTcThreads)
     retrieval_fwd_tc_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                             T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                             int64_t slots, int64_t dim, float scale, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();  // the host never selects this path below sm_70
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
-    __trap();  // the host never selects bf16 tensor cores below sm_80
+  if constexpr (!kWmmaCompiled<T>) {
+    __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    // WMMA pointers need 32-byte alignment; dynamic shared memory only promises 16.
-    unsigned char* smem = smem_raw + ((128 - reinterpret_cast<uintptr_t>(smem_raw) % 128) % 128);
-    const int64_t dpad = tc_pad_dim(dim), ld = tc_ld(dim);
+    unsigned char* smem = GAM_ALIGN_SMEM_BASE(smem_raw);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
     const RetrievalFwdTcSmem lay(dim, sizeof(T));
     T* hs = reinterpret_cast<T*>(smem + lay.h);
     T* ms = reinterpret_cast<T*>(smem + lay.m);
@@ -196,7 +189,6 @@ __global__ void __launch_bounds__(kFwdTcThreads)
       lse[row0 + tid] = m_ref[tid] + logf(l_sum[tid]);
     }
   }
-#endif
 }
 
 template <typename T>
@@ -267,7 +259,9 @@ void launch_retrieval_fwd_tc(const RetrievalFwdParams& p, int64_t smem, cudaStre
 
 }  // namespace
 
-int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim) { return RetrievalFwdTcSmem(dim, 2).total; }
+int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim) {
+  return RetrievalFwdTcSmem(dim, 2).total;
+}
 
 void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
@@ -283,18 +277,13 @@ void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t strea
     const int64_t smem = memory_retrieval_fwd_tc_smem_bytes(p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       if (p.tensor_cores && smem <= p.max_smem_bytes) {
-        // Output columns per block: the smallest slice holding D (up to 512), else 512-column
-        // slices (the scores are then recomputed per slice).
-        const int64_t dpad = tc_pad_dim(p.dim);
-        if (dpad <= 64) {
-          launch_retrieval_fwd_tc<T, 2>(p, smem, stream);
-        } else if (dpad <= 128) {
-          launch_retrieval_fwd_tc<T, 4>(p, smem, stream);
-        } else if (dpad <= 256) {
-          launch_retrieval_fwd_tc<T, 8>(p, smem, stream);
-        } else {
-          launch_retrieval_fwd_tc<T, 16>(p, smem, stream);
-        }
+        // Output columns per block (32 * NF): the smallest slice holding D (up to 512), else
+        // 512-column slices (the scores are then recomputed per slice).
+        const int64_t dpad = wmma_pad_dim(p.dim);
+        static_switch<2, 4, 8>(
+            [&](int nf) { return dpad <= 32 * nf; },
+            [&](auto nf) { launch_retrieval_fwd_tc<T, decltype(nf)::value>(p, smem, stream); },
+            [&] { launch_retrieval_fwd_tc<T, 16>(p, smem, stream); });
         return;
       }
     }
