@@ -24,12 +24,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @pytest.fixture(scope="module")
 def emu():
-    from gam_ext import _emulation
+    import emulation
 
-    reason = _emulation.unavailable_reason()
+    reason = emulation.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    mod = _emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
+    mod = emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
     mod.set_retrieval_path(True, 227 * 1024)
     return mod
 
