@@ -23,21 +23,27 @@ inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char*
               " is on ", ref.device());
 }
 
+// A float tensor of the given rank; with ref, on ref's device too.
+inline void check_float_tensor(const at::Tensor& t, int64_t rank, const char* name) {
+  check_float(t, name);
+  check_rank(t, rank, name);
+}
+inline void check_float_tensor(const at::Tensor& t, int64_t rank, const char* name,
+                               const at::Tensor& ref, const char* ref_name) {
+  check_float_tensor(t, rank, name);
+  check_device(t, ref, name, ref_name);
+}
+
 // x (B, N, D), weight (D, K) with K >= 1, bias (D) or none.
 inline void check_conv_args(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias) {
-  check_float(x, "x");
-  check_rank(x, 3, "x");
-  check_float(weight, "weight");
-  check_rank(weight, 2, "weight");
-  check_device(weight, x, "weight", "x");
+  check_float_tensor(x, 3, "x");
+  check_float_tensor(weight, 2, "weight", x, "x");
   TORCH_CHECK(weight.size(0) == x.size(2), "weight has ", weight.size(0),
               " channels but x has D=", x.size(2));
   TORCH_CHECK(weight.size(1) >= 1, "weight must have a kernel size K >= 1, got K=0");
   if (bias.has_value()) {
-    check_float(*bias, "bias");
-    check_rank(*bias, 1, "bias");
-    check_device(*bias, x, "bias", "x");
+    check_float_tensor(*bias, 1, "bias", x, "x");
     TORCH_CHECK(bias->size(0) == x.size(2), "bias must have shape (", x.size(2), "), got ",
                 bias->sizes());
   }
@@ -45,11 +51,8 @@ inline void check_conv_args(const at::Tensor& x, const at::Tensor& weight,
 
 // h (B, N, D), memory (S, D) with S >= 1.
 inline void check_memory_args(const at::Tensor& h, const at::Tensor& memory) {
-  check_float(h, "h");
-  check_rank(h, 3, "h");
-  check_float(memory, "memory");
-  check_rank(memory, 2, "memory");
-  check_device(memory, h, "memory", "h");
+  check_float_tensor(h, 3, "h");
+  check_float_tensor(memory, 2, "memory", h, "h");
   TORCH_CHECK(memory.size(1) == h.size(2), "memory must have shape (S, ", h.size(2),
               ") to match h, got ", memory.sizes());
   TORCH_CHECK(memory.size(0) >= 1, "memory must have at least one slot (S >= 1)");
@@ -58,8 +61,7 @@ inline void check_memory_args(const at::Tensor& h, const at::Tensor& memory) {
 // local and global_ctx (B, N, D) of one dtype, gate_logits (B, N, 2D) of the same dtype.
 inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ctx,
                             const at::Tensor& gate_logits) {
-  check_float(local, "local");
-  check_rank(local, 3, "local");
+  check_float_tensor(local, 3, "local");
   check_rank(global_ctx, 3, "global_ctx");
   check_rank(gate_logits, 3, "gate_logits");
   check_device(global_ctx, local, "global_ctx", "local");
