@@ -45,7 +45,7 @@ train: build
 	$(PY) examples/train.py
 
 lint: $(STAMPS)/venv
-	$(PY) -m ruff check gam_ext python_tests benchmarks examples setup.py
+	$(PY) -m ruff check gam_ext python_tests benchmarks examples scripts csrc/emu setup.py
 
 test: build lint
 	$(PY) -m pytest python_tests -m "not emulated"

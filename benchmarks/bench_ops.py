@@ -25,7 +25,7 @@ a flash-style backward is not counted); gate fusion ~10 flops per element fwd, ~
 adds the gate linear (4BND^2 fwd, 8BND^2 bwd).
 
 Output: a markdown table and a CSV (same stem) under benchmarks/results/, with the machine, date,
-load average and the exact command. The CLI is stable (benchmarks/gpu_check scripts call it):
+load average and the exact command. The CLI is stable (scripts/gpu_check.sh calls it):
 
   python benchmarks/bench_ops.py --device cpu --dtype float32 --batch 4 --seqlen 512 \\
       --d-model 512 --slots 512 --kernel-size 3 --repeats 20

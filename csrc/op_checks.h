@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA implementations of every op, so that a direct call of
-// torch.ops.gam_ext.* with bad input fails with a message naming the argument, never a crash.
+// The contract of every op shared by its CPU and CUDA implementations: the argument checks of the
+// forward and backward ops, so that a direct call of torch.ops.gam_ext.* with bad input fails with
+// a message naming the argument, never a crash; and the dtype the memory bank is computed in.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,21 +23,27 @@ inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char*
               " is on ", ref.device());
 }
 
+// A float tensor of the given rank; with ref, on ref's device too.
+inline void check_float_tensor(const at::Tensor& t, int64_t rank, const char* name) {
+  check_float(t, name);
+  check_rank(t, rank, name);
+}
+inline void check_float_tensor(const at::Tensor& t, int64_t rank, const char* name,
+                               const at::Tensor& ref, const char* ref_name) {
+  check_float_tensor(t, rank, name);
+  check_device(t, ref, name, ref_name);
+}
+
 // x (B, N, D), weight (D, K) with K >= 1, bias (D) or none.
 inline void check_conv_args(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias) {
-  check_float(x, "x");
-  check_rank(x, 3, "x");
-  check_float(weight, "weight");
-  check_rank(weight, 2, "weight");
-  check_device(weight, x, "weight", "x");
+  check_float_tensor(x, 3, "x");
+  check_float_tensor(weight, 2, "weight", x, "x");
   TORCH_CHECK(weight.size(0) == x.size(2), "weight has ", weight.size(0),
               " channels but x has D=", x.size(2));
   TORCH_CHECK(weight.size(1) >= 1, "weight must have a kernel size K >= 1, got K=0");
   if (bias.has_value()) {
-    check_float(*bias, "bias");
-    check_rank(*bias, 1, "bias");
-    check_device(*bias, x, "bias", "x");
+    check_float_tensor(*bias, 1, "bias", x, "x");
     TORCH_CHECK(bias->size(0) == x.size(2), "bias must have shape (", x.size(2), "), got ",
                 bias->sizes());
   }
@@ -44,11 +51,8 @@ inline void check_conv_args(const at::Tensor& x, const at::Tensor& weight,
 
 // h (B, N, D), memory (S, D) with S >= 1.
 inline void check_memory_args(const at::Tensor& h, const at::Tensor& memory) {
-  check_float(h, "h");
-  check_rank(h, 3, "h");
-  check_float(memory, "memory");
-  check_rank(memory, 2, "memory");
-  check_device(memory, h, "memory", "h");
+  check_float_tensor(h, 3, "h");
+  check_float_tensor(memory, 2, "memory", h, "h");
   TORCH_CHECK(memory.size(1) == h.size(2), "memory must have shape (S, ", h.size(2),
               ") to match h, got ", memory.sizes());
   TORCH_CHECK(memory.size(0) >= 1, "memory must have at least one slot (S >= 1)");
@@ -57,8 +61,7 @@ inline void check_memory_args(const at::Tensor& h, const at::Tensor& memory) {
 // local and global_ctx (B, N, D) of one dtype, gate_logits (B, N, 2D) of the same dtype.
 inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ctx,
                             const at::Tensor& gate_logits) {
-  check_float(local, "local");
-  check_rank(local, 3, "local");
+  check_float_tensor(local, 3, "local");
   check_rank(global_ctx, 3, "global_ctx");
   check_rank(gate_logits, 3, "gate_logits");
   check_device(global_ctx, local, "global_ctx", "local");
@@ -74,6 +77,51 @@ inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ct
               "local, global_ctx and gate_logits must share one dtype, got ",
               local.scalar_type(), ", ", global_ctx.scalar_type(), ", ",
               gate_logits.scalar_type());
+}
+
+// A gradient argument against the tensor it is the gradient of: float dtype, device and shape.
+inline void check_grad_like(const at::Tensor& grad, const at::Tensor& like, const char* name,
+                            const char* like_name) {
+  check_float(grad, name);
+  check_device(grad, like, name, like_name);
+  TORCH_CHECK(grad.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
+              like.sizes(), ", got ", grad.sizes());
+}
+
+// Backward of the causal conv: the forward's checks, and grad_y like x.
+inline void check_conv_bwd_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                const at::Tensor& weight) {
+  check_conv_args(x, weight, c10::nullopt);
+  check_grad_like(grad_y, x, "grad_y", "x");
+}
+
+// Backward of the memory retrieval: the forward's checks, grad_out and out like h, lse (B, N).
+inline void check_memory_bwd_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                  const at::Tensor& memory, const at::Tensor& out,
+                                  const at::Tensor& lse) {
+  check_memory_args(h, memory);
+  check_grad_like(grad_out, h, "grad_out", "h");
+  check_grad_like(out, h, "out", "h");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == h.size(0) && lse.size(1) == h.size(1),
+              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ",
+              lse.sizes());
+  check_device(lse, h, "lse", "h");
+}
+
+// Backward of the gate fusion: the forward's checks, and grad_out like local.
+inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& local,
+                                const at::Tensor& global_ctx, const at::Tensor& gate_logits) {
+  check_gate_args(local, global_ctx, gate_logits);
+  check_grad_like(grad_out, local, "grad_out", "local");
+}
+
+// The precision of the memory bank, one rule for every device: M is rounded to the activation
+// dtype (h's) before any product, as torch.autocast treats the eager formulation
+// (reference.memory_retrieval), whose matmuls cast both operands to the autocast dtype. An fp32
+// bank with bf16 activations is therefore rounded to bf16 on the CPU and on the GPU alike; the
+// kernels then accumulate in fp32 (fp64 for fp64). The gradient of M is returned in M's dtype.
+inline at::Tensor memory_in_activation_dtype(const at::Tensor& memory, const at::Tensor& h) {
+  return memory.to(h.scalar_type()).contiguous();
 }
 
 }  // namespace gam

@@ -72,3 +72,14 @@ def test_kernel_errors_reach_python_whole():
     x = torch.randn(1, 4, 8)
     with pytest.raises(RuntimeError, match="weight has 4 channels but x has D=8"):
         torch.ops.gam_ext.causal_conv1d_fwd(x, torch.zeros(4, 3), None)
+
+
+def test_the_package_does_not_ship_the_emulator():
+    # The SIMT emulator and its driver (csrc/emu/emulation.py) are test tools: setup.py packages
+    # gam_ext only, and nothing of the emulator lives there.
+    from setuptools import find_packages
+
+    packages = find_packages(str(ROOT), include=["gam_ext", "gam_ext.*"])
+    assert packages == ["gam_ext"]
+    modules = [p.name for p in (ROOT / "gam_ext").rglob("*.py")]
+    assert not [m for m in modules if "emu" in m], modules

@@ -1,12 +1,13 @@
 """The CUDA kernels on a GPU: every op vs the fp64 reference, opcheck, torch.compile, autocast,
 determinism and bad input. Skipped without a CUDA GPU and a CUDA build of gam_ext._C
-(benchmarks/gpu_check.sh builds one and runs `pytest -m cuda`).
+(scripts/gpu_check.sh builds one and runs `pytest -m cuda`).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import TOL
 
 import gam_ext
 from gam_ext import _backend, reference
@@ -21,11 +22,6 @@ pytestmark = [
 ]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TOL = {
-    torch.float32: dict(rtol=3e-4, atol=1e-3),
-    torch.float16: dict(rtol=3e-3, atol=5e-3),
-    torch.bfloat16: dict(rtol=1e-2, atol=5e-2),
-}
 DEV = "cuda"
 
 

@@ -13,27 +13,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import TOL
 
 from gam_ext import reference
 
 pytestmark = pytest.mark.emulated
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TOL = {
-    torch.float32: dict(rtol=3e-4, atol=1e-3),
-    torch.float16: dict(rtol=3e-3, atol=5e-3),
-    torch.bfloat16: dict(rtol=1e-2, atol=5e-2),
-}
 
 
 @pytest.fixture(scope="module")
 def emu():
-    from gam_ext import _emulation
+    import emulation
 
-    reason = _emulation.unavailable_reason()
+    reason = emulation.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    mod = _emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
+    mod = emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
     mod.set_retrieval_path(True, 227 * 1024)
     return mod
 
@@ -157,11 +153,11 @@ def test_conv_bad_input(emu):
 # --------------------------------------------------------------------------------------------
 
 
-def retrieval_ref(h, m, scale, dg):
+def retrieval_ref(h, m, scale, grad_out):
     hd = h.double().requires_grad_()
     md = m.double().requires_grad_()
     out = reference.memory_retrieval(hd, md, scale)
-    out.backward(dg.double())
+    out.backward(grad_out.double())
     lse = torch.logsumexp(scale * hd.detach() @ md.detach().t(), dim=-1)
     return out.detach(), lse, hd.grad, md.grad
 
@@ -189,13 +185,13 @@ def test_retrieval(emu, dtype, shape, tensor_cores):
     b_, n, s, d = shape
     h = gen((b_, n, d), dtype, 20, 0.5)
     m = gen((s, d), torch.float32, 21, 0.5)  # fp32 bank with half activations
-    dg = gen((b_, n, d), dtype, 22)
+    grad_out = gen((b_, n, d), dtype, 22)
     scale = 0.75
-    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m.to(dtype), scale, dg)
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m.to(dtype), scale, grad_out)
     emu.set_retrieval_path(tensor_cores, 227 * 1024)
     try:
         out, lse = emu.memory_retrieval_fwd(h, m, scale)
-        dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, scale)
+        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, scale)
     finally:
         emu.set_retrieval_path(True, 227 * 1024)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b_, n)
@@ -213,28 +209,73 @@ def test_retrieval_rescale_path(emu, dtype):
     h = gen((1, 70, 32), dtype, 30)
     grow = torch.linspace(0.2, 3.0, 130).unsqueeze(1)
     m = (gen((130, 32), torch.float64, 31) * grow).to(dtype)
-    dg = gen((1, 70, 32), dtype, 32)
-    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.5, dg)
+    grad_out = gen((1, 70, 32), dtype, 32)
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.5, grad_out)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.5)
     close(out, out_ref, dtype, scale=4.0)
     close(lse, lse_ref, dtype, scale=4.0)
-    dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.5)
+    dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.5)
     assert dm.dtype == dtype
     ref_mag = max(1.0, dh_ref.abs().max().item() / 4)
     close(dh, dh_ref, dtype, scale=ref_mag)
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, tensor_cores):
+    # One rule (csrc/op_checks.h): the memory bank is rounded to the activation dtype, as autocast
+    # does for the eager formulation's matmuls. An fp32 bank must then give the very bits of the
+    # pre-rounded bank, on the CPU kernels and on the CUDA kernels alike.
+    import gam_ext
+
+    h32 = gen((2, 37, 40), torch.float32, 90, 0.5)
+    m = gen((70, 40), torch.float32, 91, 0.5)
+    assert not torch.equal(m.to(dtype).float(), m)  # the bank does round
+    m_rounded = m.to(dtype)
+    grad_out = gen((2, 37, 40), dtype, 92)
+    with torch.autocast("cpu", dtype=dtype):
+        eager = reference.memory_retrieval(h32, m, 0.75)
+        ours = gam_ext.memory_retrieval(h32, m, 0.75)
+    h = h32.to(dtype)
+    assert eager.dtype == dtype and ours.dtype == dtype
+    cpu_out, cpu_lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 0.75)
+    assert torch.equal(ours, cpu_out)
+    cpu_rounded = torch.ops.gam_ext.memory_retrieval_fwd(h, m_rounded, 0.75)
+    assert torch.equal(cpu_out, cpu_rounded[0]) and torch.equal(cpu_lse, cpu_rounded[1])
+    cpu_dh, cpu_dm = torch.ops.gam_ext.memory_retrieval_bwd(grad_out, h, m, cpu_out, cpu_lse, 0.75)
+    cpu_dh_r, cpu_dm_r = torch.ops.gam_ext.memory_retrieval_bwd(
+        grad_out, h, m_rounded, cpu_out, cpu_lse, 0.75
+    )
+    assert torch.equal(cpu_dh, cpu_dh_r) and torch.equal(cpu_dm.to(dtype), cpu_dm_r)
+    emu.set_retrieval_path(tensor_cores, 227 * 1024)
+    try:
+        out, lse = emu.memory_retrieval_fwd(h, m, 0.75)
+        out_r, lse_r = emu.memory_retrieval_fwd(h, m_rounded, 0.75)
+        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 0.75)
+        dh_r, dm_r = emu.memory_retrieval_bwd(grad_out, h, m_rounded, out, lse, 0.75)
+    finally:
+        emu.set_retrieval_path(True, 227 * 1024)
+    assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+    assert torch.equal(dh, dh_r) and torch.equal(dm.to(dtype), dm_r)
+    # Both devices agree with the eager formulation under autocast, and with each other.
+    close(cpu_out, eager, dtype)
+    close(out, eager, dtype)
+    close(out, cpu_out, dtype)
+    close(dh, cpu_dh, dtype)
+    close(dm, cpu_dm, dtype, scale=2.0)
 
 
 def test_retrieval_smem_fallback_and_layouts(emu):
     # A device with too little shared memory for the tensor-core tile takes the SIMT path.
     h = gen((1, 20, 48), torch.bfloat16, 40)
     m = gen((40, 48), torch.bfloat16, 41)
-    dg = gen((1, 20, 48), torch.bfloat16, 42)
-    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, dg)
-    assert emu.tc_smem_bytes(48) > 1024
+    grad_out = gen((1, 20, 48), torch.bfloat16, 42)
+    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, grad_out)
+    assert emu.memory_retrieval_fwd_tc_smem_bytes(48) > 1024
     emu.set_retrieval_path(True, 1024)
     try:
         out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
-        dh, dm = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
+        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
     finally:
         emu.set_retrieval_path(True, 227 * 1024)
     close(out, out_ref, torch.bfloat16)
@@ -244,7 +285,7 @@ def test_retrieval_smem_fallback_and_layouts(emu):
     ht = h.transpose(0, 1).contiguous().transpose(0, 1)
     out2, lse2 = emu.memory_retrieval_fwd(ht, misaligned(m), 1.0)
     close(out2, out_ref, torch.bfloat16)
-    dh, dm = emu.memory_retrieval_bwd(misaligned(dg), ht, m, out2, lse2, 1.0)
+    dh, dm = emu.memory_retrieval_bwd(misaligned(grad_out), ht, m, out2, lse2, 1.0)
     close(dh, dh_ref, torch.bfloat16)
     close(dm, dm_ref, torch.bfloat16, scale=2.0)
 
@@ -257,12 +298,12 @@ def test_retrieval_empty_and_deterministic(emu):
     dh, dm = emu.memory_retrieval_bwd(h, h, m, out, lse, 1.0)
     assert dh.shape == h.shape and torch.all(dm == 0)
     h = gen((2, 150, 8), torch.float32, 51)  # 300 rows: 3 dM row splits
-    dg = gen((2, 150, 8), torch.float32, 52)
+    grad_out = gen((2, 150, 8), torch.float32, 52)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
-    first = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
-    second = emu.memory_retrieval_bwd(dg, h, m, out, lse, 1.0)
+    first = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
+    second = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    _, _, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, dg)
+    _, _, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, grad_out)
     close(first[1], dm_ref, torch.float32, scale=4.0)
 
 
@@ -288,32 +329,32 @@ def test_retrieval_bad_input(emu):
 @pytest.mark.parametrize("aligned", [True, False], ids=["vec", "scalar"])
 def test_gate(emu, dtype, shape, aligned):
     b_, n, d = shape
-    loc = gen((b_, n, d), dtype, 70)
-    glob = gen((b_, n, d), dtype, 71)
+    local = gen((b_, n, d), dtype, 70)
+    global_ctx = gen((b_, n, d), dtype, 71)
     z = gen((b_, n, 2 * d), dtype, 72, 2.0)
     df = gen((b_, n, d), dtype, 73)
-    args = [t.double().requires_grad_() for t in (loc, glob, z)]
+    args = [t.double().requires_grad_() for t in (local, global_ctx, z)]
     f_ref = reference.gate_fusion(*args)
     f_ref.backward(df.double())
     prep = (lambda t: t) if aligned else misaligned
-    f = emu.gate_fusion_fwd(prep(loc), prep(glob), prep(z))
+    f = emu.gate_fusion_fwd(prep(local), prep(global_ctx), prep(z))
     close(f, f_ref.detach(), dtype)
-    grads = emu.gate_fusion_bwd(prep(df), prep(loc), prep(glob), prep(z))
+    grads = emu.gate_fusion_bwd(prep(df), prep(local), prep(global_ctx), prep(z))
     for ours, ref in zip(grads, args, strict=True):
         assert ours.dtype == dtype
         close(ours, ref.grad, dtype)
 
 
 def test_gate_layouts_and_errors(emu):
-    loc = gen((2, 6, 8), torch.float32, 80)
-    glob = gen((2, 6, 8), torch.float32, 81)
+    local = gen((2, 6, 8), torch.float32, 80)
+    global_ctx = gen((2, 6, 8), torch.float32, 81)
     z = gen((2, 6, 16), torch.float32, 82)
-    ref = reference.gate_fusion(loc, glob, z)
+    ref = reference.gate_fusion(local, global_ctx, z)
     zt = z.transpose(0, 1).contiguous().transpose(0, 1)
-    close(emu.gate_fusion_fwd(loc, glob, zt), ref, torch.float32)
+    close(emu.gate_fusion_fwd(local, global_ctx, zt), ref, torch.float32)
     e = torch.zeros(0, 6, 8)
     assert emu.gate_fusion_fwd(e, e, torch.zeros(0, 6, 16)).shape == e.shape
     with pytest.raises(RuntimeError, match="gate_logits must have shape"):
-        emu.gate_fusion_fwd(loc, glob, loc)
+        emu.gate_fusion_fwd(local, global_ctx, local)
     with pytest.raises(RuntimeError, match="share one dtype"):
-        emu.gate_fusion_fwd(loc, glob.half(), z)
+        emu.gate_fusion_fwd(local, global_ctx.half(), z)

@@ -9,7 +9,6 @@ so an emulator hang fails instead of blocking the suite.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,27 +18,15 @@ import time
 import types
 from pathlib import Path
 
+import emulation as emu  # csrc/emu/emulation.py (conftest.py puts csrc/emu on sys.path)
 import pytest
 import torch
 
 pytestmark = pytest.mark.emulated
 
 ROOT = Path(__file__).resolve().parent.parent
-EMULATION_PY = ROOT / "gam_ext" / "_emulation.py"
+EMULATION_PY = ROOT / "csrc" / "emu" / "emulation.py"
 CHILD_TIMEOUT_S = 600  # generous: a child may have to build the module on a cold cache
-
-
-def _load_emulation() -> types.ModuleType:
-    # Loaded by path: the emulator's tests must not depend on gam_ext (and its compiled
-    # extension) importing.
-    spec = importlib.util.spec_from_file_location("gam_emulation_selftest", EMULATION_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-emu = _load_emulation()
 
 
 @pytest.fixture(scope="module")

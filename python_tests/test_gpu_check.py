@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh on a machine without a GPU: stops at once, says why, writes nothing."""
+"""scripts/gpu_check.sh on a machine without a GPU: stops at once, says why, writes nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no
 def run_check(**env: str) -> tuple[subprocess.CompletedProcess, float]:
     environ = {k: v for k, v in os.environ.items() if k != "PYTHON"} | env
     start = time.monotonic()
-    out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=environ,
+    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=environ,
                          capture_output=True, text=True, timeout=300)
     return out, time.monotonic() - start
 

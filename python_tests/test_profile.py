@@ -55,7 +55,7 @@ def test_profile_rejects_bad_flags():
 def test_no_script_shadows_the_standard_library():
     # A script's folder is sys.path[0]: a benchmarks/profile.py once hid the stdlib module that
     # torch.compile imports, and every other script in that folder failed on a GPU.
-    scripts = [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")]
+    scripts = [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py"), *ROOT.glob("scripts/*.py")]
     assert scripts
     clashes = [p.name for p in scripts if p.stem in sys.stdlib_module_names]
     assert not clashes, f"rename these: they shadow standard-library modules: {clashes}"

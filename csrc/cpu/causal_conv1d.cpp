@@ -134,8 +134,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x_in, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(const at::Tensor& grad_y,
                                                                  const at::Tensor& x_in,
                                                                  const at::Tensor& weight) {
-  check_conv_args(x_in, weight, std::nullopt);
-  check_grad_like(grad_y, x_in, "grad_y", "x");
+  check_conv_bwd_args(grad_y, x_in, weight);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous();
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2), k = weight.size(1);

@@ -15,7 +15,7 @@
 // The extension is compiled for the baseline x86-64 ISA (SSE2). The elementwise loops with exp
 // (gates, softmax) are compute-bound there, so they also get an AVX2+FMA build, chosen at run time:
 // GAM_AVX2 marks a function compiled for AVX2+FMA; the loop bodies are GAM_INLINE templates that
-// get compiled into both the baseline and the AVX2 wrapper.
+// run_best_isa (below) compiles into both a baseline and an AVX2 wrapper.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define GAM_AVX2 __attribute__((target("avx2,fma")))
 #define GAM_INLINE inline __attribute__((always_inline))
@@ -38,6 +38,25 @@ inline bool cpu_has_avx2_fma() {
 #else
   return false;
 #endif
+}
+
+// Runs Fn(args...) (a GAM_INLINE function) compiled for AVX2+FMA when the CPU has them, else the
+// baseline build: each wrapper below inlines its own copy of Fn's loops, vectorised for its ISA.
+template <auto Fn, typename... Args>
+void run_baseline(Args... args) {
+  Fn(args...);
+}
+template <auto Fn, typename... Args>
+GAM_AVX2 void run_avx2(Args... args) {
+  Fn(args...);
+}
+template <auto Fn, typename... Args>
+inline void run_best_isa(Args... args) {
+  if (cpu_has_avx2_fma()) {
+    run_avx2<Fn>(args...);
+  } else {
+    run_baseline<Fn>(args...);
+  }
 }
 
 // Half types are computed in fp32 (torch's half GEMM is far slower than fp32 on CPUs without native

@@ -89,16 +89,6 @@ GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
     mrow[i] = shift;
   }
 }
-template <typename A>
-void softmax_chunk_base(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
-                        int64_t d) {
-  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
-}
-template <typename A>
-GAM_AVX2 void softmax_chunk_avx2(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow,
-                                 A* acc, int64_t d) {
-  softmax_chunk(sbuf, t, w, first, mrow, lrow, acc, d);
-}
 
 // Backward, in place on the stacked tile ps = [s ; dp] (2t x w) of one sub-block:
 // p = exp(scale*s - lse), rows 0..t-1 become scale * ds = scale * p * (dp - delta), rows t..2t-1
@@ -129,26 +119,15 @@ GAM_INLINE void scores_to_grads(A* ps, int64_t t, int64_t w, const float* lse, c
     }
   }
 }
-template <typename A>
-void scores_to_grads_base(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
-                          A scale) {
-  scores_to_grads(ps, t, w, lse, delta, scale);
-}
-template <typename A>
-GAM_AVX2 void scores_to_grads_avx2(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
-                                   A scale) {
-  scores_to_grads(ps, t, w, lse, delta, scale);
-}
 
 // out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
 template <typename T>
-void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows, int64_t d,
-                    int64_t s, acc_t<T> scale) {
+void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows,
+                          int64_t d, int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
   const int64_t sc = std::min(s, kSlotChunk);
   const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
-  const bool avx2 = cpu_has_avx2_fma();
   A* const mem_p = const_cast<A*>(mem);
   // Per-thread scratch, allocated here through ATen (so memory profilers see it): h and out tiles
   // in A (half inputs only), scores, running max and sum.
@@ -183,11 +162,7 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
         const int64_t w = std::min(sc, s - c0);
         const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
         gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        if (avx2) {
-          softmax_chunk_avx2(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
-        } else {
-          softmax_chunk_base(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
-        }
+        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
         gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
       }
       for (int64_t i = 0; i < t; ++i) {
@@ -201,30 +176,30 @@ void mem_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t
   });
 }
 
-// dh (rows, d) in T and dm_acc (s, d) in A, for dg = grad_out, the saved out and lse.
+// dh (rows, d) in T and dm_acc (s, d) in A, from grad_out, the saved out and lse.
 //
 // Rows go tile by tile (kBwdTileRows); inside a tile, fixed sub-blocks of rows run in parallel:
-//   [s ; dp] = [h ; dg] M^T          one GEMM on the stacked rows
-//   p = exp(scale*s - lse), ds = p * (dp - delta), with delta = rowsum(dg * out)
+//   [s ; dp] = [h ; grad_out] M^T    one GEMM on the stacked rows
+//   p = exp(scale*s - lse), ds = p * (dp - delta), with delta = rowsum(grad_out * out)
 //   dh = scale * ds M                 (accumulated over slot chunks)
 // then, in parallel over fixed blocks of slots,
-//   dM += [scale*ds ; p]^T [h ; dg]   one GEMM over the tile's stacked rows.
+//   dM += [scale*ds ; p]^T [h ; grad_out]   one GEMM over the tile's stacked rows.
 // Each dM element is summed tile after tile in a fixed order by one GEMM call per block, so dM has
 // the same bits whatever the thread count, and no per-thread copies of dM are needed.
 template <typename T>
-void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, const float* lse,
-                    T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d, int64_t s,
-                    acc_t<T> scale) {
+void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, const T* out,
+                          const float* lse, T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d,
+                          int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // accumulate dh in the output itself
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
   constexpr bool kExactRows = std::is_same_v<A, double>;
   const int64_t sc = kExactRows ? s : std::min(s, kSlotChunk);
-  const bool avx2 = cpu_has_avx2_fma();
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
-  // [its h rows ; its dg rows] in x2, and [scale*ds ; p] in p2, so the whole tile is contiguous.
+  // [its h rows ; its grad_out rows] in x2, and [scale*ds ; p] in p2, so the whole tile is
+  // contiguous.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   at::Tensor x2_t = at::empty({2 * tile * d}, opts), p2_t = at::empty({2 * tile * sc}, opts);
   at::Tensor delta_t = at::empty({tile}, opts), dh_t = at::empty({kDirect ? 0 : tile * d}, opts);
@@ -246,16 +221,12 @@ void mem_bwd_kernel(const T* dg, const T* h, const acc_t<T>* mem, const T* out, 
           for (int64_t q = 0; q < t; ++q) {
             const int64_t r = r0 + i0 + q;
             convert_row(xs + q * d, h + r * d, d);
-            convert_row(xs + (t + q) * d, dg + r * d, d);
+            convert_row(xs + (t + q) * d, grad_out + r * d, d);
             delta[i0 + q] = row_dot(xs + (t + q) * d, out + r * d, d);
           }
         }
         gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        if (avx2) {
-          scores_to_grads_avx2(ps, t, w, lse + r0 + i0, delta + i0, scale);
-        } else {
-          scores_to_grads_base(ps, t, w, lse + r0 + i0, delta + i0, scale);
-        }
+        run_best_isa<scores_to_grads<A>>(ps, t, w, lse + r0 + i0, delta + i0, scale);
         A* dhs;
         if constexpr (kDirect) {
           dhs = dh + (r0 + i0) * d;
@@ -294,49 +265,46 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
     lse.fill_(std::log(static_cast<double>(s)));
     return {out, lse};
   }
-  const at::Tensor mem = memory.to(acc_scalar_type(h.scalar_type())).contiguous();
+  // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
+  const at::Tensor mem =
+      memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
                                   "memory_retrieval_fwd", [&] {
     using A = acc_t<scalar_t>;
-    mem_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
-                             b * n, d, s, static_cast<A>(scale));
+    retrieval_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                                   out.mutable_data_ptr<scalar_t>(),
+                                   lse.mutable_data_ptr<float>(), b * n, d, s,
+                                   static_cast<A>(scale));
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_out_in,
                                                         const at::Tensor& h_in,
                                                         const at::Tensor& memory,
                                                         const at::Tensor& out_in,
                                                         const at::Tensor& lse_in, double scale) {
-  check_memory_args(h_in, memory);
-  check_grad_like(grad_out, h_in, "grad_out", "h");
-  check_grad_like(out_in, h_in, "out", "h");
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) && lse_in.size(1) == h_in.size(1),
-              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
-              lse_in.sizes());
-  TORCH_CHECK(lse_in.device() == h_in.device(), "lse is on ", lse_in.device(), " but h is on ",
-              h_in.device());
+  check_memory_bwd_args(grad_out_in, h_in, memory, out_in, lse_in);
   const at::Tensor h = h_in.contiguous();
   const auto st = h.scalar_type();
   const auto acc = acc_scalar_type(st);
-  const at::Tensor dg = grad_out.to(st).contiguous();
+  const at::Tensor grad_out = grad_out_in.to(st).contiguous();
   const at::Tensor out = out_in.to(st).contiguous();
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t b = h.size(0), n = h.size(1), d = h.size(2), s = memory.size(0);
   const int64_t rows = b * n;
   at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
   if (rows == 0 || d == 0) return {dh, at::zeros_like(memory, at::MemoryFormat::Contiguous)};
-  const at::Tensor mem = memory.to(acc).contiguous();
+  const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
   // dM is accumulated in the accumulation type; straight into the result when the types agree.
   at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {
     using A = acc_t<scalar_t>;
-    mem_bwd_kernel<scalar_t>(dg.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-                             mem.const_data_ptr<A>(), out.const_data_ptr<scalar_t>(),
-                             lse.const_data_ptr<float>(), dh.mutable_data_ptr<scalar_t>(),
-                             dm_acc.mutable_data_ptr<A>(), rows, d, s, static_cast<A>(scale));
+    retrieval_bwd_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
+                                   h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                                   out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
+                                   dh.mutable_data_ptr<scalar_t>(), dm_acc.mutable_data_ptr<A>(),
+                                   rows, d, s, static_cast<A>(scale));
   });
   return {dh, dm_acc.to(memory.scalar_type())};
 }

@@ -15,7 +15,6 @@ namespace {
 // 8-byte vectors for half types (4 channels): 16 would double the registers of the K*VEC weights
 // and accumulators and cost occupancy; a warp still reads whole 256-byte rows.
 constexpr int kBwdVec = 4;
-constexpr int kReduceRows = 8;
 
 // Sums each thread's VEC values of `val` over the kConvThreadsY time spans of the block, in a fixed
 // order, into partials[q * dim + c]. Every thread of the block must call it.
@@ -174,55 +173,42 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
   }
 }
 
-// out[q] = sum_p partials[p * cols + q] over p in a fixed order: rows strided over threadIdx.y,
-// then the kReduceRows sums added in order. Writes q < k*dim to dw (D, K) and the rest to dbias.
-__global__ void __launch_bounds__(kConvThreadsX * kReduceRows)
-    conv_bwd_reduce_kernel(const float* __restrict__ partials, int64_t nparts, int k,
-                           int64_t dim, float* __restrict__ dw, float* __restrict__ dbias) {
-  GAM_SHARED(float, red, kConvThreadsX * kReduceRows);
-  const int64_t cols = (k + 1) * dim;
-  const int64_t col = int64_t(blockIdx.x) * kConvThreadsX + threadIdx.x;
-  float s = 0.f;
-  if (col < cols) {
-    for (int64_t p = threadIdx.y; p < nparts; p += kReduceRows) s += partials[p * cols + col];
-  }
-  red[threadIdx.y * kConvThreadsX + threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int r = 0; r < kReduceRows; ++r) total += red[r * kConvThreadsX + threadIdx.x];
-    const int64_t q = col / dim, c = col - q * dim;
-    if (q < k) {
-      dw[c * k + q] = total;
+// Where the reduced partials go: column q < K * D is dw[c, j] (c = q % D, j = q / D) of the (D, K)
+// weight gradient, the last D columns are dbias.
+struct ConvGradStore {
+  float* dweight;
+  float* dbias;
+  int kwidth;
+  int64_t dim;
+  __device__ __forceinline__ void operator()(int64_t col, float total) const {
+    const int64_t j = col / dim, c = col - j * dim;
+    if (j < kwidth) {
+      dweight[c * kwidth + j] = total;
     } else {
       dbias[c] = total;
     }
   }
-}
+};
 
 template <typename T, int VEC>
-void launch_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t stream) {
+void launch_conv_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t stream) {
   const dim3 block(kConvThreadsX, kConvThreadsY);
   const auto* dy = static_cast<const T*>(p.dy);
   const auto* x = static_cast<const T*>(p.x);
   auto* dx = static_cast<T*>(p.dx);
-  switch (p.kwidth) {
-    case 2:
-      gam_launch("conv_bwd_k2", conv_bwd_kernel<T, VEC, 2>, g.grid(), block, 0, stream, dy, x,
-                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
-      break;
-    case 3:
-      gam_launch("conv_bwd_k3", conv_bwd_kernel<T, VEC, 3>, g.grid(), block, 0, stream, dy, x,
-                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
-      break;
-    case 4:
-      gam_launch("conv_bwd_k4", conv_bwd_kernel<T, VEC, 4>, g.grid(), block, 0, stream, dy, x,
-                 p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
-      break;
-    default:
-      gam_launch("conv_bwd_generic", conv_bwd_generic_kernel<T, VEC>, g.grid(), block, 0, stream,
-                 dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span, p.kwidth);
-  }
+  // Weights in registers for K = 2, 3, 4; any other K reads its taps from memory.
+  static_switch<2, 3, 4>(
+      [&](int k) { return k == p.kwidth; },
+      [&](auto k) {
+        gam_launch("conv_bwd_kernel", conv_bwd_kernel<T, VEC, decltype(k)::value>, g.grid(),
+                   block, 0, stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq,
+                   g.span);
+      },
+      [&] {
+        gam_launch("conv_bwd_generic_kernel", conv_bwd_generic_kernel<T, VEC>, g.grid(), block,
+                   0, stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span,
+                   p.kwidth);
+      });
 }
 
 template <typename T>
@@ -234,15 +220,14 @@ bool use_vec(const ConvBwdParams& p) {
 
 }  // namespace
 
-int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth,
-                                           DType dtype) {
+int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth) {
   if (batch == 0 || seqlen == 0 || dim == 0) return 0;
-  (void)dtype;  // the time tiling does not depend on the vector width
+  // The time tiling does not depend on the vector width (nor, so, on the dtype).
   const ConvGrid g = conv_grid(batch, seqlen, dim, 1, /*backward=*/true);
   return g.xblocks * (kwidth + 1) * dim;
 }
 
-void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
+void launch_causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
   if (p.dim == 0) return;
   if (p.batch == 0 || p.seqlen == 0) {
     GAM_CUDA_CHECK(cudaMemsetAsync(p.dweight, 0, sizeof(float) * p.dim * p.kwidth, stream));
@@ -256,16 +241,13 @@ void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
     const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, vec, /*backward=*/true);
     nparts = g.xblocks;
     if (vec == kBwdVec) {
-      launch_bwd<T, kBwdVec>(p, g, stream);
+      launch_conv_bwd<T, kBwdVec>(p, g, stream);
     } else {
-      launch_bwd<T, 1>(p, g, stream);
+      launch_conv_bwd<T, 1>(p, g, stream);
     }
   });
-  const int64_t cols = (p.kwidth + 1) * p.dim;
-  gam_launch("conv_bwd_reduce", conv_bwd_reduce_kernel,
-             dim3(static_cast<unsigned>(ceil_div(cols, kConvThreadsX))),
-             dim3(kConvThreadsX, kReduceRows), 0, stream, p.partials, nparts, p.kwidth, p.dim,
-             p.dweight, p.dbias);
+  launch_reduce_partials("conv_bwd_reduce", p.partials, nparts, (p.kwidth + 1) * p.dim,
+                         ConvGradStore{p.dweight, p.dbias, p.kwidth, p.dim}, stream);
 }
 
 }  // namespace cuda

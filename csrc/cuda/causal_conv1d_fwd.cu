@@ -89,42 +89,37 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
 }
 
 template <typename T, int VEC>
-void launch_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+void launch_conv_fwd(const ConvFwdParams& p, cudaStream_t stream) {
   const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, VEC, /*backward=*/false);
   const int per_seq = g.per_seq;
   const dim3 block(kConvThreadsX, kConvThreadsY);
   const auto* x = static_cast<const T*>(p.x);
   auto* y = static_cast<T*>(p.y);
-  switch (p.kwidth) {
-    case 2:
-      gam_launch("conv_fwd_k2", conv_fwd_kernel<T, VEC, 2>, g.grid(), block, 0, stream, x,
-                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
-      break;
-    case 3:
-      gam_launch("conv_fwd_k3", conv_fwd_kernel<T, VEC, 3>, g.grid(), block, 0, stream, x,
-                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
-      break;
-    case 4:
-      gam_launch("conv_fwd_k4", conv_fwd_kernel<T, VEC, 4>, g.grid(), block, 0, stream, x,
-                 p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
-      break;
-    default:
-      gam_launch("conv_fwd_generic", conv_fwd_generic_kernel<T, VEC>, g.grid(), block, 0, stream,
-                 x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span, p.kwidth);
-  }
+  // Weights in registers for K = 2, 3, 4; any other K reads its taps from memory.
+  static_switch<2, 3, 4>(
+      [&](int k) { return k == p.kwidth; },
+      [&](auto k) {
+        gam_launch("conv_fwd_kernel", conv_fwd_kernel<T, VEC, decltype(k)::value>, g.grid(), block, 0,
+                   stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
+      },
+      [&] {
+        gam_launch("conv_fwd_generic_kernel", conv_fwd_generic_kernel<T, VEC>, g.grid(), block,
+                   0, stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span,
+                   p.kwidth);
+      });
 }
 
 }  // namespace
 
-void causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream) {
+void launch_causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = kVec16<T>;
     if (p.dim % V == 0 && aligned16(p.x) && aligned16(p.y)) {
-      launch_fwd<T, V>(p, stream);
+      launch_conv_fwd<T, V>(p, stream);
     } else {
-      launch_fwd<T, 1>(p, stream);
+      launch_conv_fwd<T, 1>(p, stream);
     }
   });
 }

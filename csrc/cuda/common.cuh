@@ -8,13 +8,6 @@
 #include "compat.cuh"
 #include "params.h"
 
-// WMMA on bf16 needs sm_80; the emulation always has it.
-#if defined(GAM_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define GAM_HAS_BF16_WMMA 1
-#else
-#define GAM_HAS_BF16_WMMA 0
-#endif
-
 namespace gam {
 namespace cuda {
 
@@ -112,6 +105,55 @@ inline bool aligned(const void* p, int bytes) {
 inline bool aligned16(const void* p) { return aligned(p, 16); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Static switch: calls f(std::integral_constant<int, V>{}) for the first V of Vs with pick(V)
+// true, or fallback() when there is none. Turns a run-time value (a kernel width, a column slice)
+// into a template argument without a hand-written ladder of cases.
+template <int... Vs, typename Pick, typename F, typename Fallback>
+inline void static_switch(Pick&& pick, F&& f, Fallback&& fallback) {
+  const bool matched = ((pick(Vs) ? (f(std::integral_constant<int, Vs>{}), true) : false) || ...);
+  if (!matched) fallback();
+}
+
+// Fixed-order reduction of per-block fp32 partials (the conv's dw/dbias, the retrieval's dM):
+// total[q] = sum over p < nparts of partials[p * cols + q], summed by kReduceRows threads with a
+// stride of kReduceRows rows, then those sums added in order, so the result does not depend on
+// the schedule (no float atomics). store(q, total[q]) writes each column where it belongs.
+constexpr int kReduceCols = 32;
+constexpr int kReduceRows = 8;
+
+template <typename Store>
+__global__ void __launch_bounds__(kReduceCols * kReduceRows)
+    reduce_partials_kernel(const float* __restrict__ partials, int64_t nparts, int64_t cols,
+                           Store store) {
+  GAM_SHARED(float, red, kReduceCols * kReduceRows);
+  const int64_t col = int64_t(blockIdx.x) * kReduceCols + threadIdx.x;
+  float s = 0.f;
+  if (col < cols) {
+    for (int64_t p = threadIdx.y; p < nparts; p += kReduceRows) s += partials[p * cols + col];
+  }
+  red[threadIdx.y * kReduceCols + threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+    for (int r = 0; r < kReduceRows; ++r) total += red[r * kReduceCols + threadIdx.x];
+    store(col, total);
+  }
+}
+
+// Stores the reduced partials as a contiguous array.
+struct StoreContiguous {
+  float* out;
+  __device__ __forceinline__ void operator()(int64_t col, float total) const { out[col] = total; }
+};
+
+template <typename Store>
+inline void launch_reduce_partials(const char* name, const float* partials, int64_t nparts,
+                                   int64_t cols, Store store, cudaStream_t stream) {
+  gam_launch(name, reduce_partials_kernel<Store>,
+             dim3(static_cast<unsigned>(ceil_div(cols, kReduceCols))),
+             dim3(kReduceCols, kReduceRows), 0, stream, partials, nparts, cols, store);
+}
 
 // Calls f(T{}) with T the C++ type of dtype.
 template <typename F>

@@ -37,8 +37,9 @@
 //
 //   GAM_CUDA_CHECK(expr);  throws std::runtime_error if a CUDA runtime call
 //     fails. In emulation cudaMemsetAsync / cudaMemcpyAsync work on host
-//     pointers; cudaFuncSetAttribute, cudaGetDevice, cudaDeviceGetAttribute
-//     and synchronisation calls are emulated; others do not link.
+//     pointers; cudaFuncSetAttribute, cudaStreamSynchronize and
+//     cudaGetErrorString are emulated (csrc/emu/runtime.cpp); others do not
+//     link, and the emulated build names them.
 //
 //   GAM_IS_EMULATED  1 in the emulated build, else 0. Use it to give inline
 //     PTX a plain C++ fallback. __CUDA_ARCH__ is undefined in emulation, so

@@ -84,7 +84,8 @@ struct DeviceCtx {
 
 // ---- causal conv ------------------------------------------------------------------------------
 
-Tensor conv_fwd(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& bias) {
+Tensor causal_conv1d_fwd(const Tensor& x_in, const Tensor& weight,
+                         const c10::optional<Tensor>& bias) {
   check_conv_args(x_in, weight, bias);
   check_on_device(x_in, "x");
   const DType dt = kernel_dtype(x_in, "x");
@@ -103,17 +104,13 @@ Tensor conv_fwd(const Tensor& x_in, const Tensor& weight, const c10::optional<Te
   p.dim = x.size(2);
   p.kwidth = static_cast<int>(w.size(1));
   p.dtype = dt;
-  causal_conv1d_fwd(p, ctx.stream());
+  launch_causal_conv1d_fwd(p, ctx.stream());
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& grad_y, const Tensor& x_in,
-                                            const Tensor& weight) {
-  check_conv_args(x_in, weight, c10::nullopt);
-  check_float(grad_y, "grad_y");
-  check_device(grad_y, x_in, "grad_y", "x");
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have the shape of x ", x_in.sizes(),
-              ", got ", grad_y.sizes());
+std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd(const Tensor& grad_y, const Tensor& x_in,
+                                                     const Tensor& weight) {
+  check_conv_bwd_args(grad_y, x_in, weight);
   check_on_device(x_in, "x");
   const DType dt = kernel_dtype(x_in, "x");
   DeviceCtx ctx(x_in);
@@ -125,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& grad_y, const Tensor& 
   Tensor dx = at::empty_like(x);
   Tensor dw = at::empty({dim, kwidth}, x.options().dtype(at::kFloat));
   Tensor db = at::empty({dim}, x.options().dtype(at::kFloat));
-  Tensor ws = at::empty({causal_conv1d_bwd_workspace_floats(batch, seqlen, dim, kwidth, dt)},
+  Tensor ws = at::empty({causal_conv1d_bwd_workspace_floats(batch, seqlen, dim, kwidth)},
                         x.options().dtype(at::kFloat));
   ConvBwdParams p{};
   p.dy = dy.data_ptr();
@@ -140,19 +137,20 @@ std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& grad_y, const Tensor& 
   p.dim = dim;
   p.kwidth = kwidth;
   p.dtype = dt;
-  causal_conv1d_bwd(p, ctx.stream());
+  launch_causal_conv1d_bwd(p, ctx.stream());
   return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }
 
 // ---- memory retrieval -------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> retrieval_fwd(const Tensor& h_in, const Tensor& memory, double scale) {
+std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor& memory,
+                                                double scale) {
   check_memory_args(h_in, memory);
   check_on_device(h_in, "h");
   const DType dt = kernel_dtype(h_in, "h");
   DeviceCtx ctx(h_in);
   const Tensor h = h_in.contiguous();
-  const Tensor m = memory.to(h.scalar_type()).contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
   Tensor out = at::empty_like(h);
   Tensor lse = at::empty({h.size(0), h.size(1)}, h.options().dtype(at::kFloat));
   RetrievalFwdParams p{};
@@ -167,48 +165,35 @@ std::tuple<Tensor, Tensor> retrieval_fwd(const Tensor& h_in, const Tensor& memor
   p.dtype = dt;
   p.tensor_cores = ctx.tensor_cores(dt);
   p.max_smem_bytes = ctx.max_smem();
-  memory_retrieval_fwd(p, ctx.stream());
+  launch_memory_retrieval_fwd(p, ctx.stream());
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h_in,
-                                         const Tensor& memory, const Tensor& out_in,
-                                         const Tensor& lse_in, double scale) {
-  check_memory_args(h_in, memory);
+std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const Tensor& h_in,
+                                                const Tensor& memory, const Tensor& out_in,
+                                                const Tensor& lse_in, double scale) {
+  check_memory_bwd_args(grad_out_in, h_in, memory, out_in, lse_in);
   check_on_device(h_in, "h");
-  check_float(grad_out, "grad_out");
-  check_float(out_in, "out");
-  check_device(grad_out, h_in, "grad_out", "h");
-  check_device(out_in, h_in, "out", "h");
-  check_device(lse_in, h_in, "lse", "h");
-  TORCH_CHECK(grad_out.sizes() == h_in.sizes(), "grad_out must have the shape of h ",
-              h_in.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(out_in.sizes() == h_in.sizes(), "out must have the shape of h ", h_in.sizes(),
-              ", got ", out_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == h_in.size(0) &&
-                  lse_in.size(1) == h_in.size(1),
-              "lse must have shape (B, N) = (", h_in.size(0), ", ", h_in.size(1), "), got ",
-              lse_in.sizes());
   const DType dt = kernel_dtype(h_in, "h");
   DeviceCtx ctx(h_in);
   const auto st = h_in.scalar_type();
   const Tensor h = h_in.contiguous();
-  const Tensor m = memory.to(st).contiguous();
-  const Tensor dg = grad_out.to(st).contiguous();
-  const Tensor g = out_in.to(st).contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
+  const Tensor grad_out = grad_out_in.to(st).contiguous();
+  const Tensor out = out_in.to(st).contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
-  const int splits = memory_retrieval_bwd_row_splits(rows, slots, dim);
+  const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
   Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
-  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(rows, slots, dim, splits)},
+  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
   RetrievalBwdParams p{};
-  p.grad_out = dg.data_ptr();
+  p.grad_out = grad_out.data_ptr();
   p.h = h.data_ptr();
   p.memory = m.data_ptr();
-  p.out = g.data_ptr();
+  p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dh = dh.data_ptr();
   p.dmemory = dm.data_ptr<float>();
@@ -222,57 +207,59 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   p.row_splits = splits;
   p.tensor_cores = ctx.tensor_cores(dt);
   p.max_smem_bytes = ctx.max_smem();
-  memory_retrieval_bwd(p, ctx.stream());
+  launch_memory_retrieval_bwd(p, ctx.stream());
   return {dh, dm.to(memory.scalar_type())};
 }
 
 // ---- gate fusion ------------------------------------------------------------------------------
 
-Tensor gate_fwd(const Tensor& local_in, const Tensor& global_in, const Tensor& gate_in) {
-  check_gate_args(local_in, global_in, gate_in);
+Tensor gate_fusion_fwd(const Tensor& local_in, const Tensor& global_ctx_in,
+                       const Tensor& gate_logits_in) {
+  check_gate_args(local_in, global_ctx_in, gate_logits_in);
   check_on_device(local_in, "local");
   const DType dt = kernel_dtype(local_in, "local");
   DeviceCtx ctx(local_in);
-  const Tensor l = local_in.contiguous(), g = global_in.contiguous(), z = gate_in.contiguous();
-  Tensor out = at::empty_like(l);
+  const Tensor local = local_in.contiguous(), global_ctx = global_ctx_in.contiguous(),
+               gate_logits = gate_logits_in.contiguous();
+  Tensor out = at::empty_like(local);
   GateFwdParams p{};
-  p.local = l.data_ptr();
-  p.global = g.data_ptr();
-  p.gate = z.data_ptr();
+  p.local = local.data_ptr();
+  p.global_ctx = global_ctx.data_ptr();
+  p.gate_logits = gate_logits.data_ptr();
   p.out = out.data_ptr();
-  p.rows = l.size(0) * l.size(1);
-  p.dim = l.size(2);
+  p.rows = local.size(0) * local.size(1);
+  p.dim = local.size(2);
   p.dtype = dt;
-  gate_fusion_fwd(p, ctx.stream());
+  launch_gate_fusion_fwd(p, ctx.stream());
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& grad_out, const Tensor& local_in,
-                                            const Tensor& global_in, const Tensor& gate_in) {
-  check_gate_args(local_in, global_in, gate_in);
+std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
+                                                   const Tensor& local_in,
+                                                   const Tensor& global_ctx_in,
+                                                   const Tensor& gate_logits_in) {
+  check_gate_bwd_args(grad_out_in, local_in, global_ctx_in, gate_logits_in);
   check_on_device(local_in, "local");
-  check_float(grad_out, "grad_out");
-  check_device(grad_out, local_in, "grad_out", "local");
-  TORCH_CHECK(grad_out.sizes() == local_in.sizes(), "grad_out must have the shape of local ",
-              local_in.sizes(), ", got ", grad_out.sizes());
   const DType dt = kernel_dtype(local_in, "local");
   DeviceCtx ctx(local_in);
-  const Tensor df = grad_out.to(local_in.scalar_type()).contiguous();
-  const Tensor l = local_in.contiguous(), g = global_in.contiguous(), z = gate_in.contiguous();
-  Tensor dl = at::empty_like(l), dg = at::empty_like(g), dz = at::empty_like(z);
+  const Tensor grad_out = grad_out_in.to(local_in.scalar_type()).contiguous();
+  const Tensor local = local_in.contiguous(), global_ctx = global_ctx_in.contiguous(),
+               gate_logits = gate_logits_in.contiguous();
+  Tensor dlocal = at::empty_like(local), dglobal_ctx = at::empty_like(global_ctx),
+         dgate_logits = at::empty_like(gate_logits);
   GateBwdParams p{};
-  p.grad_out = df.data_ptr();
-  p.local = l.data_ptr();
-  p.global = g.data_ptr();
-  p.gate = z.data_ptr();
-  p.dlocal = dl.data_ptr();
-  p.dglobal = dg.data_ptr();
-  p.dgate = dz.data_ptr();
-  p.rows = l.size(0) * l.size(1);
-  p.dim = l.size(2);
+  p.grad_out = grad_out.data_ptr();
+  p.local = local.data_ptr();
+  p.global_ctx = global_ctx.data_ptr();
+  p.gate_logits = gate_logits.data_ptr();
+  p.dlocal = dlocal.data_ptr();
+  p.dglobal_ctx = dglobal_ctx.data_ptr();
+  p.dgate_logits = dgate_logits.data_ptr();
+  p.rows = local.size(0) * local.size(1);
+  p.dim = local.size(2);
   p.dtype = dt;
-  gate_fusion_bwd(p, ctx.stream());
-  return {dl, dg, dz};
+  launch_gate_fusion_bwd(p, ctx.stream());
+  return {dlocal, dglobal_ctx, dgate_logits};
 }
 
 }  // namespace
@@ -284,28 +271,29 @@ std::tuple<Tensor, Tensor, Tensor> gate_bwd(const Tensor& grad_out, const Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace gc = gam::cuda;
   m.doc() = "gam_ext CUDA kernels run by the SIMT emulator on CPU tensors (test-only)";
-  m.def("causal_conv1d_fwd", &gc::conv_fwd, py::arg("x"), py::arg("weight"), py::arg("bias"));
-  m.def("causal_conv1d_bwd", &gc::conv_bwd);
-  m.def("memory_retrieval_fwd", &gc::retrieval_fwd);
-  m.def("memory_retrieval_bwd", &gc::retrieval_bwd);
-  m.def("gate_fusion_fwd", &gc::gate_fwd);
-  m.def("gate_fusion_bwd", &gc::gate_bwd);
+  m.def("causal_conv1d_fwd", &gc::causal_conv1d_fwd, py::arg("x"), py::arg("weight"),
+        py::arg("bias"));
+  m.def("causal_conv1d_bwd", &gc::causal_conv1d_bwd);
+  m.def("memory_retrieval_fwd", &gc::memory_retrieval_fwd);
+  m.def("memory_retrieval_bwd", &gc::memory_retrieval_bwd);
+  m.def("gate_fusion_fwd", &gc::gate_fusion_fwd);
+  m.def("gate_fusion_bwd", &gc::gate_fusion_bwd);
   m.def("set_retrieval_path", [](bool tensor_cores, int max_smem_bytes) {
     gc::g_tensor_cores = tensor_cores;
     gc::g_max_smem = max_smem_bytes;
   });
-  m.def("tc_smem_bytes", &gc::memory_retrieval_tc_smem_bytes);
+  m.def("memory_retrieval_fwd_tc_smem_bytes", &gc::memory_retrieval_fwd_tc_smem_bytes);
 }
 
 #else
 
 TORCH_LIBRARY_IMPL(gam_ext, CUDA, m) {
-  m.impl("causal_conv1d_fwd", &gam::cuda::conv_fwd);
-  m.impl("causal_conv1d_bwd", &gam::cuda::conv_bwd);
-  m.impl("memory_retrieval_fwd", &gam::cuda::retrieval_fwd);
-  m.impl("memory_retrieval_bwd", &gam::cuda::retrieval_bwd);
-  m.impl("gate_fusion_fwd", &gam::cuda::gate_fwd);
-  m.impl("gate_fusion_bwd", &gam::cuda::gate_bwd);
+  m.impl("causal_conv1d_fwd", &gam::cuda::causal_conv1d_fwd);
+  m.impl("causal_conv1d_bwd", &gam::cuda::causal_conv1d_bwd);
+  m.impl("memory_retrieval_fwd", &gam::cuda::memory_retrieval_fwd);
+  m.impl("memory_retrieval_bwd", &gam::cuda::memory_retrieval_bwd);
+  m.impl("gate_fusion_fwd", &gam::cuda::gate_fusion_fwd);
+  m.impl("gate_fusion_bwd", &gam::cuda::gate_fusion_bwd);
 }
 
 #endif

@@ -11,25 +11,23 @@
 namespace gam {
 namespace cuda {
 
-void causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream);
-// Floats of fp32 workspace that causal_conv1d_bwd needs for the per-block dw/dbias partials.
-int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth,
-                                           DType dtype);
-void causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream);
+void launch_causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream);
+// Floats of fp32 workspace that the conv backward needs for the per-block dw/dbias partials.
+int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth);
+void launch_causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream);
 
 // Shared memory the tensor-core retrieval forward needs for rows of width dim (bytes).
-int64_t memory_retrieval_tc_smem_bytes(int64_t dim);
-void memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream);
+int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim);
+void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream);
 // Shared memory of the tensor-core retrieval backward kernels (bytes).
 int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim);
 // Row ranges the dM reduction is split over, and the workspace floats for its partials.
-int memory_retrieval_bwd_row_splits(int64_t rows, int64_t slots, int64_t dim);
-int64_t memory_retrieval_bwd_workspace_floats(int64_t rows, int64_t slots, int64_t dim,
-                                              int row_splits);
-void memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
+int memory_retrieval_bwd_row_splits(int64_t rows);
+int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int row_splits);
+void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
 
-void gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
-void gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);
+void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
+void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace gam

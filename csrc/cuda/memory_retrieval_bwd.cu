@@ -1,13 +1,15 @@
 // Memory retrieval backward (docs/design.md, "Memory retrieval"):
-//   delta = rowsum(dg * g);  p = exp(scale * h M^T - lse);  ds = p * (dg M^T - delta)
-//   dh = scale * ds M;  dM = scale * ds^T h + p^T dg   (summed over all rows)
+//   delta = rowsum(grad_out * out);  p = exp(scale * h M^T - lse);
+//   ds = p * (grad_out M^T - delta);  dh = scale * ds M;  dM = scale * ds^T h + p^T grad_out
+//   (dM summed over all rows)
 // Kernels: (1) delta per row; (2) dh per row tile, streaming slot tiles (p recomputed from lse);
 // (3) dM per (slot tile, column slice, row range): each block walks its row range and writes an
 // fp32 partial; (4) the partials summed in a fixed order (deterministic, no float atomics).
 // Tensor-core path (fp16/bf16, WMMA, fp32 accumulation) for (2) and (3): tiles of 32 rows x 32
-// slots; warps 0-3 compute the four 16x16 quadrants of h M^T and warps 4-7 those of dg M^T; scalar
-// code turns them into P and scale * dS, stored as T (as flash-attention does) for the GEMMs
-// dh += (scale dS) M and dM += (scale dS)^T h + P^T dg. fp32 SIMT path otherwise.
+// slots; warps 0-3 compute the four 16x16 quadrants of h M^T and warps 4-7 those of
+// grad_out M^T; scalar code turns them into P and scale * dS, stored as T (as flash-attention
+// does) for the GEMMs dh += (scale dS) M and dM += (scale dS)^T h + P^T grad_out. fp32 SIMT path
+// otherwise.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -21,25 +23,26 @@ namespace cuda {
 namespace {
 
 constexpr int kDeltaWarps = 8;
-constexpr int kReduceCols = 32;
-constexpr int kReduceRows = 8;
 constexpr int kDmColsPerThread = kSimtCols / 8;  // thread: one slot, 32 columns
 
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32)
-    retrieval_delta_kernel(const T* __restrict__ dg, const T* __restrict__ g,
-                           float* __restrict__ delta, int64_t rows, int64_t dim) {
+    retrieval_bwd_delta_kernel(const T* __restrict__ grad_out, const T* __restrict__ out,
+                               float* __restrict__ delta, int64_t rows, int64_t dim) {
   const int64_t row = int64_t(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warps leave; no block barrier follows
   float s = 0.f;
-  for (int64_t c = lane; c < dim; c += 32) s = fmaf(to_f32(dg[row * dim + c]), to_f32(g[row * dim + c]), s);
+  for (int64_t c = lane; c < dim; c += 32) {
+    s = fmaf(to_f32(grad_out[row * dim + c]), to_f32(out[row * dim + c]), s);
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) delta[row] = s;
 }
 
-// p and ds of thread (row tid / 16, slots tid % 16 + 16 i) from the scores sa = h.M, sb = dg.M.
+// p and ds of thread (row tid / 16, slots tid % 16 + 16 i) from the scores sa = h.M,
+// sb = grad_out.M.
 __device__ __forceinline__ void probs(const float (&sa)[2], const float (&sb)[2], bool row_ok,
                                       float lse_r, float delta_r, int64_t s0, int64_t slots,
                                       float scale, float (&p)[2], float (&ds)[2]) {
@@ -54,12 +57,12 @@ __device__ __forceinline__ void probs(const float (&sa)[2], const float (&sb)[2]
 
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads)
-    retrieval_bwd_dh_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+    retrieval_bwd_dh_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                             const T* __restrict__ mem, const float* __restrict__ lse,
                             const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
                             int64_t slots, int64_t dim, float scale) {
   GAM_SHARED(float, hs, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, gs, kSimtRows * kSimtChunk);
+  GAM_SHARED(float, grad_out_s, kSimtRows * kSimtChunk);
   GAM_SHARED(float, ms, kSimtSlots * (kSimtChunk + 1));
   GAM_SHARED(float, dss, kSimtRows * kSimtSlots);
   GAM_SHARED(float, mv, kSimtSlots * kSimtCols);
@@ -74,7 +77,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   for (int i = 0; i < kSimtCols / 16; ++i) acc[i] = 0.f;
   for (int64_t s0 = 0; s0 < slots; s0 += kSimtSlots) {
     float sa[2], sb[2], p[2], ds[2];
-    simt_scores<T, true>(h, dg, mem, rows, slots, dim, row0, s0, hs, gs, ms, sa, sb);
+    simt_scores<T, true>(h, grad_out, mem, rows, slots, dim, row0, s0, hs, grad_out_s, ms, sa, sb);
     probs(sa, sb, row_ok, lse_r, delta_r, s0, slots, scale, p, ds);
     dss[r * kSimtSlots + sl] = ds[0];
     dss[r * kSimtSlots + sl + 16] = ds[1];
@@ -99,13 +102,13 @@ __global__ void __launch_bounds__(kSimtThreads)
 // Block (slot tile, column slice, row range): partial dM of 32 slots x 256 columns.
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads)
-    retrieval_bwd_dm_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+    retrieval_bwd_dm_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                             const T* __restrict__ mem, const float* __restrict__ lse,
                             const float* __restrict__ delta, float* __restrict__ partials,
                             int64_t rows, int64_t slots, int64_t dim, float scale,
                             int64_t rows_per_split) {
   GAM_SHARED(float, hs, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, gs, kSimtRows * kSimtChunk);
+  GAM_SHARED(float, grad_out_s, kSimtRows * kSimtChunk);
   GAM_SHARED(float, ms, kSimtSlots * (kSimtChunk + 1));
   GAM_SHARED(float, dss, kSimtRows * kSimtSlots);
   GAM_SHARED(float, pss, kSimtRows * kSimtSlots);
@@ -126,7 +129,7 @@ __global__ void __launch_bounds__(kSimtThreads)
     const float lse_r = row_ok ? lse[row] : 0.f;
     const float delta_r = row_ok ? delta[row] : 0.f;
     float sa[2], sb[2], p[2], ds[2];
-    simt_scores<T, true>(h, dg, mem, rend, slots, dim, row0, s0, hs, gs, ms, sa, sb);
+    simt_scores<T, true>(h, grad_out, mem, rend, slots, dim, row0, s0, hs, grad_out_s, ms, sa, sb);
     probs(sa, sb, row_ok, lse_r, delta_r, s0, slots, scale, p, ds);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(kSimtThreads)
       pss[r * kSimtSlots + sl + 16 * i] = p[i];
     }
     simt_load_cols(h, rend, dim, row0, d0, kSimtRows, hv);
-    simt_load_cols(dg, rend, dim, row0, d0, kSimtRows, gv);
+    simt_load_cols(grad_out, rend, dim, row0, d0, kSimtRows, gv);
     __syncthreads();
     for (int rr = 0; rr < kSimtRows; ++rr) {
       const float a = dss[rr * kSimtSlots + js], b = pss[rr * kSimtSlots + js];
@@ -157,86 +160,63 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
 }
 
-// out[q] = sum_p partials[p * cols + q], p in a fixed order.
-__global__ void __launch_bounds__(kReduceCols * kReduceRows)
-    reduce_partials_kernel(const float* __restrict__ partials, int64_t nparts, int64_t cols,
-                           float* __restrict__ out) {
-  GAM_SHARED(float, red, kReduceCols * kReduceRows);
-  const int64_t col = int64_t(blockIdx.x) * kReduceCols + threadIdx.x;
-  float s = 0.f;
-  if (col < cols) {
-    for (int64_t p = threadIdx.y; p < nparts; p += kReduceRows) s += partials[p * cols + col];
-  }
-  red[threadIdx.y * kReduceCols + threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int r = 0; r < kReduceRows; ++r) total += red[r * kReduceCols + threadIdx.x];
-    out[col] = total;
-  }
-}
-
-
 // ---- tensor-core path ---------------------------------------------------------------------------
 
 using namespace nvcuda;
 
-constexpr int kTbRows = 32;
-constexpr int kTbSlots = 32;
-constexpr int kTbThreads = 256;
-constexpr int kTbPad = kTbSlots + 8;  // row stride of the P / dS tiles
+constexpr int kBwdTcRows = 32;
+constexpr int kBwdTcSlots = 32;
+constexpr int kBwdTcThreads = 256;
+constexpr int kBwdTcPad = kBwdTcSlots + 8;  // row stride of the P / dS tiles
 
-__host__ __device__ inline int64_t tb_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
-__host__ __device__ inline int64_t tb_ld(int64_t dim) { return tb_pad_dim(dim) + 8; }
-
-// Shared memory: three 32-row tiles of width D (h rows, dg rows, M slots), the two fp32 score
+// Shared memory: three 32-row tiles of width D (h rows, grad_out rows, M slots), the two fp32 score
 // tiles (also the per-warp epilogue scratch), P and dS as T, and lse / delta of the rows.
-struct TbSmem {
+struct RetrievalBwdTcSmem {
   int64_t a, b, c, sc, ps, ds, stats, total;
-  __host__ __device__ explicit TbSmem(int64_t dim, int elem_bytes) {
-    const int64_t tile = kTbRows * tb_ld(dim) * elem_bytes;
+  __host__ __device__ explicit RetrievalBwdTcSmem(int64_t dim, int elem_bytes) {
+    const int64_t tile = kBwdTcRows * wmma_ld(dim) * elem_bytes;
     a = 0;
     b = a + tile;
     c = b + tile;
     sc = c + tile;
-    ps = sc + 2 * kTbRows * kTbSlots * 4;
-    ds = ps + kTbRows * kTbPad * elem_bytes;
-    stats = ds + kTbRows * kTbPad * elem_bytes;
-    total = stats + 2 * kTbRows * 4 + 128;  // + room to align the base to 128 bytes
+    ps = sc + 2 * kBwdTcRows * kBwdTcSlots * 4;
+    ds = ps + kBwdTcRows * kBwdTcPad * elem_bytes;
+    stats = ds + kBwdTcRows * kBwdTcPad * elem_bytes;
+    total = stats + 2 * kBwdTcRows * 4 + kSmemBaseAlign;  // + room to align the base
   }
 };
 
 template <typename T>
-struct TbPtrs {
-  T *hs, *gs, *ms, *ps, *ds;
+struct RetrievalBwdTcTiles {
+  T *hs, *grad_out_s, *ms, *ps, *ds;
   float *sc, *lse, *delta;
-  __device__ TbPtrs(unsigned char* raw, int64_t dim) {
-    unsigned char* base = raw + ((128 - reinterpret_cast<uintptr_t>(raw) % 128) % 128);
-    const TbSmem lay(dim, sizeof(T));
+  __device__ RetrievalBwdTcTiles(unsigned char* raw, int64_t dim) {
+    unsigned char* base = GAM_ALIGN_SMEM_BASE(raw);
+    const RetrievalBwdTcSmem lay(dim, sizeof(T));
     hs = reinterpret_cast<T*>(base + lay.a);
-    gs = reinterpret_cast<T*>(base + lay.b);
+    grad_out_s = reinterpret_cast<T*>(base + lay.b);
     ms = reinterpret_cast<T*>(base + lay.c);
     sc = reinterpret_cast<float*>(base + lay.sc);
     ps = reinterpret_cast<T*>(base + lay.ps);
     ds = reinterpret_cast<T*>(base + lay.ds);
     lse = reinterpret_cast<float*>(base + lay.stats);
-    delta = lse + kTbRows;
+    delta = lse + kBwdTcRows;
   }
 };
 
 // 32 rows of src from row r0 (rows >= limit and columns >= dim as zeros) into dst (stride ld).
 template <typename T>
-__device__ __forceinline__ void tb_load(const T* __restrict__ src, int64_t r0, int64_t limit,
-                                        int64_t dim, T* dst, bool vec) {
-  load_rows_to_smem(dst, tb_ld(dim), src, r0, kTbRows, limit, dim, tb_pad_dim(dim), vec);
+__device__ __forceinline__ void bwd_tc_load_rows(const T* __restrict__ src, int64_t r0,
+                                                 int64_t limit, int64_t dim, T* dst, bool vec) {
+  load_rows_to_smem(dst, wmma_ld(dim), src, r0, kBwdTcRows, limit, dim, wmma_pad_dim(dim), vec);
 }
 
-// sc[0:1024] = h M^T and sc[1024:2048] = dg M^T of the current tiles (row-major 32 x 32).
+// sc[0:1024] = h M^T and sc[1024:2048] = grad_out M^T of the current tiles (row-major 32 x 32).
 template <typename T>
-__device__ __forceinline__ void tb_scores(const TbPtrs<T>& s, int64_t dim) {
-  const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+__device__ __forceinline__ void bwd_tc_scores(const RetrievalBwdTcTiles<T>& s, int64_t dim) {
+  const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
   const int warp = threadIdx.x / 32, q = warp & 3, qr = q >> 1, qc = q & 1;
-  const T* src = warp < 4 ? s.hs : s.gs;
+  const T* src = warp < 4 ? s.hs : s.grad_out_s;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.f);
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -246,28 +226,30 @@ __device__ __forceinline__ void tb_scores(const TbPtrs<T>& s, int64_t dim) {
     wmma::load_matrix_sync(b, s.ms + (16 * qc) * ld + k, ld);
     wmma::mma_sync(acc, a, b, acc);
   }
-  wmma::store_matrix_sync(s.sc + (warp < 4 ? 0 : kTbRows * kTbSlots) + (16 * qr) * kTbSlots + 16 * qc,
-                          acc, kTbSlots, wmma::mem_row_major);
+  wmma::store_matrix_sync(
+      s.sc + (warp < 4 ? 0 : kBwdTcRows * kBwdTcSlots) + (16 * qr) * kBwdTcSlots + 16 * qc, acc,
+      kBwdTcSlots, wmma::mem_row_major);
 }
 
 // P and scale * dS of the tile as T; rows >= rlim and slots >= slots give 0.
 template <typename T>
-__device__ __forceinline__ void tb_probs(const TbPtrs<T>& s, int64_t r0, int64_t rlim, int64_t s0,
-                                         int64_t slots, float scale) {
-  for (int e = threadIdx.x; e < kTbRows * kTbSlots; e += kTbThreads) {
-    const int r = e / kTbSlots, c = e % kTbSlots;
+__device__ __forceinline__ void bwd_tc_probs(const RetrievalBwdTcTiles<T>& s, int64_t r0,
+                                             int64_t rlim, int64_t s0, int64_t slots,
+                                             float scale) {
+  for (int e = threadIdx.x; e < kBwdTcRows * kBwdTcSlots; e += kBwdTcThreads) {
+    const int r = e / kBwdTcSlots, c = e % kBwdTcSlots;
     const bool ok = r0 + r < rlim && s0 + c < slots;
     const float p = ok ? __expf(scale * s.sc[e] - s.lse[r]) : 0.f;
-    const float ds = p * (s.sc[kTbRows * kTbSlots + e] - s.delta[r]);
-    s.ps[r * kTbPad + c] = from_f32<T>(p);
-    s.ds[r * kTbPad + c] = from_f32<T>(scale * ds);
+    const float ds = p * (s.sc[kBwdTcRows * kBwdTcSlots + e] - s.delta[r]);
+    s.ps[r * kBwdTcPad + c] = from_f32<T>(p);
+    s.ds[r * kBwdTcPad + c] = from_f32<T>(scale * ds);
   }
 }
 
-__device__ __forceinline__ void tb_load_stats(const float* __restrict__ lse,
-                                              const float* __restrict__ delta, int64_t r0,
-                                              int64_t rlim, float* lse_s, float* delta_s) {
-  if (threadIdx.x < kTbRows) {
+__device__ __forceinline__ void bwd_tc_load_stats(const float* __restrict__ lse,
+                                                  const float* __restrict__ delta, int64_t r0,
+                                                  int64_t rlim, float* lse_s, float* delta_s) {
+  if (threadIdx.x < kBwdTcRows) {
     const int64_t row = r0 + threadIdx.x;
     lse_s[threadIdx.x] = row < rlim ? lse[row] : 0.f;
     delta_s[threadIdx.x] = row < rlim ? delta[row] : 0.f;
@@ -276,41 +258,38 @@ __device__ __forceinline__ void tb_load_stats(const float* __restrict__ lse,
 
 // dh for 32 rows x (4 * NF * 16) columns; warps: 2 row groups x 4 column groups.
 template <typename T, int NF>
-__global__ void __launch_bounds__(kTbThreads)
-    retrieval_bwd_dh_tc_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+__global__ void __launch_bounds__(kBwdTcThreads)
+    retrieval_bwd_dh_tc_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                                const T* __restrict__ mem, const float* __restrict__ lse,
                                const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
                                int64_t slots, int64_t dim, float scale, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+  if constexpr (!kWmmaCompiled<T>) {
     __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    const TbPtrs<T> s(smem_raw, dim);
-    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const RetrievalBwdTcTiles<T> s(smem_raw, dim);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp >> 2, wc = warp & 3;
-    const int64_t row0 = int64_t(blockIdx.x) * kTbRows;
+    const int64_t row0 = int64_t(blockIdx.x) * kBwdTcRows;
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
-    tb_load(h, row0, rows, dim, s.hs, vec);
-    tb_load(dg, row0, rows, dim, s.gs, vec);
-    tb_load_stats(lse, delta, row0, rows, s.lse, s.delta);
+    bwd_tc_load_rows(h, row0, rows, dim, s.hs, vec);
+    bwd_tc_load_rows(grad_out, row0, rows, dim, s.grad_out_s, vec);
+    bwd_tc_load_stats(lse, delta, row0, rows, s.lse, s.delta);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
-    for (int64_t s0 = 0; s0 < slots; s0 += kTbSlots) {
-      tb_load(mem, s0, slots, dim, s.ms, vec);
+    for (int64_t s0 = 0; s0 < slots; s0 += kBwdTcSlots) {
+      bwd_tc_load_rows(mem, s0, slots, dim, s.ms, vec);
       __syncthreads();
-      tb_scores(s, dim);
+      bwd_tc_scores(s, dim);
       __syncthreads();
-      tb_probs(s, row0, rows, s0, slots, scale);
+      bwd_tc_probs(s, row0, rows, s0, slots, scale);
       __syncthreads();
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
 #pragma unroll
-      for (int ks = 0; ks < kTbSlots / 16; ++ks) {
-        wmma::load_matrix_sync(a, s.ds + (16 * wr) * kTbPad + 16 * ks, kTbPad);
+      for (int ks = 0; ks < kBwdTcSlots / 16; ++ks) {
+        wmma::load_matrix_sync(a, s.ds + (16 * wr) * kBwdTcPad + 16 * ks, kBwdTcPad);
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
           const int64_t c = d0 + (wc * NF + f) * 16;
@@ -337,58 +316,54 @@ __global__ void __launch_bounds__(kTbThreads)
       }
     }
   }
-#endif
 }
 
 // Partial dM of 32 slots x (4 * NF * 16) columns over one row range; warps: 2 slot groups x 4
 // column groups.
 template <typename T, int NF>
-__global__ void __launch_bounds__(kTbThreads)
-    retrieval_bwd_dm_tc_kernel(const T* __restrict__ dg, const T* __restrict__ h,
+__global__ void __launch_bounds__(kBwdTcThreads)
+    retrieval_bwd_dm_tc_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                                const T* __restrict__ mem, const float* __restrict__ lse,
                                const float* __restrict__ delta, float* __restrict__ partials,
                                int64_t rows, int64_t slots, int64_t dim, float scale,
                                int64_t rows_per_split, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
+  if constexpr (!kWmmaCompiled<T>) {
     __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    const TbPtrs<T> s(smem_raw, dim);
-    const int64_t dpad = tb_pad_dim(dim), ld = tb_ld(dim);
+    const RetrievalBwdTcTiles<T> s(smem_raw, dim);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ws = warp >> 2, wc = warp & 3;
-    const int64_t s0 = int64_t(blockIdx.x) * kTbSlots;
+    const int64_t s0 = int64_t(blockIdx.x) * kBwdTcSlots;
     const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
     const int64_t rbeg = int64_t(blockIdx.z) * rows_per_split;
     const int64_t rend = rbeg + rows_per_split < rows ? rbeg + rows_per_split : rows;
-    tb_load(mem, s0, slots, dim, s.ms, vec);
+    bwd_tc_load_rows(mem, s0, slots, dim, s.ms, vec);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
-    for (int64_t r0 = rbeg; r0 < rend; r0 += kTbRows) {
-      tb_load(h, r0, rend, dim, s.hs, vec);
-      tb_load(dg, r0, rend, dim, s.gs, vec);
-      tb_load_stats(lse, delta, r0, rend, s.lse, s.delta);
+    for (int64_t r0 = rbeg; r0 < rend; r0 += kBwdTcRows) {
+      bwd_tc_load_rows(h, r0, rend, dim, s.hs, vec);
+      bwd_tc_load_rows(grad_out, r0, rend, dim, s.grad_out_s, vec);
+      bwd_tc_load_stats(lse, delta, r0, rend, s.lse, s.delta);
       __syncthreads();
-      tb_scores(s, dim);
+      bwd_tc_scores(s, dim);
       __syncthreads();
-      tb_probs(s, r0, rend, s0, slots, scale);
+      bwd_tc_probs(s, r0, rend, s0, slots, scale);
       __syncthreads();
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dS^T, P^T
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
 #pragma unroll
-      for (int ks = 0; ks < kTbRows / 16; ++ks) {
+      for (int ks = 0; ks < kBwdTcRows / 16; ++ks) {
 #pragma unroll
         for (int f = 0; f < NF; ++f) {
           const int64_t c = d0 + (wc * NF + f) * 16;
           if (c < dpad) {
-            wmma::load_matrix_sync(a, s.ds + (16 * ks) * kTbPad + 16 * ws, kTbPad);
+            wmma::load_matrix_sync(a, s.ds + (16 * ks) * kBwdTcPad + 16 * ws, kBwdTcPad);
             wmma::load_matrix_sync(b, s.hs + (16 * ks) * ld + c, ld);
             wmma::mma_sync(acc[f], a, b, acc[f]);
-            wmma::load_matrix_sync(a, s.ps + (16 * ks) * kTbPad + 16 * ws, kTbPad);
-            wmma::load_matrix_sync(b, s.gs + (16 * ks) * ld + c, ld);
+            wmma::load_matrix_sync(a, s.ps + (16 * ks) * kBwdTcPad + 16 * ws, kBwdTcPad);
+            wmma::load_matrix_sync(b, s.grad_out_s + (16 * ks) * ld + c, ld);
             wmma::mma_sync(acc[f], a, b, acc[f]);
           }
         }
@@ -411,57 +386,53 @@ __global__ void __launch_bounds__(kTbThreads)
       }
     }
   }
-#endif
 }
 
 template <typename T, int NF>
-void launch_bwd_tc(const RetrievalBwdParams& p, int64_t smem, int64_t rps, cudaStream_t stream) {
+void launch_retrieval_bwd_tc(const RetrievalBwdParams& p, int64_t smem, int64_t rps,
+                             cudaStream_t stream) {
   auto dh_kernel = retrieval_bwd_dh_tc_kernel<T, NF>;
   auto dm_kernel = retrieval_bwd_dm_tc_kernel<T, NF>;
   GAM_CUDA_CHECK(cudaFuncSetAttribute(dh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   GAM_CUDA_CHECK(cudaFuncSetAttribute(dm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  const auto* dg = static_cast<const T*>(p.grad_out);
+  const auto* grad_out = static_cast<const T*>(p.grad_out);
   const auto* h = static_cast<const T*>(p.h);
   const auto* mem = static_cast<const T*>(p.memory);
   const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, 4 * NF * 16));
   const bool vec = p.dim % kVec16<T> == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
                    aligned16(p.memory);
   gam_launch("retrieval_bwd_dh_tc", dh_kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.rows, kTbRows)), col_blocks),
-             dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
-             static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale, vec);
+             dim3(static_cast<unsigned>(ceil_div(p.rows, kBwdTcRows)), col_blocks),
+             dim3(kBwdTcThreads), static_cast<size_t>(smem), stream, grad_out, h, mem, p.lse,
+             p.delta, static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale, vec);
   gam_launch("retrieval_bwd_dm_tc", dm_kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.slots, kTbSlots)), col_blocks,
+             dim3(static_cast<unsigned>(ceil_div(p.slots, kBwdTcSlots)), col_blocks,
                   static_cast<unsigned>(p.row_splits)),
-             dim3(kTbThreads), static_cast<size_t>(smem), stream, dg, h, mem, p.lse, p.delta,
-             p.partials, p.rows, p.slots, p.dim, p.scale, rps, vec);
+             dim3(kBwdTcThreads), static_cast<size_t>(smem), stream, grad_out, h, mem, p.lse,
+             p.delta, p.partials, p.rows, p.slots, p.dim, p.scale, rps, vec);
 }
 
 // Multiple of both row tiles (16 SIMT, 32 tensor cores).
 int64_t rows_per_split(int64_t rows, int splits) {
-  return ceil_div(ceil_div(rows, splits), kTbRows) * kTbRows;
+  return ceil_div(ceil_div(rows, splits), kBwdTcRows) * kBwdTcRows;
 }
 
 }  // namespace
 
-int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim) { return TbSmem(dim, 2).total; }
+int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim) { return RetrievalBwdTcSmem(dim, 2).total; }
 
-int memory_retrieval_bwd_row_splits(int64_t rows, int64_t slots, int64_t dim) {
-  (void)slots;
-  (void)dim;
+int memory_retrieval_bwd_row_splits(int64_t rows) {
   // Enough blocks to fill the GPU without a large partial workspace (splits x S x D floats).
   return static_cast<int>(std::clamp<int64_t>(ceil_div(rows, 128), 1, 16));
 }
 
-int64_t memory_retrieval_bwd_workspace_floats(int64_t rows, int64_t slots, int64_t dim,
-                                              int row_splits) {
-  (void)rows;
+int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int row_splits) {
   return int64_t(row_splits) * slots * dim;
 }
 
-void memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
+void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
   if (p.dim == 0) return;
   if (p.rows == 0) {
     GAM_CUDA_CHECK(cudaMemsetAsync(p.dmemory, 0, sizeof(float) * p.slots * p.dim, stream));
@@ -469,45 +440,41 @@ void memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
   }
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const auto* dg = static_cast<const T*>(p.grad_out);
+    const auto* grad_out = static_cast<const T*>(p.grad_out);
     const auto* h = static_cast<const T*>(p.h);
     const auto* mem = static_cast<const T*>(p.memory);
-    gam_launch("retrieval_bwd_delta", retrieval_delta_kernel<T>,
+    gam_launch("retrieval_bwd_delta", retrieval_bwd_delta_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
-               0, stream, dg, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
+               0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
       if (p.tensor_cores && smem <= p.max_smem_bytes) {
         const int64_t rps = rows_per_split(p.rows, p.row_splits);
-        const int64_t dpad = tb_pad_dim(p.dim);
-        if (dpad <= 64) {
-          launch_bwd_tc<T, 1>(p, smem, rps, stream);
-        } else if (dpad <= 128) {
-          launch_bwd_tc<T, 2>(p, smem, rps, stream);
-        } else if (dpad <= 256) {
-          launch_bwd_tc<T, 4>(p, smem, rps, stream);
-        } else {
-          launch_bwd_tc<T, 8>(p, smem, rps, stream);
-        }
+        // Output columns per block (64 * NF): the smallest slice holding D (up to 512), else
+        // 512-column slices.
+        const int64_t dpad = wmma_pad_dim(p.dim);
+        static_switch<1, 2, 4>(
+            [&](int nf) { return dpad <= 64 * nf; },
+            [&](auto nf) {
+              launch_retrieval_bwd_tc<T, decltype(nf)::value>(p, smem, rps, stream);
+            },
+            [&] { launch_retrieval_bwd_tc<T, 8>(p, smem, rps, stream); });
         return;
       }
     }
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, kSimtCols));
-    gam_launch("retrieval_bwd_dh", retrieval_bwd_dh_kernel<T>,
+    gam_launch("retrieval_bwd_dh_simt", retrieval_bwd_dh_simt_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.rows, kSimtRows)), col_blocks),
-               dim3(kSimtThreads), 0, stream, dg, h, mem, p.lse, p.delta,
+               dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta,
                static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale);
-    gam_launch("retrieval_bwd_dm", retrieval_bwd_dm_kernel<T>,
+    gam_launch("retrieval_bwd_dm_simt", retrieval_bwd_dm_simt_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.slots, kSimtSlots)), col_blocks,
                     static_cast<unsigned>(p.row_splits)),
-               dim3(kSimtThreads), 0, stream, dg, h, mem, p.lse, p.delta, p.partials, p.rows,
+               dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta, p.partials, p.rows,
                p.slots, p.dim, p.scale, rows_per_split(p.rows, p.row_splits));
   });
-  const int64_t cols = p.slots * p.dim;
-  gam_launch("retrieval_bwd_reduce", reduce_partials_kernel,
-             dim3(static_cast<unsigned>(ceil_div(cols, kReduceCols))),
-             dim3(kReduceCols, kReduceRows), 0, stream, p.partials, int64_t(p.row_splits), cols,
-             p.dmemory);
+  launch_reduce_partials("retrieval_bwd_reduce", p.partials, int64_t(p.row_splits),
+                         p.slots * p.dim, StoreContiguous{p.dmemory}, stream);
 }
 
 }  // namespace cuda

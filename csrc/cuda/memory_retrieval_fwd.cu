@@ -26,62 +26,55 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kTcRows = 64;
-constexpr int kTcSlots = 32;
-constexpr int kTcWarps = 8;
-constexpr int kTcThreads = kTcWarps * 32;
-constexpr int kTcPadP = kTcSlots + 8;  // row stride of P (keeps WMMA rows 32-byte aligned)
+constexpr int kFwdTcRows = 64;
+constexpr int kFwdTcSlots = 32;
+constexpr int kFwdTcWarps = 8;
+constexpr int kFwdTcThreads = kFwdTcWarps * 32;
+constexpr int kFwdTcPadP = kFwdTcSlots + 8;  // row stride of P (keeps WMMA rows 32-byte aligned)
 constexpr float kRescaleSlack = 8.f;
 
-__host__ __device__ inline int64_t tc_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
-__host__ __device__ inline int64_t tc_ld(int64_t dim) { return tc_pad_dim(dim) + 8; }  // skews shared-memory banks
-
 // Byte offsets of the shared-memory regions of the tensor-core kernel.
-struct TcSmem {
+struct RetrievalFwdTcSmem {
   int64_t h, m, s, p, stats, total;
-  __host__ __device__ explicit TcSmem(int64_t dim, int elem_bytes) {
-    const int64_t ld = tc_ld(dim);
+  __host__ __device__ explicit RetrievalFwdTcSmem(int64_t dim, int elem_bytes) {
+    const int64_t ld = wmma_ld(dim);
     h = 0;
-    m = h + kTcRows * ld * elem_bytes;
-    s = m + kTcSlots * ld * elem_bytes;
-    p = s + int64_t(kTcRows) * kTcSlots * 4;
-    stats = p + int64_t(kTcRows) * kTcPadP * elem_bytes;
-    total = stats + 3 * kTcRows * 4 + 16 + 128;  // + room to align the base to 128 bytes
+    m = h + kFwdTcRows * ld * elem_bytes;
+    s = m + kFwdTcSlots * ld * elem_bytes;
+    p = s + int64_t(kFwdTcRows) * kFwdTcSlots * 4;
+    stats = p + int64_t(kFwdTcRows) * kFwdTcPadP * elem_bytes;
+    total = stats + 3 * kFwdTcRows * 4 + 16 + kSmemBaseAlign;  // + room to align the base
   }
 };
 
 template <typename T, int NF>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kFwdTcThreads)
     retrieval_fwd_tc_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                             T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                             int64_t slots, int64_t dim, float scale, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
-  __trap();  // the host never selects this path below sm_70
-#else
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !GAM_HAS_BF16_WMMA) {
-    __trap();  // the host never selects bf16 tensor cores below sm_80
+  if constexpr (!kWmmaCompiled<T>) {
+    __trap();
   } else {
     GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    // WMMA pointers need 32-byte alignment; dynamic shared memory only promises 16.
-    unsigned char* smem = smem_raw + ((128 - reinterpret_cast<uintptr_t>(smem_raw) % 128) % 128);
-    const int64_t dpad = tc_pad_dim(dim), ld = tc_ld(dim);
-    const TcSmem lay(dim, sizeof(T));
+    unsigned char* smem = GAM_ALIGN_SMEM_BASE(smem_raw);
+    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
+    const RetrievalFwdTcSmem lay(dim, sizeof(T));
     T* hs = reinterpret_cast<T*>(smem + lay.h);
     T* ms = reinterpret_cast<T*>(smem + lay.m);
     float* ss = reinterpret_cast<float*>(smem + lay.s);
     T* ps = reinterpret_cast<T*>(smem + lay.p);
     float* m_ref = reinterpret_cast<float*>(smem + lay.stats);
-    float* l_sum = m_ref + kTcRows;
-    float* alpha = l_sum + kTcRows;
-    int* flag = reinterpret_cast<int*>(alpha + kTcRows);
+    float* l_sum = m_ref + kFwdTcRows;
+    float* alpha = l_sum + kFwdTcRows;
+    int* flag = reinterpret_cast<int*>(alpha + kFwdTcRows);
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp >> 1, wn = warp & 1;  // 4 row groups x 2 column halves
-    const int64_t row0 = int64_t(blockIdx.x) * kTcRows;
+    const int64_t row0 = int64_t(blockIdx.x) * kFwdTcRows;
     const int64_t d0 = int64_t(blockIdx.y) * (2 * NF * 16);
 
-    load_rows_to_smem(hs, ld, h, row0, kTcRows, rows, dim, dpad, vec);
-    if (tid < kTcRows) {
+    load_rows_to_smem(hs, ld, h, row0, kFwdTcRows, rows, dim, dpad, vec);
+    if (tid < kFwdTcRows) {
       m_ref[tid] = -INFINITY;
       l_sum[tid] = 0.f;
     }
@@ -90,8 +83,8 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
     float* scratch = ss + warp * 256;  // per-warp 16x16 fp32, reuses the score tile
 
-    for (int64_t s0 = 0; s0 < slots; s0 += kTcSlots) {
-      load_rows_to_smem(ms, ld, mem, s0, kTcSlots, slots, dim, dpad, vec);
+    for (int64_t s0 = 0; s0 < slots; s0 += kFwdTcSlots) {
+      load_rows_to_smem(ms, ld, mem, s0, kFwdTcSlots, slots, dim, dpad, vec);
       if (tid == 0) *flag = 0;
       __syncthreads();
 
@@ -105,7 +98,7 @@ __global__ void __launch_bounds__(kTcThreads)
           wmma::load_matrix_sync(b, ms + (16 * wn) * ld + k, ld);
           wmma::mma_sync(sc, a, b, sc);
         }
-        wmma::store_matrix_sync(ss + (16 * wm) * kTcSlots + 16 * wn, sc, kTcSlots,
+        wmma::store_matrix_sync(ss + (16 * wm) * kFwdTcSlots + 16 * wn, sc, kFwdTcSlots,
                                 wmma::mem_row_major);
       }
       __syncthreads();
@@ -117,7 +110,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int col = q * 8 + i;
-          s[i] = s0 + col < slots ? scale * ss[r * kTcSlots + col] : -INFINITY;
+          s[i] = s0 + col < slots ? scale * ss[r * kFwdTcSlots + col] : -INFINITY;
           mx = fmaxf(mx, s[i]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -130,7 +123,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const T p = from_f32<T>(__expf(s[i] - m_new));
-          ps[r * kTcPadP + q * 8 + i] = p;
+          ps[r * kFwdTcPadP + q * 8 + i] = p;
           sum += to_f32(p);  // the rounded p, as the P M product sees it
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -160,8 +153,8 @@ __global__ void __launch_bounds__(kTcThreads)
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
 #pragma unroll
-        for (int ks = 0; ks < kTcSlots / 16; ++ks) {
-          wmma::load_matrix_sync(a, ps + (16 * wm) * kTcPadP + 16 * ks, kTcPadP);
+        for (int ks = 0; ks < kFwdTcSlots / 16; ++ks) {
+          wmma::load_matrix_sync(a, ps + (16 * wm) * kFwdTcPadP + 16 * ks, kFwdTcPadP);
 #pragma unroll
           for (int f = 0; f < NF; ++f) {
             const int64_t c = d0 + (wn * NF + f) * 16;
@@ -192,11 +185,10 @@ __global__ void __launch_bounds__(kTcThreads)
         __syncwarp();
       }
     }
-    if (blockIdx.y == 0 && tid < kTcRows && row0 + tid < rows) {
+    if (blockIdx.y == 0 && tid < kFwdTcRows && row0 + tid < rows) {
       lse[row0 + tid] = m_ref[tid] + logf(l_sum[tid]);
     }
   }
-#endif
 }
 
 template <typename T>
@@ -253,13 +245,13 @@ __global__ void __launch_bounds__(kSimtThreads)
 }
 
 template <typename T, int NF>
-void launch_tc(const RetrievalFwdParams& p, int64_t smem, cudaStream_t stream) {
+void launch_retrieval_fwd_tc(const RetrievalFwdParams& p, int64_t smem, cudaStream_t stream) {
   auto kernel = retrieval_fwd_tc_kernel<T, NF>;
   GAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kTcRows)),
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kFwdTcRows)),
                   static_cast<unsigned>(ceil_div(p.dim, 2 * NF * 16)));
-  gam_launch("retrieval_fwd_tc", kernel, grid, dim3(kTcThreads), static_cast<size_t>(smem),
+  gam_launch("retrieval_fwd_tc", kernel, grid, dim3(kFwdTcThreads), static_cast<size_t>(smem),
              stream, static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
              static_cast<T*>(p.out), p.lse, p.rows, p.slots, p.dim, p.scale,
              p.dim % kVec16<T> == 0 && aligned16(p.h) && aligned16(p.memory));
@@ -267,9 +259,11 @@ void launch_tc(const RetrievalFwdParams& p, int64_t smem, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t memory_retrieval_tc_smem_bytes(int64_t dim) { return TcSmem(dim, 2).total; }
+int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim) {
+  return RetrievalFwdTcSmem(dim, 2).total;
+}
 
-void memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {
+void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   if (p.dim == 0) {  // softmax over zero scores: out is empty, lse = log(S)
     std::vector<float> host(static_cast<size_t>(p.rows), std::log(static_cast<float>(p.slots)));
@@ -280,21 +274,16 @@ void memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {
   }
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t smem = memory_retrieval_tc_smem_bytes(p.dim);
+    const int64_t smem = memory_retrieval_fwd_tc_smem_bytes(p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       if (p.tensor_cores && smem <= p.max_smem_bytes) {
-        // Output columns per block: the smallest slice holding D (up to 512), else 512-column
-        // slices (the scores are then recomputed per slice).
-        const int64_t dpad = tc_pad_dim(p.dim);
-        if (dpad <= 64) {
-          launch_tc<T, 2>(p, smem, stream);
-        } else if (dpad <= 128) {
-          launch_tc<T, 4>(p, smem, stream);
-        } else if (dpad <= 256) {
-          launch_tc<T, 8>(p, smem, stream);
-        } else {
-          launch_tc<T, 16>(p, smem, stream);
-        }
+        // Output columns per block (32 * NF): the smallest slice holding D (up to 512), else
+        // 512-column slices (the scores are then recomputed per slice).
+        const int64_t dpad = wmma_pad_dim(p.dim);
+        static_switch<2, 4, 8>(
+            [&](int nf) { return dpad <= 32 * nf; },
+            [&](auto nf) { launch_retrieval_fwd_tc<T, decltype(nf)::value>(p, smem, stream); },
+            [&] { launch_retrieval_fwd_tc<T, 16>(p, smem, stream); });
         return;
       }
     }

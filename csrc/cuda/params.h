@@ -28,7 +28,7 @@ struct ConvBwdParams {
   void* dx;             // (B, N, D)
   float* dweight;       // (D, K) fp32, written (not accumulated)
   float* dbias;         // (D) fp32, written
-  float* partials;      // workspace: conv_bwd_workspace_floats() floats
+  float* partials;      // workspace: causal_conv1d_bwd_workspace_floats() floats
   int64_t batch, seqlen, dim;
   int kwidth;
   DType dtype;
@@ -49,15 +49,15 @@ struct RetrievalFwdParams {
 };
 
 struct RetrievalBwdParams {
-  const void* grad_out;  // (R, D) dg
+  const void* grad_out;  // (R, D) gradient of out
   const void* h;         // (R, D)
   const void* memory;    // (S, D), same dtype as h
-  const void* out;       // (R, D) g from the forward
+  const void* out;       // (R, D) the forward's output
   const float* lse;      // (R)
   void* dh;              // (R, D)
   float* dmemory;        // (S, D) fp32, written
   float* delta;          // workspace (R) fp32
-  float* partials;       // workspace: retrieval_bwd_workspace_floats() floats
+  float* partials;       // workspace: memory_retrieval_bwd_workspace_floats() floats
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
@@ -67,22 +67,22 @@ struct RetrievalBwdParams {
 };
 
 struct GateFwdParams {
-  const void* local;   // (R, D)
-  const void* global;  // (R, D)
-  const void* gate;    // (R, 2D): [zl, zg]
-  void* out;           // (R, D)
+  const void* local;        // (R, D)
+  const void* global_ctx;   // (R, D)
+  const void* gate_logits;  // (R, 2D): [zl, zg]
+  void* out;                // (R, D)
   int64_t rows, dim;
   DType dtype;
 };
 
 struct GateBwdParams {
-  const void* grad_out;  // (R, D)
+  const void* grad_out;     // (R, D)
   const void* local;
-  const void* global;
-  const void* gate;      // (R, 2D)
-  void* dlocal;          // (R, D)
-  void* dglobal;         // (R, D)
-  void* dgate;           // (R, 2D)
+  const void* global_ctx;
+  const void* gate_logits;  // (R, 2D)
+  void* dlocal;             // (R, D)
+  void* dglobal_ctx;        // (R, D)
+  void* dgate_logits;       // (R, 2D)
   int64_t rows, dim;
   DType dtype;
 };

@@ -2,11 +2,42 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
 namespace gam {
 namespace cuda {
+
+// ---- tensor-core (WMMA) paths ---------------------------------------------------------------
+
+// WMMA on bf16 needs sm_80; the host pass and the emulation always have it.
+#if defined(GAM_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define GAM_HAS_BF16_WMMA 1
+#else
+#define GAM_HAS_BF16_WMMA 0
+#endif
+
+// Whether this compilation pass gets the body of a WMMA kernel on T: bf16 WMMA needs sm_80 (fp16
+// needs sm_70, below every architecture the toolkit targets). Where it is missing the kernel
+// body is a trap: the host never selects the tensor-core path there (DeviceCtx::tensor_cores).
+template <typename T>
+constexpr bool kWmmaCompiled = !std::is_same<T, __nv_bfloat16>::value || GAM_HAS_BF16_WMMA;
+
+// Shared-memory rows of width dim: padded to whole 16-column WMMA tiles, and a row stride 8
+// elements longer than that, which skews the shared-memory banks.
+__host__ __device__ inline int64_t wmma_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
+__host__ __device__ inline int64_t wmma_ld(int64_t dim) { return wmma_pad_dim(dim) + 8; }
+
+// WMMA pointers need 32-byte alignment and dynamic shared memory only promises 16: the kernels
+// align its base to kSmemBaseAlign bytes and ask for that much more. A macro, not a function:
+// through an inline function nvcc allocates a few more registers to some backward kernels.
+constexpr int kSmemBaseAlign = 128;
+#define GAM_ALIGN_SMEM_BASE(raw)                                                    \
+  ((raw) + ((kSmemBaseAlign - reinterpret_cast<uintptr_t>(raw) % kSmemBaseAlign) % \
+            kSmemBaseAlign))
+
+// ---- fp32 SIMT paths --------------------------------------------------------------------------
 
 // fp32 SIMT tiling (any dtype; the fallback and the fp32 path): 16 rows x 32 slots per step,
 // scores accumulated over D in chunks of 32, outputs in 256-column slices (grid.y).

@@ -1,5 +1,5 @@
 // pybind11 bindings of the emulator self-test kernels, on CPU tensors. Built
-// only into the emulated test module (gam_ext/_emulation.py); an example of
+// only into the emulated test module (csrc/emu/emulation.py); an example of
 // what a kernel binding file for the emulated build looks like.
 #include <torch/extension.h>
 

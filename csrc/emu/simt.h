@@ -14,7 +14,11 @@
 //     thread exit. Faults (divergent barriers, deadlocked warp collectives,
 //     bad launch configurations, misaligned WMMA pointers) become a
 //     std::runtime_error naming the kernel.
-// Math intrinsics and atomics live in intrinsics.h, WMMA in wmma.h.
+// The device intrinsics the kernels use live in intrinsics.h, WMMA in wmma.h.
+// Behind this header: fiber.cpp (stacks and context switches), engine.cpp (blocks,
+// barriers, warp collectives, shared memory, launches, the deadlock report) and
+// runtime.cpp (the CUDA runtime stubs); csrc/emu/emulation.py builds them into a
+// test module. Only what a kernel or a self-test uses is emulated.
 //
 // Deliberate differences from hardware (see also README.md, section "Tests", and
 // docs/architecture.md, "The emulator: CUDA kernels without a GPU"):
@@ -85,7 +89,7 @@ struct Builtins {
 };
 inline thread_local Builtins t_builtins{};
 
-// ---- engine entry points (simt.cpp) ---------------------------------------
+// ---- engine entry points (engine.cpp) -------------------------------------
 
 enum class WarpOpKind : uint32_t {
   kShfl,
@@ -96,12 +100,6 @@ enum class WarpOpKind : uint32_t {
   kAny,
   kAll,
   kSyncWarp,
-  kMatchAny,
-  kReduceAddU,
-  kReduceMinU,
-  kReduceMaxU,
-  kReduceMinI,
-  kReduceMaxI,
   kWmma,
 };
 
@@ -111,8 +109,9 @@ enum class WarpOpKind : uint32_t {
 uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
                  int width, const char* what, const char* file, int line);
 
-// __syncthreads family. mode: 0 plain, 1 count, 2 and, 3 or.
-int block_barrier(int mode, int predicate, const char* file, int line);
+// __syncthreads(): blocks the calling thread until every thread of the block waits at the same
+// call site.
+void block_barrier(const char* file, int line);
 
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
@@ -160,30 +159,16 @@ inline T from_bits(uint64_t bits) {
 template <typename T>
 using shared_ptr_t = T*;  // lets GAM_SHARED take array types (float[33])
 
-// ---- CUDA runtime calls that kernels' host launchers may make -------------
+// ---- CUDA runtime calls that kernels' host launchers make (runtime.cpp) ----
 namespace rt {
 
-cudaError_t memset_async(void* ptr, int value, size_t count,
-                         cudaStream_t stream = nullptr);
+cudaError_t memset_async(void* ptr, int value, size_t count, cudaStream_t stream);
 cudaError_t memcpy_async(void* dst, const void* src, size_t count,
-                         cudaMemcpyKind kind, cudaStream_t stream = nullptr);
+                         cudaMemcpyKind kind, cudaStream_t stream);
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr,
                                int value);
-cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device);
-cudaError_t get_device(int* device);
-cudaError_t get_last_error();
 const char* get_error_string(cudaError_t error);
-inline cudaError_t success(...) { return cudaSuccess; }
-
-template <typename T>
-cudaError_t memcpy_to_symbol(T& symbol, const void* src, size_t count,
-                             size_t offset = 0,
-                             cudaMemcpyKind kind = cudaMemcpyHostToDevice,
-                             cudaStream_t stream = nullptr) {
-  if (offset + count > sizeof(T)) return cudaErrorInvalidValue;
-  return memcpy_async(reinterpret_cast<char*>(&symbol) + offset, src, count,
-                      kind, stream);
-}
+inline cudaError_t stream_synchronize(cudaStream_t) { return cudaSuccess; }
 
 }  // namespace rt
 }  // namespace gam_emu
@@ -191,23 +176,12 @@ cudaError_t memcpy_to_symbol(T& symbol, const void* src, size_t count,
 // The runtime API is declared by the toolkit headers above but not linked:
 // these macros send kernel-side and launcher-side uses to the host versions.
 #define cudaMemsetAsync(...) ::gam_emu::rt::memset_async(__VA_ARGS__)
-#define cudaMemset(...) ::gam_emu::rt::memset_async(__VA_ARGS__)
 #define cudaMemcpyAsync(...) ::gam_emu::rt::memcpy_async(__VA_ARGS__)
-#define cudaMemcpy(...) ::gam_emu::rt::memcpy_async(__VA_ARGS__)
-#define cudaMemcpyToSymbolAsync(...) \
-  ::gam_emu::rt::memcpy_to_symbol(__VA_ARGS__)
-#define cudaMemcpyToSymbol(...) ::gam_emu::rt::memcpy_to_symbol(__VA_ARGS__)
 #define cudaFuncSetAttribute(func, attr, value)                              \
   ::gam_emu::rt::func_set_attribute(reinterpret_cast<const void*>(func), \
                                     (attr), (value))
-#define cudaDeviceGetAttribute(...) \
-  ::gam_emu::rt::device_get_attribute(__VA_ARGS__)
-#define cudaGetDevice(...) ::gam_emu::rt::get_device(__VA_ARGS__)
-#define cudaGetLastError() ::gam_emu::rt::get_last_error()
-#define cudaPeekAtLastError() ::gam_emu::rt::get_last_error()
 #define cudaGetErrorString(e) ::gam_emu::rt::get_error_string(e)
-#define cudaStreamSynchronize(...) ::gam_emu::rt::success(__VA_ARGS__)
-#define cudaDeviceSynchronize() ::gam_emu::rt::success()
+#define cudaStreamSynchronize(stream) ::gam_emu::rt::stream_synchronize(stream)
 
 // ---------------------------------------------------------------------------
 // Built-in variables (read-only, like on the device).
@@ -223,21 +197,7 @@ static constexpr int warpSize = 32;
 // waiting at different barriers can be reported.
 inline void __syncthreads(const char* file = __builtin_FILE(),
                           int line = __builtin_LINE()) {
-  ::gam_emu::block_barrier(0, 0, file, line);
-}
-inline int __syncthreads_count(int predicate,
-                               const char* file = __builtin_FILE(),
-                               int line = __builtin_LINE()) {
-  return ::gam_emu::block_barrier(1, predicate != 0, file, line);
-}
-inline int __syncthreads_and(int predicate,
-                             const char* file = __builtin_FILE(),
-                             int line = __builtin_LINE()) {
-  return ::gam_emu::block_barrier(2, predicate != 0, file, line);
-}
-inline int __syncthreads_or(int predicate, const char* file = __builtin_FILE(),
-                            int line = __builtin_LINE()) {
-  return ::gam_emu::block_barrier(3, predicate != 0, file, line);
+  ::gam_emu::block_barrier(file, line);
 }
 
 // ---------------------------------------------------------------------------
@@ -316,58 +276,6 @@ inline int __all_sync(unsigned mask, int predicate,
   return static_cast<int>(
       ::gam_emu::warp_op(::gam_emu::WarpOpKind::kAll, mask, predicate != 0, 0,
                          32, "__all_sync", file, line));
-}
-
-template <typename T>
-inline unsigned __match_any_sync(unsigned mask, T value,
-                                 const char* file = __builtin_FILE(),
-                                 int line = __builtin_LINE()) {
-  return static_cast<unsigned>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kMatchAny, mask,
-                         ::gam_emu::to_bits(value), 0, 32, "__match_any_sync",
-                         file, line));
-}
-
-inline unsigned __reduce_add_sync(unsigned mask, unsigned value,
-                                  const char* file = __builtin_FILE(),
-                                  int line = __builtin_LINE()) {
-  return static_cast<unsigned>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kReduceAddU, mask, value, 0,
-                         32, "__reduce_add_sync", file, line));
-}
-inline int __reduce_add_sync(unsigned mask, int value,
-                             const char* file = __builtin_FILE(),
-                             int line = __builtin_LINE()) {
-  return static_cast<int>(__reduce_add_sync(
-      mask, static_cast<unsigned>(value), file, line));
-}
-inline unsigned __reduce_min_sync(unsigned mask, unsigned value,
-                                  const char* file = __builtin_FILE(),
-                                  int line = __builtin_LINE()) {
-  return static_cast<unsigned>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kReduceMinU, mask, value, 0,
-                         32, "__reduce_min_sync", file, line));
-}
-inline unsigned __reduce_max_sync(unsigned mask, unsigned value,
-                                  const char* file = __builtin_FILE(),
-                                  int line = __builtin_LINE()) {
-  return static_cast<unsigned>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kReduceMaxU, mask, value, 0,
-                         32, "__reduce_max_sync", file, line));
-}
-inline int __reduce_min_sync(unsigned mask, int value,
-                             const char* file = __builtin_FILE(),
-                             int line = __builtin_LINE()) {
-  return static_cast<int>(::gam_emu::warp_op(
-      ::gam_emu::WarpOpKind::kReduceMinI, mask,
-      static_cast<uint32_t>(value), 0, 32, "__reduce_min_sync", file, line));
-}
-inline int __reduce_max_sync(unsigned mask, int value,
-                             const char* file = __builtin_FILE(),
-                             int line = __builtin_LINE()) {
-  return static_cast<int>(::gam_emu::warp_op(
-      ::gam_emu::WarpOpKind::kReduceMaxI, mask,
-      static_cast<uint32_t>(value), 0, 32, "__reduce_max_sync", file, line));
 }
 
 inline void __trap() { ::gam_emu::trap("__trap() called"); }

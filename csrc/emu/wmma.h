@@ -1,7 +1,7 @@
 // nvcuda::wmma for the emulated build (included by simt.h).
 //
-// Shapes m16n16k16, m32n8k16 and m8n32k16; inputs __half or __nv_bfloat16
-// (matrix_a / matrix_b, row_major / col_major); accumulator float or __half.
+// Shape m16n16k16 (the one the kernels and the self-tests use); inputs __half or
+// __nv_bfloat16 (matrix_a / matrix_b, row_major / col_major); accumulator float.
 //
 // Emulation model: every lane's fragment holds the WHOLE tile in logical
 // row-major order, so num_elements is rows*cols (256 for a 16x16 tile, where
@@ -48,37 +48,24 @@ struct shape<accumulator, M, N, K> {
 };
 
 template <int M, int N, int K>
-constexpr bool kSupportedShape = (M == 16 && N == 16 && K == 16) ||
-                                 (M == 32 && N == 8 && K == 16) ||
-                                 (M == 8 && N == 32 && K == 16);
+constexpr bool kSupportedShape = M == 16 && N == 16 && K == 16;
 
-inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-inline T from_float(float v);
-template <>
-inline float from_float<float>(float v) {
-  return v;
-}
-template <>
-inline __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // Last mma_sync inputs and result of each warp of the running block.
-template <int M, int N, int K, typename TIn, typename TC>
+template <int M, int N, int K, typename TIn>
 struct MmaMemo {
   bool valid = false;
   TIn a[M * K];
   TIn b[K * N];
-  TC c[M * N];
+  float c[M * N];
   float d[M * N];
 };
 
-template <int M, int N, int K, typename TIn, typename TC>
-inline MmaMemo<M, N, K, TIn, TC>& mma_memo(int warp) {
-  static thread_local std::vector<MmaMemo<M, N, K, TIn, TC>> memos(32);
+template <int M, int N, int K, typename TIn>
+inline MmaMemo<M, N, K, TIn>& mma_memo(int warp) {
+  static thread_local std::vector<MmaMemo<M, N, K, TIn>> memos(32);
   return memos[static_cast<size_t>(warp)];
 }
 
@@ -110,7 +97,9 @@ template <typename Use, int M, int N, int K, typename T,
           typename Layout = void>
 class fragment {
   static_assert(detail::kSupportedShape<M, N, K>,
-                "emulated wmma supports m16n16k16, m32n8k16, m8n32k16");
+                "emulated wmma supports m16n16k16");
+  static_assert(!std::is_same<Use, accumulator>::value || std::is_same<T, float>::value,
+                "emulated wmma accumulators are float");
 
  public:
   static constexpr int kRows = detail::shape<Use, M, N, K>::rows;
@@ -177,12 +166,11 @@ inline void store_matrix_sync(T* p,
 }
 
 // d = a * b + c, accumulated in fp32 (d may alias c).
-template <int M, int N, int K, typename TIn, typename LA, typename LB,
-          typename TC, typename TD>
-inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d,
+template <int M, int N, int K, typename TIn, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float, void>& d,
                      const fragment<matrix_a, M, N, K, TIn, LA>& a,
                      const fragment<matrix_b, M, N, K, TIn, LB>& b,
-                     const fragment<accumulator, M, N, K, TC, void>& c,
+                     const fragment<accumulator, M, N, K, float, void>& c,
                      const char* file = __builtin_FILE(),
                      int line = __builtin_LINE()) {
   static_assert(std::is_same<TIn, __half>::value ||
@@ -192,13 +180,13 @@ inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d,
   // All lanes normally hold identical fragments: the first lane of a warp
   // computes the product, the others reuse it when their inputs match
   // byte for byte (32x less work; a mismatch just recomputes).
-  auto& memo = detail::mma_memo<M, N, K, TIn, TC>(::gam_emu::current_warp());
+  auto& memo = detail::mma_memo<M, N, K, TIn>(::gam_emu::current_warp());
   if (!(memo.valid && std::memcmp(memo.a, a.x, sizeof(a.x)) == 0 &&
         std::memcmp(memo.b, b.x, sizeof(b.x)) == 0 &&
         std::memcmp(memo.c, c.x, sizeof(c.x)) == 0)) {
     for (int i = 0; i < M; ++i)
       for (int j = 0; j < N; ++j) {
-        float acc = detail::to_float(c.x[i * N + j]);
+        float acc = c.x[i * N + j];
         for (int k = 0; k < K; ++k)
           acc += detail::to_float(a.x[i * K + k]) *
                  detail::to_float(b.x[k * N + j]);
@@ -209,7 +197,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d,
     std::memcpy(memo.c, c.x, sizeof(c.x));
     memo.valid = true;
   }
-  for (int i = 0; i < M * N; ++i) d.x[i] = detail::from_float<TD>(memo.d[i]);
+  std::memcpy(d.x, memo.d, sizeof(d.x));
 }
 
 }  // namespace wmma

@@ -6,7 +6,7 @@
 # benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
-#   bash benchmarks/gpu_check.sh
+#   bash scripts/gpu_check.sh
 # Knobs: PYTHON (default .venv/bin/python where it exists, else python3), GAM_CHECK_BUDGET_S (the
 # whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there).
 set -uo pipefail
@@ -65,10 +65,10 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 MEM_RC=127; RACE_RC=127
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer memcheck / racecheck"
-  timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+  timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
   MEM_RC=$?
-  timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_sanitize_driver.py \
+  timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/racecheck.txt" 2>&1
   RACE_RC=$?
   tail -n 3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
@@ -106,14 +106,14 @@ fi
   echo "- torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), $(nvcc --version 2>/dev/null | tail -1)"
   echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain \
     --untracked-files=no 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
-  echo "- command: \`bash benchmarks/gpu_check.sh\` (total $(elapsed))"
+  echo "- command: \`bash scripts/gpu_check.sh\` (total $(elapsed))"
   echo
   echo "| stage | command | result |"
   echo "|---|---|---|"
   echo "| build | TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(status build $BUILD_RC) ($BUILD_TIME) |"
   echo "| tests | $PY -m pytest $TESTS | $(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt") |"
-  echo "| memcheck | compute-sanitizer --tool memcheck $PY benchmarks/cuda_sanitize_driver.py | $(status mem $MEM_RC) |"
-  echo "| racecheck | compute-sanitizer --tool racecheck $PY benchmarks/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
+  echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(status mem $MEM_RC) |"
+  echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
   echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"

@@ -1,7 +1,7 @@
 """Small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck, synccheck).
 
-    compute-sanitizer --tool memcheck  python benchmarks/cuda_sanitize_driver.py
-    compute-sanitizer --tool racecheck python benchmarks/cuda_sanitize_driver.py
+    compute-sanitizer --tool memcheck  python scripts/cuda_sanitize_driver.py
+    compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
 the tensor-core and SIMT retrieval forward (with the rescale path), the retrieval backward with

@@ -1,155 +1,28 @@
-// Execution engine of the SIMT emulation layer (see simt.h).
+// Execution engine of the SIMT emulation layer (see simt.h): blocks, barriers, warp
+// collectives, shared memory, launches and the deadlock report.
 //
-// A launch runs its blocks one after another on the calling OS thread. The
-// threads of a block are fibers with their own stacks; a fiber runs until it
-// waits (block barrier, warp collective) or exits, then hands control
-// directly to the next runnable fiber. The fiber that completes a barrier or
-// a warp collective computes everyone's results, marks them runnable and
-// keeps going. When no fiber is runnable control returns to the launching
-// context: either every thread exited, or the block is deadlocked, which is
-// reported as an error instead of hanging.
-//
-// On x86-64 fibers switch with a few instructions of assembly (swapcontext
-// makes a signal-mask syscall per switch, ~10x slower); elsewhere ucontext is
-// used. Switches are annotated for AddressSanitizer so it knows which stack
-// is live.
-#include "emu/simt.h"
-
-#include <sys/mman.h>
-#include <unistd.h>
-
+// A launch runs its blocks one after another on the calling OS thread. The threads of a block
+// are fibers (fiber.h) with their own stacks; a fiber runs until it waits (block barrier, warp
+// collective) or exits, then hands control directly to the next runnable fiber. The fiber that
+// completes a barrier or a warp collective computes everyone's results, marks them runnable and
+// keeps going. When no fiber is runnable control returns to the launching context: either every
+// thread exited, or the block is deadlocked, which is reported as an error instead of hanging.
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
-#include <memory>
-#include <mutex>
 #include <sstream>
-#include <unordered_map>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#include <sanitizer/common_interface_defs.h>
-#define GAM_EMU_ASAN 1
-#else
-#define GAM_EMU_ASAN 0
-#endif
-
-#if defined(__x86_64__) && !defined(GAM_EMU_USE_UCONTEXT)  // -D to test the fallback
-#define GAM_EMU_ASM_SWITCH 1
-#else
-#define GAM_EMU_ASM_SWITCH 0
-#include <ucontext.h>
-#endif
-
-#if GAM_EMU_ASM_SWITCH
-// gam_emu_swap(save, next): pushes the callee-saved registers and the SSE /
-// x87 control words on the current stack, stores the stack pointer in *save,
-// loads `next` as the stack pointer and pops the same frame from there.
-extern "C" void gam_emu_swap(void** save, void* next);
-asm(R"(
-  .text
-  .p2align 4
-  .hidden gam_emu_swap
-  .globl gam_emu_swap
-  .type gam_emu_swap, @function
-gam_emu_swap:
-  .cfi_startproc
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .cfi_endproc
-  .size gam_emu_swap, .-gam_emu_swap
-)");
-#endif
+#include "emu/fiber.h"
+#include "emu/runtime.h"
+#include "emu/simt.h"
 
 namespace gam_emu {
 namespace {
 
 constexpr int kMaxThreadsPerBlock = 1024;
-constexpr size_t kDefaultDynamicSmemLimit = 48 * 1024;
-constexpr size_t kMaxSmemOptin = 227 * 1024;  // H100 opt-in limit per block
 constexpr size_t kStaticSmemLimit = 48 * 1024;
 constexpr uint64_t kPoison = ~uint64_t{0};
-
-struct Context {
-#if GAM_EMU_ASM_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t uc;
-#endif
-  void* fake_stack = nullptr;  // ASan fake stack while suspended
-  const void* stack_bottom = nullptr;
-  size_t stack_size = 0;
-};
-
-// Stacks are mmap'ed once per OS thread and reused by later launches, with
-// a PROT_NONE guard page below each so an overflow faults instead of
-// corrupting a neighbour.
-struct Stack {
-  char* mapping = nullptr;
-  size_t mapping_bytes = 0;
-  char* bottom = nullptr;  // lowest usable address
-  size_t bytes = 0;
-  bool dirty = false;  // abandoned mid-kernel: ASan shadow may be poisoned
-};
-
-size_t stack_bytes_from_env() {
-  size_t kib = 256;
-  if (const char* env = std::getenv("GAM_EMU_STACK_KB")) {
-    const long v = std::strtol(env, nullptr, 10);
-    if (v >= 16) kib = static_cast<size_t>(v);
-  }
-  return kib * 1024;
-}
-
-class StackPool {
- public:
-  ~StackPool() {
-    for (Stack& s : stacks_) munmap(s.mapping, s.mapping_bytes);
-  }
-  Stack& get(size_t i) {
-    while (stacks_.size() <= i) stacks_.push_back(make());
-    return stacks_[i];
-  }
-
- private:
-  static Stack make() {
-    static const size_t bytes = stack_bytes_from_env();
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    Stack s;
-    s.bytes = (bytes + page - 1) / page * page;
-    s.mapping_bytes = s.bytes + page;
-    void* m = mmap(nullptr, s.mapping_bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED) throw std::runtime_error("gam_emu: cannot map a fiber stack");
-    s.mapping = static_cast<char*>(m);
-    mprotect(s.mapping, page, PROT_NONE);
-    s.bottom = s.mapping + page;
-    return s;
-  }
-  std::deque<Stack> stacks_;  // deque: growing keeps Stack& valid
-};
 
 enum class State : uint8_t { kRunnable, kBarrier, kWarp, kDone };
 
@@ -166,8 +39,8 @@ struct WarpOp {
 };
 
 struct Fiber {
-  Context ctx;
-  Stack* stack = nullptr;
+  fiber::Context ctx;
+  fiber::Stack* stack = nullptr;
   uint3 tid;
   int linear = 0;
   int warp = 0;
@@ -176,8 +49,6 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
-  int bar_pred = 0;
-  int bar_result = 0;
 };
 
 struct SharedAlloc {
@@ -198,8 +69,7 @@ struct Engine {
   int n_runnable = 0;
   int n_done = 0;
   int bar_arrived = 0;
-  Context main;
-  Context* switching_from = nullptr;
+  fiber::Context main;
   Fiber* cur = nullptr;
   uint3 block{};
   std::vector<SharedAlloc> shared;
@@ -222,13 +92,7 @@ bool alternate_order() {
 }
 
 thread_local Engine* t_engine = nullptr;
-thread_local StackPool t_stacks;
-
-std::mutex g_attr_mutex;
-std::unordered_map<const void*, int>& max_dyn_smem_attr() {
-  static std::unordered_map<const void*, int> m;
-  return m;
-}
+thread_local fiber::StackPool t_stacks;
 
 std::string dim_str(const uint3& d) {
   return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," +
@@ -248,51 +112,17 @@ std::string site(const char* file, int line) {
   return std::string(file ? file : "?") + ":" + std::to_string(line);
 }
 
-// ---- context switching -------------------------------------------------
-
-void after_switch(Context* self) {
-  Engine& e = *t_engine;
-#if GAM_EMU_ASAN
-  const void* bottom = nullptr;
-  size_t size = 0;
-  __sanitizer_finish_switch_fiber(self->fake_stack, &bottom, &size);
-  // The launching thread's stack bounds are only known once we left it.
-  if (e.switching_from == &e.main) {
-    e.main.stack_bottom = bottom;
-    e.main.stack_size = size;
-  }
-#else
-  (void)self;
-  (void)e;
-#endif
-}
-
-void switch_context(Context* from, Context* to, bool from_exits) {
-  Engine& e = *t_engine;
-  e.switching_from = from;
-#if GAM_EMU_ASAN
-  __sanitizer_start_switch_fiber(from_exits ? nullptr : &from->fake_stack,
-                                 to->stack_bottom, to->stack_size);
-#else
-  (void)from_exits;
-#endif
-#if GAM_EMU_ASM_SWITCH
-  gam_emu_swap(&from->sp, to->sp);
-#else
-  swapcontext(&from->uc, &to->uc);
-#endif
-  after_switch(from);
-}
+// ---- switching between the fibers of a block ------------------------------
 
 // Leaves `from` for fiber `next`, or for the launching context when null.
-void transfer(Context* from, Fiber* next, bool from_exits) {
+void transfer(fiber::Context* from, Fiber* next, bool from_exits) {
   Engine& e = *t_engine;
   e.cur = next;
   if (next != nullptr) {
     t_builtins.thread_idx = next->tid;
-    switch_context(from, &next->ctx, from_exits);
+    fiber::switch_to(from, &next->ctx, from_exits);
   } else {
-    switch_context(from, &e.main, from_exits);
+    fiber::switch_to(from, &e.main, from_exits);
   }
 }
 
@@ -348,22 +178,13 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
     return (src >= 0 && src < 32 && ((parts >> src) & 1u)) ? lanes[src].op.value
                                                            : kPoison;
   };
-  uint64_t ballot = 0, matched_or = 0;
-  uint64_t sum = 0, umin = ~0u, umax = 0;
-  int32_t imin = INT32_MAX, imax = INT32_MIN;
+  uint64_t ballot = 0;
   int n = 0;
   for (int l = 0; l < 32; ++l) {
     if (!((parts >> l) & 1u)) continue;
-    const uint64_t v = lanes[l].op.value;
     ++n;
-    if (v != 0) ballot |= 1ull << l;
-    sum += v & 0xffffffffu;
-    umin = std::min<uint64_t>(umin, v & 0xffffffffu);
-    umax = std::max<uint64_t>(umax, v & 0xffffffffu);
-    imin = std::min(imin, static_cast<int32_t>(static_cast<uint32_t>(v)));
-    imax = std::max(imax, static_cast<int32_t>(static_cast<uint32_t>(v)));
+    if (lanes[l].op.value != 0) ballot |= 1ull << l;
   }
-  (void)matched_or;
   for (int l = 0; l < 32; ++l) {
     if (!((parts >> l) & 1u)) continue;
     Fiber& f = lanes[l];
@@ -388,17 +209,6 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
       case WarpOpKind::kBallot: r = ballot; break;
       case WarpOpKind::kAny: r = ballot != 0; break;
       case WarpOpKind::kAll: r = __builtin_popcountll(ballot) == n; break;
-      case WarpOpKind::kMatchAny: {
-        for (int m = 0; m < 32; ++m)
-          if (((parts >> m) & 1u) && lanes[m].op.value == f.op.value)
-            r |= 1ull << m;
-        break;
-      }
-      case WarpOpKind::kReduceAddU: r = static_cast<uint32_t>(sum); break;
-      case WarpOpKind::kReduceMinU: r = umin; break;
-      case WarpOpKind::kReduceMaxU: r = umax; break;
-      case WarpOpKind::kReduceMinI: r = static_cast<uint32_t>(imin); break;
-      case WarpOpKind::kReduceMaxI: r = static_cast<uint32_t>(imax); break;
       case WarpOpKind::kSyncWarp:
       case WarpOpKind::kWmma: break;
     }
@@ -424,7 +234,7 @@ void on_lane_exit(Engine& e, const Fiber& f) {
 [[noreturn]] void fiber_main() {
   Engine& e = *t_engine;
   Fiber* self = e.cur;
-  after_switch(&self->ctx);
+  fiber::started(&self->ctx);
   // Leave the handler before faulting: a fiber that never returns must not
   // keep an exception "being handled" in the thread's C++ runtime state.
   std::string error;
@@ -442,51 +252,6 @@ void on_lane_exit(Engine& e, const Fiber& f) {
   on_lane_exit(e, *self);
   yield_from(self);
   std::abort();  // a finished fiber is never resumed
-}
-
-#if !GAM_EMU_ASM_SWITCH
-void fiber_entry_ucontext() { fiber_main(); }
-#endif
-
-void init_fiber(Engine& e, Fiber& f, Stack& s) {
-  (void)e;
-#if GAM_EMU_ASAN
-  // A fiber never returns from fiber_main, so the redzones of its last few
-  // frames stay poisoned near the top of its stack; a fiber abandoned by a
-  // faulting launch may have left them anywhere.
-  if (s.dirty) {
-    __asan_unpoison_memory_region(s.bottom, s.bytes);
-  } else {
-    const size_t top = std::min<size_t>(s.bytes, 16 * 1024);
-    __asan_unpoison_memory_region(s.bottom + s.bytes - top, top);
-  }
-#endif
-  s.dirty = false;
-  f.stack = &s;
-  f.ctx.stack_bottom = s.bottom;
-  f.ctx.stack_size = s.bytes;
-  f.ctx.fake_stack = nullptr;
-#if GAM_EMU_ASM_SWITCH
-  // Frame consumed by gam_emu_swap's epilogue: control words, r15..rbp, the
-  // "return" address fiber_main, and a null slot standing in for
-  // fiber_main's own return address (keeps the ABI's 16-byte alignment).
-  uint64_t* sp = reinterpret_cast<uint64_t*>(s.bottom + s.bytes) - 9;
-  uint32_t mxcsr;
-  uint16_t fpucw;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-  sp[0] = mxcsr | (static_cast<uint64_t>(fpucw) << 32);
-  for (int i = 1; i <= 6; ++i) sp[i] = 0;  // rbp = 0 ends frame-pointer walks
-  sp[7] = reinterpret_cast<uint64_t>(&fiber_main);
-  sp[8] = 0;
-  f.ctx.sp = sp;
-#else
-  getcontext(&f.ctx.uc);
-  f.ctx.uc.uc_stack.ss_sp = s.bottom;
-  f.ctx.uc.uc_stack.ss_size = s.bytes;
-  f.ctx.uc.uc_link = nullptr;
-  makecontext(&f.ctx.uc, fiber_entry_ucontext, 0);
-#endif
 }
 
 // ---- blocks and launches -----------------------------------------------
@@ -575,7 +340,8 @@ void run_block(Engine& e, const uint3& block) {
     f.warp = i / 32;
     f.lane = i % 32;
     f.state = State::kRunnable;
-    init_fiber(e, f, t_stacks.get(i));
+    f.stack = &t_stacks.get(i);
+    fiber::prepare(f.ctx, *f.stack, &fiber_main);
   }
   std::fill(e.warp_done.begin(), e.warp_done.end(), 0u);
   e.n_runnable = e.nthreads;
@@ -619,12 +385,7 @@ void validate(const LaunchSpec& s) {
     fail("grid " + dim_str(g) +
          " (every dimension >= 1; y, z <= 65535); skip the launch for empty "
          "inputs");
-  size_t limit = kDefaultDynamicSmemLimit;
-  {
-    std::lock_guard<std::mutex> lock(g_attr_mutex);
-    auto it = max_dyn_smem_attr().find(s.kernel);
-    if (it != max_dyn_smem_attr().end()) limit = static_cast<size_t>(it->second);
-  }
+  const size_t limit = dynamic_smem_limit(s.kernel);
   if (s.dynamic_smem_bytes > limit)
     fail(std::to_string(s.dynamic_smem_bytes) +
          " bytes of dynamic shared memory exceed the kernel's limit of " +
@@ -702,7 +463,7 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
   return self->op.result;
 }
 
-int block_barrier(int mode, int predicate, const char* file, int line) {
+void block_barrier(const char* file, int line) {
   Engine* ep = t_engine;
   if (ep == nullptr || ep->cur == nullptr)
     trap("__syncthreads() called outside a kernel");
@@ -711,33 +472,22 @@ int block_barrier(int mode, int predicate, const char* file, int line) {
   self->state = State::kBarrier;
   self->bar_file = file;
   self->bar_line = line;
-  self->bar_pred = predicate;
   --e.n_runnable;
   if (++e.bar_arrived < e.nthreads) {
     yield_from(self);
-    return self->bar_result;
+    return;
   }
   // Last arrival: every thread waits here. All must be at the same call.
-  int count = 0;
   for (const Fiber& f : e.fibers) {
     if (f.bar_line != self->bar_line ||
         std::strcmp(f.bar_file, self->bar_file) != 0)
       fault_in_fiber("divergent __syncthreads(): threads wait at " +
                      site(f.bar_file, f.bar_line) + " and at " +
                      site(self->bar_file, self->bar_line));
-    count += f.bar_pred;
   }
-  const int result = mode == 1   ? count
-                     : mode == 2 ? (count == e.nthreads)
-                     : mode == 3 ? (count > 0)
-                                 : 0;
-  for (Fiber& f : e.fibers) {
-    f.state = State::kRunnable;
-    f.bar_result = result;
-  }
+  for (Fiber& f : e.fibers) f.state = State::kRunnable;
   e.n_runnable = e.nthreads;
   e.bar_arrived = 0;
-  return result;
 }
 
 unsigned active_mask() {
@@ -794,81 +544,4 @@ void trap(const std::string& message) {
   throw std::runtime_error("gam_emu: " + message);
 }
 
-namespace rt {
-
-cudaError_t memset_async(void* ptr, int value, size_t count, cudaStream_t) {
-  if (count != 0 && ptr == nullptr) return cudaErrorInvalidValue;
-  if (count != 0) std::memset(ptr, value, count);
-  return cudaSuccess;
-}
-
-cudaError_t memcpy_async(void* dst, const void* src, size_t count,
-                         cudaMemcpyKind kind, cudaStream_t) {
-  if (static_cast<int>(kind) < 0 || static_cast<int>(kind) > 4)
-    return cudaErrorInvalidMemcpyDirection;
-  if (count == 0) return cudaSuccess;
-  if (dst == nullptr || src == nullptr) return cudaErrorInvalidValue;
-  std::memmove(dst, src, count);
-  return cudaSuccess;
-}
-
-cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr,
-                               int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > kMaxSmemOptin)
-      return cudaErrorInvalidValue;
-    std::lock_guard<std::mutex> lock(g_attr_mutex);
-    max_dyn_smem_attr()[func] = value;
-  }
-  return cudaSuccess;
-}
-
-cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
-  if (value == nullptr) return cudaErrorInvalidValue;
-  switch (attr) {
-    case cudaDevAttrMultiProcessorCount: {
-      // Small by default so "one block per SM" grids stay cheap to emulate.
-      const char* env = std::getenv("GAM_EMU_SM_COUNT");
-      *value = env ? std::max(1, std::atoi(env)) : 4;
-      return cudaSuccess;
-    }
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
-    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = static_cast<int>(kMaxSmemOptin);
-      return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
-      *value = 228 * 1024;
-      return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    case cudaDevAttrMaxGridDimX: *value = 2147483647; return cudaSuccess;
-    case cudaDevAttrMaxGridDimY:
-    case cudaDevAttrMaxGridDimZ: *value = 65535; return cudaSuccess;
-    default: return cudaErrorInvalidValue;  // not emulated: make it visible
-  }
-}
-
-cudaError_t get_device(int* device) {
-  if (device == nullptr) return cudaErrorInvalidValue;
-  *device = 0;
-  return cudaSuccess;
-}
-
-cudaError_t get_last_error() { return cudaSuccess; }
-
-const char* get_error_string(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess: return "no error (emulated)";
-    case cudaErrorInvalidValue: return "invalid argument (emulated)";
-    case cudaErrorInvalidMemcpyDirection:
-      return "invalid copy direction (emulated)";
-    case cudaErrorInvalidConfiguration:
-      return "invalid configuration argument (emulated)";
-    default: return "CUDA error (emulated)";
-  }
-}
-
-}  // namespace rt
 }  // namespace gam_emu
