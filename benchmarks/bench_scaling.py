@@ -217,6 +217,12 @@ def measure(provider: str, seqlen: int, args: argparse.Namespace) -> dict:
         row["status"] = (f"memory cap (>{naive_scores_bytes(args, seqlen) / 2**30:.0f} GiB of "
                          f"scores)")
         return row
+    if provider == "mamba":
+        try:
+            mamba_implementation(args.device)
+        except ImportError:  # neither mamba_ssm nor mambapy: say so, measure the rest
+            row["status"] = "not installed (pip install mambapy, or mamba_ssm on CUDA)"
+            return row
     torch.manual_seed(0)
     with backend_for(provider):
         try:

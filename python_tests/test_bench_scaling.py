@@ -70,3 +70,17 @@ def test_rejects_bad_flags():
     assert out.returncode == 2 and "unknown provider" in out.stderr
     out = run("--d-model", "15")
     assert out.returncode == 2 and "divisible" in out.stderr
+
+
+def test_missing_mamba_is_recorded_not_raised(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_scaling
+
+    def missing(device):
+        raise ImportError("no mamba here")
+
+    monkeypatch.setattr(bench_scaling, "mamba_implementation", missing)
+    args = bench_scaling.parse_args([*TINY, "--seqlen", "16"])
+    args.dtype_name = "fp32"
+    row = bench_scaling.measure("mamba", 16, args)
+    assert row["status"].startswith("not installed") and row["ms"] is None

@@ -2,7 +2,7 @@
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck and racecheck on a small case of every kernel, the
-# kernel and op benchmarks, and an Nsight Compute summary of the retrieval kernels, and writes
+# kernel, op and scaling benchmarks, and an Nsight Compute summary of the retrieval kernels, and writes
 # benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
@@ -87,6 +87,13 @@ if [[ -f benchmarks/bench_ops.py ]]; then
   OPS_RC=$?
 fi
 
+# The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
+# a shorter grid than the script's default so that it fits the budget).
+SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --max-seconds 0.3 \
+--out benchmarks/results/${SLUG}-${DATE}-scaling"
+timeout $(limit 120) "$PY" benchmarks/bench_scaling.py $SCALING_ARGS > "$LOG/scaling.txt" 2>&1
+SCALING_RC=$?
+
 # Nsight Compute on the retrieval kernels of one bf16 GAMBlock training step (B=16 N=2048 D=S=512),
 # clocks left as found. Needs hardware counters (not available on every machine).
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
@@ -116,6 +123,7 @@ fi
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py | $(status race $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
+  echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
   echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
   echo
   echo "Targets (H100, bf16): conv fwd/bwd >= 70% of HBM bandwidth, gate >= 80%; retrieval fwd"
@@ -126,6 +134,13 @@ fi
   echo
   cat "$LOG/kernels.md"
   if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  SCALING_MD="benchmarks/results/${SLUG}-${DATE}-scaling.md"
+  if [[ -f "$SCALING_MD" ]]; then
+    echo; echo "## bench_scaling.py ($SCALING_MD, with a plot beside it)"; echo
+    sed -n '/^## bf16/,/^## The paper/p' "$SCALING_MD" | sed '$d'
+  elif [[ -f "$LOG/scaling.txt" ]]; then
+    echo; echo "## bench_scaling.py (tail)"; echo '```'; tail -20 "$LOG/scaling.txt"; echo '```'
+  fi
   if [[ -f "$LOG/ncu.txt" ]]; then
     echo; echo "## Nsight Compute, retrieval kernels (excerpt)"; echo; echo '```'
     grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Theoretical Occupancy|Achieved Occupancy|==ERROR==|==WARNING==" \
