@@ -211,6 +211,27 @@ class GAMModel(LanguageModel):
         return model
 
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (see
+        :mod:`gam_ext.pretrained`); :meth:`from_pretrained` reads them back."""
+        from gam_ext.pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory_or_hub_id: str | os.PathLike, *, revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> GAMModel:
+        """A GAMModel from a directory written by :meth:`save_pretrained`, or from a Hugging Face
+        Hub repository holding those files (needs ``huggingface_hub`` and the network, or the
+        Hub cache). A missing or broken directory, or weights that do not match the config,
+        raise an error that says which file and why."""
+        from gam_ext.pretrained import load_pretrained
+
+        return load_pretrained(cls, directory_or_hub_id, revision=revision, cache_dir=cache_dir)
+
+
 @torch.no_grad()
 def generate_tokens(
     model: nn.Module,
