@@ -41,7 +41,6 @@ import torch.nn as nn  # noqa: E402
 from baselines import build_model  # noqa: E402
 from lm_data import IGNORE_INDEX, DataError  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 from train_args import (  # noqa: E402
     UserError,
     build_parser,  # noqa: F401  (part of this script's interface)
@@ -123,7 +122,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    sampler: DistributedSampler
     steps_per_epoch: int
     total_steps: int
     eval_interval: int
@@ -140,7 +138,6 @@ class Run:
     window_time: float = 0.0  # since the last evaluation
     window_tokens: int = 0
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    order: torch.Tensor | None = None  # this epoch's sample order
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         if self.ctx.main:
@@ -179,14 +176,9 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
     n_params = model.num_parameters()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
-    sampler = DistributedSampler(range(len(data.train_x)), num_replicas=ctx.world,
-                                 rank=ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
+    steps_per_epoch = data.train.steps_per_epoch
     if steps_per_epoch == 0:
-        raise UserError(
-            f"the training split has {len(data.train_x)} chunks of --seq-len {args.seq_len} + 1 "
-            f"tokens, fewer than one batch (--batch-size {args.batch_size} x {ctx.world} "
-            "processes): lower --batch-size or --seq-len, or give more text")
+        raise UserError(data.train.too_small)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.warmup_steps, total_steps))
@@ -195,7 +187,7 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
     run = Run(args, ctx, out_dir, data, model, info, n_params, optimizer, scheduler, scaler,
-              sampler, steps_per_epoch, total_steps, args.eval_interval or steps_per_epoch,
+              steps_per_epoch, total_steps, args.eval_interval or steps_per_epoch,
               use_amp=args.dtype != "fp32", amp_dtype=amp_dtype)
     return run, ckpt
 
@@ -214,6 +206,10 @@ def restore(run: Run, ckpt: dict[str, Any] | None) -> None:
         if len(ckpt["rng"]) != ctx.world:
             raise UserError(f"--resume: the checkpoint comes from {len(ckpt['rng'])} processes, "
                             f"this run has {ctx.world}")
+        fingerprint = ckpt.get("data_order", {}).get("fingerprint")
+        if fingerprint not in (None, run.data.train.position(run.step).get("fingerprint")):
+            raise UserError(f"--resume: the shards in {run.args.shards} are not those the "
+                            "checkpoint was trained on (their index differs)")
         rng = ckpt["rng"][ctx.rank]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and ctx.device.type == "cuda":
@@ -254,16 +250,6 @@ def log_header(run: Run) -> None:
             f"process(es), lr {args.lr}, warm-up {args.warmup_steps}, device {ctx.device}, "
             f"{precision}, {torch.get_num_threads()} CPU thread(s)")
     run.log(f"unigram perplexity of the validation targets: {run.data.unigram_ppl:.2f}")
-
-
-def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the batch of step ``run.step`` (in the sampler's epoch order)."""
-    epoch, i = divmod(run.step, run.steps_per_epoch)
-    if run.order is None or i == 0:
-        run.sampler.set_epoch(epoch)
-        run.order = torch.tensor(list(run.sampler))
-    idx = run.order[i * run.args.batch_size:(i + 1) * run.args.batch_size]
-    return run.data.train_x[idx].to(run.ctx.device), run.data.train_y[idx].to(run.ctx.device)
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -320,8 +306,7 @@ def save(run: Run) -> None:
         scaler=run.scaler.state_dict(), step=run.step, epoch=run.step / run.steps_per_epoch,
         loss_sum=run.loss_sum, loss_count=run.loss_count, metrics=run.metrics,
         elapsed_s=run.elapsed_before + run.train_time,
-        data_order={"sampler_seed": args.seed, "epoch": run.step // run.steps_per_epoch,
-                    "index_in_epoch": run.step % run.steps_per_epoch},
+        data_order=run.data.train.position(run.step),
         args={k: v for k, v in vars(args).items() if k != "explicit"},
     )
 
@@ -374,7 +359,7 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
                mininterval=1.0, desc=args.model)
     run.run_model.train()
     while run.step < run.stop_at:
-        x, y = next_batch(run)
+        x, y = run.data.train.batch(run.step)  # this process's share of the step's batch
         loss_value = train_step(run, x, y)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Flags that steer one invocation; everything else comes from the checkpoint on --resume.
 RUN_CONTROL = {"resume", "out_dir", "device", "stop_at_step", "sample_tokens", "temperature",
                "top_k", "compile", "threads", "data_dir", "compare", "models", "explicit"}
+# Paths that come from the checkpoint on --resume unless given again (a moved copy of the data).
+RELOCATABLE = {"shards"}
 
 
 class UserError(Exception):
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BPE trained on the training split, or UTF-8 bytes")
     g.add_argument("--vocab-size", type=pos_int, help="BPE vocabulary size")
     g.add_argument("--data-dir", default=str(ROOT / "data"), help="tokenizer cache")
+    g.add_argument("--shards", metavar="DIR",
+                   help="token shards written by examples/prepare_data.py, memory-mapped and read "
+                   "in random windows (vocabulary and tokenizer from their index)")
     g.add_argument("--recall-pairs", type=pos_int, default=16, help="key-value pairs per example")
     g.add_argument("--recall-keys", type=pos_int, default=64, help="distinct key tokens")
     g.add_argument("--recall-values", type=pos_int, default=64, help="distinct value tokens")
@@ -179,6 +185,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--val-file needs --train-file")
     if args.train_file is not None and args.dataset is not None:
         parser.error(f"--train-file and --dataset {args.dataset} exclude each other")
+    if args.shards is not None:
+        other = ("--train-file" if args.train_file is not None else
+                 f"--dataset {args.dataset}" if args.dataset is not None else
+                 "--vocab-size" if "vocab_size" in args.explicit else None)
+        if other:
+            parser.error(f"--shards and {other} exclude each other (the shards' index gives the "
+                         "vocabulary)")
+        if not os.path.isdir(args.shards):
+            parser.error(f"--shards: no such folder: {args.shards}")
     for flag in ("train_file", "val_file"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
@@ -187,7 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--recall-pairs {args.recall_pairs} exceeds --recall-keys "
                      f"{args.recall_keys}: keys must be distinct within an example")
     if args.dataset is None:
-        args.dataset = "pydoc" if args.train_file is None else "file"
+        args.dataset = ("shards" if args.shards is not None else
+                        "pydoc" if args.train_file is None else "file")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
@@ -199,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def dataset_name(args: argparse.Namespace) -> str:
+    if args.dataset == "shards":
+        return "shards-" + Path(args.shards).resolve().name
     if args.train_file is not None:
         return "file-" + Path(args.train_file).stem
     return args.dataset
@@ -216,10 +234,22 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def _shards_tokenizer(folder: str) -> str | None:
+    """The tokenizer type in a shard folder's index (None when unreadable: reading the shards
+    then says why)."""
+    try:
+        return json.loads((Path(folder) / "index.json").read_text())["tokenizer"]["type"]
+    except Exception:
+        return None
+
+
 def check_packages(args: argparse.Namespace, device: torch.device, models: list[str]) -> None:
     """Stop with one line naming every optional package a run of ``models`` needs and lacks."""
     needs = {"tqdm": "the progress bar", "matplotlib": "the plots"}
-    if args.dataset != "recall" and args.tokenizer == "bpe":
+    if args.dataset == "shards":
+        if _shards_tokenizer(args.shards) != "byte":
+            needs["tokenizers"] = "the shards' tokenizer"
+    elif args.dataset != "recall" and args.tokenizer == "bpe":
         needs["tokenizers"] = "the BPE tokenizer; --tokenizer byte needs none"
     if args.dataset in HF_DATASETS:
         needs["datasets"] = f"--dataset {args.dataset}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from train_args import RUN_CONTROL, UserError
+from train_args import RELOCATABLE, RUN_CONTROL, UserError
 from train_parallel import Dist
 
 
@@ -56,6 +56,8 @@ def resolve_resume(args: argparse.Namespace) -> dict[str, Any] | None:
     for key, value in ckpt["args"].items():
         if key in RUN_CONTROL:
             continue
+        if key in RELOCATABLE and getattr(args, key, None) is not None:
+            continue  # a copy of the same data elsewhere (checked when the data loads)
         if key in args.explicit and getattr(args, key, None) != value:
             print(f"warning: resuming keeps the checkpoint's {key}={value!r} "
                   f"(ignoring --{key.replace('_', '-')} {getattr(args, key)!r})", file=sys.stderr)
