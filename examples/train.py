@@ -49,9 +49,23 @@ from train_args import (  # noqa: E402
     default_out_dir,
     parse_args,
 )
-from train_checkpoint import resolve_resume, save_checkpoint  # noqa: E402
+from train_checkpoint import (  # noqa: E402
+    load_sharded_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from train_data import Data, prepare_data  # noqa: E402
-from train_parallel import Dist, all_mean, all_sum, setup_distributed  # noqa: E402
+from train_parallel import (  # noqa: E402
+    Dist,
+    all_mean,
+    all_sum,
+    checkpoint_blocks,
+    full_state_dict,
+    saved_activation_bytes,
+    setup_distributed,
+    shard_model,
+)
 from train_report import (  # noqa: E402
     compare_table,
     gam_ext_backend,
@@ -79,19 +93,26 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Any:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Dist,
-             autocast: Any, max_batches: int = 0) -> dict[str, float]:
+             autocast: Any, max_batches: int = 0, lockstep: bool = False) -> dict[str, float]:
     """Mean over validation batches of the batch-mean cross-entropy (as the paper), and for the
-    recall task the accuracy on the answers. Batches are shared out over the processes."""
+    recall task the accuracy on the answers. Batches are shared out over the processes; with
+    ``lockstep`` (FSDP, whose forward gathers parameters from every process) each process runs
+    as many forwards as the busiest, the extra ones on batch 0 and not counted."""
     model.eval()
     n_batches = math.ceil(len(data.val_x) / args.batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     loss_sum, correct, answers = 0.0, 0.0, 0.0
-    for i in range(ctx.rank, n_batches, ctx.world):
-        x = data.val_x[i * args.batch_size:(i + 1) * args.batch_size].to(ctx.device)
-        y = data.val_y[i * args.batch_size:(i + 1) * args.batch_size].to(ctx.device)
+    rounds = math.ceil(n_batches / ctx.world) if lockstep else 0
+    batches = range(ctx.rank, max(n_batches, rounds * ctx.world), ctx.world)
+    for i in batches:
+        j = i if i < n_batches else 0
+        x = data.val_x[j * args.batch_size:(j + 1) * args.batch_size].to(ctx.device)
+        y = data.val_y[j * args.batch_size:(j + 1) * args.batch_size].to(ctx.device)
         with autocast:
             logits, loss = model(x, y)
+        if i >= n_batches:
+            continue
         loss_sum += loss.item()
         mask = y != IGNORE_INDEX
         correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
@@ -127,9 +148,11 @@ class Run:
     eval_interval: int
     use_amp: bool
     amp_dtype: torch.dtype
+    autocast: Any
+    parallel: str  # how the processes share the work, for the header
+    memory_note: str  # what activation checkpointing saves, for the header ("" without it)
     eval_model: nn.Module | None = None  # the model evaluation runs: compiled with --compile
     run_model: nn.Module | None = None  # the model a training step runs: DDP around eval_model
-    autocast: Any = None
     step: int = 0
     loss_sum: float = 0.0  # training loss since the last evaluation
     loss_count: int = 0
@@ -151,13 +174,21 @@ class Run:
     def stop_at(self) -> int:
         return min(self.total_steps, self.args.stop_at_step or self.total_steps)
 
+    @property
+    def sharded(self) -> bool:
+        return bool(self.args.fsdp)
+
 
 def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | None]:
-    """Settings (from the checkpoint on --resume), data, model, optimizer and schedule."""
+    """Settings (from the checkpoint on --resume), data, model (checkpointed, sharded), optimizer
+    and schedule."""
     if args.out_dir is None:
         args.out_dir = str(default_out_dir(args))
     ckpt = resolve_resume(args)  # the run's settings come from the checkpoint, if any
     check_packages(args, ctx.device, [args.model])
+    if args.fsdp and not ctx.enabled:
+        raise UserError("--fsdp shards the model over the processes of torchrun: run e.g. "
+                        "`torchrun --nproc_per_node 2 examples/train.py --fsdp ...`")
     out_dir = Path(args.out_dir)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +205,26 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
             nn.init.normal_(embedding.weight, mean=0.0, std=0.02)
     model.to(ctx.device)
     n_params = model.num_parameters()
+    # Autocast on either device (gam_ext has CPU and CUDA kernels for bf16 and fp16); fp16 with a
+    # gradient scaler.
+    use_amp = args.dtype != "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
+    autocast = (torch.autocast(ctx.device.type, dtype=amp_dtype) if use_amp
+                else contextlib.nullcontext())
+    memory_note = ""
+    if args.activation_checkpointing:
+        x, y = data.val_x[:args.batch_size].to(ctx.device), data.val_y[:args.batch_size].to(
+            ctx.device)
+        before = saved_activation_bytes(model, x, y, autocast)
+        checkpoint_blocks(model)
+        after = saved_activation_bytes(model, x, y, autocast)
+        memory_note = (f"activation checkpointing: a step keeps {after / 2**20:,.1f} MiB of "
+                       f"activations for backward instead of {before / 2**20:,.1f} MiB "
+                       f"({100 * (1 - after / max(before, 1)):.0f}% less; per process, batch "
+                       f"{args.batch_size}); each block runs its forward twice")
+    parallel = (f"DDP over {ctx.world} processes" if ctx.enabled else "one process")
+    if args.fsdp:
+        parallel = shard_model(model, ctx, amp_dtype if use_amp else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
     steps_per_epoch = data.train.steps_per_epoch
@@ -182,13 +233,11 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.warmup_steps, total_steps))
-    # Autocast on either device (gam_ext has CPU and CUDA kernels for bf16 and fp16); fp16 with a
-    # gradient scaler.
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
     run = Run(args, ctx, out_dir, data, model, info, n_params, optimizer, scheduler, scaler,
               steps_per_epoch, total_steps, args.eval_interval or steps_per_epoch,
-              use_amp=args.dtype != "fp32", amp_dtype=amp_dtype)
+              use_amp=use_amp, amp_dtype=amp_dtype, autocast=autocast, parallel=parallel,
+              memory_note=memory_note)
     return run, ckpt
 
 
@@ -196,11 +245,19 @@ def restore(run: Run, ckpt: dict[str, Any] | None) -> None:
     """Continue from ``ckpt`` (model, optimizer, counters, RNG), or seed a fresh run."""
     ctx = run.ctx
     if ckpt is not None:
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if "sharded" in ckpt:
+            if not run.sharded:
+                raise UserError("--resume: this checkpoint is sharded (a --fsdp run); resume it "
+                                "with --fsdp under torchrun")
+            load_sharded_checkpoint(ckpt, run.model, run.optimizer)
+        else:
+            run.model.load_state_dict(ckpt["model"])
+            run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
         run.scaler.load_state_dict(ckpt["scaler"])
         run.step, run.loss_sum, run.loss_count = ckpt["step"], ckpt["loss_sum"], ckpt["loss_count"]
+        if len(ckpt.get("local", [])) == ctx.world:
+            run.loss_sum = ckpt["local"][ctx.rank]["loss_sum"]
         run.elapsed_before = ckpt["elapsed_s"]
         run.metrics = [m for m in ckpt["metrics"] if m["step"] <= run.step]
         if len(ckpt["rng"]) != ctx.world:
@@ -223,15 +280,13 @@ def restore(run: Run, ckpt: dict[str, Any] | None) -> None:
 
 
 def parallelize(run: Run) -> None:
-    """torch.compile (--compile), DDP over the processes, and autocast (--dtype)."""
+    """torch.compile (--compile), and DDP over the processes unless FSDP already shards the model."""
     ctx = run.ctx
     run.eval_model = torch.compile(run.model) if run.args.compile else run.model
     run.run_model = run.eval_model
-    if ctx.enabled:
+    if ctx.enabled and not run.sharded:
         run.run_model = DistributedDataParallel(
             run.eval_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    run.autocast = (torch.autocast(ctx.device.type, dtype=run.amp_dtype) if run.use_amp
-                    else contextlib.nullcontext())
 
 
 def log_header(run: Run) -> None:
@@ -249,6 +304,8 @@ def log_header(run: Run) -> None:
             f"epochs of {run.steps_per_epoch}), batch {args.batch_size} x {ctx.world} "
             f"process(es), lr {args.lr}, warm-up {args.warmup_steps}, device {ctx.device}, "
             f"{precision}, {torch.get_num_threads()} CPU thread(s)")
+    if ctx.enabled or run.memory_note:
+        run.log(f"memory: {run.parallel}" + (f"; {run.memory_note}" if run.memory_note else ""))
     run.log(f"unigram perplexity of the validation targets: {run.data.unigram_ppl:.2f}")
 
 
@@ -279,7 +336,7 @@ def evaluate_and_record(run: Run, write: Any) -> None:
     """Validation loss and the training loss since the last evaluation, into metrics.jsonl."""
     ctx = run.ctx
     result = evaluate(run.eval_model, run.data, run.args, ctx, run.autocast,
-                      run.args.eval_batches)
+                      run.args.eval_batches, lockstep=run.sharded)
     (train_loss,) = all_mean([run.loss_sum / run.loss_count], ctx)
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
               "train_loss": train_loss, **result,
@@ -299,16 +356,38 @@ def evaluate_and_record(run: Run, write: Any) -> None:
 
 
 def save(run: Run) -> None:
+    """A checkpoint to resume from: ckpt.pt, and under FSDP the sharded states it names."""
     args = run.args
-    save_checkpoint(
-        run.out_dir / "ckpt.pt", run.ctx, model=run.model.state_dict(),
-        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-        scaler=run.scaler.state_dict(), step=run.step, epoch=run.step / run.steps_per_epoch,
-        loss_sum=run.loss_sum, loss_count=run.loss_count, metrics=run.metrics,
-        elapsed_s=run.elapsed_before + run.train_time,
+    state = dict(
+        scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), step=run.step,
+        epoch=run.step / run.steps_per_epoch, loss_sum=run.loss_sum, loss_count=run.loss_count,
+        local={"loss_sum": run.loss_sum},  # each process's own, loss_sum is rank 0's
+        metrics=run.metrics, elapsed_s=run.elapsed_before + run.train_time,
         data_order=run.data.train.position(run.step),
         args={k: v for k, v in vars(args).items() if k != "explicit"},
     )
+    if run.sharded:
+        save_sharded_checkpoint(run.out_dir, run.ctx, run.model, run.optimizer, **state)
+    else:
+        save_checkpoint(run.out_dir / "ckpt.pt", run.ctx, model=run.model.state_dict(),
+                        optimizer=run.optimizer.state_dict(), **state)
+
+
+def whole_model(run: Run) -> nn.Module | None:
+    """The trained model in one piece on rank 0 (gathered from the shards under FSDP), for the
+    sample and the export; None on the other processes."""
+    if not run.sharded:
+        return run.model if run.ctx.main else None
+    state = full_state_dict(run.model, sharded=True)  # every process takes part
+    if not run.ctx.main:
+        return None
+    args = run.args
+    with torch.random.fork_rng(devices=[]):
+        model, _ = build_model(
+            args.model, run.data.vocab_size, args.seq_len, args.d_model, args.n_layer,
+            args.dropout, args.memory_slots, args.conv_kernel, args.n_head, device=run.ctx.device)
+    model.load_state_dict(state)
+    return model.to(run.ctx.device)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -329,18 +408,27 @@ def finish(run: Run) -> dict[str, Any]:
         return summary
 
     # Final validation on the whole split, a sample, plots and the summary (rank 0 writes).
-    final = evaluate(run.eval_model, run.data, args, ctx, run.autocast) if args.eval_batches else {
+    final = evaluate(run.eval_model, run.data, args, ctx, run.autocast,
+                     lockstep=run.sharded) if args.eval_batches else {
         k: v for k, v in run.metrics[-1].items() if k.startswith("val_")}
     summary.update(final)
     if run.data.tokenizer is not None:
         summary.pop("val_acc", None)
+    if ctx.device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    model = whole_model(run)
     if ctx.main:
         files = plot_metrics(run.metrics, run.out_dir, f"{args.model} on {run.data.name}")
         if args.sample_tokens or run.data.tokenizer is None:
-            sample = write_sample(run.model, run.data, args, ctx)
+            sample = write_sample(model, run.data, args, ctx)
             (run.out_dir / "sample.txt").write_text(sample + "\n")
             files.append(run.out_dir / "sample.txt")
             print(f"\n{sample}\n")
+        if args.save_pretrained is not None:
+            target = (run.out_dir / "pretrained" if args.save_pretrained == "auto"
+                      else Path(args.save_pretrained))
+            model.save_pretrained(target)
+            summary["pretrained"] = str(target)
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(summary_text(summary, files))
     return summary
@@ -423,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             compare(args, ctx)
         else:
             train(args, ctx)
+        if ctx.enabled:
+            dist.barrier()  # every process done before any tears the process group down
     except (UserError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

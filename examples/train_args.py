@@ -36,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Flags that steer one invocation; everything else comes from the checkpoint on --resume.
 RUN_CONTROL = {"resume", "out_dir", "device", "stop_at_step", "sample_tokens", "temperature",
-               "top_k", "compile", "threads", "data_dir", "compare", "models", "explicit"}
+               "top_k", "compile", "threads", "data_dir", "compare", "models", "explicit",
+               "activation_checkpointing", "save_pretrained"}
 # Paths that come from the checkpoint on --resume unless given again (a moved copy of the data).
 RELOCATABLE = {"shards"}
 
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to sample at the end (0: none)")
     g.add_argument("--temperature", type=pos_float, default=0.8, help="sampling temperature")
     g.add_argument("--top-k", type=pos_int, default=40, help="sample from the k likeliest")
+    g.add_argument("--save-pretrained", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="at the end, export the GAM model with GAMModel.save_pretrained "
+                   "(config.json + model.safetensors) into DIR (default: <out-dir>/pretrained)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available")
@@ -160,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_non_negative(int), default=0,
                    help="CPU threads for torch; 0: torch's default, or 1 when the machine is "
                    "already busy (load average >= cores), where one thread runs faster")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer states over "
+                   "the processes with FSDP2 (each block, then the whole model) instead of DDP; "
+                   "with --dtype bf16/fp16 the gathered parameters are in that dtype and "
+                   "gradients are reduced in fp32; checkpoints are sharded "
+                   "(torch.distributed.checkpoint)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (torch.utils.checkpoint, "
+                   "non-reentrant): less memory for about one more forward pass; the header "
+                   "reports the memory saved")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train each of --models on the same data and budget, write a table")
@@ -209,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not models:
         parser.error(f"--models: unknown model(s) {bad}; choose from {', '.join(MODELS)}")
     args.models = ",".join(models)
+    if args.save_pretrained is not None and (args.compare or args.model != "gam"):
+        parser.error("--save-pretrained exports a GAM model: it goes with --model gam, "
+                     "without --compare")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume: no such checkpoint: {args.resume}")
     return args
@@ -253,6 +270,8 @@ def check_packages(args: argparse.Namespace, device: torch.device, models: list[
         needs["tokenizers"] = "the BPE tokenizer; --tokenizer byte needs none"
     if args.dataset in HF_DATASETS:
         needs["datasets"] = f"--dataset {args.dataset}"
+    if args.save_pretrained is not None:
+        needs["safetensors"] = "--save-pretrained"
     if "mamba" in models and not (device.type == "cuda" and _installed("mamba_ssm")):
         needs["mambapy"] = "--model mamba" + ("" if device.type == "cuda" else " on CPU")
     missing = {package: why for package, why in needs.items() if not _installed(package)}

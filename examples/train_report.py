@@ -120,6 +120,10 @@ def summary_text(summary: dict[str, Any], files: list[Path]) -> str:
         f"val PPL:        {summary['val_ppl']:.2f}\n"
         f"unigram PPL:    {summary['unigram_ppl']:.2f} (validation targets, no context)"
         f"{acc}\n"
-        f"files:          {summary['out_dir']}/ metrics.jsonl ckpt.pt summary.json "
+        + (f"peak memory:    {summary['peak_memory_gib']:.2f} GiB (CUDA, rank 0)\n"
+           if "peak_memory_gib" in summary else "")
+        + (f"exported:       {summary['pretrained']}/ config.json model.safetensors "
+           "(GAMModel.from_pretrained)\n" if "pretrained" in summary else "")
+        + f"files:          {summary['out_dir']}/ metrics.jsonl ckpt.pt summary.json "
         + " ".join(p.name for p in files)
     )
