@@ -186,9 +186,11 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
         args.out_dir = str(default_out_dir(args))
     ckpt = resolve_resume(args)  # the run's settings come from the checkpoint, if any
     check_packages(args, ctx.device, [args.model])
-    if args.fsdp and not ctx.enabled:
-        raise UserError("--fsdp shards the model over the processes of torchrun: run e.g. "
-                        "`torchrun --nproc_per_node 2 examples/train.py --fsdp ...`")
+    if args.fsdp and not dist.is_initialized():
+        # One process without torchrun: FSDP over a process group of one (mixed precision and
+        # sharded checkpoints as on many; nothing to shard).
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
     out_dir = Path(args.out_dir)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +306,7 @@ def log_header(run: Run) -> None:
             f"epochs of {run.steps_per_epoch}), batch {args.batch_size} x {ctx.world} "
             f"process(es), lr {args.lr}, warm-up {args.warmup_steps}, device {ctx.device}, "
             f"{precision}, {torch.get_num_threads()} CPU thread(s)")
-    if ctx.enabled or run.memory_note:
+    if ctx.enabled or run.sharded or run.memory_note:
         run.log(f"memory: {run.parallel}" + (f"; {run.memory_note}" if run.memory_note else ""))
     run.log(f"unigram perplexity of the validation targets: {run.data.unigram_ppl:.2f}")
 
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: continue with --resume (from the last checkpoint)", file=sys.stderr)
         return 130
     finally:
-        if ctx is not None and ctx.enabled and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

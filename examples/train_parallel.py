@@ -92,7 +92,7 @@ def shard_model(model: nn.Module, ctx: Dist, param_dtype: torch.dtype | None) ->
     precision = "fp32" if param_dtype is None else (
         f"{str(param_dtype).removeprefix('torch.')} parameters in compute, fp32 gradient "
         "reduction and sharded fp32 parameters")
-    return (f"FSDP2 over {ctx.world} processes ({ctx.device.type}), one unit per block and one "
+    return (f"FSDP2 over {ctx.world} process(es) ({ctx.device.type}), one unit per block and one "
             f"for the rest; {precision}")
 
 

@@ -171,7 +171,7 @@ def test_fsdp_resume_is_exact_and_exports_the_whole_model(corpus: Path, tmp_path
     full, parts = tmp_path / "full", tmp_path / "parts"
     result = torchrun([*common, "--out-dir", str(full), "--save-pretrained"], free_port())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "memory: FSDP2 over 2 processes (cpu)" in result.stdout
+    assert "memory: FSDP2 over 2 process(es) (cpu)" in result.stdout
     result = torchrun([*common, "--out-dir", str(parts), "--stop-at-step", "5"], free_port())
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (parts / "ckpt-shards").iterdir()) == ["step-00000005"]
@@ -198,9 +198,21 @@ def test_fsdp_resume_is_exact_and_exports_the_whole_model(corpus: Path, tmp_path
         assert torch.equal(state[key], value), key
 
 
-def test_fsdp_needs_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert train.main(["--dataset", "recall", "--fsdp", "--out-dir", str(tmp_path)]) == 2
-    assert "--fsdp shards the model over the processes of torchrun" in capsys.readouterr().err
+def test_fsdp_in_one_process_matches_the_plain_run(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    recall = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
+              "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
+              "--d-model", "8", "--n-layer", "2", "--memory-slots", "4", "--batch-size", "16",
+              "--max-steps", "4", "--eval-interval", "2", "--threads", "1", "--dropout", "0"]
+    assert train.main([*recall, "--out-dir", str(tmp_path / "plain")]) == 0
+    assert train.main([*recall, "--out-dir", str(tmp_path / "fsdp"), "--fsdp"]) == 0
+    assert "memory: FSDP2 over 1 process(es) (cpu)" in capsys.readouterr().out
+    assert not dist.is_initialized()  # the one-process group is torn down again
+    plain, fsdp = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
+    for a, b in zip(plain, fsdp, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-6
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+    assert (tmp_path / "fsdp" / "ckpt-shards" / "step-00000004").is_dir()
 
 
 @pytest.mark.parametrize("name", ["gam", "transformer", "mamba"])
@@ -266,3 +278,20 @@ def test_train_exports_with_save_pretrained(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         train.main(["--model", "transformer", "--save-pretrained"])
     assert "--save-pretrained exports a GAM model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_activation_checkpointing_and_compile_compose(tmp_path: Path) -> None:
+    recall = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
+              "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
+              "--d-model", "8", "--n-layer", "2", "--memory-slots", "4", "--batch-size", "16",
+              "--max-steps", "4", "--eval-interval", "2", "--threads", "1", "--dropout", "0",
+              "--sample-tokens", "0"]
+    assert train.main([*recall, "--out-dir", str(tmp_path / "eager")]) == 0
+    torch._dynamo.reset()
+    assert train.main([*recall, "--out-dir", str(tmp_path / "all"), "--fsdp", "--compile",
+                       "--activation-checkpointing"]) == 0
+    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "all"),
+                    strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5
