@@ -1,8 +1,9 @@
 """The paper's baselines, built to the same interface as gam_ext.GAMModel.
 
-Each model takes ``forward(idx, targets=None) -> (logits, loss)`` and ``generate(...)``, has token
-and learned position embeddings, a final LayerNorm and an LM head tied to the token embedding, and
-counts its parameters with ``num_parameters()``.
+Each model subclasses ``gam_ext.modules.LanguageModel``, as GAMModel does: token and learned
+position embeddings, a final LayerNorm, an LM head tied to the token embedding,
+``forward(idx, targets=None) -> (logits, loss)``, ``generate(...)`` and ``num_parameters()``; the
+classes here only build their blocks.
 
 - TransformerLM: GPT-style pre-LN Transformer (8 heads, GELU MLP 4x, causal
   F.scaled_dot_product_attention). At the paper's size: 24,166,400 parameters.
@@ -19,56 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gam_ext
-from gam_ext.modules import generate_tokens
+from gam_ext.modules import LanguageModel
 
 MODELS = ("gam", "transformer", "mamba")
-
-
-class LanguageModel(nn.Module):
-    """Shared embedding/head plumbing, loss and sampling; subclasses define ``blocks``."""
-
-    def __init__(self, vocab_size: int, block_size: int, d_model: int, dropout: float) -> None:
-        super().__init__()
-        self.block_size = block_size
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.pos_embedding = nn.Embedding(block_size, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.ln_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self.head.weight = self.token_embedding.weight
-
-    def num_parameters(self) -> int:
-        """Number of distinct parameters (the tied head counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = idx.shape[1]
-        if n > self.block_size:
-            raise ValueError(f"sequence length {n} exceeds block_size {self.block_size}")
-        positions = torch.arange(n, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(positions))
-        logits = self.head(self.ln_f(self.mix(x)))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
-
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N)."""
-        return generate_tokens(self, idx, max_new_tokens, self.block_size, temperature, top_k,
-                               generator)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,11 +86,6 @@ class TransformerLM(LanguageModel):
         self.blocks = nn.ModuleList(
             TransformerBlock(d_model, n_head, dropout) for _ in range(n_layer)
         )
-
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,11 +185,6 @@ class MambaLM(LanguageModel):
         self.blocks = nn.ModuleList(
             block_cls(d_model, d_state, d_conv, expand) for _ in range(n_layer)
         )
-
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 # ------------------------------------------------------------------------------------------------

@@ -236,7 +236,8 @@ class BPETokenizer:
         ids: list[int] = []
         for encoding in self.tokenizer.encode_batch(docs):
             ids.extend(encoding.ids)
-            ids.append(self.eos_id)
+            if self.eos_id is not None:  # a tokenizer file without [EOS] (prepare_data.py)
+                ids.append(self.eos_id)
         return ids
 
     def decode(self, ids: list[int]) -> str:

@@ -2,6 +2,8 @@
 
 A state_dict saved from the paper's ``GAM_Model`` loads into :class:`GAMModel` with ``strict=True``
 (see :meth:`GAMModel.from_official`); the forward pass runs through the gam_ext ops.
+:class:`LanguageModel` is the plumbing around the blocks (embeddings, final norm, tied head, loss,
+sampling) that GAMModel shares with the training example's baselines.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam_ext.ops import gam_block
+from gam_ext.ops import _check_float_tensor, gam_mixer
 
-__all__ = ["GAMConfig", "GAMBlock", "GAMModel"]
+__all__ = ["GAMConfig", "GAMBlock", "GAMModel", "LanguageModel", "generate_tokens"]
 
 
 @dataclass
@@ -80,69 +82,101 @@ class GAMBlock(nn.Module):
         )
         self.ln2 = nn.LayerNorm(d_model)
 
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The token mixer on the normalised input: gated causal conv and memory retrieval."""
+        return gam_mixer(h, self.causal_conv.weight, self.causal_conv.bias, self.memory_bank,
+                         self.gate.weight, self.gate.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gam_block(
-            x,
-            self.ln1.weight,
-            self.ln1.bias,
-            self.causal_conv.weight,
-            self.causal_conv.bias,
-            self.memory_bank,
-            self.gate.weight,
-            self.gate.bias,
-            self.ln2.weight,
-            self.ln2.bias,
-            self.ffn[0].weight,
-            self.ffn[0].bias,
-            self.ffn[2].weight,
-            self.ffn[2].bias,
-            eps=self.ln1.eps,
-            dropout=self.ffn[3].p,
-            training=self.training,
-        )
+        _check_float_tensor("x", x, 3)
+        x = x + self.mix(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
 
 
-class GAMModel(nn.Module):
-    """Token + learned position embeddings, n_layer GAMBlocks, final LayerNorm, tied LM head."""
+class LanguageModel(nn.Module):
+    """What GAMModel and the training example's baselines share around their blocks.
 
-    def __init__(self, config: GAMConfig) -> None:
+    Token and learned position embeddings with dropout, then ``blocks`` in order, a final
+    LayerNorm and an LM head tied to the token embedding; ``forward(idx, targets=None)`` returns
+    ``(logits, loss)`` with the mean cross-entropy, and ``generate`` samples from it. A subclass
+    gives the blocks, each a module ``(B, N, D) -> (B, N, D)``.
+
+    ``blocks`` (an iterable, built lazily) are registered between the embeddings and the final
+    norm, the paper's order; a subclass that passes none sets ``self.blocks`` itself after this
+    constructor (the baselines do: their parameters, and the random draws of their
+    initialisation, come in that order).
+    """
+
+    def __init__(self, vocab_size: int, block_size: int, d_model: int, dropout: float,
+                 blocks: Iterable[nn.Module] | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_embedding = nn.Embedding(config.block_size, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            GAMBlock(config.d_model, config.num_memory_slots, config.conv_kernel_size,
-                     config.dropout)
-            for _ in range(config.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.block_size = block_size
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.pos_embedding = nn.Embedding(block_size, d_model)
+        self.dropout = nn.Dropout(dropout)
+        if blocks is not None:
+            self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.token_embedding.weight
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, N), N <= block_size -> the blocks' input (B, N, D)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (B, N) token ids, got shape {tuple(idx.shape)}")
         n = idx.shape[1]
-        if n > self.config.block_size:
-            raise ValueError(
-                f"sequence length {n} exceeds block_size {self.config.block_size}"
-            )
+        if n > self.block_size:
+            raise ValueError(f"sequence length {n} exceeds block_size {self.block_size}")
         positions = torch.arange(n, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(positions))
-        for block in self.blocks:
-            x = block(x)
+        return self.dropout(self.token_embedding(idx) + self.pos_embedding(positions))
+
+    def logits_and_loss(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks' output -> logits through the final norm and the tied head, and the mean
+        cross-entropy against ``targets`` (positions equal to -100 are ignored), or None."""
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.logits_and_loss(x, targets)
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N), nanoGPT style."""
+        return generate_tokens(self, idx, max_new_tokens, self.block_size, temperature, top_k,
+                               generator)
+
+
+class GAMModel(LanguageModel):
+    """Token + learned position embeddings, n_layer GAMBlocks, final LayerNorm, tied LM head."""
+
+    def __init__(self, config: GAMConfig) -> None:
+        super().__init__(
+            config.vocab_size, config.block_size, config.d_model, config.dropout,
+            blocks=(GAMBlock(config.d_model, config.num_memory_slots, config.conv_kernel_size,
+                             config.dropout)
+                    for _ in range(config.n_layer)),
+        )
+        self.config = config
 
     def generate(
         self,
@@ -175,6 +209,27 @@ class GAMModel(nn.Module):
             state = {**state, "head.weight": state["token_embedding.weight"]}
         model.load_state_dict(state, strict=True)
         return model
+
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (see
+        :mod:`gam_ext.pretrained`); :meth:`from_pretrained` reads them back."""
+        from gam_ext.pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory_or_hub_id: str | os.PathLike, *, revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> GAMModel:
+        """A GAMModel from a directory written by :meth:`save_pretrained`, or from a Hugging Face
+        Hub repository holding those files (needs ``huggingface_hub`` and the network, or the
+        Hub cache). A missing or broken directory, or weights that do not match the config,
+        raise an error that says which file and why."""
+        from gam_ext.pretrained import load_pretrained
+
+        return load_pretrained(cls, directory_or_hub_id, revision=revision, cache_dir=cache_dir)
 
 
 @torch.no_grad()

@@ -170,3 +170,41 @@ def test_from_official_says_when_a_file_is_not_a_checkpoint(tmp_path):
     torch.save({"model": make_paper_model().state_dict(), "args": argparse.Namespace(lr=1.0)}, other)
     with pytest.raises(ValueError, match="it holds other objects .*Namespace.*weights_only=False"):
         GAMModel.from_official(other)
+
+
+def test_block_is_gam_block_and_each_norm_has_its_own_eps():
+    torch.manual_seed(4)
+    block = gam_ext.GAMBlock(16, num_memory_slots=6, conv_kernel_size=3, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 9, 16)
+
+    def functional(eps: float) -> torch.Tensor:
+        return gam_ext.gam_block(
+            x, block.ln1.weight, block.ln1.bias, block.causal_conv.weight, block.causal_conv.bias,
+            block.memory_bank, block.gate.weight, block.gate.bias, block.ln2.weight,
+            block.ln2.bias, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
+            block.ffn[2].bias, eps=eps)
+
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), functional(block.ln1.eps), rtol=0, atol=0)
+        block.ln2.eps = 0.5  # a norm's own eps counts: ln2 no longer matches gam_block's shared eps
+        h = x + block.mix(block.ln1(x))
+        expected = h + block.ffn(torch.nn.functional.layer_norm(
+            h, (16,), block.ln2.weight, block.ln2.bias, 0.5))
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+        assert not torch.allclose(block(x), functional(block.ln1.eps))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        block(torch.randn(9, 16))
+
+
+def test_gam_model_is_a_language_model():
+    model = GAMModel(GAMConfig(vocab_size=30, block_size=8, d_model=16, n_layer=2,
+                               num_memory_slots=4))
+    assert isinstance(model, gam_ext.modules.LanguageModel)
+    assert model.block_size == 8 and len(model.blocks) == 2
+    # The paper's parameter order (and so its state_dict keys) is kept.
+    names = [name.split(".")[0] for name in model.state_dict()]
+    assert list(dict.fromkeys(names)) == ["token_embedding", "pos_embedding", "blocks", "ln_f",
+                                          "head"]

@@ -126,6 +126,17 @@ def test_paper_sized_parameter_counts() -> None:
     assert counts == {"gam": 22_599_680, "transformer": 24_166_400, "mamba": 20_507_648}
 
 
+def test_models_share_one_language_model_base() -> None:
+    from gam_ext.modules import LanguageModel
+
+    for name in baselines.MODELS:
+        model = baselines.build_model(name, 50, 16, d_model=16, n_layer=1, n_head=2)[0]
+        assert isinstance(model, LanguageModel), name
+        assert model.head.weight is model.token_embedding.weight
+        with pytest.raises(ValueError, match="exceeds block_size 16"):
+            model(torch.zeros(1, 17, dtype=torch.long))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", baselines.MODELS)
 def test_each_model_learns(model: str, corpus: Path, tmp_path: Path) -> None:
