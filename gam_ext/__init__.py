@@ -2,6 +2,7 @@
 
 from gam_ext import reference
 from gam_ext._backend import backend_info, get_backend, set_backend
+from gam_ext.generation import GAMState
 from gam_ext.modules import GAMBlock, GAMConfig, GAMModel
 from gam_ext.ops import (
     causal_conv1d,
@@ -19,6 +20,7 @@ __all__ = [
     "GAMBlock",
     "GAMConfig",
     "GAMModel",
+    "GAMState",
     "backend_info",
     "causal_conv1d",
     "causal_conv1d_update",
