@@ -11,13 +11,15 @@ one written by examples/train.py (its ckpt.pt, or the run's directory; the token
 run's tokenizer.json, or rebuilt from the run's settings) or a state_dict of the paper's GAM_Model
 (GAMModel.from_official; pass its tokenizer with --tokenizer). Without a prompt argument (or
 with "-") the prompt is read from stdin. At the end a line on stderr gives the prompt's prefill
-time and the generation speed in tokens/s.
+time and the generation speed in tokens/s (after one untimed warm-up step; the time includes
+sampling and decoding).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: CUDA when available")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="the model's dtype (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads; 0: torch's default, or 1 when the machine is already busy "
+                   "(load average >= cores), where one thread runs much faster")
     return p
 
 
@@ -198,8 +203,19 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
+def set_threads(threads: int) -> None:
+    """A step is a few small products: on a machine busy with other work, threads that wait for
+    one another cost more than they bring."""
+    if threads == 0 and "OMP_NUM_THREADS" not in os.environ and hasattr(os, "getloadavg"):
+        if os.getloadavg()[0] >= (os.cpu_count() or 1):
+            threads = 1
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     try:
         if args.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -239,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         state = model.allocate_state(1)
+        model.step(model.prefill(idx[:, :1], state).argmax(-1), state)  # warm-up, not timed
+        sync()
         t0 = time.perf_counter()
         logits = model.prefill(idx, state)
         sync()
@@ -256,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         t2 = time.perf_counter()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     rate = generated / (t2 - t1) if generated else 0.0
     print(f"[{len(ids)} prompt tokens prefilled in {1e3 * (t1 - t0):.1f} ms; {generated} tokens "
           f"generated in {t2 - t1:.2f} s: {rate:.1f} tokens/s; {model.num_parameters():,} "
-          f"parameters, {args.dtype}, {device}; state {state.nbytes:,} bytes]", file=sys.stderr)
+          f"parameters, {args.dtype}, {device}"
+          + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
+          + f"; state {state.nbytes:,} bytes]", file=sys.stderr)
     return 0
 
 
