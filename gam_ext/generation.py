@@ -20,9 +20,10 @@ recompute) runs the last block_size tokens at positions 0 .. block_size-1, so ev
 position shifts at every step and no recurrent state can follow. The step keeps that semantics
 exactly: a token's output depends only on the n_layer * (K-1) tokens before it (each conv looks
 K-1 rows back), so it re-runs just the window of the last ``min(block_size, n_layer*(K-1)+1)``
-tokens at positions block_size-window .. block_size-1 through the fused full-sequence path
-(dropping, after each layer, the rows the next layers no longer need). That costs a few rows per
-step, still independent of the context length; the state keeps the last window tokens for it.
+tokens at positions block_size-window .. block_size-1 through the full-sequence ops, each block
+computing only the rows the next ones still need (n_layer*(K-1)+1, then K-1 fewer per block, 1
+in the last). That costs a few rows per step, still independent of the context length; the
+state keeps the last window tokens for it.
 
 **CUDA graphs.** The recurrent step (context <= block_size) makes no host synchronisation: the
 positions live on the device (``state.positions``, advanced in place), the token history is
@@ -212,20 +213,34 @@ def _inference(model: nn.Module) -> Iterator[None]:
             model.train()
 
 
+def _block_tail(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The last ``rows`` rows of ``block(x)`` in eval mode, computing only those: LN1 and the conv
+    see every row of x (the conv reads the K-1 rows before each kept one), the retrieval, the
+    gates and the FFN only the kept rows. The same ops and math as ``gam_block``."""
+    d, eps = x.shape[-1], block.ln1.eps
+    h = F.layer_norm(x, (d,), block.ln1.weight, block.ln1.bias, eps)
+    local = ops.causal_conv1d(h, block.causal_conv.weight, block.causal_conv.bias)[:, -rows:]
+    h = h[:, -rows:]
+    global_ctx = ops.memory_retrieval(h, block.memory_bank)
+    gate_logits = ops._gate_linear(ops._activation(h), block.gate.weight, block.gate.bias)
+    x = x[:, -rows:] + ops.gate_fusion(local, global_ctx, gate_logits)
+    u = F.layer_norm(x, (d,), block.ln2.weight, block.ln2.bias, eps)
+    ffn = block.ffn
+    return x + F.linear(F.gelu(F.linear(u, ffn[0].weight, ffn[0].bias)), ffn[2].weight,
+                        ffn[2].bias)
+
+
 def _window_logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     """Next-token logits for a context past block_size: the last window tokens at the last
-    positions, through the fused full-sequence blocks, dropping after each block the rows that the
-    next ones no longer need (block i must still produce (n_layer-1-i)*(K-1)+1 correct rows)."""
+    positions, through the blocks' full-sequence ops, each block computing only the rows that the
+    next ones still need (block i: the last (n_layer-1-i)*(K-1)+1)."""
     config = model.config
     k1, n_layer = config.conv_kernel_size - 1, config.n_layer
     n = window.shape[1]
     positions = torch.arange(config.block_size - n, config.block_size, device=window.device)
     x = model.token_embedding(window) + model.pos_embedding(positions)
     for i, block in enumerate(model.blocks):
-        x = block(x)
-        keep = (n_layer - 1 - i) * k1 + 1
-        if x.shape[1] > keep:
-            x = x[:, -keep:]
+        x = _block_tail(block, x, min(x.shape[1], (n_layer - 1 - i) * k1 + 1))
     return model.head(model.ln_f(x[:, -1]))
 
 
