@@ -5,7 +5,8 @@
 Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as % of a measured
 device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
-SDPA (K = V = M); the mixer reports fwd+bwd speed-up over eager.
+SDPA (K = V = M); the mixer reports fwd+bwd speed-up over eager; the one-token step of generation
+(gam_mixer_step, 1 and B rows) GB/s and its speed-up over the eager step.
 """
 
 from __future__ import annotations
@@ -125,6 +126,32 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - |")
 
 
+def bench_step(b, d, s, k, dtype, esz, hbm, copy_bw) -> None:
+    """The one-token step of generation (gam_mixer_step, gate linear included): B rows, one per
+    sequence. Bandwidth-bound: the memory bank and the gate weights once, plus each row's input,
+    conv state (read and written), gate logits and output."""
+    torch.manual_seed(0)
+    h = torch.randn(b, d, device="cuda", dtype=dtype)
+    state = torch.randn(b, k - 1, d, device="cuda", dtype=dtype)
+    w, bias = torch.randn(d, 1, k, device="cuda"), torch.randn(d, device="cuda")
+    m = torch.randn(s, d, device="cuda", dtype=dtype) * d**-0.5
+    gw = torch.randn(2 * d, d, device="cuda", dtype=dtype) * d**-0.5
+    gb = torch.zeros(2 * d, device="cuda", dtype=dtype)
+    pos = torch.zeros(b, device="cuda", dtype=torch.int32)
+    nbytes = (s * d + 2 * d * d) * esz + b * d * (2 * (k - 1) + 5) * esz
+    with torch.no_grad():
+        bw_row(
+            f"step B={b}",
+            "mixer step",
+            lambda: gam_ext.gam_mixer_step(h, state, w, bias, m, gw, gb, cache_seqlens=pos),
+            nbytes,
+            hbm,
+            copy_bw,
+            lambda: reference.gam_mixer_step(h, state.clone(), w, bias, m, gw, gb,
+                                             cache_seqlens=pos),
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
@@ -150,6 +177,8 @@ def main() -> None:
 
     for n in [int(v) for v in args.seqlens.split(",")]:
         bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
+    for rows in (1, b):
+        bench_step(rows, d, s, k, dtype, esz, hbm, copy_bw)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,70 @@ inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& lo
   check_grad_like(grad_out, local, "grad_out", "local");
 }
 
+// ---- The one-token step (causal_conv1d_update, gam_mixer_step) --------------------------------
+
+// The conv state of the step ops: conv_state (B, W, D) in the activation dtype, contiguous (the
+// kernels update it in place), W >= K-1 rows; cache_seqlens (B) int32 or int64, or none.
+inline void check_conv_state_args(const at::Tensor& act, const char* act_name, int64_t batch,
+                                  int64_t dim, int64_t kwidth, const at::Tensor& conv_state,
+                                  const c10::optional<at::Tensor>& cache_seqlens) {
+  check_rank(conv_state, 3, "conv_state");
+  check_device(conv_state, act, "conv_state", act_name);
+  TORCH_CHECK(conv_state.scalar_type() == act.scalar_type(), "conv_state must have the dtype of ",
+              act_name, " (", act.scalar_type(), "), got ", conv_state.scalar_type());
+  TORCH_CHECK(conv_state.size(0) == batch && conv_state.size(2) == dim,
+              "conv_state must have shape (B, W, D) = (", batch, ", W, ", dim, "), got ",
+              conv_state.sizes());
+  TORCH_CHECK(conv_state.size(1) >= kwidth - 1, "conv_state must hold at least K-1 = ",
+              kwidth - 1, " rows, got W=", conv_state.size(1));
+  TORCH_CHECK(conv_state.is_contiguous(), "conv_state must be contiguous (it is updated in place)");
+  if (cache_seqlens.has_value()) {
+    const at::Tensor& s = *cache_seqlens;
+    check_device(s, act, "cache_seqlens", act_name);
+    TORCH_CHECK(s.scalar_type() == at::kInt || s.scalar_type() == at::kLong,
+                "cache_seqlens must be int32 or int64, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == batch, "cache_seqlens must have shape (B,) = (",
+                batch, ",), got ", s.sizes());
+  }
+}
+
+// causal_conv1d_update: x (B, L, D) new rows, the conv's weight and bias, and its state.
+inline void check_conv_update_args(const at::Tensor& x, const at::Tensor& conv_state,
+                                   const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& cache_seqlens) {
+  check_conv_args(x, weight, bias);
+  check_conv_state_args(x, "x", x.size(0), x.size(2), weight.size(1), conv_state, cache_seqlens);
+}
+
+// gam_mixer_step: h (B, D) one row per sequence, the conv's weight (D, K) and bias (D), its
+// state, memory (S, D) with S >= 1, gate_logits (B, 2D) in h's dtype.
+inline void check_mixer_step_args(const at::Tensor& h, const at::Tensor& conv_state,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& memory, const at::Tensor& gate_logits,
+                                  const c10::optional<at::Tensor>& cache_seqlens) {
+  check_float_tensor(h, 2, "h");
+  const int64_t batch = h.size(0), dim = h.size(1);
+  check_float_tensor(weight, 2, "weight", h, "h");
+  TORCH_CHECK(weight.size(0) == dim, "weight has ", weight.size(0), " channels but h has D=", dim);
+  TORCH_CHECK(weight.size(1) >= 1, "weight must have a kernel size K >= 1, got K=0");
+  if (bias.has_value()) {
+    check_float_tensor(*bias, 1, "bias", h, "h");
+    TORCH_CHECK(bias->size(0) == dim, "bias must have shape (", dim, "), got ", bias->sizes());
+  }
+  check_float_tensor(memory, 2, "memory", h, "h");
+  TORCH_CHECK(memory.size(1) == dim, "memory must have shape (S, ", dim, ") to match h, got ",
+              memory.sizes());
+  TORCH_CHECK(memory.size(0) >= 1, "memory must have at least one slot (S >= 1)");
+  check_rank(gate_logits, 2, "gate_logits");
+  check_device(gate_logits, h, "gate_logits", "h");
+  TORCH_CHECK(gate_logits.size(0) == batch && gate_logits.size(1) == 2 * dim,
+              "gate_logits must have shape (B, 2D) = (", batch, ", ", 2 * dim, "), got ",
+              gate_logits.sizes());
+  TORCH_CHECK(gate_logits.scalar_type() == h.scalar_type(), "gate_logits must have the dtype of h (",
+              h.scalar_type(), "), got ", gate_logits.scalar_type());
+  check_conv_state_args(h, "h", batch, dim, weight.size(1), conv_state, cache_seqlens);
+}
+
 // The precision of the memory bank, one rule for every device: M is rounded to the activation
 // dtype (h's) before any product, as torch.autocast treats the eager formulation
 // (reference.memory_retrieval), whose matmuls cast both operands to the autocast dtype. An fp32

@@ -17,6 +17,15 @@ TORCH_LIBRARY(gam_ext, m) {
   m.def(
       "gate_fusion_bwd(Tensor grad_out, Tensor local, Tensor global_ctx, Tensor gate_logits) -> "
       "(Tensor, Tensor, Tensor)");
+  // The one-token step of generation (inference only: no backward). conv_state (B, W, D) holds
+  // the conv's previous inputs and is updated in place; cache_seqlens (B) makes it a circular
+  // buffer indexed by position. x is (B, L, D) new rows; h (B, D) one row per sequence.
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+      "Tensor? cache_seqlens) -> Tensor");
+  m.def(
+      "gam_mixer_step(Tensor h, Tensor(a!) conv_state, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor memory, Tensor gate_logits, Tensor? cache_seqlens, float scale) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -8,8 +8,8 @@
     torchrun --nproc_per_node 8 examples/train.py --preset paper --dataset tinystories
 
 Writes to --out-dir (default runs/<model>-<dataset> in the current directory): metrics.jsonl (one
-line per evaluation), ckpt.pt (continue exactly with --resume), loss.png, ppl.png, sample.txt and
-summary.json.
+line per evaluation), ckpt.pt (continue exactly with --resume), loss.png, ppl.png, sample.txt,
+summary.json and, with the BPE tokenizer, tokenizer.json (examples/generate.py reads it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,9 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
         out_dir.mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(args, ctx)
+    if ctx.main and getattr(data.tokenizer, "path", None) is not None:
+        # The run's tokenizer beside its checkpoint, for examples/generate.py.
+        shutil.copyfile(data.tokenizer.path, out_dir / "tokenizer.json")
 
     torch.manual_seed(args.seed)
     model, info = build_model(

@@ -21,6 +21,8 @@ import torch
 BACKENDS = ("auto", "reference")
 # The forward ops behind the three public primitives; each has a matching *_bwd op.
 OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
+# The inference-only ops of the one-token step (generation): one op each, no backward.
+STEP_OPS = ("causal_conv1d_update", "gam_mixer_step")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # The dtypes each device's kernels take; others (float64 on CUDA) run the reference.
 KERNEL_DTYPES = {
@@ -70,17 +72,16 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 def _has_kernel(op: str, device_type: str) -> bool:
     if _extension is None:
         return False
+    names = [op] if op in STEP_OPS else [f"{op}_{direction}" for direction in ("fwd", "bwd")]
     return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"gam_ext::{op}_{direction}", DEVICE_KEYS[device_type]
-        )
-        for direction in ("fwd", "bwd")
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"gam_ext::{name}", DEVICE_KEYS[device_type])
+        for name in names
     )
 
 
 # Computed once at import so that torch.compile reads a plain dict, not a C++ query.
 _KERNELS: dict[str, dict[str, bool]] = {
-    device: {op: _has_kernel(op, device) for op in OPS} for device in DEVICE_KEYS
+    device: {op: _has_kernel(op, device) for op in OPS + STEP_OPS} for device in DEVICE_KEYS
 }
 
 
@@ -123,7 +124,8 @@ def backend_info() -> dict[str, Any]:
         "cuda_compiled": bool(_extension is not None and _extension.cuda_compiled()),
         "cuda_available": torch.cuda.is_available(),
         "ops": {
-            device: {op: "kernel" if use_kernel(op, device) else "reference" for op in OPS}
+            device: {op: "kernel" if use_kernel(op, device) else "reference"
+                     for op in OPS + STEP_OPS}
             for device in DEVICE_KEYS
         },
     }

@@ -8,7 +8,6 @@ sampling) that GAMModel shares with the training example's baselines.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from collections.abc import Iterable, Mapping
@@ -19,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam_ext.ops import _check_float_tensor, gam_mixer
+from gam_ext import generation
+from gam_ext.ops import _check_float_tensor, gam_mixer, gam_mixer_step
 
 __all__ = ["GAMConfig", "GAMBlock", "GAMModel", "LanguageModel", "generate_tokens"]
 
@@ -91,6 +91,20 @@ class GAMBlock(nn.Module):
         _check_float_tensor("x", x, 3)
         x = x + self.mix(self.ln1(x))
         return x + self.ffn(self.ln2(x))
+
+    def step(
+        self, x: torch.Tensor, conv_state: torch.Tensor, cache_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block on one new row x (B, D) per sequence: the row ``forward`` would give there.
+
+        conv_state (B, W >= K-1, D) holds the block's last conv inputs (LN1 of earlier rows) and
+        takes LN1(x), in place, as in :func:`gam_ext.causal_conv1d_update` (with cache_seqlens, a
+        circular buffer by position). Inference: no dropout.
+        """
+        x = x + gam_mixer_step(self.ln1(x), conv_state, self.causal_conv.weight,
+                               self.causal_conv.bias, self.memory_bank, self.gate.weight,
+                               self.gate.bias, cache_seqlens=cache_seqlens)
+        return x + self.ffn[:3](self.ln2(x))  # Linear, GELU, Linear: the FFN without its dropout
 
 
 class LanguageModel(nn.Module):
@@ -178,17 +192,58 @@ class GAMModel(LanguageModel):
         )
         self.config = config
 
+    # Generation with a constant-size recurrent state (gam_ext/generation.py has the details).
+
+    def allocate_state(
+        self, batch_size: int, *, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> generation.GAMState:
+        """A zero recurrent state for ``batch_size`` sequences: per block the last K-1 conv
+        inputs, n_layer * (K-1) * D numbers per sequence whatever the context length. dtype and
+        device default to the model's (the autocast dtype when allocated under autocast)."""
+        return generation.allocate_state(self, batch_size, dtype=dtype, device=device)
+
+    def prefill(self, idx: torch.Tensor, state: generation.GAMState) -> torch.Tensor:
+        """Run the prompt idx (B, N) through the fused full-sequence path, fill ``state`` and
+        return the next-token logits (B, vocab_size)."""
+        return generation.prefill(self, idx, state)
+
+    def step(self, tokens: torch.Tensor, state: generation.GAMState) -> torch.Tensor:
+        """Feed one token per sequence (B,) and return the next-token logits (B, vocab_size);
+        ``state`` advances in place.
+
+        Up to block_size tokens of context the logits are those of the full forward (exact up
+        to rounding). Past block_size they are those of :func:`generate_tokens`, which runs the
+        last block_size tokens at positions 0 .. block_size-1: since a token's output depends
+        only on the n_layer*(K-1) tokens before it, the step re-runs just that window of
+        n_layer*(K-1)+1 tokens at positions block_size-window .. block_size-1, still at a cost
+        independent of the context length. The recurrent step makes no host synchronisation and
+        can be captured in a CUDA graph (see gam_ext/generation.py).
+        """
+        return generation.step(self, tokens, state)
+
     def generate(
         self,
         idx: torch.Tensor,
         max_new_tokens: int,
+        *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N), nanoGPT style."""
-        return generate_tokens(self, idx, max_new_tokens, self.config.block_size, temperature,
-                               top_k, generator)
+        """idx (B, N) followed by up to ``max_new_tokens`` new tokens, one :meth:`step` each after
+        a :meth:`prefill`: constant memory and time per token at any context length. The tokens
+        are those of :func:`generate_tokens` (the full recompute, same crop semantics past
+        block_size). Sampling: softmax of logits / temperature, restricted to the top_k tokens
+        and the top_p nucleus; greedy takes the argmax. A sequence that produced eos_token_id
+        continues with it, and generation stops when all have. Runs without dropout or autograd.
+        """
+        return generation.generate(self, idx, max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, greedy=greedy,
+                                   eos_token_id=eos_token_id, generator=generator)
 
     @classmethod
     def from_official(
@@ -209,7 +264,6 @@ class GAMModel(LanguageModel):
             state = {**state, "head.weight": state["token_embedding.weight"]}
         model.load_state_dict(state, strict=True)
         return model
-
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (see
@@ -241,16 +295,22 @@ def generate_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    *,
+    top_p: float | None = None,
+    greedy: bool = False,
 ) -> torch.Tensor:
-    """Autoregressive sampling for any ``model(idx) -> (logits, loss)`` that sees ``block_size`` tokens."""
+    """Autoregressive sampling for any ``model(idx) -> (logits, loss)`` that sees ``block_size`` tokens.
+
+    Each new token reruns the whole model on the last ``block_size`` tokens (positions 0 ..
+    block_size-1): the full-recompute baseline of :meth:`GAMModel.generate`, with the same
+    sampling (:func:`gam_ext.generation.sample_logits`).
+    """
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:])
-        logits = logits[:, -1, :] / max(temperature, 1e-8)
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, next_token], dim=1)
+        next_token = generation.sample_logits(logits[:, -1, :], temperature=temperature,
+                                              top_k=top_k, top_p=top_p, greedy=greedy,
+                                              generator=generator)
+        idx = torch.cat([idx, next_token.unsqueeze(1)], dim=1)
     return idx
 
 

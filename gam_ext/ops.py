@@ -29,7 +29,8 @@ from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_i
 
 from gam_ext import _backend, reference
 
-__all__ = ["causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer", "gam_block"]
+__all__ = ["causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer", "gam_block",
+           "causal_conv1d_update", "gam_mixer_step"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -319,6 +320,125 @@ def gam_block(
 
 
 # --------------------------------------------------------------------------------------------
+# The one-token step of generation (inference only)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_conv_state(
+    act_name: str, act: torch.Tensor, conv_state: object, kwidth: int, cache_seqlens: object
+) -> None:
+    """conv_state (B, W, D) in the activation's dtype, contiguous, W >= K-1; cache_seqlens (B,)."""
+    conv_state = _check_float_tensor("conv_state", conv_state, 3)
+    b, d = act.shape[0], act.shape[-1]
+    if conv_state.dtype != act.dtype:
+        raise TypeError(
+            f"conv_state must have the dtype of {act_name} ({act.dtype}), got {conv_state.dtype}"
+        )
+    if conv_state.shape[0] != b or conv_state.shape[2] != d:
+        raise ValueError(
+            f"conv_state must have shape (B, W, D) = ({b}, W, {d}), got {tuple(conv_state.shape)}"
+        )
+    if conv_state.shape[1] < kwidth - 1:
+        raise ValueError(
+            f"conv_state must hold at least K-1 = {kwidth - 1} rows, got W={conv_state.shape[1]}"
+        )
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state must be contiguous (it is updated in place)")
+    if cache_seqlens is not None:
+        if not isinstance(cache_seqlens, torch.Tensor):
+            raise TypeError(
+                f"cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}"
+            )
+        if cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+        if tuple(cache_seqlens.shape) != (b,):
+            raise ValueError(
+                f"cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}"
+            )
+    _check_same_device(act_name, act, conv_state=conv_state, cache_seqlens=cache_seqlens)
+
+
+def _use_step_kernel(op: str, device_type: str, dtype: torch.dtype, *tensors) -> bool:
+    """The step kernels have no backward: inputs that need a gradient take the reference."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return _use_kernel(op, device_type, dtype, *tensors)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New rows of :func:`causal_conv1d`, the K-1 inputs before them read from a state.
+
+    x is (B, D), one new row per sequence, or (B, L, D); the result has x's shape.
+    conv_state (B, W, D), W >= K-1, in x's dtype (the autocast dtype under autocast), contiguous,
+    is updated in place. Without cache_seqlens it is a shift register: it holds the W inputs
+    before x, oldest first, and afterwards the last W rows of [conv_state; x]. With cache_seqlens
+    (B,) int32/int64 it is a circular buffer: the input at absolute position q of sequence b is
+    row q mod W, x's first row is at position cache_seqlens[b] (per sequence), and inputs before
+    position 0 are zeros, whatever the buffer holds. cache_seqlens is not advanced. Inference
+    only: inputs that need a gradient run the reference math.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() not in (2, 3):
+        raise ValueError(f"x must be (B, D) or (B, L, D), got shape {tuple(x.shape)}")
+    single = isinstance(x, torch.Tensor) and x.dim() == 2
+    if single:
+        x = x.unsqueeze(1)
+    weight_2d = _check_conv(x, weight, bias)
+    x = _activation(x)
+    _check_conv_state("x", x, conv_state, weight_2d.shape[1], cache_seqlens)
+    if _use_step_kernel("causal_conv1d_update", x.device.type, x.dtype, x, weight_2d, bias):
+        y = torch.ops.gam_ext.causal_conv1d_update(x, conv_state, weight_2d, bias, cache_seqlens)
+    else:
+        y = reference.causal_conv1d_update(x, conv_state, weight_2d, bias, cache_seqlens)
+    return y.squeeze(1) if single else y
+
+
+def gam_mixer_step(
+    h: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    memory: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    scale: float = 1.0,
+    *,
+    cache_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gam_mixer` for one new row h (B, D) per sequence: the step of text generation.
+
+    The conv reads the K-1 inputs before h from conv_state and pushes h into it (in place, as in
+    :func:`causal_conv1d_update`); the retrieval and the gates see only h. The result (B, D) is
+    the last row gam_mixer would compute over the whole sequence. Fused into one compiled op
+    (``torch.ops.gam_ext.gam_mixer_step``) after the gate linear. Inference only: inputs that
+    need a gradient run the reference math.
+    """
+    h = _check_float_tensor("h", h, 2)
+    d = h.shape[1]
+    _check_param("gate_weight", gate_weight, (2 * d, d))
+    _check_param("gate_bias", gate_bias, (2 * d,), optional=True)
+    _check_same_device("h", h, gate_weight=gate_weight, gate_bias=gate_bias)
+    weight_2d = _check_conv(h.unsqueeze(1), conv_weight, conv_bias)
+    _check_memory(h.unsqueeze(1), memory, scale)
+    h = _activation(h)
+    _check_conv_state("h", h, conv_state, weight_2d.shape[1], cache_seqlens)
+    gate_logits = _gate_linear(h, gate_weight, gate_bias)
+    if _use_step_kernel("gam_mixer_step", h.device.type, h.dtype, h, weight_2d, conv_bias, memory,
+                        gate_logits):
+        return torch.ops.gam_ext.gam_mixer_step(h, conv_state, weight_2d, conv_bias, memory,
+                                                gate_logits, cache_seqlens, float(scale))
+    x = h.unsqueeze(1)
+    local = reference.causal_conv1d_update(x, conv_state, weight_2d, conv_bias, cache_seqlens)
+    global_ctx = reference.memory_retrieval(x, memory, scale)
+    return reference.gate_fusion(local, global_ctx, gate_logits.unsqueeze(1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------
 # Fake kernels and autograd of the compiled ops
 # --------------------------------------------------------------------------------------------
 
@@ -389,6 +509,16 @@ def _register_compiled_ops() -> None:
             global_ctx.new_empty(global_ctx.shape),
             gate_logits.new_empty(gate_logits.shape),
         )
+
+    # The step ops (inference only, no autograd): the output has the shape of the new rows.
+    @torch.library.register_fake(lib + "causal_conv1d_update")
+    def _conv_update_fake(x, conv_state, weight, bias, cache_seqlens):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(lib + "gam_mixer_step")
+    def _mixer_step_fake(h, conv_state, conv_weight, conv_bias, memory, gate_logits,
+                         cache_seqlens, scale):
+        return h.new_empty(h.shape)
 
     # An ordinary backward runs the *_bwd kernels. A backward with create_graph=True (grad mode is
     # on inside it) computes the same gradients through the reference math instead, so that they

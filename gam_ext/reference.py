@@ -18,6 +18,8 @@ __all__ = [
     "gate_fusion",
     "gam_mixer",
     "gam_block",
+    "causal_conv1d_update",
+    "gam_mixer_step",
 ]
 
 
@@ -97,3 +99,67 @@ def gam_block(
     u = F.layer_norm(x, (d,), ln2_weight, ln2_bias, eps)
     u = F.linear(F.gelu(F.linear(u, ffn_w1, ffn_b1)), ffn_w2, ffn_b2)
     return x + F.dropout(u, dropout, training)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New rows x (B, L, D) of causal_conv1d, the K-1 inputs before them read from conv_state.
+
+    conv_state (B, W, D), W >= K-1, is updated in place. Without cache_seqlens it holds the W rows
+    before x, oldest first, and afterwards the last W rows of [conv_state; x]. With cache_seqlens
+    (B,) it is a circular buffer: the input at absolute position q of sequence b is row q mod W,
+    x's first row is at position cache_seqlens[b], and inputs before position 0 are zeros.
+    """
+    b, n, d = x.shape
+    w = _conv_weight_2d(weight).to(x.dtype)
+    k = w.shape[1]
+    width = conv_state.shape[1]
+    if cache_seqlens is None:
+        full = torch.cat([conv_state, x], dim=1)
+        prev = full[:, width - (k - 1):width]
+    else:
+        start = cache_seqlens.to(torch.long)
+        offsets = torch.arange(-(k - 1), 0, device=x.device)
+        q = start.unsqueeze(1) + offsets  # (B, K-1) positions of the previous inputs
+        rows = q.remainder(max(width, 1)).unsqueeze(2).expand(b, k - 1, d)
+        prev = conv_state.gather(1, rows).masked_fill((q < 0).unsqueeze(2), 0)
+    windows = torch.cat([prev, x], dim=1)  # (B, K-1+L, D): a valid conv gives the L outputs
+    b_ = None if bias is None else bias.to(x.dtype)
+    y = F.conv1d(windows.transpose(1, 2), w.unsqueeze(1), b_, groups=d).transpose(1, 2)
+    if width > 0:
+        if cache_seqlens is None:
+            conv_state.copy_(full[:, n:])
+        else:
+            keep = min(n, width)
+            pos = (cache_seqlens.to(torch.long).unsqueeze(1)
+                   + torch.arange(n - keep, n, device=x.device)).remainder(width)
+            conv_state.scatter_(1, pos.unsqueeze(2).expand(b, keep, d), x[:, n - keep:])
+    return y
+
+
+def gam_mixer_step(
+    h: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    memory: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    scale: float = 1.0,
+    cache_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gam_mixer for one new row h (B, D) per sequence, its conv inputs before it in conv_state.
+
+    The same math as the last row of gam_mixer over the whole sequence; conv_state is updated as
+    in :func:`causal_conv1d_update`.
+    """
+    x = h.unsqueeze(1)
+    local = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, cache_seqlens)
+    global_ctx = memory_retrieval(x, memory, scale)
+    gate_logits = F.linear(x, gate_weight, gate_bias)
+    return gate_fusion(local, global_ctx, gate_logits).squeeze(1)

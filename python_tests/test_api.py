@@ -78,7 +78,8 @@ def test_backend_info_reports_the_build():
     info = gam_ext.backend_info()
     assert info["extension"] is not None, info["extension_error"]
     assert set(info["ops"]) == {"cpu", "cuda"}
-    assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion"}
+    assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion",
+                                       "causal_conv1d_update", "gam_mixer_step"}
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

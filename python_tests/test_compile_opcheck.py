@@ -28,6 +28,9 @@ def _samples(requires_grad: bool, dtype=torch.float32):
     out, lse = OP.memory_retrieval_fwd(h.detach(), m.detach(), 0.7)
     local, glob, z = t(b, n, d), t(b, n, d), t(b, n, 2 * d)
     g = t(b, n, d, grad=False)
+    # The step ops are inference-only (no autograd, conv_state mutated): never requires_grad.
+    state, hs, zs = t(b, k + 1, d, grad=False), t(b, d, grad=False), t(b, 2 * d, grad=False)
+    pos = torch.tensor([0, 5], dtype=torch.int32)
     return [
         (OP.causal_conv1d_fwd, (x, w, bias)),
         (OP.causal_conv1d_fwd, (x, w, None)),
@@ -36,11 +39,15 @@ def _samples(requires_grad: bool, dtype=torch.float32):
         (OP.memory_retrieval_bwd, (g, h.detach(), m.detach(), out, lse, 0.7)),
         (OP.gate_fusion_fwd, (local, glob, z)),
         (OP.gate_fusion_bwd, (g, local.detach(), glob.detach(), z.detach())),
+        (OP.causal_conv1d_update, (x.detach(), state, w.detach(), bias.detach(), None)),
+        (OP.causal_conv1d_update, (x.detach()[:, :1], state, w.detach(), None, pos)),
+        (OP.gam_mixer_step, (hs, state, w.detach(), bias.detach(), m.detach(), zs, pos, 0.7)),
+        (OP.gam_mixer_step, (hs, state, w.detach(), None, m.detach(), zs, None, 1.0)),
     ]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(11))
 def test_opcheck(requires_grad, index):
     op, args = _samples(requires_grad)[index]
     torch.library.opcheck(op, args)
@@ -93,3 +100,24 @@ def test_compile_gam_model_fullgraph_matches_eager():
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_step_fullgraph_matches_eager():
+    # The step mixer mutates its conv state: torch.compile functionalizes the op and writes the
+    # state back, so compiled and eager steps leave the same state (up to the compiled layer
+    # norm's rounding of the rows it stores).
+    torch.manual_seed(0)
+    block = gam_ext.GAMBlock(16, num_memory_slots=12, conv_kernel_size=3, dropout=0.0).eval()
+    x = torch.randn(3, 16)
+    pos = torch.tensor([0, 1, 7], dtype=torch.int32)
+    state_eager = torch.randn(3, 2, 16)
+    state_compiled = state_eager.clone()
+    torch._dynamo.reset()
+    compiled = torch.compile(block.step, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            y_eager = block.step(x, state_eager, pos)
+            y = compiled(x, state_compiled, pos)
+            torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state_compiled, state_eager, rtol=1e-5, atol=1e-5)
+            x, pos = y_eager, pos + 1

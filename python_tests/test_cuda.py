@@ -194,3 +194,50 @@ def test_bad_input():
         torch.ops.gam_ext.gate_fusion_fwd(x.double(), x.double(), torch.zeros(1, 4, 16, device=DEV).double())
     with pytest.raises(ValueError, match="is on"):
         gam_ext.memory_retrieval(x, torch.zeros(3, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# The one-token step kernels (csrc/cuda/gam_step.cu); the model-level step and its CUDA-graph
+# capture are in test_generation.py
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 8, 1, 3), (3, 13, 33, 4), (2, 264, 97, 5), (4, 512, 512, 3)],
+                         ids=lambda s: "B{}D{}S{}K{}".format(*s))
+def test_step_ops(dtype, shape, circular):
+    b, d, s, k = shape
+    h, state = gen((b, d), dtype, 50), gen((b, k, d), dtype, 51)
+    w, bias = gen((d, k), torch.float32, 52, 0.5), gen((d,), torch.float32, 53)
+    m = gen((s, d), torch.float32, 54, d ** -0.25)
+    gw, gb = gen((2 * d, d), torch.float32, 55, d ** -0.5), gen((2 * d,), torch.float32, 56)
+    pos = torch.tensor([0, 1, 37, 5][:b], device=DEV, dtype=torch.int32) if circular else None
+    ours_state, ref_state = state.clone(), state.double()
+    f = gam_ext.gam_mixer_step(h, ours_state, w, bias, m, gw, gb, 0.8, cache_seqlens=pos)
+    f_ref = reference.gam_mixer_step(h.double(), ref_state, w.double(), bias.double(),
+                                     m.to(dtype).double(), gw.to(dtype).double(),
+                                     gb.to(dtype).double(), 0.8, cache_seqlens=pos)
+    close(f, f_ref, dtype)
+    assert torch.equal(ours_state, ref_state.to(dtype))
+    x = gen((b, 3, d), dtype, 57)
+    ours_state, ref_state = state.clone(), state.double()
+    y = gam_ext.causal_conv1d_update(x, ours_state, w, bias, pos)
+    close(y, reference.causal_conv1d_update(x.double(), ref_state, w.double(), bias.double(), pos),
+          dtype)
+    assert torch.equal(ours_state, ref_state.to(dtype))
+
+
+def test_step_ops_opcheck_and_determinism():
+    h, state = gen((2, 16), torch.float32, 60), gen((2, 2, 16), torch.float32, 61)
+    w, m, z = gen((16, 3), torch.float32, 62), gen((40, 16), torch.float32, 63), gen(
+        (2, 32), torch.float32, 64)
+    pos = torch.tensor([0, 4], device=DEV, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.gam_ext.gam_mixer_step, (h, state, w, None, m, z, pos, 1.0))
+    torch.library.opcheck(torch.ops.gam_ext.causal_conv1d_update,
+                          (h.unsqueeze(1), state, w, None, None))
+    runs = []
+    for _ in range(2):
+        st = state.clone()
+        runs.append((torch.ops.gam_ext.gam_mixer_step(h, st, w, None, m, z, pos, 1.0), st))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -358,3 +358,151 @@ def test_gate_layouts_and_errors(emu):
         emu.gate_fusion_fwd(local, global_ctx, local)
     with pytest.raises(RuntimeError, match="share one dtype"):
         emu.gate_fusion_fwd(local, global_ctx.half(), z)
+
+
+# --------------------------------------------------------------------------------------------
+# The one-token step (csrc/cuda/gam_step.cu): causal_conv1d_update and gam_mixer_step
+# --------------------------------------------------------------------------------------------
+
+# (B, L, D, K, W): K = 1 (no state) .. 5, W > K-1, L > W, D odd and across the 128-channel blocks.
+UPDATE_SHAPES = [(1, 1, 1, 1, 0), (2, 1, 5, 2, 1), (3, 1, 13, 4, 3), (2, 4, 9, 3, 6),
+                 (2, 7, 17, 5, 4), (1, 2, 130, 3, 2)]
+
+
+def _positions(b, circular):
+    # Per-sequence positions: 0, below K-1 and far past it (masking and wrap-around).
+    return torch.tensor([0, 1, 37][:b], dtype=torch.int32) if circular else None
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", UPDATE_SHAPES, ids=lambda s: "B{}L{}D{}K{}W{}".format(*s))
+def test_conv_update(emu, dtype, shape, circular):
+    b_, n, d, k, width = shape
+    x = gen((b_, n, d), dtype, 100)
+    w, bias = gen((d, k), torch.float32, 101, 0.5), gen((d,), torch.float32, 102)
+    state = gen((b_, width, d), dtype, 103)
+    pos = _positions(b_, circular)
+    ref_state = state.double()
+    y_ref = reference.causal_conv1d_update(x.double(), ref_state, w.double(), bias.double(), pos)
+    ours_state = state.clone()
+    y = emu.causal_conv1d_update(x, ours_state, w, bias, pos)
+    assert y.dtype == dtype and y.shape == x.shape
+    close(y, y_ref, dtype)
+    assert torch.equal(ours_state, ref_state.to(dtype))
+    # The CPU kernel agrees.
+    cpu_state = state.clone()
+    close(y, torch.ops.gam_ext.causal_conv1d_update(x, cpu_state, w, bias, pos), dtype)
+    assert torch.equal(cpu_state, ours_state)
+
+
+# (B, D, S, K): S = 1, S across the 32-slot splits, D odd, < 32 lanes, across 128-channel blocks.
+STEP_SHAPES = [(1, 8, 1, 3), (2, 5, 3, 1), (3, 13, 33, 4), (1, 130, 70, 3), (2, 40, 64, 2),
+               (1, 264, 97, 5)]
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "B{}D{}S{}K{}".format(*s))
+def test_mixer_step(emu, dtype, shape, circular):
+    b_, d, s, k = shape
+    h = gen((b_, d), dtype, 110)
+    state = gen((b_, k, d), dtype, 111)
+    w, bias = gen((d, k), torch.float32, 112, 0.5), gen((d,), torch.float32, 113)
+    m = gen((s, d), torch.float32, 114, d ** -0.25)  # fp32 bank with half activations
+    z = gen((b_, 2 * d), dtype, 115, 2.0)
+    pos = _positions(b_, circular)
+    # Reference in float64 with the bank rounded to the activation dtype (the one rule), and the
+    # given gate logits as the gates' input.
+    ref_state = state.double()
+    x = h.double().unsqueeze(1)
+    local = reference.causal_conv1d_update(x, ref_state, w.double(), bias.double(), pos)
+    glob = reference.memory_retrieval(x, m.to(dtype).double(), 0.8)
+    f_ref = reference.gate_fusion(local, glob, z.double().unsqueeze(1)).squeeze(1)
+    ours_state = state.clone()
+    f = emu.gam_mixer_step(h, ours_state, w, bias, m, z, pos, 0.8)
+    assert f.dtype == dtype and f.shape == h.shape
+    close(f, f_ref, dtype)
+    assert torch.equal(ours_state, ref_state.to(dtype))
+    cpu_state = state.clone()
+    close(f, torch.ops.gam_ext.gam_mixer_step(h, cpu_state, w, bias, m, z, pos, 0.8), dtype)
+    assert torch.equal(cpu_state, ours_state)
+
+
+def test_step_layouts_empty_deterministic_and_errors(emu):
+    h = gen((3, 40), torch.float32, 120)
+    ht = h.t().contiguous().t()  # non-contiguous (B, D)
+    assert not ht.is_contiguous()
+    state = gen((3, 2, 40), torch.float32, 121)
+    w, m, z = gen((40, 3), torch.float32, 122), gen((100, 40), torch.float32, 123), gen(
+        (3, 80), torch.float32, 124)
+    pos64 = torch.tensor([0, 3, 8])
+    s1, s2, s3 = state.clone(), state.clone(), state.clone()
+    f1 = emu.gam_mixer_step(h, s1, w, None, m, z, pos64, 1.0)
+    f2 = emu.gam_mixer_step(ht, s2, w, None, m, z, pos64.int(), 1.0)
+    f3 = emu.gam_mixer_step(h, s3, w, None, m, z, pos64, 1.0)
+    assert torch.equal(f1, f2) and torch.equal(s1, s2)  # int64 positions, strided h
+    assert torch.equal(f1, f3) and torch.equal(s1, s3)  # bitwise repeatable
+    empty = torch.zeros(0, 40)
+    assert emu.gam_mixer_step(empty, torch.zeros(0, 2, 40), w, None, m, torch.zeros(0, 80), None,
+                              1.0).shape == (0, 40)
+    x0 = torch.zeros(0, 2, 40)
+    assert emu.causal_conv1d_update(x0, torch.zeros(0, 2, 40), w, None, None).shape == x0.shape
+    with pytest.raises(RuntimeError, match="conv_state must have the dtype of h"):
+        emu.gam_mixer_step(h, state.half(), w, None, m, z, None, 1.0)
+    with pytest.raises(RuntimeError, match="h must be float16, bfloat16 or float32"):
+        emu.gam_mixer_step(h.double(), state.double(), w, None, m, z.double(), None, 1.0)
+    with pytest.raises(RuntimeError, match="at least K-1 = 2 rows"):
+        emu.causal_conv1d_update(h.unsqueeze(1), state[:, :1].contiguous(), w, None, None)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens must have shape \(B,\)"):
+        emu.causal_conv1d_update(h.unsqueeze(1), state, w, None, pos64[:2])
+
+
+def test_greedy_generation_on_the_emulated_kernels(emu):
+    # GAMModel's ops on the CUDA kernels: the CPU implementations of the ops it calls are
+    # overridden by the emulated kernels for the duration of the test (a fresh registration
+    # shadows the C++ one; destroying it restores that). Greedy generation with the step must
+    # give generate_tokens' tokens (the full recompute, on the same kernels), for prompts shorter
+    # and longer than block_size, and the step logits the full forward's.
+    import warnings
+
+    import gam_ext
+    from gam_ext.modules import generate_tokens
+
+    names = ("causal_conv1d_fwd", "memory_retrieval_fwd", "gate_fusion_fwd", "gam_mixer_step")
+    calls = dict.fromkeys(names, 0)
+
+    def counted(name):
+        def kernel(*args):
+            calls[name] += 1
+            return getattr(emu, name)(*args)
+        return kernel
+
+    torch.manual_seed(0)
+    model = gam_ext.GAMModel(gam_ext.GAMConfig(vocab_size=37, block_size=10, d_model=20, n_layer=2,
+                                               num_memory_slots=9, conv_kernel_size=3,
+                                               dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    lib = torch.library.Library("gam_ext", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in names:
+                lib.impl(name, counted(name), "CPU")
+        for n_prompt in (3, 14):
+            prompt = torch.randint(0, 37, (2, n_prompt), generator=g)
+            ours = model.generate(prompt, 12, greedy=True)
+            assert torch.equal(ours, generate_tokens(model, prompt, 12, 10, greedy=True))
+        idx = torch.randint(0, 37, (2, 10), generator=g)
+        state = model.allocate_state(2)
+        logits = [model.prefill(idx[:, :2], state)]
+        logits += [model.step(idx[:, t], state) for t in range(2, 10)]
+        with torch.no_grad():
+            full = model(idx)[0][:, 1:]
+        close(torch.stack(logits, 1), full, torch.float32)
+    finally:
+        lib._destroy()
+    assert all(calls.values()), calls  # every op ran on the emulated kernels
+    before = dict(calls)
+    model.generate(idx[:, :3], 2, greedy=True)  # the C++ kernels again
+    assert calls == before

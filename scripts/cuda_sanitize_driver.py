@@ -5,7 +5,8 @@
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
 the tensor-core and SIMT retrieval forward (with the rescale path), the retrieval backward with
-several dM row splits, and the gate kernels, in fp32 / fp16 / bf16.
+several dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in
+both state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def step(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     out.float().square().sum().backward()
 
 
+def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
+    h = torch.randn(3, d, device=DEV, dtype=dtype)
+    state = torch.randn(3, k, d, device=DEV, dtype=dtype)  # W = K > K-1
+    w, b = torch.randn(d, k, device=DEV), torch.randn(d, device=DEV)
+    m, gw = torch.randn(s, d, device=DEV), torch.randn(2 * d, d, device=DEV)
+    pos = torch.tensor([0, 1, 9], device=DEV, dtype=torch.int32)
+    with torch.no_grad():
+        for cache_seqlens in (None, pos):
+            gam_ext.causal_conv1d_update(h.unsqueeze(1).repeat(1, 5, 1), state, w, b, cache_seqlens)
+            gam_ext.gam_mixer_step(h, state, w, b, m, gw, None, 0.9, cache_seqlens=cache_seqlens)
+
+
 def main() -> None:
     assert gam_ext.backend_info()["ops"]["cuda"]["memory_retrieval"] == "kernel", gam_ext.backend_info()
     torch.manual_seed(0)
@@ -41,6 +54,9 @@ def main() -> None:
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
             step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
             step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        decode_step(dtype, d=200, k=3, s=70)  # two channel blocks, three slot splits
+        decode_step(dtype, d=13, k=1, s=5)  # no state rows
     torch.cuda.synchronize()
     print("cuda_sanitize_driver: ok")
 

@@ -29,4 +29,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_fusion_bwd(const at::Tensor&
                                                                const at::Tensor& global_ctx,
                                                                const at::Tensor& gate_logits);
 
+// The one-token step (gam_step.cpp): conv_state is updated in place.
+at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& cache_seqlens);
+at::Tensor gam_mixer_step(const at::Tensor& h, at::Tensor& conv_state,
+                          const at::Tensor& conv_weight,
+                          const std::optional<at::Tensor>& conv_bias, const at::Tensor& memory,
+                          const at::Tensor& gate_logits,
+                          const std::optional<at::Tensor>& cache_seqlens, double scale);
+
 }  // namespace gam::cpu

@@ -1,7 +1,7 @@
 // Host dispatch of the CUDA kernels: argument checks (op_checks.h), contiguous inputs, parameter
 // conversions, outputs and workspaces, then the torch-free launchers of csrc/cuda/*.cu.
 //
-// Real build: TORCH_LIBRARY_IMPL(gam_ext, CUDA) for the six ops, on the current stream.
+// Real build: TORCH_LIBRARY_IMPL(gam_ext, CUDA) for every op, on the current stream.
 // Emulated build (-DGAM_EMULATE, test-only): the same functions on CPU tensors, exposed as a
 // pybind module (python_tests/test_cuda_emulated.py); the kernels run in the SIMT emulator.
 #include <torch/extension.h>
@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "cuda/gam_step.h"
 #include "cuda/launchers.h"
 
 namespace gam {
@@ -262,6 +263,84 @@ std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
   return {dlocal, dglobal_ctx, dgate_logits};
 }
 
+// ---- the one-token step (inference only) ------------------------------------------------------
+// Capture-safe for CUDA graphs: no host synchronisation; the only allocations are the output and
+// the retrieval workspace (and conversions of parameters that are not already fp32 / of the
+// activation dtype), all from the caching allocator.
+
+Tensor seqlens_i32(const c10::optional<Tensor>& cache_seqlens) {
+  return cache_seqlens.has_value() ? cache_seqlens->to(at::kInt).contiguous() : Tensor();
+}
+
+Tensor causal_conv1d_update(const Tensor& x_in, Tensor& conv_state, const Tensor& weight,
+                            const c10::optional<Tensor>& bias,
+                            const c10::optional<Tensor>& cache_seqlens) {
+  check_conv_update_args(x_in, conv_state, weight, bias, cache_seqlens);
+  check_on_device(x_in, "x");
+  const DType dt = kernel_dtype(x_in, "x");
+  DeviceCtx ctx(x_in);
+  const Tensor x = x_in.contiguous();
+  const Tensor w = f32_contig(weight);
+  const Tensor b = bias.has_value() ? f32_contig(*bias) : Tensor();
+  const Tensor pos = seqlens_i32(cache_seqlens);
+  Tensor y = at::empty_like(x);
+  ConvUpdateParams p{};
+  p.x = x.data_ptr();
+  p.conv_state = conv_state.data_ptr();
+  p.weight = w.data_ptr<float>();
+  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  p.cache_seqlens = pos.defined() ? pos.data_ptr<int>() : nullptr;
+  p.y = y.data_ptr();
+  p.batch = x.size(0);
+  p.seqlen = x.size(1);
+  p.dim = x.size(2);
+  p.state_len = conv_state.size(1);
+  p.kwidth = static_cast<int>(w.size(1));
+  p.dtype = dt;
+  launch_causal_conv1d_update(p, ctx.stream());
+  return y;
+}
+
+Tensor gam_mixer_step(const Tensor& h_in, Tensor& conv_state, const Tensor& conv_weight,
+                      const c10::optional<Tensor>& conv_bias, const Tensor& memory,
+                      const Tensor& gate_logits_in, const c10::optional<Tensor>& cache_seqlens,
+                      double scale) {
+  check_mixer_step_args(h_in, conv_state, conv_weight, conv_bias, memory, gate_logits_in,
+                        cache_seqlens);
+  check_on_device(h_in, "h");
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const Tensor h = h_in.contiguous();
+  const Tensor z = gate_logits_in.contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
+  const Tensor w = f32_contig(conv_weight);
+  const Tensor b = conv_bias.has_value() ? f32_contig(*conv_bias) : Tensor();
+  const Tensor pos = seqlens_i32(cache_seqlens);
+  const int64_t batch = h.size(0), dim = h.size(1), slots = m.size(0);
+  Tensor out = at::empty_like(h);
+  Tensor ws = at::empty({gam_mixer_step_workspace_floats(batch, slots, dim)},
+                        h.options().dtype(at::kFloat));
+  MixerStepParams p{};
+  p.h = h.data_ptr();
+  p.conv_state = conv_state.data_ptr();
+  p.weight = w.data_ptr<float>();
+  p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  p.cache_seqlens = pos.defined() ? pos.data_ptr<int>() : nullptr;
+  p.memory = m.data_ptr();
+  p.gate_logits = z.data_ptr();
+  p.out = out.data_ptr();
+  p.partials = ws.data_ptr<float>();
+  p.batch = batch;
+  p.dim = dim;
+  p.slots = slots;
+  p.state_len = conv_state.size(1);
+  p.kwidth = static_cast<int>(w.size(1));
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt;
+  launch_gam_mixer_step(p, ctx.stream());
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace gam
@@ -283,6 +362,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     gc::g_max_smem = max_smem_bytes;
   });
   m.def("memory_retrieval_fwd_tc_smem_bytes", &gc::memory_retrieval_fwd_tc_smem_bytes);
+  m.def("causal_conv1d_update", &gc::causal_conv1d_update, py::arg("x"), py::arg("conv_state"),
+        py::arg("weight"), py::arg("bias"), py::arg("cache_seqlens"));
+  m.def("gam_mixer_step", &gc::gam_mixer_step);
 }
 
 #else
@@ -294,6 +376,8 @@ TORCH_LIBRARY_IMPL(gam_ext, CUDA, m) {
   m.impl("memory_retrieval_bwd", &gam::cuda::memory_retrieval_bwd);
   m.impl("gate_fusion_fwd", &gam::cuda::gate_fusion_fwd);
   m.impl("gate_fusion_bwd", &gam::cuda::gate_fusion_bwd);
+  m.impl("causal_conv1d_update", &gam::cuda::causal_conv1d_update);
+  m.impl("gam_mixer_step", &gam::cuda::gam_mixer_step);
 }
 
 #endif
