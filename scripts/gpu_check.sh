@@ -2,8 +2,8 @@
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck and racecheck on a small case of every kernel, the
-# kernel, op and scaling benchmarks, and an Nsight Compute summary of the retrieval kernels, and writes
-# benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
+# kernel, op, scaling and generation benchmarks, and an Nsight Compute summary of the retrieval
+# kernels, and writes benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
 #   bash scripts/gpu_check.sh
@@ -82,7 +82,7 @@ OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
   # The shared op benchmark (providers gam_ext / eager / compile / sdpa).
   OPS_ARGS="--device cuda --dtype bfloat16 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
---seqlen 256 512 1024 2048 4096 8192 --max-seconds 1 --out benchmarks/results/${SLUG}-${DATE}-ops"
+--seqlen 256 1024 4096 8192 --max-seconds 1 --out benchmarks/results/${SLUG}-${DATE}-ops"
   timeout $(limit 200) "$PY" benchmarks/bench_ops.py $OPS_ARGS > "$LOG/ops.md" 2>&1
   OPS_RC=$?
 fi
@@ -93,6 +93,13 @@ SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --ma
 --out benchmarks/results/${SLUG}-${DATE}-scaling"
 timeout $(limit 120) "$PY" benchmarks/bench_scaling.py $SCALING_ARGS > "$LOG/scaling.txt" 2>&1
 SCALING_RC=$?
+
+# Text generation per new token against the context: GAM's recurrent step, the full recompute and
+# a Transformer KV cache (bf16, batch 8, a shorter grid than the script's default).
+GENERATE_ARGS="--device cuda --dtype bf16 --batch 8 --d-model 512 --slots 512 --contexts 64 1024 8192 \
+--tokens 32 --passes 1 --out benchmarks/results/${SLUG}-${DATE}-generate"
+timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
+GENERATE_RC=$?
 
 # Nsight Compute on the retrieval kernels of one bf16 GAMBlock training step (B=16 N=2048 D=S=512),
 # clocks left as found. Needs hardware counters (not available on every machine).
@@ -124,6 +131,7 @@ fi
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
+  echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(status generate $GENERATE_RC) |"
   echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
   echo
   echo "Targets (H100, bf16): conv fwd/bwd >= 70% of HBM bandwidth, gate >= 80%; retrieval fwd"
@@ -134,6 +142,13 @@ fi
   echo
   cat "$LOG/kernels.md"
   if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  GENERATE_MD="benchmarks/results/${SLUG}-${DATE}-generate.md"
+  if [[ -f "$GENERATE_MD" ]]; then
+    echo; echo "## bench_generate.py ($GENERATE_MD, with a plot beside it)"; echo
+    sed -n '/^|/p' "$GENERATE_MD"
+  elif [[ -f "$LOG/generate.txt" ]]; then
+    echo; echo "## bench_generate.py (tail)"; echo '```'; tail -20 "$LOG/generate.txt"; echo '```'
+  fi
   SCALING_MD="benchmarks/results/${SLUG}-${DATE}-scaling.md"
   if [[ -f "$SCALING_MD" ]]; then
     echo; echo "## bench_scaling.py ($SCALING_MD, with a plot beside it)"; echo
