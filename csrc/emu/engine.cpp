@@ -36,6 +36,15 @@ struct WarpOp {
   const char* what;
   const char* file;
   int line;
+  ExchangeFn resolve;  // kExchange only
+};
+
+// One cp.async of a thread, waiting to land (see cp_async in simt.h).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  int src_bytes;
 };
 
 struct Fiber {
@@ -49,6 +58,8 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
+  std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
+  std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
 };
 
 struct SharedAlloc {
@@ -164,6 +175,11 @@ void yield_from(Fiber* self) {
 bool try_resolve(Engine& e, int w, const WarpOp& proto) {
   const unsigned parts = proto.mask & e.warp_exists[w] & ~e.warp_done[w];
   Fiber* lanes = &e.fibers[static_cast<size_t>(w) * 32];
+  if (proto.kind == WarpOpKind::kExchange && parts != 0xffffffffu)
+    fault_in_fiber(std::string(proto.what) + " at " + site(proto.file, proto.line) +
+                   " needs all 32 lanes of warp " + std::to_string(w) +
+                   "; lanes taking part: " + hex(parts) +
+                   " (the others exited or do not exist)");
   for (int l = 0; l < 32; ++l) {
     if (!((parts >> l) & 1u)) continue;
     const Fiber& f = lanes[l];
@@ -171,8 +187,16 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
         f.op.mask != proto.mask)
       return false;
     // load/mma/store share one kind; they must not complete each other.
-    if (proto.kind == WarpOpKind::kWmma && std::strcmp(f.op.what, proto.what))
+    if ((proto.kind == WarpOpKind::kWmma || proto.kind == WarpOpKind::kExchange) &&
+        std::strcmp(f.op.what, proto.what))
       return false;
+    if (proto.kind == WarpOpKind::kExchange && f.op.resolve != proto.resolve) return false;
+  }
+  if (proto.kind == WarpOpKind::kExchange) {
+    void* records[32];
+    for (int l = 0; l < 32; ++l)
+      records[l] = reinterpret_cast<void*>(static_cast<uintptr_t>(lanes[l].op.value));
+    proto.resolve(records);
   }
   auto value_of = [&](int src) -> uint64_t {
     return (src >= 0 && src < 32 && ((parts >> src) & 1u)) ? lanes[src].op.value
@@ -210,7 +234,8 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
       case WarpOpKind::kAny: r = ballot != 0; break;
       case WarpOpKind::kAll: r = __builtin_popcountll(ballot) == n; break;
       case WarpOpKind::kSyncWarp:
-      case WarpOpKind::kWmma: break;
+      case WarpOpKind::kWmma:
+      case WarpOpKind::kExchange: break;
     }
     f.op.result = r;
     f.state = State::kRunnable;
@@ -226,6 +251,17 @@ void on_lane_exit(Engine& e, const Fiber& f) {
   for (int l = 0; l < 32; ++l) {
     if (!((e.warp_exists[f.warp] >> l) & 1u)) continue;
     if (lanes[l].state == State::kWarp) try_resolve(e, f.warp, lanes[l].op);
+  }
+}
+
+// ---- cp.async ------------------------------------------------------------
+
+void land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) {
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+    if (c.bytes > c.src_bytes)
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0,
+                  static_cast<size_t>(c.bytes - c.src_bytes));
   }
 }
 
@@ -246,6 +282,11 @@ void on_lane_exit(Engine& e, const Fiber& f) {
     error = "exception escaped the kernel";
   }
   if (!error.empty()) fault_in_fiber(error);
+  // cp.async still in flight at exit land anyway, as on the GPU.
+  self->cp_groups.push_back(std::move(self->cp_open));
+  self->cp_open.clear();
+  for (const auto& group : self->cp_groups) land(group);
+  self->cp_groups.clear();
   self->state = State::kDone;
   ++e.n_done;
   --e.n_runnable;
@@ -340,6 +381,8 @@ void run_block(Engine& e, const uint3& block) {
     f.warp = i / 32;
     f.lane = i % 32;
     f.state = State::kRunnable;
+    f.cp_open.clear();
+    f.cp_groups.clear();
     f.stack = &t_stacks.get(i);
     fiber::prepare(f.ctx, *f.stack, &fiber_main);
   }
@@ -456,11 +499,92 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
     fault_in_fiber(std::string(what) + " at " + site(file, line) +
                    ": width " + std::to_string(width) +
                    " is not a power of two in [1, 32]");
-  self->op = WarpOp{kind, mask, value, arg, width, 0, what, file, line};
+  self->op = WarpOp{kind, mask, value, arg, width, 0, what, file, line, nullptr};
   self->state = State::kWarp;
   --e.n_runnable;
   if (!try_resolve(e, self->warp, self->op)) yield_from(self);
   return self->op.result;
+}
+
+void warp_exchange(void* record, ExchangeFn resolve, const char* what,
+                   const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr)
+    trap(std::string(what) + " called outside a kernel");
+  Engine& e = *ep;
+  Fiber* self = e.cur;
+  self->op = WarpOp{WarpOpKind::kExchange, 0xffffffffu,
+                    static_cast<uint64_t>(reinterpret_cast<uintptr_t>(record)), 0, 32, 0,
+                    what, file, line, resolve};
+  self->state = State::kWarp;
+  --e.n_runnable;
+  if (!try_resolve(e, self->warp, self->op)) yield_from(self);
+}
+
+bool in_shared(const void* p, size_t bytes) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) return false;
+  const auto lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
+  auto inside = [&](const void* base, size_t size) {
+    const auto b = reinterpret_cast<uintptr_t>(base);
+    return lo >= b && hi <= b + size && hi >= lo;
+  };
+  if (e->dyn_smem != nullptr && inside(e->dyn_smem, e->spec->dynamic_smem_bytes)) return true;
+  for (const SharedAlloc& a : e->shared)
+    if (inside(a.ptr, a.bytes)) return true;
+  return false;
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* what,
+              const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr)
+    trap(std::string(what) + " called outside a kernel");
+  char msg[320];
+  const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (d % static_cast<uintptr_t>(bytes) != 0 || s % static_cast<uintptr_t>(bytes) != 0) {
+    std::snprintf(msg, sizeof(msg),
+                  "%s at %s:%d: addresses %p (shared) and %p (global) must be %d-byte aligned",
+                  what, file, line, dst, src, bytes);
+    trap(msg);
+  }
+  if (!in_shared(dst, static_cast<size_t>(bytes))) {
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: destination %p is not in shared memory",
+                  what, file, line, dst);
+    trap(msg);
+  }
+  if (in_shared(src, 1)) {
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: source %p is in shared memory, not global",
+                  what, file, line, src);
+    trap(msg);
+  }
+  if (src_bytes < 0 || src_bytes > bytes) {
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: src-size %d outside [0, %d]", what, file,
+                  line, src_bytes, bytes);
+    trap(msg);
+  }
+  // Until its group is waited for, the destination reads as NaN (0xFF bytes): a read of a
+  // stage that was never waited for, or a copy into a stage still being read, shows up.
+  std::memset(dst, 0xff, static_cast<size_t>(bytes));
+  ep->cur->cp_open.push_back(AsyncCopy{dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("cp.async.commit_group called outside a kernel");
+  Fiber* self = e->cur;
+  self->cp_groups.push_back(std::move(self->cp_open));
+  self->cp_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("cp.async.wait_group called outside a kernel");
+  Fiber* self = e->cur;
+  const size_t keep = static_cast<size_t>(std::max(pending, 0));
+  size_t done = 0;
+  while (self->cp_groups.size() - done > keep) land(self->cp_groups[done++]);
+  self->cp_groups.erase(self->cp_groups.begin(), self->cp_groups.begin() + done);
 }
 
 void block_barrier(const char* file, int line) {
