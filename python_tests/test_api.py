@@ -79,6 +79,11 @@ def test_backend_info_reports_the_build():
     assert info["extension"] is not None, info["extension_error"]
     assert set(info["ops"]) == {"cpu", "cuda"}
     assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion"}
+    assert "retrieval" not in info
+    shaped = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))
+    assert set(shaped["retrieval"]) == {"cpu", "cuda"}
+    assert shaped["retrieval"]["cpu"].startswith("kernel")
+    assert gam_ext.backend_info(retrieval=(512, 512, torch.float64))["retrieval"]["cuda"] == "reference"
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

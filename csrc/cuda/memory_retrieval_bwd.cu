@@ -22,6 +22,34 @@ namespace gam {
 namespace cuda {
 namespace {
 
+// ---- WMMA helpers (until the backward moves to mma.sync) ----
+// WMMA on bf16 needs sm_80; the host pass and the emulation always have it.
+#if defined(GAM_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define GAM_HAS_BF16_WMMA 1
+#else
+#define GAM_HAS_BF16_WMMA 0
+#endif
+
+// Whether this compilation pass gets the body of a WMMA kernel on T: bf16 WMMA needs sm_80 (fp16
+// needs sm_70, below every architecture the toolkit targets). Where it is missing the kernel
+// body is a trap: the host never selects the tensor-core path there (DeviceCtx::tensor_cores).
+template <typename T>
+constexpr bool kWmmaCompiled = !std::is_same<T, __nv_bfloat16>::value || GAM_HAS_BF16_WMMA;
+
+// Shared-memory rows of width dim: padded to whole 16-column WMMA tiles, and a row stride 8
+// elements longer than that, which skews the shared-memory banks.
+__host__ __device__ inline int64_t wmma_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
+__host__ __device__ inline int64_t wmma_ld(int64_t dim) { return wmma_pad_dim(dim) + 8; }
+
+// WMMA pointers need 32-byte alignment and dynamic shared memory only promises 16: the kernels
+// align its base to kSmemBaseAlign bytes and ask for that much more. A macro, not a function:
+// through an inline function nvcc allocates a few more registers to some backward kernels.
+constexpr int kSmemBaseAlign = 128;
+#define GAM_ALIGN_SMEM_BASE(raw)                                                    \
+  ((raw) + ((kSmemBaseAlign - reinterpret_cast<uintptr_t>(raw) % kSmemBaseAlign) % \
+            kSmemBaseAlign))
+
+
 constexpr int kDeltaWarps = 8;
 constexpr int kDmColsPerThread = kSimtCols / 8;  // thread: one slot, 32 columns
 
@@ -432,6 +460,35 @@ int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int ro
   return int64_t(row_splits) * slots * dim;
 }
 
+std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p) {
+  if (p.dim == 0 || p.rows == 0) return {};
+  const std::string t = type_name(p.dtype);
+  std::vector<KernelLaunch> out{{"retrieval_bwd_delta_kernel<" + t + ">", kDeltaWarps * 32, 0}};
+  const bool arch_ok = p.dtype != DType::kBFloat16 || p.sm >= 80;
+  const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
+  if (p.dtype != DType::kFloat32 && p.tensor_cores && arch_ok && smem <= p.max_smem_bytes) {
+    const int64_t dpad = wmma_pad_dim(p.dim);
+    const int nf = dpad <= 64 ? 1 : dpad <= 128 ? 2 : dpad <= 256 ? 4 : 8;
+    out.push_back({"retrieval_bwd_dh_tc_kernel<" + t + ", " + std::to_string(nf) + ">",
+                   kBwdTcThreads, smem});
+    out.push_back({"retrieval_bwd_dm_tc_kernel<" + t + ", " + std::to_string(nf) + ">",
+                   kBwdTcThreads, smem});
+  } else {
+    out.push_back({"retrieval_bwd_dh_simt_kernel<" + t + ">", kSimtThreads, 0});
+    out.push_back({"retrieval_bwd_dm_simt_kernel<" + t + ">", kSimtThreads, 0});
+  }
+  out.push_back({"reduce_partials_kernel", kReduceCols * kReduceRows, 0});
+  return out;
+}
+
+std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p) {
+  const bool arch_ok = p.dtype != DType::kBFloat16 || p.sm >= 80;
+  if (p.dtype != DType::kFloat32 && p.tensor_cores && arch_ok &&
+      memory_retrieval_bwd_tc_smem_bytes(p.dim) <= p.max_smem_bytes)
+    return "wmma: retrieval_bwd_dh_tc_kernel + retrieval_bwd_dm_tc_kernel";
+  return "simt: retrieval_bwd_dh_simt_kernel + retrieval_bwd_dm_simt_kernel";
+}
+
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
   if (p.dim == 0) return;
   if (p.rows == 0) {
@@ -448,7 +505,8 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
                0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
-      if (p.tensor_cores && smem <= p.max_smem_bytes) {
+      const bool arch_ok = !std::is_same<T, __nv_bfloat16>::value || p.sm >= 80;
+      if (p.tensor_cores && arch_ok && smem <= p.max_smem_bytes) {
         const int64_t rps = rows_per_split(p.rows, p.row_splits);
         // Output columns per block (64 * NF): the smallest slice holding D (up to 512), else
         // 512-column slices.

@@ -42,10 +42,13 @@ struct RetrievalFwdParams {
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
-  // Tensor-core (WMMA) path for fp16/bf16 when true and the shape fits its shared memory;
-  // the fp32 SIMT path otherwise. The dispatch decides from the device (bf16 needs sm_80).
+  // The device, as the launcher sizes the fused kernels for it: tensor_cores false forces the
+  // fp32 SIMT kernels (GAM_EXT_RETRIEVAL=simt); sm is the compute capability (75 = sm_75);
+  // shared memory per block (opt-in) and per SM, in bytes.
   bool tensor_cores;
-  int max_smem_bytes;  // opt-in shared memory per block of the device
+  int sm;
+  int max_smem_bytes;
+  int smem_per_sm;
 };
 
 struct RetrievalBwdParams {
@@ -63,7 +66,9 @@ struct RetrievalBwdParams {
   DType dtype;
   int row_splits;        // dM partial sums over this many row ranges (set by the launcher helper)
   bool tensor_cores;     // as in RetrievalFwdParams
+  int sm;
   int max_smem_bytes;
+  int smem_per_sm;
 };
 
 struct GateFwdParams {

@@ -183,6 +183,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ---- math -------------------------------------------------------------------------------------
+
+// 2^x with the special function unit (ex2.approx.ftz: about 2 ulp, denormal results flushed).
+// The emulated build uses libm's exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if GAM_IS_EMULATED
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 // ---- register packing -------------------------------------------------------------------------
 
 // Two floats rounded to T, packed as one .b32 register (lo in the low half).

@@ -549,8 +549,10 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* 
     trap(msg);
   }
   if (!in_shared(dst, static_cast<size_t>(bytes))) {
-    std::snprintf(msg, sizeof(msg), "%s at %s:%d: destination %p is not in shared memory",
-                  what, file, line, dst);
+    std::snprintf(msg, sizeof(msg),
+                  "%s at %s:%d: destination %p (%d bytes) is not in shared memory (dynamic: %p, "
+                  "%zu bytes)",
+                  what, file, line, dst, bytes, ep->dyn_smem, ep->spec->dynamic_smem_bytes);
     trap(msg);
   }
   if (in_shared(src, 1)) {

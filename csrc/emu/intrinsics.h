@@ -21,3 +21,10 @@ inline float atomicAdd(float* address, float value) {
   *address = old + value;
   return old;
 }
+
+// ---- cache-hinted stores ----------------------------------------------------------
+// __stcg (store, cache global: L2 only) is a plain store here.
+template <typename T>
+inline void __stcg(T* address, const T& value) {
+  *address = value;
+}
