@@ -266,6 +266,8 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   p.dtype = dt;
   p.row_splits = splits;
   ctx.fill_retrieval(p, retrieval_path_from_env());
+  Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
+  p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
   launch_memory_retrieval_bwd(p, ctx.stream());
   return {dh, dm.to(memory.scalar_type())};
 }

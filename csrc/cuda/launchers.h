@@ -32,11 +32,12 @@ void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t strea
 // launches.
 std::string describe_memory_retrieval_fwd(const RetrievalFwdParams& p);
 std::vector<KernelLaunch> memory_retrieval_fwd_kernels(const RetrievalFwdParams& p);
-// Shared memory of the tensor-core retrieval backward kernels (bytes).
-int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim);
 // Row ranges the dM reduction is split over, and the workspace floats for its partials.
 int memory_retrieval_bwd_row_splits(int64_t rows);
 int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int row_splits);
+// Elements (of h's dtype) of the P / dS workspace the backward needs for p's shape, device and
+// path (0 when it runs the SIMT kernels).
+int64_t memory_retrieval_bwd_pds_elements(const RetrievalBwdParams& p);
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
 // The kernels and configuration launch_memory_retrieval_bwd picks for p, in words.
 std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p);

@@ -66,13 +66,13 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
 
     auto load_m = [&](int tile) {
       load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
-                      kBlockN, slots - int64_t(tile) * kBlockN, dim, dpad_log2, vec);
+                      kBlockN, slots - int64_t(tile) * kBlockN, dim, dim, dpad_log2, vec);
     };
 
     // h fragments held in registers (kHRegs): staged once through the M ring.
     uint32_t hf[kHRegs ? kKS : 1][4];
     if constexpr (kHRegs) {
-      load_tile_async(ms, hsrc, 16, rows_left, dim, dpad_log2, vec);
+      load_tile_async(ms, hsrc, 16, rows_left, dim, dim, dpad_log2, vec);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
         ldmatrix<4, false>(hf[kk], ms + swz(lane & 15, col0 + kk * 16 + (lane >> 4) * 8, dpad));
       __syncthreads();
     } else {
-      load_tile_async(hs, hsrc, rows_cta, rows_left, dim, dpad_log2, vec);
+      load_tile_async(hs, hsrc, rows_cta, rows_left, dim, dim, dpad_log2, vec);
     }
     if (stages == 1) {
       cp_async_commit();
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_fwd_simt_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                               T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                               int64_t slots, int64_t dim, float scale) {

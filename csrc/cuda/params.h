@@ -61,6 +61,8 @@ struct RetrievalBwdParams {
   float* dmemory;        // (S, D) fp32, written
   float* delta;          // workspace (R) fp32
   float* partials;       // workspace: memory_retrieval_bwd_workspace_floats() floats
+  void* pds;             // workspace: memory_retrieval_bwd_pds_elements() elements of h's dtype
+                         // (P, then scale * dS, each rows x S rounded up to 8) or nullptr
   int64_t rows, slots, dim;
   float scale;
   DType dtype;

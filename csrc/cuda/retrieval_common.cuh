@@ -33,29 +33,30 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
   }
 }
 
-// Copies rows [0, nrows) x columns [0, width) of a row-major (limit x dim) block (src points at
-// its row 0) into the swizzled tile dst; rows >= limit and columns >= dim become zeros. vec
-// (dim a multiple of 8, src 16-byte aligned): 16-byte cp.async copies, which land at the
-// caller's cp_async_wait; else element loads and shared stores. Every thread calls it; rows and
-// chunks are spread over the block. 32-bit offsets: nrows * dim < 2^31.
+// Copies rows [0, nrows) x columns [0, width) of a row-major block with row stride `stride` (src
+// points at its first element) into the swizzled tile dst; rows >= limit and columns >= cols
+// become zeros. vec (stride and the first column a multiple of 8 elements, src 16-byte aligned):
+// 16-byte cp.async copies, which land at the caller's cp_async_wait; else element loads and
+// shared stores. Every thread calls it; rows and chunks are spread over the block. 32-bit
+// offsets: nrows * stride < 2^31.
 template <typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ src, int nrows,
-                                                int64_t limit, int dim, int width_log2,
-                                                bool vec) {
+                                                int64_t limit, int stride, int cols,
+                                                int width_log2, bool vec) {
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int rows_ok = limit < nrows ? static_cast<int>(limit) : nrows;
   if (vec) {
     const int cpr_log2 = width_log2 - 3;  // 16-byte chunks per row
     for (int q = tid; q < (nrows << cpr_log2); q += nthreads) {
       const int r = q >> cpr_log2, c = (q & ((1 << cpr_log2) - 1)) << 3;
-      const bool ok = r < rows_ok && c < dim;
-      cp_async_16(dst + swz(r, c, 1 << width_log2), ok ? src + r * dim + c : src, ok);
+      const bool ok = r < rows_ok && c < cols;
+      cp_async_16(dst + swz(r, c, 1 << width_log2), ok ? src + r * stride + c : src, ok);
     }
   } else {
     const T zero = from_f32<T>(0.f);
     for (int q = tid; q < (nrows << width_log2); q += nthreads) {
       const int r = q >> width_log2, c = q & ((1 << width_log2) - 1);
-      dst[swz(r, c, 1 << width_log2)] = r < rows_ok && c < dim ? src[r * dim + c] : zero;
+      dst[swz(r, c, 1 << width_log2)] = r < rows_ok && c < cols ? src[r * stride + c] : zero;
     }
   }
 }
@@ -137,11 +138,11 @@ struct FwdMmaConfig {
   }
 };
 
-// CTAs per SM that shared memory and the thread count allow, for a kernel whose threads use at
-// most 128 registers (the fused kernels' __launch_bounds__ guarantee it where it matters).
-inline int ctas_per_sm(int64_t smem, int threads, int smem_per_sm) {
+// CTAs per SM that shared memory and registers allow, for a kernel whose threads use at most
+// `regs` registers (the fused kernels' __launch_bounds__ guarantee their bound).
+inline int ctas_per_sm(int64_t smem, int threads, int smem_per_sm, int regs = 128) {
   const int64_t by_smem = smem_per_sm / (smem + 1024);  // 1 KB per block reserved by the driver
-  const int by_regs = 65536 / (128 * threads);
+  const int by_regs = 65536 / (regs * threads);
   return static_cast<int>(by_smem < by_regs ? by_smem : by_regs);
 }
 
@@ -184,6 +185,80 @@ inline FwdMmaConfig select_fwd_mma(int64_t dim, int smem_optin, int smem_per_sm,
   return best;
 }
 
+// ---- the fused tensor-core backward: configurations --------------------------------------------
+//
+// Row pass (retrieval_bwd_mma_kernel): the forward's layout with two score products per M tile,
+// S = h M^T and dP = grad_out M^T (same B fragments), block_n = 16 slots per step; h and grad_out
+// rows resident in shared memory (or, hg_in_regs, as registers: small-memory GPUs at D > 512);
+// partials of both added across the chunks of a row as in the forward. Each warp then holds P and
+// scale * dS of its rows in registers, accumulates dh += (scale dS) M on its chunk, and stores P
+// and scale * dS once (as T) for the dM product.
+// At most 12 warps per block: the launch bound then leaves each thread 168 registers.
+constexpr int kBwdMaxThreads = 384;
+
+struct BwdMmaConfig {
+  int dc = 0;  // columns per warp: 128 (0: no configuration)
+  int block_n = 16;
+  int warps_m = 0, warps_n = 0, stages = 0;
+  bool hg_in_regs = false;
+  int rows() const { return 16 * warps_m; }
+  int threads() const { return 32 * warps_m * warps_n; }
+  int dpad() const { return warps_n * dc; }
+  int64_t smem_bytes() const {
+    const int64_t hg = hg_in_regs ? 0 : 2 * int64_t(rows()) * dpad() * 2;
+    const int64_t m = int64_t(stages) * block_n * dpad() * 2;
+    const int64_t x = warps_n > 1 ? 2 * int64_t(warps_m) * warps_n * block_n * 64 : 0;
+    return hg + m + x;
+  }
+};
+
+// As select_fwd_mma, for the row pass of the backward; allow_hg_in_regs admits the variant with h
+// and grad_out in registers (D > 512 on GPUs with 99 or 64 KB of shared memory per block).
+inline BwdMmaConfig select_bwd_mma(int64_t dim, int smem_optin, int smem_per_sm,
+                                   bool allow_hg_in_regs) {
+  std::vector<BwdMmaConfig> cands;
+  auto add = [&](int wm, int wn, int st, bool regs = false) {
+    BwdMmaConfig c;
+    c.dc = 128;
+    c.warps_m = wm;
+    c.warps_n = wn;
+    c.stages = st;
+    c.hg_in_regs = regs;
+    cands.push_back(c);
+  };
+  if (dim <= 128) {
+    add(8, 1, 3), add(8, 1, 2), add(4, 1, 2), add(2, 1, 2);
+  } else if (dim <= 256) {
+    add(6, 2, 3), add(6, 2, 2), add(4, 2, 2), add(2, 2, 2), add(1, 2, 2);
+  } else if (dim <= 512) {
+    add(3, 4, 3), add(3, 4, 2), add(2, 4, 2), add(1, 4, 2), add(1, 4, 1);
+  } else if (dim <= 1024) {
+    add(1, 8, 2), add(1, 8, 1);
+    if (allow_hg_in_regs) add(1, 8, 2, true), add(1, 8, 1, true);
+  }
+  BwdMmaConfig best;
+  int best_threads = 0;
+  for (const BwdMmaConfig& c : cands) {
+    if (c.smem_bytes() > smem_optin) continue;
+    const int ctas = ctas_per_sm(c.smem_bytes(), c.threads(), smem_per_sm,
+                                 c.hg_in_regs ? 255 : 65536 / kBwdMaxThreads);
+    const int threads = ctas * c.threads();
+    if (threads > best_threads) best = c, best_threads = threads;
+  }
+  return best;
+}
+
+// dM product (retrieval_bwd_dm_mma_kernel): dM = [scale dS; P]^T [h; grad_out], one GEMM with
+// K = 2 R (rows of scale dS with h, then rows of P with grad_out), tiles of 64 slots x 128
+// columns, K in tiles of 32 rows through a cp.async ring; K is split into row ranges whose fp32
+// partials reduce_partials_kernel adds in a fixed order.
+constexpr int kDmSlots = 64;
+constexpr int kDmCols = 128;
+constexpr int kDmK = 32;
+constexpr int kDmThreads = 128;
+constexpr int kDmStages = 3;
+constexpr int64_t kDmSmemBytes = int64_t(kDmStages) * kDmK * (kDmSlots + kDmCols) * 2;
+
 // ---- fp32 SIMT paths --------------------------------------------------------------------------
 
 // fp32 SIMT tiling (any dtype; the fallback and the fp32 path): 16 rows x 32 slots per step,
@@ -193,6 +268,9 @@ constexpr int kSimtSlots = 32;
 constexpr int kSimtChunk = 32;
 constexpr int kSimtCols = 256;
 constexpr int kSimtThreads = 256;
+// Two blocks per SM in __launch_bounds__: without it ptxas (CUDA 13, sm_90 / sm_100) keeps 48-64
+// registers and spills the loop-carried softmax state.
+constexpr int kSimtMinBlocks = 2;
 
 // Scores of one (16 rows x 32 slots) tile for thread t: row t / 16, slots t % 16 and t % 16 + 16.
 // Computes dot(a_row, M_slot) and, when B is given, dot(b_row, M_slot) too (the backward's dp).
