@@ -186,9 +186,8 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
     if (f.state != State::kWarp || f.op.kind != proto.kind ||
         f.op.mask != proto.mask)
       return false;
-    // load/mma/store share one kind; they must not complete each other.
-    if ((proto.kind == WarpOpKind::kWmma || proto.kind == WarpOpKind::kExchange) &&
-        std::strcmp(f.op.what, proto.what))
+    // Exchanges share one kind; different instructions must not complete each other.
+    if (proto.kind == WarpOpKind::kExchange && std::strcmp(f.op.what, proto.what))
       return false;
     if (proto.kind == WarpOpKind::kExchange && f.op.resolve != proto.resolve) return false;
   }
@@ -234,7 +233,6 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
       case WarpOpKind::kAny: r = ballot != 0; break;
       case WarpOpKind::kAll: r = __builtin_popcountll(ballot) == n; break;
       case WarpOpKind::kSyncWarp:
-      case WarpOpKind::kWmma:
       case WarpOpKind::kExchange: break;
     }
     f.op.result = r;

@@ -110,23 +110,6 @@ std::tuple<Tensor, Tensor> odd_block(const Tensor& x_in, int64_t block) {
   return {y, ballots};
 }
 
-Tensor wmma_tile(const Tensor& a, const Tensor& b, bool b_col_major) {
-  TORCH_CHECK(a.sizes() == torch::IntArrayRef({16, 16}) && a.is_contiguous(),
-              "a must be a contiguous 16x16 tensor");
-  TORCH_CHECK(b.sizes() == torch::IntArrayRef({16, 16}) && b.is_contiguous(),
-              "b must be a contiguous 16x16 tensor");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");
-  int dtype = 0;
-  if (a.scalar_type() == torch::kBFloat16)
-    dtype = 1;
-  else
-    TORCH_CHECK(a.scalar_type() == torch::kHalf, "a must be fp16 or bf16");
-  Tensor c = torch::empty({16, 16}, a.options().dtype(torch::kFloat32));
-  gam_selftest::wmma_tile(a.data_ptr(), b.data_ptr(), fp(c), dtype,
-                          b_col_major, nullptr);
-  return c;
-}
-
 int dtype_code(const Tensor& t, const char* name) {
   if (t.scalar_type() == torch::kHalf) return 0;
   TORCH_CHECK(t.scalar_type() == torch::kBFloat16, name, " must be fp16 or bf16");
@@ -225,9 +208,6 @@ Tensor run_fault(const std::string& name) {
     gam_selftest::fault_divergent_barrier(fp(out), nullptr);
   } else if (name == "warp_deadlock") {
     gam_selftest::fault_warp_deadlock(fp(out), nullptr);
-  } else if (name == "wmma_misaligned") {
-    Tensor a = torch::zeros({16 * 17}, torch::kFloat16);
-    gam_selftest::fault_wmma_misaligned(a.data_ptr(), fp(out), nullptr);
   } else if (name == "cp_async_unwaited" || name == "cp_async_no_barrier") {
     Tensor x = torch::arange(128, torch::kFloat32);
     if (name == "cp_async_unwaited")
@@ -265,7 +245,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("atomic_sum", &atomic_sum);
   m.def("dynamic_reverse", &dynamic_reverse);
   m.def("odd_block", &odd_block);
-  m.def("wmma_tile", &wmma_tile);
   m.def("mma_fragments", &mma_fragments, py::arg("a"), py::arg("b"), py::arg("c"),
         py::arg("misplace") = false);
   m.def("ldmatrix_fragments", &ldmatrix_fragments);

@@ -152,24 +152,6 @@ __global__ void odd_block_kernel(const float* __restrict__ x,
   if (i < n) y[i] = 2.0f * v + total;
 }
 
-// ---- tensor cores --------------------------------------------------------------
-template <typename T, typename BLayout>
-__global__ void wmma_tile_kernel(const T* a, const T* b, float* c) {
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::load_matrix_sync(fa, a, 16);
-  wmma::load_matrix_sync(fb, b, 16);
-  wmma::mma_sync(fc, fa, fb, fc);
-  // Uniform element-wise update of the accumulator, then add it once more.
-  for (int k = 0; k < fc.num_elements; ++k) fc.x[k] *= 0.5f;
-  wmma::mma_sync(fc, fa, fb, fc);  // = 1.5 * a b
-  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
-}
-
-
 // ---- warp-level matrix primitives (csrc/cuda/warp_mma.cuh) ---------------------------------
 // Fragments are loaded and stored here by the PTX ISA's index formulas, written out
 // independently of the emulator's implementation.
@@ -405,15 +387,6 @@ __global__ void warp_deadlock_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
-__global__ void wmma_misaligned_kernel(const __half* a, float* c) {
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
-  wmma::load_matrix_sync(fa, a + 1, 16);  // 2-byte offset: not 256-bit aligned
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
-}
-
 
 // cp.async into shared memory, then read without waiting for the group (or, on the GPU, racing
 // the copy): out reads NaN in the emulator.
@@ -526,34 +499,6 @@ void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
              dim3(block), 0, stream, x, y, ballots, n);
 }
 
-void wmma_tile(const void* a, const void* b, float* c, int dtype,
-               bool b_col_major, cudaStream_t stream) {
-  namespace wmma = nvcuda::wmma;
-  if (dtype == 0) {
-    const auto* pa = static_cast<const __half*>(a);
-    const auto* pb = static_cast<const __half*>(b);
-    if (b_col_major)
-      gam_launch("wmma_tile_kernel<half,col>",
-                 wmma_tile_kernel<__half, wmma::col_major>, dim3(1), dim3(32),
-                 0, stream, pa, pb, c);
-    else
-      gam_launch("wmma_tile_kernel<half,row>",
-                 wmma_tile_kernel<__half, wmma::row_major>, dim3(1), dim3(32),
-                 0, stream, pa, pb, c);
-  } else {
-    const auto* pa = static_cast<const __nv_bfloat16*>(a);
-    const auto* pb = static_cast<const __nv_bfloat16*>(b);
-    if (b_col_major)
-      gam_launch("wmma_tile_kernel<bf16,col>",
-                 wmma_tile_kernel<__nv_bfloat16, wmma::col_major>, dim3(1),
-                 dim3(32), 0, stream, pa, pb, c);
-    else
-      gam_launch("wmma_tile_kernel<bf16,row>",
-                 wmma_tile_kernel<__nv_bfloat16, wmma::row_major>, dim3(1),
-                 dim3(32), 0, stream, pa, pb, c);
-  }
-}
-
 void mma_fragments(const void* a, const void* b, const float* c, float* d, int dtype, int k,
                    bool misplace, cudaStream_t stream) {
   const auto* pa = static_cast<const uint16_t*>(a);
@@ -652,11 +597,6 @@ void fault_divergent_barrier(float* out, cudaStream_t stream) {
 void fault_warp_deadlock(float* out, cudaStream_t stream) {
   gam_launch("warp_deadlock_kernel", warp_deadlock_kernel, dim3(1), dim3(32),
              0, stream, out);
-}
-
-void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream) {
-  gam_launch("wmma_misaligned_kernel", wmma_misaligned_kernel, dim3(1),
-             dim3(32), 0, stream, static_cast<const __half*>(a), c);
 }
 
 void fault_cp_async_unwaited(const float* x, float* out, cudaStream_t stream) {

@@ -34,10 +34,6 @@ void dynamic_reverse(const float* x, float* y, int n, int block,
 // Partial warps: y[i] = 2 x[i] + block sum; ballots[w] = active-lane ballot.
 void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
                cudaStream_t stream);
-// c(16x16, fp32, row major) = a(16x16) b(16x16); a row major, b row or col
-// major as given. dtype: 0 half, 1 bf16 (a, b point at 16-bit elements).
-void wmma_tile(const void* a, const void* b, float* c, int dtype,
-               bool b_col_major, cudaStream_t stream);
 // Warp-level matrix primitives (csrc/cuda/warp_mma.cuh). a, b point at 16-bit elements;
 // dtype 0 half, 1 bf16.
 // d (16x8) = a (16xk) b (kx8) + c, all row major, fragments loaded and stored by the PTX
@@ -69,7 +65,6 @@ void fault_uninit_shared(float* out, cudaStream_t stream);  // out[64] <- NaN
 void fault_missing_barrier(float* out, cudaStream_t stream);
 void fault_divergent_barrier(float* out, cudaStream_t stream);
 void fault_warp_deadlock(float* out, cudaStream_t stream);
-void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream);
 void fault_empty_grid(float* out, cudaStream_t stream);
 // out[32] reads NaN: a cp.async destination read before its group was waited for.
 void fault_cp_async_unwaited(const float* x, float* out, cudaStream_t stream);

@@ -12,12 +12,11 @@
 //     thread: blocks one after another, the threads of a block as cooperative
 //     fibers (one stack each), switched only at barriers, warp collectives and
 //     thread exit. Faults (divergent barriers, deadlocked warp collectives,
-//     bad launch configurations, misaligned WMMA pointers, bad ldmatrix or
-//     cp.async addresses, mma.sync without all 32 lanes) become a
+//     bad launch configurations, bad ldmatrix or cp.async addresses,
+//     mma.sync without all 32 lanes) become a
 //     std::runtime_error naming the kernel.
-// The device intrinsics the kernels use live in intrinsics.h, WMMA in wmma.h,
-// ldmatrix / mma.sync / cp.async (per-lane PTX fragment layouts) in
-// warp_matrix.h.
+// The device intrinsics the kernels use live in intrinsics.h, ldmatrix /
+// mma.sync / cp.async (per-lane PTX fragment layouts) in warp_matrix.h.
 // Behind this header: fiber.cpp (stacks and context switches), engine.cpp (blocks,
 // barriers, warp collectives, shared memory, launches, the deadlock report) and
 // runtime.cpp (the CUDA runtime stubs); csrc/emu/emulation.py builds them into a
@@ -104,7 +103,6 @@ enum class WarpOpKind : uint32_t {
   kAny,
   kAll,
   kSyncWarp,
-  kWmma,
   kExchange,
 };
 
@@ -348,4 +346,3 @@ inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...),
 
 #include "emu/intrinsics.h"
 #include "emu/warp_matrix.h"
-#include "emu/wmma.h"

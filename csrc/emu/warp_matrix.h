@@ -2,8 +2,7 @@
 // mma.sync m16n8k16 / m16n8k8 and cp.async, as the kernels reach them through
 // csrc/cuda/warp_mma.cuh.
 //
-// Emulation model: unlike wmma.h (whole tiles per lane), every lane holds exactly the registers
-// it holds on the GPU, in the per-lane fragment layouts of the PTX ISA ("Matrix Fragments for
+// Emulation model: every lane holds exactly the registers it holds on the GPU, in the per-lane fragment layouts of the PTX ISA ("Matrix Fragments for
 // mma.m16n8k16 / m16n8k8", "ldmatrix"). The instructions are warp collectives
 // (gam_emu::warp_exchange): when all 32 lanes have arrived, the whole-warp operation is computed
 // from the lanes' registers and each lane gets its own result registers back. So a kernel that
