@@ -72,7 +72,7 @@ RETRIEVAL_SHAPES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["fused", "simt"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RETRIEVAL_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
 def test_retrieval(dtype, shape, path, monkeypatch):
@@ -188,6 +188,18 @@ def test_autocast_block():
         gam_ext.set_backend("auto")
     torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=1e-1)
     assert block.memory_bank.grad is not None and block.causal_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_retrieval_empty_and_d0(path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    m = gen((5, 8), torch.bfloat16, 15)
+    e = torch.zeros(0, 4, 8, device=DEV, dtype=torch.bfloat16)
+    out, lse = torch.ops.gam_ext.memory_retrieval_fwd(e, m, 1.0)
+    assert out.shape == e.shape and lse.shape == (0, 4)
+    h0 = torch.zeros(2, 3, 0, device=DEV, dtype=torch.bfloat16)
+    out, lse = torch.ops.gam_ext.memory_retrieval_fwd(h0, m[:, :0], 1.0)
+    torch.testing.assert_close(lse, torch.full((2, 3), float(torch.log(torch.tensor(5.0))), device=DEV))
 
 
 def test_deterministic_backward():

@@ -229,7 +229,7 @@ def check_retrieval(ours, ref, dtype, shape):
     close(dm, dm_ref, dtype, scale=max(1.0, (b_ * n / 16) ** 0.5))
 
 
-@pytest.mark.parametrize("path", ["fused", "simt"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RET_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
 def test_retrieval(emu, dtype, shape, path, monkeypatch):
@@ -237,8 +237,8 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
     b_, n, s, d = shape
     (out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref) = run_retrieval(emu, dtype, shape)
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    tensor_cores = path == "fused" and dtype != torch.float32
-    assert kind[0] == path and kind[1].startswith("mma" if tensor_cores else "simt"), kind
+    expected = "gemm" if path == "gemm" else "mma" if path == "fused" and dtype != torch.float32 else "simt"
+    assert kind[0] == path and kind[1].startswith(expected) and kind[2].startswith(expected), kind
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b_, n)
     assert dm.dtype == torch.float32 and dm.shape == (s, d)
     check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
@@ -305,7 +305,7 @@ def test_retrieval_rescale_path(emu, dtype):
     close(dh, dh_ref, dtype, scale=ref_mag)
 
 
-@pytest.mark.parametrize("path", ["fused", "simt"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, path, monkeypatch):
     # One rule (csrc/op_checks.h): the memory bank is rounded to the activation dtype, as autocast
@@ -393,7 +393,9 @@ def test_retrieval_fused_backward_is_deterministic(emu, dtype):
     check_retrieval(first, ref, dtype, shape)
 
 
-def test_retrieval_empty_and_deterministic(emu):
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_retrieval_empty_and_deterministic(emu, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     h = torch.zeros(0, 4, 8)
     m = gen((5, 8), torch.float32, 50)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.0)

@@ -36,7 +36,7 @@ def step(dtype: torch.dtype, d: int, k: int, n: int) -> None:
 def main() -> None:
     assert gam_ext.backend_info()["ops"]["cuda"]["memory_retrieval"] == "kernel", gam_ext.backend_info()
     torch.manual_seed(0)
-    for path in ("fused", "simt"):
+    for path in ("fused", "simt", "gemm"):
         os.environ["GAM_EXT_RETRIEVAL"] = path
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits

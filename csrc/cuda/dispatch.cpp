@@ -204,6 +204,59 @@ std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd(const Tensor& grad_y, const
 
 // ---- memory retrieval -------------------------------------------------------------------------
 
+// a @ b with fp32 output (fp32 accumulation): cuBLAS through aten::mm.dtype for fp16/bf16 inputs
+// (at::mm for fp32). The emulated build has no CPU kernel for mm.dtype: it multiplies fp32
+// copies (the same products, summed in another order).
+Tensor mm_f32(const Tensor& a, const Tensor& b) {
+#ifdef GAM_EMULATE
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+#else
+  if (a.scalar_type() == at::kFloat) return at::mm(a, b);
+  return at::mm(a, b, at::kFloat);
+#endif
+}
+
+// GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
+void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2,
+                        Tensor& lse, DType dt, cudaStream_t stream) {
+  const Tensor scores = mm_f32(h2, m.t());
+  Tensor p = at::empty(scores.sizes(), h2.options());
+  RetrievalSoftmaxParams sp{};
+  sp.scores = scores.data_ptr<float>();
+  sp.lse = lse.data_ptr<float>();
+  sp.p = p.data_ptr();
+  sp.rows = scores.size(0);
+  sp.slots = scores.size(1);
+  sp.scale = static_cast<float>(scale);
+  sp.dtype = dt;
+  launch_retrieval_softmax_fwd(sp, stream);
+  at::mm_out(out2, p, m);
+}
+
+// GAM_EXT_RETRIEVAL=gemm, backward: scores and dP = grad_out M^T (fp32), the softmax backward
+// kernel (P and scale * dS as T), then dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out.
+void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, const Tensor& lse,
+                        double scale, Tensor& dh2, Tensor& dm, DType dt, cudaStream_t stream) {
+  const Tensor scores = mm_f32(h2, m.t());
+  const Tensor dp = mm_f32(g2, m.t());
+  Tensor p = at::empty(scores.sizes(), h2.options());
+  Tensor ds = at::empty(scores.sizes(), h2.options());
+  RetrievalSoftmaxParams sp{};
+  sp.scores = scores.data_ptr<float>();
+  sp.dp = dp.data_ptr<float>();
+  sp.lse = lse.data_ptr<float>();
+  sp.p = p.data_ptr();
+  sp.ds = ds.data_ptr();
+  sp.rows = scores.size(0);
+  sp.slots = scores.size(1);
+  sp.scale = static_cast<float>(scale);
+  sp.dtype = dt;
+  launch_retrieval_softmax_bwd(sp, stream);
+  at::mm_out(dh2, ds, m);
+  dm.copy_(mm_f32(ds.t(), h2));
+  dm.add_(mm_f32(p.t(), g2));
+}
+
 std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor& memory,
                                                 double scale) {
   check_memory_args(h_in, memory);
@@ -224,7 +277,13 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   p.dim = m.size(1);
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
-  ctx.fill_retrieval(p, retrieval_path_from_env());
+  const RetrievalPath path = retrieval_path_from_env();
+  if (path == RetrievalPath::kGemm) {
+    Tensor out2 = out.view({p.rows, p.dim});
+    retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
+    return {out, lse};
+  }
+  ctx.fill_retrieval(p, path);
   launch_memory_retrieval_fwd(p, ctx.stream());
   return {out, lse};
 }
@@ -246,6 +305,13 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
+  const RetrievalPath path = retrieval_path_from_env();
+  if (path == RetrievalPath::kGemm) {
+    Tensor dh2 = dh.view({rows, dim});
+    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
+                       scale, dh2, dm, dt, ctx.stream());
+    return {dh, dm.to(memory.scalar_type())};
+  }
   Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
   Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
@@ -265,7 +331,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
   p.row_splits = splits;
-  ctx.fill_retrieval(p, retrieval_path_from_env());
+  ctx.fill_retrieval(p, path);
   Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
   p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
   launch_memory_retrieval_bwd(p, ctx.stream());
@@ -319,9 +385,13 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
   b.sm = f.sm;
   b.max_smem_bytes = f.max_smem_bytes;
   b.smem_per_sm = f.smem_per_sm;
-  const char* name = path == RetrievalPath::kGemm ? "gemm"
-                     : path == RetrievalPath::kSimt ? "simt"
-                                                    : "fused";
+  if (path == RetrievalPath::kGemm)
+    return {"gemm",
+            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd_kernel (P as " + dtype +
+                ", fp32 lse), P M (cuBLAS)",
+            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd_kernel (P and "
+            "scale * dS as " + dtype + "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+  const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";
   return {name, describe_memory_retrieval_fwd(f), describe_memory_retrieval_bwd(b)};
 }
 

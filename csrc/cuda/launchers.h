@@ -43,6 +43,12 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
 std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p);
 std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p);
 
+// The gemm path's softmax kernels, one warp per row: the forward writes P (dtype) and lse from
+// fp32 scores; the backward recomputes P from scores and lse, delta = rowsum(P * dP), and writes
+// P and scale * P * (dP - delta) (dtype).
+void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
+void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
+
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
 void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);
 

@@ -484,6 +484,35 @@ __global__ void __launch_bounds__(kDmThreads)
   }
 }
 
+// ---- gemm path: the softmax backward between the cuBLAS products ------------------------------
+
+constexpr int kSoftmaxWarps = 8;
+
+// One warp per row: p = exp(scale * s - lse), delta = sum p dP, ds = scale * p (dP - delta);
+// P and ds rounded to T.
+template <typename T>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_bwd_kernel(const float* __restrict__ scores, const float* __restrict__ dps,
+                                 const float* __restrict__ lse, T* __restrict__ p_out,
+                                 T* __restrict__ ds_out, int64_t rows, int slots, float scale,
+                                 float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const float* s = scores + row * slots;
+  const float* dp = dps + row * slots;
+  const float lse2 = lse[row] * kLog2e;
+  float delta = 0.f;
+  for (int c = lane; c < slots; c += 32) delta = fmaf(fast_exp2(s[c] * scale_log2 - lse2), dp[c], delta);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+  for (int c = lane; c < slots; c += 32) {
+    const float pv = fast_exp2(s[c] * scale_log2 - lse2);
+    p_out[row * slots + c] = from_f32<T>(pv);
+    ds_out[row * slots + c] = from_f32<T>(scale * (pv * (dp[c] - delta)));
+  }
+}
+
 // SIMT dM row ranges: a multiple of the 16-row tile.
 int64_t rows_per_split(int64_t rows, int splits) {
   return ceil_div(ceil_div(rows, splits), kSimtRows) * kSimtRows;
@@ -589,6 +618,18 @@ std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p) {
          "retrieval_bwd_dm_mma_kernel, " + std::to_string(kDmSlots) + " slots x " +
          std::to_string(kDmCols) + " columns x " + std::to_string(kDmK) + " rows, " +
          std::to_string(p.row_splits) + " row splits";
+}
+
+void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
+               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p),
+               static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots), p.scale,
+               p.scale * kLog2e);
+  });
 }
 
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {

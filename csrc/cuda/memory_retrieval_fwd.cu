@@ -330,6 +330,39 @@ void with_fwd_variant(const FwdMmaConfig& c, F&& f) {
   }
 }
 
+// ---- gemm path: softmax between the cuBLAS products ------------------------------------------
+
+constexpr int kSoftmaxWarps = 8;
+
+// (m, l) of an online softmax in base 2 merged with another's; m = -inf means empty.
+__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  l = (m == -INFINITY ? 0.f : l * fast_exp2(m - mn)) + (m2 == -INFINITY ? 0.f : l2 * fast_exp2(m2 - mn));
+  m = mn;
+}
+
+// One warp per row: lse = logsumexp(scale * s), P = exp(scale * s - lse) rounded to T.
+template <typename T>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_fwd_kernel(const float* __restrict__ scores, T* __restrict__ p,
+                                 float* __restrict__ lse, int64_t rows, int slots,
+                                 float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const float* s = scores + row * slots;
+  float m = -INFINITY, l = 0.f;
+  for (int c = lane; c < slots; c += 32) merge_max_sum(m, l, s[c] * scale_log2, 1.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    merge_max_sum(m, l, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, l, o));
+  const float lse2 = m + __log2f(l);
+  if (lane == 0) lse[row] = lse2 * kLn2;
+  T* out = p + row * slots;
+  for (int c = lane; c < slots; c += 32) out[c] = from_f32<T>(fast_exp2(s[c] * scale_log2 - lse2));
+}
+
 __global__ void __launch_bounds__(256) retrieval_fwd_fill_kernel(float* __restrict__ x, int64_t n, float v) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] = v;
@@ -374,6 +407,17 @@ std::string describe_memory_retrieval_fwd(const RetrievalFwdParams& p) {
          std::to_string(c.warps_n) + " column chunks of " + std::to_string(c.dc) + ", " +
          std::to_string(c.stages) + " stages, " + std::to_string(c.threads()) + " threads, " +
          std::to_string(c.smem_bytes()) + " bytes of shared memory";
+}
+
+void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gam_launch("retrieval_softmax_fwd", retrieval_softmax_fwd_kernel<T>,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
+               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, static_cast<T*>(p.p), p.lse, p.rows,
+               static_cast<int>(p.slots), p.scale * kLog2e);
+  });
 }
 
 void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {

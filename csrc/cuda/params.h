@@ -73,6 +73,18 @@ struct RetrievalBwdParams {
   int smem_per_sm;
 };
 
+// GAM_EXT_RETRIEVAL=gemm: the softmax kernels between the cuBLAS products (dispatch.cpp).
+struct RetrievalSoftmaxParams {
+  const float* scores;  // (R, S) fp32: h M^T (unscaled)
+  const float* dp;      // backward: (R, S) fp32 grad_out M^T
+  float* lse;           // forward: written (R); backward: read
+  void* p;              // (R, S) in dtype: the probabilities
+  void* ds;             // backward: (R, S) in dtype: scale * dS
+  int64_t rows, slots;
+  float scale;
+  DType dtype;
+};
+
 struct GateFwdParams {
   const void* local;        // (R, D)
   const void* global_ctx;   // (R, D)
