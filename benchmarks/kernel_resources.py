@@ -300,7 +300,8 @@ def short(name: str) -> str:
     return re.sub(r"\bgam::cuda::", "", name)
 
 
-def markdown(data: dict) -> str:
+def markdown(data: dict, sources: str = "") -> str:
+    """The report as markdown; `sources` keeps the per-kernel table to files whose name holds it."""
     lines = []
     shape = data["shape"]
     lines.append(
@@ -338,7 +339,8 @@ def markdown(data: dict) -> str:
         "| HMMA | LDSM | LDGSTS | STG.128 |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for k in sorted(data["kernels"], key=lambda k: (k["arch"], k["source"], k["name"])):
+    kernels = [k for k in data["kernels"] if sources in k["source"]]
+    for k in sorted(kernels, key=lambda k: (k["arch"], k["source"], k["name"])):
         s = k["sass"]
         lines.append(
             f"| sm_{k['arch']} | {k['source']} | `{short(k['name'])}` | {k['registers']} | "
@@ -357,6 +359,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--csrc", default=str(CSRC), help="the csrc folder to compile (default: this tree)")
     ap.add_argument("--json", help="also write the raw figures to this file")
+    ap.add_argument("--sources", default="", help="per-kernel table only for files whose name holds this")
     args = ap.parse_args()
     archs = [int(a) for a in args.archs.split(",")]
     unknown = [a for a in archs if a not in ARCHS]
@@ -365,7 +368,7 @@ def main() -> None:
     data = collect(archs, (args.rows, args.slots, args.dim), Path(args.csrc).resolve())
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1))
-    sys.stdout.write(markdown(data))
+    sys.stdout.write(markdown(data, args.sources))
 
 
 if __name__ == "__main__":
