@@ -206,6 +206,12 @@ def test_cp_async_pipeline_gemm(st: types.ModuleType, dtype: torch.dtype, k: int
     torch.testing.assert_close(c.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
 
 
+def test_named_barriers_synchronise_groups_of_warps(st: types.ModuleType) -> None:
+    x = torch.randn(3 * 128)
+    y = st.named_barrier_groups(x)
+    assert torch.equal(y, x.view(-1, 64).roll(-1, dims=1).flatten())
+
+
 def test_syncwarp_orders_shared_memory_within_a_warp(st: types.ModuleType) -> None:
     x = torch.randn(3 * 64)
     y = st.syncwarp_exchange(x)
@@ -276,7 +282,7 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         "out = {}\n"
         "for name in ['divergent_barrier', 'warp_deadlock', "
         "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
-        "'mma_exited_lane']:\n"
+        "'mma_exited_lane', 'named_barrier_count']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -303,6 +309,8 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         ("ldmatrix_global", ["gam_launch(ldmatrix_global_kernel)", "not in shared memory"]),
         ("mma_exited_lane", ["gam_launch(mma_exited_lane_kernel)", "mma.m16n8k16.f16",
                              "needs all 32 lanes"]),
+        ("named_barrier_count", ["gam_launch(named_barrier_count_kernel)", "named barrier 1",
+                                 "fewer than its count"]),
     ],
 )
 def test_fault_raises_runtime_error_naming_kernel(

@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
           *reinterpret_cast<float4*>(mine + ((kNS + i) * 32 + lane) * 4) =
               make_float4(dp[i][0], dp[i][1], dp[i][2], dp[i][3]);
         }
-        __syncthreads();
+        named_barrier_sync(1 + wm, 32 * warps_n);  // only the row group's warps wait
 #pragma unroll
         for (int i = 0; i < kNS; ++i) {
 #pragma unroll

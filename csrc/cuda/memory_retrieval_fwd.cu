@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
         for (int i = 0; i < kNS; ++i)
           *reinterpret_cast<float4*>(mine + (i * 32 + lane) * 4) =
               make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
-        __syncthreads();
+        named_barrier_sync(1 + wm, 32 * warps_n);  // only the row group's warps wait
 #pragma unroll
         for (int i = 0; i < kNS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
         const float* grp = xs + (wm * warps_n) * (kNS * 128);

@@ -1,6 +1,6 @@
 // Warp-level matrix primitives of the project's kernels: ldmatrix, mma.sync m16n8k16 (f16 and
-// bf16 in, f32 accumulate), cp.async 16-byte copies with commit / wait groups, and the register
-// packing they need. Under nvcc they are inline PTX; in the emulated build (GAM_EMULATE) they are
+// bf16 in, f32 accumulate), cp.async 16-byte copies with commit / wait groups, named barriers,
+// and the register packing they need. Under nvcc they are inline PTX; in the emulated build (GAM_EMULATE) they are
 // the SIMT emulator's warp collectives (csrc/emu/warp_matrix.h), which give every lane exactly
 // the registers it holds on the GPU, in the PTX ISA's fragment layouts:
 //
@@ -180,6 +180,19 @@ __device__ __forceinline__ void cp_async_wait() {
   ::gam_emu::cp_async_wait(N);
 #elif !GAM_MMA_SM75
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// ---- named barriers ----------------------------------------------------------------------------
+
+// bar.sync id, nthreads: waits until nthreads threads (whole warps) of the block have reached
+// barrier id (1..15; 0 is __syncthreads), and orders their shared-memory accesses like
+// __syncthreads does. Lets groups of warps synchronise without stopping the rest of the block.
+__device__ __forceinline__ void named_barrier_sync(int id, int nthreads GAM_MMA_SITE) {
+#if GAM_IS_EMULATED
+  ::gam_emu::named_barrier(id, nthreads, GAM_MMA_SITE_ARGS);
+#else
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
 #endif
 }
 

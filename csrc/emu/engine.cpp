@@ -58,6 +58,7 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
+  int bar_id = 0;  // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
   std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
 };
@@ -80,6 +81,7 @@ struct Engine {
   int n_runnable = 0;
   int n_done = 0;
   int bar_arrived = 0;
+  int named_arrived[16] = {};  // threads waiting at each named barrier (index 0 unused)
   fiber::Context main;
   Fiber* cur = nullptr;
   uint3 block{};
@@ -310,7 +312,15 @@ std::string deadlock_report(const Engine& e) {
     }
   }
   m << "deadlock in block " << dim_str(e.block) << ": ";
-  if (first_bar) {
+  if (first_bar && first_bar->bar_id != 0) {
+    int waiting = 0;
+    for (const Fiber& f : e.fibers)
+      waiting += f.state == State::kBarrier && f.bar_id == first_bar->bar_id;
+    m << "named barrier " << first_bar->bar_id << " at "
+      << site(first_bar->bar_file, first_bar->bar_line) << " was reached by " << waiting
+      << " threads, fewer than its count; " << at_bar << " threads wait at barriers, "
+      << e.n_done << " had exited";
+  } else if (first_bar) {
     m << "divergent __syncthreads(): the barrier at "
       << site(first_bar->bar_file, first_bar->bar_line) << " was reached by "
       << at_bar << " of " << e.nthreads << " threads; " << e.n_done
@@ -388,6 +398,7 @@ void run_block(Engine& e, const uint3& block) {
   e.n_runnable = e.nthreads;
   e.n_done = 0;
   e.bar_arrived = 0;
+  std::fill(std::begin(e.named_arrived), std::end(e.named_arrived), 0);
   // Dynamic shared memory: one exact-size allocation per block.
   const size_t dyn = e.spec->dynamic_smem_bytes;
   if (posix_memalign(&e.dyn_smem, 16, dyn == 0 ? 1 : dyn) != 0)
@@ -596,6 +607,7 @@ void block_barrier(const char* file, int line) {
   self->state = State::kBarrier;
   self->bar_file = file;
   self->bar_line = line;
+  self->bar_id = 0;
   --e.n_runnable;
   if (++e.bar_arrived < e.nthreads) {
     yield_from(self);
@@ -612,6 +624,41 @@ void block_barrier(const char* file, int line) {
   for (Fiber& f : e.fibers) f.state = State::kRunnable;
   e.n_runnable = e.nthreads;
   e.bar_arrived = 0;
+}
+
+void named_barrier(int id, int count, const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr) trap("bar.sync called outside a kernel");
+  Engine& e = *ep;
+  Fiber* self = e.cur;
+  if (id < 1 || id > 15 || count < 32 || count % 32 != 0 || count > e.nthreads)
+    fault_in_fiber("bar.sync at " + site(file, line) + ": barrier " + std::to_string(id) +
+                   " with " + std::to_string(count) +
+                   " threads (ids 1..15; a positive multiple of 32, at most the block's " +
+                   std::to_string(e.nthreads) + ")");
+  self->state = State::kBarrier;
+  self->bar_file = file;
+  self->bar_line = line;
+  self->bar_id = id;
+  --e.n_runnable;
+  if (++e.named_arrived[id] < count) {
+    yield_from(self);
+    return;
+  }
+  // Last arrival: release the threads waiting at this barrier (a fixed count, as on the GPU).
+  int released = 0;
+  for (Fiber& f : e.fibers) {
+    if (f.state == State::kBarrier && f.bar_id == id) {
+      f.state = State::kRunnable;
+      ++released;
+    }
+  }
+  if (released != count)
+    fault_in_fiber("bar.sync " + std::to_string(id) + " at " + site(file, line) + ": " +
+                   std::to_string(released) + " threads released, count is " +
+                   std::to_string(count));
+  e.n_runnable += released;
+  e.named_arrived[id] = 0;
 }
 
 unsigned active_mask() {

@@ -175,6 +175,14 @@ Tensor cp_async_gemm(const Tensor& a, const Tensor& b, int64_t stages) {
   return c;
 }
 
+Tensor named_barrier_groups(const Tensor& x_in) {
+  const Tensor x = f32(x_in, "x");
+  TORCH_CHECK(x.numel() % 128 == 0 && x.numel() > 0, "x must hold whole blocks of 128");
+  Tensor y = torch::empty_like(x);
+  gam_selftest::named_barrier_groups(cfp(x), fp(y), static_cast<int>(x.numel() / 128), nullptr);
+  return y;
+}
+
 Tensor syncwarp_exchange(const Tensor& x_in) {
   const Tensor x = f32(x_in, "x");
   TORCH_CHECK(x.numel() % 64 == 0 && x.numel() > 0, "x must hold whole blocks of 64");
@@ -220,6 +228,8 @@ Tensor run_fault(const std::string& name) {
   } else if (name == "ldmatrix_global") {
     Tensor src = torch::zeros({64}, torch::kFloat16);
     gam_selftest::fault_ldmatrix_global(src.data_ptr(), fp(out), nullptr);
+  } else if (name == "named_barrier_count") {
+    gam_selftest::fault_named_barrier_count(fp(out), nullptr);
   } else if (name == "mma_exited_lane") {
     gam_selftest::fault_mma_exited_lane(fp(out), nullptr);
   } else if (name == "empty_grid") {
@@ -251,6 +261,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ldmatrix_mma", &ldmatrix_mma);
   m.def("cp_async_gemm", &cp_async_gemm);
   m.def("syncwarp_exchange", &syncwarp_exchange);
+  m.def("named_barrier_groups", &named_barrier_groups);
   m.def("barrier_stress", &barrier_stress);
   m.def("run_fault", &run_fault);
 }

@@ -329,6 +329,16 @@ __global__ void __launch_bounds__(64) syncwarp_exchange_kernel(const float* x, f
   y[blockIdx.x * 64 + tid] = buf[base + (lane + 1) % 32];
 }
 
+// Two groups of two warps, each synchronising on its own named barrier: thread t of group g
+// reads what thread (t + 1) % 64 of the same group wrote.
+__global__ void __launch_bounds__(128) named_barrier_kernel(const float* x, float* y) {
+  GAM_SHARED(float, buf, 128);
+  const int tid = threadIdx.x, group = tid / 64, t = tid % 64;
+  buf[tid] = x[blockIdx.x * 128 + tid];
+  gam::cuda::named_barrier_sync(1 + group, 64);
+  y[blockIdx.x * 128 + tid] = buf[group * 64 + (t + 1) % 64];
+}
+
 // ---- speed ---------------------------------------------------------------------
 __global__ void barrier_stress_kernel(float* data, int rounds) {
   GAM_SHARED(float, buf, 256);
@@ -424,6 +434,13 @@ __global__ void ldmatrix_global_kernel(const uint16_t* src, float* out) {
   uint32_t r[1];
   ldmatrix<1, false>(r, src + (threadIdx.x % 8) * 8);  // global memory, not shared
   out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+// A named barrier whose count (128) exceeds the threads that reach it (64).
+__global__ void named_barrier_count_kernel(float* out) {
+  if (threadIdx.x >= 64) return;
+  gam::cuda::named_barrier_sync(1, 128);
+  out[threadIdx.x] = 1.0f;
 }
 
 __global__ void mma_exited_lane_kernel(float* out) {
@@ -559,6 +576,11 @@ void cp_async_gemm(const void* a, const void* b, float* c, int k, int stages, in
   }
 }
 
+void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t stream) {
+  gam_launch("named_barrier_kernel", named_barrier_kernel, dim3(blocks), dim3(128), 0, stream, x,
+             y);
+}
+
 void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream) {
   gam_launch("syncwarp_exchange_kernel", syncwarp_exchange_kernel, dim3(blocks), dim3(64), 0,
              stream, x, y);
@@ -617,6 +639,11 @@ void fault_ldmatrix_misaligned(float* out, cudaStream_t stream) {
 void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream) {
   gam_launch("ldmatrix_global_kernel", ldmatrix_global_kernel, dim3(1), dim3(32), 0, stream,
              static_cast<const uint16_t*>(src), out);
+}
+
+void fault_named_barrier_count(float* out, cudaStream_t stream) {
+  gam_launch("named_barrier_count_kernel", named_barrier_count_kernel, dim3(1), dim3(128), 0,
+             stream, out);
 }
 
 void fault_mma_exited_lane(float* out, cudaStream_t stream) {

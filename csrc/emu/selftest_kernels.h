@@ -51,6 +51,9 @@ void ldmatrix_mma(const void* a, const void* b, float* d, int dtype, int b_mode,
 // c (32x16 f32) = a (32xk) b^T with b (16xk): cp.async pipeline of `stages` (1..3) tiles.
 void cp_async_gemm(const void* a, const void* b, float* c, int k, int stages, int dtype,
                    cudaStream_t stream);
+// y[i] = x[group base + (t + 1) % 64] through shared memory and named barriers 1 and 2, one per
+// group of 64 threads; blocks of 128.
+void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t stream);
 // y[i] = x[warp base + (lane + 1) % 32] through shared memory and __syncwarp; blocks of 64.
 void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream);
 // 256 threads x `blocks` blocks x `rounds` barriers (speed check).
@@ -73,6 +76,7 @@ void fault_cp_async_no_barrier(const float* x, float* out, cudaStream_t stream);
 void fault_ldmatrix_misaligned(float* out, cudaStream_t stream);
 void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream);
 void fault_mma_exited_lane(float* out, cudaStream_t stream);
+void fault_named_barrier_count(float* out, cudaStream_t stream);
 void fault_smem_limit(float* out, cudaStream_t stream);
 
 }  // namespace gam_selftest

@@ -139,6 +139,10 @@ void cp_async_wait(int pending);
 // call site.
 void block_barrier(const char* file, int line);
 
+// bar.sync id, count (named barrier, id 1..15): blocks the calling thread until `count` threads
+// (a multiple of 32) wait at barrier id, wherever they call it from.
+void named_barrier(int id, int count, const char* file, int line);
+
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
 // Warp index of the calling thread within its block.
