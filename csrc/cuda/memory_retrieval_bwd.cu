@@ -213,6 +213,10 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     float* xs = reinterpret_cast<float*>(ms + stages * kBlockN * dpad);
     const int ntiles = (slots + kBlockN - 1) / kBlockN;
     const int col0 = wn * kDc;
+    // ldmatrix offsets, as in the forward (swz_step): rows lane % 16, groups 2 j + lane / 16.
+    const int x8 = swz_x8(lane >> 4, lane);
+    const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
+    const int m_off = (lane & 15) * dpad + col0;
 
     auto load_m = [&](int tile) {
       load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
@@ -291,16 +295,15 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
 #pragma unroll
           for (int r = 0; r < 4; ++r) ah[r] = hf[kk][r], ag[r] = gf[kk][r];
         } else {
-          const int off = swz(16 * wm + (lane & 15), col0 + kk * 16 + (lane >> 4) * 8, dpad);
+          const int off = a_off + swz_step(kk, x8);
           ldmatrix<4, false>(ah, hs + off);
           ldmatrix<4, false>(ag, gs + off);
         }
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          uint32_t b[4];
-          ldmatrix<4, false>(b, mt + swz(16 * np + (lane & 7) + ((lane >> 4) << 3),
-                                         col0 + kk * 16 + ((lane >> 3) & 1) * 8, dpad));
-          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          uint32_t b[4];  // n-tiles 2 np and 2 np + 1: {b[0], b[2]}, {b[1], b[3]} (as forward)
+          ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
+          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
           mma_m16n8k16<T>(s[2 * np], ah, b0, s[2 * np]);
           mma_m16n8k16<T>(s[2 * np + 1], ah, b1, s[2 * np + 1]);
           mma_m16n8k16<T>(dp[2 * np], ag, b0, dp[2 * np]);
@@ -371,8 +374,7 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
 #pragma unroll
         for (int dd = 0; dd < kNO / 2; ++dd) {
           uint32_t b[4];
-          ldmatrix<4, true>(b, mt + swz(16 * kp + (lane & 15), col0 + 16 * dd + (lane >> 4) * 8,
-                                        dpad));
+          ldmatrix<4, true>(b, mt + m_off + 16 * kp * dpad + swz_step(dd, x8));
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
           mma_m16n8k16<T>(acc[2 * dd], dsf[kp], b0, acc[2 * dd]);
           mma_m16n8k16<T>(acc[2 * dd + 1], dsf[kp], b1, acc[2 * dd + 1]);

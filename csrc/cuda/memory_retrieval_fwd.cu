@@ -35,9 +35,13 @@ struct FwdMmaArgs {
 };
 
 // Threads per block at most: 16 warps, 8 with h in registers. The bound caps registers at
-// 65536 / threads (128 for 512 threads).
+// 65536 / threads (128 for 512 threads). sm_75's 64 KB configurations never exceed 256 threads,
+// so there the bound is 256 (the sm_75 product is two m16n8k8, which needs a few more registers).
+template <bool kHRegs>
+constexpr int kFwdMaxThreads = kHRegs || GAM_MMA_SM75 ? 256 : 512;
+
 template <typename T, int kDc, int kBlockN, bool kHRegs>
-__global__ void __launch_bounds__(kHRegs ? 256 : 512)
+__global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
     retrieval_fwd_mma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                              T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                              int slots, int dim, float scale_log2, FwdMmaArgs cfg, bool vec) {
@@ -63,6 +67,11 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
     const int ntiles = (slots + kBlockN - 1) / kBlockN;
     const int col0 = wn * kDc;  // first column of the warp's chunk
     const T* hsrc = h + row0 * dim;
+    // ldmatrix offsets of the S product (swz_step): every load of a thread reads rows lane % 16
+    // (+ 16 wm for h, + 16 per slot group for M) and 8-column group 2 j + lane / 16.
+    const int x8 = swz_x8(lane >> 4, lane);
+    const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
+    const int m_off = (lane & 15) * dpad + col0;
 
     auto load_m = [&](int tile) {
       load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
@@ -122,15 +131,15 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
 #pragma unroll
           for (int r = 0; r < 4; ++r) a[r] = hf[kk][r];
         } else {
-          ldmatrix<4, false>(a, hs + swz(16 * wm + (lane & 15), col0 + kk * 16 + (lane >> 4) * 8,
-                                         dpad));
+          ldmatrix<4, false>(a, hs + a_off + swz_step(kk, x8));
         }
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
+          // Matrices (slots 0-7, k 0-7), (slots 8-15, k 0-7), (0-7, k 8-15), (8-15, 8-15): the
+          // B fragments of n-tiles 2 np and 2 np + 1 are {b[0], b[2]} and {b[1], b[3]}.
           uint32_t b[4];
-          ldmatrix<4, false>(b, mt + swz(16 * np + (lane & 7) + ((lane >> 4) << 3),
-                                         col0 + kk * 16 + ((lane >> 3) & 1) * 8, dpad));
-          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
+          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
           mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
           mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
         }
@@ -207,6 +216,7 @@ __global__ void __launch_bounds__(kHRegs ? 256 : 512)
 #pragma unroll
         for (int dp = 0; dp < kNO / 2; ++dp) {
           uint32_t b[4];
+          // (The full swz here: hoisting these offsets too costs the spill-free 128 registers.)
           ldmatrix<4, true>(b, mt + swz(16 * kp + (lane & 15), col0 + 16 * dp + (lane >> 4) * 8,
                                         dpad));
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};

@@ -188,11 +188,22 @@ __device__ __forceinline__ void cp_async_wait() {
 // bar.sync id, nthreads: waits until nthreads threads (whole warps) of the block have reached
 // barrier id (1..15; 0 is __syncthreads), and orders their shared-memory accesses like
 // __syncthreads does. Lets groups of warps synchronise without stopping the rest of the block.
+// The id is made an immediate (ids 1..8 here): with a register id ptxas reserves all 16 of the
+// block's barriers.
 __device__ __forceinline__ void named_barrier_sync(int id, int nthreads GAM_MMA_SITE) {
 #if GAM_IS_EMULATED
   ::gam_emu::named_barrier(id, nthreads, GAM_MMA_SITE_ARGS);
 #else
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+  switch (id) {
+    case 1: asm volatile("bar.sync 1, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 2: asm volatile("bar.sync 2, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 3: asm volatile("bar.sync 3, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 4: asm volatile("bar.sync 4, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 5: asm volatile("bar.sync 5, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 6: asm volatile("bar.sync 6, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 7: asm volatile("bar.sync 7, %0;\n" ::"r"(nthreads) : "memory"); break;
+    default: asm volatile("bar.sync 8, %0;\n" ::"r"(nthreads) : "memory"); break;
+  }
 #endif
 }
 
