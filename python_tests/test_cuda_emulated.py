@@ -402,6 +402,13 @@ def test_retrieval_empty_and_deterministic(emu, path, monkeypatch):
     assert out.shape == h.shape and lse.shape == (0, 4)
     dh, dm = emu.memory_retrieval_bwd(h, h, m, out, lse, 1.0)
     assert dh.shape == h.shape and torch.all(dm == 0)
+    # D = 0: softmax over zero scores, lse = log(S) (a fill kernel, no host copy).
+    h0 = torch.zeros(2, 3, 0, dtype=torch.bfloat16)
+    out, lse = emu.memory_retrieval_fwd(h0, m[:, :0].bfloat16(), 1.0)
+    assert out.shape == h0.shape
+    torch.testing.assert_close(lse, torch.full((2, 3), torch.log(torch.tensor(5.0)).item()))
+    dh, dm = emu.memory_retrieval_bwd(h0, h0, m[:, :0].bfloat16(), out, lse, 1.0)
+    assert dh.shape == h0.shape and dm.shape == (5, 0)
     h = gen((2, 150, 8), torch.float32, 51)  # 300 rows: 3 dM row splits
     grad_out = gen((2, 150, 8), torch.float32, 52)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
