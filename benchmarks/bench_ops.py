@@ -11,6 +11,8 @@ Providers:
             on both sides (permute + conv + slice), matmul-softmax-matmul, two sigmoid gates
   compile   torch.compile of that eager formulation (default inductor backend)
   sdpa      (cuda only, retrieval only) F.scaled_dot_product_attention with the bank as K and V
+  gam_gemm  (cuda only, retrieval only) gam_ext with GAM_EXT_RETRIEVAL=gemm: cuBLAS products
+            around gam_ext's softmax kernels (the gam_ext provider runs the default, fused path)
 
 Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
 untimed before each repeat), fwdbwd (both).
@@ -58,7 +60,7 @@ import gam_ext  # noqa: E402
 
 OPS = ("conv", "retrieval", "gate", "mixer")
 MODES = ("fwd", "bwd", "fwdbwd")
-PROVIDERS = ("gam_ext", "eager", "compile", "sdpa")
+PROVIDERS = ("gam_ext", "eager", "compile", "sdpa", "gam_gemm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -100,6 +102,16 @@ def gam_retrieval(h, memory):
     return gam_ext.memory_retrieval(h, memory)
 
 
+def set_retrieval_path(provider, original):
+    """GAM_EXT_RETRIEVAL (read by the extension on every call) for a provider's runs: gemm for
+    gam_gemm, else what the environment said when the benchmark started."""
+    value = "gemm" if provider == "gam_gemm" else original
+    if value is None:
+        os.environ.pop("GAM_EXT_RETRIEVAL", None)
+    else:
+        os.environ["GAM_EXT_RETRIEVAL"] = value
+
+
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
     return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
 
@@ -114,6 +126,7 @@ FUNCS = {
     ("gate", "gam_ext"): gam_ext.gate_fusion,
     ("mixer", "gam_ext"): gam_mixer,
     ("retrieval", "sdpa"): sdpa_retrieval,
+    ("retrieval", "gam_gemm"): gam_retrieval,
 }
 
 
@@ -304,7 +317,9 @@ def parse_args(argv=None):
     parser.add_argument("--note", default="", help="free text added to the results file")
     args = parser.parse_args(argv)
     if args.providers is None:
-        args.providers = ["gam_ext", "eager", "compile"] + (["sdpa"] if args.device == "cuda" else [])
+        args.providers = ["gam_ext", "eager", "compile"] + (
+            ["sdpa", "gam_gemm"] if args.device == "cuda" else []
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     return args
@@ -328,6 +343,7 @@ def main(argv=None):
           flush=True)
 
     rows = []
+    original_path = os.environ.get("GAM_EXT_RETRIEVAL")
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         for n in args.seqlen:
@@ -335,8 +351,9 @@ def main(argv=None):
             for op in args.ops:
                 compiled = {}
                 for provider in args.providers:
-                    if provider == "sdpa" and (device != "cuda" or op != "retrieval"):
+                    if provider in ("sdpa", "gam_gemm") and (device != "cuda" or op != "retrieval"):
                         continue
+                    set_retrieval_path(provider, original_path)
                     if provider == "compile":
                         fn = compiled.setdefault(op, torch.compile(FUNCS[(op, "eager")]))
                     else:
@@ -366,6 +383,7 @@ def main(argv=None):
                               f"extra {'-' if extra is None else f'{extra / 2**20:.1f} MB'}",
                               flush=True)
                     del inputs
+    set_retrieval_path("gam_ext", original_path)
     for row in rows:
         base = next((r for r in rows if r["provider"] == "eager" and all(
             r[key] == row[key] for key in ("dtype", "seqlen", "op", "mode"))), None)

@@ -5,13 +5,18 @@
 Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as % of a measured
 device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
-SDPA (K = V = M); the mixer reports fwd+bwd speed-up over eager; the one-token step of generation
-(gam_mixer_step, 1 and B rows) GB/s and its speed-up over the eager step.
+SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused, the default, and gemm: cuBLAS around
+a softmax kernel), forward, backward (against eager autograd's backward alone) and both, with
+the fused path's speed-up over the gemm path ("vs gemm"), all in one process, so that a GPU run
+can pick the default per shape (csrc/cuda/README.md); the mixer reports fwd+bwd speed-up over
+eager; the one-token step of generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
+the eager step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +58,25 @@ def bw_row(n, op, fn, nbytes, hbm, copy_bw, eager_fn=None):
     vs = f"{timeit(eager_fn) / t:.2f}x" if eager_fn else "-"
     print(
         f"| {n} | {op} | {t * 1e3:.3f} | {gbs:.0f} GB/s | {100 * gbs / copy_bw:.0f}% | "
-        f"{nominal} | {vs} | - | - |"
+        f"{nominal} | {vs} | - | - | - |"
     )
+
+
+def with_path(path, fn):
+    """fn run with GAM_EXT_RETRIEVAL=path (read by the extension on every call)."""
+
+    def run():
+        old = os.environ.get("GAM_EXT_RETRIEVAL")
+        os.environ["GAM_EXT_RETRIEVAL"] = path
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["GAM_EXT_RETRIEVAL"]
+            else:
+                os.environ["GAM_EXT_RETRIEVAL"] = old
+
+    return run
 
 
 def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled) -> None:
@@ -88,24 +110,43 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
 
     m = torch.randn(s, d, device="cuda", dtype=dtype) * d**-0.5
     h = torch.randn(b, n, d, device="cuda", dtype=dtype)
-    t = timeit(lambda: gam_ext.memory_retrieval(h, m))
     flops = 4 * b * n * s * d
     te = timeit(lambda: reference.memory_retrieval(h, m))
     tc = timeit(lambda: mem_compiled(h, m))
     mk = m[None, None].expand(b, 1, s, d)
     ts = timeit(lambda: F.scaled_dot_product_attention(h[:, None], mk, mk, scale=1.0))
-    tf = flops / t / 1e12
-    pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"
-    print(
-        f"| {n} | retrieval fwd | {t * 1e3:.3f} | {tf:.0f} TFLOP/s | - | {pct} | "
-        f"{te / t:.2f}x | {tc / t:.2f}x | {ts / t:.2f}x |"
-    )
-    g, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0)
-    t = timeit(lambda: torch.ops.gam_ext.memory_retrieval_bwd(dy, h, m, g, lse, 1.0))
-    # The backward needs 5 GEMM-sized products (2 * B*N*S*D flops each): 2.5x the forward.
-    print(
-        f"| {n} | retrieval bwd | {t * 1e3:.3f} | {2.5 * flops / t / 1e12:.0f} TFLOP/s | - | - | - | - | - |"
-    )
+    # Eager autograd's backward alone (the graph kept between calls).
+    hl, ml = h.detach().requires_grad_(), m.detach().requires_grad_()
+    ref_out = reference.memory_retrieval(hl, ml)
+    te_bwd = timeit(lambda: torch.autograd.grad(ref_out, (hl, ml), dy, retain_graph=True))
+    times = {}
+    retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
+    for path in ("fused", "gemm"):
+        t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))
+        g, lse = with_path(path, lambda: torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0))()
+        t_bwd = timeit(with_path(path, lambda g=g, lse=lse: retrieval_bwd(dy, h, m, g, lse, 1.0)))
+        times[path] = (t, t_bwd)
+    for path in ("fused", "gemm"):
+        t, t_bwd = times[path]
+        tf = flops / t / 1e12
+        pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"
+        vs_gemm = "-" if path == "gemm" else f"{times['gemm'][0] / t:.2f}x"
+        print(
+            f"| {n} | retrieval fwd ({path}) | {t * 1e3:.3f} | {tf:.0f} TFLOP/s | - | {pct} | "
+            f"{te / t:.2f}x | {tc / t:.2f}x | {ts / t:.2f}x | {vs_gemm} |"
+        )
+        # The backward needs 5 GEMM-sized products (2 * B*N*S*D flops each): 2.5x the forward.
+        vs_gemm = "-" if path == "gemm" else f"{times['gemm'][1] / t_bwd:.2f}x"
+        print(
+            f"| {n} | retrieval bwd ({path}) | {t_bwd * 1e3:.3f} | {2.5 * flops / t_bwd / 1e12:.0f} TFLOP/s "
+            f"| - | - | {te_bwd / t_bwd:.2f}x | - | - | {vs_gemm} |"
+        )
+        both = t + t_bwd
+        vs_gemm = "-" if path == "gemm" else f"{sum(times['gemm']) / both:.2f}x"
+        print(
+            f"| {n} | retrieval fwd+bwd ({path}) | {both * 1e3:.3f} | {3.5 * flops / both / 1e12:.0f} "
+            f"TFLOP/s | - | - | {(te + te_bwd) / both:.2f}x | - | - | {vs_gemm} |"
+        )
 
     gw = torch.randn(2 * d, d, device="cuda", dtype=dtype) * d**-0.5
     gb = torch.zeros(2 * d, device="cuda", dtype=dtype)
@@ -123,7 +164,7 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
 
     t = timeit(mixer(gam_ext.gam_mixer), reps=10)
     te = timeit(mixer(reference.gam_mixer), reps=10)
-    print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - |")
+    print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - | - |")
 
 
 def bench_step(b, d, s, k, dtype, esz, hbm, copy_bw) -> None:
@@ -171,8 +212,8 @@ def main() -> None:
         f"device: {name}; dtype {args.dtype}; B={b} D={d} S={s} K={k}; "
         f"measured copy {copy_bw:.0f} GB/s; nominal HBM {hbm} GB/s, bf16 TC peak {tc_peak} TFLOP/s\n"
     )
-    print("| N | op | ms | figure | % copy BW | % nominal | vs eager | vs compile | vs sdpa |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| N | op | ms | figure | % copy BW | % nominal | vs eager | vs compile | vs sdpa | vs gemm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     mem_compiled = torch.compile(reference.memory_retrieval)
 
     for n in [int(v) for v in args.seqlens.split(",")]:

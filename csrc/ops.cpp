@@ -4,6 +4,19 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
+
+#ifdef GAM_EXT_WITH_CUDA
+namespace gam {
+namespace cuda {
+// csrc/cuda/dispatch.cpp: which retrieval kernels run on the current device.
+std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, int64_t dim,
+                                                                 const std::string& dtype);
+}  // namespace cuda
+}  // namespace gam
+#endif
+
 TORCH_LIBRARY(gam_ext, m) {
   // Weight is (D, K); the returned grads of weight and bias are in weight's dtype.
   m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -37,4 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+#ifdef GAM_EXT_WITH_CUDA
+  m.def("cuda_retrieval_path", &gam::cuda::retrieval_path,
+        "(path, forward, backward): the retrieval kernels the current CUDA device runs for "
+        "(slots, dim, dtype), under the environment as it is now");
+#endif
 }

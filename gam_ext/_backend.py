@@ -115,9 +115,31 @@ def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
 
-def backend_info() -> dict[str, Any]:
-    """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why."""
-    return {
+def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Which implementation of memory_retrieval each device runs for S slots, width D and dtype."""
+    path: dict[str, Any] = {}
+    for device in DEVICE_KEYS:
+        if not use_kernel("memory_retrieval", device, dtype):
+            path[device] = "reference"
+        elif device == "cpu":
+            path[device] = "kernel: fp32 GEMM tiles and an online softmax (csrc/cpu)"
+        elif not torch.cuda.is_available():
+            path[device] = "kernel (no CUDA device to size it for)"
+        else:
+            name, fwd, bwd = _extension.cuda_retrieval_path(slots, dim, str(dtype).split(".")[1])
+            path[device] = {"path": name, "forward": fwd, "backward": bwd}
+    return path
+
+
+def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[str, Any]:
+    """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
+
+    ``retrieval=(slots, dim, dtype)`` adds ``"retrieval"``: for each device, which implementation
+    of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``) and the
+    forward and backward kernels with their tiles, as the launchers pick them for the current
+    device (the fused tensor-core kernels, or the fp32 SIMT kernels and why).
+    """
+    info = {
         "backend": _backend,
         "extension": None if _extension is None else _extension.__file__,
         "extension_error": _extension_error,
@@ -129,3 +151,7 @@ def backend_info() -> dict[str, Any]:
             for device in DEVICE_KEYS
         },
     }
+    if retrieval is not None:
+        slots, dim, dtype = retrieval
+        info["retrieval"] = _retrieval_path(int(slots), int(dim), dtype)
+    return info

@@ -3,7 +3,7 @@
 # the host compiler against the SIMT emulation layer (csrc/emu), under AddressSanitizer.
 # The ASan runtime must be the first library in the process, so this is a separate pytest run
 # with LD_PRELOAD set (libstdc++ too, so ASan can intercept C++ exceptions); csrc/emu/emulation.py
-# says what to set. Extra arguments go to pytest, e.g. `bash python_tests/run_emulated.sh -k wmma -x`
+# says what to set. Extra arguments go to pytest, e.g. `bash python_tests/run_emulated.sh -k mma -x`
 # or `bash python_tests/run_emulated.sh python_tests/test_emulator.py`.
 # GAM_EMU_ASAN=0 runs the same tests without ASan (no bounds checking).
 set -euo pipefail

@@ -80,6 +80,11 @@ def test_backend_info_reports_the_build():
     assert set(info["ops"]) == {"cpu", "cuda"}
     assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion",
                                        "causal_conv1d_update", "gam_mixer_step"}
+    assert "retrieval" not in info
+    shaped = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))
+    assert set(shaped["retrieval"]) == {"cpu", "cuda"}
+    assert shaped["retrieval"]["cpu"].startswith("kernel")
+    assert gam_ext.backend_info(retrieval=(512, 512, torch.float64))["retrieval"]["cuda"] == "reference"
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

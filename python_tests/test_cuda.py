@@ -66,15 +66,39 @@ def test_conv(dtype, shape):
         close(ours, ref, torch.float32, scale=max(1.0, (b * n) ** 0.5))
 
 
-@pytest.mark.parametrize("tensor_cores", ["1", "0"], ids=["wmma", "simt"])
+RETRIEVAL_SHAPES = [
+    (1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512),
+    (1, 37, 45, 1000), (1, 9, 40, 1100),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "shape",
-    [(1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512), (1, 9, 40, 1100)],
-    ids=lambda s: "B{}N{}S{}D{}".format(*s),
-)
-def test_retrieval(dtype, shape, tensor_cores, monkeypatch):
-    monkeypatch.setenv("GAM_EXT_RETRIEVAL_TENSOR_CORES", tensor_cores)
+@pytest.mark.parametrize("shape", RETRIEVAL_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
+def test_retrieval(dtype, shape, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    check_retrieval(dtype, shape)
+
+
+# Shared memory of smaller GPUs (sm_80, sm_86/89/120, sm_75), to run their configurations here.
+SMEM_LIMITS = [166912, 101376, 65536]
+
+
+@pytest.mark.parametrize("limit", SMEM_LIMITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 45, 200), (2, 64, 70, 512), (1, 37, 45, 1000)],
+                         ids=lambda s: "B{}N{}S{}D{}".format(*s))  # fmt: skip
+def test_retrieval_smaller_gpu_configurations(dtype, shape, limit, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT", str(limit))
+    check_retrieval(dtype, shape)
+
+
+def test_retrieval_path_is_reported():
+    info = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]
+    assert info["path"] == "fused" and info["forward"].startswith("mma"), info
+
+
+def check_retrieval(dtype, shape):
     b, n, s, d = shape
     h, m = gen((b, n, d), dtype, 5, d**-0.25), gen((s, d), torch.float32, 6, d**-0.25)
     dg = gen((b, n, d), dtype, 7)
@@ -164,6 +188,18 @@ def test_autocast_block():
         gam_ext.set_backend("auto")
     torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=1e-1)
     assert block.memory_bank.grad is not None and block.causal_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_retrieval_empty_and_d0(path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    m = gen((5, 8), torch.bfloat16, 15)
+    e = torch.zeros(0, 4, 8, device=DEV, dtype=torch.bfloat16)
+    out, lse = torch.ops.gam_ext.memory_retrieval_fwd(e, m, 1.0)
+    assert out.shape == e.shape and lse.shape == (0, 4)
+    h0 = torch.zeros(2, 3, 0, device=DEV, dtype=torch.bfloat16)
+    out, lse = torch.ops.gam_ext.memory_retrieval_fwd(h0, m[:, :0], 1.0)
+    torch.testing.assert_close(lse, torch.full((2, 3), float(torch.log(torch.tensor(5.0))), device=DEV))
 
 
 def test_deterministic_backward():

@@ -4,9 +4,12 @@ Run with `bash python_tests/run_emulated.sh` (AddressSanitizer preloaded, so out
 or shared memory accesses abort); in a plain pytest process these tests skip. The module exposes
 the host dispatch of csrc/cuda/dispatch.cpp (the same checks, conversions and launchers as the
 real CUDA build) on CPU tensors. Shapes are small but cross every tile edge of the kernels:
-conv blocks cover 128 time steps and 32 channel groups; retrieval tiles are 64 rows x 32 slots
-(tensor-core forward), 32 x 32 (tensor-core backward) or 16 x 32 (SIMT) with 256-column slices;
-the dM reduction splits rows every 128.
+conv blocks cover 128 time steps and 32 channel groups; the fused tensor-core retrieval forward
+takes 16 to 64 rows x 16 or 32 slots per step, D in chunks of 128 columns (up to 8 chunks,
+D <= 1024), the tensor-core backward 32 x 32, SIMT 16 x 32 with 256-column slices; the dM
+reduction splits rows every 128. GAM_EXT_RETRIEVAL selects the path (fused / simt / gemm) and
+emu.set_device the emulated GPU whose shared memory sizes the fused kernels, so every per-arch
+configuration the dispatcher can pick runs here.
 """
 
 from __future__ import annotations
@@ -30,8 +33,28 @@ def emu():
     if reason is not None:
         pytest.skip(reason)
     mod = emulation.load_emulated_module(["csrc/cuda/dispatch.cpp"], name="gam_cuda_emulated")
-    mod.set_retrieval_path(True, 227 * 1024)
+    mod.set_device(*DEVICES["sm_90"])
     return mod
+
+
+# Emulated GPUs: (compute capability, shared memory per block (opt-in), per SM), bytes.
+DEVICES = {
+    "sm_90": (90, 232448, 233472),
+    "sm_80": (80, 166912, 167936),
+    "sm_86": (86, 101376, 102400),
+    "sm_75": (75, 65536, 65536),
+}
+
+
+@pytest.fixture
+def device(emu):
+    """Sets the emulated device for one test (by name), restoring the H100-like default."""
+
+    def use(name):
+        emu.set_device(*DEVICES[name])
+
+    yield use
+    emu.set_device(*DEVICES["sm_90"])
 
 
 def close(ours, ref, dtype, scale=1.0, **kw):
@@ -175,31 +198,93 @@ RET_SHAPES = [
     (1, 5, 20, 264),
     (1, 40, 40, 100),
     (1, 3, 5, 520),  # > 512 columns: several output slices per row tile on every path
+    (1, 20, 33, 1000),  # 8 column chunks of the fused forward, the last one partial
+    (2, 9, 17, 1024),
 ]
 
 
-@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", RET_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
-def test_retrieval(emu, dtype, shape, tensor_cores):
+def run_retrieval(emu, dtype, shape, seed=20, scale=0.75):
+    """Forward and backward through the emulated kernels and in float64; returns both.
+
+    Inputs scale like d**-0.25 (at most 0.5), as in test_cuda.py, so scores stay O(1) at D = 1024.
+    """
     b_, n, s, d = shape
-    h = gen((b_, n, d), dtype, 20, 0.5)
-    m = gen((s, d), torch.float32, 21, 0.5)  # fp32 bank with half activations
-    grad_out = gen((b_, n, d), dtype, 22)
-    scale = 0.75
-    out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m.to(dtype), scale, grad_out)
-    emu.set_retrieval_path(tensor_cores, 227 * 1024)
-    try:
-        out, lse = emu.memory_retrieval_fwd(h, m, scale)
-        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, scale)
-    finally:
-        emu.set_retrieval_path(True, 227 * 1024)
-    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b_, n)
+    mag = min(0.5, d**-0.25)
+    h = gen((b_, n, d), dtype, seed, mag)
+    m = gen((s, d), torch.float32, seed + 1, mag)  # fp32 bank with half activations
+    grad_out = gen((b_, n, d), dtype, seed + 2)
+    ref = retrieval_ref(h, m.to(dtype), scale, grad_out)
+    out, lse = emu.memory_retrieval_fwd(h, m, scale)
+    dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, scale)
+    return (out, lse, dh, dm), ref
+
+
+def check_retrieval(ours, ref, dtype, shape):
+    out, lse, dh, dm = ours
+    out_ref, lse_ref, dh_ref, dm_ref = ref
+    b_, n, _, _ = shape
     close(out, out_ref, dtype)
     close(lse, lse_ref, dtype)
-    assert dm.dtype == torch.float32 and dm.shape == m.shape
     close(dh, dh_ref, dtype)
     close(dm, dm_ref, dtype, scale=max(1.0, (b_ * n / 16) ** 0.5))
+
+
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RET_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
+def test_retrieval(emu, dtype, shape, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    b_, n, s, d = shape
+    (out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref) = run_retrieval(emu, dtype, shape)
+    kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
+    expected = "gemm" if path == "gemm" else "mma" if path == "fused" and dtype != torch.float32 else "simt"
+    assert kind[0] == path and kind[1].startswith(expected) and kind[2].startswith(expected), kind
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b_, n)
+    assert dm.dtype == torch.float32 and dm.shape == (s, d)
+    check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
+
+
+# (D, what the fused forward picks on each emulated device for fp16; bf16 the same except where
+# the device has no bf16 tensor cores). Each D class, on each device, is one configuration of
+# FwdMmaConfig (csrc/cuda/retrieval_common.cuh).
+FWD_VARIANTS = {
+    40: {"sm_90": "<128, 32>, 64 rows", "sm_80": "<128, 32>, 64 rows",
+         "sm_86": "<128, 32>, 64 rows", "sm_75": "<128, 16>, 32 rows"},
+    100: {"sm_90": "<128, 32>, 64 rows", "sm_80": "<128, 32>, 64 rows",
+          "sm_86": "<128, 32>, 64 rows", "sm_75": "<128, 16>, 32 rows"},
+    200: {"sm_90": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
+          "sm_80": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 2 stages",
+          "sm_86": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
+          "sm_75": "<128, 32>, 32 rows"},
+    512: {"sm_90": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 3 stages",
+          "sm_80": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 2 stages",
+          "sm_86": "<128, 16>, 32 rows", "sm_75": "<128, 16>, 16 rows"},
+    1000: {"sm_90": "<128, 32>, 32 rows", "sm_80": "<128, 16>, 32 rows",
+           "sm_86": "<128, 16>, 16 rows x 16 slots, 8 column chunks of 128, 1 stages",
+           "sm_75": "<128, 16, h in registers>, 16 rows"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(DEVICES))
+@pytest.mark.parametrize("d", list(FWD_VARIANTS))
+def test_retrieval_every_device_configuration(emu, device, name, d, dtype):
+    # Every configuration the dispatcher picks for sm_75 .. sm_90 shared memory; S not a multiple
+    # of any tile, rows crossing the 16-, 32- and 64-row tiles.
+    device(name)
+    shape = (2, 37, 45, d)
+    kind = emu.retrieval_path(45, d, str(dtype).split(".")[1])
+    if name == "sm_75" and dtype == torch.bfloat16:
+        assert kind[1].startswith("simt (no bf16 tensor cores before sm_80)"), kind
+        assert kind[2].startswith("simt (no bf16 tensor cores before sm_80)"), kind
+    else:
+        assert kind[1].startswith("mma: retrieval_fwd_mma_kernel" + FWD_VARIANTS[d][name]), kind
+        # The backward's row pass keeps h and grad_out in registers only where nothing else fits.
+        regs = d > 512 and name in ("sm_86", "sm_75")
+        bwd = "mma: retrieval_bwd_mma_kernel" + ("<h and grad_out in registers>" if regs else ", ")
+        assert kind[2].startswith(bwd), kind
+    ours, ref = run_retrieval(emu, dtype, shape, seed=d)
+    check_retrieval(ours, ref, dtype, shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -220,9 +305,9 @@ def test_retrieval_rescale_path(emu, dtype):
     close(dh, dh_ref, dtype, scale=ref_mag)
 
 
-@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, tensor_cores):
+def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, path, monkeypatch):
     # One rule (csrc/op_checks.h): the memory bank is rounded to the activation dtype, as autocast
     # does for the eager formulation's matmuls. An fp32 bank must then give the very bits of the
     # pre-rounded bank, on the CPU kernels and on the CUDA kernels alike.
@@ -247,14 +332,11 @@ def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, tens
         grad_out, h, m_rounded, cpu_out, cpu_lse, 0.75
     )
     assert torch.equal(cpu_dh, cpu_dh_r) and torch.equal(cpu_dm.to(dtype), cpu_dm_r)
-    emu.set_retrieval_path(tensor_cores, 227 * 1024)
-    try:
-        out, lse = emu.memory_retrieval_fwd(h, m, 0.75)
-        out_r, lse_r = emu.memory_retrieval_fwd(h, m_rounded, 0.75)
-        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 0.75)
-        dh_r, dm_r = emu.memory_retrieval_bwd(grad_out, h, m_rounded, out, lse, 0.75)
-    finally:
-        emu.set_retrieval_path(True, 227 * 1024)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    out, lse = emu.memory_retrieval_fwd(h, m, 0.75)
+    out_r, lse_r = emu.memory_retrieval_fwd(h, m_rounded, 0.75)
+    dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 0.75)
+    dh_r, dm_r = emu.memory_retrieval_bwd(grad_out, h, m_rounded, out, lse, 0.75)
     assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
     assert torch.equal(dh, dh_r) and torch.equal(dm.to(dtype), dm_r)
     # Both devices agree with the eager formulation under autocast, and with each other.
@@ -265,38 +347,68 @@ def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, tens
     close(dm, cpu_dm, dtype, scale=2.0)
 
 
-def test_retrieval_smem_fallback_and_layouts(emu):
-    # A device with too little shared memory for the tensor-core tile takes the SIMT path.
+def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
+    # GAM_EXT_RETRIEVAL_SMEM_LIMIT below every tensor-core tile: the SIMT kernels run, and the
+    # path says so and why (never a silent fallback).
     h = gen((1, 20, 48), torch.bfloat16, 40)
     m = gen((40, 48), torch.bfloat16, 41)
     grad_out = gen((1, 20, 48), torch.bfloat16, 42)
     out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, grad_out)
-    assert emu.memory_retrieval_fwd_tc_smem_bytes(48) > 1024
-    emu.set_retrieval_path(True, 1024)
-    try:
+    with monkeypatch.context() as mp:
+        mp.setenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT", "1024")
+        kind = emu.retrieval_path(40, 48, "bfloat16")
+        assert kind[1].startswith("simt (no tensor-core tile fits the shared memory)"), kind
         out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
         dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
-    finally:
-        emu.set_retrieval_path(True, 227 * 1024)
+        mp.setenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT", "lots")
+        with pytest.raises(RuntimeError, match="GAM_EXT_RETRIEVAL_SMEM_LIMIT must be"):
+            emu.memory_retrieval_fwd(h, m, 1.0)
+        mp.setenv("GAM_EXT_RETRIEVAL", "tensor")
+        mp.delenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT")
+        with pytest.raises(RuntimeError, match="GAM_EXT_RETRIEVAL must be fused, gemm or simt"):
+            emu.memory_retrieval_fwd(h, m, 1.0)
     close(out, out_ref, torch.bfloat16)
     close(dh, dh_ref, torch.bfloat16)
     close(dm, dm_ref, torch.bfloat16, scale=2.0)
-    # Non-contiguous and misaligned inputs give the same result.
+    # Non-contiguous and misaligned inputs (element loads instead of cp.async) give the same
+    # result.
+    assert emu.retrieval_path(40, 48, "bfloat16")[1].startswith("mma")
     ht = h.transpose(0, 1).contiguous().transpose(0, 1)
-    out2, lse2 = emu.memory_retrieval_fwd(ht, misaligned(m), 1.0)
+    out2, lse2 = emu.memory_retrieval_fwd(misaligned(ht), misaligned(m), 1.0)
     close(out2, out_ref, torch.bfloat16)
     dh, dm = emu.memory_retrieval_bwd(misaligned(grad_out), ht, m, out2, lse2, 1.0)
     close(dh, dh_ref, torch.bfloat16)
     close(dm, dm_ref, torch.bfloat16, scale=2.0)
 
 
-def test_retrieval_empty_and_deterministic(emu):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_fused_backward_is_deterministic(emu, dtype):
+    # 300 rows: the dM product runs 3 row splits, whose fp32 partials are added in a fixed order.
+    shape = (2, 150, 70, 136)
+    first, ref = run_retrieval(emu, dtype, shape, seed=53)
+    second, _ = run_retrieval(emu, dtype, shape, seed=53)
+    assert emu.retrieval_path(70, 136, str(dtype).split(".")[1])[2].startswith("mma")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    check_retrieval(first, ref, dtype, shape)
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_retrieval_empty_and_deterministic(emu, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     h = torch.zeros(0, 4, 8)
     m = gen((5, 8), torch.float32, 50)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
     assert out.shape == h.shape and lse.shape == (0, 4)
     dh, dm = emu.memory_retrieval_bwd(h, h, m, out, lse, 1.0)
     assert dh.shape == h.shape and torch.all(dm == 0)
+    # D = 0: softmax over zero scores, lse = log(S) (a fill kernel, no host copy).
+    h0 = torch.zeros(2, 3, 0, dtype=torch.bfloat16)
+    out, lse = emu.memory_retrieval_fwd(h0, m[:, :0].bfloat16(), 1.0)
+    assert out.shape == h0.shape
+    torch.testing.assert_close(lse, torch.full((2, 3), torch.log(torch.tensor(5.0)).item()))
+    dh, dm = emu.memory_retrieval_bwd(h0, h0, m[:, :0].bfloat16(), out, lse, 1.0)
+    assert dh.shape == h0.shape and dm.shape == (5, 0)
     h = gen((2, 150, 8), torch.float32, 51)  # 300 rows: 3 dM row splits
     grad_out = gen((2, 150, 8), torch.float32, 52)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.0)

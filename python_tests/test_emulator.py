@@ -140,15 +140,95 @@ def test_block_size_not_a_multiple_of_32(st: types.ModuleType) -> None:
     assert ballots.tolist() == [0xFFFFFFFF, (1 << 18) - 1] * 3
 
 
+
+# ---- warp-level matrix primitives (csrc/cuda/warp_mma.cuh) --------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float16, 16), (torch.bfloat16, 16), (torch.float16, 8)])
+def test_mma_fragments_are_the_ptx_layouts(st: types.ModuleType, dtype: torch.dtype, k: int) -> None:
+    # The kernel places A, B and C in registers by the PTX ISA's formulas for mma.m16n8k16 /
+    # m16n8k8 and reads D back the same way: the product must be a b + c.
+    a = torch.randn(16, k).to(dtype)
+    b = torch.randn(k, 8).to(dtype)
+    c = torch.randn(16, 8)
+    d = st.mma_fragments(a, b, c)
+    expected = a.double() @ b.double() + c.double()
+    torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b_col_major", [False, True])
-def test_wmma_tile_product(st: types.ModuleType, dtype: torch.dtype, b_col_major: bool) -> None:
+def test_a_misplaced_fragment_register_gives_a_wrong_product(
+    st: types.ModuleType, dtype: torch.dtype
+) -> None:
+    # Lanes hold their own registers (not whole tiles): swapping two A registers of one lane
+    # must change rows of the product, as on the GPU.
     a = torch.randn(16, 16).to(dtype)
-    b = torch.randn(16, 16).to(dtype)
-    b_mem = b.t().contiguous() if b_col_major else b
-    c = st.wmma_tile(a, b_mem, b_col_major)
-    expected = 1.5 * (a.double() @ b.double())  # the kernel computes ab, halves it, adds ab
-    torch.testing.assert_close(c.double(), expected, rtol=1e-5, atol=1e-4)
+    b = torch.randn(16, 8).to(dtype)
+    c = torch.zeros(16, 8)
+    good = st.mma_fragments(a, b, c)
+    bad = st.mma_fragments(a, b, c, misplace=True)
+    expected = (a.double() @ b.double()).float()
+    torch.testing.assert_close(good, expected, rtol=1e-6, atol=1e-5)
+    wrong_rows = (bad - expected).abs().amax(1) > 1e-3
+    assert wrong_rows[0] and wrong_rows[8] and not wrong_rows[1:8].any() and not wrong_rows[9:].any()
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("num", [1, 2, 4])
+def test_ldmatrix_fragments_bitwise(st: types.ModuleType, num: int, trans: bool) -> None:
+    # PTX ldmatrix .m8n8 .b16: register j of lane l is the l-th 32-bit word of matrix j in row
+    # major order (two consecutive 16-bit elements), of its transpose with .trans.
+    src = torch.randint(-(2**15), 2**15, (num, 8, 8), dtype=torch.int16)
+    out = st.ldmatrix_fragments(src, trans)
+    mats = src.transpose(1, 2) if trans else src
+    expected = mats.contiguous().view(torch.int32).view(num, 32).t()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("b_mode", [0, 1, 2, 3], ids=["col-x2", "row-x2trans", "col-2x1", "row-2x1trans"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ldmatrix_then_mma_is_a_matrix_product(st: types.ModuleType, dtype: torch.dtype, b_mode: int) -> None:
+    a = torch.randn(16, 16).to(dtype)
+    b = torch.randn(16, 8).to(dtype)
+    storage = b.t().contiguous() if b_mode % 2 == 0 else b  # n-major ("col") or k-major
+    d = st.ldmatrix_mma(a, storage, b_mode)
+    torch.testing.assert_close(d.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float16, 8), (torch.bfloat16, 40), (torch.float16, 136)])
+def test_cp_async_pipeline_gemm(st: types.ModuleType, dtype: torch.dtype, k: int, stages: int) -> None:
+    # 1- to 3-stage cp.async pipelines (zero-filled k tail) feeding ldmatrix + mma: a read of a
+    # stage that was not waited for, or refilled too early, would show up as NaN.
+    a = torch.randn(32, k).to(dtype)
+    b = torch.randn(16, k).to(dtype)
+    c = st.cp_async_gemm(a, b, stages)
+    torch.testing.assert_close(c.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_named_barriers_synchronise_groups_of_warps(st: types.ModuleType) -> None:
+    x = torch.randn(3 * 128)
+    y = st.named_barrier_groups(x)
+    assert torch.equal(y, x.view(-1, 64).roll(-1, dims=1).flatten())
+
+
+def test_syncwarp_orders_shared_memory_within_a_warp(st: types.ModuleType) -> None:
+    x = torch.randn(3 * 64)
+    y = st.syncwarp_exchange(x)
+    assert torch.equal(y, x.view(-1, 32).roll(-1, dims=1).flatten())
+
+
+def test_cp_async_read_before_it_lands_is_nan(st: types.ModuleType) -> None:
+    # No cp.async.wait_group before the read: the destination still holds the 0xFF fill.
+    assert st.run_fault("cp_async_unwaited").isnan().all()
+
+
+def test_cp_async_of_another_thread_without_barrier_is_nan(st: types.ModuleType) -> None:
+    # Each thread waits for its own copy, then reads its neighbour's without __syncthreads: the
+    # neighbour has not run (hence not waited) yet, except for the last thread, whose neighbour
+    # (thread 0) ran first.
+    out = st.run_fault("cp_async_no_barrier")
+    assert out[:31].isnan().all()
 
 
 def test_barrier_heavy_kernel_is_fast(st: types.ModuleType) -> None:
@@ -200,8 +280,9 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
     """Runs every fault that must raise, in one child (timeout guards against a hang)."""
     body = (
         "out = {}\n"
-        "for name in ['divergent_barrier', 'warp_deadlock', 'wmma_misaligned', "
-        "'empty_grid', 'smem_limit']:\n"
+        "for name in ['divergent_barrier', 'warp_deadlock', "
+        "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
+        "'mma_exited_lane', 'named_barrier_count']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -222,9 +303,14 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
     [
         ("divergent_barrier", ["gam_launch(divergent_barrier_kernel)", "divergent __syncthreads"]),
         ("warp_deadlock", ["gam_launch(warp_deadlock_kernel)", "__shfl_sync", "__ballot_sync"]),
-        ("wmma_misaligned", ["gam_launch(wmma_misaligned_kernel)", "32-byte) aligned"]),
         ("empty_grid", ["gam_launch(atomic_sum_kernel)", "invalid configuration"]),
         ("smem_limit", ["gam_launch(smem_limit_kernel)", "48 KiB"]),
+        ("ldmatrix_misaligned", ["gam_launch(ldmatrix_misaligned_kernel)", "not 16-byte aligned"]),
+        ("ldmatrix_global", ["gam_launch(ldmatrix_global_kernel)", "not in shared memory"]),
+        ("mma_exited_lane", ["gam_launch(mma_exited_lane_kernel)", "mma.m16n8k16.f16",
+                             "needs all 32 lanes"]),
+        ("named_barrier_count", ["gam_launch(named_barrier_count_kernel)", "named barrier 1",
+                                 "fewer than its count"]),
     ],
 )
 def test_fault_raises_runtime_error_naming_kernel(

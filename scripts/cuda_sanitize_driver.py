@@ -4,9 +4,10 @@
     compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
-the tensor-core and SIMT retrieval forward (with the rescale path), the retrieval backward with
-several dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in
-both state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
+the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt; the fused tensor-core kernels also at the
+shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several
+dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in both
+state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
 """
 
 from __future__ import annotations
@@ -48,12 +49,19 @@ def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
 def main() -> None:
     assert gam_ext.backend_info()["ops"]["cuda"]["memory_retrieval"] == "kernel", gam_ext.backend_info()
     torch.manual_seed(0)
-    for tc in ("1", "0"):
-        os.environ["GAM_EXT_RETRIEVAL_TENSOR_CORES"] = tc
+    for path in ("fused", "simt", "gemm"):
+        os.environ["GAM_EXT_RETRIEVAL"] = path
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
             step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
             step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+    os.environ["GAM_EXT_RETRIEVAL"] = "fused"
+    for limit in ("232448", "166912", "101376", "65536"):  # sm_90, sm_80, sm_86, sm_75 tiles
+        os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"] = limit
+        for dtype in (torch.float16, torch.bfloat16):
+            step(dtype, d=520, k=3, n=70)  # 8 column chunks of the fused kernels
+            step(dtype, d=256, k=4, n=37)
+    del os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         decode_step(dtype, d=200, k=3, s=70)  # two channel blocks, three slot splits
         decode_step(dtype, d=13, k=1, s=5)  # no state rows

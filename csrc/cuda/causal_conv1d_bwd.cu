@@ -12,9 +12,13 @@ namespace gam {
 namespace cuda {
 namespace {
 
-// 8-byte vectors for half types (4 channels): 16 would double the registers of the K*VEC weights
-// and accumulators and cost occupancy; a warp still reads whole 256-byte rows.
-constexpr int kBwdVec = 4;
+// 16-byte vectors: 8 channels per thread for fp16/bf16, 4 for fp32. With 8 channels the K*VEC
+// weights and dw accumulators double, so those threads keep 2 time steps in flight instead of 4
+// (kBwdStep) to stay within registers.
+template <typename T>
+constexpr int kBwdVec = 16 / static_cast<int>(sizeof(T));
+template <int VEC>
+constexpr int kBwdStep = VEC >= 8 ? 2 : kConvStep;
 
 // Sums each thread's VEC values of `val` over the kConvThreadsY time spans of the block, in a fixed
 // order, into partials[q * dim + c]. Every thread of the block must call it.
@@ -67,7 +71,8 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
       for (int j = 0; j < K; ++j) wr[j][v] = w[(th.c + v) * K + j];
     }
     // bx[i] = x at t - (K-1) + i (causal halo behind); bg[i] = dy at t + i (halo ahead).
-    float bx[K - 1 + kConvStep][VEC], bg[K - 1 + kConvStep][VEC];
+    constexpr int kStep = kBwdStep<VEC>;
+    float bx[K - 1 + kStep][VEC], bg[K - 1 + kStep][VEC];
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) {
       const int64_t tx_ = th.t0 - (K - 1) + j;
@@ -77,9 +82,9 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
       if (tx_ >= 0) load_f32<T, VEC>(xb + tx_ * dim, bx[j]);
       if (tg < seqlen) load_f32<T, VEC>(gb + tg * dim, bg[j]);
     }
-    for (int64_t t = th.t0; t < th.t1; t += kConvStep) {
+    for (int64_t t = th.t0; t < th.t1; t += kStep) {
 #pragma unroll
-      for (int i = 0; i < kConvStep; ++i) {
+      for (int i = 0; i < kStep; ++i) {
         const int64_t tg = t + (K - 1) + i;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) bx[K - 1 + i][v] = bg[K - 1 + i][v] = 0.f;
@@ -87,7 +92,7 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
         if (tg < seqlen) load_f32<T, VEC>(gb + tg * dim, bg[K - 1 + i]);
       }
 #pragma unroll
-      for (int i = 0; i < kConvStep; ++i) {
+      for (int i = 0; i < kStep; ++i) {
         if (t + i < th.t1) {
           float out[VEC];
 #pragma unroll
@@ -108,8 +113,8 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
       for (int j = 0; j < K - 1; ++j) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          bx[j][v] = bx[kConvStep + j][v];
-          bg[j][v] = bg[kConvStep + j][v];
+          bx[j][v] = bx[kStep + j][v];
+          bg[j][v] = bg[kStep + j][v];
         }
       }
     }
@@ -213,9 +218,7 @@ void launch_conv_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t str
 
 template <typename T>
 bool use_vec(const ConvBwdParams& p) {
-  const int bytes = kBwdVec * static_cast<int>(sizeof(T));
-  return p.dim % kBwdVec == 0 && aligned(p.dy, bytes) && aligned(p.x, bytes) &&
-         aligned(p.dx, bytes);
+  return p.dim % kBwdVec<T> == 0 && aligned16(p.dy) && aligned16(p.x) && aligned16(p.dx);
 }
 
 }  // namespace
@@ -237,11 +240,11 @@ void launch_causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream) {
   int64_t nparts = 0;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int vec = use_vec<T>(p) ? kBwdVec : 1;
+    const int vec = use_vec<T>(p) ? kBwdVec<T> : 1;
     const ConvGrid g = conv_grid(p.batch, p.seqlen, p.dim, vec, /*backward=*/true);
     nparts = g.xblocks;
-    if (vec == kBwdVec) {
-      launch_conv_bwd<T, kBwdVec>(p, g, stream);
+    if (vec == kBwdVec<T>) {
+      launch_conv_bwd<T, kBwdVec<T>>(p, g, stream);
     } else {
       launch_conv_bwd<T, 1>(p, g, stream);
     }

@@ -2,7 +2,7 @@
 //
 // The same kernel source builds two ways:
 //   * nvcc (__CUDACC__): real CUDA; this header pulls in cuda_runtime.h,
-//     cuda_fp16.h, cuda_bf16.h and mma.h;
+//     cuda_fp16.h and cuda_bf16.h;
 //   * host C++ compiler with -DGAM_EMULATE (test-only, no GPU): the SIMT
 //     emulation layer in csrc/emu/ provides the same names and runs kernels
 //     on CPU memory, under AddressSanitizer in the test suite.
@@ -19,7 +19,7 @@
 //     failure. Emulated: runs the whole grid synchronously; throws
 //     std::runtime_error("gam_launch(<kernel_name>): ...") on any detected
 //     fault (bad configuration, divergent __syncthreads, deadlocked warp
-//     collective, misaligned WMMA pointer, ...). A grid with a zero
+//     collective, bad ldmatrix / cp.async address, ...). A grid with a zero
 //     dimension is an invalid configuration in both builds: skip the launch
 //     for empty inputs.
 //
@@ -62,7 +62,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 namespace gam_compat {
 template <typename T>

@@ -6,9 +6,13 @@
 // pybind module (python_tests/test_cuda_emulated.py); the kernels run in the SIMT emulator.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "op_checks.h"
 
@@ -26,10 +30,45 @@ namespace {
 
 using at::Tensor;
 
+// The retrieval path every call takes (GAM_EXT_RETRIEVAL, read on every call): the fused
+// kernels (tensor cores for fp16/bf16, fp32 SIMT otherwise), the fp32 SIMT kernels for every
+// dtype, or cuBLAS products around a softmax kernel.
+enum class RetrievalPath { kFused, kSimt, kGemm };
+
+RetrievalPath retrieval_path_from_env() {
+  const char* env = std::getenv("GAM_EXT_RETRIEVAL");
+  if (env == nullptr || *env == '\0') return RetrievalPath::kFused;
+  const std::string v(env);
+  if (v == "fused") return RetrievalPath::kFused;
+  if (v == "simt") return RetrievalPath::kSimt;
+  if (v == "gemm") return RetrievalPath::kGemm;
+  TORCH_CHECK(false, "GAM_EXT_RETRIEVAL must be fused, gemm or simt, got '", v, "'");
+  return RetrievalPath::kFused;
+}
+
+// GAM_EXT_RETRIEVAL_SMEM_LIMIT=<bytes>: size the fused kernels for at most this much shared
+// memory per block and per SM (reaches the configurations of smaller GPUs on a large one).
+int smem_limit_from_env(int device_bytes) {
+  const char* env = std::getenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT");
+  if (env == nullptr || *env == '\0') return device_bytes;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v > 0,
+              "GAM_EXT_RETRIEVAL_SMEM_LIMIT must be a positive number of bytes, got '", env, "'");
+  return static_cast<int>(std::min<long>(v, device_bytes));
+}
+
+// What the retrieval launchers need to know of a device.
+struct DeviceProps {
+  int sm = 0;           // compute capability, 10 * major + minor
+  int smem_optin = 0;   // shared memory per block (opt-in), bytes
+  int smem_per_sm = 0;  // shared memory per SM, bytes
+};
+
 #ifdef GAM_EMULATE
-// Tests flip these to reach both retrieval paths.
-bool g_tensor_cores = true;
-int g_max_smem = 227 * 1024;
+// The emulated device (an H100's limits); tests change it to reach every per-arch
+// configuration.
+DeviceProps g_emulated_device{90, 227 * 1024, 228 * 1024};
 #endif
 
 void check_on_device(const Tensor& t, const char* name) {
@@ -54,33 +93,55 @@ DType kernel_dtype(const Tensor& t, const char* name) {
 
 Tensor f32_contig(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// What the launchers need from the device: the stream, and for the retrieval forward whether
-// tensor cores apply to dtype and how much shared memory a block may opt into.
+#ifndef GAM_EMULATE
+// The attributes of device `dev`, queried once per device and cached.
+const DeviceProps& device_props(int dev) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<DeviceProps>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (dev >= static_cast<int>(cache.size())) cache.resize(static_cast<size_t>(dev) + 1);
+  if (!cache[dev]) {
+    auto props = std::make_unique<DeviceProps>();
+    int major = 0, minor = 0;
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    props->sm = 10 * major + minor;
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&props->smem_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&props->smem_per_sm,
+                                          cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    cache[dev] = std::move(props);
+  }
+  return *cache[dev];
+}
+#endif
+
+// What the launchers need from the device: the stream, and for the retrieval the path and the
+// device's properties (with GAM_EXT_RETRIEVAL_SMEM_LIMIT applied).
 struct DeviceCtx {
 #ifdef GAM_EMULATE
   explicit DeviceCtx(const Tensor&) {}
   cudaStream_t stream() const { return nullptr; }
-  bool tensor_cores(DType) const { return g_tensor_cores; }
-  int max_smem() const { return g_max_smem; }
+  DeviceProps props() const { return g_emulated_device; }
 #else
   explicit DeviceCtx(const Tensor& t) : guard(t.device()) {}
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
-  bool tensor_cores(DType dtype) const {
-    const char* env = std::getenv("GAM_EXT_RETRIEVAL_TENSOR_CORES");
-    if (env != nullptr && std::string(env) == "0") return false;
-    int dev = 0, major = 0;
+  DeviceProps props() const {
+    int dev = 0;
     GAM_CUDA_CHECK(cudaGetDevice(&dev));
-    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return dtype == DType::kBFloat16 ? major >= 8 : dtype == DType::kFloat16 && major >= 7;
-  }
-  int max_smem() const {
-    int dev = 0, bytes = 0;
-    GAM_CUDA_CHECK(cudaGetDevice(&dev));
-    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    return bytes;
+    return device_props(dev);
   }
 #endif
+  // The retrieval fields of p (RetrievalFwdParams or RetrievalBwdParams).
+  template <typename P>
+  void fill_retrieval(P& p, RetrievalPath path) const {
+    const DeviceProps d = props();
+    p.tensor_cores = path != RetrievalPath::kSimt;
+    p.sm = d.sm;
+    p.max_smem_bytes = smem_limit_from_env(d.smem_optin);
+    p.smem_per_sm = smem_limit_from_env(d.smem_per_sm);
+  }
 };
 
 // ---- causal conv ------------------------------------------------------------------------------
@@ -144,6 +205,59 @@ std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd(const Tensor& grad_y, const
 
 // ---- memory retrieval -------------------------------------------------------------------------
 
+// a @ b with fp32 output (fp32 accumulation): cuBLAS through aten::mm.dtype for fp16/bf16 inputs
+// (at::mm for fp32). The emulated build has no CPU kernel for mm.dtype: it multiplies fp32
+// copies (the same products, summed in another order).
+Tensor mm_f32(const Tensor& a, const Tensor& b) {
+#ifdef GAM_EMULATE
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+#else
+  if (a.scalar_type() == at::kFloat) return at::mm(a, b);
+  return at::mm(a, b, at::kFloat);
+#endif
+}
+
+// GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
+void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2,
+                        Tensor& lse, DType dt, cudaStream_t stream) {
+  const Tensor scores = mm_f32(h2, m.t());
+  Tensor p = at::empty(scores.sizes(), h2.options());
+  RetrievalSoftmaxParams sp{};
+  sp.scores = scores.data_ptr<float>();
+  sp.lse = lse.data_ptr<float>();
+  sp.p = p.data_ptr();
+  sp.rows = scores.size(0);
+  sp.slots = scores.size(1);
+  sp.scale = static_cast<float>(scale);
+  sp.dtype = dt;
+  launch_retrieval_softmax_fwd(sp, stream);
+  at::mm_out(out2, p, m);
+}
+
+// GAM_EXT_RETRIEVAL=gemm, backward: scores and dP = grad_out M^T (fp32), the softmax backward
+// kernel (P and scale * dS as T), then dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out.
+void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, const Tensor& lse,
+                        double scale, Tensor& dh2, Tensor& dm, DType dt, cudaStream_t stream) {
+  const Tensor scores = mm_f32(h2, m.t());
+  const Tensor dp = mm_f32(g2, m.t());
+  Tensor p = at::empty(scores.sizes(), h2.options());
+  Tensor ds = at::empty(scores.sizes(), h2.options());
+  RetrievalSoftmaxParams sp{};
+  sp.scores = scores.data_ptr<float>();
+  sp.dp = dp.data_ptr<float>();
+  sp.lse = lse.data_ptr<float>();
+  sp.p = p.data_ptr();
+  sp.ds = ds.data_ptr();
+  sp.rows = scores.size(0);
+  sp.slots = scores.size(1);
+  sp.scale = static_cast<float>(scale);
+  sp.dtype = dt;
+  launch_retrieval_softmax_bwd(sp, stream);
+  at::mm_out(dh2, ds, m);
+  dm.copy_(mm_f32(ds.t(), h2));
+  dm.add_(mm_f32(p.t(), g2));
+}
+
 std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor& memory,
                                                 double scale) {
   check_memory_args(h_in, memory);
@@ -164,8 +278,13 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   p.dim = m.size(1);
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
-  p.tensor_cores = ctx.tensor_cores(dt);
-  p.max_smem_bytes = ctx.max_smem();
+  const RetrievalPath path = retrieval_path_from_env();
+  if (path == RetrievalPath::kGemm) {
+    Tensor out2 = out.view({p.rows, p.dim});
+    retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
+    return {out, lse};
+  }
+  ctx.fill_retrieval(p, path);
   launch_memory_retrieval_fwd(p, ctx.stream());
   return {out, lse};
 }
@@ -187,6 +306,13 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
+  const RetrievalPath path = retrieval_path_from_env();
+  if (path == RetrievalPath::kGemm) {
+    Tensor dh2 = dh.view({rows, dim});
+    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
+                       scale, dh2, dm, dt, ctx.stream());
+    return {dh, dm.to(memory.scalar_type())};
+  }
   Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
   Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
@@ -206,11 +332,71 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
   p.row_splits = splits;
-  p.tensor_cores = ctx.tensor_cores(dt);
-  p.max_smem_bytes = ctx.max_smem();
+  ctx.fill_retrieval(p, path);
+  Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
+  p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
   launch_memory_retrieval_bwd(p, ctx.stream());
   return {dh, dm.to(memory.scalar_type())};
 }
+
+DeviceProps current_device_props() {
+#ifdef GAM_EMULATE
+  return g_emulated_device;
+#else
+  int dev = 0;
+  GAM_CUDA_CHECK(cudaGetDevice(&dev));
+  return device_props(dev);
+#endif
+}
+
+}  // namespace
+
+// Which kernels memory_retrieval_fwd and _bwd run on the current device for S slots, rows of
+// width dim and dtype ("float16", "bfloat16" or "float32"), under the environment as it is now:
+// (path, forward, backward), in words. gam_ext.backend_info(retrieval=...) reports it.
+std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, int64_t dim,
+                                                                 const std::string& dtype) {
+  TORCH_CHECK(slots >= 1 && dim >= 0, "retrieval_path: need slots >= 1 and dim >= 0");
+  DType dt;
+  if (dtype == "float16") {
+    dt = DType::kFloat16;
+  } else if (dtype == "bfloat16") {
+    dt = DType::kBFloat16;
+  } else {
+    TORCH_CHECK(dtype == "float32", "retrieval_path: dtype must be float16, bfloat16 or float32");
+    dt = DType::kFloat32;
+  }
+  const RetrievalPath path = retrieval_path_from_env();
+  const DeviceProps d = current_device_props();
+  RetrievalFwdParams f{};
+  f.rows = 1;
+  f.slots = slots;
+  f.dim = dim;
+  f.dtype = dt;
+  f.tensor_cores = path != RetrievalPath::kSimt;
+  f.sm = d.sm;
+  f.max_smem_bytes = smem_limit_from_env(d.smem_optin);
+  f.smem_per_sm = smem_limit_from_env(d.smem_per_sm);
+  RetrievalBwdParams b{};
+  b.rows = 1;
+  b.slots = slots;
+  b.dim = dim;
+  b.dtype = dt;
+  b.tensor_cores = f.tensor_cores;
+  b.sm = f.sm;
+  b.max_smem_bytes = f.max_smem_bytes;
+  b.smem_per_sm = f.smem_per_sm;
+  if (path == RetrievalPath::kGemm)
+    return {"gemm",
+            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd_kernel (P as " + dtype +
+                ", fp32 lse), P M (cuBLAS)",
+            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd_kernel (P and "
+            "scale * dS as " + dtype + "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+  const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";
+  return {name, describe_memory_retrieval_fwd(f), describe_memory_retrieval_bwd(b)};
+}
+
+namespace {
 
 // ---- gate fusion ------------------------------------------------------------------------------
 
@@ -357,11 +543,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_retrieval_bwd", &gc::memory_retrieval_bwd);
   m.def("gate_fusion_fwd", &gc::gate_fusion_fwd);
   m.def("gate_fusion_bwd", &gc::gate_fusion_bwd);
-  m.def("set_retrieval_path", [](bool tensor_cores, int max_smem_bytes) {
-    gc::g_tensor_cores = tensor_cores;
-    gc::g_max_smem = max_smem_bytes;
-  });
-  m.def("memory_retrieval_fwd_tc_smem_bytes", &gc::memory_retrieval_fwd_tc_smem_bytes);
+  m.def(
+      "set_device",
+      [](int sm, int smem_optin, int smem_per_sm) {
+        gc::g_emulated_device = gc::DeviceProps{sm, smem_optin, smem_per_sm};
+      },
+      "The emulated device the retrieval launchers size their kernels for (default: sm 90, "
+      "227 KiB per block, 228 KiB per SM).");
+  m.def("retrieval_path", &gc::retrieval_path);
   m.def("causal_conv1d_update", &gc::causal_conv1d_update, py::arg("x"), py::arg("conv_state"),
         py::arg("weight"), py::arg("bias"), py::arg("cache_seqlens"));
   m.def("gam_mixer_step", &gc::gam_mixer_step);

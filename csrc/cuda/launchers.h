@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "compat.cuh"
 
@@ -11,20 +13,41 @@
 namespace gam {
 namespace cuda {
 
+// One kernel launch of an op, as the resource report (benchmarks/kernel_resources.py) matches
+// it to the compiler's figures: the kernel's name as its demangled symbol spells it (function
+// and template arguments), its block size and dynamic shared memory.
+struct KernelLaunch {
+  std::string kernel;
+  int threads;
+  int64_t smem_bytes;
+};
+
 void launch_causal_conv1d_fwd(const ConvFwdParams& p, cudaStream_t stream);
 // Floats of fp32 workspace that the conv backward needs for the per-block dw/dbias partials.
 int64_t causal_conv1d_bwd_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int kwidth);
 void launch_causal_conv1d_bwd(const ConvBwdParams& p, cudaStream_t stream);
 
-// Shared memory the tensor-core retrieval forward needs for rows of width dim (bytes).
-int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim);
 void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream);
-// Shared memory of the tensor-core retrieval backward kernels (bytes).
-int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim);
+// The kernel and configuration launch_memory_retrieval_fwd picks for p, in words and as
+// launches.
+std::string describe_memory_retrieval_fwd(const RetrievalFwdParams& p);
+std::vector<KernelLaunch> memory_retrieval_fwd_kernels(const RetrievalFwdParams& p);
 // Row ranges the dM reduction is split over, and the workspace floats for its partials.
 int memory_retrieval_bwd_row_splits(int64_t rows);
 int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int row_splits);
+// Elements (of h's dtype) of the P / dS workspace the backward needs for p's shape, device and
+// path (0 when it runs the SIMT kernels).
+int64_t memory_retrieval_bwd_pds_elements(const RetrievalBwdParams& p);
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
+// The kernels and configuration launch_memory_retrieval_bwd picks for p, in words.
+std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p);
+std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p);
+
+// The gemm path's softmax kernels, one warp per row: the forward writes P (dtype) and lse from
+// fp32 scores; the backward recomputes P from scores and lse, delta = rowsum(P * dP), and writes
+// P and scale * P * (dP - delta) (dtype).
+void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
+void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
 
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
 void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);

@@ -2,14 +2,18 @@
 //   delta = rowsum(grad_out * out);  p = exp(scale * h M^T - lse);
 //   ds = p * (grad_out M^T - delta);  dh = scale * ds M;  dM = scale * ds^T h + p^T grad_out
 //   (dM summed over all rows)
-// Kernels: (1) delta per row; (2) dh per row tile, streaming slot tiles (p recomputed from lse);
-// (3) dM per (slot tile, column slice, row range): each block walks its row range and writes an
-// fp32 partial; (4) the partials summed in a fixed order (deterministic, no float atomics).
-// Tensor-core path (fp16/bf16, WMMA, fp32 accumulation) for (2) and (3): tiles of 32 rows x 32
-// slots; warps 0-3 compute the four 16x16 quadrants of h M^T and warps 4-7 those of
-// grad_out M^T; scalar code turns them into P and scale * dS, stored as T (as flash-attention
-// does) for the GEMMs dh += (scale dS) M and dM += (scale dS)^T h + P^T grad_out. fp32 SIMT path
-// otherwise.
+// Tensor-core path (fp16/bf16, D <= 1024; configurations in retrieval_common.cuh): five GEMM
+// units in two kernels after delta:
+//   (1) row pass, one block per row tile, streaming M tiles as the forward does: S = h M^T and
+//       dP = grad_out M^T (2 units, one M tile and the same B fragments for both), P and
+//       scale * dS in registers, dh += (scale dS) M (1 unit, dS as the A operand); P and
+//       scale * dS are stored once, as T, for (2);
+//   (2) dM = [scale dS; P]^T [h; grad_out] (2 units as one GEMM with K = 2 R), split over row
+//       ranges into fp32 partials, then (3) the partials added in a fixed order.
+// Bitwise deterministic: fixed tiles, fixed split boundaries, fixed summation orders, no float
+// atomics. Why P and scale * dS are stored rather than recomputed: csrc/cuda/README.md.
+// fp32 SIMT path (fp32, GAM_EXT_RETRIEVAL=simt, or D > 1024): (1') dh per row tile and (2') dM
+// per (slot tile, column slice, row range), each recomputing p and ds (7 units), then (3).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -56,7 +60,7 @@ __device__ __forceinline__ void probs(const float (&sa)[2], const float (&sb)[2]
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dh_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                             const T* __restrict__ mem, const float* __restrict__ lse,
                             const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // Block (slot tile, column slice, row range): partial dM of 32 slots x 256 columns.
 template <typename T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dm_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                             const T* __restrict__ mem, const float* __restrict__ lse,
                             const float* __restrict__ delta, float* __restrict__ partials,
@@ -162,266 +166,409 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- tensor-core path ---------------------------------------------------------------------------
 
-using namespace nvcuda;
+// The register-resident variant (up to 255 registers per thread) exists for the GPUs with at
+// most 163 KB of shared memory per block (sm_75 .. sm_89, sm_120), the only ones whose
+// configurations at D > 512 need it; sm_90 .. sm_11x get a trap body (and the host never picks it
+// there, bwd_regs_variant_allowed), so their retrieval kernels all stay within 168 registers.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDA_ARCH__ < 1200
+constexpr bool kRegsVariantCompiled = false;
+#else
+constexpr bool kRegsVariantCompiled = true;
+#endif
 
-constexpr int kBwdTcRows = 32;
-constexpr int kBwdTcSlots = 32;
-constexpr int kBwdTcThreads = 256;
-constexpr int kBwdTcPad = kBwdTcSlots + 8;  // row stride of the P / dS tiles
-
-// Shared memory: three 32-row tiles of width D (h rows, grad_out rows, M slots), the two fp32 score
-// tiles (also the per-warp epilogue scratch), P and dS as T, and lse / delta of the rows.
-struct RetrievalBwdTcSmem {
-  int64_t a, b, c, sc, ps, ds, stats, total;
-  __host__ __device__ explicit RetrievalBwdTcSmem(int64_t dim, int elem_bytes) {
-    const int64_t tile = kBwdTcRows * wmma_ld(dim) * elem_bytes;
-    a = 0;
-    b = a + tile;
-    c = b + tile;
-    sc = c + tile;
-    ps = sc + 2 * kBwdTcRows * kBwdTcSlots * 4;
-    ds = ps + kBwdTcRows * kBwdTcPad * elem_bytes;
-    stats = ds + kBwdTcRows * kBwdTcPad * elem_bytes;
-    total = stats + 2 * kBwdTcRows * 4 + kSmemBaseAlign;  // + room to align the base
-  }
+struct BwdMmaArgs {
+  int warps_m, warps_n, stages, dpad_log2;
 };
 
-template <typename T>
-struct RetrievalBwdTcTiles {
-  T *hs, *grad_out_s, *ms, *ps, *ds;
-  float *sc, *lse, *delta;
-  __device__ RetrievalBwdTcTiles(unsigned char* raw, int64_t dim) {
-    unsigned char* base = GAM_ALIGN_SMEM_BASE(raw);
-    const RetrievalBwdTcSmem lay(dim, sizeof(T));
-    hs = reinterpret_cast<T*>(base + lay.a);
-    grad_out_s = reinterpret_cast<T*>(base + lay.b);
-    ms = reinterpret_cast<T*>(base + lay.c);
-    sc = reinterpret_cast<float*>(base + lay.sc);
-    ps = reinterpret_cast<T*>(base + lay.ps);
-    ds = reinterpret_cast<T*>(base + lay.ds);
-    lse = reinterpret_cast<float*>(base + lay.stats);
-    delta = lse + kBwdTcRows;
-  }
-};
-
-// 32 rows of src from row r0 (rows >= limit and columns >= dim as zeros) into dst (stride ld).
-template <typename T>
-__device__ __forceinline__ void bwd_tc_load_rows(const T* __restrict__ src, int64_t r0,
-                                                 int64_t limit, int64_t dim, T* dst, bool vec) {
-  load_rows_to_smem(dst, wmma_ld(dim), src, r0, kBwdTcRows, limit, dim, wmma_pad_dim(dim), vec);
-}
-
-// sc[0:1024] = h M^T and sc[1024:2048] = grad_out M^T of the current tiles (row-major 32 x 32).
-template <typename T>
-__device__ __forceinline__ void bwd_tc_scores(const RetrievalBwdTcTiles<T>& s, int64_t dim) {
-  const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
-  const int warp = threadIdx.x / 32, q = warp & 3, qr = q >> 1, qc = q & 1;
-  const T* src = warp < 4 ? s.hs : s.grad_out_s;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.f);
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-  for (int64_t k = 0; k < dpad; k += 16) {
-    wmma::load_matrix_sync(a, src + (16 * qr) * ld + k, ld);
-    wmma::load_matrix_sync(b, s.ms + (16 * qc) * ld + k, ld);
-    wmma::mma_sync(acc, a, b, acc);
-  }
-  wmma::store_matrix_sync(
-      s.sc + (warp < 4 ? 0 : kBwdTcRows * kBwdTcSlots) + (16 * qr) * kBwdTcSlots + 16 * qc, acc,
-      kBwdTcSlots, wmma::mem_row_major);
-}
-
-// P and scale * dS of the tile as T; rows >= rlim and slots >= slots give 0.
-template <typename T>
-__device__ __forceinline__ void bwd_tc_probs(const RetrievalBwdTcTiles<T>& s, int64_t r0,
-                                             int64_t rlim, int64_t s0, int64_t slots,
-                                             float scale) {
-  for (int e = threadIdx.x; e < kBwdTcRows * kBwdTcSlots; e += kBwdTcThreads) {
-    const int r = e / kBwdTcSlots, c = e % kBwdTcSlots;
-    const bool ok = r0 + r < rlim && s0 + c < slots;
-    const float p = ok ? __expf(scale * s.sc[e] - s.lse[r]) : 0.f;
-    const float ds = p * (s.sc[kBwdTcRows * kBwdTcSlots + e] - s.delta[r]);
-    s.ps[r * kBwdTcPad + c] = from_f32<T>(p);
-    s.ds[r * kBwdTcPad + c] = from_f32<T>(scale * ds);
-  }
-}
-
-__device__ __forceinline__ void bwd_tc_load_stats(const float* __restrict__ lse,
-                                                  const float* __restrict__ delta, int64_t r0,
-                                                  int64_t rlim, float* lse_s, float* delta_s) {
-  if (threadIdx.x < kBwdTcRows) {
-    const int64_t row = r0 + threadIdx.x;
-    lse_s[threadIdx.x] = row < rlim ? lse[row] : 0.f;
-    delta_s[threadIdx.x] = row < rlim ? delta[row] : 0.f;
-  }
-}
-
-// dh for 32 rows x (4 * NF * 16) columns; warps: 2 row groups x 4 column groups.
-template <typename T, int NF>
-__global__ void __launch_bounds__(kBwdTcThreads)
-    retrieval_bwd_dh_tc_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
-                               const T* __restrict__ mem, const float* __restrict__ lse,
-                               const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
-                               int64_t slots, int64_t dim, float scale, bool vec) {
-  if constexpr (!kWmmaCompiled<T>) {
+// Row pass. pds holds P (rows x sp, T) and then scale * dS (rows x sp): sp = S rounded up to 8.
+// Threads: at most 12 warps (kBwdMaxThreads: the bound leaves 168 registers per thread; at 16
+// warps, 128, ptxas spills), 8 with h and grad_out in registers (up to 255 registers each).
+template <typename T, bool kHgRegs>
+__global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
+    retrieval_bwd_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
+                             const T* __restrict__ mem, const float* __restrict__ lse,
+                             const float* __restrict__ delta, T* __restrict__ dh,
+                             T* __restrict__ pds, int64_t rows, int slots, int sp, int dim,
+                             float scale, float scale_log2, BwdMmaArgs cfg, bool vec) {
+  if constexpr (!kMmaCompiled<T> || (kHgRegs && !kRegsVariantCompiled)) {
     __trap();
   } else {
-    GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    const RetrievalBwdTcTiles<T> s(smem_raw, dim);
-    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp >> 2, wc = warp & 3;
-    const int64_t row0 = int64_t(blockIdx.x) * kBwdTcRows;
-    const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
-    bwd_tc_load_rows(h, row0, rows, dim, s.hs, vec);
-    bwd_tc_load_rows(grad_out, row0, rows, dim, s.grad_out_s, vec);
-    bwd_tc_load_stats(lse, delta, row0, rows, s.lse, s.delta);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+    constexpr int kDc = 128, kBlockN = 16;
+    constexpr int kNS = kBlockN / 8;   // n-tiles of S and dP
+    constexpr int kKS = kDc / 16;      // k-steps of S and dP over the warp's chunk
+    constexpr int kNO = kDc / 8;       // n-tiles of the warp's dh slice
+    constexpr int kKP = kBlockN / 16;  // k-steps of dS M
+    GAM_DYNAMIC_SHARED(T, smem);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warps_n = cfg.warps_n, stages = cfg.stages, dpad_log2 = cfg.dpad_log2;
+    const int dpad = 1 << dpad_log2;
+    const int wn = warp & (warps_n - 1), wm = warp >> (dpad_log2 - 7);  // warps_n = dpad / 128
+    const int rows_cta = 16 * cfg.warps_m;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = int64_t(blockIdx.x) * rows_cta;
+    const int rows_left = static_cast<int>(rows - row0 < rows_cta ? rows - row0 : rows_cta);
+    T* hs = smem;
+    T* gs = hs + (kHgRegs ? 0 : rows_cta * dpad);
+    T* ms = gs + (kHgRegs ? 0 : rows_cta * dpad);
+    float* xs = reinterpret_cast<float*>(ms + stages * kBlockN * dpad);
+    const int ntiles = (slots + kBlockN - 1) / kBlockN;
+    const int col0 = wn * kDc;
+    // ldmatrix offsets, as in the forward (swz_step): rows lane % 16, groups 2 j + lane / 16.
+    const int x8 = swz_x8(lane >> 4, lane);
+    const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
+    const int m_off = (lane & 15) * dpad + col0;
+
+    auto load_m = [&](int tile) {
+      load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
+                      kBlockN, slots - int64_t(tile) * kBlockN, dim, dim, dpad_log2, vec);
+    };
+
+    // h and grad_out fragments in registers (kHgRegs): staged once each through the M ring.
+    uint32_t hf[kHgRegs ? kKS : 1][4], gf[kHgRegs ? kKS : 1][4];
+    if constexpr (kHgRegs) {
 #pragma unroll
-    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
-    for (int64_t s0 = 0; s0 < slots; s0 += kBwdTcSlots) {
-      bwd_tc_load_rows(mem, s0, slots, dim, s.ms, vec);
-      __syncthreads();
-      bwd_tc_scores(s, dim);
-      __syncthreads();
-      bwd_tc_probs(s, row0, rows, s0, slots, scale);
-      __syncthreads();
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      for (int which = 0; which < 2; ++which) {
+        load_tile_async(ms, (which ? grad_out : h) + row0 * dim, 16, rows_left, dim, dim,
+                        dpad_log2, vec);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
 #pragma unroll
-      for (int ks = 0; ks < kBwdTcSlots / 16; ++ks) {
-        wmma::load_matrix_sync(a, s.ds + (16 * wr) * kBwdTcPad + 16 * ks, kBwdTcPad);
+        for (int kk = 0; kk < kKS; ++kk)
+          ldmatrix<4, false>(which ? gf[kk] : hf[kk],
+                             ms + swz(lane & 15, col0 + kk * 16 + (lane >> 4) * 8, dpad));
+        __syncthreads();
+      }
+    } else {
+      load_tile_async(hs, h + row0 * dim, rows_cta, rows_left, dim, dim, dpad_log2, vec);
+      load_tile_async(gs, grad_out + row0 * dim, rows_cta, rows_left, dim, dim, dpad_log2, vec);
+    }
+    if (stages == 1) {
+      cp_async_commit();
+    } else {
+      for (int st = 0; st < stages - 1; ++st) {
+        if (st < ntiles) load_m(st);
+        cp_async_commit();
+      }
+    }
+
+    // lse (base 2) and delta of the lane's two rows; rows past the end give p = 1, dP = 0,
+    // ds = 0 and are never stored.
+    float lse2[2], dlt[2];
 #pragma unroll
-        for (int f = 0; f < NF; ++f) {
-          const int64_t c = d0 + (wc * NF + f) * 16;
-          if (c < dpad) {
-            wmma::load_matrix_sync(b, s.ms + (16 * ks) * ld + c, ld);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+    for (int r = 0; r < 2; ++r) {
+      const int rr = 16 * wm + g + 8 * r;
+      lse2[r] = rr < rows_left ? lse[row0 + rr] * kLog2e : 0.f;
+      dlt[r] = rr < rows_left ? delta[row0 + rr] : 0.f;
+    }
+    float acc[kNO][4];
+#pragma unroll
+    for (int i = 0; i < kNO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    T* p_out = pds;
+    T* ds_out = pds + rows * sp;
+
+    for (int j = 0; j < ntiles; ++j) {
+      if (stages == 1) {
+        if (j > 0) __syncthreads();
+        load_m(j);
+        cp_async_commit();
+      }
+      cp_async_wait_dyn(stages == 1 ? 0 : stages - 2);
+      __syncthreads();
+      if (stages > 1) {
+        if (j + stages - 1 < ntiles) load_m(j + stages - 1);
+        cp_async_commit();
+      }
+      const T* mt = ms + (j % stages) * kBlockN * dpad;
+
+      // Partial S and dP over the warp's chunk: one B fragment, two products.
+      float s[kNS][4], dp[kNS][4];
+#pragma unroll
+      for (int i = 0; i < kNS; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKS; ++kk) {
+        uint32_t ah[4], ag[4];
+        if constexpr (kHgRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) ah[r] = hf[kk][r], ag[r] = gf[kk][r];
+        } else {
+          const int off = a_off + swz_step(kk, x8);
+          ldmatrix<4, false>(ah, hs + off);
+          ldmatrix<4, false>(ag, gs + off);
+        }
+#pragma unroll
+        for (int np = 0; np < kNS / 2; ++np) {
+          uint32_t b[4];  // n-tiles 2 np and 2 np + 1: {b[0], b[2]}, {b[1], b[3]} (as forward)
+          ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
+          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
+          mma_m16n8k16<T>(s[2 * np], ah, b0, s[2 * np]);
+          mma_m16n8k16<T>(s[2 * np + 1], ah, b1, s[2 * np + 1]);
+          mma_m16n8k16<T>(dp[2 * np], ag, b0, dp[2 * np]);
+          mma_m16n8k16<T>(dp[2 * np + 1], ag, b1, dp[2 * np + 1]);
+        }
+      }
+
+      if (warps_n > 1) {  // add the row group's partials, in chunk order, in every warp
+        float* mine = xs + warp * (2 * kNS * 128);
+#pragma unroll
+        for (int i = 0; i < kNS; ++i) {
+          *reinterpret_cast<float4*>(mine + (i * 32 + lane) * 4) =
+              make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
+          *reinterpret_cast<float4*>(mine + ((kNS + i) * 32 + lane) * 4) =
+              make_float4(dp[i][0], dp[i][1], dp[i][2], dp[i][3]);
+        }
+        named_barrier_sync(1 + wm, 32 * warps_n);  // only the row group's warps wait
+#pragma unroll
+        for (int i = 0; i < kNS; ++i) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+        }
+        const float* grp = xs + (wm * warps_n) * (2 * kNS * 128);
+        for (int w = 0; w < warps_n; ++w) {
+#pragma unroll
+          for (int i = 0; i < kNS; ++i) {
+            const float4 u =
+                *reinterpret_cast<const float4*>(grp + (w * 2 * kNS * 32 + i * 32 + lane) * 4);
+            const float4 v = *reinterpret_cast<const float4*>(
+                grp + (w * 2 * kNS * 32 + (kNS + i) * 32 + lane) * 4);
+            s[i][0] += u.x, s[i][1] += u.y, s[i][2] += u.z, s[i][3] += u.w;
+            dp[i][0] += v.x, dp[i][1] += v.y, dp[i][2] += v.z, dp[i][3] += v.w;
           }
         }
       }
-      __syncthreads();
-    }
-    float* scratch = s.sc + warp * 256;
-#pragma unroll
-    for (int f = 0; f < NF; ++f) {
-      const int64_t c = d0 + (wc * NF + f) * 16;
-      if (c < dpad) {
-        wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int64_t row = row0 + 16 * wr + e / 16, col = c + e % 16;
-          if (row < rows && col < dim) dh[row * dim + col] = from_f32<T>(scratch[e]);
-        }
-        __syncwarp();
-      }
-    }
-  }
-}
 
-// Partial dM of 32 slots x (4 * NF * 16) columns over one row range; warps: 2 slot groups x 4
-// column groups.
-template <typename T, int NF>
-__global__ void __launch_bounds__(kBwdTcThreads)
-    retrieval_bwd_dm_tc_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
-                               const T* __restrict__ mem, const float* __restrict__ lse,
-                               const float* __restrict__ delta, float* __restrict__ partials,
-                               int64_t rows, int64_t slots, int64_t dim, float scale,
-                               int64_t rows_per_split, bool vec) {
-  if constexpr (!kWmmaCompiled<T>) {
-    __trap();
-  } else {
-    GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    const RetrievalBwdTcTiles<T> s(smem_raw, dim);
-    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, ws = warp >> 2, wc = warp & 3;
-    const int64_t s0 = int64_t(blockIdx.x) * kBwdTcSlots;
-    const int64_t d0 = int64_t(blockIdx.y) * (4 * NF * 16);
-    const int64_t rbeg = int64_t(blockIdx.z) * rows_per_split;
-    const int64_t rend = rbeg + rows_per_split < rows ? rbeg + rows_per_split : rows;
-    bwd_tc_load_rows(mem, s0, slots, dim, s.ms, vec);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+      // P and scale * dS, rounded to T: the A operand of dS M, and stored for the dM product.
+      const int sbase = j * kBlockN;
+      uint32_t dsf[kKP][4];
 #pragma unroll
-    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
-    for (int64_t r0 = rbeg; r0 < rend; r0 += kBwdTcRows) {
-      bwd_tc_load_rows(h, r0, rend, dim, s.hs, vec);
-      bwd_tc_load_rows(grad_out, r0, rend, dim, s.grad_out_s, vec);
-      bwd_tc_load_stats(lse, delta, r0, rend, s.lse, s.delta);
-      __syncthreads();
-      bwd_tc_scores(s, dim);
-      __syncthreads();
-      bwd_tc_probs(s, r0, rend, s0, slots, scale);
-      __syncthreads();
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dS^T, P^T
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      for (int i = 0; i < kNS; ++i) {
+        const int c = sbase + 8 * i + 2 * t;
+        // The warps of a row group take turns storing the n-tiles of P and dS.
+        const bool store = ((j * kNS + i) & (warps_n - 1)) == wn && c < sp;
 #pragma unroll
-      for (int ks = 0; ks < kBwdTcRows / 16; ++ks) {
+        for (int r = 0; r < 2; ++r) {
+          float pv[2], dv[2];
 #pragma unroll
-        for (int f = 0; f < NF; ++f) {
-          const int64_t c = d0 + (wc * NF + f) * 16;
-          if (c < dpad) {
-            wmma::load_matrix_sync(a, s.ds + (16 * ks) * kBwdTcPad + 16 * ws, kBwdTcPad);
-            wmma::load_matrix_sync(b, s.hs + (16 * ks) * ld + c, ld);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
-            wmma::load_matrix_sync(a, s.ps + (16 * ks) * kBwdTcPad + 16 * ws, kBwdTcPad);
-            wmma::load_matrix_sync(b, s.grad_out_s + (16 * ks) * ld + c, ld);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+          for (int e = 0; e < 2; ++e) {
+            const bool ok = c + e < slots;
+            pv[e] = ok ? fast_exp2(s[i][2 * r + e] * scale_log2 - lse2[r]) : 0.f;
+            dv[e] = scale * (pv[e] * (dp[i][2 * r + e] - dlt[r]));
+          }
+          const uint32_t pk = pack2<T>(pv[0], pv[1]), dk = pack2<T>(dv[0], dv[1]);
+          dsf[i / 2][(i & 1) * 2 + r] = dk;
+          const int rr = 16 * wm + g + 8 * r;
+          if (store && rr < rows_left) {
+            const int64_t off = (row0 + rr) * sp + c;
+            *reinterpret_cast<uint32_t*>(p_out + off) = pk;
+            *reinterpret_cast<uint32_t*>(ds_out + off) = dk;
           }
         }
       }
-      __syncthreads();
+
+      // dh += (scale dS) M over the warp's columns.
+#pragma unroll
+      for (int kp = 0; kp < kKP; ++kp) {
+#pragma unroll
+        for (int dd = 0; dd < kNO / 2; ++dd) {
+          uint32_t b[4];
+          ldmatrix<4, true>(b, mt + m_off + 16 * kp * dpad + swz_step(dd, x8));
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_m16n8k16<T>(acc[2 * dd], dsf[kp], b0, acc[2 * dd]);
+          mma_m16n8k16<T>(acc[2 * dd + 1], dsf[kp], b1, acc[2 * dd + 1]);
+        }
+      }
     }
-    float* scratch = s.sc + warp * 256;
+    cp_async_wait<0>();
+
+    // dh through shared memory (h's tile, or the M ring), 16-byte stores.
+    T* os = kHgRegs ? ms : hs;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kNO; ++i) {
+      const int c = col0 + 8 * i + 2 * t;
+      *reinterpret_cast<uint32_t*>(os + swz(16 * wm + g, c, dpad)) = pack2<T>(acc[i][0], acc[i][1]);
+      *reinterpret_cast<uint32_t*>(os + swz(16 * wm + g + 8, c, dpad)) =
+          pack2<T>(acc[i][2], acc[i][3]);
+    }
+    __syncthreads();
+    store_tile(dh + row0 * dim, os, rows_cta, rows_left, dim, dpad_log2, vec);
+  }
+}
+
+// dM product: block (slot tile, column tile, split) computes the fp32 partial
+// sum over its K range of A^T B, A = [scale dS; P] (2 rows x sp, from pds), B = [h; grad_out];
+// warps 2 x 2, each 32 slots x 64 columns.
+template <typename T>
+__global__ void __launch_bounds__(kDmThreads)
+    retrieval_bwd_dm_mma_kernel(const T* __restrict__ pds, const T* __restrict__ h,
+                                const T* __restrict__ grad_out, float* __restrict__ partials,
+                                int64_t rows, int slots, int sp, int dim, int ktiles_per_split,
+                                bool vec) {
+  if constexpr (!kMmaCompiled<T>) {
+    __trap();
+  } else {
+    GAM_DYNAMIC_SHARED(T, smem);
+    T* as = smem;                                // kDmStages x (kDmK x kDmSlots), swizzled
+    T* bs = as + kDmStages * kDmK * kDmSlots;    // kDmStages x (kDmK x kDmCols), swizzled
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int ws = warp >> 1, wd = warp & 1, g = lane >> 2, t = lane & 3;
+    const int s0 = blockIdx.x * kDmSlots, d0 = blockIdx.y * kDmCols;
+    const int half_tiles = static_cast<int>((rows + kDmK - 1) / kDmK);
+    const int kt_begin = blockIdx.z * ktiles_per_split;
+    const int kt_end = min(kt_begin + ktiles_per_split, 2 * half_tiles);
+    const int nk = kt_end > kt_begin ? kt_end - kt_begin : 0;
+
+    auto load = [&](int i) {  // K tile kt_begin + i into stage i % kDmStages
+      const int kt = kt_begin + i;
+      const bool second = kt >= half_tiles;  // rows of P with grad_out
+      const int64_t r0 = int64_t(kt - (second ? half_tiles : 0)) * kDmK;
+      const T* a = pds + (second ? 0 : rows * sp) + r0 * sp + s0;
+      const T* b = (second ? grad_out : h) + r0 * dim + d0;
+      const int st = i % kDmStages;
+      load_tile_async(as + st * kDmK * kDmSlots, a, kDmK, rows - r0, sp, sp - s0, 6, true);
+      load_tile_async(bs + st * kDmK * kDmCols, b, kDmK, rows - r0, dim, dim - d0, 7, vec);
+    };
+    for (int i = 0; i < kDmStages - 1; ++i) {
+      if (i < nk) load(i);
+      cp_async_commit();
+    }
+    float acc[2][8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.f;
+    }
+    for (int i = 0; i < nk; ++i) {
+      cp_async_wait<kDmStages - 2>();
+      __syncthreads();
+      if (i + kDmStages - 1 < nk) load(i + kDmStages - 1);
+      cp_async_commit();
+      const T* at = as + (i % kDmStages) * kDmK * kDmSlots;
+      const T* bt = bs + (i % kDmStages) * kDmK * kDmCols;
+#pragma unroll
+      for (int kk = 0; kk < kDmK; kk += 16) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)  // A[slot][row] = stored[row][slot]: .trans
+          ldmatrix<4, true>(a[mi], at + swz(kk + (lane & 7) + ((lane >> 4) << 3),
+                                            32 * ws + 16 * mi + ((lane >> 3) & 1) * 8, kDmSlots));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldmatrix<4, true>(b, bt + swz(kk + (lane & 15), 64 * wd + 16 * np + (lane >> 4) * 8,
+                                        kDmCols));
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_m16n8k16<T>(acc[mi][2 * np], a[mi], b0, acc[mi][2 * np]);
+            mma_m16n8k16<T>(acc[mi][2 * np + 1], a[mi], b1, acc[mi][2 * np + 1]);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
     float* out = partials + int64_t(blockIdx.z) * slots * dim;
 #pragma unroll
-    for (int f = 0; f < NF; ++f) {
-      const int64_t c = d0 + (wc * NF + f) * 16;
-      if (c < dpad) {
-        wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int64_t slot = s0 + 16 * ws + e / 16, col = c + e % 16;
-          if (slot < slots && col < dim) out[slot * dim + col] = scratch[e];
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int slot = s0 + 32 * ws + 16 * mi + g + 8 * (e >> 1);
+          const int col = d0 + 64 * wd + 8 * ni + 2 * t + (e & 1);
+          if (slot < slots && col < dim) out[int64_t(slot) * dim + col] = acc[mi][ni][e];
         }
-        __syncwarp();
       }
     }
   }
 }
 
-template <typename T, int NF>
-void launch_retrieval_bwd_tc(const RetrievalBwdParams& p, int64_t smem, int64_t rps,
-                             cudaStream_t stream) {
-  auto dh_kernel = retrieval_bwd_dh_tc_kernel<T, NF>;
-  auto dm_kernel = retrieval_bwd_dm_tc_kernel<T, NF>;
-  GAM_CUDA_CHECK(cudaFuncSetAttribute(dh_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  GAM_CUDA_CHECK(cudaFuncSetAttribute(dm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  const auto* grad_out = static_cast<const T*>(p.grad_out);
-  const auto* h = static_cast<const T*>(p.h);
-  const auto* mem = static_cast<const T*>(p.memory);
-  const unsigned col_blocks = static_cast<unsigned>(ceil_div(p.dim, 4 * NF * 16));
-  const bool vec = p.dim % kVec16<T> == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
-                   aligned16(p.memory);
-  gam_launch("retrieval_bwd_dh_tc", dh_kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.rows, kBwdTcRows)), col_blocks),
-             dim3(kBwdTcThreads), static_cast<size_t>(smem), stream, grad_out, h, mem, p.lse,
-             p.delta, static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale, vec);
-  gam_launch("retrieval_bwd_dm_tc", dm_kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.slots, kBwdTcSlots)), col_blocks,
-                  static_cast<unsigned>(p.row_splits)),
-             dim3(kBwdTcThreads), static_cast<size_t>(smem), stream, grad_out, h, mem, p.lse,
-             p.delta, p.partials, p.rows, p.slots, p.dim, p.scale, rps, vec);
+// ---- gemm path: the softmax backward between the cuBLAS products ------------------------------
+
+constexpr int kSoftmaxWarps = 8;
+
+// One warp per row: p = exp(scale * s - lse), delta = sum p dP, ds = scale * p (dP - delta);
+// P and ds rounded to T.
+template <typename T>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_bwd_kernel(const float* __restrict__ scores, const float* __restrict__ dps,
+                                 const float* __restrict__ lse, T* __restrict__ p_out,
+                                 T* __restrict__ ds_out, int64_t rows, int slots, float scale,
+                                 float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const float* s = scores + row * slots;
+  const float* dp = dps + row * slots;
+  const float lse2 = lse[row] * kLog2e;
+  float delta = 0.f;
+  for (int c = lane; c < slots; c += 32) delta = fmaf(fast_exp2(s[c] * scale_log2 - lse2), dp[c], delta);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+  for (int c = lane; c < slots; c += 32) {
+    const float pv = fast_exp2(s[c] * scale_log2 - lse2);
+    p_out[row * slots + c] = from_f32<T>(pv);
+    ds_out[row * slots + c] = from_f32<T>(scale * (pv * (dp[c] - delta)));
+  }
 }
 
-// Multiple of both row tiles (16 SIMT, 32 tensor cores).
+// SIMT dM row ranges: a multiple of the 16-row tile.
 int64_t rows_per_split(int64_t rows, int splits) {
-  return ceil_div(ceil_div(rows, splits), kBwdTcRows) * kBwdTcRows;
+  return ceil_div(ceil_div(rows, splits), kSimtRows) * kSimtRows;
+}
+
+// Slots rounded up to 8: the row stride of the P / dS workspace (16-byte aligned rows).
+int64_t padded_slots(int64_t slots) { return ceil_div(slots, 8) * 8; }
+
+BwdMmaConfig bwd_mma_config(const RetrievalBwdParams& p) {
+  if (p.dtype == DType::kFloat32 || !p.tensor_cores || p.dim == 0 || p.dim > kMaxMmaDim)
+    return BwdMmaConfig{};
+  if (p.dtype == DType::kBFloat16 && p.sm < 80) return BwdMmaConfig{};
+  return select_bwd_mma(p.dim, p.max_smem_bytes, p.smem_per_sm, p.sm < 90 || p.sm >= 120);
+}
+
+// K tiles of the dM product per split (the last split may have fewer).
+int dm_ktiles_per_split(int64_t rows, int splits) {
+  const int64_t ktiles = 2 * ceil_div(rows, kDmK);
+  return static_cast<int>(ceil_div(ktiles, splits));
+}
+
+template <typename T, bool kHgRegs>
+void launch_bwd_mma(const RetrievalBwdParams& p, const BwdMmaConfig& c, cudaStream_t stream) {
+  auto row_kernel = retrieval_bwd_mma_kernel<T, kHgRegs>;
+  auto dm_kernel = retrieval_bwd_dm_mma_kernel<T>;
+  GAM_CUDA_CHECK(cudaFuncSetAttribute(row_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(c.smem_bytes())));
+  GAM_CUDA_CHECK(cudaFuncSetAttribute(dm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kDmSmemBytes)));
+  const auto* grad_out = static_cast<const T*>(p.grad_out);
+  const auto* h = static_cast<const T*>(p.h);
+  auto* pds = static_cast<T*>(p.pds);
+  const int sp = static_cast<int>(padded_slots(p.slots));
+  const bool vec = p.dim % 8 == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
+                   aligned16(p.memory) && aligned16(p.dh);
+  const BwdMmaArgs args{c.warps_m, c.warps_n, c.stages, ilog2(c.dpad())};
+  gam_launch("retrieval_bwd_mma", row_kernel,
+             dim3(static_cast<unsigned>(ceil_div(p.rows, c.rows()))),
+             dim3(static_cast<unsigned>(c.threads())), static_cast<size_t>(c.smem_bytes()), stream,
+             grad_out, h, static_cast<const T*>(p.memory), p.lse, p.delta, static_cast<T*>(p.dh),
+             pds, p.rows, static_cast<int>(p.slots), sp, static_cast<int>(p.dim), p.scale,
+             p.scale * kLog2e, args, vec);
+  const bool dm_vec = p.dim % 8 == 0 && aligned16(p.grad_out) && aligned16(p.h);
+  gam_launch("retrieval_bwd_dm_mma", dm_kernel,
+             dim3(static_cast<unsigned>(ceil_div(p.slots, kDmSlots)),
+                  static_cast<unsigned>(ceil_div(p.dim, kDmCols)),
+                  static_cast<unsigned>(p.row_splits)),
+             dim3(kDmThreads), static_cast<size_t>(kDmSmemBytes), stream,
+             static_cast<const T*>(pds), h, grad_out, p.partials, p.rows,
+             static_cast<int>(p.slots), sp, static_cast<int>(p.dim),
+             dm_ktiles_per_split(p.rows, p.row_splits), dm_vec);
 }
 
 }  // namespace
-
-int64_t memory_retrieval_bwd_tc_smem_bytes(int64_t dim) { return RetrievalBwdTcSmem(dim, 2).total; }
 
 int memory_retrieval_bwd_row_splits(int64_t rows) {
   // Enough blocks to fill the GPU without a large partial workspace (splits x S x D floats).
@@ -430,6 +577,61 @@ int memory_retrieval_bwd_row_splits(int64_t rows) {
 
 int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int row_splits) {
   return int64_t(row_splits) * slots * dim;
+}
+
+int64_t memory_retrieval_bwd_pds_elements(const RetrievalBwdParams& p) {
+  return bwd_mma_config(p).dc == 0 ? 0 : 2 * p.rows * padded_slots(p.slots);
+}
+
+std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p) {
+  if (p.dim == 0 || p.rows == 0) return {};
+  const std::string t = type_name(p.dtype);
+  std::vector<KernelLaunch> out{{"retrieval_bwd_delta_kernel<" + t + ">", kDeltaWarps * 32, 0}};
+  const BwdMmaConfig c = bwd_mma_config(p);
+  if (c.dc != 0) {
+    out.push_back({"retrieval_bwd_mma_kernel<" + t + ", " + (c.hg_in_regs ? "true" : "false") +
+                       ">",
+                   c.threads(), c.smem_bytes()});
+    out.push_back({"retrieval_bwd_dm_mma_kernel<" + t + ">", kDmThreads, kDmSmemBytes});
+  } else {
+    out.push_back({"retrieval_bwd_dh_simt_kernel<" + t + ">", kSimtThreads, 0});
+    out.push_back({"retrieval_bwd_dm_simt_kernel<" + t + ">", kSimtThreads, 0});
+  }
+  out.push_back({"reduce_partials_kernel", kReduceCols * kReduceRows, 0});
+  return out;
+}
+
+std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p) {
+  const BwdMmaConfig c = bwd_mma_config(p);
+  if (c.dc == 0) {
+    std::string why = p.dtype == DType::kFloat32 ? "fp32"
+                      : !p.tensor_cores          ? "GAM_EXT_RETRIEVAL=simt"
+                      : p.dim > kMaxMmaDim       ? "D > 1024"
+                      : p.sm < 80                ? "no bf16 tensor cores before sm_80"
+                                                 : "no tensor-core tile fits the shared memory";
+    return "simt (" + why + "): retrieval_bwd_dh_simt_kernel + retrieval_bwd_dm_simt_kernel, p "
+           "and ds recomputed in both";
+  }
+  return std::string("mma: retrieval_bwd_mma_kernel") + (c.hg_in_regs ? "<h and grad_out in registers>" : "") +
+         ", " + std::to_string(c.rows()) + " rows x " + std::to_string(c.block_n) + " slots, " +
+         std::to_string(c.warps_n) + " column chunks of " + std::to_string(c.dc) + ", " +
+         std::to_string(c.stages) + " stages, " + std::to_string(c.threads()) + " threads, " +
+         std::to_string(c.smem_bytes()) + " bytes of shared memory; then " +
+         "retrieval_bwd_dm_mma_kernel, " + std::to_string(kDmSlots) + " slots x " +
+         std::to_string(kDmCols) + " columns x " + std::to_string(kDmK) + " rows, " +
+         std::to_string(p.row_splits) + " row splits";
+}
+
+void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
+               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p),
+               static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots), p.scale,
+               p.scale * kLog2e);
+  });
 }
 
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream) {
@@ -447,18 +649,15 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
                dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
                0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
     if constexpr (!std::is_same<T, float>::value) {
-      const int64_t smem = memory_retrieval_bwd_tc_smem_bytes(p.dim);
-      if (p.tensor_cores && smem <= p.max_smem_bytes) {
-        const int64_t rps = rows_per_split(p.rows, p.row_splits);
-        // Output columns per block (64 * NF): the smallest slice holding D (up to 512), else
-        // 512-column slices.
-        const int64_t dpad = wmma_pad_dim(p.dim);
-        static_switch<1, 2, 4>(
-            [&](int nf) { return dpad <= 64 * nf; },
-            [&](auto nf) {
-              launch_retrieval_bwd_tc<T, decltype(nf)::value>(p, smem, rps, stream);
-            },
-            [&] { launch_retrieval_bwd_tc<T, 8>(p, smem, rps, stream); });
+      const BwdMmaConfig c = bwd_mma_config(p);
+      if (c.dc != 0) {
+        if (p.pds == nullptr)
+          throw std::runtime_error("launch_memory_retrieval_bwd: no P / dS workspace (pds)");
+        if (c.hg_in_regs) {
+          launch_bwd_mma<T, true>(p, c, stream);
+        } else {
+          launch_bwd_mma<T, false>(p, c, stream);
+        }
         return;
       }
     }

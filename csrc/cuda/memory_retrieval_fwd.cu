@@ -2,17 +2,22 @@
 // Flash-attention style: a block owns a tile of rows and streams tiles of memory slots through
 // shared memory with an online softmax, so the (rows x S) scores never reach global memory.
 //
-// Tensor-core path (fp16/bf16, WMMA 16x16x16, fp32 accumulation), 8 warps:
-//   * the block's 64 rows of h stay in shared memory (full D); each step loads 32 slots of M;
-//   * scores S = h M^T: one 16x16 fragment per warp, stored to shared memory;
-//   * softmax in scalar code, 4 threads per row: p = exp(s - m_ref) written as T to shared memory.
-//     m_ref only moves when a row's max exceeds it by more than kRescaleSlack, so the output
-//     fragments (opaque WMMA registers) rarely need the per-row rescale; that rescale goes through
-//     a 16x16 shared scratch per warp. p <= exp(kRescaleSlack) keeps fp16 in range;
-//   * O += P M: warps own 16 rows x NF fragments of the block's output column slice.
-// fp32 SIMT path (fp32, or when the tensor-core path does not apply): 16 rows x 32 slots, the
-// output accumulated in registers per 256-column slice.
+// Tensor-core path (fp16/bf16; FlashAttention-2's structure with K = V = M; configurations in
+// retrieval_common.cuh, FwdMmaConfig): warp (wm, wn) owns 16 rows and a chunk of dc output
+// columns. Per M tile of block_n slots:
+//   * S = h M^T over the warp's chunk with ldmatrix + mma.sync m16n8k16 (fp32 accumulators);
+//     with several chunks (D > dc) the warps of a row group add their partial S in a fixed order
+//     through shared memory, so every one holds the same full 16 x block_n tile;
+//   * online softmax in registers (row max and sum over the 4 lanes of a quad with shuffles,
+//     exact running max, exp2 with the scale folded in), P rounded to T;
+//   * O = alpha O + P M: the S accumulators, packed to T, are the A operand (no shared-memory
+//     round trip); the same M tile, read with ldmatrix.trans, is the B operand.
+// M tiles stream through a cp.async ring of 1-3 stages in swizzled shared memory; h is loaded
+// once. The epilogue writes O / l through shared memory as 16-byte stores.
+// fp32 SIMT path (fp32, or GAM_EXT_RETRIEVAL=simt): 16 rows x 32 slots, the output accumulated
+// in registers per 256-column slice.
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -24,175 +29,230 @@ namespace gam {
 namespace cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int kFwdTcRows = 64;
-constexpr int kFwdTcSlots = 32;
-constexpr int kFwdTcWarps = 8;
-constexpr int kFwdTcThreads = kFwdTcWarps * 32;
-constexpr int kFwdTcPadP = kFwdTcSlots + 8;  // row stride of P (keeps WMMA rows 32-byte aligned)
-constexpr float kRescaleSlack = 8.f;
-
-// Byte offsets of the shared-memory regions of the tensor-core kernel.
-struct RetrievalFwdTcSmem {
-  int64_t h, m, s, p, stats, total;
-  __host__ __device__ explicit RetrievalFwdTcSmem(int64_t dim, int elem_bytes) {
-    const int64_t ld = wmma_ld(dim);
-    h = 0;
-    m = h + kFwdTcRows * ld * elem_bytes;
-    s = m + kFwdTcSlots * ld * elem_bytes;
-    p = s + int64_t(kFwdTcRows) * kFwdTcSlots * 4;
-    stats = p + int64_t(kFwdTcRows) * kFwdTcPadP * elem_bytes;
-    total = stats + 3 * kFwdTcRows * 4 + 16 + kSmemBaseAlign;  // + room to align the base
-  }
+// Runtime part of the configuration (the compile-time part is the template).
+struct FwdMmaArgs {
+  int warps_m, warps_n, stages, dpad_log2;
 };
 
-template <typename T, int NF>
-__global__ void __launch_bounds__(kFwdTcThreads)
-    retrieval_fwd_tc_kernel(const T* __restrict__ h, const T* __restrict__ mem,
-                            T* __restrict__ out, float* __restrict__ lse, int64_t rows,
-                            int64_t slots, int64_t dim, float scale, bool vec) {
-  if constexpr (!kWmmaCompiled<T>) {
+// Threads per block at most: 16 warps, 8 with h in registers. The bound caps registers at
+// 65536 / threads (128 for 512 threads). sm_75's 64 KB configurations never exceed 256 threads,
+// so there the bound is 256 (the sm_75 product is two m16n8k8, which needs a few more registers).
+template <bool kHRegs>
+constexpr int kFwdMaxThreads = kHRegs || GAM_MMA_SM75 ? 256 : 512;
+
+template <typename T, int kDc, int kBlockN, bool kHRegs>
+__global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
+    retrieval_fwd_mma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
+                             T* __restrict__ out, float* __restrict__ lse, int64_t rows,
+                             int slots, int dim, float scale_log2, FwdMmaArgs cfg, bool vec) {
+  if constexpr (!kMmaCompiled<T>) {
     __trap();
   } else {
-    GAM_DYNAMIC_SHARED(unsigned char, smem_raw);
-    unsigned char* smem = GAM_ALIGN_SMEM_BASE(smem_raw);
-    const int64_t dpad = wmma_pad_dim(dim), ld = wmma_ld(dim);
-    const RetrievalFwdTcSmem lay(dim, sizeof(T));
-    T* hs = reinterpret_cast<T*>(smem + lay.h);
-    T* ms = reinterpret_cast<T*>(smem + lay.m);
-    float* ss = reinterpret_cast<float*>(smem + lay.s);
-    T* ps = reinterpret_cast<T*>(smem + lay.p);
-    float* m_ref = reinterpret_cast<float*>(smem + lay.stats);
-    float* l_sum = m_ref + kFwdTcRows;
-    float* alpha = l_sum + kFwdTcRows;
-    int* flag = reinterpret_cast<int*>(alpha + kFwdTcRows);
+    constexpr int kNS = kBlockN / 8;  // n-tiles of S (8 slots each)
+    constexpr int kKS = kDc / 16;     // k-steps of S over the warp's chunk
+    constexpr int kNO = kDc / 8;      // n-tiles of the warp's output slice
+    constexpr int kKP = kBlockN / 16;  // k-steps of P M
+    GAM_DYNAMIC_SHARED(T, smem);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warps_n = cfg.warps_n, stages = cfg.stages, dpad_log2 = cfg.dpad_log2;
+    const int dpad = 1 << dpad_log2;
+    const int wn = warp % warps_n, wm = warp / warps_n;
+    const int rows_cta = 16 * cfg.warps_m;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t row0 = int64_t(blockIdx.x) * rows_cta;
+    const int64_t rows_left = rows - row0;
+    T* hs = smem;
+    T* ms = hs + (kHRegs ? 0 : rows_cta * dpad);
+    float* xs = reinterpret_cast<float*>(ms + stages * kBlockN * dpad);
+    const int ntiles = (slots + kBlockN - 1) / kBlockN;
+    const int col0 = wn * kDc;  // first column of the warp's chunk
+    const T* hsrc = h + row0 * dim;
+    // ldmatrix offsets of the S product (swz_step): every load of a thread reads rows lane % 16
+    // (+ 16 wm for h, + 16 per slot group for M) and 8-column group 2 j + lane / 16.
+    const int x8 = swz_x8(lane >> 4, lane);
+    const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
+    const int m_off = (lane & 15) * dpad + col0;
 
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int wm = warp >> 1, wn = warp & 1;  // 4 row groups x 2 column halves
-    const int64_t row0 = int64_t(blockIdx.x) * kFwdTcRows;
-    const int64_t d0 = int64_t(blockIdx.y) * (2 * NF * 16);
+    auto load_m = [&](int tile) {
+      load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
+                      kBlockN, slots - int64_t(tile) * kBlockN, dim, dim, dpad_log2, vec);
+    };
 
-    load_rows_to_smem(hs, ld, h, row0, kFwdTcRows, rows, dim, dpad, vec);
-    if (tid < kFwdTcRows) {
-      m_ref[tid] = -INFINITY;
-      l_sum[tid] = 0.f;
+    // h fragments held in registers (kHRegs): staged once through the M ring.
+    uint32_t hf[kHRegs ? kKS : 1][4];
+    if constexpr (kHRegs) {
+      load_tile_async(ms, hsrc, 16, rows_left, dim, dim, dpad_log2, vec);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kKS; ++kk)
+        ldmatrix<4, false>(hf[kk], ms + swz(lane & 15, col0 + kk * 16 + (lane >> 4) * 8, dpad));
+      __syncthreads();
+    } else {
+      load_tile_async(hs, hsrc, rows_cta, rows_left, dim, dim, dpad_log2, vec);
     }
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
-#pragma unroll
-    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
-    float* scratch = ss + warp * 256;  // per-warp 16x16 fp32, reuses the score tile
-
-    for (int64_t s0 = 0; s0 < slots; s0 += kFwdTcSlots) {
-      load_rows_to_smem(ms, ld, mem, s0, kFwdTcSlots, slots, dim, dpad, vec);
-      if (tid == 0) *flag = 0;
-      __syncthreads();
-
-      {  // scores of rows 16*wm.., slots 16*wn..
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> sc;
-        wmma::fill_fragment(sc, 0.f);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        for (int64_t k = 0; k < dpad; k += 16) {
-          wmma::load_matrix_sync(a, hs + (16 * wm) * ld + k, ld);
-          wmma::load_matrix_sync(b, ms + (16 * wn) * ld + k, ld);
-          wmma::mma_sync(sc, a, b, sc);
-        }
-        wmma::store_matrix_sync(ss + (16 * wm) * kFwdTcSlots + 16 * wn, sc, kFwdTcSlots,
-                                wmma::mem_row_major);
+    if (stages == 1) {
+      cp_async_commit();
+    } else {
+      for (int st = 0; st < stages - 1; ++st) {
+        if (st < ntiles) load_m(st);
+        cp_async_commit();  // h travels with tile 0
       }
-      __syncthreads();
+    }
 
-      {  // online softmax: 4 threads per row, 8 slots each
-        const int r = tid / 4, q = tid % 4;
-        float s[8];
-        float mx = -INFINITY;
+    float o[kNO][4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int col = q * 8 + i;
-          s[i] = s0 + col < slots ? scale * ss[r * kFwdTcSlots + col] : -INFINITY;
-          mx = fmaxf(mx, s[i]);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_old = m_ref[r];
-        const bool move = mx > m_old + kRescaleSlack;  // always on the first tile
-        const float m_new = move ? mx : m_old;
-        const float a = move ? __expf(m_old - m_new) : 1.f;
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const T p = from_f32<T>(__expf(s[i] - m_new));
-          ps[r * kFwdTcPadP + q * 8 + i] = p;
-          sum += to_f32(p);  // the rounded p, as the P M product sees it
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        __syncwarp();  // all lanes of row r have read m_ref[r]; shuffles do not order smem
-        if (q == 0) {
-          l_sum[r] = l_sum[r] * a + sum;
-          m_ref[r] = m_new;
-          alpha[r] = a;
-          if (move && m_old != -INFINITY) *flag = 1;
-        }
+    for (int i = 0; i < kNO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    for (int j = 0; j < ntiles; ++j) {
+      if (stages == 1) {
+        if (j > 0) __syncthreads();  // every warp is done with tile j - 1
+        load_m(j);
+        cp_async_commit();
       }
-      __syncthreads();
+      cp_async_wait_dyn(stages == 1 ? 0 : stages - 2);
+      __syncthreads();  // tile j (and h) visible; every warp is done with tile j - 1
+      if (stages > 1) {
+        if (j + stages - 1 < ntiles) load_m(j + stages - 1);  // into tile j - 1's stage
+        cp_async_commit();
+      }
+      const T* mt = ms + (j % stages) * kBlockN * dpad;
 
-      if (*flag) {  // rare: rescale rows of the output fragments by alpha
+      // Partial scores over the warp's chunk.
+      float s[kNS][4];
 #pragma unroll
-        for (int f = 0; f < NF; ++f) {
-          wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
-          __syncwarp();
-          for (int e = lane; e < 256; e += 32) scratch[e] *= alpha[16 * wm + e / 16];
-          __syncwarp();
-          wmma::load_matrix_sync(acc[f], scratch, 16, wmma::mem_row_major);
+      for (int i = 0; i < kNS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKS; ++kk) {
+        uint32_t a[4];
+        if constexpr (kHRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[r] = hf[kk][r];
+        } else {
+          ldmatrix<4, false>(a, hs + a_off + swz_step(kk, x8));
+        }
+#pragma unroll
+        for (int np = 0; np < kNS / 2; ++np) {
+          // Matrices (slots 0-7, k 0-7), (slots 8-15, k 0-7), (0-7, k 8-15), (8-15, 8-15): the
+          // B fragments of n-tiles 2 np and 2 np + 1 are {b[0], b[2]} and {b[1], b[3]}.
+          uint32_t b[4];
+          ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
+          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
+          mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
+          mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
         }
       }
 
-      {  // O += P M over this tile's slots
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      if (warps_n > 1) {  // add the row group's partials, in chunk order, in every warp
+        float* mine = xs + warp * (kNS * 128);
 #pragma unroll
-        for (int ks = 0; ks < kFwdTcSlots / 16; ++ks) {
-          wmma::load_matrix_sync(a, ps + (16 * wm) * kFwdTcPadP + 16 * ks, kFwdTcPadP);
+        for (int i = 0; i < kNS; ++i)
+          *reinterpret_cast<float4*>(mine + (i * 32 + lane) * 4) =
+              make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
+        named_barrier_sync(1 + wm, 32 * warps_n);  // only the row group's warps wait
 #pragma unroll
-          for (int f = 0; f < NF; ++f) {
-            const int64_t c = d0 + (wn * NF + f) * 16;
-            if (c < dpad) {
-              wmma::load_matrix_sync(b, ms + (16 * ks) * ld + c, ld);
-              wmma::mma_sync(acc[f], a, b, acc[f]);
-            }
+        for (int i = 0; i < kNS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        const float* grp = xs + (wm * warps_n) * (kNS * 128);
+        for (int w = 0; w < warps_n; ++w) {
+#pragma unroll
+          for (int i = 0; i < kNS; ++i) {
+            const float4 v = *reinterpret_cast<const float4*>(grp + (w * kNS * 32 + i * 32 + lane) * 4);
+            s[i][0] += v.x;
+            s[i][1] += v.y;
+            s[i][2] += v.z;
+            s[i][3] += v.w;
           }
         }
       }
-      __syncthreads();
-    }
 
-    // Epilogue: normalise by l per row, convert, store with bounds.
+      // Online softmax (log2 domain; slots past S masked).
+      const int sbase = j * kBlockN;
+      float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
-    for (int f = 0; f < NF; ++f) {
-      const int64_t c = d0 + (wn * NF + f) * 16;
-      if (c < dpad) {
-        wmma::store_matrix_sync(scratch, acc[f], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int rr = e / 16, cc = e % 16;
-          const int64_t row = row0 + 16 * wm + rr;
-          if (row < rows && c + cc < dim) {
-            out[row * dim + c + cc] = from_f32<T>(scratch[e] / l_sum[16 * wm + rr]);
-          }
+      for (int i = 0; i < kNS; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = sbase + 8 * i + 2 * t + (e & 1) < slots;
+          s[i][e] = ok ? s[i][e] * scale_log2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[i][e]);
         }
-        __syncwarp();
+      }
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = quad_max(mx[r]);
+        alpha[r] = fast_exp2(m_run[r] - mx[r]);  // 0 on the first tile (m_run = -inf)
+        m_run[r] = mx[r];
+      }
+      uint32_t p[kKP][4];
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < kNS; ++i) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t pk = pack2<T>(fast_exp2(s[i][2 * r] - mx[r]),
+                                       fast_exp2(s[i][2 * r + 1] - mx[r]));
+          p[i / 2][(i & 1) * 2 + r] = pk;
+          float lo, hi;
+          unpack2<T>(pk, lo, hi);  // the rounded p, as the P M product sees it
+          rs[r] += lo + hi;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+#pragma unroll
+      for (int i = 0; i < kNO; ++i) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+      }
+
+      // O += P M over the warp's columns.
+#pragma unroll
+      for (int kp = 0; kp < kKP; ++kp) {
+#pragma unroll
+        for (int dp = 0; dp < kNO / 2; ++dp) {
+          uint32_t b[4];
+          // (The full swz here: hoisting these offsets too costs the spill-free 128 registers.)
+          ldmatrix<4, true>(b, mt + swz(16 * kp + (lane & 15), col0 + 16 * dp + (lane >> 4) * 8,
+                                        dpad));
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+          mma_m16n8k16<T>(o[2 * dp], p[kp], b0, o[2 * dp]);
+          mma_m16n8k16<T>(o[2 * dp + 1], p[kp], b1, o[2 * dp + 1]);
+        }
       }
     }
-    if (blockIdx.y == 0 && tid < kFwdTcRows && row0 + tid < rows) {
-      lse[row0 + tid] = m_ref[tid] + logf(l_sum[tid]);
+    cp_async_wait<0>();
+
+    // Epilogue: l over the quad, lse, O / l through shared memory, 16-byte stores.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_run[r] = quad_sum(l_run[r]);
+      inv[r] = 1.f / l_run[r];
+      const int rr = 16 * wm + g + 8 * r;
+      if (wn == 0 && t == 0 && rr < rows_left) lse[row0 + rr] = m_run[r] * kLn2 + logf(l_run[r]);
     }
+    T* os = kHRegs ? ms : hs;  // rows_cta x dpad, swizzled like h
+    __syncthreads();           // every warp is done with h and M
+#pragma unroll
+    for (int i = 0; i < kNO; ++i) {
+      const int c = col0 + 8 * i + 2 * t;
+      *reinterpret_cast<uint32_t*>(os + swz(16 * wm + g, c, dpad)) =
+          pack2<T>(o[i][0] * inv[0], o[i][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(os + swz(16 * wm + g + 8, c, dpad)) =
+          pack2<T>(o[i][2] * inv[1], o[i][3] * inv[1]);
+    }
+    __syncthreads();
+    store_tile(out + row0 * dim, os, rows_cta, rows_left, dim, dpad_log2, vec);
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_fwd_simt_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                               T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                               int64_t slots, int64_t dim, float scale) {
@@ -244,46 +304,149 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
 }
 
-template <typename T, int NF>
-void launch_retrieval_fwd_tc(const RetrievalFwdParams& p, int64_t smem, cudaStream_t stream) {
-  auto kernel = retrieval_fwd_tc_kernel<T, NF>;
+template <typename T, int kDc, int kBlockN, bool kHRegs>
+void launch_fwd_mma(const RetrievalFwdParams& p, const FwdMmaConfig& c, cudaStream_t stream) {
+  auto kernel = retrieval_fwd_mma_kernel<T, kDc, kBlockN, kHRegs>;
+  const int64_t smem = c.smem_bytes();
   GAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kFwdTcRows)),
-                  static_cast<unsigned>(ceil_div(p.dim, 2 * NF * 16)));
-  gam_launch("retrieval_fwd_tc", kernel, grid, dim3(kFwdTcThreads), static_cast<size_t>(smem),
-             stream, static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
-             static_cast<T*>(p.out), p.lse, p.rows, p.slots, p.dim, p.scale,
-             p.dim % kVec16<T> == 0 && aligned16(p.h) && aligned16(p.memory));
+  const FwdMmaArgs args{c.warps_m, c.warps_n, c.stages, ilog2(c.dpad())};
+  const bool vec = p.dim % 8 == 0 && aligned16(p.h) && aligned16(p.memory) && aligned16(p.out);
+  gam_launch("retrieval_fwd_mma", kernel,
+             dim3(static_cast<unsigned>(ceil_div(p.rows, c.rows()))),
+             dim3(static_cast<unsigned>(c.threads())), static_cast<size_t>(smem), stream,
+             static_cast<const T*>(p.h), static_cast<const T*>(p.memory), static_cast<T*>(p.out),
+             p.lse, p.rows, static_cast<int>(p.slots), static_cast<int>(p.dim),
+             p.scale * kLog2e, args, vec);
+}
+
+// Calls f(dc, block_n, h_in_regs) as integral constants for the kernel variant of c: (128, 32),
+// (128, 16), and (128, 16, h in registers) for fp16.
+template <typename T, typename F>
+void with_fwd_variant(const FwdMmaConfig& c, F&& f) {
+  const bool known = c.dc == 128 && (c.block_n == 16 || (c.block_n == 32 && !c.h_in_regs));
+  if (!known)
+    throw std::runtime_error("retrieval_fwd_mma: no kernel variant for this configuration");
+  if (c.h_in_regs) {
+    if constexpr (std::is_same<T, __half>::value) {
+      f(std::integral_constant<int, 128>{}, std::integral_constant<int, 16>{}, std::true_type{});
+    } else {
+      throw std::runtime_error("retrieval_fwd_mma: h in registers is an fp16 (sm_75) variant");
+    }
+  } else if (c.block_n == 32) {
+    f(std::integral_constant<int, 128>{}, std::integral_constant<int, 32>{}, std::false_type{});
+  } else {
+    f(std::integral_constant<int, 128>{}, std::integral_constant<int, 16>{}, std::false_type{});
+  }
+}
+
+// ---- gemm path: softmax between the cuBLAS products ------------------------------------------
+
+constexpr int kSoftmaxWarps = 8;
+
+// (m, l) of an online softmax in base 2 merged with another's; m = -inf means empty.
+__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  l = (m == -INFINITY ? 0.f : l * fast_exp2(m - mn)) + (m2 == -INFINITY ? 0.f : l2 * fast_exp2(m2 - mn));
+  m = mn;
+}
+
+// One warp per row: lse = logsumexp(scale * s), P = exp(scale * s - lse) rounded to T.
+template <typename T>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_fwd_kernel(const float* __restrict__ scores, T* __restrict__ p,
+                                 float* __restrict__ lse, int64_t rows, int slots,
+                                 float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const float* s = scores + row * slots;
+  float m = -INFINITY, l = 0.f;
+  for (int c = lane; c < slots; c += 32) merge_max_sum(m, l, s[c] * scale_log2, 1.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    merge_max_sum(m, l, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, l, o));
+  const float lse2 = m + __log2f(l);
+  if (lane == 0) lse[row] = lse2 * kLn2;
+  T* out = p + row * slots;
+  for (int c = lane; c < slots; c += 32) out[c] = from_f32<T>(fast_exp2(s[c] * scale_log2 - lse2));
+}
+
+__global__ void __launch_bounds__(256) retrieval_fwd_fill_kernel(float* __restrict__ x, int64_t n, float v) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = v;
 }
 
 }  // namespace
 
-int64_t memory_retrieval_fwd_tc_smem_bytes(int64_t dim) {
-  return RetrievalFwdTcSmem(dim, 2).total;
+static FwdMmaConfig memory_retrieval_fwd_config(const RetrievalFwdParams& p) {
+  if (p.dtype == DType::kFloat32 || !p.tensor_cores || p.dim == 0 || p.dim > kMaxMmaDim)
+    return FwdMmaConfig{};
+  if (p.dtype == DType::kBFloat16 && p.sm < 80) return FwdMmaConfig{};  // no bf16 mma on sm_75
+  return select_fwd_mma(p.dim, p.max_smem_bytes, p.smem_per_sm,
+                        p.dtype == DType::kFloat16 && p.sm < 80);
+}
+
+std::vector<KernelLaunch> memory_retrieval_fwd_kernels(const RetrievalFwdParams& p) {
+  if (p.rows == 0) return {};
+  if (p.dim == 0) return {{"retrieval_fwd_fill_kernel", 256, 0}};
+  const FwdMmaConfig c = memory_retrieval_fwd_config(p);
+  if (c.dc == 0)
+    return {{std::string("retrieval_fwd_simt_kernel<") + type_name(p.dtype) + ">", kSimtThreads,
+             0}};
+  return {{std::string("retrieval_fwd_mma_kernel<") + type_name(p.dtype) + ", " +
+               std::to_string(c.dc) + ", " + std::to_string(c.block_n) + ", " +
+               (c.h_in_regs ? "true" : "false") + ">",
+           c.threads(), c.smem_bytes()}};
+}
+
+std::string describe_memory_retrieval_fwd(const RetrievalFwdParams& p) {
+  const FwdMmaConfig c = memory_retrieval_fwd_config(p);
+  if (c.dc == 0) {
+    std::string why = p.dtype == DType::kFloat32 ? "fp32"
+                      : !p.tensor_cores          ? "GAM_EXT_RETRIEVAL=simt"
+                      : p.dim > kMaxMmaDim       ? "D > 1024"
+                      : p.sm < 80                ? "no bf16 tensor cores before sm_80"
+                                                 : "no tensor-core tile fits the shared memory";
+    return "simt (" + why + "): retrieval_fwd_simt_kernel, 16 rows x 32 slots x 256 columns";
+  }
+  return "mma: retrieval_fwd_mma_kernel<" + std::to_string(c.dc) + ", " +
+         std::to_string(c.block_n) + (c.h_in_regs ? ", h in registers" : "") + ">, " +
+         std::to_string(c.rows()) + " rows x " + std::to_string(c.block_n) + " slots, " +
+         std::to_string(c.warps_n) + " column chunks of " + std::to_string(c.dc) + ", " +
+         std::to_string(c.stages) + " stages, " + std::to_string(c.threads()) + " threads, " +
+         std::to_string(c.smem_bytes()) + " bytes of shared memory";
+}
+
+void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    gam_launch("retrieval_softmax_fwd", retrieval_softmax_fwd_kernel<T>,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
+               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, static_cast<T*>(p.p), p.lse, p.rows,
+               static_cast<int>(p.slots), p.scale * kLog2e);
+  });
 }
 
 void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   if (p.dim == 0) {  // softmax over zero scores: out is empty, lse = log(S)
-    std::vector<float> host(static_cast<size_t>(p.rows), std::log(static_cast<float>(p.slots)));
-    GAM_CUDA_CHECK(cudaMemcpyAsync(p.lse, host.data(), sizeof(float) * host.size(),
-                                   cudaMemcpyHostToDevice, stream));
-    GAM_CUDA_CHECK(cudaStreamSynchronize(stream));  // host buffer goes out of scope
+    gam_launch("retrieval_fwd_fill_lse", retrieval_fwd_fill_kernel,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, 256))), dim3(256), 0, stream, p.lse,
+               p.rows, std::log(static_cast<float>(p.slots)));
     return;
   }
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t smem = memory_retrieval_fwd_tc_smem_bytes(p.dim);
     if constexpr (!std::is_same<T, float>::value) {
-      if (p.tensor_cores && smem <= p.max_smem_bytes) {
-        // Output columns per block (32 * NF): the smallest slice holding D (up to 512), else
-        // 512-column slices (the scores are then recomputed per slice).
-        const int64_t dpad = wmma_pad_dim(p.dim);
-        static_switch<2, 4, 8>(
-            [&](int nf) { return dpad <= 32 * nf; },
-            [&](auto nf) { launch_retrieval_fwd_tc<T, decltype(nf)::value>(p, smem, stream); },
-            [&] { launch_retrieval_fwd_tc<T, 16>(p, smem, stream); });
+      const FwdMmaConfig c = memory_retrieval_fwd_config(p);
+      if (c.dc != 0) {
+        with_fwd_variant<T>(c, [&](auto dc, auto bn, auto hr) {
+          launch_fwd_mma<T, decltype(dc)::value, decltype(bn)::value, decltype(hr)::value>(
+              p, c, stream);
+        });
         return;
       }
     }

@@ -42,10 +42,13 @@ struct RetrievalFwdParams {
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
-  // Tensor-core (WMMA) path for fp16/bf16 when true and the shape fits its shared memory;
-  // the fp32 SIMT path otherwise. The dispatch decides from the device (bf16 needs sm_80).
+  // The device, as the launcher sizes the fused kernels for it: tensor_cores false forces the
+  // fp32 SIMT kernels (GAM_EXT_RETRIEVAL=simt); sm is the compute capability (75 = sm_75);
+  // shared memory per block (opt-in) and per SM, in bytes.
   bool tensor_cores;
-  int max_smem_bytes;  // opt-in shared memory per block of the device
+  int sm;
+  int max_smem_bytes;
+  int smem_per_sm;
 };
 
 struct RetrievalBwdParams {
@@ -58,12 +61,28 @@ struct RetrievalBwdParams {
   float* dmemory;        // (S, D) fp32, written
   float* delta;          // workspace (R) fp32
   float* partials;       // workspace: memory_retrieval_bwd_workspace_floats() floats
+  void* pds;             // workspace: memory_retrieval_bwd_pds_elements() elements of h's dtype
+                         // (P, then scale * dS, each rows x S rounded up to 8) or nullptr
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
   int row_splits;        // dM partial sums over this many row ranges (set by the launcher helper)
   bool tensor_cores;     // as in RetrievalFwdParams
+  int sm;
   int max_smem_bytes;
+  int smem_per_sm;
+};
+
+// GAM_EXT_RETRIEVAL=gemm: the softmax kernels between the cuBLAS products (dispatch.cpp).
+struct RetrievalSoftmaxParams {
+  const float* scores;  // (R, S) fp32: h M^T (unscaled)
+  const float* dp;      // backward: (R, S) fp32 grad_out M^T
+  float* lse;           // forward: written (R); backward: read
+  void* p;              // (R, S) in dtype: the probabilities
+  void* ds;             // backward: (R, S) in dtype: scale * dS
+  int64_t rows, slots;
+  float scale;
+  DType dtype;
 };
 
 struct GateFwdParams {

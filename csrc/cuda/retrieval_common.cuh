@@ -4,38 +4,269 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <vector>
+
 #include "common.cuh"
+#include "warp_mma.cuh"
 
 namespace gam {
 namespace cuda {
 
-// ---- tensor-core (WMMA) paths ---------------------------------------------------------------
+// ---- tensor-core (mma.sync) paths ---------------------------------------------------------
+//
+// Swizzled shared-memory tiles of 16-bit elements: rows of `width` elements (a power of two, at
+// least 64), the 16-byte chunk c of row r stored at chunk c ^ (r & 7). An ldmatrix phase reads
+// the same logical chunk of 8 consecutive rows and a warp's cp.async stores write consecutive
+// chunks of a row: both land in 8 different 16-byte bank groups, so neither conflicts.
+__host__ __device__ __forceinline__ int swz(int row, int col, int width) {
+  return row * width + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8 + (col & 7);
+}
 
-// WMMA on bf16 needs sm_80; the host pass and the emulation always have it.
-#if defined(GAM_EMULATE) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define GAM_HAS_BF16_WMMA 1
-#else
-#define GAM_HAS_BF16_WMMA 0
-#endif
+// The same offsets, cheaply, for the ldmatrix loads of a warp over a 128-column span: a thread
+// whose rows all share row & 7 and whose 8-column group in the span is 2 j + hi (hi = 0 or 1
+// from its lane, j = 0..7 at compile time) finds group 2 j + hi of a row at
+//   row * width + span start + swz_step(j, swz_x8(hi, row))
+// (= swz(row, span start + 16 j + 8 hi, width) for a span start that is a multiple of 128): one
+// XOR and one add per load instead of the whole swz.
+__device__ __forceinline__ int swz_x8(int hi, int row) { return ((hi ^ row) & 7) << 3; }
+__device__ __forceinline__ int swz_step(int j, int x8) { return 64 * (j >> 2) + ((16 * (j & 3)) ^ x8); }
 
-// Whether this compilation pass gets the body of a WMMA kernel on T: bf16 WMMA needs sm_80 (fp16
-// needs sm_70, below every architecture the toolkit targets). Where it is missing the kernel
-// body is a trap: the host never selects the tensor-core path there (DeviceCtx::tensor_cores).
+// Waits until at most n (0..2) cp.async groups of the thread are in flight.
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  if (n <= 0) {
+    cp_async_wait<0>();
+  } else if (n == 1) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<2>();
+  }
+}
+
+// Copies rows [0, nrows) x columns [0, width) of a row-major block with row stride `stride` (src
+// points at its first element) into the swizzled tile dst; rows >= limit and columns >= cols
+// become zeros. vec (stride and the first column a multiple of 8 elements, src 16-byte aligned):
+// 16-byte cp.async copies, which land at the caller's cp_async_wait; else element loads and
+// shared stores. Every thread calls it; rows and chunks are spread over the block. 32-bit
+// offsets: nrows * stride < 2^31.
 template <typename T>
-constexpr bool kWmmaCompiled = !std::is_same<T, __nv_bfloat16>::value || GAM_HAS_BF16_WMMA;
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ src, int nrows,
+                                                int64_t limit, int stride, int cols,
+                                                int width_log2, bool vec) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int rows_ok = limit < nrows ? static_cast<int>(limit) : nrows;
+  if (vec) {
+    const int cpr_log2 = width_log2 - 3;  // 16-byte chunks per row
+    for (int q = tid; q < (nrows << cpr_log2); q += nthreads) {
+      const int r = q >> cpr_log2, c = (q & ((1 << cpr_log2) - 1)) << 3;
+      const bool ok = r < rows_ok && c < cols;
+      cp_async_16(dst + swz(r, c, 1 << width_log2), ok ? src + r * stride + c : src, ok);
+    }
+  } else {
+    const T zero = from_f32<T>(0.f);
+    for (int q = tid; q < (nrows << width_log2); q += nthreads) {
+      const int r = q >> width_log2, c = q & ((1 << width_log2) - 1);
+      dst[swz(r, c, 1 << width_log2)] = r < rows_ok && c < cols ? src[r * stride + c] : zero;
+    }
+  }
+}
 
-// Shared-memory rows of width dim: padded to whole 16-column WMMA tiles, and a row stride 8
-// elements longer than that, which skews the shared-memory banks.
-__host__ __device__ inline int64_t wmma_pad_dim(int64_t dim) { return (dim + 15) / 16 * 16; }
-__host__ __device__ inline int64_t wmma_ld(int64_t dim) { return wmma_pad_dim(dim) + 8; }
+// Stores rows [0, min(nrows, limit)) x columns [0, dim) of the swizzled tile src to the
+// row-major block dst: 16-byte stores with vec (dim a multiple of 8, dst 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_tile(T* __restrict__ dst, const T* src, int nrows,
+                                           int64_t limit, int dim, int width_log2, bool vec) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int rows_ok = limit < nrows ? static_cast<int>(limit) : nrows;
+  if (vec) {
+    const int cpr_log2 = width_log2 - 3;
+    for (int q = tid; q < (rows_ok << cpr_log2); q += nthreads) {
+      const int r = q >> cpr_log2, c = (q & ((1 << cpr_log2) - 1)) << 3;
+      if (c < dim)
+        __stcg(reinterpret_cast<uint4*>(dst + r * dim + c),
+               *reinterpret_cast<const uint4*>(src + swz(r, c, 1 << width_log2)));
+    }
+  } else {
+    for (int q = tid; q < rows_ok * dim; q += nthreads) {
+      const int r = q / dim, c = q - r * dim;
+      dst[r * dim + c] = src[swz(r, c, 1 << width_log2)];
+    }
+  }
+}
 
-// WMMA pointers need 32-byte alignment and dynamic shared memory only promises 16: the kernels
-// align its base to kSmemBaseAlign bytes and ask for that much more. A macro, not a function:
-// through an inline function nvcc allocates a few more registers to some backward kernels.
-constexpr int kSmemBaseAlign = 128;
-#define GAM_ALIGN_SMEM_BASE(raw)                                                    \
-  ((raw) + ((kSmemBaseAlign - reinterpret_cast<uintptr_t>(raw) % kSmemBaseAlign) % \
-            kSmemBaseAlign))
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// The fused tensor-core kernels take rows of up to this many columns (fp32 SIMT beyond).
+constexpr int64_t kMaxMmaDim = 1024;
+
+// Reductions over the 4 lanes of a quad (the lanes that share a row of an mma fragment).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The C++ name of a dtype's element type, as demangled kernel symbols spell it.
+inline const char* type_name(DType dt) {
+  return dt == DType::kFloat16 ? "__half" : dt == DType::kBFloat16 ? "__nv_bfloat16" : "float";
+}
+
+inline int ilog2(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+// ---- the fused tensor-core forward: configurations ---------------------------------------------
+//
+// A block owns 16 * warps_m rows of h and all D columns, split into warps_n chunks of dc columns
+// (dpad = warps_n * dc >= D). Warp (wm, wn) owns rows 16 wm .. 16 wm + 15 and chunk wn: it
+// computes the partial scores of its rows over its chunk, the warps of a row group add their
+// partials in a fixed order through shared memory (only when warps_n > 1), and each then holds
+// the whole 16 x block_n score tile, its softmax and P in registers, and accumulates its own
+// 16 x dc slice of the output. One M tile of block_n slots (all dpad columns) serves both
+// products; tiles stream through a `stages`-deep cp.async ring.
+// Shared memory: h (16 warps_m x dpad), stages M tiles (block_n x dpad), and the score partials
+// (64 block_n bytes per warp) when warps_n > 1. With h_in_regs (sm_75 at D > 512), h lives in
+// registers (loaded once through the M ring) and only M and the partials use shared memory.
+struct FwdMmaConfig {
+  int dc = 0;       // columns per warp: 128 (0: no configuration)
+  int block_n = 0;  // slots per step: 16 or 32
+  int warps_m = 0, warps_n = 0, stages = 0;
+  bool h_in_regs = false;
+  int rows() const { return 16 * warps_m; }
+  int threads() const { return 32 * warps_m * warps_n; }
+  int dpad() const { return warps_n * dc; }
+  int64_t smem_bytes() const {
+    const int64_t h = h_in_regs ? 0 : int64_t(rows()) * dpad() * 2;
+    const int64_t m = int64_t(stages) * block_n * dpad() * 2;
+    const int64_t x = warps_n > 1 ? int64_t(warps_m) * warps_n * block_n * 64 : 0;
+    return h + m + x;
+  }
+};
+
+// CTAs per SM that shared memory and registers allow, for a kernel whose threads use at most
+// `regs` registers (the fused kernels' __launch_bounds__ guarantee their bound).
+inline int ctas_per_sm(int64_t smem, int threads, int smem_per_sm, int regs = 128) {
+  const int64_t by_smem = smem_per_sm / (smem + 1024);  // 1 KB per block reserved by the driver
+  const int by_regs = 65536 / (regs * threads);
+  return static_cast<int>(by_smem < by_regs ? by_smem : by_regs);
+}
+
+// The configuration of the fused forward for rows of width dim (1 <= dim <= 1024) on a device
+// with smem_optin bytes of shared memory per block and smem_per_sm per SM: among the candidates
+// of dim's class that fit, the first with the most resident threads per SM (the candidates come
+// in order of preference: more rows per block first, as they read M from L2 less often). dc == 0
+// when none fits. allow_h_in_regs admits the fp16 variant that keeps h in registers (168
+// registers per thread): sm_75's only configuration at D > 512.
+inline FwdMmaConfig select_fwd_mma(int64_t dim, int smem_optin, int smem_per_sm,
+                                   bool allow_h_in_regs) {
+  std::vector<FwdMmaConfig> cands;
+  auto add = [&](int dc, int bn, int wm, int wn, int st, bool hr = false) {
+    FwdMmaConfig c;
+    c.dc = dc;
+    c.block_n = bn;
+    c.warps_m = wm;
+    c.warps_n = wn;
+    c.stages = st;
+    c.h_in_regs = hr;
+    cands.push_back(c);
+  };
+  if (dim <= 128) {
+    add(128, 32, 4, 1, 3), add(128, 32, 4, 1, 2), add(128, 16, 2, 1, 2);
+  } else if (dim <= 256) {
+    add(128, 32, 4, 2, 3), add(128, 32, 4, 2, 2), add(128, 32, 2, 2, 2), add(128, 16, 2, 2, 2);
+  } else if (dim <= 512) {
+    add(128, 32, 4, 4, 3), add(128, 32, 4, 4, 2), add(128, 16, 2, 4, 2), add(128, 16, 1, 4, 2);
+  } else if (dim <= 1024) {
+    add(128, 32, 2, 8, 2), add(128, 16, 2, 8, 2), add(128, 16, 1, 8, 2), add(128, 16, 1, 8, 1);
+    if (allow_h_in_regs) add(128, 16, 1, 8, 1, true);
+  }
+  FwdMmaConfig best;
+  int best_threads = 0;  // resident threads per SM
+  for (const FwdMmaConfig& c : cands) {
+    if (c.smem_bytes() > smem_optin) continue;
+    const int threads = ctas_per_sm(c.smem_bytes(), c.threads(), smem_per_sm) * c.threads();
+    if (threads > best_threads) best = c, best_threads = threads;
+  }
+  return best;
+}
+
+// ---- the fused tensor-core backward: configurations --------------------------------------------
+//
+// Row pass (retrieval_bwd_mma_kernel): the forward's layout with two score products per M tile,
+// S = h M^T and dP = grad_out M^T (same B fragments), block_n = 16 slots per step; h and grad_out
+// rows resident in shared memory (or, hg_in_regs, as registers: small-memory GPUs at D > 512);
+// partials of both added across the chunks of a row as in the forward. Each warp then holds P and
+// scale * dS of its rows in registers, accumulates dh += (scale dS) M on its chunk, and stores P
+// and scale * dS once (as T) for the dM product.
+// At most 12 warps per block: the launch bound then leaves each thread 168 registers.
+constexpr int kBwdMaxThreads = 384;
+
+struct BwdMmaConfig {
+  int dc = 0;  // columns per warp: 128 (0: no configuration)
+  int block_n = 16;
+  int warps_m = 0, warps_n = 0, stages = 0;
+  bool hg_in_regs = false;
+  int rows() const { return 16 * warps_m; }
+  int threads() const { return 32 * warps_m * warps_n; }
+  int dpad() const { return warps_n * dc; }
+  int64_t smem_bytes() const {
+    const int64_t hg = hg_in_regs ? 0 : 2 * int64_t(rows()) * dpad() * 2;
+    const int64_t m = int64_t(stages) * block_n * dpad() * 2;
+    const int64_t x = warps_n > 1 ? 2 * int64_t(warps_m) * warps_n * block_n * 64 : 0;
+    return hg + m + x;
+  }
+};
+
+// As select_fwd_mma, for the row pass of the backward; allow_hg_in_regs admits the variant with h
+// and grad_out in registers (D > 512 on GPUs with 99 or 64 KB of shared memory per block).
+inline BwdMmaConfig select_bwd_mma(int64_t dim, int smem_optin, int smem_per_sm,
+                                   bool allow_hg_in_regs) {
+  std::vector<BwdMmaConfig> cands;
+  auto add = [&](int wm, int wn, int st, bool regs = false) {
+    BwdMmaConfig c;
+    c.dc = 128;
+    c.warps_m = wm;
+    c.warps_n = wn;
+    c.stages = st;
+    c.hg_in_regs = regs;
+    cands.push_back(c);
+  };
+  if (dim <= 128) {
+    add(8, 1, 3), add(8, 1, 2), add(4, 1, 2), add(2, 1, 2);
+  } else if (dim <= 256) {
+    add(6, 2, 3), add(6, 2, 2), add(4, 2, 2), add(2, 2, 2), add(1, 2, 2);
+  } else if (dim <= 512) {
+    add(3, 4, 3), add(3, 4, 2), add(2, 4, 2), add(1, 4, 2), add(1, 4, 1);
+  } else if (dim <= 1024) {
+    add(1, 8, 2), add(1, 8, 1);
+    if (allow_hg_in_regs) add(1, 8, 2, true), add(1, 8, 1, true);
+  }
+  BwdMmaConfig best;
+  int best_threads = 0;
+  for (const BwdMmaConfig& c : cands) {
+    if (c.smem_bytes() > smem_optin) continue;
+    const int ctas = ctas_per_sm(c.smem_bytes(), c.threads(), smem_per_sm,
+                                 c.hg_in_regs ? 255 : 65536 / kBwdMaxThreads);
+    const int threads = ctas * c.threads();
+    if (threads > best_threads) best = c, best_threads = threads;
+  }
+  return best;
+}
+
+// dM product (retrieval_bwd_dm_mma_kernel): dM = [scale dS; P]^T [h; grad_out], one GEMM with
+// K = 2 R (rows of scale dS with h, then rows of P with grad_out), tiles of 64 slots x 128
+// columns, K in tiles of 32 rows through a cp.async ring; K is split into row ranges whose fp32
+// partials reduce_partials_kernel adds in a fixed order.
+constexpr int kDmSlots = 64;
+constexpr int kDmCols = 128;
+constexpr int kDmK = 32;
+constexpr int kDmThreads = 128;
+constexpr int kDmStages = 3;
+constexpr int64_t kDmSmemBytes = int64_t(kDmStages) * kDmK * (kDmSlots + kDmCols) * 2;
 
 // ---- fp32 SIMT paths --------------------------------------------------------------------------
 
@@ -46,6 +277,9 @@ constexpr int kSimtSlots = 32;
 constexpr int kSimtChunk = 32;
 constexpr int kSimtCols = 256;
 constexpr int kSimtThreads = 256;
+// Two blocks per SM in __launch_bounds__: without it ptxas (CUDA 13, sm_90 / sm_100) keeps 48-64
+// registers and spills the loop-carried softmax state.
+constexpr int kSimtMinBlocks = 2;
 
 // Scores of one (16 rows x 32 slots) tile for thread t: row t / 16, slots t % 16 and t % 16 + 16.
 // Computes dot(a_row, M_slot) and, when B is given, dot(b_row, M_slot) too (the backward's dp).

@@ -3,7 +3,8 @@
 A test tool, not part of the gam_ext package (it lives with the emulator sources in csrc/emu and
 is not installed). The CUDA kernel files (csrc/cuda/*.cu) include only ``compat.cuh``; compiled by g++
 with ``-DGAM_EMULATE`` they run on CPU memory through the SIMT emulation layer in csrc/emu/
-(fibers for threads, real barriers, warp shuffles and votes, shared memory, WMMA). No nvcc and
+(fibers for threads, real barriers, warp shuffles and votes, shared memory, ldmatrix / mma.sync /
+cp.async in the PTX ISA's per-lane fragment layouts). No nvcc and
 no GPU are needed. By default the module is built with AddressSanitizer, so out-of-bounds
 global and shared memory accesses abort with a report.
 

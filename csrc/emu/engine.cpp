@@ -36,6 +36,15 @@ struct WarpOp {
   const char* what;
   const char* file;
   int line;
+  ExchangeFn resolve;  // kExchange only
+};
+
+// One cp.async of a thread, waiting to land (see cp_async in simt.h).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  int src_bytes;
 };
 
 struct Fiber {
@@ -49,6 +58,9 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
+  int bar_id = 0;  // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
+  std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
+  std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
 };
 
 struct SharedAlloc {
@@ -69,6 +81,7 @@ struct Engine {
   int n_runnable = 0;
   int n_done = 0;
   int bar_arrived = 0;
+  int named_arrived[16] = {};  // threads waiting at each named barrier (index 0 unused)
   fiber::Context main;
   Fiber* cur = nullptr;
   uint3 block{};
@@ -164,15 +177,27 @@ void yield_from(Fiber* self) {
 bool try_resolve(Engine& e, int w, const WarpOp& proto) {
   const unsigned parts = proto.mask & e.warp_exists[w] & ~e.warp_done[w];
   Fiber* lanes = &e.fibers[static_cast<size_t>(w) * 32];
+  if (proto.kind == WarpOpKind::kExchange && parts != 0xffffffffu)
+    fault_in_fiber(std::string(proto.what) + " at " + site(proto.file, proto.line) +
+                   " needs all 32 lanes of warp " + std::to_string(w) +
+                   "; lanes taking part: " + hex(parts) +
+                   " (the others exited or do not exist)");
   for (int l = 0; l < 32; ++l) {
     if (!((parts >> l) & 1u)) continue;
     const Fiber& f = lanes[l];
     if (f.state != State::kWarp || f.op.kind != proto.kind ||
         f.op.mask != proto.mask)
       return false;
-    // load/mma/store share one kind; they must not complete each other.
-    if (proto.kind == WarpOpKind::kWmma && std::strcmp(f.op.what, proto.what))
+    // Exchanges share one kind; different instructions must not complete each other.
+    if (proto.kind == WarpOpKind::kExchange && std::strcmp(f.op.what, proto.what))
       return false;
+    if (proto.kind == WarpOpKind::kExchange && f.op.resolve != proto.resolve) return false;
+  }
+  if (proto.kind == WarpOpKind::kExchange) {
+    void* records[32];
+    for (int l = 0; l < 32; ++l)
+      records[l] = reinterpret_cast<void*>(static_cast<uintptr_t>(lanes[l].op.value));
+    proto.resolve(records);
   }
   auto value_of = [&](int src) -> uint64_t {
     return (src >= 0 && src < 32 && ((parts >> src) & 1u)) ? lanes[src].op.value
@@ -210,7 +235,7 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
       case WarpOpKind::kAny: r = ballot != 0; break;
       case WarpOpKind::kAll: r = __builtin_popcountll(ballot) == n; break;
       case WarpOpKind::kSyncWarp:
-      case WarpOpKind::kWmma: break;
+      case WarpOpKind::kExchange: break;
     }
     f.op.result = r;
     f.state = State::kRunnable;
@@ -226,6 +251,17 @@ void on_lane_exit(Engine& e, const Fiber& f) {
   for (int l = 0; l < 32; ++l) {
     if (!((e.warp_exists[f.warp] >> l) & 1u)) continue;
     if (lanes[l].state == State::kWarp) try_resolve(e, f.warp, lanes[l].op);
+  }
+}
+
+// ---- cp.async ------------------------------------------------------------
+
+void land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) {
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+    if (c.bytes > c.src_bytes)
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0,
+                  static_cast<size_t>(c.bytes - c.src_bytes));
   }
 }
 
@@ -246,6 +282,11 @@ void on_lane_exit(Engine& e, const Fiber& f) {
     error = "exception escaped the kernel";
   }
   if (!error.empty()) fault_in_fiber(error);
+  // cp.async still in flight at exit land anyway, as on the GPU.
+  self->cp_groups.push_back(std::move(self->cp_open));
+  self->cp_open.clear();
+  for (const auto& group : self->cp_groups) land(group);
+  self->cp_groups.clear();
   self->state = State::kDone;
   ++e.n_done;
   --e.n_runnable;
@@ -271,7 +312,15 @@ std::string deadlock_report(const Engine& e) {
     }
   }
   m << "deadlock in block " << dim_str(e.block) << ": ";
-  if (first_bar) {
+  if (first_bar && first_bar->bar_id != 0) {
+    int waiting = 0;
+    for (const Fiber& f : e.fibers)
+      waiting += f.state == State::kBarrier && f.bar_id == first_bar->bar_id;
+    m << "named barrier " << first_bar->bar_id << " at "
+      << site(first_bar->bar_file, first_bar->bar_line) << " was reached by " << waiting
+      << " threads, fewer than its count; " << at_bar << " threads wait at barriers, "
+      << e.n_done << " had exited";
+  } else if (first_bar) {
     m << "divergent __syncthreads(): the barrier at "
       << site(first_bar->bar_file, first_bar->bar_line) << " was reached by "
       << at_bar << " of " << e.nthreads << " threads; " << e.n_done
@@ -340,6 +389,8 @@ void run_block(Engine& e, const uint3& block) {
     f.warp = i / 32;
     f.lane = i % 32;
     f.state = State::kRunnable;
+    f.cp_open.clear();
+    f.cp_groups.clear();
     f.stack = &t_stacks.get(i);
     fiber::prepare(f.ctx, *f.stack, &fiber_main);
   }
@@ -347,6 +398,7 @@ void run_block(Engine& e, const uint3& block) {
   e.n_runnable = e.nthreads;
   e.n_done = 0;
   e.bar_arrived = 0;
+  std::fill(std::begin(e.named_arrived), std::end(e.named_arrived), 0);
   // Dynamic shared memory: one exact-size allocation per block.
   const size_t dyn = e.spec->dynamic_smem_bytes;
   if (posix_memalign(&e.dyn_smem, 16, dyn == 0 ? 1 : dyn) != 0)
@@ -456,11 +508,94 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
     fault_in_fiber(std::string(what) + " at " + site(file, line) +
                    ": width " + std::to_string(width) +
                    " is not a power of two in [1, 32]");
-  self->op = WarpOp{kind, mask, value, arg, width, 0, what, file, line};
+  self->op = WarpOp{kind, mask, value, arg, width, 0, what, file, line, nullptr};
   self->state = State::kWarp;
   --e.n_runnable;
   if (!try_resolve(e, self->warp, self->op)) yield_from(self);
   return self->op.result;
+}
+
+void warp_exchange(void* record, ExchangeFn resolve, const char* what,
+                   const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr)
+    trap(std::string(what) + " called outside a kernel");
+  Engine& e = *ep;
+  Fiber* self = e.cur;
+  self->op = WarpOp{WarpOpKind::kExchange, 0xffffffffu,
+                    static_cast<uint64_t>(reinterpret_cast<uintptr_t>(record)), 0, 32, 0,
+                    what, file, line, resolve};
+  self->state = State::kWarp;
+  --e.n_runnable;
+  if (!try_resolve(e, self->warp, self->op)) yield_from(self);
+}
+
+bool in_shared(const void* p, size_t bytes) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) return false;
+  const auto lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
+  auto inside = [&](const void* base, size_t size) {
+    const auto b = reinterpret_cast<uintptr_t>(base);
+    return lo >= b && hi <= b + size && hi >= lo;
+  };
+  if (e->dyn_smem != nullptr && inside(e->dyn_smem, e->spec->dynamic_smem_bytes)) return true;
+  for (const SharedAlloc& a : e->shared)
+    if (inside(a.ptr, a.bytes)) return true;
+  return false;
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* what,
+              const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr)
+    trap(std::string(what) + " called outside a kernel");
+  char msg[320];
+  const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (d % static_cast<uintptr_t>(bytes) != 0 || s % static_cast<uintptr_t>(bytes) != 0) {
+    std::snprintf(msg, sizeof(msg),
+                  "%s at %s:%d: addresses %p (shared) and %p (global) must be %d-byte aligned",
+                  what, file, line, dst, src, bytes);
+    trap(msg);
+  }
+  if (!in_shared(dst, static_cast<size_t>(bytes))) {
+    std::snprintf(msg, sizeof(msg),
+                  "%s at %s:%d: destination %p (%d bytes) is not in shared memory (dynamic: %p, "
+                  "%zu bytes)",
+                  what, file, line, dst, bytes, ep->dyn_smem, ep->spec->dynamic_smem_bytes);
+    trap(msg);
+  }
+  if (in_shared(src, 1)) {
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: source %p is in shared memory, not global",
+                  what, file, line, src);
+    trap(msg);
+  }
+  if (src_bytes < 0 || src_bytes > bytes) {
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: src-size %d outside [0, %d]", what, file,
+                  line, src_bytes, bytes);
+    trap(msg);
+  }
+  // Until its group is waited for, the destination reads as NaN (0xFF bytes): a read of a
+  // stage that was never waited for, or a copy into a stage still being read, shows up.
+  std::memset(dst, 0xff, static_cast<size_t>(bytes));
+  ep->cur->cp_open.push_back(AsyncCopy{dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("cp.async.commit_group called outside a kernel");
+  Fiber* self = e->cur;
+  self->cp_groups.push_back(std::move(self->cp_open));
+  self->cp_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("cp.async.wait_group called outside a kernel");
+  Fiber* self = e->cur;
+  const size_t keep = static_cast<size_t>(std::max(pending, 0));
+  size_t done = 0;
+  while (self->cp_groups.size() - done > keep) land(self->cp_groups[done++]);
+  self->cp_groups.erase(self->cp_groups.begin(), self->cp_groups.begin() + done);
 }
 
 void block_barrier(const char* file, int line) {
@@ -472,6 +607,7 @@ void block_barrier(const char* file, int line) {
   self->state = State::kBarrier;
   self->bar_file = file;
   self->bar_line = line;
+  self->bar_id = 0;
   --e.n_runnable;
   if (++e.bar_arrived < e.nthreads) {
     yield_from(self);
@@ -488,6 +624,41 @@ void block_barrier(const char* file, int line) {
   for (Fiber& f : e.fibers) f.state = State::kRunnable;
   e.n_runnable = e.nthreads;
   e.bar_arrived = 0;
+}
+
+void named_barrier(int id, int count, const char* file, int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr) trap("bar.sync called outside a kernel");
+  Engine& e = *ep;
+  Fiber* self = e.cur;
+  if (id < 1 || id > 15 || count < 32 || count % 32 != 0 || count > e.nthreads)
+    fault_in_fiber("bar.sync at " + site(file, line) + ": barrier " + std::to_string(id) +
+                   " with " + std::to_string(count) +
+                   " threads (ids 1..15; a positive multiple of 32, at most the block's " +
+                   std::to_string(e.nthreads) + ")");
+  self->state = State::kBarrier;
+  self->bar_file = file;
+  self->bar_line = line;
+  self->bar_id = id;
+  --e.n_runnable;
+  if (++e.named_arrived[id] < count) {
+    yield_from(self);
+    return;
+  }
+  // Last arrival: release the threads waiting at this barrier (a fixed count, as on the GPU).
+  int released = 0;
+  for (Fiber& f : e.fibers) {
+    if (f.state == State::kBarrier && f.bar_id == id) {
+      f.state = State::kRunnable;
+      ++released;
+    }
+  }
+  if (released != count)
+    fault_in_fiber("bar.sync " + std::to_string(id) + " at " + site(file, line) + ": " +
+                   std::to_string(released) + " threads released, count is " +
+                   std::to_string(count));
+  e.n_runnable += released;
+  e.named_arrived[id] = 0;
 }
 
 unsigned active_mask() {

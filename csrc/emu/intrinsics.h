@@ -11,6 +11,7 @@
 // Fast-math intrinsics use the accurate libm functions: results are at least as accurate as the
 // GPU's, so tolerances tuned here may be tight on a GPU.
 inline float __expf(float x) { return expf(x); }
+inline float __log2f(float x) { return log2f(x); }
 
 // ---- min, as the CUDA math headers provide it -----------------------------------
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -20,4 +21,11 @@ inline float atomicAdd(float* address, float value) {
   const float old = *address;
   *address = old + value;
   return old;
+}
+
+// ---- cache-hinted stores ----------------------------------------------------------
+// __stcg (store, cache global: L2 only) is a plain store here.
+template <typename T>
+inline void __stcg(T* address, const T& value) {
+  *address = value;
 }

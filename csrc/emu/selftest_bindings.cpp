@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 #include "emu/selftest_kernels.h"
 
@@ -109,21 +110,85 @@ std::tuple<Tensor, Tensor> odd_block(const Tensor& x_in, int64_t block) {
   return {y, ballots};
 }
 
-Tensor wmma_tile(const Tensor& a, const Tensor& b, bool b_col_major) {
-  TORCH_CHECK(a.sizes() == torch::IntArrayRef({16, 16}) && a.is_contiguous(),
-              "a must be a contiguous 16x16 tensor");
-  TORCH_CHECK(b.sizes() == torch::IntArrayRef({16, 16}) && b.is_contiguous(),
-              "b must be a contiguous 16x16 tensor");
+int dtype_code(const Tensor& t, const char* name) {
+  if (t.scalar_type() == torch::kHalf) return 0;
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16, name, " must be fp16 or bf16");
+  return 1;
+}
+
+void check_shape(const Tensor& t, std::vector<int64_t> shape, const char* name) {
+  TORCH_CHECK(t.sizes() == torch::IntArrayRef(shape) && t.is_contiguous() && t.device().is_cpu(),
+              name, " must be a contiguous CPU tensor of shape ", torch::IntArrayRef(shape));
+}
+
+Tensor mma_fragments(const Tensor& a, const Tensor& b, const Tensor& c, bool misplace) {
+  const int64_t k = a.size(1);
+  TORCH_CHECK(k == 16 || k == 8, "a must be 16 x 16 or 16 x 8");
+  check_shape(a, {16, k}, "a");
+  check_shape(b, {k, 8}, "b");
+  check_shape(c, {16, 8}, "c");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");
-  int dtype = 0;
-  if (a.scalar_type() == torch::kBFloat16)
-    dtype = 1;
-  else
-    TORCH_CHECK(a.scalar_type() == torch::kHalf, "a must be fp16 or bf16");
-  Tensor c = torch::empty({16, 16}, a.options().dtype(torch::kFloat32));
-  gam_selftest::wmma_tile(a.data_ptr(), b.data_ptr(), fp(c), dtype,
-                          b_col_major, nullptr);
+  TORCH_CHECK(c.scalar_type() == torch::kFloat32, "c must be float32");
+  const int dtype = dtype_code(a, "a");
+  TORCH_CHECK(k == 16 || dtype == 0, "the k = 8 product takes fp16");
+  Tensor d = torch::empty({16, 8}, c.options());
+  gam_selftest::mma_fragments(a.data_ptr(), b.data_ptr(), cfp(c), fp(d), dtype,
+                              static_cast<int>(k), misplace, nullptr);
+  return d;
+}
+
+Tensor ldmatrix_fragments(const Tensor& src, bool trans) {
+  const int64_t num = src.size(0);
+  TORCH_CHECK(num == 1 || num == 2 || num == 4, "src must hold 1, 2 or 4 matrices");
+  check_shape(src, {num, 8, 8}, "src");
+  TORCH_CHECK(src.element_size() == 2, "src must have 16-bit elements");
+  Tensor out = torch::empty({32, num}, torch::kInt32);
+  gam_selftest::ldmatrix_fragments(src.data_ptr(), reinterpret_cast<unsigned*>(out.data_ptr<int>()),
+                                   static_cast<int>(num), trans, nullptr);
+  return out;
+}
+
+Tensor ldmatrix_mma(const Tensor& a, const Tensor& b_storage, int64_t b_mode) {
+  check_shape(a, {16, 16}, "a");
+  TORCH_CHECK(b_mode >= 0 && b_mode < 4, "b_mode must be 0..3");
+  check_shape(b_storage, b_mode % 2 == 0 ? std::vector<int64_t>{8, 16} : std::vector<int64_t>{16, 8},
+              "b_storage");
+  TORCH_CHECK(a.scalar_type() == b_storage.scalar_type(), "a and b dtypes differ");
+  // The kernel takes b as a k x n row-major array and stores it itself in the mode's layout.
+  const Tensor b = b_mode % 2 == 0 ? b_storage.t().contiguous() : b_storage;
+  Tensor d = torch::empty({16, 8}, torch::kFloat32);
+  gam_selftest::ldmatrix_mma(a.data_ptr(), b.data_ptr(), fp(d), dtype_code(a, "a"),
+                             static_cast<int>(b_mode), nullptr);
+  return d;
+}
+
+Tensor cp_async_gemm(const Tensor& a, const Tensor& b, int64_t stages) {
+  const int64_t k = a.size(1);
+  TORCH_CHECK(k % 8 == 0 && k > 0, "k must be a positive multiple of 8");
+  check_shape(a, {32, k}, "a");
+  check_shape(b, {16, k}, "b");
+  TORCH_CHECK(stages >= 1 && stages <= 3, "stages must be 1..3");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");
+  Tensor c = torch::empty({32, 16}, torch::kFloat32);
+  gam_selftest::cp_async_gemm(a.data_ptr(), b.data_ptr(), fp(c), static_cast<int>(k),
+                              static_cast<int>(stages), dtype_code(a, "a"), nullptr);
   return c;
+}
+
+Tensor named_barrier_groups(const Tensor& x_in) {
+  const Tensor x = f32(x_in, "x");
+  TORCH_CHECK(x.numel() % 128 == 0 && x.numel() > 0, "x must hold whole blocks of 128");
+  Tensor y = torch::empty_like(x);
+  gam_selftest::named_barrier_groups(cfp(x), fp(y), static_cast<int>(x.numel() / 128), nullptr);
+  return y;
+}
+
+Tensor syncwarp_exchange(const Tensor& x_in) {
+  const Tensor x = f32(x_in, "x");
+  TORCH_CHECK(x.numel() % 64 == 0 && x.numel() > 0, "x must hold whole blocks of 64");
+  Tensor y = torch::empty_like(x);
+  gam_selftest::syncwarp_exchange(cfp(x), fp(y), static_cast<int>(x.numel() / 64), nullptr);
+  return y;
 }
 
 Tensor barrier_stress(int64_t blocks, int64_t rounds) {
@@ -151,9 +216,22 @@ Tensor run_fault(const std::string& name) {
     gam_selftest::fault_divergent_barrier(fp(out), nullptr);
   } else if (name == "warp_deadlock") {
     gam_selftest::fault_warp_deadlock(fp(out), nullptr);
-  } else if (name == "wmma_misaligned") {
-    Tensor a = torch::zeros({16 * 17}, torch::kFloat16);
-    gam_selftest::fault_wmma_misaligned(a.data_ptr(), fp(out), nullptr);
+  } else if (name == "cp_async_unwaited" || name == "cp_async_no_barrier") {
+    Tensor x = torch::arange(128, torch::kFloat32);
+    if (name == "cp_async_unwaited")
+      gam_selftest::fault_cp_async_unwaited(cfp(x), fp(out), nullptr);
+    else
+      gam_selftest::fault_cp_async_no_barrier(cfp(x), fp(out), nullptr);
+    return out.narrow(0, 0, 32);
+  } else if (name == "ldmatrix_misaligned") {
+    gam_selftest::fault_ldmatrix_misaligned(fp(out), nullptr);
+  } else if (name == "ldmatrix_global") {
+    Tensor src = torch::zeros({64}, torch::kFloat16);
+    gam_selftest::fault_ldmatrix_global(src.data_ptr(), fp(out), nullptr);
+  } else if (name == "named_barrier_count") {
+    gam_selftest::fault_named_barrier_count(fp(out), nullptr);
+  } else if (name == "mma_exited_lane") {
+    gam_selftest::fault_mma_exited_lane(fp(out), nullptr);
   } else if (name == "empty_grid") {
     gam_selftest::fault_empty_grid(fp(out), nullptr);
   } else if (name == "smem_limit") {
@@ -177,7 +255,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("atomic_sum", &atomic_sum);
   m.def("dynamic_reverse", &dynamic_reverse);
   m.def("odd_block", &odd_block);
-  m.def("wmma_tile", &wmma_tile);
+  m.def("mma_fragments", &mma_fragments, py::arg("a"), py::arg("b"), py::arg("c"),
+        py::arg("misplace") = false);
+  m.def("ldmatrix_fragments", &ldmatrix_fragments);
+  m.def("ldmatrix_mma", &ldmatrix_mma);
+  m.def("cp_async_gemm", &cp_async_gemm);
+  m.def("syncwarp_exchange", &syncwarp_exchange);
+  m.def("named_barrier_groups", &named_barrier_groups);
   m.def("barrier_stress", &barrier_stress);
   m.def("run_fault", &run_fault);
 }

@@ -3,6 +3,7 @@
 // Each exercises one feature; the fault_* ones plant a bug the emulated
 // build must catch.
 #include "../cuda/compat.cuh"
+#include "../cuda/warp_mma.cuh"
 #include "selftest_kernels.h"
 
 namespace gam_selftest {
@@ -151,21 +152,191 @@ __global__ void odd_block_kernel(const float* __restrict__ x,
   if (i < n) y[i] = 2.0f * v + total;
 }
 
-// ---- tensor cores --------------------------------------------------------------
-template <typename T, typename BLayout>
-__global__ void wmma_tile_kernel(const T* a, const T* b, float* c) {
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::load_matrix_sync(fa, a, 16);
-  wmma::load_matrix_sync(fb, b, 16);
-  wmma::mma_sync(fc, fa, fb, fc);
-  // Uniform element-wise update of the accumulator, then add it once more.
-  for (int k = 0; k < fc.num_elements; ++k) fc.x[k] *= 0.5f;
-  wmma::mma_sync(fc, fa, fb, fc);  // = 1.5 * a b
-  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+// ---- warp-level matrix primitives (csrc/cuda/warp_mma.cuh) ---------------------------------
+// Fragments are loaded and stored here by the PTX ISA's index formulas, written out
+// independently of the emulator's implementation.
+using gam::cuda::cp_async_16;
+using gam::cuda::cp_async_commit;
+using gam::cuda::cp_async_wait;
+using gam::cuda::ldmatrix;
+
+__device__ __forceinline__ uint32_t bits2(const uint16_t* m, int i0, int i1) {
+  return static_cast<uint32_t>(m[i0]) | (static_cast<uint32_t>(m[i1]) << 16);
+}
+
+// d (16x8 f32, row major) = a (16xK row major) b (Kx8 row major) + c; a, b 16-bit elements.
+template <typename T, int K>
+__global__ void __launch_bounds__(32)
+    mma_fragments_kernel(const uint16_t* a, const uint16_t* b, const float* c, float* d,
+                         bool misplace) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane % 4;
+  uint32_t ra[K / 4], rb[K / 8];
+  for (int r = 0; r < K / 4; ++r) {  // register r: row g (+8 when r is odd), cols 2t (+8 if r >= 2)
+    const int row = g + 8 * (r % 2), col = 2 * t + 8 * (r / 2);
+    ra[r] = bits2(a, row * K + col, row * K + col + 1);
+  }
+  for (int r = 0; r < K / 8; ++r) {  // register r: rows 2t, 2t+1 (+8 when r = 1), col g
+    const int k = 2 * t + 8 * r;
+    rb[r] = bits2(b, k * 8 + g, (k + 1) * 8 + g);
+  }
+  float rc[4], rd[4];
+  for (int i = 0; i < 4; ++i) rc[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + (i % 2)];
+  if constexpr (K == 16) {
+    if (misplace && lane == 0) {  // planted layout bug: two registers of lane 0 swapped
+      const uint32_t x = ra[1];
+      ra[1] = ra[2];
+      ra[2] = x;
+    }
+  }
+  if constexpr (K == 16) {
+    gam::cuda::mma_m16n8k16<T>(rd, ra, rb, rc);
+  } else {
+    gam::cuda::mma_m16n8k8_f16(rd, ra, rb, rc);
+  }
+  for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + (i % 2)] = rd[i];
+}
+
+// N 8x8 matrices of 16-bit elements (src: N x 8 x 8, row major) copied to shared memory with a
+// padded row stride; every lane gives the address of row lane % 8 of matrix (lane / 8) % N and
+// stores the registers it receives: out[lane * N + j].
+constexpr int kLdmStride = 24;  // elements per shared row: 48 bytes, rows stay 16-byte aligned
+
+template <int N, bool kTrans>
+__global__ void __launch_bounds__(32)
+    ldmatrix_kernel(const uint16_t* src, uint32_t* out) {
+  GAM_SHARED(uint16_t, tile, 4 * 8 * kLdmStride);
+  const int lane = threadIdx.x;
+  for (int e = lane; e < N * 64; e += 32) tile[(e / 8) * kLdmStride + e % 8] = src[e];
+  __syncwarp();
+  const int m = (lane / 8) % N, r = lane % 8;
+  uint32_t regs[N];
+  ldmatrix<N, kTrans>(regs, &tile[(m * 8 + r) * kLdmStride]);
+  for (int j = 0; j < N; ++j) out[lane * N + j] = regs[j];
+}
+
+// d (16x8) = a (16x16, row major) b (16x8) through ldmatrix + mma. b_mode: how b is stored and
+// loaded: 0 n-major (8 rows of 16 k, "col") with one .x2; 1 k-major (16 rows of 8 n) with one
+// .x2.trans; 2 n-major with two .x1; 3 k-major with two .x1.trans. a is loaded with one .x4.
+template <typename T>
+__global__ void __launch_bounds__(32)
+    ldmatrix_mma_kernel(const uint16_t* a, const uint16_t* b, float* d, int b_mode) {
+  GAM_SHARED(uint16_t, as, 16 * kLdmStride);
+  GAM_SHARED(uint16_t, bs, 16 * kLdmStride);
+  const int lane = threadIdx.x, g = lane >> 2, t = lane % 4;
+  for (int e = lane; e < 256; e += 32) as[(e / 16) * kLdmStride + e % 16] = a[e];
+  const bool n_major = b_mode % 2 == 0;
+  for (int e = lane; e < 128; e += 32) {
+    if (n_major) {
+      bs[(e / 16) * kLdmStride + e % 16] = b[(e % 16) * 8 + e / 16];  // bs[n][k] = b[k][n]
+    } else {
+      bs[(e / 8) * kLdmStride + e % 8] = b[e];  // bs[k][n] = b[k][n]
+    }
+  }
+  __syncwarp();
+  uint32_t ra[4], rb[2];
+  // matrices of a: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (8-15, 8-15)
+  ldmatrix<4, false>(ra, &as[(lane % 16) * kLdmStride + (lane / 16) * 8]);
+  const int r = lane % 8, half = (lane / 8) % 2;  // matrix `half` of b: k 0-7 or k 8-15
+  if (b_mode == 0) {
+    ldmatrix<2, false>(rb, &bs[r * kLdmStride + half * 8]);
+  } else if (b_mode == 1) {
+    ldmatrix<2, true>(rb, &bs[(half * 8 + r) * kLdmStride]);
+  } else {
+    for (int h = 0; h < 2; ++h) {
+      uint32_t one[1];
+      if (b_mode == 2) {
+        ldmatrix<1, false>(one, &bs[r * kLdmStride + h * 8]);
+      } else {
+        ldmatrix<1, true>(one, &bs[(h * 8 + r) * kLdmStride]);
+      }
+      rb[h] = one[0];
+    }
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  gam::cuda::mma_m16n8k16<T>(acc, ra, rb, acc);
+  for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + (i % 2)] = acc[i];
+}
+
+// c (32 x 16, f32) = a (32 x k) b^T, b (16 x k), both 16-bit row major, k a multiple of 8: 4
+// warps (2 x 2 tiles of 16 x 8), k streamed in tiles of 32 through a `stages`-deep cp.async
+// pipeline; the k tail is zero-filled.
+constexpr int kPipeK = 32;
+constexpr int kPipeStride = kPipeK + 8;  // elements per shared row
+constexpr int kPipeMaxStages = 3;
+
+template <typename T>
+__global__ void __launch_bounds__(128)
+    cp_async_gemm_kernel(const T* a, const T* b, float* c, int k, int stages) {
+  GAM_SHARED(T, as, kPipeMaxStages * 32 * kPipeStride);
+  GAM_SHARED(T, bs, kPipeMaxStages * 16 * kPipeStride);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 2, wn = warp % 2, g = lane >> 2, t = lane % 4;
+  const int ktiles = (k + kPipeK - 1) / kPipeK;
+  auto load = [&](int kt) {  // 48 rows x 4 chunks of 16 bytes, over 128 threads
+    const int st = kt % stages;
+    for (int q = tid; q < 48 * 4; q += 128) {
+      const int row = q / 4, col = kt * kPipeK + (q % 4) * 8;
+      const bool ok = col < k;
+      if (row < 32) {
+        cp_async_16(&as[(st * 32 + row) * kPipeStride + (q % 4) * 8], a + row * k + (ok ? col : 0),
+                    ok);
+      } else {
+        cp_async_16(&bs[(st * 16 + row - 32) * kPipeStride + (q % 4) * 8],
+                    b + (row - 32) * k + (ok ? col : 0), ok);
+      }
+    }
+  };
+  for (int s = 0; s < stages - 1; ++s) {
+    if (s < ktiles) load(s);
+    cp_async_commit();
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int kt = 0; kt < ktiles; ++kt) {
+    if (stages == 3) {
+      cp_async_wait<1>();
+    } else if (stages == 2) {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // tile kt visible to all; every warp is done with tile kt - 1
+    if (stages > 1 && kt + stages - 1 < ktiles) load(kt + stages - 1);
+    if (stages == 1) {
+      load(kt);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+    } else {
+      cp_async_commit();
+    }
+    const int st = kt % stages;
+    for (int kk = 0; kk < kPipeK; kk += 16) {
+      uint32_t ra[4], rb[2];
+      ldmatrix<4, false>(ra, &as[(st * 32 + wm * 16 + lane % 16) * kPipeStride + kk + (lane / 16) * 8]);
+      ldmatrix<2, false>(rb, &bs[(st * 16 + wn * 8 + lane % 8) * kPipeStride + kk + ((lane / 8) % 2) * 8]);
+      gam::cuda::mma_m16n8k16<T>(acc, ra, rb, acc);
+    }
+    if (stages == 1) __syncthreads();  // the single stage is refilled next
+  }
+  cp_async_wait<0>();
+  for (int i = 0; i < 4; ++i) c[(wm * 16 + g + 8 * (i / 2)) * 16 + wn * 8 + 2 * t + (i % 2)] = acc[i];
+}
+
+// __syncwarp orders shared-memory accesses within a warp: lane l reads what lane l + 1 wrote.
+__global__ void __launch_bounds__(64) syncwarp_exchange_kernel(const float* x, float* y) {
+  GAM_SHARED(float, buf, 64);
+  const int tid = threadIdx.x, lane = tid % 32, base = tid - lane;
+  buf[tid] = x[blockIdx.x * 64 + tid];
+  __syncwarp();
+  y[blockIdx.x * 64 + tid] = buf[base + (lane + 1) % 32];
+}
+
+// Two groups of two warps, each synchronising on its own named barrier: thread t of group g
+// reads what thread (t + 1) % 64 of the same group wrote.
+__global__ void __launch_bounds__(128) named_barrier_kernel(const float* x, float* y) {
+  GAM_SHARED(float, buf, 128);
+  const int tid = threadIdx.x, group = tid / 64, t = tid % 64;
+  buf[tid] = x[blockIdx.x * 128 + tid];
+  gam::cuda::named_barrier_sync(1 + group, 64);
+  y[blockIdx.x * 128 + tid] = buf[group * 64 + (t + 1) % 64];
 }
 
 // ---- speed ---------------------------------------------------------------------
@@ -226,13 +397,58 @@ __global__ void warp_deadlock_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
-__global__ void wmma_misaligned_kernel(const __half* a, float* c) {
-  namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
-  wmma::load_matrix_sync(fa, a + 1, 16);  // 2-byte offset: not 256-bit aligned
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+
+// cp.async into shared memory, then read without waiting for the group (or, on the GPU, racing
+// the copy): out reads NaN in the emulator.
+__global__ void cp_async_unwaited_kernel(const float* x, float* out) {
+  GAM_SHARED(float, buf, 128);
+  const int t = threadIdx.x;
+  cp_async_16(&buf[4 * t], x + 4 * t, true);
+  cp_async_commit();
+  // cp_async_wait<0>() missing
+  out[t] = buf[4 * t];
+  cp_async_wait<0>();
+}
+
+// Each thread waits for its own copy but reads a neighbour's without a barrier.
+__global__ void cp_async_no_barrier_kernel(const float* x, float* out) {
+  GAM_SHARED(float, buf, 128);
+  const int t = threadIdx.x;
+  cp_async_16(&buf[4 * t], x + 4 * t, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  // __syncthreads() missing
+  out[t] = buf[4 * ((t + 1) % 32)];
+}
+
+__global__ void ldmatrix_misaligned_kernel(float* out) {
+  GAM_SHARED(uint16_t, tile, 8 * 16);
+  for (int e = threadIdx.x; e < 128; e += 32) tile[e] = 0;
+  __syncwarp();
+  uint32_t r[1];
+  ldmatrix<1, false>(r, &tile[(threadIdx.x % 8) * 16 + 1]);  // 2 bytes off the 16-byte grid
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+__global__ void ldmatrix_global_kernel(const uint16_t* src, float* out) {
+  uint32_t r[1];
+  ldmatrix<1, false>(r, src + (threadIdx.x % 8) * 8);  // global memory, not shared
+  out[threadIdx.x] = static_cast<float>(r[0]);
+}
+
+// A named barrier whose count (128) exceeds the threads that reach it (64).
+__global__ void named_barrier_count_kernel(float* out) {
+  if (threadIdx.x >= 64) return;
+  gam::cuda::named_barrier_sync(1, 128);
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void mma_exited_lane_kernel(float* out) {
+  if (threadIdx.x == 31) return;  // mma.sync needs all 32 lanes
+  uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  gam::cuda::mma_m16n8k16<__half>(acc, a, b, acc);
+  out[threadIdx.x] = acc[0];
 }
 
 #if GAM_IS_EMULATED  // nvcc itself rejects this kernel
@@ -300,32 +516,74 @@ void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
              dim3(block), 0, stream, x, y, ballots, n);
 }
 
-void wmma_tile(const void* a, const void* b, float* c, int dtype,
-               bool b_col_major, cudaStream_t stream) {
-  namespace wmma = nvcuda::wmma;
-  if (dtype == 0) {
-    const auto* pa = static_cast<const __half*>(a);
-    const auto* pb = static_cast<const __half*>(b);
-    if (b_col_major)
-      gam_launch("wmma_tile_kernel<half,col>",
-                 wmma_tile_kernel<__half, wmma::col_major>, dim3(1), dim3(32),
-                 0, stream, pa, pb, c);
-    else
-      gam_launch("wmma_tile_kernel<half,row>",
-                 wmma_tile_kernel<__half, wmma::row_major>, dim3(1), dim3(32),
-                 0, stream, pa, pb, c);
+void mma_fragments(const void* a, const void* b, const float* c, float* d, int dtype, int k,
+                   bool misplace, cudaStream_t stream) {
+  const auto* pa = static_cast<const uint16_t*>(a);
+  const auto* pb = static_cast<const uint16_t*>(b);
+  if (k == 8) {
+    gam_launch("mma_fragments_kernel<half,8>", mma_fragments_kernel<__half, 8>, dim3(1), dim3(32),
+               0, stream, pa, pb, c, d, misplace);
+  } else if (dtype == 0) {
+    gam_launch("mma_fragments_kernel<half,16>", mma_fragments_kernel<__half, 16>, dim3(1),
+               dim3(32), 0, stream, pa, pb, c, d, misplace);
   } else {
-    const auto* pa = static_cast<const __nv_bfloat16*>(a);
-    const auto* pb = static_cast<const __nv_bfloat16*>(b);
-    if (b_col_major)
-      gam_launch("wmma_tile_kernel<bf16,col>",
-                 wmma_tile_kernel<__nv_bfloat16, wmma::col_major>, dim3(1),
-                 dim3(32), 0, stream, pa, pb, c);
-    else
-      gam_launch("wmma_tile_kernel<bf16,row>",
-                 wmma_tile_kernel<__nv_bfloat16, wmma::row_major>, dim3(1),
-                 dim3(32), 0, stream, pa, pb, c);
+    gam_launch("mma_fragments_kernel<bf16,16>", mma_fragments_kernel<__nv_bfloat16, 16>, dim3(1),
+               dim3(32), 0, stream, pa, pb, c, d, misplace);
   }
+}
+
+void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans,
+                        cudaStream_t stream) {
+  const auto* p = static_cast<const uint16_t*>(src);
+  auto run = [&](auto kernel, const char* name) {
+    gam_launch(name, kernel, dim3(1), dim3(32), 0, stream, p, out);
+  };
+  if (num == 1) {
+    trans ? run(ldmatrix_kernel<1, true>, "ldmatrix_kernel<1,trans>")
+          : run(ldmatrix_kernel<1, false>, "ldmatrix_kernel<1>");
+  } else if (num == 2) {
+    trans ? run(ldmatrix_kernel<2, true>, "ldmatrix_kernel<2,trans>")
+          : run(ldmatrix_kernel<2, false>, "ldmatrix_kernel<2>");
+  } else {
+    trans ? run(ldmatrix_kernel<4, true>, "ldmatrix_kernel<4,trans>")
+          : run(ldmatrix_kernel<4, false>, "ldmatrix_kernel<4>");
+  }
+}
+
+void ldmatrix_mma(const void* a, const void* b, float* d, int dtype, int b_mode,
+                  cudaStream_t stream) {
+  const auto* pa = static_cast<const uint16_t*>(a);
+  const auto* pb = static_cast<const uint16_t*>(b);
+  if (dtype == 0) {
+    gam_launch("ldmatrix_mma_kernel<half>", ldmatrix_mma_kernel<__half>, dim3(1), dim3(32), 0,
+               stream, pa, pb, d, b_mode);
+  } else {
+    gam_launch("ldmatrix_mma_kernel<bf16>", ldmatrix_mma_kernel<__nv_bfloat16>, dim3(1), dim3(32),
+               0, stream, pa, pb, d, b_mode);
+  }
+}
+
+void cp_async_gemm(const void* a, const void* b, float* c, int k, int stages, int dtype,
+                   cudaStream_t stream) {
+  if (dtype == 0) {
+    gam_launch("cp_async_gemm_kernel<half>", cp_async_gemm_kernel<__half>, dim3(1), dim3(128), 0,
+               stream, static_cast<const __half*>(a), static_cast<const __half*>(b), c, k,
+               stages);
+  } else {
+    gam_launch("cp_async_gemm_kernel<bf16>", cp_async_gemm_kernel<__nv_bfloat16>, dim3(1),
+               dim3(128), 0, stream, static_cast<const __nv_bfloat16*>(a),
+               static_cast<const __nv_bfloat16*>(b), c, k, stages);
+  }
+}
+
+void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t stream) {
+  gam_launch("named_barrier_kernel", named_barrier_kernel, dim3(blocks), dim3(128), 0, stream, x,
+             y);
+}
+
+void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream) {
+  gam_launch("syncwarp_exchange_kernel", syncwarp_exchange_kernel, dim3(blocks), dim3(64), 0,
+             stream, x, y);
 }
 
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream) {
@@ -363,9 +621,33 @@ void fault_warp_deadlock(float* out, cudaStream_t stream) {
              0, stream, out);
 }
 
-void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream) {
-  gam_launch("wmma_misaligned_kernel", wmma_misaligned_kernel, dim3(1),
-             dim3(32), 0, stream, static_cast<const __half*>(a), c);
+void fault_cp_async_unwaited(const float* x, float* out, cudaStream_t stream) {
+  gam_launch("cp_async_unwaited_kernel", cp_async_unwaited_kernel, dim3(1), dim3(32), 0, stream,
+             x, out);
+}
+
+void fault_cp_async_no_barrier(const float* x, float* out, cudaStream_t stream) {
+  gam_launch("cp_async_no_barrier_kernel", cp_async_no_barrier_kernel, dim3(1), dim3(32), 0,
+             stream, x, out);
+}
+
+void fault_ldmatrix_misaligned(float* out, cudaStream_t stream) {
+  gam_launch("ldmatrix_misaligned_kernel", ldmatrix_misaligned_kernel, dim3(1), dim3(32), 0,
+             stream, out);
+}
+
+void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream) {
+  gam_launch("ldmatrix_global_kernel", ldmatrix_global_kernel, dim3(1), dim3(32), 0, stream,
+             static_cast<const uint16_t*>(src), out);
+}
+
+void fault_named_barrier_count(float* out, cudaStream_t stream) {
+  gam_launch("named_barrier_count_kernel", named_barrier_count_kernel, dim3(1), dim3(128), 0,
+             stream, out);
+}
+
+void fault_mma_exited_lane(float* out, cudaStream_t stream) {
+  gam_launch("mma_exited_lane_kernel", mma_exited_lane_kernel, dim3(1), dim3(32), 0, stream, out);
 }
 
 void fault_empty_grid(float* out, cudaStream_t stream) {

@@ -34,10 +34,28 @@ void dynamic_reverse(const float* x, float* y, int n, int block,
 // Partial warps: y[i] = 2 x[i] + block sum; ballots[w] = active-lane ballot.
 void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
                cudaStream_t stream);
-// c(16x16, fp32, row major) = a(16x16) b(16x16); a row major, b row or col
-// major as given. dtype: 0 half, 1 bf16 (a, b point at 16-bit elements).
-void wmma_tile(const void* a, const void* b, float* c, int dtype,
-               bool b_col_major, cudaStream_t stream);
+// Warp-level matrix primitives (csrc/cuda/warp_mma.cuh). a, b point at 16-bit elements;
+// dtype 0 half, 1 bf16.
+// d (16x8) = a (16xk) b (kx8) + c, all row major, fragments loaded and stored by the PTX
+// layout formulas; k 16 (half or bf16) or 8 (half). misplace swaps two A registers of lane 0.
+void mma_fragments(const void* a, const void* b, const float* c, float* d, int dtype, int k,
+                   bool misplace, cudaStream_t stream);
+// The registers each lane gets from ldmatrix .x{num}{.trans} of the num 8x8 matrices in src:
+// out[lane * num + j].
+void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans,
+                        cudaStream_t stream);
+// d (16x8) = a (16x16) b (16x8) with ldmatrix loads; b_mode 0..3: b stored n-major (.x2),
+// k-major (.x2.trans), n-major (2 x .x1), k-major (2 x .x1.trans); b points at that storage.
+void ldmatrix_mma(const void* a, const void* b, float* d, int dtype, int b_mode,
+                  cudaStream_t stream);
+// c (32x16 f32) = a (32xk) b^T with b (16xk): cp.async pipeline of `stages` (1..3) tiles.
+void cp_async_gemm(const void* a, const void* b, float* c, int k, int stages, int dtype,
+                   cudaStream_t stream);
+// y[i] = x[group base + (t + 1) % 64] through shared memory and named barriers 1 and 2, one per
+// group of 64 threads; blocks of 128.
+void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t stream);
+// y[i] = x[warp base + (lane + 1) % 32] through shared memory and __syncwarp; blocks of 64.
+void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream);
 // 256 threads x `blocks` blocks x `rounds` barriers (speed check).
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
 
@@ -50,8 +68,15 @@ void fault_uninit_shared(float* out, cudaStream_t stream);  // out[64] <- NaN
 void fault_missing_barrier(float* out, cudaStream_t stream);
 void fault_divergent_barrier(float* out, cudaStream_t stream);
 void fault_warp_deadlock(float* out, cudaStream_t stream);
-void fault_wmma_misaligned(const void* a, float* c, cudaStream_t stream);
 void fault_empty_grid(float* out, cudaStream_t stream);
+// out[32] reads NaN: a cp.async destination read before its group was waited for.
+void fault_cp_async_unwaited(const float* x, float* out, cudaStream_t stream);
+// out[32] reads NaN: another thread's cp.async destination read without a barrier.
+void fault_cp_async_no_barrier(const float* x, float* out, cudaStream_t stream);
+void fault_ldmatrix_misaligned(float* out, cudaStream_t stream);
+void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream);
+void fault_mma_exited_lane(float* out, cudaStream_t stream);
+void fault_named_barrier_count(float* out, cudaStream_t stream);
 void fault_smem_limit(float* out, cudaStream_t stream);
 
 }  // namespace gam_selftest

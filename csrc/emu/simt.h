@@ -12,9 +12,11 @@
 //     thread: blocks one after another, the threads of a block as cooperative
 //     fibers (one stack each), switched only at barriers, warp collectives and
 //     thread exit. Faults (divergent barriers, deadlocked warp collectives,
-//     bad launch configurations, misaligned WMMA pointers) become a
+//     bad launch configurations, bad ldmatrix or cp.async addresses,
+//     mma.sync without all 32 lanes) become a
 //     std::runtime_error naming the kernel.
-// The device intrinsics the kernels use live in intrinsics.h, WMMA in wmma.h.
+// The device intrinsics the kernels use live in intrinsics.h, ldmatrix /
+// mma.sync / cp.async (per-lane PTX fragment layouts) in warp_matrix.h.
 // Behind this header: fiber.cpp (stacks and context switches), engine.cpp (blocks,
 // barriers, warp collectives, shared memory, launches, the deadlock report) and
 // runtime.cpp (the CUDA runtime stubs); csrc/emu/emulation.py builds them into a
@@ -35,7 +37,8 @@
 //   * shuffles that read a lane that is not taking part (outside the mask,
 //     exited, or past the end of a partial warp) return 0xFF bytes;
 //   * __CUDA_ARCH__ is not defined; fast-math intrinsics (__expf, ...) are
-//     computed with the accurate libm functions; inline PTX cannot run.
+//     computed with the accurate libm functions; inline PTX cannot run (the
+//     kernels' PTX lives in csrc/cuda/warp_mma.cuh, emulated by warp_matrix.h).
 #pragma once
 
 #ifndef GAM_EMULATE
@@ -100,7 +103,7 @@ enum class WarpOpKind : uint32_t {
   kAny,
   kAll,
   kSyncWarp,
-  kWmma,
+  kExchange,
 };
 
 // A warp collective: blocks the calling lane until every non-exited lane of
@@ -109,9 +112,36 @@ enum class WarpOpKind : uint32_t {
 uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
                  int width, const char* what, const char* file, int line);
 
+// A warp-collective exchange (the warp-level matrix instructions of warp_matrix.h): every lane
+// passes a pointer to its own record; when all 32 lanes of the warp wait in the same exchange
+// (same `what`, same resolve), resolve(records) runs once with the records indexed by lane and
+// may read and write all of them; then every lane returns. Like the .sync.aligned instructions
+// it models, all 32 lanes must take part: a lane that has exited (or a partial warp) is a fault.
+using ExchangeFn = void (*)(void* const* records);
+void warp_exchange(void* record, ExchangeFn resolve, const char* what,
+                   const char* file, int line);
+
+// Whether [p, p + bytes) lies inside one shared-memory array of the running block (dynamic
+// shared memory or a GAM_SHARED array).
+bool in_shared(const void* p, size_t bytes);
+
+// cp.async of the calling thread (warp_matrix.h): the copy of `bytes` bytes (the first
+// src_bytes read from src, the rest zero-filled) is recorded in the thread's open group and its
+// destination filled with 0xFF bytes at once; it lands when a cp_async_wait retires its group.
+void cp_async(void* dst, const void* src, int bytes, int src_bytes,
+              const char* what, const char* file, int line);
+// Closes the open group (possibly empty).
+void cp_async_commit();
+// Completes the oldest committed groups of the calling thread until at most `pending` remain.
+void cp_async_wait(int pending);
+
 // __syncthreads(): blocks the calling thread until every thread of the block waits at the same
 // call site.
 void block_barrier(const char* file, int line);
+
+// bar.sync id, count (named barrier, id 1..15): blocks the calling thread until `count` threads
+// (a multiple of 32) wait at barrier id, wherever they call it from.
+void named_barrier(int id, int count, const char* file, int line);
 
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
@@ -319,4 +349,4 @@ inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...),
 }
 
 #include "emu/intrinsics.h"
-#include "emu/wmma.h"
+#include "emu/warp_matrix.h"
