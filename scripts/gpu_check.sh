@@ -119,7 +119,7 @@ fi
   echo "- device: $DEVICE (sm_${ARCH/./}), $(nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader 2>/dev/null)"
   echo "- torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), $(nvcc --version 2>/dev/null | tail -1)"
   echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain \
-    --untracked-files=no 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
+    --untracked-files=no -- . ':!benchmarks/results' 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
   echo "- command: \`bash scripts/gpu_check.sh\` (total $(elapsed))"
   echo
   echo "| stage | command | result |"
@@ -167,7 +167,7 @@ fi
   if [[ $TEST_RC -ne 0 ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
   if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
   for t in memcheck racecheck; do
-    if [[ -f "$LOG/$t.txt" ]] && ! grep -q "ERROR SUMMARY: 0 errors" "$LOG/$t.txt"; then
+    if [[ -f "$LOG/$t.txt" ]] && ! grep -qE "ERROR SUMMARY: 0 errors|SUMMARY: 0 hazards displayed \(0 errors" "$LOG/$t.txt"; then
       echo; echo "## $t (tail)"; echo '```'; tail -40 "$LOG/$t.txt"; echo '```'
     fi
   done
