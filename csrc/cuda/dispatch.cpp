@@ -30,14 +30,22 @@ namespace {
 
 using at::Tensor;
 
-// The retrieval path every call takes (GAM_EXT_RETRIEVAL, read on every call): the fused
-// kernels (tensor cores for fp16/bf16, fp32 SIMT otherwise), the fp32 SIMT kernels for every
-// dtype, or cuBLAS products around a softmax kernel.
+// The retrieval path every call takes: the fused kernels (tensor cores for fp16/bf16, fp32 SIMT
+// otherwise), the fp32 SIMT kernels for every dtype, or cuBLAS products around a softmax kernel.
 enum class RetrievalPath { kFused, kSimt, kGemm };
 
-RetrievalPath retrieval_path_from_env() {
+// GAM_EXT_RETRIEVAL (read on every call) when set, else the default for the activation dtype
+// (csrc/cuda/README.md, "Retrieval paths", has the measurement behind it): gemm for fp16 and
+// bf16, whose cuBLAS products measured 1.3-3.0x faster (fwd+bwd) than the fused kernels at every
+// shape on an H200, and fused for fp32 (the fp32 SIMT kernels: exact fp32 whatever the TF32
+// setting, no rows x S workspace; not measured against the gemm path yet). bf16 before sm_80,
+// which has no bf16 tensor cores, stays on the fused path (its SIMT kernels) as before.
+RetrievalPath retrieval_path_from_env(DType dt, int sm) {
   const char* env = std::getenv("GAM_EXT_RETRIEVAL");
-  if (env == nullptr || *env == '\0') return RetrievalPath::kFused;
+  if (env == nullptr || *env == '\0') {
+    const bool gemm = dt == DType::kFloat16 || (dt == DType::kBFloat16 && sm >= 80);
+    return gemm ? RetrievalPath::kGemm : RetrievalPath::kFused;
+  }
   const std::string v(env);
   if (v == "fused") return RetrievalPath::kFused;
   if (v == "simt") return RetrievalPath::kSimt;
@@ -278,7 +286,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   p.dim = m.size(1);
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
-  const RetrievalPath path = retrieval_path_from_env();
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kGemm) {
     Tensor out2 = out.view({p.rows, p.dim});
     retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
@@ -306,7 +314,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
-  const RetrievalPath path = retrieval_path_from_env();
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kGemm) {
     Tensor dh2 = dh.view({rows, dim});
     retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
@@ -366,8 +374,8 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
     TORCH_CHECK(dtype == "float32", "retrieval_path: dtype must be float16, bfloat16 or float32");
     dt = DType::kFloat32;
   }
-  const RetrievalPath path = retrieval_path_from_env();
   const DeviceProps d = current_device_props();
+  const RetrievalPath path = retrieval_path_from_env(dt, d.sm);
   RetrievalFwdParams f{};
   f.rows = 1;
   f.slots = slots;
