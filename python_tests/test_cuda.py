@@ -102,7 +102,7 @@ def test_retrieval_path_is_reported(monkeypatch):
     info = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]
     assert info["path"] == bf16_default, info
     info = gam_ext.backend_info(retrieval=(512, 512, torch.float16))["retrieval"]["cuda"]
-    assert info["path"] == "gemm", info
+    assert info["path"] == "gemm" and "retrieval_softmax_fwd_vec_kernel<4>" in info["forward"], info
     info = gam_ext.backend_info(retrieval=(512, 512, torch.float32))["retrieval"]["cuda"]
     assert info["path"] == "fused" and info["forward"].startswith("simt (fp32)"), info
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")

@@ -423,6 +423,46 @@ def test_retrieval_default_path(emu, device, dtype, device_name, monkeypatch):
     check_retrieval(default, ref, dtype, shape)
 
 
+# S for the gemm path's softmax kernels: every register-resident variant (1, 2, 4, 8 float4s
+# per lane; full and partial last vectors of lanes), and the element-wise kernels (S % 4 != 0,
+# S > 1024; fp32 P past 512 slots).
+GEMM_SOFTMAX_SLOTS = [(4, 1), (36, 1), (128, 1), (132, 2), (256, 2), (260, 4), (512, 4),
+                      (516, 8), (1024, 8), (1028, 0), (37, 0), (514, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slots,vecs", GEMM_SOFTMAX_SLOTS, ids=lambda v: str(v))
+def test_retrieval_gemm_softmax_kernels(emu, dtype, slots, vecs, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    if dtype == torch.float32 and vecs == 8:
+        vecs = 0
+    kind = emu.retrieval_path(slots, 24, str(dtype).split(".")[1])
+    variant = "_kernel (element-wise" if vecs == 0 else f"_vec_kernel<{vecs}>"
+    assert f"retrieval_softmax_fwd{variant}" in kind[1], kind
+    assert f"retrieval_softmax_bwd{variant}" in kind[2], kind
+    # 11 rows: the last block of 8 warps (rows) is partial.
+    shape = (1, 11, slots, 24)
+    ours, ref = run_retrieval(emu, dtype, shape, seed=70 + slots)
+    check_retrieval(ours, ref, dtype, shape)
+
+
+def test_retrieval_gemm_softmax_large_scores(emu, monkeypatch):
+    # Scores far beyond exp's range: the exact row max keeps the softmax finite, in both kernels.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    for slots in (512, 37):
+        h = gen((1, 5, 16), torch.float32, 80, 30.0)
+        m = gen((slots, 16), torch.float32, 81, 30.0)
+        grad_out = gen((1, 5, 16), torch.float32, 82)
+        out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
+        out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, grad_out)
+        assert torch.isfinite(lse).all() and lse.abs().max() > 1000
+        torch.testing.assert_close(lse.double(), lse_ref.double(), rtol=1e-5, atol=1e-3)
+        for ours, ref in ((out, out_ref), (dh, dh_ref), (dm, dm_ref)):
+            assert torch.isfinite(ours).all()
+            close(ours, ref, torch.float32, scale=4.0)
+
+
 @pytest.mark.parametrize("path", ["fused", "gemm"])
 def test_retrieval_empty_and_deterministic(emu, path, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)

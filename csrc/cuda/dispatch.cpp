@@ -225,6 +225,19 @@ Tensor mm_f32(const Tensor& a, const Tensor& b) {
 #endif
 }
 
+// The same product written into out (fp32, of the right shape): aten::mm.dtype_out, no temporary.
+void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
+#ifdef GAM_EMULATE
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+#else
+  if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, at::kFloat);
+  }
+#endif
+}
+
 // GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
 void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2,
                         Tensor& lse, DType dt, cudaStream_t stream) {
@@ -262,7 +275,10 @@ void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, con
   sp.dtype = dt;
   launch_retrieval_softmax_bwd(sp, stream);
   at::mm_out(dh2, ds, m);
-  dm.copy_(mm_f32(ds.t(), h2));
+  // The key-path product straight into dm (fp32), the value path added: one temporary and one
+  // elementwise pass fewer than copying both in (addmm.dtype cannot accumulate into an fp32 dm:
+  // it wants the added matrix in the inputs' dtype).
+  mm_f32_out(dm, ds.t(), h2);
   dm.add_(mm_f32(p.t(), g2));
 }
 
@@ -394,12 +410,23 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
   b.sm = f.sm;
   b.max_smem_bytes = f.max_smem_bytes;
   b.smem_per_sm = f.smem_per_sm;
-  if (path == RetrievalPath::kGemm)
+  if (path == RetrievalPath::kGemm) {
+    // The softmax kernels for fresh (aligned) rows of S slots.
+    RetrievalSoftmaxParams sp{};
+    sp.slots = slots;
+    sp.dtype = dt;
+    const int vecs = retrieval_softmax_vecs(sp);
+    const std::string kind = vecs == 0 ? std::string("_kernel (element-wise, 4-byte loads)")
+                                       : "_vec_kernel<" + std::to_string(vecs) + "> (" +
+                                             std::to_string(vecs) +
+                                             " float4 per lane, rows read once)";
     return {"gemm",
-            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd_kernel (P as " + dtype +
-                ", fp32 lse), P M (cuBLAS)",
-            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd_kernel (P and "
-            "scale * dS as " + dtype + "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind + " (P as " +
+                dtype + ", fp32 lse), P M (cuBLAS)",
+            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" + kind +
+                " (P and scale * dS as " + dtype +
+                "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+  }
   const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";
   return {name, describe_memory_retrieval_fwd(f), describe_memory_retrieval_bwd(b)};
 }
