@@ -11,8 +11,9 @@ Providers:
             on both sides (permute + conv + slice), matmul-softmax-matmul, two sigmoid gates
   compile   torch.compile of that eager formulation (default inductor backend)
   sdpa      (cuda only, retrieval only) F.scaled_dot_product_attention with the bank as K and V
-  gam_gemm  (cuda only, retrieval only) gam_ext with GAM_EXT_RETRIEVAL=gemm: cuBLAS products
-            around gam_ext's softmax kernels (the gam_ext provider runs the default, fused path)
+  gam_fused (cuda only, retrieval only) gam_ext with GAM_EXT_RETRIEVAL=fused: the fused
+            retrieval kernels (the gam_ext provider runs the default path: on cuda the gemm path,
+            cuBLAS products around gam_ext's softmax kernels, for fp16 / bf16; fused for fp32)
 
 Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
 untimed before each repeat), fwdbwd (both).
@@ -60,7 +61,7 @@ import gam_ext  # noqa: E402
 
 OPS = ("conv", "retrieval", "gate", "mixer")
 MODES = ("fwd", "bwd", "fwdbwd")
-PROVIDERS = ("gam_ext", "eager", "compile", "sdpa", "gam_gemm")
+PROVIDERS = ("gam_ext", "eager", "compile", "sdpa", "gam_fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,9 +104,9 @@ def gam_retrieval(h, memory):
 
 
 def set_retrieval_path(provider, original):
-    """GAM_EXT_RETRIEVAL (read by the extension on every call) for a provider's runs: gemm for
-    gam_gemm, else what the environment said when the benchmark started."""
-    value = "gemm" if provider == "gam_gemm" else original
+    """GAM_EXT_RETRIEVAL (read by the extension on every call) for a provider's runs: fused for
+    gam_fused, else what the environment said when the benchmark started."""
+    value = "fused" if provider == "gam_fused" else original
     if value is None:
         os.environ.pop("GAM_EXT_RETRIEVAL", None)
     else:
@@ -126,7 +127,7 @@ FUNCS = {
     ("gate", "gam_ext"): gam_ext.gate_fusion,
     ("mixer", "gam_ext"): gam_mixer,
     ("retrieval", "sdpa"): sdpa_retrieval,
-    ("retrieval", "gam_gemm"): gam_retrieval,
+    ("retrieval", "gam_fused"): gam_retrieval,
 }
 
 
@@ -318,7 +319,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.providers is None:
         args.providers = ["gam_ext", "eager", "compile"] + (
-            ["sdpa", "gam_gemm"] if args.device == "cuda" else []
+            ["sdpa", "gam_fused"] if args.device == "cuda" else []
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
@@ -351,7 +352,7 @@ def main(argv=None):
             for op in args.ops:
                 compiled = {}
                 for provider in args.providers:
-                    if provider in ("sdpa", "gam_gemm") and (device != "cuda" or op != "retrieval"):
+                    if provider in ("sdpa", "gam_fused") and (device != "cuda" or op != "retrieval"):
                         continue
                     set_retrieval_path(provider, original_path)
                     if provider == "compile":

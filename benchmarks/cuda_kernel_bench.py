@@ -5,10 +5,11 @@
 Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as % of a measured
 device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
-SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused, the default, and gemm: cuBLAS around
-a softmax kernel), forward, backward (against eager autograd's backward alone) and both, with
-the fused path's speed-up over the gemm path ("vs gemm"), all in one process, so that a GPU run
-can pick the default per shape (csrc/cuda/README.md); the mixer reports fwd+bwd speed-up over
+SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused, and gemm: cuBLAS around a softmax
+kernel, the default for fp16 / bf16), forward, backward (against eager autograd's backward alone)
+and both, with the fused path's speed-up over the gemm path ("vs gemm"), all in one process, so
+that a GPU run can check the default per shape (csrc/cuda/README.md); the mixer (the default
+retrieval path) reports fwd+bwd speed-up over
 eager; the one-token step of generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
 the eager step.
 """

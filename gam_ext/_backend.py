@@ -135,9 +135,10 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
 
     ``retrieval=(slots, dim, dtype)`` adds ``"retrieval"``: for each device, which implementation
-    of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``) and the
-    forward and backward kernels with their tiles, as the launchers pick them for the current
-    device (the fused tensor-core kernels, or the fp32 SIMT kernels and why).
+    of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``, else the
+    default for the dtype) and the forward and backward kernels with their tiles, as the
+    launchers pick them for the current device (the gemm path's cuBLAS products and softmax
+    kernels, the fused tensor-core kernels, or the fp32 SIMT kernels and why).
     """
     info = {
         "backend": _backend,

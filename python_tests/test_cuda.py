@@ -89,12 +89,24 @@ SMEM_LIMITS = [166912, 101376, 65536]
 @pytest.mark.parametrize("shape", [(2, 37, 45, 200), (2, 64, 70, 512), (1, 37, 45, 1000)],
                          ids=lambda s: "B{}N{}S{}D{}".format(*s))  # fmt: skip
 def test_retrieval_smaller_gpu_configurations(dtype, shape, limit, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
     monkeypatch.setenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT", str(limit))
     check_retrieval(dtype, shape)
 
 
-def test_retrieval_path_is_reported():
+def test_retrieval_path_is_reported(monkeypatch):
+    # The defaults (csrc/cuda/README.md, "Retrieval paths"): gemm for fp16 / bf16 (bf16 from
+    # sm_80), fused (its fp32 SIMT kernels) for fp32; GAM_EXT_RETRIEVAL picks any path.
+    monkeypatch.delenv("GAM_EXT_RETRIEVAL", raising=False)
+    bf16_default = "gemm" if torch.cuda.get_device_capability() >= (8, 0) else "fused"
     info = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]
+    assert info["path"] == bf16_default, info
+    info = gam_ext.backend_info(retrieval=(512, 512, torch.float16))["retrieval"]["cuda"]
+    assert info["path"] == "gemm" and "retrieval_softmax_fwd_vec_kernel<4>" in info["forward"], info
+    info = gam_ext.backend_info(retrieval=(512, 512, torch.float32))["retrieval"]["cuda"]
+    assert info["path"] == "fused" and info["forward"].startswith("simt (fp32)"), info
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
+    info = gam_ext.backend_info(retrieval=(512, 512, torch.float16))["retrieval"]["cuda"]
     assert info["path"] == "fused" and info["forward"].startswith("mma"), info
 
 

@@ -268,9 +268,10 @@ FWD_VARIANTS = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(DEVICES))
 @pytest.mark.parametrize("d", list(FWD_VARIANTS))
-def test_retrieval_every_device_configuration(emu, device, name, d, dtype):
+def test_retrieval_every_device_configuration(emu, device, name, d, dtype, monkeypatch):
     # Every configuration the dispatcher picks for sm_75 .. sm_90 shared memory; S not a multiple
     # of any tile, rows crossing the 16-, 32- and 64-row tiles.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
     device(name)
     shape = (2, 37, 45, d)
     kind = emu.retrieval_path(45, d, str(dtype).split(".")[1])
@@ -288,9 +289,11 @@ def test_retrieval_every_device_configuration(emu, device, name, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_retrieval_rescale_path(emu, dtype):
+def test_retrieval_rescale_path(emu, dtype, monkeypatch):
     # Slot norms that grow along the bank push each row's max up tile after tile, so the
     # tensor-core kernel must rescale its output fragments (threshold exp(8)) several times.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
+    assert emu.retrieval_path(130, 32, str(dtype).split(".")[1])[1].startswith("mma"), dtype
     h = gen((1, 70, 32), dtype, 30)
     grow = torch.linspace(0.2, 3.0, 130).unsqueeze(1)
     m = (gen((130, 32), torch.float64, 31) * grow).to(dtype)
@@ -350,6 +353,7 @@ def test_retrieval_memory_rounded_like_autocast_on_both_devices(emu, dtype, path
 def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
     # GAM_EXT_RETRIEVAL_SMEM_LIMIT below every tensor-core tile: the SIMT kernels run, and the
     # path says so and why (never a silent fallback).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
     h = gen((1, 20, 48), torch.bfloat16, 40)
     m = gen((40, 48), torch.bfloat16, 41)
     grad_out = gen((1, 20, 48), torch.bfloat16, 42)
@@ -382,8 +386,9 @@ def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_retrieval_fused_backward_is_deterministic(emu, dtype):
+def test_retrieval_fused_backward_is_deterministic(emu, dtype, monkeypatch):
     # 300 rows: the dM product runs 3 row splits, whose fp32 partials are added in a fixed order.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
     shape = (2, 150, 70, 136)
     first, ref = run_retrieval(emu, dtype, shape, seed=53)
     second, _ = run_retrieval(emu, dtype, shape, seed=53)
@@ -391,6 +396,71 @@ def test_retrieval_fused_backward_is_deterministic(emu, dtype):
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     check_retrieval(first, ref, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device_name", ["sm_90", "sm_80", "sm_86", "sm_75"])
+def test_retrieval_default_path(emu, device, dtype, device_name, monkeypatch):
+    # Unset or empty GAM_EXT_RETRIEVAL: gemm for fp16 and bf16 (bf16 from sm_80, the first with
+    # bf16 tensor cores), fused for fp32 (its SIMT kernels); the default gives the very bits of the
+    # path it names.
+    device(device_name)
+    name = str(dtype).split(".")[1]
+    sm = int(device_name[3:])
+    expected = "gemm" if dtype == torch.float16 or (dtype == torch.bfloat16 and sm >= 80) else "fused"
+    shape = (1, 21, 36, 40)
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv("GAM_EXT_RETRIEVAL", raising=False)
+        else:
+            monkeypatch.setenv("GAM_EXT_RETRIEVAL", unset)
+        assert emu.retrieval_path(36, 40, name)[0] == expected
+        default, ref = run_retrieval(emu, dtype, shape, seed=61)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", expected)
+    forced, _ = run_retrieval(emu, dtype, shape, seed=61)
+    for a, b in zip(default, forced, strict=True):
+        assert torch.equal(a, b)
+    check_retrieval(default, ref, dtype, shape)
+
+
+# S for the gemm path's softmax kernels: every register-resident variant (1, 2, 4, 8 float4s
+# per lane; full and partial last vectors of lanes), and the element-wise kernels (S % 4 != 0,
+# S > 1024; fp32 P past 512 slots).
+GEMM_SOFTMAX_SLOTS = [(4, 1), (36, 1), (128, 1), (132, 2), (256, 2), (260, 4), (512, 4),
+                      (516, 8), (1024, 8), (1028, 0), (37, 0), (514, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slots,vecs", GEMM_SOFTMAX_SLOTS, ids=lambda v: str(v))
+def test_retrieval_gemm_softmax_kernels(emu, dtype, slots, vecs, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    if dtype == torch.float32 and vecs == 8:
+        vecs = 0
+    kind = emu.retrieval_path(slots, 24, str(dtype).split(".")[1])
+    variant = "_kernel (element-wise" if vecs == 0 else f"_vec_kernel<{vecs}>"
+    assert f"retrieval_softmax_fwd{variant}" in kind[1], kind
+    assert f"retrieval_softmax_bwd{variant}" in kind[2], kind
+    # 11 rows: the last block of 8 warps (rows) is partial.
+    shape = (1, 11, slots, 24)
+    ours, ref = run_retrieval(emu, dtype, shape, seed=70 + slots)
+    check_retrieval(ours, ref, dtype, shape)
+
+
+def test_retrieval_gemm_softmax_large_scores(emu, monkeypatch):
+    # Scores far beyond exp's range: the exact row max keeps the softmax finite, in both kernels.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    for slots in (512, 37):
+        h = gen((1, 5, 16), torch.float32, 80, 30.0)
+        m = gen((slots, 16), torch.float32, 81, 30.0)
+        grad_out = gen((1, 5, 16), torch.float32, 82)
+        out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+        dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
+        out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.0, grad_out)
+        assert torch.isfinite(lse).all() and lse.abs().max() > 1000
+        torch.testing.assert_close(lse.double(), lse_ref.double(), rtol=1e-5, atol=1e-3)
+        for ours, ref in ((out, out_ref), (dh, dh_ref), (dm, dm_ref)):
+            assert torch.isfinite(ours).all()
+            close(ours, ref, torch.float32, scale=4.0)
 
 
 @pytest.mark.parametrize("path", ["fused", "gemm"])

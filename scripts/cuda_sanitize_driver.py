@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
-the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt; the fused tensor-core kernels also at the
+the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm, the gemm path's softmax kernels
+element-wise and register-resident; the fused tensor-core kernels also at the
 shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several
 dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in both
 state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
@@ -21,11 +22,11 @@ import gam_ext
 DEV = "cuda"
 
 
-def step(dtype: torch.dtype, d: int, k: int, n: int) -> None:
+def step(dtype: torch.dtype, d: int, k: int, n: int, s: int = 70) -> None:
     x = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
     w = torch.randn(d, k, device=DEV, requires_grad=True)
     b = torch.randn(d, device=DEV, requires_grad=True)
-    m = torch.randn(70, d, device=DEV) * torch.linspace(0.2, 3, 70, device=DEV)[:, None]
+    m = torch.randn(s, d, device=DEV) * torch.linspace(0.2, 3, s, device=DEV)[:, None]
     m.requires_grad_()
     z = torch.randn(2, n, 2 * d, device=DEV, dtype=dtype, requires_grad=True)
     loc = gam_ext.causal_conv1d(x, w, b)
@@ -55,6 +56,10 @@ def main() -> None:
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
             step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
             step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+    os.environ["GAM_EXT_RETRIEVAL"] = "gemm"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for s in (72, 516):  # S % 4 == 0: the softmax kernels' register-resident variants
+            step(dtype, d=64, k=3, n=37, s=s)
     os.environ["GAM_EXT_RETRIEVAL"] = "fused"
     for limit in ("232448", "166912", "101376", "65536"):  # sm_90, sm_80, sm_86, sm_75 tiles
         os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"] = limit

@@ -30,14 +30,22 @@ namespace {
 
 using at::Tensor;
 
-// The retrieval path every call takes (GAM_EXT_RETRIEVAL, read on every call): the fused
-// kernels (tensor cores for fp16/bf16, fp32 SIMT otherwise), the fp32 SIMT kernels for every
-// dtype, or cuBLAS products around a softmax kernel.
+// The retrieval path every call takes: the fused kernels (tensor cores for fp16/bf16, fp32 SIMT
+// otherwise), the fp32 SIMT kernels for every dtype, or cuBLAS products around a softmax kernel.
 enum class RetrievalPath { kFused, kSimt, kGemm };
 
-RetrievalPath retrieval_path_from_env() {
+// GAM_EXT_RETRIEVAL (read on every call) when set, else the default for the activation dtype
+// (csrc/cuda/README.md, "Retrieval paths", has the measurement behind it): gemm for fp16 and
+// bf16, whose cuBLAS products measured 1.3-3.0x faster (fwd+bwd) than the fused kernels at every
+// shape on an H200, and fused for fp32 (the fp32 SIMT kernels: exact fp32 whatever the TF32
+// setting, no rows x S workspace; not measured against the gemm path yet). bf16 before sm_80,
+// which has no bf16 tensor cores, stays on the fused path (its SIMT kernels) as before.
+RetrievalPath retrieval_path_from_env(DType dt, int sm) {
   const char* env = std::getenv("GAM_EXT_RETRIEVAL");
-  if (env == nullptr || *env == '\0') return RetrievalPath::kFused;
+  if (env == nullptr || *env == '\0') {
+    const bool gemm = dt == DType::kFloat16 || (dt == DType::kBFloat16 && sm >= 80);
+    return gemm ? RetrievalPath::kGemm : RetrievalPath::kFused;
+  }
   const std::string v(env);
   if (v == "fused") return RetrievalPath::kFused;
   if (v == "simt") return RetrievalPath::kSimt;
@@ -217,6 +225,19 @@ Tensor mm_f32(const Tensor& a, const Tensor& b) {
 #endif
 }
 
+// The same product written into out (fp32, of the right shape): aten::mm.dtype_out, no temporary.
+void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
+#ifdef GAM_EMULATE
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+#else
+  if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, at::kFloat);
+  }
+#endif
+}
+
 // GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
 void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2,
                         Tensor& lse, DType dt, cudaStream_t stream) {
@@ -254,7 +275,10 @@ void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, con
   sp.dtype = dt;
   launch_retrieval_softmax_bwd(sp, stream);
   at::mm_out(dh2, ds, m);
-  dm.copy_(mm_f32(ds.t(), h2));
+  // The key-path product straight into dm (fp32), the value path added: one temporary and one
+  // elementwise pass fewer than copying both in (addmm.dtype cannot accumulate into an fp32 dm:
+  // it wants the added matrix in the inputs' dtype).
+  mm_f32_out(dm, ds.t(), h2);
   dm.add_(mm_f32(p.t(), g2));
 }
 
@@ -278,7 +302,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   p.dim = m.size(1);
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
-  const RetrievalPath path = retrieval_path_from_env();
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kGemm) {
     Tensor out2 = out.view({p.rows, p.dim});
     retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
@@ -306,7 +330,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
-  const RetrievalPath path = retrieval_path_from_env();
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kGemm) {
     Tensor dh2 = dh.view({rows, dim});
     retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
@@ -366,8 +390,8 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
     TORCH_CHECK(dtype == "float32", "retrieval_path: dtype must be float16, bfloat16 or float32");
     dt = DType::kFloat32;
   }
-  const RetrievalPath path = retrieval_path_from_env();
   const DeviceProps d = current_device_props();
+  const RetrievalPath path = retrieval_path_from_env(dt, d.sm);
   RetrievalFwdParams f{};
   f.rows = 1;
   f.slots = slots;
@@ -386,12 +410,23 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
   b.sm = f.sm;
   b.max_smem_bytes = f.max_smem_bytes;
   b.smem_per_sm = f.smem_per_sm;
-  if (path == RetrievalPath::kGemm)
+  if (path == RetrievalPath::kGemm) {
+    // The softmax kernels for fresh (aligned) rows of S slots.
+    RetrievalSoftmaxParams sp{};
+    sp.slots = slots;
+    sp.dtype = dt;
+    const int vecs = retrieval_softmax_vecs(sp);
+    const std::string kind = vecs == 0 ? std::string("_kernel (element-wise, 4-byte loads)")
+                                       : "_vec_kernel<" + std::to_string(vecs) + "> (" +
+                                             std::to_string(vecs) +
+                                             " float4 per lane, rows read once)";
     return {"gemm",
-            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd_kernel (P as " + dtype +
-                ", fp32 lse), P M (cuBLAS)",
-            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd_kernel (P and "
-            "scale * dS as " + dtype + "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind + " (P as " +
+                dtype + ", fp32 lse), P M (cuBLAS)",
+            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" + kind +
+                " (P and scale * dS as " + dtype +
+                "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+  }
   const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";
   return {name, describe_memory_retrieval_fwd(f), describe_memory_retrieval_bwd(b)};
 }

@@ -48,6 +48,12 @@ std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams&
 // P and scale * P * (dP - delta) (dtype).
 void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
 void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
+// float4s per lane of their register-resident variants for p (1, 2, 4 or 8: rows of up to 128,
+// 256, 512 or 1024 slots, read once with 16-byte loads), or 0 for the element-wise kernels: S not
+// a multiple of 4, a pointer not aligned to its 4-element vector, or S > 128 * the largest
+// variant (1024; 512 for fp32 P, whose 8-vector forward spills on sm_100).
+constexpr int softmax_max_vecs(bool f32) { return f32 ? 4 : 8; }
+int retrieval_softmax_vecs(const RetrievalSoftmaxParams& p);
 
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
 void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);

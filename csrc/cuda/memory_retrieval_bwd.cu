@@ -515,6 +515,53 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   }
 }
 
+// The same for rows of at most 128 * kVecs slots with S % 4 == 0 and aligned rows: each lane
+// keeps its float4s of s and dP in registers, so both are read once, with 16-byte loads (the
+// kernel above reads them twice, 4 bytes per load, and computes every p twice), and stores 4
+// values of P and ds per access. Same formulas.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_bwd_vec_kernel(const float* __restrict__ scores,
+                                     const float* __restrict__ dps, const float* __restrict__ lse,
+                                     T* __restrict__ p_out, T* __restrict__ ds_out, int64_t rows,
+                                     int slots, float scale, float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const int nvec = slots >> 2;
+  const float* s = scores + row * slots;
+  const float* dp = dps + row * slots;
+  const float lse2 = lse[row] * kLog2e;
+  float pv[kVecs][4], dpv[kVecs][4];
+  float delta = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int c = lane + 32 * i;
+    if (c < nvec) {
+      load_f32<float, 4>(s + 4 * c, pv[i]);
+      load_f32<float, 4>(dp + 4 * c, dpv[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        pv[i][j] = fast_exp2(pv[i][j] * scale_log2 - lse2);
+        delta = fmaf(pv[i][j], dpv[i][j], delta);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int c = lane + 32 * i;
+    if (c < nvec) {
+      float ds[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ds[j] = scale * (pv[i][j] * (dpv[i][j] - delta));
+      store_f32<T, 4>(p_out + row * slots + 4 * c, pv[i]);
+      store_f32<T, 4>(ds_out + row * slots + 4 * c, ds);
+    }
+  }
+}
+
 // SIMT dM row ranges: a multiple of the 16-row tile.
 int64_t rows_per_split(int64_t rows, int splits) {
   return ceil_div(ceil_div(rows, splits), kSimtRows) * kSimtRows;
@@ -624,13 +671,28 @@ std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p) {
 
 void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps)));
+  const int vecs = retrieval_softmax_vecs(p);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>,
-               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
-               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p),
-               static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots), p.scale,
-               p.scale * kLog2e);
+    static_switch<1, 2, 4, 8>(
+        [&](int v) { return v == vecs; },
+        [&](auto v) {
+          constexpr int V = decltype(v)::value;
+          if constexpr (V <= softmax_max_vecs(std::is_same<T, float>::value)) {
+            auto kernel = retrieval_softmax_bwd_vec_kernel<T, V>;
+            gam_launch("retrieval_softmax_bwd_vec", kernel, grid, dim3(kSoftmaxWarps * 32), 0,
+                       stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p),
+                       static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots), p.scale,
+                       p.scale * kLog2e);
+          }
+        },
+        [&] {
+          gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>, grid,
+                     dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse,
+                     static_cast<T*>(p.p), static_cast<T*>(p.ds), p.rows,
+                     static_cast<int>(p.slots), p.scale, p.scale * kLog2e);
+        });
   });
 }
 

@@ -373,6 +373,59 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   for (int c = lane; c < slots; c += 32) out[c] = from_f32<T>(fast_exp2(s[c] * scale_log2 - lse2));
 }
 
+// The same for rows of at most 128 * kVecs slots with S % 4 == 0 and 16-byte aligned scores:
+// each lane keeps its float4s of the row in registers, so the scores are read once, with 16-byte
+// loads (the kernel above reads every row twice, 4 bytes per load); the exact row max, then the
+// sum, then P stored as 4 values per access (8 bytes for fp16/bf16). Same formula for P and lse.
+template <typename T, int kVecs>
+__global__ void __launch_bounds__(kSoftmaxWarps * 32)
+    retrieval_softmax_fwd_vec_kernel(const float* __restrict__ scores, T* __restrict__ p,
+                                     float* __restrict__ lse, int64_t rows, int slots,
+                                     float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const int nvec = slots >> 2;
+  const float* s = scores + row * slots;
+  float x[kVecs][4];
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int c = lane + 32 * i;
+    if (c < nvec) {
+      load_f32<float, 4>(s + 4 * c, x[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x[i][j] *= scale_log2;
+        m = fmaxf(m, x[i][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float l = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i)
+    if (lane + 32 * i < nvec) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) l += fast_exp2(x[i][j] - m);
+    }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+  const float lse2 = m + __log2f(l);
+  if (lane == 0) lse[row] = lse2 * kLn2;
+  T* out = p + row * slots;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int c = lane + 32 * i;
+    if (c < nvec) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[i][j] = fast_exp2(x[i][j] - lse2);
+      store_f32<T, 4>(out + 4 * c, x[i]);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(256) retrieval_fwd_fill_kernel(float* __restrict__ x, int64_t n, float v) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] = v;
@@ -419,14 +472,38 @@ std::string describe_memory_retrieval_fwd(const RetrievalFwdParams& p) {
          std::to_string(c.smem_bytes()) + " bytes of shared memory";
 }
 
+int retrieval_softmax_vecs(const RetrievalSoftmaxParams& p) {
+  const bool f32 = p.dtype == DType::kFloat32;
+  const int vec_bytes = f32 ? 16 : 8;  // 4 elements of P or dS
+  if (p.slots % 4 != 0 || !aligned16(p.scores) || !aligned(p.p, vec_bytes)) return 0;
+  if (!aligned16(p.dp) || !aligned(p.ds, vec_bytes)) return 0;
+  for (int v : {1, 2, 4, 8})
+    if (p.slots <= 128 * v && v <= softmax_max_vecs(f32)) return v;
+  return 0;
+}
+
 void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps)));
+  const int vecs = retrieval_softmax_vecs(p);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    gam_launch("retrieval_softmax_fwd", retrieval_softmax_fwd_kernel<T>,
-               dim3(static_cast<unsigned>(ceil_div(p.rows, kSoftmaxWarps))),
-               dim3(kSoftmaxWarps * 32), 0, stream, p.scores, static_cast<T*>(p.p), p.lse, p.rows,
-               static_cast<int>(p.slots), p.scale * kLog2e);
+    static_switch<1, 2, 4, 8>(
+        [&](int v) { return v == vecs; },
+        [&](auto v) {
+          constexpr int V = decltype(v)::value;
+          if constexpr (V <= softmax_max_vecs(std::is_same<T, float>::value)) {
+            auto kernel = retrieval_softmax_fwd_vec_kernel<T, V>;
+            gam_launch("retrieval_softmax_fwd_vec", kernel, grid, dim3(kSoftmaxWarps * 32), 0,
+                       stream, p.scores, static_cast<T*>(p.p), p.lse, p.rows,
+                       static_cast<int>(p.slots), p.scale * kLog2e);
+          }
+        },
+        [&] {
+          gam_launch("retrieval_softmax_fwd", retrieval_softmax_fwd_kernel<T>, grid,
+                     dim3(kSoftmaxWarps * 32), 0, stream, p.scores, static_cast<T*>(p.p), p.lse,
+                     p.rows, static_cast<int>(p.slots), p.scale * kLog2e);
+        });
   });
 }
 
