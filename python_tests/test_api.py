@@ -79,7 +79,8 @@ def test_backend_info_reports_the_build():
     assert info["extension"] is not None, info["extension_error"]
     assert set(info["ops"]) == {"cpu", "cuda"}
     assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion",
-                                       "causal_conv1d_update", "gam_mixer_step"}
+                                       "gam_mixer", "causal_conv1d_update", "gam_mixer_step"}
+    assert info["mixer"]["cpu"] == "fused"  # the CPU build has the fused mixer op
     assert "retrieval" not in info
     shaped = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))
     assert set(shaped["retrieval"]) == {"cpu", "cuda"}
