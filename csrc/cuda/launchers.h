@@ -49,6 +49,11 @@ std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams&
 void launch_retrieval_softmax_fwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
 void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream);
 
+// The fused mixer (gam_mixer.cu): the forward's epilogue on the G the retrieval (any path) wrote,
+// and the backward's prologue.
+void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream);
+void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream);
+
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
 void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);
 
