@@ -4,10 +4,11 @@
     compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
-the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt; the fused tensor-core kernels also at the
-shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several
-dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in both
-state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
+the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm; the fused tensor-core kernels also at
+the shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with
+several dM row splits, the gate kernels, the fused mixer's epilogue and prologue kernels, and the
+one-token step kernels (causal_conv1d_update in both state layouts, gam_mixer_step across several
+slot splits), in fp32 / fp16 / bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def step(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     out.float().square().sum().backward()
 
 
+def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
+    h = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
+    params = [torch.randn(d, 1, k, device=DEV), torch.randn(d, device=DEV),
+              torch.randn(70, d, device=DEV), torch.randn(2 * d, d, device=DEV) * d**-0.5,
+              torch.randn(2 * d, device=DEV)]
+    for p in params:
+        p.requires_grad_()
+    gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()
+
+
 def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
     h = torch.randn(3, d, device=DEV, dtype=dtype)
     state = torch.randn(3, k, d, device=DEV, dtype=dtype)  # W = K > K-1
@@ -55,6 +66,8 @@ def main() -> None:
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
             step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
             step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+            fused_mixer(dtype, d=64, k=3, n=150)  # the fused mixer's epilogue and prologue
+            fused_mixer(dtype, d=13, k=5, n=3)  # scalar paths, K > N
     os.environ["GAM_EXT_RETRIEVAL"] = "fused"
     for limit in ("232448", "166912", "101376", "65536"):  # sm_90, sm_80, sm_86, sm_75 tiles
         os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"] = limit
