@@ -51,6 +51,18 @@ GAM_INLINE void conv_row(const T* x, const A* wt, const A* bias, int64_t r, int6
   }
 }
 
+// x rounded to the activation dtype T (a no-op for fp32 / fp64): the fused op rounds z, conv(h)
+// and G where the three-op path stores them, so both paths (and the one-token step, which rounds
+// the same way) compute the same thing.
+template <typename T, typename A>
+GAM_INLINE A rounded(A x) {
+  if constexpr (std::is_same_v<T, A>) {
+    return x;
+  } else {
+    return static_cast<A>(static_cast<T>(x));
+  }
+}
+
 // Forward epilogue of rows r0 .. r0+t-1: zt (t x 2D) holds h Wg^T, acc (t x D) the unnormalised
 // P M, lsum the softmax sums. Adds the gate bias to z, normalises G, runs the conv and the gates;
 // writes out, and z and G (converted, unless they already are the outputs: fp32 / fp64).
@@ -73,11 +85,12 @@ GAM_INLINE void mixer_fwd_rows(const T* h, const acc_t<T>* wt, const acc_t<T>* c
     T* __restrict o = out + r * d;
     const A inv = A(1) / lsum[i];
     for (int64_t c = 0; c < d; ++c) {
-      const A a = zl[c] + bl[c], b = zg[c] + bg[c], gv = g[c] * inv;
+      const A a = rounded<T>(zl[c] + bl[c]), b = rounded<T>(zg[c] + bg[c]);
+      const A gv = rounded<T>(g[c] * inv);
       zl[c] = a;
       zg[c] = b;
       g[c] = gv;
-      o[c] = static_cast<T>(sigmoid(a) * lc[c] + sigmoid(b) * gv);
+      o[c] = static_cast<T>(sigmoid(a) * rounded<T>(lc[c]) + sigmoid(b) * gv);
     }
     if constexpr (!kDirect) {
       convert_row(z_out + r * 2 * d, zl, 2 * d);
@@ -182,7 +195,7 @@ GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T*
       const A sl = sigmoid(static_cast<A>(zl[cc])), sg = sigmoid(static_cast<A>(zg[cc]));
       const A gv = static_cast<A>(gr[cc]);
       const A dgv = sg * f, dlv = sl * f;
-      const A a = f * lc[cc] * sl * (A(1) - sl), b = f * gv * sg * (A(1) - sg);
+      const A a = f * rounded<T>(lc[cc]) * sl * (A(1) - sl), b = f * gv * sg * (A(1) - sg);
       gsr[cc] = dgv;
       dlr[cc] = dlv;
       dzl[cc] = a;

@@ -18,7 +18,9 @@ constexpr int kPrologueWarps = 8;
 
 // The causal conv of VEC channels c .. c+VEC-1 of row r, step pos of its sequence:
 // l = bias + sum_j w[:, j] h[r - (K-1) + j] (taps before the start of the sequence read zeros).
-// h is (R, D), 16-byte aligned rows at c when VEC * sizeof(T) == 16; w is (D, K) fp32.
+// h is (R, D), 16-byte aligned rows at c when VEC * sizeof(T) == 16; w is (D, K) fp32. l is
+// rounded to T, where the three-op path stores the conv's output (and the one-token step rounds
+// it), so that both paths compute the same mixer.
 template <typename T, int VEC>
 __device__ __forceinline__ void conv_channels(const T* __restrict__ h, const float* __restrict__ w,
                                               const float* __restrict__ bias, int64_t r,
@@ -33,6 +35,8 @@ __device__ __forceinline__ void conv_channels(const T* __restrict__ h, const flo
 #pragma unroll
     for (int v = 0; v < VEC; ++v) l[v] = fmaf(w[(c + v) * k + j], xv[v], l[v]);
   }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) l[v] = to_f32(from_f32<T>(l[v]));
 }
 
 // out = sigmoid(zl) * l + sigmoid(zg) * g over VEC channels.
