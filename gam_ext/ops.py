@@ -605,6 +605,9 @@ def _register_compiled_ops() -> None:
         h, conv_weight, conv_bias, memory, gate_weight, gate_bias, scale = inputs
         _, lse, gate_logits, global_ctx = output
         ctx.mark_non_differentiable(lse, gate_logits, global_ctx)
+        # No zero gradients for the three saved outputs (they would cost 3 * B * N * D elements
+        # in the backward): the backward takes None for them, and for out when it is unused.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse,
                               gate_logits, global_ctx)
         ctx.scale = scale
