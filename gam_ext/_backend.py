@@ -144,8 +144,18 @@ def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
     return path
 
 
+def _op_path(op: str, device_type: str) -> str:
+    if use_kernel(op, device_type):
+        return "kernel"
+    built = _KERNELS.get(device_type, {}).get(op, False)
+    return "unfused" if built and _backend == "unfused" and op in FUSED_OPS else "reference"
+
+
 def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[str, Any]:
     """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
+
+    A fused op whose kernel is built but left out by the ``"unfused"`` backend reads
+    ``"unfused"``: its composition of other ops runs instead.
 
     ``"mixer"`` says, per device, whether gam_mixer runs ``"fused"`` (one op), ``"unfused"``
     (three kernels and a gate linear) or ``"reference"``.
@@ -167,8 +177,7 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         "cuda_compiled": bool(_extension is not None and _extension.cuda_compiled()),
         "cuda_available": torch.cuda.is_available(),
         "ops": {
-            device: {op: "kernel" if use_kernel(op, device) else "reference"
-                     for op in OPS + STEP_OPS}
+            device: {op: _op_path(op, device) for op in OPS + STEP_OPS}
             for device in DEVICE_KEYS
         },
         # How gam_mixer (and gam_block, GAMBlock) runs on each device: the fused op, the three
