@@ -291,9 +291,10 @@ MIXER_SHAPES = [
     (2, 1, 5, 3, 4),  # K > N
     (1, 3, 8, 8, 8),  # K > N, K = 8
     (2, 13, 17, 1, 5),  # S = 1: p = 1, G = M
-    (1, 67, 33, 31, 3),  # rows cross the 64-row forward blocks and backward sub-blocks
-    (1, 300, 20, 40, 2),  # one sequence across the 256-row backward tile: conv halos cross it
-    (2, 131, 12, 45, 6),  # 262 rows: a second backward tile starting mid-sequence
+    (1, 67, 33, 31, 3),
+    (1, 300, 20, 40, 2),  # one sequence across the 256-row forward block and backward tile and
+    #                       the 128-row backward sub-blocks: conv halos cross them
+    (2, 131, 12, 45, 6),  # 262 rows: a second block and tile starting mid-sequence
     (1, 37, 8, 515, 2),  # slots cross the 512-slot chunk: online softmax, two dM chunks
     (3, 97, 6, 1031, 7),  # several tiles and three slot chunks
 ]
