@@ -67,6 +67,25 @@ GAM_INLINE A rounded(A x) {
   }
 }
 
+// z + bias (2D values) and G = acc / l (D values) in place, rounded to T.
+template <typename T, typename A>
+GAM_INLINE void finish_z_and_g(A* __restrict z, const A* __restrict bias, A* __restrict g, A inv,
+                               int64_t d) {
+  for (int64_t c = 0; c < 2 * d; ++c) z[c] = rounded<T>(z[c] + bias[c]);
+  for (int64_t c = 0; c < d; ++c) g[c] = rounded<T>(g[c] * inv);
+}
+
+// out = sigmoid(zl) * l + sigmoid(zg) * g over one row (l rounded to T first). A loop of its own
+// with restrict parameters: with the writes of z and G in the same loop the compiler could not
+// prove the streams disjoint and left it scalar.
+template <typename T, typename A>
+GAM_INLINE void gate_row(const A* __restrict zl, const A* __restrict zg, const A* __restrict l,
+                         const A* __restrict g, T* __restrict o, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) {
+    o[c] = static_cast<T>(sigmoid(zl[c]) * rounded<T>(l[c]) + sigmoid(zg[c]) * g[c]);
+  }
+}
+
 // Forward epilogue of rows r0 .. r0+t-1: zt (t x 2D) holds h Wg^T, acc (t x D) the unnormalised
 // P M, lsum the softmax sums. Adds the gate bias to z, normalises G, runs the conv and the gates;
 // writes out, and z and G (converted, unless they already are the outputs: fp32 / fp64).
@@ -80,24 +99,12 @@ GAM_INLINE void mixer_fwd_rows(const T* h, const acc_t<T>* wt, const acc_t<T>* c
   for (int64_t i = 0; i < t; ++i) {
     const int64_t r = r0 + i;
     conv_row(h, wt, conv_bias, r, r % n, d, k, lconv);
-    A* __restrict zl = zt + i * 2 * d;
-    A* __restrict zg = zl + d;
-    A* __restrict g = acc + i * d;
-    const A* __restrict lc = lconv;
-    const A* __restrict bl = gate_bias;
-    const A* __restrict bg = gate_bias + d;
-    T* __restrict o = out + r * d;
-    const A inv = A(1) / lsum[i];
-    for (int64_t c = 0; c < d; ++c) {
-      const A a = rounded<T>(zl[c] + bl[c]), b = rounded<T>(zg[c] + bg[c]);
-      const A gv = rounded<T>(g[c] * inv);
-      zl[c] = a;
-      zg[c] = b;
-      g[c] = gv;
-      o[c] = static_cast<T>(sigmoid(a) * rounded<T>(lc[c]) + sigmoid(b) * gv);
-    }
+    A* const z = zt + i * 2 * d;
+    A* const g = acc + i * d;
+    finish_z_and_g<T>(z, gate_bias, g, A(1) / lsum[i], d);
+    gate_row<T>(z, z + d, lconv, g, out + r * d, d);
     if constexpr (!kDirect) {
-      convert_row(z_out + r * 2 * d, zl, 2 * d);
+      convert_row(z_out + r * 2 * d, z, 2 * d);
       convert_row(g_out + r * d, g, d);
     }
   }
@@ -160,6 +167,35 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg, const
   });
 }
 
+// The gate fusion's backward of one row: dG = sg df, dL = sl df (l rounded to T first, as the
+// forward used it), dz = [df l sl (1 - sl), df g sg (1 - sg)]. A loop of its own with restrict
+// parameters (the compiler keeps it vectorised; with the reductions in it, it did not).
+template <typename T, typename A>
+GAM_INLINE void gate_grads_row(const T* __restrict df, const T* __restrict zl,
+                               const T* __restrict zg, const T* __restrict g, const A* __restrict l,
+                               A* __restrict dg, A* __restrict dl, A* __restrict dzl,
+                               A* __restrict dzg, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) {
+    const A f = static_cast<A>(df[c]);
+    const A sl = sigmoid(static_cast<A>(zl[c])), sg = sigmoid(static_cast<A>(zg[c]));
+    dg[c] = sg * f;
+    dl[c] = sl * f;
+    dzl[c] = f * rounded<T>(l[c]) * sl * (A(1) - sl);
+    dzg[c] = f * static_cast<A>(g[c]) * sg * (A(1) - sg);
+  }
+}
+
+template <typename A>
+GAM_INLINE void add_row(A* __restrict acc, const A* __restrict x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += x[c];
+}
+
+template <typename A, typename T>
+GAM_INLINE void add_product_row(A* __restrict acc, const A* __restrict x, const T* __restrict y,
+                                int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += x[c] * static_cast<A>(y[c]);
+}
+
 // Phase-A prologue of the backward for rows r0+i0 .. r0+i1-1 of tile r0 (q = tile-local row):
 // converts h (half inputs), recomputes the gates and the conv, and writes dG (gs), dz (dzs),
 // delta, the conv's dL of the rows and of the K-1 rows after them (dl, (i1-i0+K-1) x D), and this
@@ -172,54 +208,25 @@ GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T*
                                    int64_t i1, int64_t rows, int64_t n, int64_t d, int64_t k) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;
-  A* __restrict dbg = part;
-  A* __restrict dw = part + 2 * d;
-  A* __restrict db = dw + k * d;
+  A* const dbg = part;
+  A* const dw = part + 2 * d;
+  A* const db = dw + k * d;
   std::fill(part, part + (k + 3) * d, A(0));
   for (int64_t q = i0; q < i1; ++q) {
     const int64_t r = r0 + q, pos = r % n;
     if constexpr (!kDirect) convert_row(hs + q * d, h + r * d, d);
     conv_row(h, wt, conv_bias, r, pos, d, k, lconv);
-    const T* __restrict dfr = df + r * d;
-    const T* __restrict zl = z + r * 2 * d;
-    const T* __restrict zg = zl + d;
-    const T* __restrict gr = g + r * d;
-    A* __restrict gsr = gs + q * d;
-    A* __restrict dzl = dzs + q * 2 * d;
-    A* __restrict dzg = dzl + d;
-    A* __restrict dlr = dl + (q - i0) * d;
-    const A* __restrict lc = lconv;
-    A* __restrict dbl = dbg;
-    A* __restrict dbgg = dbg + d;
-    A* __restrict dbc = db;
-    A dsum[8] = {};
-    int64_t c = 0;
-    auto one = [&](int64_t cc, A& acc) {
-      const A f = static_cast<A>(dfr[cc]);
-      const A sl = sigmoid(static_cast<A>(zl[cc])), sg = sigmoid(static_cast<A>(zg[cc]));
-      const A gv = static_cast<A>(gr[cc]);
-      const A dgv = sg * f, dlv = sl * f;
-      const A a = f * rounded<T>(lc[cc]) * sl * (A(1) - sl), b = f * gv * sg * (A(1) - sg);
-      gsr[cc] = dgv;
-      dlr[cc] = dlv;
-      dzl[cc] = a;
-      dzg[cc] = b;
-      dbl[cc] += a;
-      dbgg[cc] += b;
-      dbc[cc] += dlv;
-      acc += dgv * gv;
-    };
-    for (; c + 8 <= d; c += 8) {
-      for (int e = 0; e < 8; ++e) one(c + e, dsum[e]);
-    }
-    for (; c < d; ++c) one(c, dsum[0]);
-    delta[q] =
-        ((dsum[0] + dsum[1]) + (dsum[2] + dsum[3])) + ((dsum[4] + dsum[5]) + (dsum[6] + dsum[7]));
+    const T* zr = z + r * 2 * d;
+    A* const gsr = gs + q * d;
+    A* const dzr = dzs + q * 2 * d;
+    A* const dlr = dl + (q - i0) * d;
+    gate_grads_row<T>(df + r * d, zr, zr + d, g + r * d, lconv, gsr, dlr, dzr, dzr + d, d);
+    add_row(dbg, dzr, 2 * d);
+    add_row(db, dlr, d);
+    delta[q] = row_dot(gsr, g + r * d, d);
     // dw[j] += dL * x[r - (K-1) + j].
     for (int64_t j = std::max<int64_t>(0, k - 1 - pos); j < k; ++j) {
-      const T* __restrict xr = h + (r - (k - 1) + j) * d;
-      A* __restrict dwj = dw + j * d;
-      for (int64_t cc = 0; cc < d; ++cc) dwj[cc] += dlr[cc] * static_cast<A>(xr[cc]);
+      add_product_row(dw + j * d, dlr, h + (r - (k - 1) + j) * d, d);
     }
   }
   // dL of the K-1 rows after the sub-block (the conv's dx of its rows reads them).
