@@ -232,9 +232,9 @@ def gam_mixer(
 
     gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``. Where the fused
     op is built for h's device and dtype (and the backend is ``auto``), the whole mixer runs as
-    one op, ``torch.ops.gam_ext.gam_mixer_fwd`` / ``gam_mixer_bwd``: neither the conv's nor the
-    retrieval's output reaches memory. Otherwise (backend ``unfused``, or no fused kernel) it runs
-    the three primitives and a gate linear.
+    one op, ``torch.ops.gam_ext.gam_mixer_fwd`` / ``gam_mixer_bwd``: the conv's output is never
+    written, the retrieval's only kept for the backward. Otherwise (backend ``unfused``, or no
+    fused kernel) it runs the three primitives and a gate linear.
     """
     _check_float_tensor("h", h, 3)
     d = h.shape[2]
