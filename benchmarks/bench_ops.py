@@ -6,7 +6,12 @@ one process, it reports the median time, GFLOP/s, peak memory and the speedup ov
 fp32 GEMM floor of the mixer (its model GEMM FLOPs at the fp32 GEMM rate measured in the same run).
 
 Providers:
-  gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer)
+  gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer,
+            which runs the fused mixer op where it is built)
+  gam_fused_mixer (mixer only) gam_ext.gam_mixer on the fused op gam_mixer_fwd / _bwd, asserting that it
+            is built for the device and dtype (the same path as gam_ext there; not run by default)
+  gam_unfused (mixer only) gam_ext.gam_mixer with the backend "unfused": the conv, retrieval and
+            gate fusion kernels and a gate linear, three ops and their intermediates in memory
   eager     the paper's formulation in plain PyTorch: nn.Conv1d-style depthwise conv padded by K-1
             on both sides (permute + conv + slice), matmul-softmax-matmul, two sigmoid gates
   compile   torch.compile of that eager formulation (default inductor backend)
@@ -61,7 +66,9 @@ import gam_ext  # noqa: E402
 
 OPS = ("conv", "retrieval", "gate", "mixer")
 MODES = ("fwd", "bwd", "fwdbwd")
-PROVIDERS = ("gam_ext", "eager", "compile", "sdpa", "gam_fused")
+PROVIDERS = ("gam_ext", "gam_fused_mixer", "gam_unfused", "eager", "compile", "sdpa", "gam_fused")
+# Providers that only exist for some ops (on some devices).
+MIXER_PROVIDERS = ("gam_fused_mixer", "gam_unfused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -117,6 +124,22 @@ def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
     return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
 
 
+def gam_mixer_fused(h, conv_w, conv_b, memory, gate_w, gate_b):
+    if not gam_ext._backend.use_kernel("gam_mixer", h.device.type, h.dtype):
+        raise RuntimeError(f"the fused mixer op is not built for {h.device.type} {h.dtype}")
+    return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
+
+
+def gam_mixer_unfused(h, conv_w, conv_b, memory, gate_w, gate_b):
+    """The mixer as three gam_ext ops and a gate linear (the backend "unfused" for the forward;
+    the backward of each op is what its forward registered, whatever the backend then)."""
+    previous = gam_ext.set_backend("unfused")
+    try:
+        return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
+    finally:
+        gam_ext.set_backend(previous)
+
+
 FUNCS = {
     ("conv", "eager"): eager_conv,
     ("retrieval", "eager"): eager_retrieval,
@@ -126,6 +149,8 @@ FUNCS = {
     ("retrieval", "gam_ext"): gam_retrieval,
     ("gate", "gam_ext"): gam_ext.gate_fusion,
     ("mixer", "gam_ext"): gam_mixer,
+    ("mixer", "gam_fused_mixer"): gam_mixer_fused,
+    ("mixer", "gam_unfused"): gam_mixer_unfused,
     ("retrieval", "sdpa"): sdpa_retrieval,
     ("retrieval", "gam_fused"): gam_retrieval,
 }
@@ -305,7 +330,8 @@ def parse_args(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                        help="default: gam_ext eager compile (+ sdpa on cuda)")
+                        help="default: gam_ext gam_unfused eager compile (+ sdpa gam_fused on "
+                             "cuda); each runs only for the ops it has")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=5.0,
@@ -318,7 +344,7 @@ def parse_args(argv=None):
     parser.add_argument("--note", default="", help="free text added to the results file")
     args = parser.parse_args(argv)
     if args.providers is None:
-        args.providers = ["gam_ext", "eager", "compile"] + (
+        args.providers = ["gam_ext", "gam_unfused", "eager", "compile"] + (
             ["sdpa", "gam_fused"] if args.device == "cuda" else []
         )
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -353,6 +379,8 @@ def main(argv=None):
                 compiled = {}
                 for provider in args.providers:
                     if provider in ("sdpa", "gam_fused") and (device != "cuda" or op != "retrieval"):
+                        continue
+                    if provider in MIXER_PROVIDERS and op != "mixer":
                         continue
                     set_retrieval_path(provider, original_path)
                     if provider == "compile":
@@ -394,6 +422,25 @@ def main(argv=None):
             row[key.replace("_mb", "_vs_eager")] = (
                 row[key] / base[key] if base and base[key] and row[key] is not None else None)
     write_results(args, rows, rate, load, info)
+
+
+def mixer_summary(rows, dtype_name, n):
+    """One line: the mixer's fwd+bwd on gam_ext (the fused op where built) against eager and
+    against the unfused gam_ext path, time and peak memory, when those rows were measured."""
+    cell = {r["provider"]: r for r in rows if r["dtype"] == dtype_name and r["seqlen"] == n
+            and r["op"] == "mixer" and r["mode"] == "fwdbwd"}
+    if "gam_ext" not in cell or "eager" not in cell:
+        return []
+    ours, eager = cell["gam_ext"], cell["eager"]
+    parts = [f"gam_ext {eager['ms'] / ours['ms']:.2f}x eager (median; "
+             f"{eager['min_ms'] / ours['min_ms']:.2f}x from min)"]
+    if "gam_unfused" in cell:
+        unfused = cell["gam_unfused"]
+        parts.append(f"{unfused['ms'] / ours['ms']:.2f}x gam_unfused "
+                     f"({unfused['min_ms'] / ours['min_ms']:.2f}x from min)")
+    if ours["peak_mb"] is not None and eager["peak_mb"]:
+        parts.append(f"peak memory {ours['peak_mb'] / eager['peak_mb']:.2f}x eager")
+    return ["", "Mixer fwd+bwd: " + ", ".join(parts) + "."]
 
 
 def write_results(args, rows, rate, load, info):
@@ -449,6 +496,7 @@ def write_results(args, rows, rate, load, info):
                     f"{fmt(r['speedup_min_vs_eager'], '.2f')} | "
                     f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['peak_vs_eager'], '.2f')} | "
                     f"{fmt(r['extra_mb'], '.1f')} | {fmt(r['extra_vs_eager'], '.2f')} |")
+            lines += mixer_summary(rows, dtype_name, n)
             floor_ms = mixer_gemm_flops(b, n, d, s) / (rate * 1e9) * 1e3
             lines += ["", f"fp32 GEMM floor of the mixer fwd+bwd (its {mixer_gemm_flops(b, n, d, s)/1e9:.2f} "
                       f"GEMM GFLOP at {rate:.1f} GFLOP/s): {floor_ms:.2f} ms", ""]

@@ -115,6 +115,63 @@ inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& lo
   check_grad_like(grad_out, local, "grad_out", "local");
 }
 
+// ---- The fused mixer (gam_mixer_fwd, gam_mixer_bwd) ----------------------------------------------
+
+// h (B, N, D); the conv's weight (D, K), K >= 1, and bias (D) or none; memory (S, D), S >= 1;
+// gate_weight (2D, D) and gate_bias (2D) or none.
+inline void check_mixer_args(const at::Tensor& h, const at::Tensor& conv_weight,
+                             const c10::optional<at::Tensor>& conv_bias, const at::Tensor& memory,
+                             const at::Tensor& gate_weight,
+                             const c10::optional<at::Tensor>& gate_bias) {
+  check_float_tensor(h, 3, "h");
+  const int64_t dim = h.size(2);
+  check_float_tensor(conv_weight, 2, "conv_weight", h, "h");
+  TORCH_CHECK(conv_weight.size(0) == dim, "conv_weight has ", conv_weight.size(0),
+              " channels but h has D=", dim);
+  TORCH_CHECK(conv_weight.size(1) >= 1, "conv_weight must have a kernel size K >= 1, got K=0");
+  if (conv_bias.has_value()) {
+    check_float_tensor(*conv_bias, 1, "conv_bias", h, "h");
+    TORCH_CHECK(conv_bias->size(0) == dim, "conv_bias must have shape (", dim, "), got ",
+                conv_bias->sizes());
+  }
+  check_float_tensor(memory, 2, "memory", h, "h");
+  TORCH_CHECK(memory.size(1) == dim, "memory must have shape (S, ", dim, ") to match h, got ",
+              memory.sizes());
+  TORCH_CHECK(memory.size(0) >= 1, "memory must have at least one slot (S >= 1)");
+  check_float_tensor(gate_weight, 2, "gate_weight", h, "h");
+  TORCH_CHECK(gate_weight.size(0) == 2 * dim && gate_weight.size(1) == dim,
+              "gate_weight must have shape (2D, D) = (", 2 * dim, ", ", dim, "), got ",
+              gate_weight.sizes());
+  if (gate_bias.has_value()) {
+    check_float_tensor(*gate_bias, 1, "gate_bias", h, "h");
+    TORCH_CHECK(gate_bias->size(0) == 2 * dim, "gate_bias must have shape (", 2 * dim, "), got ",
+                gate_bias->sizes());
+  }
+}
+
+// Backward of the fused mixer: the forward's checks, grad_out and global_ctx like h, lse (B, N),
+// gate_logits (B, N, 2D).
+inline void check_mixer_bwd_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                 const at::Tensor& conv_weight,
+                                 const c10::optional<at::Tensor>& conv_bias,
+                                 const at::Tensor& memory, const at::Tensor& gate_weight,
+                                 const at::Tensor& lse, const at::Tensor& gate_logits,
+                                 const at::Tensor& global_ctx) {
+  check_mixer_args(h, conv_weight, conv_bias, memory, gate_weight, c10::nullopt);
+  check_grad_like(grad_out, h, "grad_out", "h");
+  check_grad_like(global_ctx, h, "global_ctx", "h");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == h.size(0) && lse.size(1) == h.size(1),
+              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ",
+              lse.sizes());
+  check_device(lse, h, "lse", "h");
+  check_float(gate_logits, "gate_logits");
+  check_device(gate_logits, h, "gate_logits", "h");
+  TORCH_CHECK(gate_logits.dim() == 3 && gate_logits.size(0) == h.size(0) &&
+                  gate_logits.size(1) == h.size(1) && gate_logits.size(2) == 2 * h.size(2),
+              "gate_logits must have shape (B, N, 2D) = (", h.size(0), ", ", h.size(1), ", ",
+              2 * h.size(2), "), got ", gate_logits.sizes());
+}
+
 // ---- The one-token step (causal_conv1d_update, gam_mixer_step) --------------------------------
 
 // The conv state of the step ops: conv_state (B, W, D) in the activation dtype, contiguous (the

@@ -30,6 +30,19 @@ TORCH_LIBRARY(gam_ext, m) {
   m.def(
       "gate_fusion_bwd(Tensor grad_out, Tensor local, Tensor global_ctx, Tensor gate_logits) -> "
       "(Tensor, Tensor, Tensor)");
+  // The fused mixer: out = sigmoid(z[:D]) * conv(h) + sigmoid(z[D:]) * softmax(scale h M^T) M
+  // with z = h gate_weight^T + gate_bias, in one pass. conv_weight is (D, K), gate_weight (2D, D).
+  // Returns (out, lse, gate_logits, global_ctx): lse (B, N) fp32 and z (B, N, 2D) and G (B, N, D)
+  // in h's dtype, kept for the backward. The backward returns (dh, dconv_weight, dconv_bias,
+  // dmemory, dgate_weight, dgate_bias), the parameter gradients in their parameter's dtype (the
+  // biases' in their weight's).
+  m.def(
+      "gam_mixer_fwd(Tensor h, Tensor conv_weight, Tensor? conv_bias, Tensor memory, "
+      "Tensor gate_weight, Tensor? gate_bias, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gam_mixer_bwd(Tensor grad_out, Tensor h, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor memory, Tensor gate_weight, Tensor lse, Tensor gate_logits, Tensor global_ctx, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The one-token step of generation (inference only: no backward). conv_state (B, W, D) holds
   // the conv's previous inputs and is updated in place; cache_seqlens (B) makes it a circular
   // buffer indexed by position. x is (B, L, D) new rows; h (B, D) one row per sequence.

@@ -2,8 +2,15 @@
 
 The compiled extension ``gam_ext._C`` registers the ops ``torch.ops.gam_ext.*`` with a kernel per
 device it was built for. An op runs its kernel when one is registered for the tensor's device and the
-backend is ``auto``; otherwise it runs ``gam_ext.reference``. Set ``GAM_EXT_BACKEND=reference`` in
-the environment, or call ``gam_ext.set_backend("reference")``, to force the reference path.
+backend allows it; otherwise it runs ``gam_ext.reference``. Backends:
+
+- ``auto`` (the default): every kernel that is built; the mixer (``gam_mixer``, and so
+  ``gam_block`` and ``GAMBlock``) runs the fused op ``gam_mixer_fwd`` / ``gam_mixer_bwd``;
+- ``unfused``: the same kernels, but the mixer runs as three ops (conv, retrieval, gate fusion)
+  and a gate linear, as before the fused op existed (for comparisons and benchmarks);
+- ``reference``: every op on the pure-PyTorch reference.
+
+Set ``GAM_EXT_BACKEND`` in the environment, or call ``gam_ext.set_backend(name)``.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "reference")
-# The forward ops behind the three public primitives; each has a matching *_bwd op.
-OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
+BACKENDS = ("auto", "unfused", "reference")
+# The forward ops behind the three public primitives and the fused mixer; each has a matching
+# *_bwd op.
+OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer")
+# The fused ops, which the "unfused" backend leaves out.
+FUSED_OPS = ("gam_mixer",)
 # The inference-only ops of the one-token step (generation): one op each, no backward.
 STEP_OPS = ("causal_conv1d_update", "gam_mixer_step")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -96,7 +106,8 @@ _backend = _backend_from_env()
 
 
 def set_backend(name: str) -> str:
-    """Select ``"auto"`` (kernels where built, else reference) or ``"reference"``; returns the old one."""
+    """Select ``"auto"`` (kernels where built, else reference), ``"unfused"`` (the same without the
+    fused mixer) or ``"reference"``; returns the old one."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -110,7 +121,9 @@ def get_backend() -> str:
 
 def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
     """True when ``op`` on ``device_type`` tensors (of ``dtype``) runs the compiled kernel."""
-    if _backend != "auto" or not _KERNELS.get(device_type, {}).get(op, False):
+    if _backend == "reference" or not _KERNELS.get(device_type, {}).get(op, False):
+        return False
+    if _backend == "unfused" and op in FUSED_OPS:
         return False
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
@@ -131,8 +144,21 @@ def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
     return path
 
 
+def _op_path(op: str, device_type: str) -> str:
+    if use_kernel(op, device_type):
+        return "kernel"
+    built = _KERNELS.get(device_type, {}).get(op, False)
+    return "unfused" if built and _backend == "unfused" and op in FUSED_OPS else "reference"
+
+
 def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[str, Any]:
     """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
+
+    A fused op whose kernel is built but left out by the ``"unfused"`` backend reads
+    ``"unfused"``: its composition of other ops runs instead.
+
+    ``"mixer"`` says, per device, whether gam_mixer runs ``"fused"`` (one op), ``"unfused"``
+    (three kernels and a gate linear) or ``"reference"``.
 
     ``retrieval=(slots, dim, dtype)`` adds ``"retrieval"``: for each device, which implementation
     of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``, else the
@@ -140,6 +166,11 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     launchers pick them for the current device (the gemm path's cuBLAS products and softmax
     kernels, the fused tensor-core kernels, or the fp32 SIMT kernels and why).
     """
+    mixer = {
+        device: "fused" if use_kernel("gam_mixer", device)
+        else "unfused" if use_kernel("memory_retrieval", device) else "reference"
+        for device in DEVICE_KEYS
+    }
     info = {
         "backend": _backend,
         "extension": None if _extension is None else _extension.__file__,
@@ -147,10 +178,13 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         "cuda_compiled": bool(_extension is not None and _extension.cuda_compiled()),
         "cuda_available": torch.cuda.is_available(),
         "ops": {
-            device: {op: "kernel" if use_kernel(op, device) else "reference"
-                     for op in OPS + STEP_OPS}
+            device: {op: _op_path(op, device) for op in OPS + STEP_OPS}
             for device in DEVICE_KEYS
         },
+        # How gam_mixer (and gam_block, GAMBlock) runs on each device: the fused op, the three
+        # primitive kernels and a gate linear, or the reference (for the dtypes the device's
+        # kernels take: float64 on CUDA always runs the reference).
+        "mixer": mixer,
     }
     if retrieval is not None:
         slots, dim, dtype = retrieval

@@ -230,13 +230,24 @@ def gam_mixer(
 ) -> torch.Tensor:
     """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias).
 
-    gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``.
+    gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``. Where the fused
+    op is built for h's device and dtype (and the backend is ``auto``), the whole mixer runs as
+    one op, ``torch.ops.gam_ext.gam_mixer_fwd`` / ``gam_mixer_bwd``: the conv's output is never
+    written, the retrieval's only kept for the backward. Otherwise (backend ``unfused``, or no
+    fused kernel) it runs the three primitives and a gate linear.
     """
     _check_float_tensor("h", h, 3)
     d = h.shape[2]
     _check_param("gate_weight", gate_weight, (2 * d, d))
     _check_param("gate_bias", gate_bias, (2 * d,), optional=True)
     _check_same_device("h", h, gate_weight=gate_weight, gate_bias=gate_bias)
+    weight_2d = _check_conv(h, conv_weight, conv_bias)
+    _check_memory(h, memory, scale)
+    act = _activation(h)
+    if _use_kernel("gam_mixer", act.device.type, act.dtype, act, weight_2d, conv_bias, memory,
+                   gate_weight, gate_bias):
+        return torch.ops.gam_ext.gam_mixer_fwd(act, weight_2d, conv_bias, memory, gate_weight,
+                                               gate_bias, float(scale))[0]
     local = causal_conv1d(h, conv_weight, conv_bias)
     global_ctx = memory_retrieval(h, memory, scale)
     gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
@@ -510,6 +521,20 @@ def _register_compiled_ops() -> None:
             gate_logits.new_empty(gate_logits.shape),
         )
 
+    @torch.library.register_fake(lib + "gam_mixer_fwd")
+    def _mixer_fwd_fake(h, conv_weight, conv_bias, memory, gate_weight, gate_bias, scale):
+        b, n, d = h.shape
+        return (h.new_empty(h.shape), h.new_empty((b, n), dtype=torch.float32),
+                h.new_empty((b, n, 2 * d)), h.new_empty(h.shape))
+
+    @torch.library.register_fake(lib + "gam_mixer_bwd")
+    def _mixer_bwd_fake(grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse,
+                        gate_logits, global_ctx, scale):
+        d = h.shape[2]
+        return (h.new_empty(h.shape), conv_weight.new_empty(conv_weight.shape),
+                conv_weight.new_empty((d,)), memory.new_empty(memory.shape),
+                gate_weight.new_empty(gate_weight.shape), gate_weight.new_empty((2 * d,)))
+
     # The step ops (inference only, no autograd): the output has the shape of the new rows.
     @torch.library.register_fake(lib + "causal_conv1d_update")
     def _conv_update_fake(x, conv_state, weight, bias, cache_seqlens):
@@ -576,6 +601,48 @@ def _register_compiled_ops() -> None:
             ))
         return torch.ops.gam_ext.gate_fusion_bwd(grad_out, *ctx.saved_tensors)
 
+    def mixer_setup(ctx, inputs, output):
+        h, conv_weight, conv_bias, memory, gate_weight, gate_bias, scale = inputs
+        _, lse, gate_logits, global_ctx = output
+        ctx.mark_non_differentiable(lse, gate_logits, global_ctx)
+        # No zero gradients for the three saved outputs (they would cost 3 * B * N * D elements
+        # in the backward): the backward takes None for them, and for out when it is unused.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse,
+                              gate_logits, global_ctx)
+        ctx.scale = scale
+
+    def mixer_backward(ctx, grad_out, grad_lse, grad_z, grad_global):
+        (h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse, gate_logits,
+         global_ctx) = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(h)
+        needed = ctx.needs_input_grad[:6]
+        if torch.is_grad_enabled():
+            scale = ctx.scale
+            present = [i for i, t in enumerate((h, conv_weight, conv_bias, memory, gate_weight,
+                                                gate_bias)) if t is not None]
+            tensors = (h, conv_weight, conv_bias, memory, gate_weight, gate_bias)
+
+            def mixer_math(*given):
+                full = list(tensors)
+                for i, t in zip(present, given, strict=True):
+                    full[i] = t
+                return reference.gam_mixer(*full, scale)
+
+            found = _reference_vjp(mixer_math, tuple(tensors[i] for i in present), grad_out,
+                                   tuple(needed[i] for i in present))
+            grads: list[torch.Tensor | None] = [None] * 6
+            for i, g in zip(present, found, strict=True):
+                grads[i] = g
+            return (*grads, None)
+        dh, dcw, dcb, dm, dgw, dgb = torch.ops.gam_ext.gam_mixer_bwd(
+            grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse, gate_logits,
+            global_ctx, ctx.scale)
+        return (dh, dcw, None if conv_bias is None else dcb.to(conv_bias.dtype), dm, dgw,
+                None if gate_bias is None else dgb.to(gate_bias.dtype), None)
+
+    torch.library.register_autograd(lib + "gam_mixer_fwd", mixer_backward, setup_context=mixer_setup)
     torch.library.register_autograd(lib + "causal_conv1d_fwd", conv_backward, setup_context=conv_setup)
     torch.library.register_autograd(lib + "memory_retrieval_fwd", mem_backward, setup_context=mem_setup)
     torch.library.register_autograd(lib + "gate_fusion_fwd", gate_backward, setup_context=gate_setup)

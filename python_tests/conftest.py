@@ -14,6 +14,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def use_backend():
+    """gam_ext.set_backend for one test: the backend in force before the test is restored after."""
+    import gam_ext
+
+    previous = gam_ext.get_backend()
+    yield gam_ext.set_backend
+    gam_ext.set_backend(previous)
+
+
+@pytest.fixture
 def reference_backend():
     """Run the test with gam_ext forced onto the pure-PyTorch reference, then restore."""
     import gam_ext

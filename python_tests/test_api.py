@@ -74,12 +74,22 @@ def test_environment_forces_the_reference_path():
     assert bad.returncode != 0 and "GAM_EXT_BACKEND must be one of" in bad.stderr
 
 
+def test_environment_selects_the_unfused_mixer():
+    code = "import gam_ext; i = gam_ext.backend_info(); print(i['backend'], i['mixer']['cpu'])"
+    env = {**os.environ, "GAM_EXT_BACKEND": " Unfused ", "GAM_EXT_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["unfused", "unfused"]
+
+
 def test_backend_info_reports_the_build():
     info = gam_ext.backend_info()
     assert info["extension"] is not None, info["extension_error"]
     assert set(info["ops"]) == {"cpu", "cuda"}
     assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion",
-                                       "causal_conv1d_update", "gam_mixer_step"}
+                                       "gam_mixer", "causal_conv1d_update", "gam_mixer_step"}
+    assert info["mixer"]["cpu"] == "fused"  # the CPU build has the fused mixer op
+    assert info["ops"]["cpu"]["gam_mixer"] == "kernel"
     assert "retrieval" not in info
     shaped = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))
     assert set(shaped["retrieval"]) == {"cpu", "cuda"}
@@ -87,7 +97,21 @@ def test_backend_info_reports_the_build():
     assert gam_ext.backend_info(retrieval=(512, 512, torch.float64))["retrieval"]["cuda"] == "reference"
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend,mixer,fused_op", [("auto", "fused", "kernel"),
+                                                    ("unfused", "unfused", "unfused"),
+                                                    ("reference", "reference", "reference")])
+def test_backend_info_reports_the_mixer_path(backend, mixer, fused_op, use_backend):
+    use_backend(backend)
+    info = gam_ext.backend_info()
+    assert info["backend"] == backend
+    assert info["mixer"]["cpu"] == mixer
+    assert info["ops"]["cpu"]["gam_mixer"] == fused_op
+    primitives = {info["ops"]["cpu"][op] for op in ("causal_conv1d", "memory_retrieval",
+                                                      "gate_fusion")}
+    assert primitives == {"reference" if backend == "reference" else "kernel"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused", "reference"])
 def test_mixer_and_block_match_reference_in_float64(backend):
     torch.manual_seed(0)
     d = 6

@@ -31,6 +31,10 @@ def _samples(requires_grad: bool, dtype=torch.float32):
     # The step ops are inference-only (no autograd, conv_state mutated): never requires_grad.
     state, hs, zs = t(b, k + 1, d, grad=False), t(b, d, grad=False), t(b, 2 * d, grad=False)
     pos = torch.tensor([0, 5], dtype=torch.int32)
+    wg, bg = t(2 * d, d, scale=0.4), t(2 * d, scale=0.1)
+    mixer_params = (w, bias, m, wg, bg)
+    _, mixer_lse, mixer_z, mixer_g = OP.gam_mixer_fwd(
+        h.detach(), *(p.detach() for p in mixer_params), 0.7)
     return [
         (OP.causal_conv1d_fwd, (x, w, bias)),
         (OP.causal_conv1d_fwd, (x, w, None)),
@@ -43,11 +47,15 @@ def _samples(requires_grad: bool, dtype=torch.float32):
         (OP.causal_conv1d_update, (x.detach()[:, :1], state, w.detach(), None, pos)),
         (OP.gam_mixer_step, (hs, state, w.detach(), bias.detach(), m.detach(), zs, pos, 0.7)),
         (OP.gam_mixer_step, (hs, state, w.detach(), None, m.detach(), zs, None, 1.0)),
+        (OP.gam_mixer_fwd, (h, *mixer_params, 0.7)),
+        (OP.gam_mixer_fwd, (h, w, None, m, wg, None, 1.0)),
+        (OP.gam_mixer_bwd, (g, h.detach(), w.detach(), bias.detach(), m.detach(), wg.detach(),
+                            mixer_lse, mixer_z, mixer_g, 0.7)),
     ]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck(requires_grad, index):
     op, args = _samples(requires_grad)[index]
     torch.library.opcheck(op, args)
@@ -82,7 +90,21 @@ def test_compile_gam_block_fullgraph_matches_eager():
         torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-4)
 
 
-def test_compile_gam_model_fullgraph_matches_eager():
+# The forward ops a GAMBlock's mixer runs per backend: the fused op, or the three primitives.
+MIXER_OPS = {"auto": {"gam_mixer_fwd"},
+             "unfused": {"causal_conv1d_fwd", "memory_retrieval_fwd", "gate_fusion_fwd"}}
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+def test_compile_gam_model_fullgraph_matches_eager(backend, use_backend):
+    use_backend(backend)
+    graph_ops = set()
+
+    def inductor_recording_ops(gm, example_inputs):
+        graph_ops.update(str(node.target).split(".")[-1] for node in gm.graph.nodes
+                         if str(node.target).startswith("gam_ext."))
+        return torch._inductor.compile(gm, example_inputs)
+
     torch.manual_seed(0)
     config = gam_ext.GAMConfig(vocab_size=37, block_size=16, d_model=16, n_layer=2, dropout=0.0,
                                num_memory_slots=9, conv_kernel_size=4)
@@ -93,9 +115,10 @@ def test_compile_gam_model_fullgraph_matches_eager():
     logits_eager, loss_eager = model(idx, targets)
     grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=inductor_recording_ops)
     logits, loss = compiled(idx, targets)
     grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert graph_ops == MIXER_OPS[backend]
     torch.testing.assert_close(logits, logits_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, grads_eager, strict=True):

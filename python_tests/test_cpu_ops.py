@@ -1,11 +1,12 @@
-"""The C++ CPU kernels of the three ops, forward and backward, against the float64 reference.
+"""The C++ CPU kernels of the three ops and the fused mixer, forward and backward, against the
+float64 reference.
 
 Every case runs through the public functions (gam_ext.causal_conv1d / memory_retrieval /
-gate_fusion) and torch.autograd, on the shape classes of docs/design.md ("Shapes the tests
-cover"): N = 1, 2, primes, lengths across the kernels' row blocks (64 rows), dw/dbias chunks
-(32 rows), backward tiles (256 rows) and slot chunks (512 slots); D odd and not a multiple of 8;
-S = 1 and odd; K = 1..8 and K > N; non-contiguous inputs; empty batches; fp32 parameters with half
-activations.
+gate_fusion / gam_mixer, the last on the fused op gam_mixer_fwd / _bwd) and torch.autograd, on the
+shape classes of docs/design.md ("Shapes the tests cover"): N = 1, 2, primes, lengths across the
+kernels' row blocks (64 rows), dw/dbias chunks (32 rows), backward tiles (256 rows) and slot chunks
+(512 slots); D odd and not a multiple of 8; S = 1 and odd; K = 1..8 and K > N; non-contiguous
+inputs; empty batches; fp32 parameters with half activations.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     gam_ext.backend_info()["extension"] is None, reason="the compiled extension is not built"
 )
 
-OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion")
+OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -284,6 +285,91 @@ def test_gam_mixer(dtype, fp32_params):
               eager_budget=not fp32_params)
 
 
+MIXER_SHAPES = [
+    # (B, N, D, S, K)
+    (1, 1, 1, 1, 1),
+    (2, 1, 5, 3, 4),  # K > N
+    (1, 3, 8, 8, 8),  # K > N, K = 8
+    (2, 13, 17, 1, 5),  # S = 1: p = 1, G = M
+    (1, 67, 33, 31, 3),
+    (1, 300, 20, 40, 2),  # one sequence across the 256-row forward block and backward tile and
+    #                       the 128-row backward sub-blocks: conv halos cross them
+    (2, 131, 12, 45, 6),  # 262 rows: a second block and tile starting mid-sequence
+    (1, 37, 8, 515, 2),  # slots cross the 512-slot chunk: online softmax, two dM chunks
+    (3, 97, 6, 1031, 7),  # several tiles and three slot chunks
+]
+
+
+def _mixer_inputs(b, n, d, s, k, dtype, gen, pdtype=None, bias=True):
+    pdtype = dtype if pdtype is None else pdtype
+    return [
+        _rand(b, n, d, dtype=dtype, gen=gen),
+        _rand(d, 1, k, dtype=pdtype, scale=0.5, gen=gen),
+        _rand(d, dtype=pdtype, scale=0.1, gen=gen) if bias else None,
+        _rand(s, d, dtype=pdtype, scale=0.4, gen=gen),
+        _rand(2 * d, d, dtype=pdtype, scale=0.3, gen=gen),
+        _rand(2 * d, dtype=pdtype, scale=0.1, gen=gen) if bias else None,
+    ]
+
+
+def _fused_mixer(*args):
+    """gam_ext.gam_mixer, asserting that it runs the fused op."""
+    assert gam_ext.backend_info()["mixer"]["cpu"] == "fused"
+    return gam_ext.gam_mixer(*args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MIXER_SHAPES, ids=lambda s: "B{}N{}D{}S{}K{}".format(*s))
+def test_fused_mixer(dtype, shape):
+    gen = torch.Generator().manual_seed(hash(shape) % 1000)
+    inputs = _mixer_inputs(*shape, dtype, gen)
+    _check_op("fused mixer", _fused_mixer, reference.gam_mixer, inputs, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_mixer_without_biases_scale_and_noncontiguous(dtype):
+    gen = torch.Generator().manual_seed(11)
+    h = _rand(2, 29, 10, dtype=dtype, noncontig=True, gen=gen)
+    _, cw, _, m, gw, _ = _mixer_inputs(2, 29, 10, 23, 3, dtype, gen, bias=False)
+    m = m.t().contiguous().t()
+    assert not h.is_contiguous() and not m.is_contiguous()
+    fn = lambda h, cw, m, gw: _fused_mixer(h, cw, None, m, gw, None, 0.6)  # noqa: E731
+    ref = lambda h, cw, m, gw: reference.gam_mixer(h, cw, None, m, gw, None, 0.6)  # noqa: E731
+    _check_op("fused mixer nobias", fn, ref, [h, cw, m, gw], dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_mixer_matches_unfused(dtype):
+    gen = torch.Generator().manual_seed(12)
+    inputs = _mixer_inputs(2, 70, 24, 33, 3, dtype, gen, pdtype=torch.float32)
+    grad_out = torch.randn(2, 70, 24, generator=gen)
+    fused, fused_grads = _fwd_bwd(_fused_mixer, inputs, grad_out)
+    previous = gam_ext.set_backend("unfused")
+    try:
+        assert gam_ext.backend_info()["mixer"]["cpu"] == "unfused"
+        unfused, unfused_grads = _fwd_bwd(gam_ext.gam_mixer, inputs, grad_out)
+    finally:
+        gam_ext.set_backend(previous)
+    # The two differ by rounding only (the unfused path rounds conv(h) to the activation dtype).
+    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused, unfused, **tol)
+    for a, b in zip(fused_grads, unfused_grads, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_mixer_saves_lse_gates_and_global():
+    gen = torch.Generator().manual_seed(13)
+    h, cw, cb, m, gw, gb = _mixer_inputs(2, 9, 6, 11, 3, torch.float32, gen)
+    out, lse, z, g = torch.ops.gam_ext.gam_mixer_fwd(h, cw[:, 0], cb, m, gw, gb, 0.7)
+    torch.testing.assert_close(z, torch.nn.functional.linear(h, gw, gb), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, reference.memory_retrieval(h, m, 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(0.7 * h.double() @ m.double().t(), -1).float(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference.gam_mixer(h, cw, cb, m, gw, gb, 0.7), rtol=1e-5,
+                               atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Empty batches, gradcheck, determinism, errors
 # --------------------------------------------------------------------------------------------
@@ -297,6 +383,8 @@ def test_empty_batch(b, n):
         (gam_ext.memory_retrieval, [torch.randn(b, n, d), torch.randn(4, d)]),
         (gam_ext.gate_fusion, [torch.randn(b, n, d), torch.randn(b, n, d),
                                torch.randn(b, n, 2 * d)]),
+        (_fused_mixer, [torch.randn(b, n, d), torch.randn(d, 1, 3), torch.randn(d),
+                        torch.randn(4, d), torch.randn(2 * d, d), torch.randn(2 * d)]),
     ]
     for fn, inputs in cases:
         out, grads = _fwd_bwd(fn, inputs, torch.zeros(b, n, d))
@@ -322,6 +410,10 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(
         gam_ext.gate_fusion, (leaf(2, 3, 4), leaf(2, 3, 4), leaf(2, 3, 8, scale=2.0)), atol=1e-6
     )
+    assert torch.autograd.gradcheck(
+        lambda *a: _fused_mixer(*a, 0.9),
+        (leaf(2, 5, 3), leaf(3, 1, 4), leaf(3), leaf(4, 3), leaf(6, 3), leaf(6)), atol=1e-6,
+    )
 
 
 def _all_outputs(dtype):
@@ -332,10 +424,12 @@ def _all_outputs(dtype):
     z = _rand(3, 150, 48, dtype=dtype, gen=gen)
     go = _rand(3, 150, 24, dtype=dtype, gen=gen)
     results = []
+    gw, gb = _rand(48, 24, scale=0.2, gen=gen), _rand(48, gen=gen)
     for fn, inputs in (
         (gam_ext.causal_conv1d, [x, w, b]),
         (gam_ext.memory_retrieval, [x, m]),
         (gam_ext.gate_fusion, [x, x * 0.5, z]),
+        (_fused_mixer, [x, w, b, m, gw, gb]),  # 450 rows: two backward tiles, two slot chunks
     ):
         out, grads = _fwd_bwd(fn, inputs, go)
         results += [out, *grads]
@@ -390,6 +484,24 @@ OP = torch.ops.gam_ext
         (lambda: OP.gate_fusion_fwd(X.long(), X, torch.randn(2, 5, 8)), "local must be float"),
         (lambda: OP.gate_fusion_bwd(X[:, :2], X, X, torch.randn(2, 5, 8)),
          "grad_out must have the shape of local"),
+        (lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 3), None, 1.0),
+         "gate_weight must have shape"),
+        (lambda: OP.gam_mixer_fwd(X, W2[:3], None, M, torch.randn(8, 4), None, 1.0),
+         "conv_weight has 3 channels"),
+        (lambda: OP.gam_mixer_fwd(X, W2, torch.randn(3), M, torch.randn(8, 4), None, 1.0),
+         "conv_bias must have shape"),
+        (lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 4), torch.randn(4), 1.0),
+         "gate_bias must have shape"),
+        (lambda: OP.gam_mixer_fwd(X, W2, None, M[:0], torch.randn(8, 4), None, 1.0),
+         "at least one slot"),
+        (lambda: OP.gam_mixer_fwd(X.int(), W2, None, M, torch.randn(8, 4), None, 1.0),
+         "h must be float"),
+        (lambda: OP.gam_mixer_bwd(X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 4),
+                                  torch.zeros(2, 5, 8), X, 1.0), "lse must have shape"),
+        (lambda: OP.gam_mixer_bwd(X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5),
+                                  torch.zeros(2, 5, 4), X, 1.0), "gate_logits must have shape"),
+        (lambda: OP.gam_mixer_bwd(X[:1], X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5),
+                                  torch.zeros(2, 5, 8), X, 1.0), "grad_out must have the shape"),
     ],
 )
 def test_kernel_bad_input_names_the_argument(call, match):

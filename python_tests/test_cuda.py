@@ -137,6 +137,40 @@ def test_gate(dtype, shape):
         close(ours, ref, dtype)
 
 
+MIXER_SHAPES = [(1, 1, 8, 1, 1), (2, 67, 24, 33, 3), (1, 70, 13, 20, 8), (2, 100, 512, 512, 4)]
+
+
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MIXER_SHAPES, ids=lambda s: "B{}N{}D{}S{}K{}".format(*s))
+def test_fused_mixer(dtype, shape, path, monkeypatch):
+    # gam_ext.gam_mixer on the fused op, fp32 parameters with activations of each dtype; the
+    # reference gets the bank and the gate linear rounded to the activation dtype, as the op does.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    assert gam_ext.backend_info()["mixer"]["cuda"] == "fused"
+    b, n, d, s, k = shape
+    mag = min(0.5, d**-0.25)
+    inputs = [gen((b, n, d), dtype, 50, mag), gen((d, 1, k), torch.float32, 51, 0.5),
+              gen((d,), torch.float32, 52, 0.1), gen((s, d), torch.float32, 53, mag),
+              gen((2 * d, d), torch.float32, 54, d**-0.5), gen((2 * d,), torch.float32, 55, 0.1)]
+    df = gen((b, n, d), dtype, 56)
+    out, g = grads(gam_ext.gam_mixer, inputs, df)
+
+    def rounded_reference(h, cw, cb, m, gw, gb):
+        act = h.dtype
+        return reference.gam_mixer(h, cw, cb, m.to(dtype).to(act), gw.to(dtype).to(act),
+                                   gb.to(dtype).to(act))
+
+    out_ref, g_ref = ref_grads(rounded_reference, inputs, df)
+    close(out, out_ref, dtype)
+    close(g[0], g_ref[0], dtype)
+    rows = max(1.0, (b * n) ** 0.5)
+    for ours, ref, scale in zip(g[1:], g_ref[1:], (rows, rows, max(1.0, (b * n / 16) ** 0.5), rows,
+                                                   rows), strict=True):
+        assert ours.dtype == torch.float32
+        close(ours, ref, dtype, scale=scale)
+
+
 def test_non_contiguous_and_empty():
     x = gen((2, 16, 40), torch.float16, 12).transpose(1, 2).contiguous().transpose(1, 2)
     w = gen((40, 3), torch.float32, 13)
@@ -159,10 +193,14 @@ def _samples():
         (torch.ops.gam_ext.memory_retrieval_fwd, (x, gen((7, 16), torch.float32, 23), 0.5)),
         (torch.ops.gam_ext.memory_retrieval_fwd, (x.bfloat16(), gen((40, 16), torch.bfloat16, 23), 1.0)),
         (torch.ops.gam_ext.gate_fusion_fwd, (x, x * 2, gen((2, 9, 32), torch.float32, 24))),
+        (torch.ops.gam_ext.gam_mixer_fwd,
+         (x.bfloat16(), gen((16, 3), torch.float32, 25), gen((16,), torch.float32, 26),
+          gen((7, 16), torch.float32, 27), gen((32, 16), torch.float32, 28),
+          gen((32,), torch.float32, 29), 0.5)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
     op, args = _samples()[case]
     args = tuple(

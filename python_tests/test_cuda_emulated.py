@@ -543,6 +543,166 @@ def test_gate_layouts_and_errors(emu):
 
 
 # --------------------------------------------------------------------------------------------
+# The fused mixer (gam_mixer_fwd / _bwd: csrc/cuda/gam_mixer.cu, the retrieval kernels, dispatch)
+# --------------------------------------------------------------------------------------------
+
+
+def run_mixer(emu, dtype, shape, seed, scale=0.8, misalign=False):
+    """The fused mixer forward and backward through the emulated kernels, and in float64.
+
+    Parameters are fp32 (the CUDA op rounds the bank and the gate linear to the activation dtype;
+    the reference gets them rounded the same way). Returns ((out, lse, z, g, grads...), refs).
+    """
+    b_, n, d, s, k = shape
+    mag = min(0.5, d**-0.25)
+    h = gen((b_, n, d), dtype, seed, mag)
+    cw = gen((d, k), torch.float32, seed + 1, 0.5)
+    cb = gen((d,), torch.float32, seed + 2, 0.1)
+    m = gen((s, d), torch.float32, seed + 3, mag)
+    gw = gen((2 * d, d), torch.float32, seed + 4, d**-0.5)
+    gb = gen((2 * d,), torch.float32, seed + 5, 0.1)
+    df = gen((b_, n, d), dtype, seed + 6)
+    leaves = [t.double().requires_grad_() for t in (h, cw, cb, m.to(dtype), gw.to(dtype),
+                                                    gb.to(dtype))]
+    out_ref = reference.gam_mixer(*leaves, scale)
+    out_ref.backward(df.double())
+    hd, _, _, md, gwd, gbd = (t.detach() for t in leaves)
+    refs = dict(out=out_ref.detach(), lse=torch.logsumexp(scale * hd @ md.t(), dim=-1),
+                z=torch.nn.functional.linear(hd, gwd, gbd),
+                g=reference.memory_retrieval(hd, md, scale),
+                grads=[t.grad for t in leaves])
+    args = [misaligned(t) if misalign else t for t in (h, df)]
+    out, lse, z, g = emu.gam_mixer_fwd(args[0], cw, cb, m, gw, gb, scale)
+    grads = emu.gam_mixer_bwd(args[1], args[0], cw, cb, m, gw, lse, z, g, scale)
+    return dict(out=out, lse=lse, z=z, g=g, grads=list(grads)), refs
+
+
+def check_mixer(ours, refs, dtype, shape):
+    b_, n, d, s, k = shape
+    rows = b_ * n
+    assert ours["out"].dtype == dtype and ours["out"].shape == (b_, n, d)
+    assert ours["lse"].dtype == torch.float32 and ours["lse"].shape == (b_, n)
+    assert ours["z"].shape == (b_, n, 2 * d) and ours["g"].shape == (b_, n, d)
+    for name in ("out", "lse", "z", "g"):
+        close(ours[name], refs[name], dtype)
+    dh, dcw, dcb, dm, dgw, dgb = ours["grads"]
+    dh_ref, dcw_ref, dcb_ref, dm_ref, dgw_ref, dgb_ref = refs["grads"]
+    assert dh.dtype == dtype and all(t.dtype == torch.float32 for t in (dcw, dcb, dm, dgw, dgb))
+    assert (dcw.shape, dm.shape, dgw.shape, dgb.shape) == ((d, k), (s, d), (2 * d, d), (2 * d,))
+    close(dh, dh_ref, dtype)
+    # Parameter gradients sum B*N rows in fp32 (of terms rounded to the activation dtype).
+    rows_scale = max(1.0, rows**0.5)
+    close(dcw, dcw_ref, dtype, scale=rows_scale)
+    close(dcb, dcb_ref, dtype, scale=rows_scale)
+    close(dm, dm_ref, dtype, scale=max(1.0, (rows / 16) ** 0.5))
+    close(dgw, dgw_ref, dtype, scale=rows_scale)
+    close(dgb, dgb_ref, dtype, scale=rows_scale)
+
+
+MIXER_SHAPES = [
+    # (B, N, D, S, K): K = 1..8 and K > N; S = 1 (p = 1, G = M); D odd and not a multiple of 8
+    # (scalar epilogue and prologue), D > 128 (two column chunks of the tensor-core forward);
+    # rows across the 16-, 32- and 64-row retrieval tiles, sequences starting inside a row tile
+    # (the conv's halo rows from the tile or from global memory) and the 128-row dM split.
+    (1, 1, 8, 1, 1),
+    (2, 3, 5, 7, 8),
+    (1, 67, 24, 33, 3),
+    (2, 37, 40, 45, 4),
+    (1, 131, 16, 17, 2),
+    (1, 9, 136, 20, 5),
+    (3, 11, 13, 6, 6),
+    (2, 21, 64, 1, 7),
+]
+
+
+def _mixer_path_expected(path, dtype):
+    return "gemm" if path == "gemm" else "mma" if path == "fused" and dtype != torch.float32 else "simt"
+
+
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MIXER_SHAPES, ids=lambda s: "B{}N{}D{}S{}K{}".format(*s))
+def test_mixer(emu, dtype, shape, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    b_, n, d, s, k = shape
+    kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
+    expected = _mixer_path_expected(path, dtype)
+    assert kind[0] == path and kind[1].startswith(expected), kind
+    ours, refs = run_mixer(emu, dtype, shape, seed=sum(shape))
+    check_mixer(ours, refs, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(DEVICES))
+@pytest.mark.parametrize("d", [40, 200, 1000])
+def test_mixer_every_device_configuration(emu, device, name, d, dtype):
+    # The fused retrieval kernels in every configuration class the dispatcher picks for sm_75 ..
+    # sm_90 (sm_75 bf16: SIMT), with the mixer's epilogue kernel after the forward and the
+    # backward taking delta from the mixer's prologue instead of its own delta kernel.
+    device(name)
+    shape = (2, 37, d, 45, 4)
+    ours, refs = run_mixer(emu, dtype, shape, seed=d)
+    check_mixer(ours, refs, dtype, shape)
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixer_scalar_paths(emu, dtype, path, monkeypatch):
+    # Misaligned h and grad_out (D a multiple of 8): the scalar epilogue and prologue.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    shape = (2, 19, 16, 9, 3)
+    ours, refs = run_mixer(emu, dtype, shape, seed=80, misalign=True)
+    check_mixer(ours, refs, dtype, shape)
+
+
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+def test_mixer_empty_no_bias_and_deterministic(emu, path, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    d, s, k = 8, 5, 3
+    cw, m = gen((d, k), torch.float32, 90), gen((s, d), torch.float32, 91)
+    gw = gen((2 * d, d), torch.float32, 92, 0.3)
+    for b_, n in ((0, 4), (2, 0)):
+        h = torch.zeros(b_, n, d, dtype=torch.bfloat16)
+        out, lse, z, g = emu.gam_mixer_fwd(h, cw, None, m, gw, None, 1.0)
+        assert out.shape == h.shape and lse.shape == (b_, n) and z.shape == (b_, n, 2 * d)
+        grads = emu.gam_mixer_bwd(h, h, cw, None, m, gw, lse, z, g, 1.0)
+        assert grads[0].shape == h.shape
+        assert all(torch.all(t == 0) for t in grads[1:])
+        assert [tuple(t.shape) for t in grads[1:]] == [(d, k), (d,), (s, d), (2 * d, d), (2 * d,)]
+    # Without biases, 300 rows (several conv blocks and dM row splits): bitwise repeatable.
+    h = gen((2, 150, d), torch.bfloat16, 93, 0.5)
+    df = gen((2, 150, d), torch.bfloat16, 94)
+    fwd = emu.gam_mixer_fwd(h, cw, None, m, gw, None, 0.9)
+    assert torch.equal(fwd[0], emu.gam_mixer_fwd(h, cw, None, m, gw, None, 0.9)[0])
+    first = emu.gam_mixer_bwd(df, h, cw, None, m, gw, *fwd[1:], 0.9)
+    second = emu.gam_mixer_bwd(df, h, cw, None, m, gw, *fwd[1:], 0.9)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    leaves = [t.double().requires_grad_() for t in (h, cw, m.bfloat16(), gw.bfloat16())]
+    out_ref = reference.gam_mixer(leaves[0], leaves[1], None, leaves[2], leaves[3], None, 0.9)
+    out_ref.backward(df.double())
+    close(fwd[0], out_ref.detach(), torch.bfloat16)
+    # The op returns the conv bias's gradient (sum of dL over rows) with or without a bias.
+    close(first[2], (torch.sigmoid(fwd[2][..., :d].double()) * df.double()).sum((0, 1)),
+          torch.bfloat16, scale=300**0.5)
+    close(first[0], leaves[0].grad, torch.bfloat16)
+    close(first[3], leaves[2].grad, torch.bfloat16, scale=(300 / 16) ** 0.5)
+
+
+def test_mixer_bad_input(emu):
+    h = gen((1, 4, 8), torch.float32, 95)
+    cw, m, gw = torch.zeros(8, 3), torch.zeros(5, 8), torch.zeros(16, 8)
+    with pytest.raises(RuntimeError, match="gate_weight must have shape"):
+        emu.gam_mixer_fwd(h, cw, None, m, gw[:, :4], None, 1.0)
+    with pytest.raises(RuntimeError, match="conv_weight has 4 channels"):
+        emu.gam_mixer_fwd(h, cw[:4], None, m, gw, None, 1.0)
+    with pytest.raises(RuntimeError, match="h must be float16, bfloat16 or float32"):
+        emu.gam_mixer_fwd(h.double(), cw, None, m, gw, None, 1.0)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        emu.gam_mixer_bwd(h, h, cw, None, m, gw, torch.zeros(4), torch.zeros(1, 4, 16), h, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
 # The one-token step (csrc/cuda/gam_step.cu): causal_conv1d_update and gam_mixer_step
 # --------------------------------------------------------------------------------------------
 

@@ -166,9 +166,11 @@ def test_autograd_functional_hessian_matches_reference():
     torch.testing.assert_close(got, _on_reference(torch.autograd.functional.hessian, f, h))
 
 
-def test_first_order_backward_still_runs_the_kernels(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+def test_first_order_backward_still_runs_the_kernels(monkeypatch, backend, use_backend):
+    use_backend(backend)
     calls = []
-    for op in ("causal_conv1d", "memory_retrieval", "gate_fusion"):
+    for op in ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer"):
         original = getattr(reference, op)
         monkeypatch.setattr(reference, op,
                             lambda *a, _o=original, _n=op, **k: calls.append(_n) or _o(*a, **k))
@@ -178,8 +180,13 @@ def test_first_order_backward_still_runs_the_kernels(monkeypatch):
     assert calls == [] or gam_ext.backend_info()["extension"] is None
 
 
-def test_compiled_backward_graph_keeps_the_bwd_kernels():
-    if gam_ext.backend_info()["ops"]["cpu"]["memory_retrieval"] != "kernel":
+# The ops a GAMBlock's mixer runs: the fused op (backend auto), or the three primitives.
+BLOCK_OPS = {"auto": ("gam_mixer",), "unfused": ("causal_conv1d", "memory_retrieval", "gate_fusion")}
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+def test_compiled_backward_graph_keeps_the_bwd_kernels(backend, use_backend):
+    if gam_ext.backend_info()["ops"]["cpu"]["gam_mixer"] != "kernel":
         pytest.skip("the CPU kernels are not built")
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_function
@@ -190,15 +197,18 @@ def test_compiled_backward_graph_keeps_the_bwd_kernels():
         graphs.append(gm)
         return make_boxed_func(gm)
 
+    use_backend(backend)
     block = gam_ext.GAMBlock(8, num_memory_slots=5, dropout=0.0)
     params = dict(block.named_parameters())
     f = aot_function(lambda x, p: functional_call(block, p, (x,)), fw_compiler=keep,
                      bw_compiler=keep)
     f(torch.randn(2, 7, 8, requires_grad=True), params).sum().backward()
     forward, backward = ({str(n.target) for n in g.graph.nodes} for g in graphs)
-    for op in ("causal_conv1d", "memory_retrieval", "gate_fusion"):
+    for op in BLOCK_OPS[backend]:
         assert f"gam_ext.{op}_fwd.default" in forward
         assert f"gam_ext.{op}_bwd.default" in backward
+    others = {op for ops in BLOCK_OPS.values() for op in ops} - set(BLOCK_OPS[backend])
+    assert not any(f"gam_ext.{op}_fwd.default" in forward for op in others)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,19 +326,20 @@ def test_vmap_keeps_the_kernels_and_per_sample_grads_match(monkeypatch):
     torch.testing.assert_close(per_sample, expected)
 
 
-def test_export_keeps_the_kernels():
-    if gam_ext.backend_info()["ops"]["cpu"]["memory_retrieval"] != "kernel":
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+def test_export_keeps_the_kernels(backend, use_backend):
+    if gam_ext.backend_info()["ops"]["cpu"]["gam_mixer"] != "kernel":
         pytest.skip("the CPU kernels are not built")
 
     class Mixer(torch.nn.Module):
         def forward(self, *args):
             return gam_ext.gam_mixer(*args)
 
+    use_backend(backend)
     _, inputs = _case("gam_mixer", dtype=torch.float32)
     exported = torch.export.export(Mixer(), tuple(inputs))
     targets = {str(n.target) for n in exported.graph.nodes}
-    assert {"gam_ext.causal_conv1d_fwd.default", "gam_ext.memory_retrieval_fwd.default",
-            "gam_ext.gate_fusion_fwd.default"} <= targets
+    assert {f"gam_ext.{op}_fwd.default" for op in BLOCK_OPS[backend]} <= targets
     torch.testing.assert_close(exported.module()(*inputs), reference.gam_mixer(*inputs))
 
 

@@ -27,12 +27,14 @@ def make_paper_model(seed: int = 0, **overrides) -> PaperModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "unfused", "reference"])
 def test_from_official_reproduces_paper_logits(backend):
     paper = make_paper_model()
     idx = torch.randint(0, SMALL["vocab"], (3, SMALL["block_size"]))
     previous = gam_ext.set_backend(backend)
     try:
+        if backend == "auto" and gam_ext.backend_info()["extension"] is not None:
+            assert gam_ext.backend_info()["mixer"]["cpu"] == "fused"
         ours = GAMModel.from_official(paper.state_dict()).eval()
         with torch.no_grad():
             expected = paper(idx)

@@ -440,8 +440,8 @@ def test_source_tree_without_extension_says_why(tmp_path: Path) -> None:
     assert "python setup.py build_ext --inplace" in warning[0]
     assert "circular import" not in result.stderr
     assert (f"ops:    gam_ext {tree / 'gam_ext'}: the pure-PyTorch reference for causal_conv1d, "
-            "memory_retrieval, gate_fusion, causal_conv1d_update, gam_mixer_step (the compiled "
-            "extension gam_ext._C is not built"
+            "memory_retrieval, gate_fusion, gam_mixer, causal_conv1d_update, gam_mixer_step (the "
+            "compiled extension gam_ext._C is not built"
             in result.stdout)
 
 

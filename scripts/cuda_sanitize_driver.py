@@ -5,10 +5,11 @@
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
 the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm, the gemm path's softmax kernels
-element-wise and register-resident; the fused tensor-core kernels also at the
-shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several
-dM row splits, the gate kernels, and the one-token step kernels (causal_conv1d_update in both
-state layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
+element-wise and register-resident; the fused tensor-core kernels also at the shared memory of
+smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several dM row splits, the
+gate kernels, the fused mixer's epilogue and prologue kernels, and the one-token step kernels
+(causal_conv1d_update in both state layouts, gam_mixer_step across several slot splits), in
+fp32 / fp16 / bf16.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def step(dtype: torch.dtype, d: int, k: int, n: int, s: int = 70) -> None:
     out.float().square().sum().backward()
 
 
+def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
+    h = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
+    params = [torch.randn(d, 1, k, device=DEV), torch.randn(d, device=DEV),
+              torch.randn(70, d, device=DEV), torch.randn(2 * d, d, device=DEV) * d**-0.5,
+              torch.randn(2 * d, device=DEV)]
+    for p in params:
+        p.requires_grad_()
+    gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()
+
+
 def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
     h = torch.randn(3, d, device=DEV, dtype=dtype)
     state = torch.randn(3, k, d, device=DEV, dtype=dtype)  # W = K > K-1
@@ -56,6 +67,8 @@ def main() -> None:
             step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
             step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
             step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+            fused_mixer(dtype, d=64, k=3, n=150)  # the fused mixer's epilogue and prologue
+            fused_mixer(dtype, d=13, k=5, n=3)  # scalar paths, K > N
     os.environ["GAM_EXT_RETRIEVAL"] = "gemm"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for s in (72, 516):  # S % 4 == 0: the softmax kernels' register-resident variants

@@ -80,7 +80,8 @@ timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/k
 KB_RC=$?
 OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
-  # The shared op benchmark (providers gam_ext / eager / compile / sdpa).
+  # The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /
+  # gam_fused (retrieval)).
   OPS_ARGS="--device cuda --dtype bfloat16 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
 --seqlen 256 1024 4096 8192 --max-seconds 1 --out benchmarks/results/${SLUG}-${DATE}-ops"
   timeout $(limit 200) "$PY" benchmarks/bench_ops.py $OPS_ARGS > "$LOG/ops.md" 2>&1

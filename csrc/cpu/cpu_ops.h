@@ -29,6 +29,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_fusion_bwd(const at::Tensor&
                                                                const at::Tensor& global_ctx,
                                                                const at::Tensor& gate_logits);
 
+// The fused mixer (gam_mixer.cpp): (out, lse, gate_logits, global_ctx) and the backward's
+// (dh, dconv_weight, dconv_bias, dmemory, dgate_weight, dgate_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gam_mixer_fwd(
+    const at::Tensor& h, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& memory, const at::Tensor& gate_weight,
+    const std::optional<at::Tensor>& gate_bias, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gam_mixer_bwd(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias, const at::Tensor& memory,
+    const at::Tensor& gate_weight, const at::Tensor& lse, const at::Tensor& gate_logits,
+    const at::Tensor& global_ctx, double scale);
+
 // The one-token step (gam_step.cpp): conv_state is updated in place.
 at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,

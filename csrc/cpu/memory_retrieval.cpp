@@ -10,10 +10,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <limits>
-
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/retrieval_tiles.h"
 #include "op_checks.h"
 
 namespace gam::cpu {
@@ -27,98 +26,6 @@ constexpr int64_t kSlotChunk = 512;    // slots per score tile; larger banks use
 constexpr int64_t kBwdTileRows = 256;  // backward: rows per tile; dM is accumulated tile by tile
 constexpr int64_t kBwdSubRows = 64;    // backward: rows per parallel work item inside a tile
 constexpr int64_t kDmSlotRows = 64;    // backward: dM slot rows per parallel work item
-
-template <typename A>
-GAM_INLINE A row_max(const A* x, int64_t n) {
-  // Eight independent maxima so the loop vectorises without reassociating anything.
-  A m[8];
-  for (auto& v : m) v = -std::numeric_limits<A>::infinity();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) m[q] = std::max(m[q], x[j + q]);
-  }
-  for (; j < n; ++j) m[0] = std::max(m[0], x[j]);
-  for (int q = 1; q < 8; ++q) m[0] = std::max(m[0], m[q]);
-  return m[0];
-}
-
-template <typename A>
-GAM_INLINE A row_sum(const A* x, int64_t n) {
-  A s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += x[j + q];
-  }
-  for (; j < n; ++j) s[0] += x[j];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-template <typename A, typename T>
-GAM_INLINE A row_dot(const A* a, const T* b, int64_t n) {
-  A s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += a[j + q] * static_cast<A>(b[j + q]);
-  }
-  for (; j < n; ++j) s[0] += a[j] * static_cast<A>(b[j]);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-// Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w) into
-// exp(s - running max) in place, updates the running max and sum, and rescales the rows of acc
-// (the p @ M accumulated over earlier chunks) to the new max.
-template <typename A>
-GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
-                              int64_t d) {
-  for (int64_t i = 0; i < t; ++i) {
-    A* __restrict srow = sbuf + i * w;
-    const A mx = row_max(srow, w);
-    const A m_new = first ? mx : std::max(mrow[i], mx);
-    // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
-    const A shift = std::isfinite(m_new) ? m_new : A(0);
-    for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
-    const A sum = row_sum(srow, w);
-    if (first) {
-      lrow[i] = sum;
-    } else {
-      const A corr = fast_exp(mrow[i] - shift);
-      lrow[i] = lrow[i] * corr + sum;
-      A* __restrict arow = acc + i * d;
-      for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
-    }
-    mrow[i] = shift;
-  }
-}
-
-// Backward, in place on the stacked tile ps = [s ; dp] (2t x w) of one sub-block:
-// p = exp(scale*s - lse), rows 0..t-1 become scale * ds = scale * p * (dp - delta), rows t..2t-1
-// become p.
-template <typename A>
-GAM_INLINE void scores_to_grads(A* ps, int64_t t, int64_t w, const float* lse, const A* delta,
-                                A scale) {
-  for (int64_t q = 0; q < t; ++q) {
-    A* __restrict srow = ps + q * w;
-    A* __restrict dprow = ps + (t + q) * w;
-    const A l = static_cast<A>(lse[q]), dl = delta[q];
-    if constexpr (std::is_same_v<A, double>) {
-      // lse is fp32: in fp64 (which holds all S slots of a row at once) renormalise the row so
-      // that p carries no fp32 rounding.
-      for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
-      const A inv = A(1) / row_sum(srow, w);
-      for (int64_t j = 0; j < w; ++j) {
-        const A p = srow[j] * inv;
-        srow[j] = scale * p * (dprow[j] - dl);
-        dprow[j] = p;
-      }
-    } else {
-      for (int64_t j = 0; j < w; ++j) {
-        const A p = fast_exp(scale * srow[j] - l);
-        srow[j] = scale * p * (dprow[j] - dl);
-        dprow[j] = p;
-      }
-    }
-  }
-}
 
 // out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
 template <typename T>
@@ -162,7 +69,7 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, i
         const int64_t w = std::min(sc, s - c0);
         const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
         gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d);
+        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d);
         gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
       }
       for (int64_t i = 0; i < t; ++i) {
@@ -226,7 +133,8 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
           }
         }
         gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        run_best_isa<scores_to_grads<A>>(ps, t, w, lse + r0 + i0, delta + i0, scale);
+        run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
+                                         scale);
         A* dhs;
         if constexpr (kDirect) {
           dhs = dh + (r0 + i0) * d;

@@ -10,6 +10,8 @@ TORCH_LIBRARY_IMPL(gam_ext, CPU, m) {
   m.impl("memory_retrieval_bwd", &gam::cpu::memory_retrieval_bwd);
   m.impl("gate_fusion_fwd", &gam::cpu::gate_fusion_fwd);
   m.impl("gate_fusion_bwd", &gam::cpu::gate_fusion_bwd);
+  m.impl("gam_mixer_fwd", &gam::cpu::gam_mixer_fwd);
+  m.impl("gam_mixer_bwd", &gam::cpu::gam_mixer_bwd);
   m.impl("causal_conv1d_update", &gam::cpu::causal_conv1d_update);
   m.impl("gam_mixer_step", &gam::cpu::gam_mixer_step);
 }

@@ -282,16 +282,10 @@ void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, con
   dm.add_(mm_f32(p.t(), g2));
 }
 
-std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor& memory,
-                                                double scale) {
-  check_memory_args(h_in, memory);
-  check_on_device(h_in, "h");
-  const DType dt = kernel_dtype(h_in, "h");
-  DeviceCtx ctx(h_in);
-  const Tensor h = h_in.contiguous();
-  const Tensor m = memory_in_activation_dtype(memory, h);
-  Tensor out = at::empty_like(h);
-  Tensor lse = at::empty({h.size(0), h.size(1)}, h.options().dtype(at::kFloat));
+// The retrieval's forward on a contiguous h and m rounded to its dtype, on the path
+// GAM_EXT_RETRIEVAL picks: writes out (like h) and lse (B, N) fp32.
+void retrieval_fwd(const Tensor& h, const Tensor& m, double scale, Tensor& out, Tensor& lse,
+                   DType dt, const DeviceCtx& ctx) {
   RetrievalFwdParams p{};
   p.h = h.data_ptr();
   p.memory = m.data_ptr();
@@ -306,11 +300,69 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   if (path == RetrievalPath::kGemm) {
     Tensor out2 = out.view({p.rows, p.dim});
     retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
-    return {out, lse};
+    return;
   }
   ctx.fill_retrieval(p, path);
   launch_memory_retrieval_fwd(p, ctx.stream());
+}
+
+std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor& memory,
+                                                double scale) {
+  check_memory_args(h_in, memory);
+  check_on_device(h_in, "h");
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const Tensor h = h_in.contiguous();
+  const Tensor m = memory_in_activation_dtype(memory, h);
+  Tensor out = at::empty_like(h);
+  Tensor lse = at::empty({h.size(0), h.size(1)}, h.options().dtype(at::kFloat));
+  retrieval_fwd(h, m, scale, out, lse, dt, ctx);
   return {out, lse};
+}
+
+// The retrieval's backward on contiguous inputs of h's dtype (m rounded to it): (dh, dM in
+// fp32). delta_in, when defined, is rowsum(grad_out * out), already computed (out is then not
+// read).
+std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h, const Tensor& m,
+                                         const Tensor& out, const Tensor& lse, double scale,
+                                         const Tensor& delta_in, DType dt, const DeviceCtx& ctx) {
+  const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
+  const int splits = memory_retrieval_bwd_row_splits(rows);
+  Tensor dh = at::empty_like(h);
+  Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
+  if (path == RetrievalPath::kGemm) {
+    Tensor dh2 = dh.view({rows, dim});
+    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
+                       scale, dh2, dm, dt, ctx.stream());
+    return {dh, dm};
+  }
+  Tensor delta =
+      delta_in.defined() ? delta_in : at::empty({rows}, h.options().dtype(at::kFloat));
+  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
+                        h.options().dtype(at::kFloat));
+  RetrievalBwdParams p{};
+  p.grad_out = grad_out.data_ptr();
+  p.h = h.data_ptr();
+  p.memory = m.data_ptr();
+  p.out = delta_in.defined() ? nullptr : out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dh = dh.data_ptr();
+  p.dmemory = dm.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.partials = ws.data_ptr<float>();
+  p.rows = rows;
+  p.slots = slots;
+  p.dim = dim;
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt;
+  p.row_splits = splits;
+  p.delta_given = delta_in.defined();
+  ctx.fill_retrieval(p, path);
+  Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
+  p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
+  launch_memory_retrieval_bwd(p, ctx.stream());
+  return {dh, dm};
 }
 
 std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const Tensor& h_in,
@@ -326,40 +378,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const Tensor grad_out = grad_out_in.to(st).contiguous();
   const Tensor out = out_in.to(st).contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
-  const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
-  const int splits = memory_retrieval_bwd_row_splits(rows);
-  Tensor dh = at::empty_like(h);
-  Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
-  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
-  if (path == RetrievalPath::kGemm) {
-    Tensor dh2 = dh.view({rows, dim});
-    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
-                       scale, dh2, dm, dt, ctx.stream());
-    return {dh, dm.to(memory.scalar_type())};
-  }
-  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
-  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
-                        h.options().dtype(at::kFloat));
-  RetrievalBwdParams p{};
-  p.grad_out = grad_out.data_ptr();
-  p.h = h.data_ptr();
-  p.memory = m.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.dh = dh.data_ptr();
-  p.dmemory = dm.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.partials = ws.data_ptr<float>();
-  p.rows = rows;
-  p.slots = slots;
-  p.dim = dim;
-  p.scale = static_cast<float>(scale);
-  p.dtype = dt;
-  p.row_splits = splits;
-  ctx.fill_retrieval(p, path);
-  Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
-  p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
-  launch_memory_retrieval_bwd(p, ctx.stream());
+  auto [dh, dm] = retrieval_bwd(grad_out, h, m, out, lse, scale, Tensor(), dt, ctx);
   return {dh, dm.to(memory.scalar_type())};
 }
 
@@ -484,6 +503,117 @@ std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
   return {dlocal, dglobal_ctx, dgate_logits};
 }
 
+// ---- the fused mixer ---------------------------------------------------------------------------
+//
+// Forward: z = h Wg^T + bg (one cuBLAS GEMM through ATen, the gate parameters rounded to h's
+// dtype as the memory bank is), the retrieval on the path GAM_EXT_RETRIEVAL picks, writing G,
+// then the mixer's epilogue kernel (conv, gates, out) on G. Keeps lse, z and G for the backward.
+// Backward: the prologue kernel (dG, dL, dz, delta from df, z, G and h), the retrieval's backward
+// on dG with that delta, the conv's backward on dL, then dh = dh_retrieval + dx_conv + dz Wg
+// (summed in fp32, rounded once), dWg = dz^T h and dbg = sum dz (fp32, cuBLAS and a sum through
+// ATen).
+
+Tensor mixer_gate_logits(const Tensor& h2, const Tensor& gate_weight,
+                         const c10::optional<Tensor>& gate_bias) {
+  const Tensor w = gate_weight.to(h2.scalar_type());
+  if (gate_bias.has_value()) return at::addmm(gate_bias->to(h2.scalar_type()), h2, w.t());
+  return at::mm(h2, w.t());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gam_mixer_fwd(
+    const Tensor& h_in, const Tensor& conv_weight, const c10::optional<Tensor>& conv_bias,
+    const Tensor& memory, const Tensor& gate_weight, const c10::optional<Tensor>& gate_bias,
+    double scale) {
+  check_mixer_args(h_in, conv_weight, conv_bias, memory, gate_weight, gate_bias);
+  check_on_device(h_in, "h");
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const Tensor h = h_in.contiguous();
+  const int64_t b = h.size(0), n = h.size(1), d = h.size(2), rows = b * n;
+  const Tensor m = memory_in_activation_dtype(memory, h);
+  const Tensor h2 = h.view({rows, d});
+  const Tensor z = mixer_gate_logits(h2, gate_weight, gate_bias).view({b, n, 2 * d});
+  const Tensor w = f32_contig(conv_weight);
+  const Tensor cb = conv_bias.has_value() ? f32_contig(*conv_bias) : Tensor();
+  Tensor out = at::empty_like(h), g = at::empty_like(h);
+  Tensor lse = at::empty({b, n}, h.options().dtype(at::kFloat));
+  MixerEpilogueParams mp{};
+  mp.h = h.data_ptr();
+  mp.gate_logits = z.data_ptr();
+  mp.global_ctx = g.data_ptr();
+  mp.conv_weight = w.data_ptr<float>();
+  mp.conv_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
+  mp.out = out.data_ptr();
+  mp.rows = rows;
+  mp.seqlen = n;
+  mp.dim = d;
+  mp.kwidth = static_cast<int>(w.size(1));
+  mp.dtype = dt;
+  retrieval_fwd(h, m, scale, g, lse, dt, ctx);
+  launch_gam_mixer_epilogue(mp, ctx.stream());
+  return {out, lse, z, g};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
+    const Tensor& grad_out, const Tensor& h_in, const Tensor& conv_weight,
+    const c10::optional<Tensor>& conv_bias, const Tensor& memory, const Tensor& gate_weight,
+    const Tensor& lse_in, const Tensor& z_in, const Tensor& g_in, double scale) {
+  check_mixer_bwd_args(grad_out, h_in, conv_weight, conv_bias, memory, gate_weight, lse_in, z_in,
+                       g_in);
+  check_on_device(h_in, "h");
+  const DType dt = kernel_dtype(h_in, "h");
+  DeviceCtx ctx(h_in);
+  const auto st = h_in.scalar_type();
+  const Tensor h = h_in.contiguous();
+  const Tensor df = grad_out.to(st).contiguous();
+  const Tensor z = z_in.to(st).contiguous();
+  const Tensor g = g_in.to(st).contiguous();
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t b = h.size(0), n = h.size(1), d = h.size(2), rows = b * n;
+  const int64_t s = memory.size(0), k = conv_weight.size(1);
+  const auto f32 = h.options().dtype(at::kFloat);
+  if (rows == 0 || d == 0) {
+    return {at::zeros_like(h), at::zeros({d, k}, conv_weight.options()),
+            at::zeros({d}, conv_weight.options()), at::zeros({s, d}, memory.options()),
+            at::zeros({2 * d, d}, gate_weight.options()),
+            at::zeros({2 * d}, gate_weight.options())};
+  }
+  const Tensor m = memory_in_activation_dtype(memory, h);
+  const Tensor wg = gate_weight.to(st).contiguous();
+  const Tensor w = f32_contig(conv_weight);
+  const Tensor cb = conv_bias.has_value() ? f32_contig(*conv_bias) : Tensor();
+  Tensor dglobal = at::empty_like(h), dlocal = at::empty_like(h);
+  Tensor dz = at::empty({b, n, 2 * d}, h.options());
+  Tensor delta = at::empty({rows}, f32);
+  MixerPrologueParams pp{};
+  pp.grad_out = df.data_ptr();
+  pp.h = h.data_ptr();
+  pp.gate_logits = z.data_ptr();
+  pp.global_ctx = g.data_ptr();
+  pp.conv_weight = w.data_ptr<float>();
+  pp.conv_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
+  pp.dglobal = dglobal.data_ptr();
+  pp.dlocal = dlocal.data_ptr();
+  pp.dgate_logits = dz.data_ptr();
+  pp.delta = delta.data_ptr<float>();
+  pp.rows = rows;
+  pp.seqlen = n;
+  pp.dim = d;
+  pp.kwidth = static_cast<int>(k);
+  pp.dtype = dt;
+  launch_gam_mixer_prologue(pp, ctx.stream());
+  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, delta, dt, ctx);
+  auto [dx, dw, dcb] = causal_conv1d_bwd(dlocal, h, w);
+  const Tensor dz2 = dz.view({rows, 2 * d}), h2 = h.view({rows, d});
+  Tensor dh = mm_f32(dz2, wg);
+  dh.add_(dh_ret.view({rows, d})).add_(dx.view({rows, d}));
+  const Tensor dwg = mm_f32(dz2.t(), h2);
+  const Tensor dbg = at::sum(dz2, {0}, false, at::kFloat);
+  const auto wdt = conv_weight.scalar_type();
+  return {dh.to(st).view({b, n, d}), dw.to(wdt), dcb.to(wdt), dm.to(memory.scalar_type()),
+          dwg.to(gate_weight.scalar_type()), dbg.to(gate_weight.scalar_type())};
+}
+
 // ---- the one-token step (inference only) ------------------------------------------------------
 // Capture-safe for CUDA graphs: no host synchronisation; the only allocations are the output and
 // the retrieval workspace (and conversions of parameters that are not already fp32 / of the
@@ -578,6 +708,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_retrieval_bwd", &gc::memory_retrieval_bwd);
   m.def("gate_fusion_fwd", &gc::gate_fusion_fwd);
   m.def("gate_fusion_bwd", &gc::gate_fusion_bwd);
+  m.def("gam_mixer_fwd", &gc::gam_mixer_fwd);
+  m.def("gam_mixer_bwd", &gc::gam_mixer_bwd);
   m.def(
       "set_device",
       [](int sm, int smem_optin, int smem_per_sm) {
@@ -600,6 +732,8 @@ TORCH_LIBRARY_IMPL(gam_ext, CUDA, m) {
   m.impl("memory_retrieval_bwd", &gam::cuda::memory_retrieval_bwd);
   m.impl("gate_fusion_fwd", &gam::cuda::gate_fusion_fwd);
   m.impl("gate_fusion_bwd", &gam::cuda::gate_fusion_bwd);
+  m.impl("gam_mixer_fwd", &gam::cuda::gam_mixer_fwd);
+  m.impl("gam_mixer_bwd", &gam::cuda::gam_mixer_bwd);
   m.impl("causal_conv1d_update", &gam::cuda::causal_conv1d_update);
   m.impl("gam_mixer_step", &gam::cuda::gam_mixer_step);
 }

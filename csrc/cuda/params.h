@@ -34,6 +34,20 @@ struct ConvBwdParams {
   DType dtype;
 };
 
+// The fused mixer's forward epilogue (gam_mixer_fwd): with G the retrieval's output of a row,
+//   out = sigmoid(z[:D]) * conv(h) + sigmoid(z[D:]) * G.
+struct MixerEpilogueParams {
+  const void* h;             // (R, D): the retrieval's queries are the conv's input
+  const void* gate_logits;   // (R, 2D) z = h Wg^T + bg
+  const void* global_ctx;    // (R, D) G
+  const float* conv_weight;  // (D, K) fp32
+  const float* conv_bias;    // (D) fp32 or nullptr
+  void* out;                 // (R, D)
+  int64_t rows, seqlen, dim;  // R = B * N; row r is step r % N of its sequence
+  int kwidth;                 // K
+  DType dtype;
+};
+
 struct RetrievalFwdParams {
   const void* h;       // (R, D) rows of the queries, R = B * N
   const void* memory;  // (S, D), same dtype as h
@@ -71,6 +85,27 @@ struct RetrievalBwdParams {
   int sm;
   int max_smem_bytes;
   int smem_per_sm;
+  // gam_mixer_bwd: delta was computed by the mixer's prologue (and out is unused).
+  bool delta_given = false;
+};
+
+// The fused mixer's backward prologue (gam_mixer_bwd), one warp per row: from df, z, G and h it
+// writes dG = sg df (the retrieval's grad_out), dL = sl df (the conv's), dz = [df conv(h) sl
+// (1 - sl), df G sg (1 - sg)] and delta = rowsum(dG G).
+struct MixerPrologueParams {
+  const void* grad_out;      // (R, D) df
+  const void* h;             // (R, D)
+  const void* gate_logits;   // (R, 2D)
+  const void* global_ctx;    // (R, D) G, kept by the forward
+  const float* conv_weight;  // (D, K) fp32
+  const float* conv_bias;    // (D) fp32 or nullptr
+  void* dglobal;             // (R, D) dG
+  void* dlocal;              // (R, D) dL
+  void* dgate_logits;        // (R, 2D) dz
+  float* delta;              // (R)
+  int64_t rows, seqlen, dim;
+  int kwidth;
+  DType dtype;
 };
 
 // GAM_EXT_RETRIEVAL=gemm: the softmax kernels between the cuBLAS products (dispatch.cpp).

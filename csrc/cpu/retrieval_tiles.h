@@ -1,0 +1,108 @@
+// Row-wise pieces of the flash-style softmax retrieval shared by the CPU retrieval kernels
+// (memory_retrieval.cpp) and the fused mixer (gam_mixer.cpp): vectorisable row reductions, the
+// online softmax over one chunk of slots, and the softmax backward of one tile.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/cpu_common.h"
+
+namespace gam::cpu {
+
+template <typename A>
+GAM_INLINE A row_max(const A* x, int64_t n) {
+  // Eight independent maxima so the loop vectorises without reassociating anything.
+  A m[8];
+  for (auto& v : m) v = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) m[q] = std::max(m[q], x[j + q]);
+  }
+  for (; j < n; ++j) m[0] = std::max(m[0], x[j]);
+  for (int q = 1; q < 8; ++q) m[0] = std::max(m[0], m[q]);
+  return m[0];
+}
+
+template <typename A>
+GAM_INLINE A row_sum(const A* x, int64_t n) {
+  A s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) s[q] += x[j + q];
+  }
+  for (; j < n; ++j) s[0] += x[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+template <typename A, typename T>
+GAM_INLINE A row_dot(const A* a, const T* b, int64_t n) {
+  A s[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int q = 0; q < 8; ++q) s[q] += a[j + q] * static_cast<A>(b[j + q]);
+  }
+  for (; j < n; ++j) s[0] += a[j] * static_cast<A>(b[j]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w) into
+// exp(s - running max) in place, updates the running max and sum, and rescales the rows of acc
+// (the p @ M accumulated over earlier chunks, row stride ld) to the new max.
+template <typename A>
+GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
+                              int64_t d, int64_t ld) {
+  for (int64_t i = 0; i < t; ++i) {
+    A* __restrict srow = sbuf + i * w;
+    const A mx = row_max(srow, w);
+    const A m_new = first ? mx : std::max(mrow[i], mx);
+    // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
+    const A shift = std::isfinite(m_new) ? m_new : A(0);
+    for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
+    const A sum = row_sum(srow, w);
+    if (first) {
+      lrow[i] = sum;
+    } else {
+      const A corr = fast_exp(mrow[i] - shift);
+      lrow[i] = lrow[i] * corr + sum;
+      A* __restrict arow = acc + i * ld;
+      for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
+    }
+    mrow[i] = shift;
+  }
+}
+
+// Softmax backward of t rows, in place on the raw scores s = h M^T (rows of srows) and
+// dp = grad M^T (rows of dprows), both with row stride ld: p = exp(scale*s - lse); srows become
+// scale * ds = scale * p * (dp - delta), dprows become p.
+template <typename A>
+GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
+                                const float* lse, const A* delta, A scale) {
+  for (int64_t q = 0; q < t; ++q) {
+    A* __restrict srow = srows + q * ld;
+    A* __restrict dprow = dprows + q * ld;
+    const A l = static_cast<A>(lse[q]), dl = delta[q];
+    if constexpr (std::is_same_v<A, double>) {
+      // lse is fp32: in fp64 (which holds all S slots of a row at once) renormalise the row so
+      // that p carries no fp32 rounding.
+      for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
+      const A inv = A(1) / row_sum(srow, w);
+      for (int64_t j = 0; j < w; ++j) {
+        const A p = srow[j] * inv;
+        srow[j] = scale * p * (dprow[j] - dl);
+        dprow[j] = p;
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        const A p = fast_exp(scale * srow[j] - l);
+        srow[j] = scale * p * (dprow[j] - dl);
+        dprow[j] = p;
+      }
+    }
+  }
+}
+
+}  // namespace gam::cpu

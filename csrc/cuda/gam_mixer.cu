@@ -1,0 +1,170 @@
+// The fused mixer's elementwise kernels (gam_mixer_fwd / gam_mixer_bwd; dispatch.cpp runs them).
+//
+// Forward: mixer_epilogue_kernel applies the mixer's epilogue, out = sigmoid(zl) * conv(h) +
+// sigmoid(zg) * G, to the G the retrieval wrote (any path): grid-stride over 16-byte groups of
+// channels, the conv's K taps read from h next to the row; conv(h) is never written.
+// Backward: mixer_prologue_kernel, one warp per row, turns df into the retrieval's and the conv's
+// output gradients and the gate logits' gradient (dG, dL, dz) and delta = rowsum(dG G) for the
+// retrieval's backward. Everything in fp32; no atomics.
+#include "common.cuh"
+#include "launchers.h"
+
+namespace gam {
+namespace cuda {
+namespace {
+
+constexpr int kEpilogueThreads = 256;
+constexpr int kPrologueWarps = 8;
+
+// The causal conv of VEC channels c .. c+VEC-1 of row r, step pos of its sequence:
+// l = bias + sum_j w[:, j] h[r - (K-1) + j] (taps before the start of the sequence read zeros).
+// h is (R, D), 16-byte aligned rows at c when VEC * sizeof(T) == 16; w is (D, K) fp32. l is
+// rounded to T, where the three-op path stores the conv's output (and the one-token step rounds
+// it), so that both paths compute the same mixer.
+template <typename T, int VEC>
+__device__ __forceinline__ void conv_channels(const T* __restrict__ h, const float* __restrict__ w,
+                                              const float* __restrict__ bias, int64_t r,
+                                              int64_t pos, int64_t c, int64_t dim, int k,
+                                              float (&l)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) l[v] = bias != nullptr ? bias[c + v] : 0.f;
+  const int j0 = pos >= k - 1 ? 0 : static_cast<int>(k - 1 - pos);
+  for (int j = j0; j < k; ++j) {
+    float xv[VEC];
+    load_f32<T, VEC>(h + (r - (k - 1) + j) * dim + c, xv);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) l[v] = fmaf(w[(c + v) * k + j], xv[v], l[v]);
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) l[v] = to_f32(from_f32<T>(l[v]));
+}
+
+// out = sigmoid(zl) * l + sigmoid(zg) * g over VEC channels.
+template <int VEC>
+__device__ __forceinline__ void gate_channels(const float (&zl)[VEC], const float (&zg)[VEC],
+                                              const float (&l)[VEC], const float (&g)[VEC],
+                                              float (&out)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = sigmoid_f32(zl[v]) * l[v] + sigmoid_f32(zg[v]) * g[v];
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    mixer_epilogue_kernel(const T* __restrict__ h, const T* __restrict__ z, const T* __restrict__ g,
+                          const float* __restrict__ w, const float* __restrict__ bias,
+                          T* __restrict__ out, int64_t rows, int64_t seqlen, int64_t dim, int k) {
+  const int64_t groups = dim / VEC;  // VEC divides dim on every path
+  const int64_t total = rows * groups;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups;
+    const int64_t c = (i - r * groups) * VEC;
+    float gv[VEC], zl[VEC], zg[VEC], l[VEC], f[VEC];
+    load_f32<T, VEC>(g + r * dim + c, gv);
+    load_f32<T, VEC>(z + r * 2 * dim + c, zl);
+    load_f32<T, VEC>(z + r * 2 * dim + dim + c, zg);
+    conv_channels<T, VEC>(h, w, bias, r, r % seqlen, c, dim, k, l);
+    gate_channels<VEC>(zl, zg, l, gv, f);
+    store_f32<T, VEC>(out + r * dim + c, f);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kPrologueWarps * 32)
+    mixer_prologue_kernel(const T* __restrict__ df, const T* __restrict__ h,
+                          const T* __restrict__ z, const T* __restrict__ g,
+                          const float* __restrict__ w, const float* __restrict__ bias,
+                          T* __restrict__ dglobal, T* __restrict__ dlocal, T* __restrict__ dz,
+                          float* __restrict__ delta, int64_t rows, int64_t seqlen, int64_t dim,
+                          int k) {
+  const int64_t row = int64_t(blockIdx.x) * kPrologueWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps leave; no block barrier follows
+  const int64_t pos = row % seqlen;
+  float s = 0.f;
+  for (int64_t c = int64_t(lane) * VEC; c < dim; c += 32 * VEC) {
+    float f[VEC], zl[VEC], zg[VEC], gv[VEC], l[VEC];
+    load_f32<T, VEC>(df + row * dim + c, f);
+    load_f32<T, VEC>(z + row * 2 * dim + c, zl);
+    load_f32<T, VEC>(z + row * 2 * dim + dim + c, zg);
+    load_f32<T, VEC>(g + row * dim + c, gv);
+    conv_channels<T, VEC>(h, w, bias, row, pos, c, dim, k, l);
+    float dgv[VEC], dlv[VEC], dzl[VEC], dzg[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const float sl = sigmoid_f32(zl[v]), sg = sigmoid_f32(zg[v]);
+      // dG as the retrieval's backward sees it (rounded to T), so that delta = sum p dP.
+      dgv[v] = to_f32(from_f32<T>(sg * f[v]));
+      dlv[v] = sl * f[v];
+      dzl[v] = f[v] * l[v] * sl * (1.f - sl);
+      dzg[v] = f[v] * gv[v] * sg * (1.f - sg);
+      s = fmaf(dgv[v], gv[v], s);
+    }
+    store_f32<T, VEC>(dglobal + row * dim + c, dgv);
+    store_f32<T, VEC>(dlocal + row * dim + c, dlv);
+    store_f32<T, VEC>(dz + row * 2 * dim + c, dzl);
+    store_f32<T, VEC>(dz + row * 2 * dim + dim + c, dzg);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) delta[row] = s;
+}
+
+inline dim3 epilogue_grid(int64_t work_items) {
+  const int64_t blocks = ceil_div(work_items, kEpilogueThreads);
+  return dim3(static_cast<unsigned>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192));
+}
+
+}  // namespace
+
+void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.dim == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    const bool vec = p.dim % V == 0 && aligned16(p.h) && aligned16(p.gate_logits) &&
+                     aligned16(p.global_ctx) && aligned16(p.out);
+    auto launch = [&](auto vtag) {
+      constexpr int VEC = decltype(vtag)::value;
+      gam_launch("gam_mixer_epilogue", mixer_epilogue_kernel<T, VEC>,
+                 epilogue_grid(p.rows * (p.dim / VEC)), dim3(kEpilogueThreads), 0, stream,
+                 static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
+                 static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
+                 static_cast<T*>(p.out), p.rows, p.seqlen, p.dim, p.kwidth);
+    };
+    if (vec) {
+      launch(std::integral_constant<int, V>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.dim == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    const bool vec = p.dim % V == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
+                     aligned16(p.gate_logits) && aligned16(p.global_ctx) && aligned16(p.dglobal) &&
+                     aligned16(p.dlocal) && aligned16(p.dgate_logits);
+    auto launch = [&](auto vtag) {
+      constexpr int VEC = decltype(vtag)::value;
+      gam_launch("gam_mixer_prologue", mixer_prologue_kernel<T, VEC>,
+                 dim3(static_cast<unsigned>(ceil_div(p.rows, kPrologueWarps))),
+                 dim3(kPrologueWarps * 32), 0, stream, static_cast<const T*>(p.grad_out),
+                 static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
+                 static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
+                 static_cast<T*>(p.dglobal), static_cast<T*>(p.dlocal),
+                 static_cast<T*>(p.dgate_logits), p.delta, p.rows, p.seqlen, p.dim, p.kwidth);
+    };
+    if (vec) {
+      launch(std::integral_constant<int, V>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace gam
