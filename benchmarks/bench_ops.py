@@ -8,8 +8,9 @@ fp32 GEMM floor of the mixer (its model GEMM FLOPs at the fp32 GEMM rate measure
 Providers:
   gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer,
             which runs the fused mixer op where it is built)
-  gam_fused_mixer (mixer only) gam_ext.gam_mixer on the fused op gam_mixer_fwd / _bwd, asserting that it
-            is built for the device and dtype (the same path as gam_ext there; not run by default)
+  gam_fused_mixer (mixer only) gam_ext.gam_mixer with the backend "fused": the fused op
+            gam_mixer_fwd / _bwd, asserting that it is built for the device and dtype (the same
+            path as gam_ext on the CPU; by default run on cuda only, where gam_ext is unfused)
   gam_unfused (mixer only) gam_ext.gam_mixer with the backend "unfused": the conv, retrieval and
             gate fusion kernels and a gate linear, three ops and their intermediates in memory
   eager     the paper's formulation in plain PyTorch: nn.Conv1d-style depthwise conv padded by K-1
@@ -125,9 +126,14 @@ def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
 
 
 def gam_mixer_fused(h, conv_w, conv_b, memory, gate_w, gate_b):
-    if not gam_ext._backend.use_kernel("gam_mixer", h.device.type, h.dtype):
-        raise RuntimeError(f"the fused mixer op is not built for {h.device.type} {h.dtype}")
-    return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
+    """The mixer on the fused op gam_mixer_fwd / _bwd (the backend "fused")."""
+    previous = gam_ext.set_backend("fused")
+    try:
+        if not gam_ext._backend.use_kernel("gam_mixer", h.device.type, h.dtype):
+            raise RuntimeError(f"the fused mixer op is not built for {h.device.type} {h.dtype}")
+        return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
+    finally:
+        gam_ext.set_backend(previous)
 
 
 def gam_mixer_unfused(h, conv_w, conv_b, memory, gate_w, gate_b):
@@ -330,8 +336,8 @@ def parse_args(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                        help="default: gam_ext gam_unfused eager compile (+ sdpa gam_fused on "
-                             "cuda); each runs only for the ops it has")
+                        help="default: gam_ext gam_unfused eager compile (+ gam_fused_mixer sdpa "
+                             "gam_fused on cuda); each runs only for the ops it has")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=5.0,
@@ -345,7 +351,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.providers is None:
         args.providers = ["gam_ext", "gam_unfused", "eager", "compile"] + (
-            ["sdpa", "gam_fused"] if args.device == "cuda" else []
+            ["gam_fused_mixer", "sdpa", "gam_fused"] if args.device == "cuda" else []
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")

@@ -5,9 +5,13 @@ device it was built for. An op runs its kernel when one is registered for the te
 backend allows it; otherwise it runs ``gam_ext.reference``. Backends:
 
 - ``auto`` (the default): every kernel that is built; the mixer (``gam_mixer``, and so
-  ``gam_block`` and ``GAMBlock``) runs the fused op ``gam_mixer_fwd`` / ``gam_mixer_bwd``;
-- ``unfused``: the same kernels, but the mixer runs as three ops (conv, retrieval, gate fusion)
-  and a gate linear, as before the fused op existed (for comparisons and benchmarks);
+  ``gam_block`` and ``GAMBlock``) runs the fused op ``gam_mixer_fwd`` / ``gam_mixer_bwd`` on the
+  devices where it measured faster than the three ops (the CPU), and the three ops on CUDA, where
+  the fused op measured slower on an H200 at the sequence lengths that dominate training
+  (0.78x at B=16 N=8192 D=S=512 bf16; csrc/cuda/README.md);
+- ``fused``: the same kernels, with the fused mixer op on every device that has it;
+- ``unfused``: the same kernels, with the mixer as three ops (conv, retrieval, gate fusion) and a
+  gate linear on every device;
 - ``reference``: every op on the pure-PyTorch reference.
 
 Set ``GAM_EXT_BACKEND`` in the environment, or call ``gam_ext.set_backend(name)``.
@@ -25,12 +29,14 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "unfused", "reference")
+BACKENDS = ("auto", "fused", "unfused", "reference")
 # The forward ops behind the three public primitives and the fused mixer; each has a matching
 # *_bwd op.
 OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer")
-# The fused ops, which the "unfused" backend leaves out.
+# The fused ops, which the "unfused" backend leaves out everywhere and "auto" on the devices of
+# AUTO_UNFUSED_DEVICES (where the composition of the primitive kernels measured faster).
 FUSED_OPS = ("gam_mixer",)
+AUTO_UNFUSED_DEVICES = ("cuda",)
 # The inference-only ops of the one-token step (generation): one op each, no backward.
 STEP_OPS = ("causal_conv1d_update", "gam_mixer_step")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -106,8 +112,9 @@ _backend = _backend_from_env()
 
 
 def set_backend(name: str) -> str:
-    """Select ``"auto"`` (kernels where built, else reference), ``"unfused"`` (the same without the
-    fused mixer) or ``"reference"``; returns the old one."""
+    """Select ``"auto"`` (kernels where built, else reference; the fused mixer where it is the
+    faster), ``"fused"`` / ``"unfused"`` (the same with the fused mixer op on every device / on
+    none) or ``"reference"``; returns the old one."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -123,7 +130,9 @@ def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
     """True when ``op`` on ``device_type`` tensors (of ``dtype``) runs the compiled kernel."""
     if _backend == "reference" or not _KERNELS.get(device_type, {}).get(op, False):
         return False
-    if _backend == "unfused" and op in FUSED_OPS:
+    if op in FUSED_OPS and (
+        _backend == "unfused" or (_backend == "auto" and device_type in AUTO_UNFUSED_DEVICES)
+    ):
         return False
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
@@ -148,14 +157,15 @@ def _op_path(op: str, device_type: str) -> str:
     if use_kernel(op, device_type):
         return "kernel"
     built = _KERNELS.get(device_type, {}).get(op, False)
-    return "unfused" if built and _backend == "unfused" and op in FUSED_OPS else "reference"
+    return "unfused" if built and _backend != "reference" and op in FUSED_OPS else "reference"
 
 
 def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[str, Any]:
     """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
 
-    A fused op whose kernel is built but left out by the ``"unfused"`` backend reads
-    ``"unfused"``: its composition of other ops runs instead.
+    A fused op whose kernel is built but left out (the ``"unfused"`` backend, or ``"auto"`` on a
+    device where the composition is the faster) reads ``"unfused"``: its composition of other ops
+    runs instead.
 
     ``"mixer"`` says, per device, whether gam_mixer runs ``"fused"`` (one op), ``"unfused"``
     (three kernels and a gate linear) or ``"reference"``.

@@ -231,10 +231,11 @@ def gam_mixer(
     """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias).
 
     gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``. Where the fused
-    op is built for h's device and dtype (and the backend is ``auto``), the whole mixer runs as
-    one op, ``torch.ops.gam_ext.gam_mixer_fwd`` / ``gam_mixer_bwd``: the conv's output is never
-    written, the retrieval's only kept for the backward. Otherwise (backend ``unfused``, or no
-    fused kernel) it runs the three primitives and a gate linear.
+    op is built for h's device and dtype and the backend picks it (``auto``: on the CPU;
+    ``fused``: everywhere), the whole mixer runs as one op, ``torch.ops.gam_ext.gam_mixer_fwd`` /
+    ``gam_mixer_bwd``: the conv's output is never written, the retrieval's only kept for the
+    backward. Otherwise (``auto`` on CUDA, ``unfused``, or no fused kernel) it runs the three
+    primitives and a gate linear.
     """
     _check_float_tensor("h", h, 3)
     d = h.shape[2]

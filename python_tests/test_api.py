@@ -98,6 +98,7 @@ def test_backend_info_reports_the_build():
 
 
 @pytest.mark.parametrize("backend,mixer,fused_op", [("auto", "fused", "kernel"),
+                                                    ("fused", "fused", "kernel"),
                                                     ("unfused", "unfused", "unfused"),
                                                     ("reference", "reference", "reference")])
 def test_backend_info_reports_the_mixer_path(backend, mixer, fused_op, use_backend):
@@ -111,7 +112,22 @@ def test_backend_info_reports_the_mixer_path(backend, mixer, fused_op, use_backe
     assert primitives == {"reference" if backend == "reference" else "kernel"}
 
 
-@pytest.mark.parametrize("backend", ["auto", "unfused", "reference"])
+@pytest.mark.skipif(not gam_ext._backend._KERNELS.get("cuda", {}).get("gam_mixer", False),
+                    reason="the extension has no CUDA kernels")
+@pytest.mark.parametrize("backend,cuda_mixer", [("auto", "unfused"), ("fused", "fused"),
+                                                ("unfused", "unfused")])
+def test_auto_backend_picks_the_mixer_per_device(backend, cuda_mixer, use_backend):
+    # The fused mixer op is built for both devices; "auto" runs it on the CPU only (the three ops
+    # measured faster on CUDA), "fused" and "unfused" force one path everywhere.
+    use_backend(backend)
+    info = gam_ext.backend_info()
+    assert info["mixer"]["cuda"] == cuda_mixer
+    assert info["ops"]["cuda"]["gam_mixer"] == ("kernel" if cuda_mixer == "fused" else "unfused")
+    assert info["mixer"]["cpu"] == ("unfused" if backend == "unfused" else "fused")
+    assert gam_ext._backend.use_kernel("gam_mixer", "cuda", torch.bfloat16) == (cuda_mixer == "fused")
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "unfused", "reference"])
 def test_mixer_and_block_match_reference_in_float64(backend):
     torch.manual_seed(0)
     d = 6

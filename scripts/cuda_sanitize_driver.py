@@ -43,7 +43,11 @@ def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
               torch.randn(2 * d, device=DEV)]
     for p in params:
         p.requires_grad_()
-    gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()
+    previous = gam_ext.set_backend("fused")  # "auto" runs the three ops on CUDA
+    try:
+        gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()
+    finally:
+        gam_ext.set_backend(previous)
 
 
 def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
