@@ -68,7 +68,7 @@ if [[ -n "$SAN" ]]; then
   timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
   MEM_RC=$?
-  timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
+  timeout $(limit 150) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/racecheck.txt" 2>&1
   RACE_RC=$?
   tail -n 3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
