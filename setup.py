@@ -46,8 +46,9 @@ def is_toolkit(folder: str | None) -> bool:
         return False
     root = Path(folder)
     has_cudart = any(glob.glob(str(root / lib / "libcudart.so*")) for lib in ("lib64", "lib"))
-    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file() \
-        and has_cudart
+    return (
+        (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file() and has_cudart
+    )
 
 
 def find_cuda_home() -> str | None:
@@ -152,16 +153,17 @@ def build_extensions() -> tuple[list, dict]:
         kwargs["include_dirs"] += extra_cuda_include_dirs(cuda_home)
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags + ["-DGAM_EXT_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
-                     "-DGAM_EXT_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DGAM_EXT_WITH_CUDA"],
         }
         extension = CUDAExtension(**kwargs)
     else:
         kwargs["sources"] = sources["common"] + sources["cpu"]
         kwargs["extra_compile_args"] = {"cxx": cxx_flags}
         extension = CppExtension(**kwargs)
-    print(f"gam_ext: building {'with' if with_cuda else 'without'} CUDA sources "
-          f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    print(
+        f"gam_ext: building {'with' if with_cuda else 'without'} CUDA sources "
+        f"(CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})"
+    )
     return [extension], {"build_ext": BuildExtension}
 
 

@@ -72,8 +72,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class KVCache:
     """Keys and values of every layer, (B, heads, max_len, head_dim), filled up to ``length``."""
 
-    def __init__(self, model: TransformerLM, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: TransformerLM, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         d = model.token_embedding.embedding_dim
         heads = model.blocks[0].attn.n_head
         shape = (batch, heads, max_len, d // heads)
@@ -97,16 +98,15 @@ def kv_forward(model: TransformerLM, idx: torch.Tensor, cache: KVCache) -> torch
     if t > 1 and start != 0:
         raise ValueError("kv_forward takes a prompt at position 0 or one token at a time")
     d = model.token_embedding.embedding_dim
-    x = model.token_embedding(idx) + model.pos_embedding(
-        torch.arange(start, start + t, device=idx.device))
+    x = model.token_embedding(idx) + model.pos_embedding(torch.arange(start, start + t, device=idx.device))
     for i, block in enumerate(model.blocks):
         attn = block.attn
         heads = attn.n_head
         q, k, v = attn.qkv(block.ln1(x)).split(d, dim=2)
         q, k, v = (u.view(b, t, heads, d // heads).transpose(1, 2) for u in (q, k, v))
-        cache.k[i][:, :, start:start + t] = k
-        cache.v[i][:, :, start:start + t] = v
-        keys, values = cache.k[i][:, :, :start + t], cache.v[i][:, :, :start + t]
+        cache.k[i][:, :, start : start + t] = k
+        cache.v[i][:, :, start : start + t] = v
+        keys, values = cache.k[i][:, :, : start + t], cache.v[i][:, :, : start + t]
         # One query attends to every cached position; a prompt from position 0 is causal.
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1)
         x = x + attn.proj(y.transpose(1, 2).reshape(b, t, d))
@@ -122,18 +122,21 @@ def kv_forward(model: TransformerLM, idx: torch.Tensor, cache: KVCache) -> torch
 
 def gam_model(args: argparse.Namespace, block_size: int, device: torch.device) -> gam_ext.GAMModel:
     torch.manual_seed(0)
-    config = gam_ext.GAMConfig(vocab_size=args.vocab_size, block_size=block_size,
-                               d_model=args.d_model, n_layer=args.n_layer,
-                               num_memory_slots=args.slots, conv_kernel_size=args.kernel_size,
-                               dropout=0.0)
+    config = gam_ext.GAMConfig(
+        vocab_size=args.vocab_size,
+        block_size=block_size,
+        d_model=args.d_model,
+        n_layer=args.n_layer,
+        num_memory_slots=args.slots,
+        conv_kernel_size=args.kernel_size,
+        dropout=0.0,
+    )
     return gam_ext.GAMModel(config).to(device=device, dtype=DTYPES[args.dtype]).eval()
 
 
-def transformer_model(args: argparse.Namespace, block_size: int,
-                      device: torch.device) -> TransformerLM:
+def transformer_model(args: argparse.Namespace, block_size: int, device: torch.device) -> TransformerLM:
     torch.manual_seed(0)
-    model = TransformerLM(args.vocab_size, block_size, args.d_model, args.n_layer, args.n_head,
-                          dropout=0.0)
+    model = TransformerLM(args.vocab_size, block_size, args.d_model, args.n_layer, args.n_head, dropout=0.0)
     return model.to(device=device, dtype=DTYPES[args.dtype]).eval()
 
 
@@ -152,8 +155,9 @@ def transient_peak(fn: Callable[[], object], device: str) -> int:
     return peak_memory(lambda: fn(), [], None, "fwd", device)
 
 
-def measure(provider: str, model: nn.Module, context: int, args: argparse.Namespace,
-            device: torch.device) -> dict:
+def measure(
+    provider: str, model: nn.Module, context: int, args: argparse.Namespace, device: torch.device
+) -> dict:
     dev = device.type
     g = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, args.vocab_size, (args.batch, context), generator=g).to(device)
@@ -179,19 +183,25 @@ def measure(provider: str, model: nn.Module, context: int, args: argparse.Namesp
             times = time_calls(one, args.repeats, dev)
             kept = prompt.numel() * prompt.element_size()
         else:
-            cache = KVCache(model, args.batch, context + args.tokens + 2, DTYPES[args.dtype],
-                            device)
+            cache = KVCache(model, args.batch, context + args.tokens + 2, DTYPES[args.dtype], device)
             kv_forward(model, prompt, cache)
             fed = iter(new)
             kv_forward(model, next(fed)[:, None], cache)  # warm-up
             peak = transient_peak(lambda: kv_forward(model, next(fed)[:, None], cache), dev)
-            times = time_calls(lambda: kv_forward(model, next(fed)[:, None], cache), args.tokens,
-                               dev)
+            times = time_calls(lambda: kv_forward(model, next(fed)[:, None], cache), args.tokens, dev)
             kept = cache.nbytes(context)
     median = statistics.median(times)
-    return {"provider": provider, "context": context, "status": "ok", "ms": 1e3 * median,
-            "min_ms": 1e3 * min(times), "tokens_per_s": args.batch / median,
-            "state_mb": kept / 2**20, "peak_mb": peak / 2**20, "timed": len(times)}
+    return {
+        "provider": provider,
+        "context": context,
+        "status": "ok",
+        "ms": 1e3 * median,
+        "min_ms": 1e3 * min(times),
+        "tokens_per_s": args.batch / median,
+        "state_mb": kept / 2**20,
+        "peak_mb": peak / 2**20,
+        "timed": len(times),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,32 +214,39 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def lookup(rows: list[dict], provider: str, context: int) -> dict | None:
-    return next((r for r in rows if r["provider"] == provider and r["context"] == context
-                 and r["status"] == "ok"), None)
+    return next(
+        (r for r in rows if r["provider"] == provider and r["context"] == context and r["status"] == "ok"),
+        None,
+    )
 
 
 def acceptance_lines(rows: list[dict], contexts: list[int]) -> list[str]:
     """The issue's targets: latency at 2048 within 1.3x of 64; >= 20x the recompute at 1024."""
     lines = []
-    for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"].startswith(
-            "gam_step")):
+    for provider in dict.fromkeys(r["provider"] for r in rows if r["provider"].startswith("gam_step")):
         low, high = min(contexts), 2048 if 2048 in contexts else max(contexts)
         a, b = lookup(rows, provider, low), lookup(rows, provider, high)
         if a and b:
-            lines.append(f"- {provider}: latency at context {high} / at context {low} = "
-                         f"{b['ms'] / a['ms']:.2f} (medians; {b['min_ms'] / a['min_ms']:.2f} "
-                         f"from the minima; target <= 1.3)")
+            lines.append(
+                f"- {provider}: latency at context {high} / at context {low} = "
+                f"{b['ms'] / a['ms']:.2f} (medians; {b['min_ms'] / a['min_ms']:.2f} "
+                f"from the minima; target <= 1.3)"
+            )
     at = 1024 if 1024 in contexts else max(c for c in contexts)
     step, full = lookup(rows, "gam_step", at), lookup(rows, "gam_recompute", at)
     if step and full:
-        lines.append(f"- context {at}: gam_recompute latency / gam_step latency = "
-                     f"{full['ms'] / step['ms']:.1f} (target >= 20)")
+        lines.append(
+            f"- context {at}: gam_recompute latency / gam_step latency = "
+            f"{full['ms'] / step['ms']:.1f} (target >= 20)"
+        )
     kv = lookup(rows, "transformer_kv", max(contexts))
     step = lookup(rows, "gam_step", max(contexts))
     if kv and step:
-        lines.append(f"- context {max(contexts)}: transformer_kv latency / gam_step latency = "
-                     f"{kv['ms'] / step['ms']:.2f}; KV cache {kv['state_mb']:.2f} MB against "
-                     f"GAM's state {step['state_mb'] * 2**10:.1f} KB")
+        lines.append(
+            f"- context {max(contexts)}: transformer_kv latency / gam_step latency = "
+            f"{kv['ms'] / step['ms']:.2f}; KV cache {kv['state_mb']:.2f} MB against "
+            f"GAM's state {step['state_mb'] * 2**10:.1f} KB"
+        )
     return lines
 
 
@@ -244,13 +261,16 @@ def write_plot(path: Path, rows: list[dict], title: str) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     values = {"ms": lambda r: r["ms"], "mb": lambda r: r["state_mb"] + r["peak_mb"]}
-    for ax, key, label in ((axes[0], "ms", "latency per new token (ms)"),
-                           (axes[1], "mb", "memory for a new token: state + peak (MB)")):
+    for ax, key, label in (
+        (axes[0], "ms", "latency per new token (ms)"),
+        (axes[1], "mb", "memory for a new token: state + peak (MB)"),
+    ):
         for provider in dict.fromkeys(r["provider"] for r in rows):
             mine = [r for r in rows if r["provider"] == provider and r["status"] == "ok"]
             if mine:
-                ax.plot([r["context"] for r in mine], [values[key](r) for r in mine], marker="o",
-                        label=provider)
+                ax.plot(
+                    [r["context"] for r in mine], [values[key](r) for r in mine], marker="o", label=provider
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
@@ -265,58 +285,109 @@ def write_plot(path: Path, rows: list[dict], title: str) -> bool:
     return True
 
 
-def write_results(args: argparse.Namespace, rows: list[dict], params: dict[str, int],
-                  load) -> Path:
+def write_results(args: argparse.Namespace, rows: list[dict], params: dict[str, int], load) -> Path:
     date = _dt.date.today().isoformat()
-    stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        f"generate-{args.device}-{date}")
+    stem = (
+        Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (f"generate-{args.device}-{date}")
+    )
     stem.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["provider", "context", "status", "ms", "min_ms", "tokens_per_s", "state_mb",
-              "peak_mb", "timed", "batch", "dtype", "d_model", "n_layer", "slots", "block_size"]
+    fields = [
+        "provider",
+        "context",
+        "status",
+        "ms",
+        "min_ms",
+        "tokens_per_s",
+        "state_mb",
+        "peak_mb",
+        "timed",
+        "batch",
+        "dtype",
+        "d_model",
+        "n_layer",
+        "slots",
+        "block_size",
+    ]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow(dict(r, batch=args.batch, dtype=args.dtype, d_model=args.d_model,
-                                 n_layer=args.n_layer, slots=args.slots))
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT),
-                                                            *sys.argv[1:]])
+            writer.writerow(
+                dict(
+                    r,
+                    batch=args.batch,
+                    dtype=args.dtype,
+                    d_model=args.d_model,
+                    n_layer=args.n_layer,
+                    slots=args.slots,
+                )
+            )
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
     contexts = sorted({r["context"] for r in rows})
-    lines = [f"# Generation: latency and memory per new token against the context "
-             f"({args.device}, {date})", "",
-             f"- machine: {machine_description(args.device)}",
-             f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-             f"- command: `{command}`",
-             f"- models: D={args.d_model}, {args.n_layer} layers, vocab {args.vocab_size}, "
-             f"{args.dtype}, batch {args.batch}; GAM S={args.slots} K={args.kernel_size} "
-             f"({params['gam']:,} parameters); Transformer {args.n_head} heads "
-             f"({params['transformer']:,} parameters); block_size {args.block_size}"
-             + (f" (gam_step_block{args.short_block}: the same GAM with block_size "
-                f"{args.short_block})" if args.short_block else ""),
-             f"- gam_ext ops on {args.device}: {gam_ext.backend_info()['ops'][args.device]}"]
+    lines = [
+        f"# Generation: latency and memory per new token against the context ({args.device}, {date})",
+        "",
+        f"- machine: {machine_description(args.device)}",
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `{command}`",
+        f"- models: D={args.d_model}, {args.n_layer} layers, vocab {args.vocab_size}, "
+        f"{args.dtype}, batch {args.batch}; GAM S={args.slots} K={args.kernel_size} "
+        f"({params['gam']:,} parameters); Transformer {args.n_head} heads "
+        f"({params['transformer']:,} parameters); block_size {args.block_size}"
+        + (
+            f" (gam_step_block{args.short_block}: the same GAM with block_size {args.short_block})"
+            if args.short_block
+            else ""
+        ),
+        f"- gam_ext ops on {args.device}: {gam_ext.backend_info()['ops'][args.device]}",
+    ]
     if load is not None:
-        lines.append(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
-                     f"{load[2]:.2f} (other processes share this machine: timings are noisy)")
-    lines += ["", f"Latency: median (minimum) ms per new token, the best of {args.passes} "
-              "passes over the grid (the pass with the lowest median); tokens/s = batch / "
-              "median. State: "
-              "MB kept between tokens (GAM's recurrent state; the Transformer's K and V for the "
-              "context; the recompute's token ids). Peak: MB allocated while one token is "
-              "computed, above what was live before.", "",
-              "## Targets", "", *acceptance_lines(rows, contexts), ""]
+        lines.append(
+            f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+            f"{load[2]:.2f} (other processes share this machine: timings are noisy)"
+        )
+    lines += [
+        "",
+        f"Latency: median (minimum) ms per new token, the best of {args.passes} "
+        "passes over the grid (the pass with the lowest median); tokens/s = batch / "
+        "median. State: "
+        "MB kept between tokens (GAM's recurrent state; the Transformer's K and V for the "
+        "context; the recompute's token ids). Peak: MB allocated while one token is "
+        "computed, above what was live before.",
+        "",
+        "## Targets",
+        "",
+        *acceptance_lines(rows, contexts),
+        "",
+    ]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    lines += ["## Latency (ms per token)", "",
-              "| context | " + " | ".join(providers) + " |",
-              "|---:|" + "---:|" * len(providers)]
+    lines += [
+        "## Latency (ms per token)",
+        "",
+        "| context | " + " | ".join(providers) + " |",
+        "|---:|" + "---:|" * len(providers),
+    ]
     for c in contexts:
         cells = []
         for p in providers:
             r = next((r for r in rows if r["provider"] == p and r["context"] == c), None)
-            cells.append("not run" if r is None else r["status"] if r["status"] != "ok" else
-                         f"{r['ms']:.2f} ({r['min_ms']:.2f})")
+            cells.append(
+                "not run"
+                if r is None
+                else r["status"]
+                if r["status"] != "ok"
+                else f"{r['ms']:.2f} ({r['min_ms']:.2f})"
+            )
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines += ["", "## Memory (MB: state kept between tokens / peak while computing one)", "",
-              "| context | " + " | ".join(providers) + " |", "|---:|" + "---:|" * len(providers)]
+    lines += [
+        "",
+        "## Memory (MB: state kept between tokens / peak while computing one)",
+        "",
+        "| context | " + " | ".join(providers) + " |",
+        "|---:|" + "---:|" * len(providers),
+    ]
     for c in contexts:
         cells = []
         for p in providers:
@@ -325,8 +396,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], params: dict[str, 
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines.append("")
     if write_plot(stem.with_suffix(".png"), rows, f"one new token, {args.dtype}, {args.device}"):
-        lines += [f"![latency and memory against the context]({stem.with_suffix('.png').name})",
-                  ""]
+        lines += [f"![latency and memory against the context]({stem.with_suffix('.png').name})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.md')}, .csv and .png")
     return stem
@@ -338,12 +408,10 @@ def write_results(args: argparse.Namespace, rows: list[dict], params: dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    p.add_argument("--contexts", type=int, nargs="+",
-                   default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--d-model", type=int, default=256)
@@ -352,18 +420,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-size", type=int, default=3)
     p.add_argument("--n-head", type=int, default=8)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=None,
-                   help="default: the largest context + --tokens + 2, so that every timed step "
-                   "sees its context whole")
-    p.add_argument("--short-block", type=int, default=1024,
-                   help="also gam_step with this block_size (0: not)")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="default: the largest context + --tokens + 2, so that every timed step sees its context whole",
+    )
+    p.add_argument(
+        "--short-block", type=int, default=1024, help="also gam_step with this block_size (0: not)"
+    )
     p.add_argument("--tokens", type=int, default=64, help="timed steps per context")
     p.add_argument("--repeats", type=int, default=3, help="timed recomputes per context")
-    p.add_argument("--passes", type=int, default=3,
-                   help="passes over the grid; each cell keeps the pass with the lowest median "
-                   "(a shared machine's bursts of load then rarely reach the table)")
-    p.add_argument("--cap-seconds", type=float, default=20.0,
-                   help="no larger contexts for a provider whose token took longer")
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=3,
+        help="passes over the grid; each cell keeps the pass with the lowest median "
+        "(a shared machine's bursts of load then rarely reach the table)",
+    )
+    p.add_argument(
+        "--cap-seconds",
+        type=float,
+        default=20.0,
+        help="no larger contexts for a provider whose token took longer",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="output stem (default: benchmarks/results/...)")
     args = p.parse_args(argv)
@@ -394,8 +474,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.short_block and "gam_step" in args.providers:
         models[f"gam_step_block{args.short_block}"] = gam_model(args, args.short_block, device)
     cpu = torch.device("cpu")
-    params = {"gam": gam_model(args, args.block_size, cpu).num_parameters(),
-              "transformer": transformer_model(args, args.block_size, cpu).num_parameters()}
+    params = {
+        "gam": gam_model(args, args.block_size, cpu).num_parameters(),
+        "transformer": transformer_model(args, args.block_size, cpu).num_parameters(),
+    }
     # Warm-up: the first calls of a process pay for thread pools, allocator growth and lazy
     # initialisation; one discarded pass per provider at the smallest context.
     for name, model in models.items():
@@ -411,19 +493,28 @@ def main(argv: list[str] | None = None) -> Path:
                     continue
                 provider = "gam_step" if name.startswith("gam_step") else name
                 if name in capped:
-                    best.setdefault((name, context), {"provider": name, "context": context,
-                                                      "status": "skipped (cap)"})
+                    best.setdefault(
+                        (name, context), {"provider": name, "context": context, "status": "skipped (cap)"}
+                    )
                     continue
                 if provider == "transformer_kv" and context + args.tokens + 2 > args.block_size:
-                    best[name, context] = {"provider": name, "context": context,
-                                           "status": "beyond block_size"}
+                    best[name, context] = {
+                        "provider": name,
+                        "context": context,
+                        "status": "beyond block_size",
+                    }
                     continue
                 row = measure(provider, model, context, args, device)
-                row["provider"], row["block_size"] = name, model.config.block_size if hasattr(
-                    model, "config") else model.block_size
-                print(f"pass {run + 1}: {name:>24} context {context:>6}: {row['ms']:8.2f} "
-                      f"ms/token (min {row['min_ms']:.2f}), state {row['state_mb']:.3f} MB, "
-                      f"peak {row['peak_mb']:.1f} MB", flush=True)
+                row["provider"], row["block_size"] = (
+                    name,
+                    model.config.block_size if hasattr(model, "config") else model.block_size,
+                )
+                print(
+                    f"pass {run + 1}: {name:>24} context {context:>6}: {row['ms']:8.2f} "
+                    f"ms/token (min {row['min_ms']:.2f}), state {row['state_mb']:.3f} MB, "
+                    f"peak {row['peak_mb']:.1f} MB",
+                    flush=True,
+                )
                 kept = best.get((name, context))
                 if kept is None or kept["status"] != "ok" or row["ms"] < kept["ms"]:
                     best[name, context] = row

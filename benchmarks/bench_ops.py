@@ -94,8 +94,7 @@ def eager_gate(local, global_ctx, gate_logits):
 
 
 def eager_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
-    return eager_gate(eager_conv(h, conv_w, conv_b), eager_retrieval(h, memory),
-                      F.linear(h, gate_w, gate_b))
+    return eager_gate(eager_conv(h, conv_w, conv_b), eager_retrieval(h, memory), F.linear(h, gate_w, gate_b))
 
 
 def sdpa_retrieval(h, memory):
@@ -176,9 +175,14 @@ def make_inputs(op, b, n, d, s, k, dtype, device, seed=0):
         return [t(b, n, d), t(s, d, scale=math.sqrt(2.0 / (s + d)))]
     if op == "gate":
         return [t(b, n, d), t(b, n, d), t(b, n, 2 * d)]
-    return [t(b, n, d), t(d, 1, k, scale=0.5), t(d, scale=0.1),
-            t(s, d, scale=math.sqrt(2.0 / (s + d))), t(2 * d, d, scale=1 / math.sqrt(d)),
-            t(2 * d, scale=0.01)]
+    return [
+        t(b, n, d),
+        t(d, 1, k, scale=0.5),
+        t(d, scale=0.1),
+        t(s, d, scale=math.sqrt(2.0 / (s + d))),
+        t(2 * d, d, scale=1 / math.sqrt(d)),
+        t(2 * d, scale=0.01),
+    ]
 
 
 def model_flops(op, mode, b, n, d, s, k):
@@ -186,8 +190,12 @@ def model_flops(op, mode, b, n, d, s, k):
     retrieval = {"fwd": 4 * b * n * s * d, "bwd": 8 * b * n * s * d}
     gate = {"fwd": 10 * b * n * d, "bwd": 12 * b * n * d}
     linear = {"fwd": 4 * b * n * d * d, "bwd": 8 * b * n * d * d}
-    parts = {"conv": [conv], "retrieval": [retrieval], "gate": [gate],
-             "mixer": [conv, retrieval, gate, linear]}[op]
+    parts = {
+        "conv": [conv],
+        "retrieval": [retrieval],
+        "gate": [gate],
+        "mixer": [conv, retrieval, gate, linear],
+    }[op]
     modes = ("fwd", "bwd") if mode == "fwdbwd" else (mode,)
     return sum(p[m] for p in parts for m in modes)
 
@@ -316,8 +324,10 @@ def machine_description(device):
                 break
     except OSError:
         pass
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} "
-            f"(torch {torch.__version__})")
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()} "
+        f"(torch {torch.__version__})"
+    )
 
 
 def parse_args(argv=None):
@@ -325,28 +335,43 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"],
-                        help="activation and parameter dtype(s) (default float32)")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=tuple(DTYPES),
+        default=["float32"],
+        help="activation and parameter dtype(s) (default float32)",
+    )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, nargs="+", default=[512],
-                        help="one or more sequence lengths N")
+    parser.add_argument("--seqlen", type=int, nargs="+", default=[512], help="one or more sequence lengths N")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--slots", type=int, default=512, help="memory slots S")
     parser.add_argument("--kernel-size", type=int, default=3, help="conv kernel size K")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
-                        help="default: gam_ext gam_unfused eager compile (+ gam_fused_mixer sdpa "
-                             "gam_fused on cuda); each runs only for the ops it has")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS,
+        default=None,
+        help="default: gam_ext gam_unfused eager compile (+ gam_fused_mixer sdpa "
+        "gam_fused on cuda); each runs only for the ops it has",
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--max-seconds", type=float, default=5.0,
-                        help="time budget per measurement; slow cells stop after 3 repeats (or 1)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=5.0,
+        help="time budget per measurement; slow cells stop after 3 repeats (or 1)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--out", default=None,
-                        help="output stem (default benchmarks/results/<device>-<date>); "
-                             "writes <stem>.md and <stem>.csv")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output stem (default benchmarks/results/<device>-<date>); writes <stem>.md and <stem>.csv",
+    )
     parser.add_argument("--note", default="", help="free text added to the results file")
     args = parser.parse_args(argv)
     if args.providers is None:
@@ -372,8 +397,7 @@ def main(argv=None):
     info = gam_ext.backend_info()["ops"][device]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     rate = gemm_rate(device)
-    print(f"# {machine_description(device)}; fp32 GEMM {rate:.1f} GFLOP/s; gam_ext ops: {info}",
-          flush=True)
+    print(f"# {machine_description(device)}; fp32 GEMM {rate:.1f} GFLOP/s; gam_ext ops: {info}", flush=True)
 
     rows = []
     original_path = os.environ.get("GAM_EXT_RETRIEVAL")
@@ -397,53 +421,79 @@ def main(argv=None):
                     grad = torch.randn(b, n, d, generator=torch.Generator().manual_seed(1))
                     grad = grad.to(device=device, dtype=dtype)
                     for mode in args.modes:
-                        seconds, best, count = time_mode(fn, inputs, grad, mode, device, args.repeats,
-                                                   args.warmup, args.max_seconds)
-                        peak = (None if args.no_memory
-                                else peak_memory(fn, inputs, grad, mode, device))
-                        extra = (None if peak is None
-                                 else max(0, peak - result_bytes(fn, inputs, mode)))
+                        seconds, best, count = time_mode(
+                            fn, inputs, grad, mode, device, args.repeats, args.warmup, args.max_seconds
+                        )
+                        peak = None if args.no_memory else peak_memory(fn, inputs, grad, mode, device)
+                        extra = None if peak is None else max(0, peak - result_bytes(fn, inputs, mode))
                         flops = model_flops(op, mode, b, n, d, s, k)
-                        row = dict(dtype=dtype_name, batch=b, seqlen=n, d_model=d, slots=s,
-                                   kernel_size=k, op=op, mode=mode, provider=provider,
-                                   ms=seconds * 1e3, min_ms=best * 1e3,
-                                   gflops=flops / seconds / 1e9,
-                                   peak_mb=None if peak is None else peak / 2**20,
-                                   extra_mb=None if extra is None else extra / 2**20,
-                                   repeats=count)
+                        row = dict(
+                            dtype=dtype_name,
+                            batch=b,
+                            seqlen=n,
+                            d_model=d,
+                            slots=s,
+                            kernel_size=k,
+                            op=op,
+                            mode=mode,
+                            provider=provider,
+                            ms=seconds * 1e3,
+                            min_ms=best * 1e3,
+                            gflops=flops / seconds / 1e9,
+                            peak_mb=None if peak is None else peak / 2**20,
+                            extra_mb=None if extra is None else extra / 2**20,
+                            repeats=count,
+                        )
                         rows.append(row)
-                        print(f"{dtype_name} N={n} {op:9s} {mode:6s} {provider:8s} "
-                              f"{row['ms']:9.2f} ms {row['gflops']:8.1f} GFLOP/s "
-                              f"peak {'-' if peak is None else f'{peak / 2**20:.1f} MB'} "
-                              f"extra {'-' if extra is None else f'{extra / 2**20:.1f} MB'}",
-                              flush=True)
+                        print(
+                            f"{dtype_name} N={n} {op:9s} {mode:6s} {provider:8s} "
+                            f"{row['ms']:9.2f} ms {row['gflops']:8.1f} GFLOP/s "
+                            f"peak {'-' if peak is None else f'{peak / 2**20:.1f} MB'} "
+                            f"extra {'-' if extra is None else f'{extra / 2**20:.1f} MB'}",
+                            flush=True,
+                        )
                     del inputs
     set_retrieval_path("gam_ext", original_path)
     for row in rows:
-        base = next((r for r in rows if r["provider"] == "eager" and all(
-            r[key] == row[key] for key in ("dtype", "seqlen", "op", "mode"))), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r["provider"] == "eager"
+                and all(r[key] == row[key] for key in ("dtype", "seqlen", "op", "mode"))
+            ),
+            None,
+        )
         row["speedup_vs_eager"] = base["ms"] / row["ms"] if base else None
         row["speedup_min_vs_eager"] = base["min_ms"] / row["min_ms"] if base else None
         for key in ("peak_mb", "extra_mb"):
             row[key.replace("_mb", "_vs_eager")] = (
-                row[key] / base[key] if base and base[key] and row[key] is not None else None)
+                row[key] / base[key] if base and base[key] and row[key] is not None else None
+            )
     write_results(args, rows, rate, load, info)
 
 
 def mixer_summary(rows, dtype_name, n):
     """One line: the mixer's fwd+bwd on gam_ext (the fused op where built) against eager and
     against the unfused gam_ext path, time and peak memory, when those rows were measured."""
-    cell = {r["provider"]: r for r in rows if r["dtype"] == dtype_name and r["seqlen"] == n
-            and r["op"] == "mixer" and r["mode"] == "fwdbwd"}
+    cell = {
+        r["provider"]: r
+        for r in rows
+        if r["dtype"] == dtype_name and r["seqlen"] == n and r["op"] == "mixer" and r["mode"] == "fwdbwd"
+    }
     if "gam_ext" not in cell or "eager" not in cell:
         return []
     ours, eager = cell["gam_ext"], cell["eager"]
-    parts = [f"gam_ext {eager['ms'] / ours['ms']:.2f}x eager (median; "
-             f"{eager['min_ms'] / ours['min_ms']:.2f}x from min)"]
+    parts = [
+        f"gam_ext {eager['ms'] / ours['ms']:.2f}x eager (median; "
+        f"{eager['min_ms'] / ours['min_ms']:.2f}x from min)"
+    ]
     if "gam_unfused" in cell:
         unfused = cell["gam_unfused"]
-        parts.append(f"{unfused['ms'] / ours['ms']:.2f}x gam_unfused "
-                     f"({unfused['min_ms'] / ours['min_ms']:.2f}x from min)")
+        parts.append(
+            f"{unfused['ms'] / ours['ms']:.2f}x gam_unfused "
+            f"({unfused['min_ms'] / ours['min_ms']:.2f}x from min)"
+        )
     if ours["peak_mb"] is not None and eager["peak_mb"]:
         parts.append(f"peak memory {ours['peak_mb'] / eager['peak_mb']:.2f}x eager")
     return ["", "Mixer fwd+bwd: " + ", ".join(parts) + "."]
@@ -453,10 +503,27 @@ def write_results(args, rows, rate, load, info):
     date = _dt.date.today().isoformat()
     stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{args.device}-{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["dtype", "batch", "seqlen", "d_model", "slots", "kernel_size", "op", "mode",
-              "provider", "ms", "min_ms", "gflops", "peak_mb", "extra_mb", "speedup_vs_eager",
-              "speedup_min_vs_eager", "peak_vs_eager",
-              "extra_vs_eager", "repeats"]
+    fields = [
+        "dtype",
+        "batch",
+        "seqlen",
+        "d_model",
+        "slots",
+        "kernel_size",
+        "op",
+        "mode",
+        "provider",
+        "ms",
+        "min_ms",
+        "gflops",
+        "peak_mb",
+        "extra_mb",
+        "speedup_vs_eager",
+        "speedup_min_vs_eager",
+        "peak_vs_eager",
+        "extra_vs_eager",
+        "repeats",
+    ]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -465,8 +532,9 @@ def write_results(args, rows, rate, load, info):
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT),
-                                                            *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
     lines = [
         f"# gam_ext op benchmark ({args.device}, {date})",
         "",
@@ -477,22 +545,31 @@ def write_results(args, rows, rate, load, info):
         f"- fp32 GEMM rate measured in this run: {rate:.1f} GFLOP/s",
     ]
     if load is not None:
-        lines.append(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
-                     f"{load[2]:.2f} (other processes share this machine: timings are noisy)")
+        lines.append(
+            f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+            f"{load[2]:.2f} (other processes share this machine: timings are noisy)"
+        )
     if args.note:
         lines.append(f"- note: {args.note}")
-    lines += ["", "GFLOP/s and speedup use median times; (from min) is the speedup from the "
-              "fastest repeat, less sensitive to other load on a shared machine. peak MB: peak bytes "
-              "allocated during one call above what was live before it (outputs and grads "
-              "included); extra MB: that peak minus the bytes of the output and the inputs' grads, "
-              "i.e. the workspace an implementation adds (saved activations, scratch).", ""]
+    lines += [
+        "",
+        "GFLOP/s and speedup use median times; (from min) is the speedup from the "
+        "fastest repeat, less sensitive to other load on a shared machine. peak MB: peak bytes "
+        "allocated during one call above what was live before it (outputs and grads "
+        "included); extra MB: that peak minus the bytes of the output and the inputs' grads, "
+        "i.e. the workspace an implementation adds (saved activations, scratch).",
+        "",
+    ]
     for dtype_name in args.dtype:
         for n in args.seqlen:
             b, d, s, k = args.batch, args.d_model, args.slots, args.kernel_size
-            lines += [f"## {dtype_name}, B={b} N={n} D={d} S={s} K={k}", "",
-                      "| op | mode | provider | median ms | min ms | GFLOP/s | speedup vs eager "
-                      "| (from min) | peak MB | peak vs eager | extra MB | extra vs eager |",
-                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [
+                f"## {dtype_name}, B={b} N={n} D={d} S={s} K={k}",
+                "",
+                "| op | mode | provider | median ms | min ms | GFLOP/s | speedup vs eager "
+                "| (from min) | peak MB | peak vs eager | extra MB | extra vs eager |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
             for r in rows:
                 if r["dtype"] != dtype_name or r["seqlen"] != n:
                     continue
@@ -501,11 +578,16 @@ def write_results(args, rows, rate, load, info):
                     f"{r['min_ms']:.2f} | {r['gflops']:.1f} | {fmt(r['speedup_vs_eager'], '.2f')} | "
                     f"{fmt(r['speedup_min_vs_eager'], '.2f')} | "
                     f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['peak_vs_eager'], '.2f')} | "
-                    f"{fmt(r['extra_mb'], '.1f')} | {fmt(r['extra_vs_eager'], '.2f')} |")
+                    f"{fmt(r['extra_mb'], '.1f')} | {fmt(r['extra_vs_eager'], '.2f')} |"
+                )
             lines += mixer_summary(rows, dtype_name, n)
             floor_ms = mixer_gemm_flops(b, n, d, s) / (rate * 1e9) * 1e3
-            lines += ["", f"fp32 GEMM floor of the mixer fwd+bwd (its {mixer_gemm_flops(b, n, d, s)/1e9:.2f} "
-                      f"GEMM GFLOP at {rate:.1f} GFLOP/s): {floor_ms:.2f} ms", ""]
+            lines += [
+                "",
+                f"fp32 GEMM floor of the mixer fwd+bwd (its {mixer_gemm_flops(b, n, d, s) / 1e9:.2f} "
+                f"GEMM GFLOP at {rate:.1f} GFLOP/s): {floor_ms:.2f} ms",
+                "",
+            ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.csv')}")
 

@@ -135,18 +135,25 @@ def make_block(provider: str, args: argparse.Namespace) -> nn.Module:
 
 def make_model(provider: str, args: argparse.Namespace, seqlen: int) -> nn.Module:
     name = {"gam_ext": "gam", "gam_reference": "gam"}.get(provider, provider)
-    model, _ = build_model(name, args.vocab_size, seqlen, d_model=args.d_model,
-                           n_layer=args.n_layer, dropout=0.0, num_memory_slots=args.slots,
-                           conv_kernel_size=args.kernel_size, n_head=args.n_head,
-                           device=args.device)
+    model, _ = build_model(
+        name,
+        args.vocab_size,
+        seqlen,
+        d_model=args.d_model,
+        n_layer=args.n_layer,
+        dropout=0.0,
+        num_memory_slots=args.slots,
+        conv_kernel_size=args.kernel_size,
+        n_head=args.n_head,
+        device=args.device,
+    )
     return model
 
 
 @contextlib.contextmanager
 def backend_for(provider: str):
     """gam_reference and gam_compile run GAMBlock's pure-PyTorch formulation."""
-    previous = gam_ext.set_backend(
-        "reference" if provider in ("gam_reference", "gam_compile") else "auto")
+    previous = gam_ext.set_backend("reference" if provider in ("gam_reference", "gam_compile") else "auto")
     try:
         yield
     finally:
@@ -158,8 +165,9 @@ def backend_for(provider: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def training_step(module: nn.Module, args: argparse.Namespace, seqlen: int, seed: int
-                  ) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def training_step(
+    module: nn.Module, args: argparse.Namespace, seqlen: int, seed: int
+) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """(fn, inputs, grad): fn(*inputs) is one autocast forward; inputs include the parameters so
     that every repeat starts with no gradients; grad is the output's gradient."""
     gen = torch.Generator().manual_seed(seed)
@@ -198,8 +206,11 @@ def one_step(fn, inputs, grad, device) -> float:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower() or (
-        "can't allocate memory" in str(error))
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "out of memory" in str(error).lower()
+        or ("can't allocate memory" in str(error))
+    )
 
 
 def naive_scores_bytes(args: argparse.Namespace, seqlen: int) -> int:
@@ -210,12 +221,23 @@ def naive_scores_bytes(args: argparse.Namespace, seqlen: int) -> int:
 
 
 def measure(provider: str, seqlen: int, args: argparse.Namespace) -> dict:
-    row = dict(provider=provider, seqlen=seqlen, status="ok", ms=None, min_ms=None,
-               peak_mb=None, tokens_per_s=None, params=None, repeats=0)
-    if (provider == "naive_attn" and args.device == "cpu"
-            and naive_scores_bytes(args, seqlen) > args.cpu_memory_cap * 2**30):
-        row["status"] = (f"memory cap (>{naive_scores_bytes(args, seqlen) / 2**30:.0f} GiB of "
-                         f"scores)")
+    row = dict(
+        provider=provider,
+        seqlen=seqlen,
+        status="ok",
+        ms=None,
+        min_ms=None,
+        peak_mb=None,
+        tokens_per_s=None,
+        params=None,
+        repeats=0,
+    )
+    if (
+        provider == "naive_attn"
+        and args.device == "cpu"
+        and naive_scores_bytes(args, seqlen) > args.cpu_memory_cap * 2**30
+    ):
+        row["status"] = f"memory cap (>{naive_scores_bytes(args, seqlen) / 2**30:.0f} GiB of scores)"
         return row
     if provider == "mamba":
         try:
@@ -226,8 +248,9 @@ def measure(provider: str, seqlen: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with backend_for(provider):
         try:
-            module = (make_model(provider, args, seqlen) if args.model
-                      else make_block(provider, args)).to(args.device)
+            module = (make_model(provider, args, seqlen) if args.model else make_block(provider, args)).to(
+                args.device
+            )
             row["params"] = sum(p.numel() for p in module.parameters())
             if provider == "gam_compile":
                 module = torch.compile(module)
@@ -242,8 +265,7 @@ def measure(provider: str, seqlen: int, args: argparse.Namespace) -> dict:
             while len(times) < args.repeats and (spent < args.max_seconds or len(times) < 3):
                 times.append(one_step(fn, inputs, grad, args.device))
                 spent += times[-1]
-            row.update(ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
-                       repeats=len(times))
+            row.update(ms=1e3 * statistics.median(times), min_ms=1e3 * min(times), repeats=len(times))
             row["tokens_per_s"] = args.batch * seqlen / statistics.median(times)
             if not args.no_memory:
                 peak = peak_memory(fn, inputs, grad, "fwdbwd", args.device)
@@ -290,16 +312,21 @@ def write_plot(path: Path, results: dict[str, list[dict]], title: str) -> bool:
     panels = len(results) * 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
     for column, (dtype_name, rows) in enumerate(results.items()):
-        for offset, (key, label) in enumerate((("ms", "time per fwd+bwd (ms)"),
-                                               ("peak_mb", "peak memory (MB)"))):
+        for offset, (key, label) in enumerate(
+            (("ms", "time per fwd+bwd (ms)"), ("peak_mb", "peak memory (MB)"))
+        ):
             ax = axes[0][2 * column + offset]
             for provider in dict.fromkeys(r["provider"] for r in rows):
                 mine = [r for r in rows if r["provider"] == provider and r.get(key)]
                 if not mine:
                     continue
                 slope = fitted_slope(mine, key)
-                ax.plot([r["seqlen"] for r in mine], [r[key] for r in mine], marker="o",
-                        label=f"{provider} (slope {fmt(slope, '.2f')})")
+                ax.plot(
+                    [r["seqlen"] for r in mine],
+                    [r[key] for r in mine],
+                    marker="o",
+                    label=f"{provider} (slope {fmt(slope, '.2f')})",
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N (tokens)")
@@ -317,49 +344,93 @@ def write_plot(path: Path, results: dict[str, list[dict]], title: str) -> bool:
 def write_results(args: argparse.Namespace, results: dict[str, list[dict]], load) -> Path:
     date = _dt.date.today().isoformat()
     kind = "scaling-model" if args.model else "scaling"
-    stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        f"{kind}-{args.device}-{date}")
+    stem = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (f"{kind}-{args.device}-{date}")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["dtype", "provider", "seqlen", "status", "ms", "min_ms", "peak_mb", "tokens_per_s",
-              "params", "repeats", "batch", "d_model", "slots", "kernel_size", "n_layer"]
+    fields = [
+        "dtype",
+        "provider",
+        "seqlen",
+        "status",
+        "ms",
+        "min_ms",
+        "peak_mb",
+        "tokens_per_s",
+        "params",
+        "repeats",
+        "batch",
+        "d_model",
+        "slots",
+        "kernel_size",
+        "n_layer",
+    ]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for dtype_name, rows in results.items():
             for r in rows:
-                writer.writerow(dict(r, dtype=dtype_name, batch=args.batch, d_model=args.d_model,
-                                     slots=args.slots, kernel_size=args.kernel_size,
-                                     n_layer=args.n_layer if args.model else 1))
-    what = (f"one training step of a {args.n_layer}-layer language model (vocab "
-            f"{args.vocab_size})" if args.model else "one block")
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT),
-                                                            *sys.argv[1:]])
-    lines = [f"# Scaling with sequence length: {what} ({args.device}, {date})", "",
-             f"- machine: {machine_description(args.device)}",
-             f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-             f"- command: `{command}`",
-             f"- shapes: B={args.batch} D={args.d_model} S={args.slots} K={args.kernel_size} "
-             f"heads={args.n_head}; forward+backward under autocast to the dtype (fp32: none)",
-             f"- gam_ext ops on {args.device}: {gam_ext.backend_info()['ops'][args.device]}"]
+                writer.writerow(
+                    dict(
+                        r,
+                        dtype=dtype_name,
+                        batch=args.batch,
+                        d_model=args.d_model,
+                        slots=args.slots,
+                        kernel_size=args.kernel_size,
+                        n_layer=args.n_layer if args.model else 1,
+                    )
+                )
+    what = (
+        f"one training step of a {args.n_layer}-layer language model (vocab {args.vocab_size})"
+        if args.model
+        else "one block"
+    )
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    lines = [
+        f"# Scaling with sequence length: {what} ({args.device}, {date})",
+        "",
+        f"- machine: {machine_description(args.device)}",
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `{command}`",
+        f"- shapes: B={args.batch} D={args.d_model} S={args.slots} K={args.kernel_size} "
+        f"heads={args.n_head}; forward+backward under autocast to the dtype (fp32: none)",
+        f"- gam_ext ops on {args.device}: {gam_ext.backend_info()['ops'][args.device]}",
+    ]
     if load is not None:
-        lines.append(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
-                     f"{load[2]:.2f} (other processes share this machine: timings are noisy)")
-    lines += ["", "Time: median (and minimum) ms over the repeats; peak MB: peak allocated above "
-              "what was live before the step (parameters and inputs), so activations, gradients "
-              "and workspaces count. Slope: least-squares slope of log(time) against log(N) over "
-              "the measured points (1 is linear, 2 quadratic).", ""]
+        lines.append(
+            f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+            f"{load[2]:.2f} (other processes share this machine: timings are noisy)"
+        )
+    lines += [
+        "",
+        "Time: median (and minimum) ms over the repeats; peak MB: peak allocated above "
+        "what was live before the step (parameters and inputs), so activations, gradients "
+        "and workspaces count. Slope: least-squares slope of log(time) against log(N) over "
+        "the measured points (1 is linear, 2 quadratic).",
+        "",
+    ]
     for dtype_name, rows in results.items():
         providers = list(dict.fromkeys(r["provider"] for r in rows))
-        lines += [f"## {dtype_name}", "", "| provider | params | time slope | memory slope |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            f"## {dtype_name}",
+            "",
+            "| provider | params | time slope | memory slope |",
+            "|---|---:|---:|---:|",
+        ]
         for p in providers:
             mine = [r for r in rows if r["provider"] == p]
             params = next((r["params"] for r in mine if r["params"]), None)
-            lines.append(f"| {p} | {fmt(params, ',')} | {fmt(fitted_slope(mine, 'ms'), '.2f')} | "
-                         f"{fmt(fitted_slope(mine, 'peak_mb'), '.2f')} |")
+            lines.append(
+                f"| {p} | {fmt(params, ',')} | {fmt(fitted_slope(mine, 'ms'), '.2f')} | "
+                f"{fmt(fitted_slope(mine, 'peak_mb'), '.2f')} |"
+            )
         value = "tokens/s" if args.model else "ms (min)"
-        lines += ["", "| N | " + " | ".join(f"{p} {value} | {p} MB" for p in providers) + " |",
-                  "|---:|" + "---:|---:|" * len(providers)]
+        lines += [
+            "",
+            "| N | " + " | ".join(f"{p} {value} | {p} MB" for p in providers) + " |",
+            "|---:|" + "---:|---:|" * len(providers),
+        ]
         for n in sorted({r["seqlen"] for r in rows}):
             cells = []
             for p in providers:
@@ -375,14 +446,16 @@ def write_results(args: argparse.Namespace, results: dict[str, list[dict]], load
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", *ratio_lines(rows), ""]
     if not args.model:
-        lines += ["## The paper's figures (T4, B=16 D=512, fp16 autocast, one block fwd+bwd)", "",
-                  "| N | GAM ms | Transformer ms | GAM MB | Transformer MB |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## The paper's figures (T4, B=16 D=512, fp16 autocast, one block fwd+bwd)",
+            "",
+            "| N | GAM ms | Transformer ms | GAM MB | Transformer MB |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for n, (g_ms, t_ms, g_mb, t_mb) in PAPER_T4.items():
             lines.append(f"| {n} | {g_ms} | {t_ms or 'OOM'} | {g_mb} | {t_mb or 'OOM'} |")
         lines.append("")
-    if write_plot(stem.with_suffix(".png"), results, "LM training step" if args.model
-                  else "one block"):
+    if write_plot(stem.with_suffix(".png"), results, "LM training step" if args.model else "one block"):
         lines += [f"![time and memory against N]({stem.with_suffix('.png').name})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem.with_suffix('.md')}, .csv and .png")
@@ -396,16 +469,23 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     for other in dict.fromkeys(r["provider"] for r in rows):
         if other == "gam_ext":
             continue
-        both = [n for n in sorted({r["seqlen"] for r in rows}) if all(
-            any(r["provider"] == p and r["seqlen"] == n and r["status"] == "ok" for r in rows)
-            for p in ("gam_ext", other))]
+        both = [
+            n
+            for n in sorted({r["seqlen"] for r in rows})
+            if all(
+                any(r["provider"] == p and r["seqlen"] == n and r["status"] == "ok" for r in rows)
+                for p in ("gam_ext", other)
+            )
+        ]
         if not both:
             continue
         n = both[-1]
         mine = next(r for r in rows if r["provider"] == "gam_ext" and r["seqlen"] == n)
         theirs = next(r for r in rows if r["provider"] == other and r["seqlen"] == n)
-        out.append(f"- N={n}: {other} time / gam_ext time = {theirs['ms'] / mine['ms']:.2f} "
-                   f"(medians; {theirs['min_ms'] / mine['min_ms']:.2f} from the minima)")
+        out.append(
+            f"- N={n}: {other} time / gam_ext time = {theirs['ms'] / mine['ms']:.2f} "
+            f"(medians; {theirs['min_ms'] / mine['min_ms']:.2f} from the minima)"
+        )
     return out
 
 
@@ -415,38 +495,66 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--model", action="store_true",
-                        help="time a whole language model's training step instead of one block")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
-                        help="default: fp16 bf16 on cuda (as the paper), fp32 on cpu")
-    parser.add_argument("--seqlen", type=int, nargs="+", default=None,
-                        help="default: 256..8192 on cuda (256..4096 with --model), 256..4096 on "
-                             "cpu (128..1024 with --model)")
-    parser.add_argument("--providers", nargs="+", default=None,
-                        help=f"block: {' '.join(BLOCK_PROVIDERS)}; "
-                             f"--model: {' '.join(MODEL_PROVIDERS)} (default: all)")
+    parser.add_argument(
+        "--model",
+        action="store_true",
+        help="time a whole language model's training step instead of one block",
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=tuple(DTYPES),
+        default=None,
+        help="default: fp16 bf16 on cuda (as the paper), fp32 on cpu",
+    )
+    parser.add_argument(
+        "--seqlen",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: 256..8192 on cuda (256..4096 with --model), 256..4096 on cpu (128..1024 with --model)",
+    )
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help=f"block: {' '.join(BLOCK_PROVIDERS)}; --model: {' '.join(MODEL_PROVIDERS)} (default: all)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 16 on cuda, 2 on cpu")
     parser.add_argument("--d-model", type=int, default=None, help="default 512 on cuda, 256 on cpu")
     parser.add_argument("--slots", type=int, default=None, help="memory slots S (default D)")
     parser.add_argument("--kernel-size", type=int, default=3)
     parser.add_argument("--n-head", type=int, default=8)
-    parser.add_argument("--n-layer", type=int, default=None,
-                        help="--model depth (default 6 on cuda, 2 on cpu)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="--model vocabulary (default 10000 on cuda, 2048 on cpu)")
+    parser.add_argument(
+        "--n-layer", type=int, default=None, help="--model depth (default 6 on cuda, 2 on cpu)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help="--model vocabulary (default 10000 on cuda, 2048 on cpu)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="time per cell after the warm-up (>= 3 repeats); default 2 on cuda, "
-                             "4 on cpu")
-    parser.add_argument("--cap-seconds", type=float, default=None,
-                        help="a warm-up step slower than this records 'time cap' and skips larger "
-                             "N for that provider (default 10 on cuda, 20 on cpu)")
-    parser.add_argument("--cpu-memory-cap", type=float, default=8.0,
-                        help="GiB: on cpu, skip the naive attention when its score matrices "
-                             "alone would need more")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="time per cell after the warm-up (>= 3 repeats); default 2 on cuda, 4 on cpu",
+    )
+    parser.add_argument(
+        "--cap-seconds",
+        type=float,
+        default=None,
+        help="a warm-up step slower than this records 'time cap' and skips larger "
+        "N for that provider (default 10 on cuda, 20 on cpu)",
+    )
+    parser.add_argument(
+        "--cpu-memory-cap",
+        type=float,
+        default=8.0,
+        help="GiB: on cpu, skip the naive attention when its score matrices alone would need more",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--out", default=None, help="output stem: writes <stem>.md/.csv/.png")
@@ -465,18 +573,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or (["fp16", "bf16"] if cuda else ["fp32"])
     if args.seqlen is None:
         top = 4096 if args.model else 8192
-        args.seqlen = ([n for n in (256, 512, 1024, 2048, 4096, 8192) if n <= top] if cuda else
-                       [128, 256, 512, 1024] if args.model else [256, 512, 1024, 2048, 4096])
+        args.seqlen = (
+            [n for n in (256, 512, 1024, 2048, 4096, 8192) if n <= top]
+            if cuda
+            else [128, 256, 512, 1024]
+            if args.model
+            else [256, 512, 1024, 2048, 4096]
+        )
     args.batch = args.batch or (16 if cuda else 2)
     args.d_model = args.d_model or (512 if cuda else 256)
     args.slots = args.slots or args.d_model
     args.n_layer = args.n_layer or (6 if cuda else 2)
     args.vocab_size = args.vocab_size or (10000 if cuda else 2048)
     args.max_seconds = args.max_seconds if args.max_seconds is not None else (2.0 if cuda else 4.0)
-    args.cap_seconds = args.cap_seconds if args.cap_seconds is not None else (
-        10.0 if cuda else 20.0)
-    for name in ("batch", "d_model", "slots", "kernel_size", "n_head", "n_layer", "vocab_size",
-                 "repeats"):
+    args.cap_seconds = args.cap_seconds if args.cap_seconds is not None else (10.0 if cuda else 20.0)
+    for name in ("batch", "d_model", "slots", "kernel_size", "n_head", "n_layer", "vocab_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.seqlen) < 1:
@@ -500,18 +611,33 @@ def main(argv: list[str] | None = None) -> Path:
         for n in sorted(args.seqlen):
             for provider in args.providers:
                 if provider in stopped:
-                    rows.append(dict(provider=provider, seqlen=n, status="skipped (smaller N "
-                                     "hit a cap)", ms=None, min_ms=None, peak_mb=None,
-                                     tokens_per_s=None, params=None, repeats=0))
+                    rows.append(
+                        dict(
+                            provider=provider,
+                            seqlen=n,
+                            status="skipped (smaller N hit a cap)",
+                            ms=None,
+                            min_ms=None,
+                            peak_mb=None,
+                            tokens_per_s=None,
+                            params=None,
+                            repeats=0,
+                        )
+                    )
                     continue
                 row = measure(provider, n, args)
                 rows.append(row)
                 if row["status"] != "ok":
                     stopped.add(provider)
-                print(f"{dtype_name} N={n:5d} {provider:13s} "
-                      + (f"{row['ms']:9.1f} ms (min {row['min_ms']:.1f}) "
-                         f"peak {fmt(row['peak_mb'], '.0f')} MB" if row["status"] == "ok"
-                         else row["status"]), flush=True)
+                print(
+                    f"{dtype_name} N={n:5d} {provider:13s} "
+                    + (
+                        f"{row['ms']:9.1f} ms (min {row['min_ms']:.1f}) peak {fmt(row['peak_mb'], '.0f')} MB"
+                        if row["status"] == "ok"
+                        else row["status"]
+                    ),
+                    flush=True,
+                )
         results[dtype_name] = rows
     return write_results(args, results, load)
 

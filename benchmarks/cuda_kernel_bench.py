@@ -189,8 +189,7 @@ def bench_step(b, d, s, k, dtype, esz, hbm, copy_bw) -> None:
             nbytes,
             hbm,
             copy_bw,
-            lambda: reference.gam_mixer_step(h, state.clone(), w, bias, m, gw, gb,
-                                             cache_seqlens=pos),
+            lambda: reference.gam_mixer_step(h, state.clone(), w, bias, m, gw, gb, cache_seqlens=pos),
         )
 
 

@@ -279,8 +279,9 @@ def collect(archs: list[int], shape: tuple[int, int, int], csrc: Path = CSRC) ->
                 ln.static_smem = k.static_smem
                 ln.spill_bytes = k.spill_stores + k.spill_loads
                 ln.sass = k.sass
-                ln.ctas_per_sm, ln.limited_by = ctas_per_sm(ln.arch, k.registers, ln.threads,
-                                                            ln.smem + k.static_smem)
+                ln.ctas_per_sm, ln.limited_by = ctas_per_sm(
+                    ln.arch, k.registers, ln.threads, ln.smem + k.static_smem
+                )
     nvcc_version = run([nvcc, "--version"]).stdout.strip().splitlines()[-1]
     return {
         "date": datetime.date.today().isoformat(),

@@ -36,21 +36,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--what", default="block", choices=["block", "model"],
-                        help="one GAMBlock on (B, N, D) activations, or a whole GAMModel on tokens")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument(
+        "--what",
+        default="block",
+        choices=["block", "model"],
+        help="one GAMBlock on (B, N, D) activations, or a whole GAMModel on tokens",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--slots", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6, help="GAMModel layers (--what model)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--torch-profiler", action="store_true",
-                        help="print torch.profiler's op table (always on for --device cpu)")
+    parser.add_argument(
+        "--torch-profiler",
+        action="store_true",
+        help="print torch.profiler's op table (always on for --device cpu)",
+    )
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the measured steps")
     args = parser.parse_args(argv)
     for name in ("batch", "seqlen", "d_model", "slots", "layers", "steps"):
@@ -69,8 +81,13 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
         module = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
         inputs = torch.randn(args.batch, args.seqlen, args.d_model, device=device, requires_grad=True)
     else:
-        config = gam_ext.GAMConfig(block_size=args.seqlen, d_model=args.d_model, n_layer=args.layers,
-                                   num_memory_slots=args.slots, dropout=0.0)
+        config = gam_ext.GAMConfig(
+            block_size=args.seqlen,
+            d_model=args.d_model,
+            n_layer=args.layers,
+            num_memory_slots=args.slots,
+            dropout=0.0,
+        )
         module = gam_ext.GAMModel(config).to(device)
         inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
     return module, inputs
@@ -120,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - start
 
     tokens = args.batch * args.seqlen * args.steps
-    print(f"{args.what} fwd+bwd: {1e3 * elapsed / args.steps:.2f} ms/step, "
-          f"{tokens / elapsed:,.0f} tokens/s on {args.device}")
+    print(
+        f"{args.what} fwd+bwd: {1e3 * elapsed / args.steps:.2f} ms/step, "
+        f"{tokens / elapsed:,.0f} tokens/s on {args.device}"
+    )
     if profiler is not None:
         sort_key = "cuda_time_total" if cuda else "cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_key, row_limit=20))

@@ -9,8 +9,8 @@ namespace gam {
 
 inline void check_float(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              name, " must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+              " must be float16, bfloat16, float32 or float64, got ", st);
 }
 
 inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
@@ -19,8 +19,8 @@ inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
 
 inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
                          const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
 }
 
 // A float tensor of the given rank; with ref, on ref's device too.
@@ -74,9 +74,8 @@ inline void check_gate_args(const at::Tensor& local, const at::Tensor& global_ct
               ", ", 2 * local.size(2), "), got ", gate_logits.sizes());
   TORCH_CHECK(global_ctx.scalar_type() == local.scalar_type() &&
                   gate_logits.scalar_type() == local.scalar_type(),
-              "local, global_ctx and gate_logits must share one dtype, got ",
-              local.scalar_type(), ", ", global_ctx.scalar_type(), ", ",
-              gate_logits.scalar_type());
+              "local, global_ctx and gate_logits must share one dtype, got ", local.scalar_type(),
+              ", ", global_ctx.scalar_type(), ", ", gate_logits.scalar_type());
 }
 
 // A gradient argument against the tensor it is the gradient of: float dtype, device and shape.
@@ -103,8 +102,7 @@ inline void check_memory_bwd_args(const at::Tensor& grad_out, const at::Tensor& 
   check_grad_like(grad_out, h, "grad_out", "h");
   check_grad_like(out, h, "out", "h");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == h.size(0) && lse.size(1) == h.size(1),
-              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ",
-              lse.sizes());
+              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ", lse.sizes());
   check_device(lse, h, "lse", "h");
 }
 
@@ -115,7 +113,8 @@ inline void check_gate_bwd_args(const at::Tensor& grad_out, const at::Tensor& lo
   check_grad_like(grad_out, local, "grad_out", "local");
 }
 
-// ---- The fused mixer (gam_mixer_fwd, gam_mixer_bwd) ----------------------------------------------
+// ---- The fused mixer (gam_mixer_fwd, gam_mixer_bwd)
+// ----------------------------------------------
 
 // h (B, N, D); the conv's weight (D, K), K >= 1, and bias (D) or none; memory (S, D), S >= 1;
 // gate_weight (2D, D) and gate_bias (2D) or none.
@@ -161,8 +160,7 @@ inline void check_mixer_bwd_args(const at::Tensor& grad_out, const at::Tensor& h
   check_grad_like(grad_out, h, "grad_out", "h");
   check_grad_like(global_ctx, h, "global_ctx", "h");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == h.size(0) && lse.size(1) == h.size(1),
-              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ",
-              lse.sizes());
+              "lse must have shape (B, N) = (", h.size(0), ", ", h.size(1), "), got ", lse.sizes());
   check_device(lse, h, "lse", "h");
   check_float(gate_logits, "gate_logits");
   check_device(gate_logits, h, "gate_logits", "h");
@@ -186,16 +184,16 @@ inline void check_conv_state_args(const at::Tensor& act, const char* act_name, i
   TORCH_CHECK(conv_state.size(0) == batch && conv_state.size(2) == dim,
               "conv_state must have shape (B, W, D) = (", batch, ", W, ", dim, "), got ",
               conv_state.sizes());
-  TORCH_CHECK(conv_state.size(1) >= kwidth - 1, "conv_state must hold at least K-1 = ",
-              kwidth - 1, " rows, got W=", conv_state.size(1));
+  TORCH_CHECK(conv_state.size(1) >= kwidth - 1, "conv_state must hold at least K-1 = ", kwidth - 1,
+              " rows, got W=", conv_state.size(1));
   TORCH_CHECK(conv_state.is_contiguous(), "conv_state must be contiguous (it is updated in place)");
   if (cache_seqlens.has_value()) {
     const at::Tensor& s = *cache_seqlens;
     check_device(s, act, "cache_seqlens", act_name);
     TORCH_CHECK(s.scalar_type() == at::kInt || s.scalar_type() == at::kLong,
                 "cache_seqlens must be int32 or int64, got ", s.scalar_type());
-    TORCH_CHECK(s.dim() == 1 && s.size(0) == batch, "cache_seqlens must have shape (B,) = (",
-                batch, ",), got ", s.sizes());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == batch, "cache_seqlens must have shape (B,) = (", batch,
+                ",), got ", s.sizes());
   }
 }
 
@@ -231,8 +229,9 @@ inline void check_mixer_step_args(const at::Tensor& h, const at::Tensor& conv_st
   TORCH_CHECK(gate_logits.size(0) == batch && gate_logits.size(1) == 2 * dim,
               "gate_logits must have shape (B, 2D) = (", batch, ", ", 2 * dim, "), got ",
               gate_logits.sizes());
-  TORCH_CHECK(gate_logits.scalar_type() == h.scalar_type(), "gate_logits must have the dtype of h (",
-              h.scalar_type(), "), got ", gate_logits.scalar_type());
+  TORCH_CHECK(gate_logits.scalar_type() == h.scalar_type(),
+              "gate_logits must have the dtype of h (", h.scalar_type(), "), got ",
+              gate_logits.scalar_type());
   check_conv_state_args(h, "h", batch, dim, weight.size(1), conv_state, cache_seqlens);
 }
 

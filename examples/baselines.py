@@ -83,9 +83,7 @@ class TransformerLM(LanguageModel):
         dropout: float = 0.1,
     ) -> None:
         super().__init__(vocab_size, block_size, d_model, dropout)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, n_head, dropout) for _ in range(n_layer)
-        )
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, n_head, dropout) for _ in range(n_layer))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,8 +105,7 @@ def mamba_implementation(device: torch.device | str) -> str:
         import mambapy  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            "--model mamba needs the `mambapy` package on CPU (pip install mambapy) or "
-            "`mamba_ssm` on CUDA"
+            "--model mamba needs the `mambapy` package on CPU (pip install mambapy) or `mamba_ssm` on CUDA"
         ) from exc
     return "mambapy"
 
@@ -138,11 +135,18 @@ class MambaSSMBlock(nn.Module):
         mixer_cls = partial(Mamba, d_state=d_state, d_conv=d_conv, expand=expand)
         norm_cls = partial(RMSNorm, eps=1e-5)
         try:
-            self.block = Block(d_model, mixer_cls, mlp_cls=nn.Identity, norm_cls=norm_cls,
-                               fused_add_norm=False, residual_in_fp32=True)
+            self.block = Block(
+                d_model,
+                mixer_cls,
+                mlp_cls=nn.Identity,
+                norm_cls=norm_cls,
+                fused_add_norm=False,
+                residual_in_fp32=True,
+            )
         except TypeError:  # releases before the mlp_cls argument
-            self.block = Block(d_model, mixer_cls, norm_cls=norm_cls, fused_add_norm=False,
-                               residual_in_fp32=True)
+            self.block = Block(
+                d_model, mixer_cls, norm_cls=norm_cls, fused_add_norm=False, residual_in_fp32=True
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.block(x, None)
@@ -156,8 +160,9 @@ class MambaPyBlock(nn.Module):
         super().__init__()
         from mambapy.mamba import MambaConfig, ResidualBlock
 
-        config = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state, d_conv=d_conv,
-                             expand_factor=expand, pscan=True)
+        config = MambaConfig(
+            d_model=d_model, n_layers=1, d_state=d_state, d_conv=d_conv, expand_factor=expand, pscan=True
+        )
         self.block = ResidualBlock(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +187,7 @@ class MambaLM(LanguageModel):
         super().__init__(vocab_size, block_size, d_model, dropout)
         block_cls = {"mamba_ssm": MambaSSMBlock, "mambapy": MambaPyBlock}[implementation]
         self.implementation = implementation
-        self.blocks = nn.ModuleList(
-            block_cls(d_model, d_state, d_conv, expand) for _ in range(n_layer)
-        )
+        self.blocks = nn.ModuleList(block_cls(d_model, d_state, d_conv, expand) for _ in range(n_layer))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,20 +210,24 @@ def build_model(
     """Build ``gam``, ``transformer`` or ``mamba``; returns (model, a line describing it)."""
     if name == "gam":
         config = gam_ext.GAMConfig(
-            vocab_size=vocab_size, block_size=block_size, d_model=d_model, n_layer=n_layer,
-            dropout=dropout, num_memory_slots=num_memory_slots,
+            vocab_size=vocab_size,
+            block_size=block_size,
+            d_model=d_model,
+            n_layer=n_layer,
+            dropout=dropout,
+            num_memory_slots=num_memory_slots,
             conv_kernel_size=conv_kernel_size,
         )
         model: nn.Module = gam_ext.GAMModel(config)
-        info = (f"GAM (gam_ext, "
-                f"{num_memory_slots} memory slots, conv K={conv_kernel_size})")
+        info = f"GAM (gam_ext, {num_memory_slots} memory slots, conv K={conv_kernel_size})"
     elif name == "transformer":
         model = TransformerLM(vocab_size, block_size, d_model, n_layer, n_head, dropout)
         info = f"Transformer (pre-LN GPT, {n_head} heads, scaled_dot_product_attention)"
     elif name == "mamba":
         implementation = mamba_implementation(device)
-        model = MambaLM(vocab_size, block_size, d_model, n_layer, dropout=dropout,
-                        implementation=implementation)
+        model = MambaLM(
+            vocab_size, block_size, d_model, n_layer, dropout=dropout, implementation=implementation
+        )
         info = f"Mamba (d_state 16, d_conv 4, expand 3, residual RMSNorm blocks, {implementation})"
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")

@@ -46,31 +46,48 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate text with a GAM language model; see "
-                                "examples/README.md.")
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="the text to continue (default, or '-': read it from stdin)")
-    p.add_argument("--checkpoint", default="runs/gam-pydoc",
-                   help="ckpt.pt of examples/train.py or its run directory, or a GAM_Model "
-                   "state_dict (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None,
-                   help="a tokenizers JSON file, or 'byte' (default: the run's tokenizer.json, "
-                   "else rebuilt from the run's settings)")
+    p = argparse.ArgumentParser(
+        description="Generate text with a GAM language model; see examples/README.md."
+    )
+    p.add_argument(
+        "prompt", nargs="?", default=None, help="the text to continue (default, or '-': read it from stdin)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="runs/gam-pydoc",
+        help="ckpt.pt of examples/train.py or its run directory, or a GAM_Model "
+        "state_dict (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizers JSON file, or 'byte' (default: the run's tokenizer.json, "
+        "else rebuilt from the run's settings)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="(default: %(default)s)")
     p.add_argument("--top-k", type=int, default=40, help="0: no top-k (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always the likeliest token")
-    p.add_argument("--stop-at-eos", action="store_true",
-                   help="stop at the end-of-document token (else it starts a new paragraph)")
+    p.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="stop at the end-of-document token (else it starts a new paragraph)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="the model's dtype (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads; 0: torch's default, or 1 when the machine is already busy "
-                   "(load average >= cores), where one thread runs much faster")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="the model's dtype (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads; 0: torch's default, or 1 when the machine is already busy "
+        "(load average >= cores), where one thread runs much faster",
+    )
     return p
 
 
@@ -84,45 +101,67 @@ def load_checkpoint(path_text: str) -> tuple[Path, Any]:
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():
-        hint = " (train one with `make train`, or pass --checkpoint)" if path_text == \
-            build_parser().get_default("checkpoint") else ""
+        hint = (
+            " (train one with `make train`, or pass --checkpoint)"
+            if path_text == build_parser().get_default("checkpoint")
+            else ""
+        )
         raise UserError(f"no checkpoint at {path}{hint}")
     try:
         return path, torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read {path} as a checkpoint of tensors: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot read {path} as a checkpoint of tensors: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 class Tokenizer:
     """encode(text) -> ids, decode(ids) -> text, the end-of-document id (or None), and whether
     decoded pieces are whole words that a space separates (BPE with a word-end suffix)."""
 
-    def __init__(self, encode: Any, decode: Any, vocab_size: int, eos_id: int | None,
-                 description: str, words: bool = True) -> None:
+    def __init__(
+        self,
+        encode: Any,
+        decode: Any,
+        vocab_size: int,
+        eos_id: int | None,
+        description: str,
+        words: bool = True,
+    ) -> None:
         self.encode, self.decode = encode, decode
         self.vocab_size, self.eos_id, self.description = vocab_size, eos_id, description
         self.words = words
 
 
 def byte_tokenizer() -> Tokenizer:
-    return Tokenizer(lambda text: list(text.encode("utf-8")),
-                     lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", "replace"),
-                     256, None, "bytes", words=False)
+    return Tokenizer(
+        lambda text: list(text.encode("utf-8")),
+        lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", "replace"),
+        256,
+        None,
+        "bytes",
+        words=False,
+    )
 
 
 def json_tokenizer(path: Path) -> Tokenizer:
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:
-        raise UserError("reading a tokenizer needs the `tokenizers` package (pip install "
-                        "tokenizers)") from None
+        raise UserError(
+            "reading a tokenizer needs the `tokenizers` package (pip install tokenizers)"
+        ) from None
     try:
         tok = HFTokenizer.from_file(str(path))
     except Exception as exc:
         raise UserError(f"cannot read the tokenizer {path}: {exc}") from None
-    return Tokenizer(lambda text: tok.encode(text).ids, tok.decode, tok.get_vocab_size(),
-                     tok.token_to_id("[EOS]"), f"BPE ({tok.get_vocab_size()}) from {path}")
+    return Tokenizer(
+        lambda text: tok.encode(text).ids,
+        tok.decode,
+        tok.get_vocab_size(),
+        tok.token_to_id("[EOS]"),
+        f"BPE ({tok.get_vocab_size()}) from {path}",
+    )
 
 
 def find_tokenizer(spec: str | None, ckpt_path: Path, run: dict[str, Any] | None) -> Tokenizer:
@@ -136,8 +175,10 @@ def find_tokenizer(spec: str | None, ckpt_path: Path, run: dict[str, Any] | None
     if beside.is_file():
         return json_tokenizer(beside)
     if run is None:
-        raise UserError(f"{ckpt_path} holds no settings of examples/train.py and no "
-                        "tokenizer.json lies beside it: pass --tokenizer FILE (or byte)")
+        raise UserError(
+            f"{ckpt_path} holds no settings of examples/train.py and no "
+            "tokenizer.json lies beside it: pass --tokenizer FILE (or byte)"
+        )
     if run.get("dataset") == "recall":
         raise UserError("this model was trained on the synthetic recall task: it has no text")
     if run.get("tokenizer") == "byte":
@@ -147,20 +188,24 @@ def find_tokenizer(spec: str | None, ckpt_path: Path, run: dict[str, Any] | None
 
     dataset = run.get("dataset")
     try:
-        corpus = load_corpus(None if dataset in ("pydoc", "file") else dataset,
-                             run.get("train_file"), run.get("val_file"))
+        corpus = load_corpus(
+            None if dataset in ("pydoc", "file") else dataset, run.get("train_file"), run.get("val_file")
+        )
         bpe = bpe_tokenizer(corpus, run["vocab_size"], Path(run["data_dir"]) / "tokenizers")
     except DataError as exc:
         raise UserError(f"cannot rebuild the run's tokenizer: {exc}") from None
-    return Tokenizer(lambda text: bpe.tokenizer.encode(text).ids, bpe.decode, bpe.vocab_size,
-                     bpe.eos_id, bpe.description)
+    return Tokenizer(
+        lambda text: bpe.tokenizer.encode(text).ids, bpe.decode, bpe.vocab_size, bpe.eos_id, bpe.description
+    )
 
 
 def load_model(ckpt: Any, dtype: torch.dtype, device: torch.device) -> gam_ext.GAMModel:
     run = ckpt.get("args") if isinstance(ckpt, dict) else None
     if isinstance(run, dict) and run.get("model", "gam") != "gam":
-        raise UserError(f"this checkpoint holds a {run['model']} model; generate.py runs GAM "
-                        "models (the baselines have generate() in examples/baselines.py)")
+        raise UserError(
+            f"this checkpoint holds a {run['model']} model; generate.py runs GAM "
+            "models (the baselines have generate() in examples/baselines.py)"
+        )
     try:
         model = gam_ext.GAMModel.from_official(ckpt, dropout=0.0)
     except (KeyError, RuntimeError, TypeError) as exc:
@@ -189,7 +234,7 @@ class Printer:
             self.paragraph.append(token)
             text = self.tokenizer.decode(self.paragraph)
             if text.startswith(self.printed):
-                sys.stdout.write(text[len(self.printed):])
+                sys.stdout.write(text[len(self.printed) :])
                 self.printed = text
         sys.stdout.flush()
 
@@ -222,16 +267,22 @@ def main(argv: list[str] | None = None) -> int:
         check_sampling(args)
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
+        device = torch.device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if args.device == "auto"
+            else args.device
+        )
         ckpt_path, ckpt = load_checkpoint(args.checkpoint)
-        run = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"),
-                                                                         dict) else None
+        run = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else None
         model = load_model(ckpt, DTYPES[args.dtype], device)
         tokenizer = find_tokenizer(args.tokenizer, ckpt_path, run)
         if tokenizer.vocab_size != model.config.vocab_size:
-            raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                            f"{model.config.vocab_size}: pass the model's own --tokenizer")
+            raise UserError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                f"{model.config.vocab_size}: pass the model's own --tokenizer"
+            )
         prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
         prompt = prompt.strip()
         ids = tokenizer.encode(prompt) if prompt else []
@@ -239,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             if tokenizer.eos_id is None:
                 raise UserError("the prompt is empty: give some text to continue")
             ids = [tokenizer.eos_id]  # a document boundary: start a new document
-        sampling = dict(temperature=args.temperature, top_k=args.top_k or None,
-                        top_p=args.top_p, greedy=args.greedy,
-                        generator=torch.Generator(device=device).manual_seed(args.seed))
+        sampling = dict(
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            greedy=args.greedy,
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -276,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     rate = generated / (t2 - t1) if generated else 0.0
-    print(f"[{len(ids)} prompt tokens prefilled in {1e3 * (t1 - t0):.1f} ms; {generated} tokens "
-          f"generated in {t2 - t1:.2f} s: {rate:.1f} tokens/s; {model.num_parameters():,} "
-          f"parameters, {args.dtype}, {device}"
-          + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
-          + f"; state {state.nbytes:,} bytes]", file=sys.stderr)
+    print(
+        f"[{len(ids)} prompt tokens prefilled in {1e3 * (t1 - t0):.1f} ms; {generated} tokens "
+        f"generated in {t2 - t1:.2f} s: {rate:.1f} tokens/s; {model.num_parameters():,} "
+        f"parameters, {args.dtype}, {device}"
+        + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "")
+        + f"; state {state.nbytes:,} bytes]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -64,12 +64,7 @@ def pydoc_corpus(val_every: int = 10, block: int = 20) -> Corpus:
     """
     from pydoc_data.topics import topics
 
-    paragraphs = [
-        p.strip()
-        for name in sorted(topics)
-        for p in topics[name].split("\n\n")
-        if p.strip()
-    ]
+    paragraphs = [p.strip() for name in sorted(topics) for p in topics[name].split("\n\n") if p.strip()]
     train, val = [], []
     for i, paragraph in enumerate(paragraphs):
         (val if (i // block) % val_every == val_every - 1 else train).append(paragraph)
@@ -85,13 +80,16 @@ def read_text_file(path: str) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror}") from exc
     nul = data.find(b"\0")
     if nul >= 0:
-        raise DataError(f"{path} is not a text file (byte {nul} is NUL): --train-file and "
-                        "--val-file take UTF-8 text")
+        raise DataError(
+            f"{path} is not a text file (byte {nul} is NUL): --train-file and --val-file take UTF-8 text"
+        )
     try:
         text = data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): "
-                        "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): "
+            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -125,8 +123,10 @@ def file_corpus(train_file: str, val_file: str | None, val_fraction: float = 0.1
             note = f"documents: {unit} (train), {val_unit} (validation)"
     else:
         if len(train) < 2:
-            raise DataError(f"{train_file} is one line of text: too short to split off a "
-                            "validation part; give more lines or paragraphs, or pass --val-file")
+            raise DataError(
+                f"{train_file} is one line of text: too short to split off a "
+                "validation part; give more lines or paragraphs, or pass --val-file"
+            )
         cut = max(1, round(len(train) * (1 - val_fraction)))
         cut = min(cut, len(train) - 1)
         train, val = train[:cut], train[cut:]
@@ -161,8 +161,7 @@ def hf_corpus(name: str, timeout: float = 5.0) -> Corpus:
         import datasets
     except ImportError as exc:
         raise DataError(
-            f"--dataset {name} needs the `datasets` package (pip install datasets). "
-            + ALTERNATIVES
+            f"--dataset {name} needs the `datasets` package (pip install datasets). " + ALTERNATIVES
         ) from exc
     datasets.disable_progress_bars()
     try:
@@ -252,8 +251,13 @@ def bpe_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str | os.PathLike)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    settings = {"vocab_size": vocab_size, "pre_tokenizer": "Whitespace",
-                "specials": SPECIAL_TOKENS, "end_of_word_suffix": "</w>", "version": 1}
+    settings = {
+        "vocab_size": vocab_size,
+        "pre_tokenizer": "Whitespace",
+        "specials": SPECIAL_TOKENS,
+        "end_of_word_suffix": "</w>",
+        "version": 1,
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for doc in corpus.train:
         digest.update(doc.encode("utf-8", errors="replace"))
@@ -265,8 +269,9 @@ def bpe_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str | os.PathLike)
     tokenizer = HFTokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, end_of_word_suffix="</w>", show_progress=False
+    )
     tokenizer.train_from_iterator(corpus.train, trainer=trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -320,9 +325,7 @@ class RecallSpec:
         return 4 * self.num_pairs - 1
 
 
-def recall_examples(
-    num_examples: int, spec: RecallSpec, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def recall_examples(num_examples: int, spec: RecallSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall: ``k1 v1 ... kP vP`` then every key again as a query.
 
     Token ids: keys 0..num_keys-1, values num_keys..num_keys+num_values-1. Each sequence draws P

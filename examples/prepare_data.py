@@ -62,31 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="folder to write the shards into")
     src = p.add_argument_group("source (one of)")
-    src.add_argument("--input", nargs="+", metavar="PATH",
-                     help="local UTF-8 text files or folders (read recursively)")
+    src.add_argument(
+        "--input", nargs="+", metavar="PATH", help="local UTF-8 text files or folders (read recursively)"
+    )
     src.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face dataset, e.g. wikitext")
     g = p.add_argument_group("source options")
     g.add_argument("--glob", default="*", help="files to read inside folders")
-    g.add_argument("--val-input", nargs="+", metavar="PATH",
-                   help="local validation text (default: every --val-every-th document)")
+    g.add_argument(
+        "--val-input",
+        nargs="+",
+        metavar="PATH",
+        help="local validation text (default: every --val-every-th document)",
+    )
     g.add_argument("--hf-config", help="the dataset's configuration, e.g. wikitext-103-raw-v1")
     g.add_argument("--split", default="train", help="the dataset's training split")
-    g.add_argument("--val-split", help="the dataset's validation split (default: every "
-                   "--val-every-th training document)")
+    g.add_argument(
+        "--val-split", help="the dataset's validation split (default: every --val-every-th training document)"
+    )
     g.add_argument("--text-field", default="text", help="the dataset's text column")
-    g.add_argument("--no-streaming", action="store_true",
-                   help="download the dataset instead of streaming it")
-    g.add_argument("--val-every", type=int, default=100,
-                   help="hold out every N-th document for validation")
-    g.add_argument("--max-docs", type=int, default=0,
-                   help="stop after this many training documents (0: all)")
+    g.add_argument("--no-streaming", action="store_true", help="download the dataset instead of streaming it")
+    g.add_argument("--val-every", type=int, default=100, help="hold out every N-th document for validation")
+    g.add_argument("--max-docs", type=int, default=0, help="stop after this many training documents (0: all)")
     t = p.add_argument_group("tokenizer")
-    t.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe",
-                   help="BPE trained on the first --bpe-sample-mb MiB, or UTF-8 bytes")
+    t.add_argument(
+        "--tokenizer",
+        choices=("bpe", "byte"),
+        default="bpe",
+        help="BPE trained on the first --bpe-sample-mb MiB, or UTF-8 bytes",
+    )
     t.add_argument("--tokenizer-file", help="use this `tokenizers` JSON file instead")
     t.add_argument("--vocab-size", type=int, default=10000, help="BPE vocabulary size")
-    t.add_argument("--bpe-sample-mb", type=float, default=100.0,
-                   help="MiB of training text the BPE is trained on")
+    t.add_argument(
+        "--bpe-sample-mb", type=float, default=100.0, help="MiB of training text the BPE is trained on"
+    )
     o = p.add_argument_group("output")
     o.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     o.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -107,8 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_docs < 0 or args.bpe_sample_mb <= 0:
         parser.error("--max-docs must be >= 0 and --bpe-sample-mb > 0")
-    for path in [*(args.input or []), *(args.val_input or []),
-                 *([args.tokenizer_file] if args.tokenizer_file else [])]:
+    for path in [
+        *(args.input or []),
+        *(args.val_input or []),
+        *([args.tokenizer_file] if args.tokenizer_file else []),
+    ]:
         if not os.path.exists(path):
             parser.error(f"no such file or folder: {path}")
     return args
@@ -123,9 +134,13 @@ def list_files(paths: list[str], pattern: str) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and fnmatch.fnmatch(p.name, pattern)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and fnmatch.fnmatch(p.name, pattern)
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             files.extend(found)
         else:
             files.append(path)
@@ -160,8 +175,10 @@ def file_documents(path: Path) -> Iterator[str]:
                     yield "\n".join(paragraph)
                     paragraph = []
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start} of a "
-                        "block): convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start} of a "
+            "block): convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     if paragraph:
         yield "\n".join(paragraph)
 
@@ -179,23 +196,27 @@ def hf_documents(args: argparse.Namespace, split: str) -> Iterator[str]:
     datasets.disable_progress_bars()
     streaming = not args.no_streaming
     try:
-        ds = datasets.load_dataset(args.hf_dataset, args.hf_config, split=split,
-                                   streaming=streaming)
+        ds = datasets.load_dataset(args.hf_dataset, args.hf_config, split=split, streaming=streaming)
     except Exception as exc:
         if not streaming:
-            raise DataError(f"cannot load {args.hf_dataset} ({split}): "
-                            f"{type(exc).__name__}: {str(exc)[:300]}") from None
-        print(f"note: {args.hf_dataset} does not stream ({type(exc).__name__}); downloading it",
-              file=sys.stderr)
+            raise DataError(
+                f"cannot load {args.hf_dataset} ({split}): {type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
+        print(
+            f"note: {args.hf_dataset} does not stream ({type(exc).__name__}); downloading it", file=sys.stderr
+        )
         try:
             ds = datasets.load_dataset(args.hf_dataset, args.hf_config, split=split)
         except Exception as exc2:
-            raise DataError(f"cannot load {args.hf_dataset} ({split}): "
-                            f"{type(exc2).__name__}: {str(exc2)[:300]}") from None
+            raise DataError(
+                f"cannot load {args.hf_dataset} ({split}): {type(exc2).__name__}: {str(exc2)[:300]}"
+            ) from None
     for record in ds:
         if args.text_field not in record:
-            raise DataError(f"{args.hf_dataset} has no column {args.text_field!r} (it has "
-                            f"{sorted(record)}): pass --text-field")
+            raise DataError(
+                f"{args.hf_dataset} has no column {args.text_field!r} (it has "
+                f"{sorted(record)}): pass --text-field"
+            )
         text = record[args.text_field]
         if isinstance(text, str) and text.strip():
             yield text.strip()
@@ -215,8 +236,7 @@ def sources(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return train, val, f"Hugging Face dataset {name}, split {args.split}"
 
 
-def split_stream(docs: Iterable[str], val_every: int, max_docs: int
-                 ) -> Iterator[tuple[str, str]]:
+def split_stream(docs: Iterable[str], val_every: int, max_docs: int) -> Iterator[tuple[str, str]]:
     """(split, document) pairs: every val_every-th document is validation."""
     train_count = 0
     for i, doc in enumerate(docs):
@@ -260,8 +280,11 @@ def make_tokenizer(args: argparse.Namespace, stream: Any, out: Path) -> tuple[An
     shutil.copyfile(tok.path, out / TOKENIZER_FILE)
     shutil.rmtree(out / ".tokenizer-cache", ignore_errors=True)
     return BPETokenizer(tok.tokenizer, out / TOKENIZER_FILE), {
-        "type": "bpe", "file": TOKENIZER_FILE, "trained_on_mb": round(size / (1 << 20), 3),
-        "trained_on_documents": len(sample)}
+        "type": "bpe",
+        "file": TOKENIZER_FILE,
+        "trained_on_mb": round(size / (1 << 20), 3),
+        "trained_on_documents": len(sample),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +301,7 @@ def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if (out / INDEX).exists() and not args.overwrite:
-        raise DataError(f"{out} already holds token shards ({INDEX}); pass --overwrite to "
-                        "replace them")
+        raise DataError(f"{out} already holds token shards ({INDEX}); pass --overwrite to replace them")
     needs = {"tqdm": "the progress bar"}
     if args.tokenizer == "bpe" or args.tokenizer_file:
         needs["tokenizers"] = "the tokenizer; --tokenizer byte needs none"
@@ -304,33 +326,36 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer, tokenizer_info = make_tokenizer(args, stream, out)
     tokenizer_info.update(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: SplitWriter(out, split, dtype, args.shard_tokens)
-               for split in ("train", "val")}
+    writers = {split: SplitWriter(out, split, dtype, args.shard_tokens) for split in ("train", "val")}
     bar = tqdm(desc="tokenizing", unit=" docs", mininterval=1.0, dynamic_ncols=True)
     for batch in batched(stream(), ENCODE_BATCH):
         for split, group in itertools.groupby(batch, key=lambda pair: pair[0]):
             docs = [doc for _, doc in group]
-            writers[split].write(np.asarray(tokenizer.encode_docs(docs), dtype=np.int64),
-                                 documents=len(docs))
+            writers[split].write(np.asarray(tokenizer.encode_docs(docs), dtype=np.int64), documents=len(docs))
         bar.update(len(batch))
-        bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}",
-                        refresh=False)
+        bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}", refresh=False)
     bar.close()
     for writer in writers.values():
         writer.close()
     if writers["train"].tokens == 0 or writers["val"].tokens == 0:
         empty = "training" if writers["train"].tokens == 0 else "validation"
         raise DataError(f"the {empty} split is empty: give more text, or lower --val-every")
-    index = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
-             "tokenizer": tokenizer_info, "source": source,
-             "splits": {split: w.summary() for split, w in writers.items()}}
+    index = {
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": tokenizer_info,
+        "source": source,
+        "splits": {split: w.summary() for split, w in writers.items()},
+    }
     write_index(out, index)
     seconds = time.perf_counter() - t0
-    print(f"wrote {out}: {writers['train'].tokens:,} training tokens in "
-          f"{len(writers['train'].shards)} shard(s), {writers['val'].tokens:,} validation tokens "
-          f"({writers['train'].documents:,} + {writers['val'].documents:,} documents), "
-          f"{dtype.name}, vocabulary {tokenizer.vocab_size}, {seconds:.1f} s\n"
-          f"train with: python examples/train.py --shards {out}")
+    print(
+        f"wrote {out}: {writers['train'].tokens:,} training tokens in "
+        f"{len(writers['train'].shards)} shard(s), {writers['val'].tokens:,} validation tokens "
+        f"({writers['train'].documents:,} + {writers['val'].documents:,} documents), "
+        f"{dtype.name}, vocabulary {tokenizer.vocab_size}, {seconds:.1f} s\n"
+        f"train with: python examples/train.py --shards {out}"
+    )
     return index
 
 

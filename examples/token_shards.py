@@ -133,8 +133,10 @@ class TokenShards:
         if not self.folder.is_dir():
             raise ShardError(f"--shards: no folder {self.folder}")
         if not path.is_file():
-            raise ShardError(f"--shards: {self.folder} has no {INDEX} (write one with "
-                             "examples/prepare_data.py; a run that did not finish leaves none)")
+            raise ShardError(
+                f"--shards: {self.folder} has no {INDEX} (write one with "
+                "examples/prepare_data.py; a run that did not finish leaves none)"
+            )
         try:
             index = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,8 +144,9 @@ class TokenShards:
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ShardError(f"--shards: {path} is not an index of token shards")
         if index.get("version") != VERSION:
-            raise ShardError(f"--shards: {path} has version {index.get('version')}, this script "
-                             f"reads version {VERSION}")
+            raise ShardError(
+                f"--shards: {path} has version {index.get('version')}, this script reads version {VERSION}"
+            )
         self.index = index
         self.vocab_size = int(index["vocab_size"])
         self.dtype = np.dtype(index["dtype"])
@@ -161,8 +164,10 @@ class TokenShards:
             if not path.is_file():
                 raise ShardError(f"--shards: {path} is missing (listed in {INDEX})")
             if path.stat().st_size != expected:
-                raise ShardError(f"--shards: {path} has {path.stat().st_size} bytes, {INDEX} "
-                                 f"says {expected} ({shard['tokens']} tokens of {self.dtype})")
+                raise ShardError(
+                    f"--shards: {path} has {path.stat().st_size} bytes, {INDEX} "
+                    f"says {expected} ({shard['tokens']} tokens of {self.dtype})"
+                )
             if shard["tokens"]:
                 with open(path, "rb") as f:
                     maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -171,8 +176,12 @@ class TokenShards:
 
     def fingerprint(self) -> str:
         """Names, sizes and tokenizer of the shards: what a resumed run must find again."""
-        content = {"splits": self.index["splits"], "dtype": self.index["dtype"],
-                   "vocab_size": self.vocab_size, "tokenizer": self.tokenizer_info}
+        content = {
+            "splits": self.index["splits"],
+            "dtype": self.index["dtype"],
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer_info,
+        }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def load_tokenizer(self) -> Any:
@@ -207,21 +216,25 @@ class WindowSampler:
         starts = [max(0, len(a) - self.window + 1) for a in split.arrays]
         self.cumulative = np.cumsum([0, *starts])
         if self.cumulative[-1] == 0:
-            raise ShardError(f"--shards: no shard of the {split.name} split holds a window of "
-                             f"--seq-len {seq_len} + 1 tokens")
+            raise ShardError(
+                f"--shards: no shard of the {split.name} split holds a window of "
+                f"--seq-len {seq_len} + 1 tokens"
+            )
 
     def windows(self, step: int, count: int, first: int = 0, total: int | None = None) -> np.ndarray:
         """Windows ``first .. first + count - 1`` of the ``total`` drawn at ``step``."""
         total = count if total is None else total
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
-        starts = rng.integers(0, self.cumulative[-1], size=total)[first:first + count]
+        starts = rng.integers(0, self.cumulative[-1], size=total)[first : first + count]
         shard = np.searchsorted(self.cumulative, starts, side="right") - 1
         offsets = starts - self.cumulative[shard]
-        return np.stack([self.split.read(s, o, o + self.window)
-                         for s, o in zip(shard, offsets, strict=True)]).astype(np.int64)
+        return np.stack(
+            [self.split.read(s, o, o + self.window) for s, o in zip(shard, offsets, strict=True)]
+        ).astype(np.int64)
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, step: int, batch_size: int, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         w = torch.from_numpy(self.windows(step, batch_size, rank * batch_size, batch_size * world))
         return w[:, :-1], w[:, 1:]
 
@@ -249,17 +262,19 @@ class Chunks:
         for i in range(*rows.indices(len(self))):
             s = int(np.searchsorted(self.counts, i, side="right") - 1)
             start = (i - int(self.counts[s])) * self.window
-            chunks.append(self.split.read(s, start + self.shift,
-                                          start + self.window - 1 + self.shift))
+            chunks.append(self.split.read(s, start + self.shift, start + self.window - 1 + self.shift))
         seq = self.window - 1
-        out = (torch.from_numpy(np.stack(chunks).astype(np.int64)) if chunks
-               else torch.empty(0, seq, dtype=torch.long))
+        out = (
+            torch.from_numpy(np.stack(chunks).astype(np.int64))
+            if chunks
+            else torch.empty(0, seq, dtype=torch.long)
+        )
         return out[(slice(None), *rest)] if rest else out
 
     def targets_unigram_counts(self, vocab_size: int, rows_per_read: int = 4096) -> np.ndarray:
         """Token counts of every chunk's targets, read in pieces."""
         counts = np.zeros(vocab_size, dtype=np.int64)
         for a in range(0, len(self), rows_per_read):
-            ids = self[a:a + rows_per_read].numpy().ravel()
+            ids = self[a : a + rows_per_read].numpy().ravel()
             counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
         return counts

@@ -93,8 +93,15 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Dist,
-             autocast: Any, max_batches: int = 0, lockstep: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: Data,
+    args: argparse.Namespace,
+    ctx: Dist,
+    autocast: Any,
+    max_batches: int = 0,
+    lockstep: bool = False,
+) -> dict[str, float]:
     """Mean over validation batches of the batch-mean cross-entropy (as the paper), and for the
     recall task the accuracy on the answers. Batches are shared out over the processes; with
     ``lockstep`` (FSDP, whose forward gathers parameters from every process) each process runs
@@ -108,8 +115,8 @@ def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Dist,
     batches = range(ctx.rank, max(n_batches, rounds * ctx.world), ctx.world)
     for i in batches:
         j = i if i < n_batches else 0
-        x = data.val_x[j * args.batch_size:(j + 1) * args.batch_size].to(ctx.device)
-        y = data.val_y[j * args.batch_size:(j + 1) * args.batch_size].to(ctx.device)
+        x = data.val_x[j * args.batch_size : (j + 1) * args.batch_size].to(ctx.device)
+        y = data.val_y[j * args.batch_size : (j + 1) * args.batch_size].to(ctx.device)
         with autocast:
             logits, loss = model(x, y)
         if i >= n_batches:
@@ -121,8 +128,11 @@ def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Dist,
     loss_sum, correct, answers = all_sum([loss_sum, correct, answers], ctx)
     model.train()
     val_loss = loss_sum / n_batches
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)),
-            "val_acc": correct / max(answers, 1.0)}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "val_acc": correct / max(answers, 1.0),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,8 +200,9 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
     if args.fsdp and not dist.is_initialized():
         # One process without torchrun: FSDP over a process group of one (mixed precision and
         # sharded checkpoints as on many; nothing to shard).
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     out_dir = Path(args.out_dir)
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,8 +214,16 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
 
     torch.manual_seed(args.seed)
     model, info = build_model(
-        args.model, data.vocab_size, args.seq_len, args.d_model, args.n_layer, args.dropout,
-        args.memory_slots, args.conv_kernel, args.n_head, device=ctx.device,
+        args.model,
+        data.vocab_size,
+        args.seq_len,
+        args.d_model,
+        args.n_layer,
+        args.dropout,
+        args.memory_slots,
+        args.conv_kernel,
+        args.n_head,
+        device=ctx.device,
     )
     if args.init == "gpt":
         for embedding in (model.token_embedding, model.pos_embedding):
@@ -215,35 +234,51 @@ def setup(args: argparse.Namespace, ctx: Dist) -> tuple[Run, dict[str, Any] | No
     # gradient scaler.
     use_amp = args.dtype != "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
-    autocast = (torch.autocast(ctx.device.type, dtype=amp_dtype) if use_amp
-                else contextlib.nullcontext())
+    autocast = torch.autocast(ctx.device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
     memory_note = ""
     if args.activation_checkpointing:
-        x, y = data.val_x[:args.batch_size].to(ctx.device), data.val_y[:args.batch_size].to(
-            ctx.device)
+        x, y = data.val_x[: args.batch_size].to(ctx.device), data.val_y[: args.batch_size].to(ctx.device)
         before = saved_activation_bytes(model, x, y, autocast)
         checkpoint_blocks(model)
         after = saved_activation_bytes(model, x, y, autocast)
-        memory_note = (f"activation checkpointing: a step keeps {after / 2**20:,.1f} MiB of "
-                       f"activations for backward instead of {before / 2**20:,.1f} MiB "
-                       f"({100 * (1 - after / max(before, 1)):.0f}% less; per process, batch "
-                       f"{args.batch_size}); each block runs its forward twice")
-    parallel = (f"DDP over {ctx.world} processes" if ctx.enabled else "one process")
+        memory_note = (
+            f"activation checkpointing: a step keeps {after / 2**20:,.1f} MiB of "
+            f"activations for backward instead of {before / 2**20:,.1f} MiB "
+            f"({100 * (1 - after / max(before, 1)):.0f}% less; per process, batch "
+            f"{args.batch_size}); each block runs its forward twice"
+        )
+    parallel = f"DDP over {ctx.world} processes" if ctx.enabled else "one process"
     if args.fsdp:
         parallel = shard_model(model, ctx, amp_dtype if use_amp else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
+    )
     steps_per_epoch = data.train.steps_per_epoch
     if steps_per_epoch == 0:
         raise UserError(data.train.too_small)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
-    run = Run(args, ctx, out_dir, data, model, info, n_params, optimizer, scheduler, scaler,
-              steps_per_epoch, total_steps, args.eval_interval or steps_per_epoch,
-              use_amp=use_amp, amp_dtype=amp_dtype, autocast=autocast, parallel=parallel,
-              memory_note=memory_note)
+    run = Run(
+        args,
+        ctx,
+        out_dir,
+        data,
+        model,
+        info,
+        n_params,
+        optimizer,
+        scheduler,
+        scaler,
+        steps_per_epoch,
+        total_steps,
+        args.eval_interval or steps_per_epoch,
+        use_amp=use_amp,
+        amp_dtype=amp_dtype,
+        autocast=autocast,
+        parallel=parallel,
+        memory_note=memory_note,
+    )
     return run, ckpt
 
 
@@ -253,8 +288,10 @@ def restore(run: Run, ckpt: dict[str, Any] | None) -> None:
     if ckpt is not None:
         if "sharded" in ckpt:
             if not run.sharded:
-                raise UserError("--resume: this checkpoint is sharded (a --fsdp run); resume it "
-                                "with --fsdp under torchrun")
+                raise UserError(
+                    "--resume: this checkpoint is sharded (a --fsdp run); resume it "
+                    "with --fsdp under torchrun"
+                )
             load_sharded_checkpoint(ckpt, run.model, run.optimizer)
         else:
             run.model.load_state_dict(ckpt["model"])
@@ -267,12 +304,15 @@ def restore(run: Run, ckpt: dict[str, Any] | None) -> None:
         run.elapsed_before = ckpt["elapsed_s"]
         run.metrics = [m for m in ckpt["metrics"] if m["step"] <= run.step]
         if len(ckpt["rng"]) != ctx.world:
-            raise UserError(f"--resume: the checkpoint comes from {len(ckpt['rng'])} processes, "
-                            f"this run has {ctx.world}")
+            raise UserError(
+                f"--resume: the checkpoint comes from {len(ckpt['rng'])} processes, this run has {ctx.world}"
+            )
         fingerprint = ckpt.get("data_order", {}).get("fingerprint")
         if fingerprint not in (None, run.data.train.position(run.step).get("fingerprint")):
-            raise UserError(f"--resume: the shards in {run.args.shards} are not those the "
-                            "checkpoint was trained on (their index differs)")
+            raise UserError(
+                f"--resume: the shards in {run.args.shards} are not those the "
+                "checkpoint was trained on (their index differs)"
+            )
         rng = ckpt["rng"][ctx.rank]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and ctx.device.type == "cuda":
@@ -292,24 +332,29 @@ def parallelize(run: Run) -> None:
     run.run_model = run.eval_model
     if ctx.enabled and not run.sharded:
         run.run_model = DistributedDataParallel(
-            run.eval_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+            run.eval_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+        )
 
 
 def log_header(run: Run) -> None:
     args, ctx = run.args, run.ctx
     run.log(f"data:   {run.data.description}")
-    run.log(f"model:  {run.info}: {run.n_params:,} parameters, D={args.d_model}, "
-            f"{args.n_layer} layers, vocab {run.data.vocab_size}, seq {args.seq_len}, "
-            f"{args.init} init")
+    run.log(
+        f"model:  {run.info}: {run.n_params:,} parameters, D={args.d_model}, "
+        f"{args.n_layer} layers, vocab {run.data.vocab_size}, seq {args.seq_len}, "
+        f"{args.init} init"
+    )
     if args.model == "gam":
         run.log(f"ops:    {gam_ext_backend(ctx.device)}")
     precision = f"{args.dtype} autocast" if run.use_amp else "fp32"
     if args.dtype == "fp16":
         precision += " with a gradient scaler"
-    run.log(f"recipe: {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.2f} "
-            f"epochs of {run.steps_per_epoch}), batch {args.batch_size} x {ctx.world} "
-            f"process(es), lr {args.lr}, warm-up {args.warmup_steps}, device {ctx.device}, "
-            f"{precision}, {torch.get_num_threads()} CPU thread(s)")
+    run.log(
+        f"recipe: {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.2f} "
+        f"epochs of {run.steps_per_epoch}), batch {args.batch_size} x {ctx.world} "
+        f"process(es), lr {args.lr}, warm-up {args.warmup_steps}, device {ctx.device}, "
+        f"{precision}, {torch.get_num_threads()} CPU thread(s)"
+    )
     if ctx.enabled or run.sharded or run.memory_note:
         run.log(f"memory: {run.parallel}" + (f"; {run.memory_note}" if run.memory_note else ""))
     run.log(f"unigram perplexity of the validation targets: {run.data.unigram_ppl:.2f}")
@@ -341,13 +386,18 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
 def evaluate_and_record(run: Run, write: Any) -> None:
     """Validation loss and the training loss since the last evaluation, into metrics.jsonl."""
     ctx = run.ctx
-    result = evaluate(run.eval_model, run.data, run.args, ctx, run.autocast,
-                      run.args.eval_batches, lockstep=run.sharded)
+    result = evaluate(
+        run.eval_model, run.data, run.args, ctx, run.autocast, run.args.eval_batches, lockstep=run.sharded
+    )
     (train_loss,) = all_mean([run.loss_sum / run.loss_count], ctx)
-    record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
-              "train_loss": train_loss, **result,
-              "tokens_per_s": run.window_tokens / run.window_time,
-              "elapsed_s": run.elapsed_before + run.train_time}
+    record = {
+        "step": run.step,
+        "epoch": round(run.step / run.steps_per_epoch, 4),
+        "train_loss": train_loss,
+        **result,
+        "tokens_per_s": run.window_tokens / run.window_time,
+        "elapsed_s": run.elapsed_before + run.train_time,
+    }
     if run.data.tokenizer is not None:
         record.pop("val_acc")
     run.metrics.append(record)
@@ -355,9 +405,11 @@ def evaluate_and_record(run: Run, write: Any) -> None:
         with open(run.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         acc = f" val acc {record['val_acc']:.3f}" if "val_acc" in record else ""
-        write(f"step {run.step:>6}: train loss {train_loss:.4f}  val loss "
-              f"{record['val_loss']:.4f}  val ppl {record['val_ppl']:.2f}{acc}  "
-              f"{record['tokens_per_s']:,.0f} tok/s")
+        write(
+            f"step {run.step:>6}: train loss {train_loss:.4f}  val loss "
+            f"{record['val_loss']:.4f}  val ppl {record['val_ppl']:.2f}{acc}  "
+            f"{record['tokens_per_s']:,.0f} tok/s"
+        )
     run.loss_sum, run.loss_count, run.window_time, run.window_tokens = 0.0, 0, 0.0, 0
 
 
@@ -365,18 +417,28 @@ def save(run: Run) -> None:
     """A checkpoint to resume from: ckpt.pt, and under FSDP the sharded states it names."""
     args = run.args
     state = dict(
-        scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), step=run.step,
-        epoch=run.step / run.steps_per_epoch, loss_sum=run.loss_sum, loss_count=run.loss_count,
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(),
+        step=run.step,
+        epoch=run.step / run.steps_per_epoch,
+        loss_sum=run.loss_sum,
+        loss_count=run.loss_count,
         local={"loss_sum": run.loss_sum},  # each process's own, loss_sum is rank 0's
-        metrics=run.metrics, elapsed_s=run.elapsed_before + run.train_time,
+        metrics=run.metrics,
+        elapsed_s=run.elapsed_before + run.train_time,
         data_order=run.data.train.position(run.step),
         args={k: v for k, v in vars(args).items() if k != "explicit"},
     )
     if run.sharded:
         save_sharded_checkpoint(run.out_dir, run.ctx, run.model, run.optimizer, **state)
     else:
-        save_checkpoint(run.out_dir / "ckpt.pt", run.ctx, model=run.model.state_dict(),
-                        optimizer=run.optimizer.state_dict(), **state)
+        save_checkpoint(
+            run.out_dir / "ckpt.pt",
+            run.ctx,
+            model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+            **state,
+        )
 
 
 def whole_model(run: Run) -> nn.Module | None:
@@ -390,8 +452,17 @@ def whole_model(run: Run) -> nn.Module | None:
     args = run.args
     with torch.random.fork_rng(devices=[]):
         model, _ = build_model(
-            args.model, run.data.vocab_size, args.seq_len, args.d_model, args.n_layer,
-            args.dropout, args.memory_slots, args.conv_kernel, args.n_head, device=run.ctx.device)
+            args.model,
+            run.data.vocab_size,
+            args.seq_len,
+            args.d_model,
+            args.n_layer,
+            args.dropout,
+            args.memory_slots,
+            args.conv_kernel,
+            args.n_head,
+            device=run.ctx.device,
+        )
     model.load_state_dict(state)
     return model.to(run.ctx.device)
 
@@ -401,22 +472,30 @@ def finish(run: Run) -> dict[str, Any]:
     args, ctx, step = run.args, run.ctx, run.step
     elapsed = run.elapsed_before + run.train_time
     summary: dict[str, Any] = {
-        "model": args.model, "dataset": run.data.name, "params": run.n_params, "steps": step,
-        "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
+        "model": args.model,
+        "dataset": run.data.name,
+        "params": run.n_params,
+        "steps": step,
+        "total_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
         "train_time_s": elapsed,
         "s_per_epoch": elapsed * run.steps_per_epoch / max(step, 1),
         "tokens_per_s": (step * run.tokens_per_step) / max(elapsed, 1e-9),
-        "unigram_ppl": run.data.unigram_ppl, "out_dir": str(run.out_dir),
+        "unigram_ppl": run.data.unigram_ppl,
+        "out_dir": str(run.out_dir),
     }
     if step < run.total_steps:
-        run.log(f"stopped at step {step} of {run.total_steps}; continue with --resume "
-                f"--out-dir {run.out_dir}")
+        run.log(
+            f"stopped at step {step} of {run.total_steps}; continue with --resume --out-dir {run.out_dir}"
+        )
         return summary
 
     # Final validation on the whole split, a sample, plots and the summary (rank 0 writes).
-    final = evaluate(run.eval_model, run.data, args, ctx, run.autocast,
-                     lockstep=run.sharded) if args.eval_batches else {
-        k: v for k, v in run.metrics[-1].items() if k.startswith("val_")}
+    final = (
+        evaluate(run.eval_model, run.data, args, ctx, run.autocast, lockstep=run.sharded)
+        if args.eval_batches
+        else {k: v for k, v in run.metrics[-1].items() if k.startswith("val_")}
+    )
     summary.update(final)
     if run.data.tokenizer is not None:
         summary.pop("val_acc", None)
@@ -431,8 +510,9 @@ def finish(run: Run) -> dict[str, Any]:
             files.append(run.out_dir / "sample.txt")
             print(f"\n{sample}\n")
         if args.save_pretrained is not None:
-            target = (run.out_dir / "pretrained" if args.save_pretrained == "auto"
-                      else Path(args.save_pretrained))
+            target = (
+                run.out_dir / "pretrained" if args.save_pretrained == "auto" else Path(args.save_pretrained)
+            )
             model.save_pretrained(target)
             summary["pretrained"] = str(target)
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -449,15 +529,22 @@ def train(args: argparse.Namespace, ctx: Dist) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not ctx.main, dynamic_ncols=True,
-               mininterval=1.0, desc=args.model)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        disable=not ctx.main,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        desc=args.model,
+    )
     run.run_model.train()
     while run.step < run.stop_at:
         x, y = run.data.train.batch(run.step)  # this process's share of the step's batch
         loss_value = train_step(run, x, y)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}",
-                        tok_s=f"{run.window_tokens / run.window_time:,.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss_value:.3f}", tok_s=f"{run.window_tokens / run.window_time:,.0f}", refresh=False
+        )
         if run.step % run.eval_interval == 0 or run.step == run.total_steps:
             evaluate_and_record(run, bar.write)
         if run.step % run.eval_interval == 0 or run.step == run.stop_at:
@@ -487,11 +574,13 @@ def compare(args: argparse.Namespace, ctx: Dist) -> list[dict[str, Any]]:
         summaries.append(train(run_args, ctx))
         if ctx.main:
             s0 = summaries[0]
-            text = (f"Dataset {s0['dataset']}, {s0['steps']} steps each "
-                    f"({s0['steps'] / s0['steps_per_epoch']:.2f} epochs), device {ctx.device} x "
-                    f"{ctx.world}; unigram PPL of the validation targets "
-                    f"{s0['unigram_ppl']:.2f}.\n\n"
-                    f"{compare_table(summaries, args.dataset == 'recall')}\n")
+            text = (
+                f"Dataset {s0['dataset']}, {s0['steps']} steps each "
+                f"({s0['steps'] / s0['steps_per_epoch']:.2f} epochs), device {ctx.device} x "
+                f"{ctx.world}; unigram PPL of the validation targets "
+                f"{s0['unigram_ppl']:.2f}.\n\n"
+                f"{compare_table(summaries, args.dataset == 'recall')}\n"
+            )
             (base / "compare.md").write_text(text)
     if ctx.main:
         print(f"\n{text}\nwritten to {base / 'compare.md'}")
@@ -525,9 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] in ("gam_ext", "torch"):
             raise
-        print(f"error: the package `{exc.name}` is not installed (pip install {exc.name}, or "
-              "pip install --no-build-isolation '.[train]' for everything the example uses)",
-              file=sys.stderr)
+        print(
+            f"error: the package `{exc.name}` is not installed (pip install {exc.name}, or "
+            "pip install --no-build-isolation '.[train]' for everything the example uses)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted: continue with --resume (from the last checkpoint)", file=sys.stderr)

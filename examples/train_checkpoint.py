@@ -32,8 +32,7 @@ def rng_state(ctx: Dist) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(path: Path, ctx: Dist, local: dict[str, Any] | None = None,
-                    **state: Any) -> None:
+def save_checkpoint(path: Path, ctx: Dist, local: dict[str, Any] | None = None, **state: Any) -> None:
     """Rank 0 writes ``path`` atomically. Every process's RNG state goes in (dropout masks), and
     its ``local`` values (its own training-loss accumulator) as ``ckpt["local"][rank]``."""
     rngs = [rng_state(ctx)]
@@ -61,12 +60,13 @@ def resolve_resume(args: argparse.Namespace) -> dict[str, Any] | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UserError(f"--resume: cannot read {path}: {exc}") from None
-    if not isinstance(ckpt, dict) or "args" not in ckpt or not ("model" in ckpt or
-                                                                 "sharded" in ckpt):
+    if not isinstance(ckpt, dict) or "args" not in ckpt or not ("model" in ckpt or "sharded" in ckpt):
         raise UserError(f"--resume: {path} is not a checkpoint of this script")
     if "sharded" in ckpt and not (path.parent / ckpt["sharded"]).is_dir():
-        raise UserError(f"--resume: {path} names the sharded model and optimizer state "
-                        f"{ckpt['sharded']}/, which is not in {path.parent}")
+        raise UserError(
+            f"--resume: {path} names the sharded model and optimizer state "
+            f"{ckpt['sharded']}/, which is not in {path.parent}"
+        )
     ckpt["folder"] = path.parent
     for key, value in ckpt["args"].items():
         if key in RUN_CONTROL:
@@ -74,8 +74,11 @@ def resolve_resume(args: argparse.Namespace) -> dict[str, Any] | None:
         if key in RELOCATABLE and getattr(args, key, None) is not None:
             continue  # a copy of the same data elsewhere (checked when the data loads)
         if key in args.explicit and getattr(args, key, None) != value:
-            print(f"warning: resuming keeps the checkpoint's {key}={value!r} "
-                  f"(ignoring --{key.replace('_', '-')} {getattr(args, key)!r})", file=sys.stderr)
+            print(
+                f"warning: resuming keeps the checkpoint's {key}={value!r} "
+                f"(ignoring --{key.replace('_', '-')} {getattr(args, key)!r})",
+                file=sys.stderr,
+            )
         setattr(args, key, value)
     return ckpt
 
@@ -83,8 +86,7 @@ def resolve_resume(args: argparse.Namespace) -> dict[str, Any] | None:
 SHARDS = "ckpt-shards"
 
 
-def save_sharded_checkpoint(out_dir: Path, ctx: Dist, model: Any, optimizer: Any,
-                            **state: Any) -> None:
+def save_sharded_checkpoint(out_dir: Path, ctx: Dist, model: Any, optimizer: Any, **state: Any) -> None:
     """Every process writes its shards of the model and optimizer states with
     torch.distributed.checkpoint; then ``ckpt.pt`` (rank 0) names them and holds ``state``."""
     import torch.distributed.checkpoint as dcp
@@ -108,5 +110,4 @@ def load_sharded_checkpoint(ckpt: dict[str, Any], model: Any, optimizer: Any) ->
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=Path(ckpt["folder"]) / ckpt["sharded"])
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

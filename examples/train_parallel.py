@@ -84,16 +84,26 @@ def shard_model(model: nn.Module, ctx: Dist, param_dtype: torch.dtype | None) ->
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-              if param_dtype is not None else MixedPrecisionPolicy())
+    policy = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype is not None
+        else MixedPrecisionPolicy()
+    )
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    precision = "fp32" if param_dtype is None else (
-        f"{str(param_dtype).removeprefix('torch.')} parameters in compute, fp32 gradient "
-        "reduction and sharded fp32 parameters")
-    return (f"FSDP2 over {ctx.world} process(es) ({ctx.device.type}), one unit per block and one "
-            f"for the rest; {precision}")
+    precision = (
+        "fp32"
+        if param_dtype is None
+        else (
+            f"{str(param_dtype).removeprefix('torch.')} parameters in compute, fp32 gradient "
+            "reduction and sharded fp32 parameters"
+        )
+    )
+    return (
+        f"FSDP2 over {ctx.world} process(es) ({ctx.device.type}), one unit per block and one "
+        f"for the rest; {precision}"
+    )
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -108,8 +118,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           autocast: Any) -> int:
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Any) -> int:
     """Bytes that one training forward keeps for backward, besides the parameters: the tensors
     autograd saves, plus the inputs that activation checkpointing keeps to recompute a block.
     Counts each storage once; runs under its own RNG state (dropout draws nothing from the run's)."""
@@ -132,8 +141,11 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     handles = [block.register_forward_pre_hook(block_input) for block in model.blocks]
     devices = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), autocast, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.random.fork_rng(devices=devices),
+            autocast,
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             model.train()
             _, loss = model(x, y)
             del loss
@@ -150,5 +162,4 @@ def full_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

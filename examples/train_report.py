@@ -55,24 +55,26 @@ def write_sample(model: nn.Module, data: Data, args: argparse.Namespace, ctx: Di
         x, y = data.val_x[:1].to(ctx.device), data.val_y[0]
         with torch.no_grad():
             predicted = model(x)[0][0].argmax(-1).cpu()
+
         def name(token: int) -> str:
             keys = args.recall_keys
             return f"k{token}" if token < keys else f"v{token - keys}"
 
-        lines = ["context: " + " ".join(name(int(t)) for t in x[0, : 2 * args.recall_pairs]),
-                 "query -> predicted (true)"]
+        lines = [
+            "context: " + " ".join(name(int(t)) for t in x[0, : 2 * args.recall_pairs]),
+            "query -> predicted (true)",
+        ]
         for t in (y != IGNORE_INDEX).nonzero().flatten().tolist():
             mark = "" if predicted[t] == y[t] else "   <- wrong"
-            lines.append(f"{name(int(x[0, t]))} -> {name(int(predicted[t]))} "
-                         f"({name(int(y[t]))}){mark}")
+            lines.append(f"{name(int(x[0, t]))} -> {name(int(predicted[t]))} ({name(int(y[t]))}){mark}")
         return "\n".join(lines)
     prompt = data.val_x[:1, :16].to(ctx.device)
     generator = torch.Generator(device=ctx.device).manual_seed(args.seed)
-    out = model.generate(prompt, args.sample_tokens, temperature=args.temperature,
-                         top_k=args.top_k, generator=generator)
+    out = model.generate(
+        prompt, args.sample_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator
+    )
     prompt_text = data.tokenizer.decode(prompt[0].tolist())
-    return (f"[prompt] {prompt_text}\n[sample] "
-            f"{data.tokenizer.decode(out[0, prompt.shape[1]:].tolist())}")
+    return f"[prompt] {prompt_text}\n[sample] {data.tokenizer.decode(out[0, prompt.shape[1] :].tolist())}"
 
 
 def gam_ext_backend(device: torch.device) -> str:
@@ -101,9 +103,11 @@ def compare_table(summaries: list[dict[str, Any]], recall: bool) -> str:
         header, rule = header + " val acc |", rule + "---|"
     rows = [header, rule]
     for s in summaries:
-        row = (f"| {s['model']} | {s['params'] / 1e6:.2f}M | {s['s_per_epoch']:.1f} | "
-               f"{s['tokens_per_s']:,.0f} | {s.get('val_loss', math.nan):.4f} | "
-               f"{s.get('val_ppl', math.nan):.2f} |")
+        row = (
+            f"| {s['model']} | {s['params'] / 1e6:.2f}M | {s['s_per_epoch']:.1f} | "
+            f"{s['tokens_per_s']:,.0f} | {s.get('val_loss', math.nan):.4f} | "
+            f"{s.get('val_ppl', math.nan):.2f} |"
+        )
         rows.append(row + (f" {s.get('val_acc', math.nan):.3f} |" if recall else ""))
     return "\n".join(rows)
 
@@ -120,10 +124,17 @@ def summary_text(summary: dict[str, Any], files: list[Path]) -> str:
         f"val PPL:        {summary['val_ppl']:.2f}\n"
         f"unigram PPL:    {summary['unigram_ppl']:.2f} (validation targets, no context)"
         f"{acc}\n"
-        + (f"peak memory:    {summary['peak_memory_gib']:.2f} GiB (CUDA, rank 0)\n"
-           if "peak_memory_gib" in summary else "")
-        + (f"exported:       {summary['pretrained']}/ config.json model.safetensors "
-           "(GAMModel.from_pretrained)\n" if "pretrained" in summary else "")
+        + (
+            f"peak memory:    {summary['peak_memory_gib']:.2f} GiB (CUDA, rank 0)\n"
+            if "peak_memory_gib" in summary
+            else ""
+        )
+        + (
+            f"exported:       {summary['pretrained']}/ config.json model.safetensors "
+            "(GAMModel.from_pretrained)\n"
+            if "pretrained" in summary
+            else ""
+        )
         + f"files:          {summary['out_dir']}/ metrics.jsonl ckpt.pt summary.json "
         + " ".join(p.name for p in files)
     )

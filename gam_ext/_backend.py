@@ -46,6 +46,7 @@ KERNEL_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
 }
 
+
 def _explain_import_error(exc: ImportError) -> str:
     """One line: why gam_ext._C did not load, and what to do about it."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -55,21 +56,30 @@ def _explain_import_error(exc: ImportError) -> str:
         parent = os.path.dirname(here)
         others = [p for p in sys.path if os.path.abspath(p or os.curdir) != parent]
         spec = importlib.machinery.PathFinder.find_spec("gam_ext", others)
-        installed = None if spec is None or not spec.submodule_search_locations else \
-            list(spec.submodule_search_locations)[0]
+        installed = (
+            None
+            if spec is None or not spec.submodule_search_locations
+            else list(spec.submodule_search_locations)[0]
+        )
         if installed and glob.glob(os.path.join(installed, "_C.*")):
-            todo = (f"it hides the built gam_ext installed at {installed}: run from another "
-                    "directory than the source tree, or build the tree in place with "
-                    "`python setup.py build_ext --inplace` (or `make build`)")
+            todo = (
+                f"it hides the built gam_ext installed at {installed}: run from another "
+                "directory than the source tree, or build the tree in place with "
+                "`python setup.py build_ext --inplace` (or `make build`)"
+            )
         else:
-            todo = ("build it with `pip install --no-build-isolation .` (then run from outside "
-                    "the source tree), or in place with `python setup.py build_ext --inplace` "
-                    "(or `make build`)")
+            todo = (
+                "build it with `pip install --no-build-isolation .` (then run from outside "
+                "the source tree), or in place with `python setup.py build_ext --inplace` "
+                "(or `make build`)"
+            )
     else:
         message = " ".join(str(exc).split())
         why = f"the compiled extension gam_ext._C in {here} failed to load: {message}"
-        todo = (f"rebuild it against this PyTorch ({torch.__version__}) with "
-                "`pip install --no-build-isolation .` or `make build`")
+        todo = (
+            f"rebuild it against this PyTorch ({torch.__version__}) with "
+            "`pip install --no-build-isolation .` or `make build`"
+        )
     return f"{why}; every op runs the pure-PyTorch reference. To fix: {todo}"
 
 
@@ -177,8 +187,11 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     kernels, the fused tensor-core kernels, or the fp32 SIMT kernels and why).
     """
     mixer = {
-        device: "fused" if use_kernel("gam_mixer", device)
-        else "unfused" if use_kernel("memory_retrieval", device) else "reference"
+        device: "fused"
+        if use_kernel("gam_mixer", device)
+        else "unfused"
+        if use_kernel("memory_retrieval", device)
+        else "reference"
         for device in DEVICE_KEYS
     }
     info = {
@@ -187,10 +200,7 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         "extension_error": _extension_error,
         "cuda_compiled": bool(_extension is not None and _extension.cuda_compiled()),
         "cuda_available": torch.cuda.is_available(),
-        "ops": {
-            device: {op: _op_path(op, device) for op in OPS + STEP_OPS}
-            for device in DEVICE_KEYS
-        },
+        "ops": {device: {op: _op_path(op, device) for op in OPS + STEP_OPS} for device in DEVICE_KEYS},
         # How gam_mixer (and gam_block, GAMBlock) runs on each device: the fused op, the three
         # primitive kernels and a gate linear, or the reference (for the dtypes the device's
         # kernels take: float64 on CUDA always runs the reference).

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 
 from gam_ext import ops
 
-__all__ = ["GAMState", "allocate_state", "prefill", "step", "generate", "sample_logits",
-           "window_length"]
+__all__ = ["GAMState", "allocate_state", "prefill", "step", "generate", "sample_logits", "window_length"]
 
 
 @dataclass
@@ -92,15 +91,19 @@ class GAMState:
 
     def copy_(self, other: GAMState) -> GAMState:
         """Make this state (of the same shapes) equal to ``other``, in place."""
-        for dst, src in zip([*self.conv, self.positions, self.tokens],
-                            [*other.conv, other.positions, other.tokens], strict=True):
+        for dst, src in zip(
+            [*self.conv, self.positions, self.tokens],
+            [*other.conv, other.positions, other.tokens],
+            strict=True,
+        ):
             dst.copy_(src)
         self.seqlen = other.seqlen
         return self
 
     def clone(self) -> GAMState:
-        return GAMState([t.clone() for t in self.conv], self.positions.clone(),
-                        self.tokens.clone(), self.seqlen)
+        return GAMState(
+            [t.clone() for t in self.conv], self.positions.clone(), self.tokens.clone(), self.seqlen
+        )
 
 
 def window_length(model: nn.Module) -> int:
@@ -116,8 +119,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _activation_dtype(model: nn.Module, device_type: str) -> torch.dtype:
     """The dtype of the conv inputs in the blocks: the parameters', or autocast's for fp32 ones."""
     dtype = model.token_embedding.weight.dtype
-    if (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-            and dtype == torch.float32):
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and dtype == torch.float32:
         return torch.get_autocast_dtype(device_type)
     return dtype
 
@@ -143,8 +145,9 @@ def allocate_state(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     config = model.config
     k1 = config.conv_kernel_size - 1
-    conv = [torch.zeros(batch_size, k1, config.d_model, dtype=dtype, device=device)
-            for _ in range(config.n_layer)]
+    conv = [
+        torch.zeros(batch_size, k1, config.d_model, dtype=dtype, device=device) for _ in range(config.n_layer)
+    ]
     positions = torch.zeros(batch_size, dtype=torch.int32, device=device)
     tokens = torch.zeros(batch_size, window_length(model), dtype=torch.long, device=device)
     return GAMState(conv, positions, tokens, 0)
@@ -152,25 +155,34 @@ def allocate_state(
 
 def _check_state(model: nn.Module, state: object, batch: int) -> None:
     if not isinstance(state, GAMState):
-        raise TypeError(f"state must be a GAMState (model.allocate_state), got "
-                        f"{type(state).__name__}")
+        raise TypeError(f"state must be a GAMState (model.allocate_state), got {type(state).__name__}")
     device = _model_device(model)
     if state.device != device:
-        raise ValueError(f"state is on {state.device} but the model is on {device}; allocate it "
-                         f"with model.allocate_state(batch_size, device={str(device)!r})")
+        raise ValueError(
+            f"state is on {state.device} but the model is on {device}; allocate it "
+            f"with model.allocate_state(batch_size, device={str(device)!r})"
+        )
     expected = _activation_dtype(model, device.type)
     if state.dtype != expected:
-        raise ValueError(f"state has dtype {state.dtype} but the model computes in {expected}; "
-                         f"allocate it with model.allocate_state(batch_size, dtype={expected})")
+        raise ValueError(
+            f"state has dtype {state.dtype} but the model computes in {expected}; "
+            f"allocate it with model.allocate_state(batch_size, dtype={expected})"
+        )
     if state.batch_size != batch:
-        raise ValueError(f"state holds {state.batch_size} sequences but the tokens have batch "
-                         f"size {batch}; allocate it with model.allocate_state({batch})")
+        raise ValueError(
+            f"state holds {state.batch_size} sequences but the tokens have batch "
+            f"size {batch}; allocate it with model.allocate_state({batch})"
+        )
     config = model.config
     shape = (batch, config.conv_kernel_size - 1, config.d_model)
-    if (len(state.conv) != config.n_layer or any(tuple(t.shape) != shape for t in state.conv)
-            or tuple(state.tokens.shape) != (batch, window_length(model))):
-        raise ValueError("state was allocated for a model of another shape; allocate it with "
-                         "this model's allocate_state")
+    if (
+        len(state.conv) != config.n_layer
+        or any(tuple(t.shape) != shape for t in state.conv)
+        or tuple(state.tokens.shape) != (batch, window_length(model))
+    ):
+        raise ValueError(
+            "state was allocated for a model of another shape; allocate it with this model's allocate_state"
+        )
 
 
 def _capturing(device: torch.device) -> bool:
@@ -183,9 +195,10 @@ def _check_tokens(model: nn.Module, name: str, tokens: object, ndim: tuple[int, 
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
     if tokens.dim() not in ndim:
-        raise ValueError(f"{name} has shape {tuple(tokens.shape)}; expected "
-                         + (" or ".join({1: "(B,)", 2: "(B, 1)" if name == "tokens" else "(B, N)"}[n]
-                                        for n in ndim)))
+        raise ValueError(
+            f"{name} has shape {tuple(tokens.shape)}; expected "
+            + (" or ".join({1: "(B,)", 2: "(B, 1)" if name == "tokens" else "(B, N)"}[n] for n in ndim))
+        )
     device = _model_device(model)
     if tokens.device != device:
         raise ValueError(f"{name} is on {tokens.device} but the model is on {device}")
@@ -194,8 +207,7 @@ def _check_tokens(model: nn.Module, name: str, tokens: object, ndim: tuple[int, 
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} holds the token id {bad}, outside the vocabulary "
-                             f"[0, {vocab})")
+            raise ValueError(f"{name} holds the token id {bad}, outside the vocabulary [0, {vocab})")
     return tokens
 
 
@@ -226,8 +238,7 @@ def _block_tail(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     x = x[:, -rows:] + ops.gate_fusion(local, global_ctx, gate_logits)
     u = F.layer_norm(x, (d,), block.ln2.weight, block.ln2.bias, eps)
     ffn = block.ffn
-    return x + F.linear(F.gelu(F.linear(u, ffn[0].weight, ffn[0].bias)), ffn[2].weight,
-                        ffn[2].bias)
+    return x + F.linear(F.gelu(F.linear(u, ffn[0].weight, ffn[0].bias)), ffn[2].weight, ffn[2].bias)
 
 
 def _window_logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -253,7 +264,7 @@ def _fill_conv_state(block: nn.Module, x: torch.Tensor, conv: torch.Tensor) -> N
     if rows == 0:
         return
     d = x.shape[-1]
-    h = F.layer_norm(x[:, n - rows:], (d,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
+    h = F.layer_norm(x[:, n - rows :], (d,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
     h = ops._activation(h).to(conv.dtype)
     for i, q in enumerate(range(n - rows, n)):
         conv[:, q % width] = h[:, i]
@@ -276,7 +287,7 @@ def prefill(model: nn.Module, idx: torch.Tensor, state: GAMState) -> torch.Tenso
         w = state.tokens.shape[1]
         last = idx[:, -w:]
         state.tokens.zero_()
-        state.tokens[:, w - last.shape[1]:] = last
+        state.tokens[:, w - last.shape[1] :] = last
         state.positions.fill_(n)
         state.seqlen = n
         if n > config.block_size:
@@ -313,21 +324,22 @@ def step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tenso
     block_size and for CUDA graphs)."""
     tokens = _check_tokens(model, "tokens", tokens, (1, 2))
     if tokens.dim() == 2 and tokens.shape[1] != 1:
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}; step takes one token per "
-                         "sequence, (B,) or (B, 1)")
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)}; step takes one token per sequence, (B,) or (B, 1)"
+        )
     tokens = tokens.reshape(-1).to(torch.long)
     _check_state(model, state, tokens.shape[0])
     return _step(model, tokens, state)
 
 
 def _check_sampling(temperature: object, top_k: object, top_p: object) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-            or not temperature >= 0:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
-                              or not 0 < top_p <= 1):
+    if top_p is not None and (
+        not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1
+    ):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
@@ -383,8 +395,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
     vocab = model.config.vocab_size
-    if eos_token_id is not None and (not isinstance(eos_token_id, int)
-                                     or not 0 <= eos_token_id < vocab):
+    if eos_token_id is not None and (not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab):
         raise ValueError(f"eos_token_id must be a token id in [0, {vocab}), got {eos_token_id!r}")
     idx = _check_tokens(model, "idx", idx, (2,))
     if idx.shape[1] < 1:
@@ -396,8 +407,9 @@ def generate(
         logits = prefill(model, idx, state)
         pieces, done = [idx], None
         for i in range(max_new_tokens):
-            token = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  greedy=greedy, generator=generator)
+            token = sample_logits(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
+            )
             if eos_token_id is not None:
                 done = token == eos_token_id if done is None else done | (token == eos_token_id)
                 token = token.masked_fill(done, eos_token_id)

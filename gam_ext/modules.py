@@ -35,13 +35,22 @@ class GAMConfig:
     conv_kernel_size: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "d_model", "n_layer", "num_memory_slots",
-                     "conv_kernel_size"):
+        for name in (
+            "vocab_size",
+            "block_size",
+            "d_model",
+            "n_layer",
+            "num_memory_slots",
+            "conv_kernel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GAMConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
-                or not 0.0 <= self.dropout < 1.0:
+        if (
+            not isinstance(self.dropout, (int, float))
+            or isinstance(self.dropout, bool)
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ValueError(f"GAMConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
@@ -56,14 +65,16 @@ class GAMBlock(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_memory_slots", num_memory_slots),
-                            ("conv_kernel_size", conv_kernel_size)):
+        for name, value in (
+            ("d_model", d_model),
+            ("num_memory_slots", num_memory_slots),
+            ("conv_kernel_size", conv_kernel_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"GAMBlock: {name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"GAMBlock: {name} must be >= 1, got {value}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) \
-                or not 0.0 <= dropout < 1.0:
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"GAMBlock: dropout must be a float in [0, 1), got {dropout!r}")
         self.d_model = d_model
         self.ln1 = nn.LayerNorm(d_model)
@@ -84,8 +95,14 @@ class GAMBlock(nn.Module):
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """The token mixer on the normalised input: gated causal conv and memory retrieval."""
-        return gam_mixer(h, self.causal_conv.weight, self.causal_conv.bias, self.memory_bank,
-                         self.gate.weight, self.gate.bias)
+        return gam_mixer(
+            h,
+            self.causal_conv.weight,
+            self.causal_conv.bias,
+            self.memory_bank,
+            self.gate.weight,
+            self.gate.bias,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float_tensor("x", x, 3)
@@ -101,9 +118,16 @@ class GAMBlock(nn.Module):
         takes LN1(x), in place, as in :func:`gam_ext.causal_conv1d_update` (with cache_seqlens, a
         circular buffer by position). Inference: no dropout.
         """
-        x = x + gam_mixer_step(self.ln1(x), conv_state, self.causal_conv.weight,
-                               self.causal_conv.bias, self.memory_bank, self.gate.weight,
-                               self.gate.bias, cache_seqlens=cache_seqlens)
+        x = x + gam_mixer_step(
+            self.ln1(x),
+            conv_state,
+            self.causal_conv.weight,
+            self.causal_conv.bias,
+            self.memory_bank,
+            self.gate.weight,
+            self.gate.bias,
+            cache_seqlens=cache_seqlens,
+        )
         return x + self.ffn[:3](self.ln2(x))  # Linear, GELU, Linear: the FFN without its dropout
 
 
@@ -121,8 +145,14 @@ class LanguageModel(nn.Module):
     initialisation, come in that order).
     """
 
-    def __init__(self, vocab_size: int, block_size: int, d_model: int, dropout: float,
-                 blocks: Iterable[nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        d_model: int,
+        dropout: float,
+        blocks: Iterable[nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.block_size = block_size
         self.token_embedding = nn.Embedding(vocab_size, d_model)
@@ -176,8 +206,7 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt ``idx`` (B, N), nanoGPT style."""
-        return generate_tokens(self, idx, max_new_tokens, self.block_size, temperature, top_k,
-                               generator)
+        return generate_tokens(self, idx, max_new_tokens, self.block_size, temperature, top_k, generator)
 
 
 class GAMModel(LanguageModel):
@@ -185,17 +214,24 @@ class GAMModel(LanguageModel):
 
     def __init__(self, config: GAMConfig) -> None:
         super().__init__(
-            config.vocab_size, config.block_size, config.d_model, config.dropout,
-            blocks=(GAMBlock(config.d_model, config.num_memory_slots, config.conv_kernel_size,
-                             config.dropout)
-                    for _ in range(config.n_layer)),
+            config.vocab_size,
+            config.block_size,
+            config.d_model,
+            config.dropout,
+            blocks=(
+                GAMBlock(config.d_model, config.num_memory_slots, config.conv_kernel_size, config.dropout)
+                for _ in range(config.n_layer)
+            ),
         )
         self.config = config
 
     # Generation with a constant-size recurrent state (gam_ext/generation.py has the details).
 
     def allocate_state(
-        self, batch_size: int, *, dtype: torch.dtype | None = None,
+        self,
+        batch_size: int,
+        *,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> generation.GAMState:
         """A zero recurrent state for ``batch_size`` sequences: per block the last K-1 conv
@@ -241,13 +277,22 @@ class GAMModel(LanguageModel):
         and the top_p nucleus; greedy takes the argmax. A sequence that produced eos_token_id
         continues with it, and generation stops when all have. Runs without dropout or autograd.
         """
-        return generation.generate(self, idx, max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, greedy=greedy,
-                                   eos_token_id=eos_token_id, generator=generator)
+        return generation.generate(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
 
     @classmethod
     def from_official(
-        cls, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
+        cls,
+        state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
         dropout: float = 0.1,
     ) -> GAMModel:
         """Build a GAMModel from a state_dict (or a file holding one) of the paper's GAM_Model.
@@ -274,7 +319,10 @@ class GAMModel(LanguageModel):
 
     @classmethod
     def from_pretrained(
-        cls, directory_or_hub_id: str | os.PathLike, *, revision: str | None = None,
+        cls,
+        directory_or_hub_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> GAMModel:
         """A GAMModel from a directory written by :meth:`save_pretrained`, or from a Hugging Face
@@ -307,9 +355,14 @@ def generate_tokens(
     """
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -block_size:])
-        next_token = generation.sample_logits(logits[:, -1, :], temperature=temperature,
-                                              top_k=top_k, top_p=top_p, greedy=greedy,
-                                              generator=generator)
+        next_token = generation.sample_logits(
+            logits[:, -1, :],
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            generator=generator,
+        )
         idx = torch.cat([idx, next_token.unsqueeze(1)], dim=1)
     return idx
 
@@ -325,7 +378,7 @@ def _strip_wrapper_prefixes(key: str) -> str:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 

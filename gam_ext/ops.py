@@ -29,8 +29,15 @@ from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_i
 
 from gam_ext import _backend, reference
 
-__all__ = ["causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer", "gam_block",
-           "causal_conv1d_update", "gam_mixer_step"]
+__all__ = [
+    "causal_conv1d",
+    "memory_retrieval",
+    "gate_fusion",
+    "gam_mixer",
+    "gam_block",
+    "causal_conv1d_update",
+    "gam_mixer_step",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,19 +51,13 @@ def _check_float_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
     if value.dim() != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
 
 
-def _check_param(
-    name: str, value: object, shape: tuple[int, ...], optional: bool = False
-) -> None:
+def _check_param(name: str, value: object, shape: tuple[int, ...], optional: bool = False) -> None:
     """A parameter tensor of exactly ``shape`` (``None`` allowed when ``optional``)."""
     if value is None and optional:
         return
@@ -77,11 +78,7 @@ def _check_same_device(reference_name: str, reference_tensor: torch.Tensor, **ot
 def _activation(t: torch.Tensor) -> torch.Tensor:
     """Under autocast, run an op's activation input in the autocast dtype (parameters stay)."""
     device_type = t.device.type
-    if (
-        device_type in ("cpu", "cuda")
-        and torch.is_autocast_enabled(device_type)
-        and t.dtype == torch.float32
-    ):
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and t.dtype == torch.float32:
         return t.to(torch.get_autocast_dtype(device_type))
     return t
 
@@ -93,8 +90,7 @@ def _check_conv(x: object, weight: object, bias: object) -> torch.Tensor:
     if weight.dim() == 3:
         if weight.shape[1] != 1:
             raise ValueError(
-                "weight of shape (D, 1, K) expected for a depthwise conv, got "
-                f"{tuple(weight.shape)}"
+                f"weight of shape (D, 1, K) expected for a depthwise conv, got {tuple(weight.shape)}"
             )
     elif weight.dim() != 2:
         raise ValueError(f"weight must be (D, K) or (D, 1, K), got shape {tuple(weight.shape)}")
@@ -116,9 +112,7 @@ def _check_memory(h: object, memory: object, scale: object) -> None:
     h = _check_float_tensor("h", h, 3)
     memory = _check_float_tensor("memory", memory, 2)
     if memory.shape[1] != h.shape[2]:
-        raise ValueError(
-            f"memory must have shape (S, {h.shape[2]}) to match h, got {tuple(memory.shape)}"
-        )
+        raise ValueError(f"memory must have shape (S, {h.shape[2]}) to match h, got {tuple(memory.shape)}")
     if memory.shape[0] < 1:
         raise ValueError("memory must have at least one slot (S >= 1)")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -132,8 +126,7 @@ def _check_gate(local: object, global_ctx: object, gate_logits: object) -> None:
     gate_logits = _check_float_tensor("gate_logits", gate_logits, 3)
     if global_ctx.shape != local.shape:
         raise ValueError(
-            f"global_ctx must have the shape of local {tuple(local.shape)}, "
-            f"got {tuple(global_ctx.shape)}"
+            f"global_ctx must have the shape of local {tuple(local.shape)}, got {tuple(global_ctx.shape)}"
         )
     b, n, d = local.shape
     if tuple(gate_logits.shape) != (b, n, 2 * d):
@@ -167,9 +160,7 @@ def _needs_reference_math(*tensors: torch.Tensor | None) -> bool:
     ):
         return True
     if forward_ad._current_level >= 0:
-        return any(
-            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
-        )
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
     return False
 
 
@@ -182,9 +173,7 @@ def _use_kernel(op: str, device_type: str, dtype: torch.dtype, *tensors: torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal depthwise conv over time of ``x`` (B, N, D); weight (D, K) or (D, 1, K)."""
     weight_2d = _check_conv(x, weight, bias)
     x = _activation(x)
@@ -202,17 +191,13 @@ def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, scale: float = 1.0) 
     return reference.memory_retrieval(h, memory, scale)
 
 
-def gate_fusion(
-    local: torch.Tensor, global_ctx: torch.Tensor, gate_logits: torch.Tensor
-) -> torch.Tensor:
+def gate_fusion(local: torch.Tensor, global_ctx: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
     """sigmoid(zl) * local + sigmoid(zg) * global_ctx; gate_logits (B, N, 2D) holds [zl, zg].
 
     Inputs of different dtypes are computed in their promoted dtype.
     """
     _check_gate(local, global_ctx, gate_logits)
-    dtype = torch.promote_types(
-        torch.promote_types(local.dtype, global_ctx.dtype), gate_logits.dtype
-    )
+    dtype = torch.promote_types(torch.promote_types(local.dtype, global_ctx.dtype), gate_logits.dtype)
     local, global_ctx, gate_logits = (t.to(dtype) for t in (local, global_ctx, gate_logits))
     if _use_kernel("gate_fusion", local.device.type, dtype, local, global_ctx, gate_logits):
         return torch.ops.gam_ext.gate_fusion_fwd(local, global_ctx, gate_logits)
@@ -245,19 +230,19 @@ def gam_mixer(
     weight_2d = _check_conv(h, conv_weight, conv_bias)
     _check_memory(h, memory, scale)
     act = _activation(h)
-    if _use_kernel("gam_mixer", act.device.type, act.dtype, act, weight_2d, conv_bias, memory,
-                   gate_weight, gate_bias):
-        return torch.ops.gam_ext.gam_mixer_fwd(act, weight_2d, conv_bias, memory, gate_weight,
-                                               gate_bias, float(scale))[0]
+    if _use_kernel(
+        "gam_mixer", act.device.type, act.dtype, act, weight_2d, conv_bias, memory, gate_weight, gate_bias
+    ):
+        return torch.ops.gam_ext.gam_mixer_fwd(
+            act, weight_2d, conv_bias, memory, gate_weight, gate_bias, float(scale)
+        )[0]
     local = causal_conv1d(h, conv_weight, conv_bias)
     global_ctx = memory_retrieval(h, memory, scale)
     gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
     return gate_fusion(local, global_ctx, gate_logits)
 
 
-def _gate_linear(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def _gate_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """h @ weight.T + bias. With the CPU kernels and half activations, computed in fp32.
 
     torch's float16/bfloat16 GEMM on a CPU without native half-precision matrix instructions runs
@@ -271,9 +256,7 @@ def _gate_linear(
         and _backend.use_kernel("gate_fusion", "cpu", h.dtype)
     ):
         with torch.autocast("cpu", enabled=False):
-            out = F.linear(
-                h.float(), weight.float(), None if bias is None else bias.float()
-            )
+            out = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
         return out.to(h.dtype)
     # Parameters follow the activations' dtype, as in the other ops (a no-op under autocast).
     return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
@@ -306,8 +289,12 @@ def gam_block(
     """
     _check_float_tensor("x", x, 3)
     d = x.shape[-1]
-    for name, value in (("ln1_weight", ln1_weight), ("ln1_bias", ln1_bias),
-                        ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
+    for name, value in (
+        ("ln1_weight", ln1_weight),
+        ("ln1_bias", ln1_bias),
+        ("ln2_weight", ln2_weight),
+        ("ln2_bias", ln2_bias),
+    ):
         _check_param(name, value, (d,))
     _check_float_tensor("ffn_w1", ffn_w1, 2)
     hidden = ffn_w1.shape[0]
@@ -315,9 +302,18 @@ def gam_block(
     _check_param("ffn_b1", ffn_b1, (hidden,), optional=True)
     _check_param("ffn_w2", ffn_w2, (d, hidden))
     _check_param("ffn_b2", ffn_b2, (d,), optional=True)
-    _check_same_device("x", x, ln1_weight=ln1_weight, ln1_bias=ln1_bias, ln2_weight=ln2_weight,
-                       ln2_bias=ln2_bias, ffn_w1=ffn_w1, ffn_b1=ffn_b1, ffn_w2=ffn_w2,
-                       ffn_b2=ffn_b2)
+    _check_same_device(
+        "x",
+        x,
+        ln1_weight=ln1_weight,
+        ln1_bias=ln1_bias,
+        ln2_weight=ln2_weight,
+        ln2_bias=ln2_bias,
+        ffn_w1=ffn_w1,
+        ffn_b1=ffn_b1,
+        ffn_w2=ffn_w2,
+        ffn_b2=ffn_b2,
+    )
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
@@ -343,9 +339,7 @@ def _check_conv_state(
     conv_state = _check_float_tensor("conv_state", conv_state, 3)
     b, d = act.shape[0], act.shape[-1]
     if conv_state.dtype != act.dtype:
-        raise TypeError(
-            f"conv_state must have the dtype of {act_name} ({act.dtype}), got {conv_state.dtype}"
-        )
+        raise TypeError(f"conv_state must have the dtype of {act_name} ({act.dtype}), got {conv_state.dtype}")
     if conv_state.shape[0] != b or conv_state.shape[2] != d:
         raise ValueError(
             f"conv_state must have shape (B, W, D) = ({b}, W, {d}), got {tuple(conv_state.shape)}"
@@ -364,9 +358,7 @@ def _check_conv_state(
         if cache_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
         if tuple(cache_seqlens.shape) != (b,):
-            raise ValueError(
-                f"cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}"
-            )
+            raise ValueError(f"cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}")
     _check_same_device(act_name, act, conv_state=conv_state, cache_seqlens=cache_seqlens)
 
 
@@ -440,10 +432,12 @@ def gam_mixer_step(
     h = _activation(h)
     _check_conv_state("h", h, conv_state, weight_2d.shape[1], cache_seqlens)
     gate_logits = _gate_linear(h, gate_weight, gate_bias)
-    if _use_step_kernel("gam_mixer_step", h.device.type, h.dtype, h, weight_2d, conv_bias, memory,
-                        gate_logits):
-        return torch.ops.gam_ext.gam_mixer_step(h, conv_state, weight_2d, conv_bias, memory,
-                                                gate_logits, cache_seqlens, float(scale))
+    if _use_step_kernel(
+        "gam_mixer_step", h.device.type, h.dtype, h, weight_2d, conv_bias, memory, gate_logits
+    ):
+        return torch.ops.gam_ext.gam_mixer_step(
+            h, conv_state, weight_2d, conv_bias, memory, gate_logits, cache_seqlens, float(scale)
+        )
     x = h.unsqueeze(1)
     local = reference.causal_conv1d_update(x, conv_state, weight_2d, conv_bias, cache_seqlens)
     global_ctx = reference.memory_retrieval(x, memory, scale)
@@ -477,12 +471,18 @@ def _reference_vjp(
     if not wanted:
         return grads
     device_type = inputs[0].device.type
-    no_autocast = (torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda")
-                   else contextlib.nullcontext())
+    no_autocast = (
+        torch.autocast(device_type, enabled=False)
+        if device_type in ("cpu", "cuda")
+        else contextlib.nullcontext()
+    )
     with torch.enable_grad(), no_autocast:
         out = fn(*(t.to(dtype) for t in leaves))
         found = torch.autograd.grad(
-            out, [leaves[i] for i in wanted], grad_output.to(dtype), create_graph=True,
+            out,
+            [leaves[i] for i in wanted],
+            grad_output.to(dtype),
+            create_graph=True,
             allow_unused=True,
         )
     for i, g in zip(wanted, found, strict=True):
@@ -525,16 +525,26 @@ def _register_compiled_ops() -> None:
     @torch.library.register_fake(lib + "gam_mixer_fwd")
     def _mixer_fwd_fake(h, conv_weight, conv_bias, memory, gate_weight, gate_bias, scale):
         b, n, d = h.shape
-        return (h.new_empty(h.shape), h.new_empty((b, n), dtype=torch.float32),
-                h.new_empty((b, n, 2 * d)), h.new_empty(h.shape))
+        return (
+            h.new_empty(h.shape),
+            h.new_empty((b, n), dtype=torch.float32),
+            h.new_empty((b, n, 2 * d)),
+            h.new_empty(h.shape),
+        )
 
     @torch.library.register_fake(lib + "gam_mixer_bwd")
-    def _mixer_bwd_fake(grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse,
-                        gate_logits, global_ctx, scale):
+    def _mixer_bwd_fake(
+        grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse, gate_logits, global_ctx, scale
+    ):
         d = h.shape[2]
-        return (h.new_empty(h.shape), conv_weight.new_empty(conv_weight.shape),
-                conv_weight.new_empty((d,)), memory.new_empty(memory.shape),
-                gate_weight.new_empty(gate_weight.shape), gate_weight.new_empty((2 * d,)))
+        return (
+            h.new_empty(h.shape),
+            conv_weight.new_empty(conv_weight.shape),
+            conv_weight.new_empty((d,)),
+            memory.new_empty(memory.shape),
+            gate_weight.new_empty(gate_weight.shape),
+            gate_weight.new_empty((2 * d,)),
+        )
 
     # The step ops (inference only, no autograd): the output has the shape of the new rows.
     @torch.library.register_fake(lib + "causal_conv1d_update")
@@ -542,8 +552,7 @@ def _register_compiled_ops() -> None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake(lib + "gam_mixer_step")
-    def _mixer_step_fake(h, conv_state, conv_weight, conv_bias, memory, gate_logits,
-                         cache_seqlens, scale):
+    def _mixer_step_fake(h, conv_state, conv_weight, conv_bias, memory, gate_logits, cache_seqlens, scale):
         return h.new_empty(h.shape)
 
     # An ordinary backward runs the *_bwd kernels. A backward with create_graph=True (grad mode is
@@ -559,7 +568,9 @@ def _register_compiled_ops() -> None:
         x, weight = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw = _reference_vjp(
-                lambda x, w: reference.causal_conv1d(x, w), (x, weight), grad_y,
+                lambda x, w: reference.causal_conv1d(x, w),
+                (x, weight),
+                grad_y,
                 ctx.needs_input_grad[:2],
             )
             dbias = None
@@ -583,13 +594,13 @@ def _register_compiled_ops() -> None:
         if torch.is_grad_enabled():
             scale = ctx.scale
             dh, dmemory = _reference_vjp(
-                lambda h, m: reference.memory_retrieval(h, m, scale), (h, memory), grad_out,
+                lambda h, m: reference.memory_retrieval(h, m, scale),
+                (h, memory),
+                grad_out,
                 ctx.needs_input_grad[:2],
             )
             return dh, dmemory, None
-        dh, dmemory = torch.ops.gam_ext.memory_retrieval_bwd(
-            grad_out, h, memory, out, lse, ctx.scale
-        )
+        dh, dmemory = torch.ops.gam_ext.memory_retrieval_bwd(grad_out, h, memory, out, lse, ctx.scale)
         return dh, dmemory, None
 
     def gate_setup(ctx, inputs, output):
@@ -597,9 +608,9 @@ def _register_compiled_ops() -> None:
 
     def gate_backward(ctx, grad_out):
         if torch.is_grad_enabled():
-            return tuple(_reference_vjp(
-                reference.gate_fusion, ctx.saved_tensors, grad_out, ctx.needs_input_grad
-            ))
+            return tuple(
+                _reference_vjp(reference.gate_fusion, ctx.saved_tensors, grad_out, ctx.needs_input_grad)
+            )
         return torch.ops.gam_ext.gate_fusion_bwd(grad_out, *ctx.saved_tensors)
 
     def mixer_setup(ctx, inputs, output):
@@ -609,20 +620,25 @@ def _register_compiled_ops() -> None:
         # No zero gradients for the three saved outputs (they would cost 3 * B * N * D elements
         # in the backward): the backward takes None for them, and for out when it is unused.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse,
-                              gate_logits, global_ctx)
+        ctx.save_for_backward(
+            h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse, gate_logits, global_ctx
+        )
         ctx.scale = scale
 
     def mixer_backward(ctx, grad_out, grad_lse, grad_z, grad_global):
-        (h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse, gate_logits,
-         global_ctx) = ctx.saved_tensors
+        (h, conv_weight, conv_bias, memory, gate_weight, gate_bias, lse, gate_logits, global_ctx) = (
+            ctx.saved_tensors
+        )
         if grad_out is None:
             grad_out = torch.zeros_like(h)
         needed = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():
             scale = ctx.scale
-            present = [i for i, t in enumerate((h, conv_weight, conv_bias, memory, gate_weight,
-                                                gate_bias)) if t is not None]
+            present = [
+                i
+                for i, t in enumerate((h, conv_weight, conv_bias, memory, gate_weight, gate_bias))
+                if t is not None
+            ]
             tensors = (h, conv_weight, conv_bias, memory, gate_weight, gate_bias)
 
             def mixer_math(*given):
@@ -631,17 +647,25 @@ def _register_compiled_ops() -> None:
                     full[i] = t
                 return reference.gam_mixer(*full, scale)
 
-            found = _reference_vjp(mixer_math, tuple(tensors[i] for i in present), grad_out,
-                                   tuple(needed[i] for i in present))
+            found = _reference_vjp(
+                mixer_math, tuple(tensors[i] for i in present), grad_out, tuple(needed[i] for i in present)
+            )
             grads: list[torch.Tensor | None] = [None] * 6
             for i, g in zip(present, found, strict=True):
                 grads[i] = g
             return (*grads, None)
         dh, dcw, dcb, dm, dgw, dgb = torch.ops.gam_ext.gam_mixer_bwd(
-            grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse, gate_logits,
-            global_ctx, ctx.scale)
-        return (dh, dcw, None if conv_bias is None else dcb.to(conv_bias.dtype), dm, dgw,
-                None if gate_bias is None else dgb.to(gate_bias.dtype), None)
+            grad_out, h, conv_weight, conv_bias, memory, gate_weight, lse, gate_logits, global_ctx, ctx.scale
+        )
+        return (
+            dh,
+            dcw,
+            None if conv_bias is None else dcb.to(conv_bias.dtype),
+            dm,
+            dgw,
+            None if gate_bias is None else dgb.to(gate_bias.dtype),
+            None,
+        )
 
     torch.library.register_autograd(lib + "gam_mixer_fwd", mixer_backward, setup_context=mixer_setup)
     torch.library.register_autograd(lib + "causal_conv1d_fwd", conv_backward, setup_context=conv_setup)

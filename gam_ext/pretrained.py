@@ -58,12 +58,18 @@ def save_pretrained(model: GAMModel, directory: str | os.PathLike) -> Path:
             f"(DTensor, e.g. {sharded[0]}): gather them first, e.g. with torch.distributed."
             "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
             "full_state_dict=True, cpu_offload=True)), load them into an unsharded GAMModel and "
-            "save that")
+            "save that"
+        )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k != _TIED}
     from gam_ext import __version__
 
-    config = {"model_type": MODEL_TYPE, "architectures": [type(model).__name__],
-              **asdict(model.config), "tie_word_embeddings": True, "gam_ext_version": __version__}
+    config = {
+        "model_type": MODEL_TYPE,
+        "architectures": [type(model).__name__],
+        **asdict(model.config),
+        "tie_word_embeddings": True,
+        "gam_ext_version": __version__,
+    }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
@@ -87,8 +93,9 @@ def _hub_files(repo_id: str, revision: str | None, cache_dir: str | os.PathLike 
     paths = []
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         try:
-            paths.append(huggingface_hub.hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=cache_dir))
+            paths.append(
+                huggingface_hub.hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir)
+            )
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [""])[0][:300].rstrip(". ")
             raise OSError(
@@ -108,19 +115,24 @@ def _read_config(path: Path, where: str) -> GAMConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {CONFIG_NAME} of {where}: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{CONFIG_NAME} of {where} must hold a JSON object, got "
-                         f"{type(raw).__name__}")
+        raise ValueError(f"{CONFIG_NAME} of {where} must hold a JSON object, got {type(raw).__name__}")
     if raw.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-        raise ValueError(f"{CONFIG_NAME} of {where} describes a {raw['model_type']!r} model, "
-                         f"not a GAM model (model_type {MODEL_TYPE!r})")
+        raise ValueError(
+            f"{CONFIG_NAME} of {where} describes a {raw['model_type']!r} model, "
+            f"not a GAM model (model_type {MODEL_TYPE!r})"
+        )
     names = [f.name for f in fields(GAMConfig)]
     unknown = sorted(set(raw) - set(names) - set(_INFO_KEYS))
     missing = [name for name in names if name not in raw]
     if unknown or missing:
         raise ValueError(
             f"{CONFIG_NAME} of {where} does not match GAMConfig: "
-            + "; ".join(part for part in (unknown and f"unknown fields {unknown}",
-                                          missing and f"missing fields {missing}") if part))
+            + "; ".join(
+                part
+                for part in (unknown and f"unknown fields {unknown}", missing and f"missing fields {missing}")
+                if part
+            )
+        )
     try:
         return GAMConfig(**{name: raw[name] for name in names})
     except ValueError as exc:
@@ -147,28 +159,36 @@ def load_pretrained(
         raise ValueError(
             f"{str(source)!r} is a file; from_pretrained takes a directory written by "
             "save_pretrained (config.json + model.safetensors) or a Hub id. A checkpoint of the "
-            "paper's code loads with GAMModel.from_official")
+            "paper's code loads with GAMModel.from_official"
+        )
     elif isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
         folder, where = _hub_files(source, revision, cache_dir), f"Hub repository {source!r}"
     else:
         raise FileNotFoundError(
-            f"no directory {str(source)!r} (and it is not a Hub id of the form owner/name)")
+            f"no directory {str(source)!r} (and it is not a Hub id of the form owner/name)"
+        )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(
                 f"{where} is not a saved GAMModel: it has no {name} (GAMModel.save_pretrained "
-                f"writes {CONFIG_NAME} and {WEIGHTS_NAME})")
+                f"writes {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     config = _read_config(folder / CONFIG_NAME, where)
     st = _safetensors()
     try:
         tensors = st.load_file(str(folder / WEIGHTS_NAME), device="cpu")
     except Exception as exc:
-        raise ValueError(f"cannot read {WEIGHTS_NAME} of {where} (truncated or not safetensors?): "
-                         f"{type(exc).__name__}: {exc}") from None
+        raise ValueError(
+            f"cannot read {WEIGHTS_NAME} of {where} (truncated or not safetensors?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     model = cls(config)
     expected = {k: v for k, v in model.state_dict().items() if k != _TIED}
-    problems = [f"{k} has shape {tuple(tensors[k].shape)}, the config makes {tuple(v.shape)}"
-                for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    problems = [
+        f"{k} has shape {tuple(tensors[k].shape)}, the config makes {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -176,7 +196,6 @@ def load_pretrained(
     if unexpected:
         problems.append(f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
     if problems:
-        raise ValueError(f"{WEIGHTS_NAME} does not match {CONFIG_NAME} in {where}: "
-                         + "; ".join(problems))
+        raise ValueError(f"{WEIGHTS_NAME} does not match {CONFIG_NAME} in {where}: " + "; ".join(problems))
     model.load_state_dict({**tensors, _TIED: tensors["token_embedding.weight"]}, strict=True)
     return model

@@ -27,9 +27,7 @@ def _conv_weight_2d(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], weight.shape[-1])
 
 
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y[b,t,c] = bias[c] + sum_j w[c,j] * x[b, t-(K-1)+j, c]; weight (D, K) or (D, 1, K)."""
     n, d = x.shape[1], x.shape[2]
     w = _conv_weight_2d(weight).to(x.dtype)
@@ -48,9 +46,7 @@ def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, scale: float = 1.0) 
     return torch.matmul(F.softmax(scores, dim=-1), m)
 
 
-def gate_fusion(
-    local: torch.Tensor, global_ctx: torch.Tensor, gate_logits: torch.Tensor
-) -> torch.Tensor:
+def gate_fusion(local: torch.Tensor, global_ctx: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
     """f = sigmoid(zl) * local + sigmoid(zg) * global, with (zl, zg) the two halves of gate_logits."""
     zl, zg = gate_logits.chunk(2, dim=-1)
     return torch.sigmoid(zl) * local + torch.sigmoid(zg) * global_ctx
@@ -121,7 +117,7 @@ def causal_conv1d_update(
     width = conv_state.shape[1]
     if cache_seqlens is None:
         full = torch.cat([conv_state, x], dim=1)
-        prev = full[:, width - (k - 1):width]
+        prev = full[:, width - (k - 1) : width]
     else:
         start = cache_seqlens.to(torch.long)
         offsets = torch.arange(-(k - 1), 0, device=x.device)
@@ -136,9 +132,10 @@ def causal_conv1d_update(
             conv_state.copy_(full[:, n:])
         else:
             keep = min(n, width)
-            pos = (cache_seqlens.to(torch.long).unsqueeze(1)
-                   + torch.arange(n - keep, n, device=x.device)).remainder(width)
-            conv_state.scatter_(1, pos.unsqueeze(2).expand(b, keep, d), x[:, n - keep:])
+            pos = (
+                cache_seqlens.to(torch.long).unsqueeze(1) + torch.arange(n - keep, n, device=x.device)
+            ).remainder(width)
+            conv_state.scatter_(1, pos.unsqueeze(2).expand(b, keep, d), x[:, n - keep :])
     return y
 
 

@@ -18,9 +18,7 @@ class PaperBlock(nn.Module):
     def __init__(self, d_model: int, num_slots: int, kernel_size: int, dropout: float) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.causal_conv = nn.Conv1d(
-            d_model, d_model, kernel_size, padding=kernel_size - 1, groups=d_model
-        )
+        self.causal_conv = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size - 1, groups=d_model)
         self.memory_bank = nn.Parameter(torch.empty(num_slots, d_model))
         nn.init.xavier_uniform_(self.memory_bank)
         self.gate = nn.Linear(d_model, 2 * d_model)
@@ -46,15 +44,21 @@ class PaperBlock(nn.Module):
 
 
 class PaperModel(nn.Module):
-    def __init__(self, vocab: int, block_size: int, d_model: int, n_layer: int, slots: int,
-                 kernel_size: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        block_size: int,
+        d_model: int,
+        n_layer: int,
+        slots: int,
+        kernel_size: int,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab, d_model)
         self.pos_embedding = nn.Embedding(block_size, d_model)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            PaperBlock(d_model, slots, kernel_size, dropout) for _ in range(n_layer)
-        )
+        self.blocks = nn.ModuleList(PaperBlock(d_model, slots, kernel_size, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.token_embedding.weight = self.head.weight

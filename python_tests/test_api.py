@@ -66,8 +66,7 @@ def test_set_backend_switches_and_validates():
 def test_environment_forces_the_reference_path():
     code = "import gam_ext; print(gam_ext.backend_info()['ops']['cpu']['memory_retrieval'])"
     env = {**os.environ, "GAM_EXT_BACKEND": "reference", "GAM_EXT_QUIET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
     env["GAM_EXT_BACKEND"] = "bogus"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -77,8 +76,7 @@ def test_environment_forces_the_reference_path():
 def test_environment_selects_the_unfused_mixer():
     code = "import gam_ext; i = gam_ext.backend_info(); print(i['backend'], i['mixer']['cpu'])"
     env = {**os.environ, "GAM_EXT_BACKEND": " Unfused ", "GAM_EXT_QUIET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["unfused", "unfused"]
 
 
@@ -86,8 +84,14 @@ def test_backend_info_reports_the_build():
     info = gam_ext.backend_info()
     assert info["extension"] is not None, info["extension_error"]
     assert set(info["ops"]) == {"cpu", "cuda"}
-    assert set(info["ops"]["cpu"]) == {"causal_conv1d", "memory_retrieval", "gate_fusion",
-                                       "gam_mixer", "causal_conv1d_update", "gam_mixer_step"}
+    assert set(info["ops"]["cpu"]) == {
+        "causal_conv1d",
+        "memory_retrieval",
+        "gate_fusion",
+        "gam_mixer",
+        "causal_conv1d_update",
+        "gam_mixer_step",
+    }
     assert info["mixer"]["cpu"] == "fused"  # the CPU build has the fused mixer op
     assert info["ops"]["cpu"]["gam_mixer"] == "kernel"
     assert "retrieval" not in info
@@ -97,25 +101,32 @@ def test_backend_info_reports_the_build():
     assert gam_ext.backend_info(retrieval=(512, 512, torch.float64))["retrieval"]["cuda"] == "reference"
 
 
-@pytest.mark.parametrize("backend,mixer,fused_op", [("auto", "fused", "kernel"),
-                                                    ("fused", "fused", "kernel"),
-                                                    ("unfused", "unfused", "unfused"),
-                                                    ("reference", "reference", "reference")])
+@pytest.mark.parametrize(
+    "backend,mixer,fused_op",
+    [
+        ("auto", "fused", "kernel"),
+        ("fused", "fused", "kernel"),
+        ("unfused", "unfused", "unfused"),
+        ("reference", "reference", "reference"),
+    ],
+)
 def test_backend_info_reports_the_mixer_path(backend, mixer, fused_op, use_backend):
     use_backend(backend)
     info = gam_ext.backend_info()
     assert info["backend"] == backend
     assert info["mixer"]["cpu"] == mixer
     assert info["ops"]["cpu"]["gam_mixer"] == fused_op
-    primitives = {info["ops"]["cpu"][op] for op in ("causal_conv1d", "memory_retrieval",
-                                                      "gate_fusion")}
+    primitives = {info["ops"]["cpu"][op] for op in ("causal_conv1d", "memory_retrieval", "gate_fusion")}
     assert primitives == {"reference" if backend == "reference" else "kernel"}
 
 
-@pytest.mark.skipif(not gam_ext._backend._KERNELS.get("cuda", {}).get("gam_mixer", False),
-                    reason="the extension has no CUDA kernels")
-@pytest.mark.parametrize("backend,cuda_mixer", [("auto", "unfused"), ("fused", "fused"),
-                                                ("unfused", "unfused")])
+@pytest.mark.skipif(
+    not gam_ext._backend._KERNELS.get("cuda", {}).get("gam_mixer", False),
+    reason="the extension has no CUDA kernels",
+)
+@pytest.mark.parametrize(
+    "backend,cuda_mixer", [("auto", "unfused"), ("fused", "fused"), ("unfused", "unfused")]
+)
 def test_auto_backend_picks_the_mixer_per_device(backend, cuda_mixer, use_backend):
     # The fused mixer op is built for both devices; "auto" runs it on the CPU only (the three ops
     # measured faster on CUDA), "fused" and "unfused" force one path everywhere.
@@ -165,8 +176,13 @@ def test_mixer_takes_fp32_parameters_with_half_activations(backend):
     torch.manual_seed(0)
     d = 8
     h = torch.randn(2, 5, d)
-    params = dict(conv_weight=torch.randn(d, 1, 3), conv_bias=torch.randn(d), memory=torch.randn(4, d),
-                  gate_weight=torch.randn(2 * d, d), gate_bias=torch.randn(2 * d))
+    params = dict(
+        conv_weight=torch.randn(d, 1, 3),
+        conv_bias=torch.randn(d),
+        memory=torch.randn(4, d),
+        gate_weight=torch.randn(2 * d, d),
+        gate_bias=torch.randn(2 * d),
+    )
     previous = gam_ext.set_backend(backend)
     try:
         out = gam_ext.gam_mixer(h.bfloat16(), **params)
@@ -178,19 +194,32 @@ def test_mixer_takes_fp32_parameters_with_half_activations(backend):
 
 def _mixer_args(d=4):
     gen = torch.Generator().manual_seed(3)
-    return dict(h=torch.randn(2, 5, d, generator=gen), conv_weight=torch.randn(d, 1, 3, generator=gen),
-                conv_bias=torch.randn(d, generator=gen), memory=torch.randn(6, d, generator=gen),
-                gate_weight=torch.randn(2 * d, d, generator=gen), gate_bias=torch.randn(2 * d, generator=gen))
+    return dict(
+        h=torch.randn(2, 5, d, generator=gen),
+        conv_weight=torch.randn(d, 1, 3, generator=gen),
+        conv_bias=torch.randn(d, generator=gen),
+        memory=torch.randn(6, d, generator=gen),
+        gate_weight=torch.randn(2 * d, d, generator=gen),
+        gate_bias=torch.randn(2 * d, generator=gen),
+    )
 
 
 def _block_args(d=4, hidden=16):
     gen = torch.Generator().manual_seed(4)
     mixer = _mixer_args(d)
     x = mixer.pop("h")
-    return dict(x=x, ln1_weight=torch.ones(d), ln1_bias=torch.zeros(d), **mixer,
-                ln2_weight=torch.ones(d), ln2_bias=torch.zeros(d),
-                ffn_w1=torch.randn(hidden, d, generator=gen), ffn_b1=torch.randn(hidden, generator=gen),
-                ffn_w2=torch.randn(d, hidden, generator=gen), ffn_b2=torch.randn(d, generator=gen))
+    return dict(
+        x=x,
+        ln1_weight=torch.ones(d),
+        ln1_bias=torch.zeros(d),
+        **mixer,
+        ln2_weight=torch.ones(d),
+        ln2_bias=torch.zeros(d),
+        ffn_w1=torch.randn(hidden, d, generator=gen),
+        ffn_b1=torch.randn(hidden, generator=gen),
+        ffn_w2=torch.randn(d, hidden, generator=gen),
+        ffn_b2=torch.randn(d, generator=gen),
+    )
 
 
 @pytest.mark.parametrize(
@@ -282,8 +311,14 @@ def _copy_sources(folder):
 
 def _import_in(cwd, extra=""):
     env = {k: v for k, v in os.environ.items() if k not in ("GAM_EXT_QUIET", "PYTHONPATH")}
-    return subprocess.run([sys.executable, "-c", _IMPORT_ISOLATED, str(extra)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _IMPORT_ISOLATED, str(extra)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _warning_line(stderr):

@@ -18,16 +18,44 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 def test_tiny_grid_writes_table_csv_and_plot(tmp_path):
     stem = tmp_path / "gen"
-    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--contexts", "8", "24",
-                          "--d-model", "16", "--n-layer", "2", "--n-head", "2", "--slots", "8",
-                          "--vocab-size", "50", "--tokens", "3", "--repeats", "2",
-                          "--short-block", "16", "--threads", "1", "--out", str(stem)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--contexts",
+            "8",
+            "24",
+            "--d-model",
+            "16",
+            "--n-layer",
+            "2",
+            "--n-head",
+            "2",
+            "--slots",
+            "8",
+            "--vocab-size",
+            "50",
+            "--tokens",
+            "3",
+            "--repeats",
+            "2",
+            "--short-block",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            str(stem),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     with open(stem.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
-    assert {"provider", "context", "status", "ms", "tokens_per_s", "state_mb", "peak_mb"} <= set(
-        rows[0])
+    assert {"provider", "context", "status", "ms", "tokens_per_s", "state_mb", "peak_mb"} <= set(rows[0])
     by = {(r["provider"], int(r["context"])): r for r in rows}
     for provider in ("gam_step", "gam_recompute", "transformer_kv", "gam_step_block16"):
         for context in (8, 24):
@@ -50,7 +78,7 @@ def test_kv_cache_step_is_the_transformer_forward():
     idx = torch.randint(0, 40, (2, 20))
     cache = KVCache(model, 2, 32, torch.float32, torch.device("cpu"))
     logits = [kv_forward(model, idx[:, :5], cache)]
-    logits += [kv_forward(model, idx[:, t:t + 1], cache) for t in range(5, 20)]
+    logits += [kv_forward(model, idx[:, t : t + 1], cache) for t in range(5, 20)]
     with torch.no_grad():
         full = model(idx)[0][:, 4:]
     torch.testing.assert_close(torch.stack(logits, 1), full, **TOL[torch.float32])

@@ -9,13 +9,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_scaling.py"
-TINY = ["--device", "cpu", "--batch", "1", "--d-model", "16", "--n-head", "2", "--slots", "8",
-        "--repeats", "2", "--max-seconds", "0.1", "--dtype", "fp32"]
+TINY = [
+    "--device",
+    "cpu",
+    "--batch",
+    "1",
+    "--d-model",
+    "16",
+    "--n-head",
+    "2",
+    "--slots",
+    "8",
+    "--repeats",
+    "2",
+    "--max-seconds",
+    "0.1",
+    "--dtype",
+    "fp32",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def read_rows(stem: Path) -> list[dict]:
@@ -25,12 +42,24 @@ def read_rows(stem: Path) -> list[dict]:
 
 def test_block_grid_writes_table_csv_and_plot(tmp_path):
     stem = tmp_path / "block"
-    out = run("--seqlen", "16", "32", "--out", str(stem), "--cpu-memory-cap", "0",
-              "--providers", "gam_ext", "gam_reference", "sdpa", "naive_attn", "mamba")
+    out = run(
+        "--seqlen",
+        "16",
+        "32",
+        "--out",
+        str(stem),
+        "--cpu-memory-cap",
+        "0",
+        "--providers",
+        "gam_ext",
+        "gam_reference",
+        "sdpa",
+        "naive_attn",
+        "mamba",
+    )
     assert out.returncode == 0, out.stderr
     rows = read_rows(stem)
-    assert {"dtype", "provider", "seqlen", "status", "ms", "min_ms", "peak_mb", "params"} <= set(
-        rows[0])
+    assert {"dtype", "provider", "seqlen", "status", "ms", "min_ms", "peak_mb", "params"} <= set(rows[0])
     by = {(r["provider"], int(r["seqlen"])): r for r in rows}
     for provider in ("gam_ext", "gam_reference", "sdpa", "mamba"):
         for n in (16, 32):
@@ -46,8 +75,9 @@ def test_block_grid_writes_table_csv_and_plot(tmp_path):
 
 def test_time_cap_is_recorded(tmp_path):
     stem = tmp_path / "cap"
-    out = run("--seqlen", "16", "--out", str(stem), "--cap-seconds", "1e-9", "--no-memory",
-              "--providers", "gam_ext")
+    out = run(
+        "--seqlen", "16", "--out", str(stem), "--cap-seconds", "1e-9", "--no-memory", "--providers", "gam_ext"
+    )
     assert out.returncode == 0, out.stderr
     (row,) = read_rows(stem)
     assert row["status"].startswith("time cap") and row["ms"] == ""
@@ -55,13 +85,25 @@ def test_time_cap_is_recorded(tmp_path):
 
 def test_model_mode_reports_tokens_per_second(tmp_path):
     stem = tmp_path / "model"
-    out = run("--model", "--seqlen", "16", "--n-layer", "1", "--vocab-size", "50", "--out",
-              str(stem), "--providers", "gam_ext", "transformer", "mamba")
+    out = run(
+        "--model",
+        "--seqlen",
+        "16",
+        "--n-layer",
+        "1",
+        "--vocab-size",
+        "50",
+        "--out",
+        str(stem),
+        "--providers",
+        "gam_ext",
+        "transformer",
+        "mamba",
+    )
     assert out.returncode == 0, out.stderr
     rows = read_rows(stem)
     assert {r["provider"] for r in rows} == {"gam_ext", "transformer", "mamba"}
-    assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 and int(r["params"]) > 0
-               for r in rows)
+    assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 and int(r["params"]) > 0 for r in rows)
     assert "tokens/s" in stem.with_suffix(".md").read_text()
 
 

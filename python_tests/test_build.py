@@ -33,8 +33,9 @@ def test_cuda_sources_were_compiled():
 @pytest.mark.skipif(not cuda_build_expected(), reason="no nvcc or no CUDA-enabled torch here")
 def test_setup_finds_a_real_toolkit():
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
-    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
     match = re.search(r"building with CUDA sources \(CUDA_HOME=(\S+),", out)
     assert match, out
     home = Path(match.group(1))
@@ -57,13 +58,15 @@ def compiled_module() -> Path:
     return Path(_C.__file__)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None,
-                    reason="needs Linux and binutils' nm")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and binutils' nm"
+)
 def test_module_shares_torchs_cxx_runtime():
     # A compiler driver that adds -static-libstdc++ puts a private C++ runtime into _C; then every
     # TORCH_CHECK error that crosses into torch crashes the process or loses its message.
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(compiled_module())],
-                             capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", str(compiled_module())], capture_output=True, text=True, check=True
+    ).stdout
     assert not re.search(r"\s__cxa_throw\b", symbols), "gam_ext._C carries its own libstdc++"
 
 

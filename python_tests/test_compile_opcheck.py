@@ -33,8 +33,7 @@ def _samples(requires_grad: bool, dtype=torch.float32):
     pos = torch.tensor([0, 5], dtype=torch.int32)
     wg, bg = t(2 * d, d, scale=0.4), t(2 * d, scale=0.1)
     mixer_params = (w, bias, m, wg, bg)
-    _, mixer_lse, mixer_z, mixer_g = OP.gam_mixer_fwd(
-        h.detach(), *(p.detach() for p in mixer_params), 0.7)
+    _, mixer_lse, mixer_z, mixer_g = OP.gam_mixer_fwd(h.detach(), *(p.detach() for p in mixer_params), 0.7)
     return [
         (OP.causal_conv1d_fwd, (x, w, bias)),
         (OP.causal_conv1d_fwd, (x, w, None)),
@@ -49,8 +48,21 @@ def _samples(requires_grad: bool, dtype=torch.float32):
         (OP.gam_mixer_step, (hs, state, w.detach(), None, m.detach(), zs, None, 1.0)),
         (OP.gam_mixer_fwd, (h, *mixer_params, 0.7)),
         (OP.gam_mixer_fwd, (h, w, None, m, wg, None, 1.0)),
-        (OP.gam_mixer_bwd, (g, h.detach(), w.detach(), bias.detach(), m.detach(), wg.detach(),
-                            mixer_lse, mixer_z, mixer_g, 0.7)),
+        (
+            OP.gam_mixer_bwd,
+            (
+                g,
+                h.detach(),
+                w.detach(),
+                bias.detach(),
+                m.detach(),
+                wg.detach(),
+                mixer_lse,
+                mixer_z,
+                mixer_g,
+                0.7,
+            ),
+        ),
     ]
 
 
@@ -91,8 +103,10 @@ def test_compile_gam_block_fullgraph_matches_eager():
 
 
 # The forward ops a GAMBlock's mixer runs per backend: the fused op, or the three primitives.
-MIXER_OPS = {"auto": {"gam_mixer_fwd"},
-             "unfused": {"causal_conv1d_fwd", "memory_retrieval_fwd", "gate_fusion_fwd"}}
+MIXER_OPS = {
+    "auto": {"gam_mixer_fwd"},
+    "unfused": {"causal_conv1d_fwd", "memory_retrieval_fwd", "gate_fusion_fwd"},
+}
 
 
 @pytest.mark.parametrize("backend", ["auto", "unfused"])
@@ -101,13 +115,23 @@ def test_compile_gam_model_fullgraph_matches_eager(backend, use_backend):
     graph_ops = set()
 
     def inductor_recording_ops(gm, example_inputs):
-        graph_ops.update(str(node.target).split(".")[-1] for node in gm.graph.nodes
-                         if str(node.target).startswith("gam_ext."))
+        graph_ops.update(
+            str(node.target).split(".")[-1]
+            for node in gm.graph.nodes
+            if str(node.target).startswith("gam_ext.")
+        )
         return torch._inductor.compile(gm, example_inputs)
 
     torch.manual_seed(0)
-    config = gam_ext.GAMConfig(vocab_size=37, block_size=16, d_model=16, n_layer=2, dropout=0.0,
-                               num_memory_slots=9, conv_kernel_size=4)
+    config = gam_ext.GAMConfig(
+        vocab_size=37,
+        block_size=16,
+        d_model=16,
+        n_layer=2,
+        dropout=0.0,
+        num_memory_slots=9,
+        conv_kernel_size=4,
+    )
     model = gam_ext.GAMModel(config)
     gen = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 37, (2, 13), generator=gen)

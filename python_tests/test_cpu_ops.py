@@ -53,9 +53,7 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, noncontig=False, gen=None):
 
 def _fwd_bwd(fn, inputs, grad_out):
     """Output and grads of every floating input that requires grad."""
-    leaves = [
-        t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs
-    ]
+    leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
     out = fn(*leaves)
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
     grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype), allow_unused=True)
@@ -156,8 +154,7 @@ def test_causal_conv1d_noncontiguous():
     w = _rand(3, 6, gen=gen).t()  # a (D, K) transposed view
     b = _rand(12, gen=gen)[::2]
     assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
-    _check_op("conv noncontig", gam_ext.causal_conv1d, reference.causal_conv1d, [x, w, b],
-              torch.float32, gen)
+    _check_op("conv noncontig", gam_ext.causal_conv1d, reference.causal_conv1d, [x, w, b], torch.float32, gen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +190,13 @@ def test_memory_retrieval_scale_and_lse(scale):
     gen = torch.Generator().manual_seed(3)
     h, m = _rand(2, 9, 10, gen=gen), _rand(21, 10, gen=gen)
     inputs = [h, m, scale]
-    _check_op("memory scale", gam_ext.memory_retrieval, reference.memory_retrieval, inputs,
-              torch.float32, gen)
+    _check_op(
+        "memory scale", gam_ext.memory_retrieval, reference.memory_retrieval, inputs, torch.float32, gen
+    )
     out, lse = torch.ops.gam_ext.memory_retrieval_fwd(h, m, scale)
     assert lse.dtype == torch.float32 and lse.shape == (2, 9)
     torch.testing.assert_close(
-        lse, torch.logsumexp(scale * h.double() @ m.double().t(), -1).float(), rtol=1e-5,
-        atol=1e-5
+        lse, torch.logsumexp(scale * h.double() @ m.double().t(), -1).float(), rtol=1e-5, atol=1e-5
     )
 
 
@@ -209,8 +206,7 @@ def test_memory_retrieval_fp32_memory_half_activations(dtype):
     h, m = _rand(2, 70, 16, dtype=dtype, gen=gen), _rand(40, 16, scale=0.5, gen=gen)
     g, (dh, dm) = _fwd_bwd(gam_ext.memory_retrieval, [h, m], torch.ones(2, 70, 16))
     assert g.dtype == dtype and dh.dtype == dtype and dm.dtype == torch.float32
-    _check_op("memory mixed", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], dtype,
-              gen)
+    _check_op("memory mixed", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], dtype, gen)
 
 
 def test_memory_retrieval_noncontiguous():
@@ -218,16 +214,18 @@ def test_memory_retrieval_noncontiguous():
     h = _rand(3, 11, 7, noncontig=True, gen=gen)
     m = _rand(7, 29, gen=gen).t()
     assert not h.is_contiguous() and not m.is_contiguous()
-    _check_op("memory noncontig", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m],
-              torch.float32, gen)
+    _check_op(
+        "memory noncontig", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], torch.float32, gen
+    )
 
 
 def test_memory_retrieval_large_scores_are_stable():
     # Scores in the hundreds: the online softmax must not overflow.
     gen = torch.Generator().manual_seed(6)
     h, m = _rand(1, 5, 8, scale=10.0, gen=gen), _rand(600, 8, scale=3.0, gen=gen)
-    _check_op("memory large", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m],
-              torch.float32, gen)
+    _check_op(
+        "memory large", gam_ext.memory_retrieval, reference.memory_retrieval, [h, m], torch.float32, gen
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +253,14 @@ def test_gate_fusion_noncontiguous_and_saturated():
     local = _rand(2, 9, 5, noncontig=True, gen=gen)
     glob = _rand(2, 9, 10, gen=gen)[..., ::2]
     logits = _rand(2, 9, 10, scale=40.0, noncontig=True, gen=gen)  # sigmoids saturate
-    _check_op("gate noncontig", gam_ext.gate_fusion, reference.gate_fusion,
-              [local, glob, logits], torch.float32, gen)
+    _check_op(
+        "gate noncontig",
+        gam_ext.gate_fusion,
+        reference.gate_fusion,
+        [local, glob, logits],
+        torch.float32,
+        gen,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +285,9 @@ def test_gam_mixer(dtype, fp32_params):
         _rand(2 * d, dtype=pdtype, scale=0.1, gen=gen),
     ]
     # The reference's F.linear does not take fp32 weights with half h: no eager error budget there.
-    _check_op("mixer", gam_ext.gam_mixer, reference.gam_mixer, inputs, dtype, gen,
-              eager_budget=not fp32_params)
+    _check_op(
+        "mixer", gam_ext.gam_mixer, reference.gam_mixer, inputs, dtype, gen, eager_budget=not fp32_params
+    )
 
 
 MIXER_SHAPES = [
@@ -364,10 +369,10 @@ def test_fused_mixer_saves_lse_gates_and_global():
     out, lse, z, g = torch.ops.gam_ext.gam_mixer_fwd(h, cw[:, 0], cb, m, gw, gb, 0.7)
     torch.testing.assert_close(z, torch.nn.functional.linear(h, gw, gb), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, reference.memory_retrieval(h, m, 0.7), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, torch.logsumexp(0.7 * h.double() @ m.double().t(), -1).float(),
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, reference.gam_mixer(h, cw, cb, m, gw, gb, 0.7), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        lse, torch.logsumexp(0.7 * h.double() @ m.double().t(), -1).float(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(out, reference.gam_mixer(h, cw, cb, m, gw, gb, 0.7), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,10 +386,18 @@ def test_empty_batch(b, n):
     cases = [
         (gam_ext.causal_conv1d, [torch.randn(b, n, d), torch.randn(d, 3), torch.randn(d)]),
         (gam_ext.memory_retrieval, [torch.randn(b, n, d), torch.randn(4, d)]),
-        (gam_ext.gate_fusion, [torch.randn(b, n, d), torch.randn(b, n, d),
-                               torch.randn(b, n, 2 * d)]),
-        (_fused_mixer, [torch.randn(b, n, d), torch.randn(d, 1, 3), torch.randn(d),
-                        torch.randn(4, d), torch.randn(2 * d, d), torch.randn(2 * d)]),
+        (gam_ext.gate_fusion, [torch.randn(b, n, d), torch.randn(b, n, d), torch.randn(b, n, 2 * d)]),
+        (
+            _fused_mixer,
+            [
+                torch.randn(b, n, d),
+                torch.randn(d, 1, 3),
+                torch.randn(d),
+                torch.randn(4, d),
+                torch.randn(2 * d, d),
+                torch.randn(2 * d),
+            ],
+        ),
     ]
     for fn, inputs in cases:
         out, grads = _fwd_bwd(fn, inputs, torch.zeros(b, n, d))
@@ -400,11 +413,10 @@ def test_gradcheck_float64():
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_()
 
+    assert torch.autograd.gradcheck(gam_ext.causal_conv1d, (leaf(2, 6, 3), leaf(3, 1, 4), leaf(3)), atol=1e-6)
     assert torch.autograd.gradcheck(
-        gam_ext.causal_conv1d, (leaf(2, 6, 3), leaf(3, 1, 4), leaf(3)), atol=1e-6
-    )
-    assert torch.autograd.gradcheck(
-        lambda h, m: gam_ext.memory_retrieval(h, m, 0.8), (leaf(2, 5, 4), leaf(7, 4)),
+        lambda h, m: gam_ext.memory_retrieval(h, m, 0.8),
+        (leaf(2, 5, 4), leaf(7, 4)),
         atol=1e-5,
     )
     assert torch.autograd.gradcheck(
@@ -412,7 +424,8 @@ def test_gradcheck_float64():
     )
     assert torch.autograd.gradcheck(
         lambda *a: _fused_mixer(*a, 0.9),
-        (leaf(2, 5, 3), leaf(3, 1, 4), leaf(3), leaf(4, 3), leaf(6, 3), leaf(6)), atol=1e-6,
+        (leaf(2, 5, 3), leaf(3, 1, 4), leaf(3), leaf(4, 3), leaf(6, 3), leaf(6)),
+        atol=1e-6,
     )
 
 
@@ -473,35 +486,59 @@ OP = torch.ops.gam_ext
         (lambda: OP.memory_retrieval_fwd(X, torch.randn(0, 4), 1.0), "at least one slot"),
         (lambda: OP.memory_retrieval_fwd(X, M[0], 1.0), "memory must have 2 dimensions"),
         (lambda: OP.memory_retrieval_fwd(X.int(), M, 1.0), "h must be float"),
-        (lambda: OP.memory_retrieval_bwd(X, X, M, X[:, :3], torch.zeros(2, 5), 1.0),
-         "out must have the shape of h"),
+        (
+            lambda: OP.memory_retrieval_bwd(X, X, M, X[:, :3], torch.zeros(2, 5), 1.0),
+            "out must have the shape of h",
+        ),
         (lambda: OP.memory_retrieval_bwd(X, X, M, X, torch.zeros(2, 4), 1.0), "lse must have shape"),
-        (lambda: OP.memory_retrieval_bwd(X[:1], X, M, X, torch.zeros(2, 5), 1.0),
-         "grad_out must have the shape of h"),
+        (
+            lambda: OP.memory_retrieval_bwd(X[:1], X, M, X, torch.zeros(2, 5), 1.0),
+            "grad_out must have the shape of h",
+        ),
         (lambda: OP.gate_fusion_fwd(X, X[:, :4], torch.randn(2, 5, 8)), "global_ctx must have"),
         (lambda: OP.gate_fusion_fwd(X, X, torch.randn(2, 5, 4)), "gate_logits must have shape"),
         (lambda: OP.gate_fusion_fwd(X, X.double(), torch.randn(2, 5, 8)), "share one dtype"),
         (lambda: OP.gate_fusion_fwd(X.long(), X, torch.randn(2, 5, 8)), "local must be float"),
-        (lambda: OP.gate_fusion_bwd(X[:, :2], X, X, torch.randn(2, 5, 8)),
-         "grad_out must have the shape of local"),
-        (lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 3), None, 1.0),
-         "gate_weight must have shape"),
-        (lambda: OP.gam_mixer_fwd(X, W2[:3], None, M, torch.randn(8, 4), None, 1.0),
-         "conv_weight has 3 channels"),
-        (lambda: OP.gam_mixer_fwd(X, W2, torch.randn(3), M, torch.randn(8, 4), None, 1.0),
-         "conv_bias must have shape"),
-        (lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 4), torch.randn(4), 1.0),
-         "gate_bias must have shape"),
-        (lambda: OP.gam_mixer_fwd(X, W2, None, M[:0], torch.randn(8, 4), None, 1.0),
-         "at least one slot"),
-        (lambda: OP.gam_mixer_fwd(X.int(), W2, None, M, torch.randn(8, 4), None, 1.0),
-         "h must be float"),
-        (lambda: OP.gam_mixer_bwd(X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 4),
-                                  torch.zeros(2, 5, 8), X, 1.0), "lse must have shape"),
-        (lambda: OP.gam_mixer_bwd(X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5),
-                                  torch.zeros(2, 5, 4), X, 1.0), "gate_logits must have shape"),
-        (lambda: OP.gam_mixer_bwd(X[:1], X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5),
-                                  torch.zeros(2, 5, 8), X, 1.0), "grad_out must have the shape"),
+        (
+            lambda: OP.gate_fusion_bwd(X[:, :2], X, X, torch.randn(2, 5, 8)),
+            "grad_out must have the shape of local",
+        ),
+        (
+            lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 3), None, 1.0),
+            "gate_weight must have shape",
+        ),
+        (
+            lambda: OP.gam_mixer_fwd(X, W2[:3], None, M, torch.randn(8, 4), None, 1.0),
+            "conv_weight has 3 channels",
+        ),
+        (
+            lambda: OP.gam_mixer_fwd(X, W2, torch.randn(3), M, torch.randn(8, 4), None, 1.0),
+            "conv_bias must have shape",
+        ),
+        (
+            lambda: OP.gam_mixer_fwd(X, W2, None, M, torch.randn(8, 4), torch.randn(4), 1.0),
+            "gate_bias must have shape",
+        ),
+        (lambda: OP.gam_mixer_fwd(X, W2, None, M[:0], torch.randn(8, 4), None, 1.0), "at least one slot"),
+        (lambda: OP.gam_mixer_fwd(X.int(), W2, None, M, torch.randn(8, 4), None, 1.0), "h must be float"),
+        (
+            lambda: OP.gam_mixer_bwd(
+                X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 4), torch.zeros(2, 5, 8), X, 1.0
+            ),
+            "lse must have shape",
+        ),
+        (
+            lambda: OP.gam_mixer_bwd(
+                X, X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5), torch.zeros(2, 5, 4), X, 1.0
+            ),
+            "gate_logits must have shape",
+        ),
+        (
+            lambda: OP.gam_mixer_bwd(
+                X[:1], X, W2, None, M, torch.randn(8, 4), torch.zeros(2, 5), torch.zeros(2, 5, 8), X, 1.0
+            ),
+            "grad_out must have the shape",
+        ),
     ],
 )
 def test_kernel_bad_input_names_the_argument(call, match):

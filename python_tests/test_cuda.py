@@ -151,23 +151,28 @@ def test_fused_mixer(dtype, shape, path, monkeypatch, use_backend):
     assert gam_ext.backend_info()["mixer"]["cuda"] == "fused"
     b, n, d, s, k = shape
     mag = min(0.5, d**-0.25)
-    inputs = [gen((b, n, d), dtype, 50, mag), gen((d, 1, k), torch.float32, 51, 0.5),
-              gen((d,), torch.float32, 52, 0.1), gen((s, d), torch.float32, 53, mag),
-              gen((2 * d, d), torch.float32, 54, d**-0.5), gen((2 * d,), torch.float32, 55, 0.1)]
+    inputs = [
+        gen((b, n, d), dtype, 50, mag),
+        gen((d, 1, k), torch.float32, 51, 0.5),
+        gen((d,), torch.float32, 52, 0.1),
+        gen((s, d), torch.float32, 53, mag),
+        gen((2 * d, d), torch.float32, 54, d**-0.5),
+        gen((2 * d,), torch.float32, 55, 0.1),
+    ]
     df = gen((b, n, d), dtype, 56)
     out, g = grads(gam_ext.gam_mixer, inputs, df)
 
     def rounded_reference(h, cw, cb, m, gw, gb):
         act = h.dtype
-        return reference.gam_mixer(h, cw, cb, m.to(dtype).to(act), gw.to(dtype).to(act),
-                                   gb.to(dtype).to(act))
+        return reference.gam_mixer(h, cw, cb, m.to(dtype).to(act), gw.to(dtype).to(act), gb.to(dtype).to(act))
 
     out_ref, g_ref = ref_grads(rounded_reference, inputs, df)
     close(out, out_ref, dtype)
     close(g[0], g_ref[0], dtype)
     rows = max(1.0, (b * n) ** 0.5)
-    for ours, ref, scale in zip(g[1:], g_ref[1:], (rows, rows, max(1.0, (b * n / 16) ** 0.5), rows,
-                                                   rows), strict=True):
+    for ours, ref, scale in zip(
+        g[1:], g_ref[1:], (rows, rows, max(1.0, (b * n / 16) ** 0.5), rows, rows), strict=True
+    ):
         assert ours.dtype == torch.float32
         close(ours, ref, dtype, scale=scale)
 
@@ -194,10 +199,18 @@ def _samples():
         (torch.ops.gam_ext.memory_retrieval_fwd, (x, gen((7, 16), torch.float32, 23), 0.5)),
         (torch.ops.gam_ext.memory_retrieval_fwd, (x.bfloat16(), gen((40, 16), torch.bfloat16, 23), 1.0)),
         (torch.ops.gam_ext.gate_fusion_fwd, (x, x * 2, gen((2, 9, 32), torch.float32, 24))),
-        (torch.ops.gam_ext.gam_mixer_fwd,
-         (x.bfloat16(), gen((16, 3), torch.float32, 25), gen((16,), torch.float32, 26),
-          gen((7, 16), torch.float32, 27), gen((32, 16), torch.float32, 28),
-          gen((32,), torch.float32, 29), 0.5)),
+        (
+            torch.ops.gam_ext.gam_mixer_fwd,
+            (
+                x.bfloat16(),
+                gen((16, 3), torch.float32, 25),
+                gen((16,), torch.float32, 26),
+                gen((7, 16), torch.float32, 27),
+                gen((32, 16), torch.float32, 28),
+                gen((32,), torch.float32, 29),
+                0.5,
+            ),
+        ),
     ]
 
 
@@ -291,38 +304,50 @@ def test_bad_input():
 
 @pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 8, 1, 3), (3, 13, 33, 4), (2, 264, 97, 5), (4, 512, 512, 3)],
-                         ids=lambda s: "B{}D{}S{}K{}".format(*s))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 8, 1, 3), (3, 13, 33, 4), (2, 264, 97, 5), (4, 512, 512, 3)],
+    ids=lambda s: "B{}D{}S{}K{}".format(*s),
+)
 def test_step_ops(dtype, shape, circular):
     b, d, s, k = shape
     h, state = gen((b, d), dtype, 50), gen((b, k, d), dtype, 51)
     w, bias = gen((d, k), torch.float32, 52, 0.5), gen((d,), torch.float32, 53)
-    m = gen((s, d), torch.float32, 54, d ** -0.25)
-    gw, gb = gen((2 * d, d), torch.float32, 55, d ** -0.5), gen((2 * d,), torch.float32, 56)
+    m = gen((s, d), torch.float32, 54, d**-0.25)
+    gw, gb = gen((2 * d, d), torch.float32, 55, d**-0.5), gen((2 * d,), torch.float32, 56)
     pos = torch.tensor([0, 1, 37, 5][:b], device=DEV, dtype=torch.int32) if circular else None
     ours_state, ref_state = state.clone(), state.double()
     f = gam_ext.gam_mixer_step(h, ours_state, w, bias, m, gw, gb, 0.8, cache_seqlens=pos)
-    f_ref = reference.gam_mixer_step(h.double(), ref_state, w.double(), bias.double(),
-                                     m.to(dtype).double(), gw.to(dtype).double(),
-                                     gb.to(dtype).double(), 0.8, cache_seqlens=pos)
+    f_ref = reference.gam_mixer_step(
+        h.double(),
+        ref_state,
+        w.double(),
+        bias.double(),
+        m.to(dtype).double(),
+        gw.to(dtype).double(),
+        gb.to(dtype).double(),
+        0.8,
+        cache_seqlens=pos,
+    )
     close(f, f_ref, dtype)
     assert torch.equal(ours_state, ref_state.to(dtype))
     x = gen((b, 3, d), dtype, 57)
     ours_state, ref_state = state.clone(), state.double()
     y = gam_ext.causal_conv1d_update(x, ours_state, w, bias, pos)
-    close(y, reference.causal_conv1d_update(x.double(), ref_state, w.double(), bias.double(), pos),
-          dtype)
+    close(y, reference.causal_conv1d_update(x.double(), ref_state, w.double(), bias.double(), pos), dtype)
     assert torch.equal(ours_state, ref_state.to(dtype))
 
 
 def test_step_ops_opcheck_and_determinism():
     h, state = gen((2, 16), torch.float32, 60), gen((2, 2, 16), torch.float32, 61)
-    w, m, z = gen((16, 3), torch.float32, 62), gen((40, 16), torch.float32, 63), gen(
-        (2, 32), torch.float32, 64)
+    w, m, z = (
+        gen((16, 3), torch.float32, 62),
+        gen((40, 16), torch.float32, 63),
+        gen((2, 32), torch.float32, 64),
+    )
     pos = torch.tensor([0, 4], device=DEV, dtype=torch.int32)
     torch.library.opcheck(torch.ops.gam_ext.gam_mixer_step, (h, state, w, None, m, z, pos, 1.0))
-    torch.library.opcheck(torch.ops.gam_ext.causal_conv1d_update,
-                          (h.unsqueeze(1), state, w, None, None))
+    torch.library.opcheck(torch.ops.gam_ext.causal_conv1d_update, (h.unsqueeze(1), state, w, None, None))
     runs = []
     for _ in range(2):
         st = state.clone()

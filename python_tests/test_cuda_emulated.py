@@ -248,20 +248,36 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
 # the device has no bf16 tensor cores). Each D class, on each device, is one configuration of
 # FwdMmaConfig (csrc/cuda/retrieval_common.cuh).
 FWD_VARIANTS = {
-    40: {"sm_90": "<128, 32>, 64 rows", "sm_80": "<128, 32>, 64 rows",
-         "sm_86": "<128, 32>, 64 rows", "sm_75": "<128, 16>, 32 rows"},
-    100: {"sm_90": "<128, 32>, 64 rows", "sm_80": "<128, 32>, 64 rows",
-          "sm_86": "<128, 32>, 64 rows", "sm_75": "<128, 16>, 32 rows"},
-    200: {"sm_90": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
-          "sm_80": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 2 stages",
-          "sm_86": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
-          "sm_75": "<128, 32>, 32 rows"},
-    512: {"sm_90": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 3 stages",
-          "sm_80": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 2 stages",
-          "sm_86": "<128, 16>, 32 rows", "sm_75": "<128, 16>, 16 rows"},
-    1000: {"sm_90": "<128, 32>, 32 rows", "sm_80": "<128, 16>, 32 rows",
-           "sm_86": "<128, 16>, 16 rows x 16 slots, 8 column chunks of 128, 1 stages",
-           "sm_75": "<128, 16, h in registers>, 16 rows"},
+    40: {
+        "sm_90": "<128, 32>, 64 rows",
+        "sm_80": "<128, 32>, 64 rows",
+        "sm_86": "<128, 32>, 64 rows",
+        "sm_75": "<128, 16>, 32 rows",
+    },
+    100: {
+        "sm_90": "<128, 32>, 64 rows",
+        "sm_80": "<128, 32>, 64 rows",
+        "sm_86": "<128, 32>, 64 rows",
+        "sm_75": "<128, 16>, 32 rows",
+    },
+    200: {
+        "sm_90": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
+        "sm_80": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 2 stages",
+        "sm_86": "<128, 32>, 64 rows x 32 slots, 2 column chunks of 128, 3 stages",
+        "sm_75": "<128, 32>, 32 rows",
+    },
+    512: {
+        "sm_90": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 3 stages",
+        "sm_80": "<128, 32>, 64 rows x 32 slots, 4 column chunks of 128, 2 stages",
+        "sm_86": "<128, 16>, 32 rows",
+        "sm_75": "<128, 16>, 16 rows",
+    },
+    1000: {
+        "sm_90": "<128, 32>, 32 rows",
+        "sm_80": "<128, 16>, 32 rows",
+        "sm_86": "<128, 16>, 16 rows x 16 slots, 8 column chunks of 128, 1 stages",
+        "sm_75": "<128, 16, h in registers>, 16 rows",
+    },
 }
 
 
@@ -562,15 +578,17 @@ def run_mixer(emu, dtype, shape, seed, scale=0.8, misalign=False):
     gw = gen((2 * d, d), torch.float32, seed + 4, d**-0.5)
     gb = gen((2 * d,), torch.float32, seed + 5, 0.1)
     df = gen((b_, n, d), dtype, seed + 6)
-    leaves = [t.double().requires_grad_() for t in (h, cw, cb, m.to(dtype), gw.to(dtype),
-                                                    gb.to(dtype))]
+    leaves = [t.double().requires_grad_() for t in (h, cw, cb, m.to(dtype), gw.to(dtype), gb.to(dtype))]
     out_ref = reference.gam_mixer(*leaves, scale)
     out_ref.backward(df.double())
     hd, _, _, md, gwd, gbd = (t.detach() for t in leaves)
-    refs = dict(out=out_ref.detach(), lse=torch.logsumexp(scale * hd @ md.t(), dim=-1),
-                z=torch.nn.functional.linear(hd, gwd, gbd),
-                g=reference.memory_retrieval(hd, md, scale),
-                grads=[t.grad for t in leaves])
+    refs = dict(
+        out=out_ref.detach(),
+        lse=torch.logsumexp(scale * hd @ md.t(), dim=-1),
+        z=torch.nn.functional.linear(hd, gwd, gbd),
+        g=reference.memory_retrieval(hd, md, scale),
+        grads=[t.grad for t in leaves],
+    )
     args = [misaligned(t) if misalign else t for t in (h, df)]
     out, lse, z, g = emu.gam_mixer_fwd(args[0], cw, cb, m, gw, gb, scale)
     grads = emu.gam_mixer_bwd(args[1], args[0], cw, cb, m, gw, lse, z, g, scale)
@@ -683,8 +701,12 @@ def test_mixer_empty_no_bias_and_deterministic(emu, path, monkeypatch):
     out_ref.backward(df.double())
     close(fwd[0], out_ref.detach(), torch.bfloat16)
     # The op returns the conv bias's gradient (sum of dL over rows) with or without a bias.
-    close(first[2], (torch.sigmoid(fwd[2][..., :d].double()) * df.double()).sum((0, 1)),
-          torch.bfloat16, scale=300**0.5)
+    close(
+        first[2],
+        (torch.sigmoid(fwd[2][..., :d].double()) * df.double()).sum((0, 1)),
+        torch.bfloat16,
+        scale=300**0.5,
+    )
     close(first[0], leaves[0].grad, torch.bfloat16)
     close(first[3], leaves[2].grad, torch.bfloat16, scale=(300 / 16) ** 0.5)
 
@@ -707,8 +729,14 @@ def test_mixer_bad_input(emu):
 # --------------------------------------------------------------------------------------------
 
 # (B, L, D, K, W): K = 1 (no state) .. 5, W > K-1, L > W, D odd and across the 128-channel blocks.
-UPDATE_SHAPES = [(1, 1, 1, 1, 0), (2, 1, 5, 2, 1), (3, 1, 13, 4, 3), (2, 4, 9, 3, 6),
-                 (2, 7, 17, 5, 4), (1, 2, 130, 3, 2)]
+UPDATE_SHAPES = [
+    (1, 1, 1, 1, 0),
+    (2, 1, 5, 2, 1),
+    (3, 1, 13, 4, 3),
+    (2, 4, 9, 3, 6),
+    (2, 7, 17, 5, 4),
+    (1, 2, 130, 3, 2),
+]
 
 
 def _positions(b, circular):
@@ -739,8 +767,7 @@ def test_conv_update(emu, dtype, shape, circular):
 
 
 # (B, D, S, K): S = 1, S across the 32-slot splits, D odd, < 32 lanes, across 128-channel blocks.
-STEP_SHAPES = [(1, 8, 1, 3), (2, 5, 3, 1), (3, 13, 33, 4), (1, 130, 70, 3), (2, 40, 64, 2),
-               (1, 264, 97, 5)]
+STEP_SHAPES = [(1, 8, 1, 3), (2, 5, 3, 1), (3, 13, 33, 4), (1, 130, 70, 3), (2, 40, 64, 2), (1, 264, 97, 5)]
 
 
 @pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
@@ -751,7 +778,7 @@ def test_mixer_step(emu, dtype, shape, circular):
     h = gen((b_, d), dtype, 110)
     state = gen((b_, k, d), dtype, 111)
     w, bias = gen((d, k), torch.float32, 112, 0.5), gen((d,), torch.float32, 113)
-    m = gen((s, d), torch.float32, 114, d ** -0.25)  # fp32 bank with half activations
+    m = gen((s, d), torch.float32, 114, d**-0.25)  # fp32 bank with half activations
     z = gen((b_, 2 * d), dtype, 115, 2.0)
     pos = _positions(b_, circular)
     # Reference in float64 with the bank rounded to the activation dtype (the one rule), and the
@@ -776,8 +803,11 @@ def test_step_layouts_empty_deterministic_and_errors(emu):
     ht = h.t().contiguous().t()  # non-contiguous (B, D)
     assert not ht.is_contiguous()
     state = gen((3, 2, 40), torch.float32, 121)
-    w, m, z = gen((40, 3), torch.float32, 122), gen((100, 40), torch.float32, 123), gen(
-        (3, 80), torch.float32, 124)
+    w, m, z = (
+        gen((40, 3), torch.float32, 122),
+        gen((100, 40), torch.float32, 123),
+        gen((3, 80), torch.float32, 124),
+    )
     pos64 = torch.tensor([0, 3, 8])
     s1, s2, s3 = state.clone(), state.clone(), state.clone()
     f1 = emu.gam_mixer_step(h, s1, w, None, m, z, pos64, 1.0)
@@ -786,8 +816,9 @@ def test_step_layouts_empty_deterministic_and_errors(emu):
     assert torch.equal(f1, f2) and torch.equal(s1, s2)  # int64 positions, strided h
     assert torch.equal(f1, f3) and torch.equal(s1, s3)  # bitwise repeatable
     empty = torch.zeros(0, 40)
-    assert emu.gam_mixer_step(empty, torch.zeros(0, 2, 40), w, None, m, torch.zeros(0, 80), None,
-                              1.0).shape == (0, 40)
+    assert emu.gam_mixer_step(
+        empty, torch.zeros(0, 2, 40), w, None, m, torch.zeros(0, 80), None, 1.0
+    ).shape == (0, 40)
     x0 = torch.zeros(0, 2, 40)
     assert emu.causal_conv1d_update(x0, torch.zeros(0, 2, 40), w, None, None).shape == x0.shape
     with pytest.raises(RuntimeError, match="conv_state must have the dtype of h"):
@@ -818,12 +849,21 @@ def test_greedy_generation_on_the_emulated_kernels(emu):
         def kernel(*args):
             calls[name] += 1
             return getattr(emu, name)(*args)
+
         return kernel
 
     torch.manual_seed(0)
-    model = gam_ext.GAMModel(gam_ext.GAMConfig(vocab_size=37, block_size=10, d_model=20, n_layer=2,
-                                               num_memory_slots=9, conv_kernel_size=3,
-                                               dropout=0.0)).eval()
+    model = gam_ext.GAMModel(
+        gam_ext.GAMConfig(
+            vocab_size=37,
+            block_size=10,
+            d_model=20,
+            n_layer=2,
+            num_memory_slots=9,
+            conv_kernel_size=3,
+            dropout=0.0,
+        )
+    ).eval()
     g = torch.Generator().manual_seed(1)
     lib = torch.library.Library("gam_ext", "IMPL")
     try:

@@ -35,13 +35,39 @@ from baselines import build_model  # noqa: E402
 
 import gam_ext  # noqa: E402
 
-ENV = {**os.environ, "GAM_EXT_QUIET": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+ENV = {
+    **os.environ,
+    "GAM_EXT_QUIET": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
 STEPS = 20
 PER_PROCESS_BATCH = 4
-TINY = ["--tokenizer", "byte", "--d-model", "32", "--n-layer", "2", "--memory-slots", "8",
-        "--seq-len", "32", "--warmup-steps", "3", "--threads", "1", "--lr", "3e-3",
-        "--max-steps", str(STEPS), "--eval-batches", "1", "--sample-tokens", "0"]
+TINY = [
+    "--tokenizer",
+    "byte",
+    "--d-model",
+    "32",
+    "--n-layer",
+    "2",
+    "--memory-slots",
+    "8",
+    "--seq-len",
+    "32",
+    "--warmup-steps",
+    "3",
+    "--threads",
+    "1",
+    "--lr",
+    "3e-3",
+    "--max-steps",
+    str(STEPS),
+    "--eval-batches",
+    "1",
+    "--sample-tokens",
+    "0",
+]
 VARIANTS = {
     "ddp": [],
     "fsdp": ["--fsdp"],
@@ -64,8 +90,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = random.Random(0)
     words = ["the cat", "a dog", "sat on", "ran to", "the mat.", "a red box.", "the tree."]
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(12))
-                                for _ in range(200)) + "\n")
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)) + "\n")
     return path
 
 
@@ -100,14 +125,31 @@ def step_losses(argv: list[str]) -> tuple[list[float], dict]:
 
 
 def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), GAM_EXT_QUIET="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        GAM_EXT_QUIET="1",
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     results = {}
     for name, flags in VARIANTS.items():
-        losses, seen = step_losses(["--train-file", corpus, *TINY, "--dropout", "0",
-                                    "--batch-size", str(PER_PROCESS_BATCH),
-                                    "--out-dir", f"{out}/{name}", *flags])
+        losses, seen = step_losses(
+            [
+                "--train-file",
+                corpus,
+                *TINY,
+                "--dropout",
+                "0",
+                "--batch-size",
+                str(PER_PROCESS_BATCH),
+                "--out-dir",
+                f"{out}/{name}",
+                *flags,
+            ]
+        )
         results[name] = {"losses": losses, **seen}
     if rank == 0:
         Path(out, "results.json").write_text(json.dumps(results))
@@ -116,8 +158,9 @@ def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
 
 
 def run_two_processes(corpus: Path, out: Path, timeout: float = 300) -> dict:
-    context = mp.start_processes(_worker, args=(2, free_port(), str(corpus), str(out)),
-                                 nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(2, free_port(), str(corpus), str(out)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -132,9 +175,20 @@ def test_ddp_and_fsdp_match_one_process(corpus: Path, tmp_path: Path) -> None:
     results = run_two_processes(corpus, tmp_path)
     single = {}
     for name, flags in [("fp32", []), ("bf16", ["--dtype", "bf16"])]:
-        single[name], _ = step_losses(["--train-file", str(corpus), *TINY, "--dropout", "0",
-                                       "--batch-size", str(2 * PER_PROCESS_BATCH),
-                                       "--out-dir", str(tmp_path / f"single-{name}"), *flags])
+        single[name], _ = step_losses(
+            [
+                "--train-file",
+                str(corpus),
+                *TINY,
+                "--dropout",
+                "0",
+                "--batch-size",
+                str(2 * PER_PROCESS_BATCH),
+                "--out-dir",
+                str(tmp_path / f"single-{name}"),
+                *flags,
+            ]
+        )
     # The same 20 batches (each process reads half of the single process's), the same updates.
     for name in ("ddp", "fsdp", "fsdp-checkpointing"):
         losses = results[name]["losses"]
@@ -154,10 +208,18 @@ def test_ddp_and_fsdp_match_one_process(corpus: Path, tmp_path: Path) -> None:
 
 
 def torchrun(args: list[str], port: int, timeout: float = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(port), str(EXAMPLES / "train.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV,
-                          cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(EXAMPLES / "train.py"),
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -166,8 +228,18 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_fsdp_resume_is_exact_and_exports_the_whole_model(corpus: Path, tmp_path: Path) -> None:
-    common = ["--train-file", str(corpus), *TINY, "--batch-size", str(PER_PROCESS_BATCH),
-              "--max-steps", "8", "--eval-interval", "2", "--fsdp"]  # dropout 0.1: RNG matters
+    common = [
+        "--train-file",
+        str(corpus),
+        *TINY,
+        "--batch-size",
+        str(PER_PROCESS_BATCH),
+        "--max-steps",
+        "8",
+        "--eval-interval",
+        "2",
+        "--fsdp",
+    ]  # dropout 0.1: RNG matters
     full, parts = tmp_path / "full", tmp_path / "parts"
     result = torchrun([*common, "--out-dir", str(full), "--save-pretrained"], free_port())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -198,12 +270,37 @@ def test_fsdp_resume_is_exact_and_exports_the_whole_model(corpus: Path, tmp_path
         assert torch.equal(state[key], value), key
 
 
-def test_fsdp_in_one_process_matches_the_plain_run(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
-    recall = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
-              "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
-              "--d-model", "8", "--n-layer", "2", "--memory-slots", "4", "--batch-size", "16",
-              "--max-steps", "4", "--eval-interval", "2", "--threads", "1", "--dropout", "0"]
+def test_fsdp_in_one_process_matches_the_plain_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recall = [
+        "--dataset",
+        "recall",
+        "--recall-pairs",
+        "2",
+        "--recall-keys",
+        "4",
+        "--recall-values",
+        "4",
+        "--recall-train",
+        "64",
+        "--recall-val",
+        "16",
+        "--d-model",
+        "8",
+        "--n-layer",
+        "2",
+        "--memory-slots",
+        "4",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--threads",
+        "1",
+        "--dropout",
+        "0",
+    ]
     assert train.main([*recall, "--out-dir", str(tmp_path / "plain")]) == 0
     assert train.main([*recall, "--out-dir", str(tmp_path / "fsdp"), "--fsdp"]) == 0
     assert "memory: FSDP2 over 1 process(es) (cpu)" in capsys.readouterr().out
@@ -218,8 +315,7 @@ def test_fsdp_in_one_process_matches_the_plain_run(tmp_path: Path,
 @pytest.mark.parametrize("name", ["gam", "transformer", "mamba"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(name: str) -> None:
     torch.manual_seed(0)
-    model, _ = build_model(name, 50, 24, d_model=16, n_layer=2, dropout=0.1,
-                           num_memory_slots=6, n_head=2)
+    model, _ = build_model(name, 50, 24, d_model=16, n_layer=2, dropout=0.1, num_memory_slots=6, n_head=2)
     checkpointed = copy.deepcopy(model)
     train_parallel.checkpoint_blocks(checkpointed)
     x, y = torch.randint(0, 50, (3, 24)), torch.randint(0, 50, (3, 24))
@@ -233,16 +329,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name: str) -
     for (pname, _), g, gc in zip(model.named_parameters(), grads, grads_ckpt, strict=True):
         torch.testing.assert_close(gc, g, rtol=1e-6, atol=1e-7, msg=lambda m, n=pname: f"{n}: {m}")
     assert checkpointed.state_dict().keys() == model.state_dict().keys()
-    kept = [train_parallel.saved_activation_bytes(m, x, y, torch.autocast("cpu", enabled=False))
-            for m in (model, checkpointed)]
+    kept = [
+        train_parallel.saved_activation_bytes(m, x, y, torch.autocast("cpu", enabled=False))
+        for m in (model, checkpointed)
+    ]
     assert kept[1] < 0.5 * kept[0]
 
 
 @pytest.mark.slow
 def test_activation_checkpointing_composes_with_torch_compile() -> None:
     torch.manual_seed(0)
-    config = gam_ext.GAMConfig(vocab_size=37, block_size=16, d_model=16, n_layer=2, dropout=0.0,
-                               num_memory_slots=9)
+    config = gam_ext.GAMConfig(
+        vocab_size=37, block_size=16, d_model=16, n_layer=2, dropout=0.0, num_memory_slots=9
+    )
     model = gam_ext.GAMModel(config)
     checkpointed = copy.deepcopy(model)
     train_parallel.checkpoint_blocks(checkpointed)
@@ -260,11 +359,38 @@ def test_activation_checkpointing_composes_with_torch_compile() -> None:
 
 def test_train_exports_with_save_pretrained(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("safetensors")
-    argv = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
-            "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
-            "--d-model", "8", "--n-layer", "1", "--memory-slots", "4", "--batch-size", "16",
-            "--max-steps", "2", "--eval-interval", "2", "--threads", "1",
-            "--activation-checkpointing", "--out-dir", str(tmp_path), "--save-pretrained"]
+    argv = [
+        "--dataset",
+        "recall",
+        "--recall-pairs",
+        "2",
+        "--recall-keys",
+        "4",
+        "--recall-values",
+        "4",
+        "--recall-train",
+        "64",
+        "--recall-val",
+        "16",
+        "--d-model",
+        "8",
+        "--n-layer",
+        "1",
+        "--memory-slots",
+        "4",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--eval-interval",
+        "2",
+        "--threads",
+        "1",
+        "--activation-checkpointing",
+        "--out-dir",
+        str(tmp_path),
+        "--save-pretrained",
+    ]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "memory: one process; activation checkpointing: a step keeps" in out
@@ -282,16 +408,46 @@ def test_train_exports_with_save_pretrained(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow
 def test_fsdp_activation_checkpointing_and_compile_compose(tmp_path: Path) -> None:
-    recall = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
-              "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
-              "--d-model", "8", "--n-layer", "2", "--memory-slots", "4", "--batch-size", "16",
-              "--max-steps", "4", "--eval-interval", "2", "--threads", "1", "--dropout", "0",
-              "--sample-tokens", "0"]
+    recall = [
+        "--dataset",
+        "recall",
+        "--recall-pairs",
+        "2",
+        "--recall-keys",
+        "4",
+        "--recall-values",
+        "4",
+        "--recall-train",
+        "64",
+        "--recall-val",
+        "16",
+        "--d-model",
+        "8",
+        "--n-layer",
+        "2",
+        "--memory-slots",
+        "4",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--threads",
+        "1",
+        "--dropout",
+        "0",
+        "--sample-tokens",
+        "0",
+    ]
     assert train.main([*recall, "--out-dir", str(tmp_path / "eager")]) == 0
     torch._dynamo.reset()
-    assert train.main([*recall, "--out-dir", str(tmp_path / "all"), "--fsdp", "--compile",
-                       "--activation-checkpointing"]) == 0
-    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "all"),
-                    strict=True):
+    assert (
+        train.main(
+            [*recall, "--out-dir", str(tmp_path / "all"), "--fsdp", "--compile", "--activation-checkpointing"]
+        )
+        == 0
+    )
+    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "all"), strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-5

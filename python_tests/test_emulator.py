@@ -140,7 +140,6 @@ def test_block_size_not_a_multiple_of_32(st: types.ModuleType) -> None:
     assert ballots.tolist() == [0xFFFFFFFF, (1 << 18) - 1] * 3
 
 
-
 # ---- warp-level matrix primitives (csrc/cuda/warp_mma.cuh) --------------------------------
 
 
@@ -307,10 +306,11 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         ("smem_limit", ["gam_launch(smem_limit_kernel)", "48 KiB"]),
         ("ldmatrix_misaligned", ["gam_launch(ldmatrix_misaligned_kernel)", "not 16-byte aligned"]),
         ("ldmatrix_global", ["gam_launch(ldmatrix_global_kernel)", "not in shared memory"]),
-        ("mma_exited_lane", ["gam_launch(mma_exited_lane_kernel)", "mma.m16n8k16.f16",
-                             "needs all 32 lanes"]),
-        ("named_barrier_count", ["gam_launch(named_barrier_count_kernel)", "named barrier 1",
-                                 "fewer than its count"]),
+        ("mma_exited_lane", ["gam_launch(mma_exited_lane_kernel)", "mma.m16n8k16.f16", "needs all 32 lanes"]),
+        (
+            "named_barrier_count",
+            ["gam_launch(named_barrier_count_kernel)", "named barrier 1", "fewer than its count"],
+        ),
     ],
 )
 def test_fault_raises_runtime_error_naming_kernel(

@@ -21,8 +21,15 @@ VOCAB = 61
 
 
 def make_model(seed=0, dtype=torch.float32, **overrides) -> GAMModel:
-    config = dict(vocab_size=VOCAB, block_size=20, d_model=48, n_layer=3, num_memory_slots=24,
-                  conv_kernel_size=3, dropout=0.0)
+    config = dict(
+        vocab_size=VOCAB,
+        block_size=20,
+        d_model=48,
+        n_layer=3,
+        num_memory_slots=24,
+        conv_kernel_size=3,
+        dropout=0.0,
+    )
     config.update(overrides)
     torch.manual_seed(seed)
     model = GAMModel(GAMConfig(**config))
@@ -47,8 +54,7 @@ def step_logits(model, idx, n_prompt):
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_step_logits_match_the_full_forward(dtype):
     model = make_model(dtype=dtype)
     idx = tokens((2, 20))  # up to block_size
@@ -62,23 +68,27 @@ def test_step_logits_match_the_full_forward(dtype):
     for n_prompt in (1, 2, 9):  # prompts shorter than K-1, equal, longer
         ours = step_logits(model, idx, n_prompt)
         assert ours.dtype == dtype
-        torch.testing.assert_close(ours, full[:, n_prompt - 1:], **TOL[dtype])
+        torch.testing.assert_close(ours, full[:, n_prompt - 1 :], **TOL[dtype])
         # Against the float64 model: the dtype's tolerance, or at most twice the full forward's
         # own error in that dtype (the error budget of docs/design.md).
-        expected = ref64[:, n_prompt - 1:]
+        expected = ref64[:, n_prompt - 1 :]
         diff = (ours.double() - expected).abs()
         ok = diff <= TOL[dtype]["atol"] + TOL[dtype]["rtol"] * expected.abs()
-        ok |= diff <= 2 * (full[:, n_prompt - 1:].double() - expected).abs() + 1e-5
+        ok |= diff <= 2 * (full[:, n_prompt - 1 :].double() - expected).abs() + 1e-5
         assert bool(ok.all()), f"{int((~ok).sum())} logits off, max|diff| {diff.max():.3g}"
 
 
 @pytest.mark.parametrize("n_prompt,n_new", [(3, 30), (25, 12)], ids=["short", "long"])
-@pytest.mark.parametrize("overrides", [
-    dict(),                                        # window 7 < block_size 20
-    dict(conv_kernel_size=4, n_layer=2),           # window 7, K = 4
-    dict(block_size=5),                            # block_size < window: the whole crop
-    dict(conv_kernel_size=1),                      # no conv state, window 1
-], ids=["K3", "K4", "tiny_block", "K1"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # window 7 < block_size 20
+        dict(conv_kernel_size=4, n_layer=2),  # window 7, K = 4
+        dict(block_size=5),  # block_size < window: the whole crop
+        dict(conv_kernel_size=1),  # no conv state, window 1
+    ],
+    ids=["K3", "K4", "tiny_block", "K1"],
+)
 def test_greedy_generate_matches_generate_tokens(n_prompt, n_new, overrides):
     # Prompts shorter and longer than block_size; generation runs far past it.
     model = make_model(**overrides)
@@ -95,7 +105,7 @@ def test_step_past_block_size_matches_the_crop():
     ours = step_logits(model, idx, 4)
     with torch.no_grad():
         for t in range(3, 50):
-            crop = idx[:, max(0, t + 1 - 20):t + 1]
+            crop = idx[:, max(0, t + 1 - 20) : t + 1]
             torch.testing.assert_close(ours[:, t - 3], model(crop)[0][:, -1], **TOL[torch.float32])
 
 
@@ -104,8 +114,7 @@ def test_sampling_matches_generate_tokens_with_one_generator():
     idx = tokens((2, 4), seed=4)
     for kwargs in (dict(temperature=0.8, top_k=10), dict(temperature=1.3), dict(top_p=0.9)):
         ours = model.generate(idx, 30, generator=torch.Generator().manual_seed(5), **kwargs)
-        expected = generate_tokens(model, idx, 30, 20, generator=torch.Generator().manual_seed(5),
-                                   **kwargs)
+        expected = generate_tokens(model, idx, 30, 20, generator=torch.Generator().manual_seed(5), **kwargs)
         assert torch.equal(ours, expected), kwargs
 
 
@@ -122,14 +131,14 @@ def test_top_p_and_eos():
         new, ref_new = row[4:].tolist(), ref[4:].tolist()
         if eos in ref_new:
             first = ref_new.index(eos)
-            assert new[:first + 1] == ref_new[:first + 1]
+            assert new[: first + 1] == ref_new[: first + 1]
             assert all(t == eos for t in new[first:])
         else:
-            assert new == ref_new[:len(new)]
+            assert new == ref_new[: len(new)]
     # One sequence: it stops right after its first eos.
     first = greedy[0, 4:].tolist().index(eos)
     single = model.generate(idx[:1], 10, greedy=True, eos_token_id=eos)
-    assert torch.equal(single, greedy[:1, :4 + first + 1])
+    assert torch.equal(single, greedy[:1, : 4 + first + 1])
     assert model.generate(idx, 0).data_ptr() == idx.data_ptr()
 
 
@@ -180,8 +189,7 @@ def test_inference_mode_autocast_training_mode_and_reference_backend():
     outside = model.allocate_state(2)  # allocated outside, stepped inside
     with torch.inference_mode():
         model.prefill(idx, outside)
-        torch.testing.assert_close(model.step(expected[:, 6], outside),
-                                   logits, **TOL[torch.float32])
+        torch.testing.assert_close(model.step(expected[:, 6], outside), logits, **TOL[torch.float32])
     model.train()  # generate runs without dropout and restores the mode
     assert torch.equal(model.generate(idx, 8, greedy=True), expected) and model.training
     model.eval()
@@ -205,22 +213,29 @@ def test_bad_input_is_a_clear_error():
     model.prefill(idx, state)
     cases = [
         (lambda: model.step(idx[:, 0], model.allocate_state(3)), ValueError, "holds 3 sequences"),
-        (lambda: model.step(idx[:, 0], model.allocate_state(2, dtype=torch.float64)), ValueError,
-         "state has dtype torch.float64 but the model computes in torch.float32"),
-        (lambda: model.step(idx[:, 0], model.allocate_state(2, device="meta")), ValueError,
-         "state is on meta but the model is on cpu"),
+        (
+            lambda: model.step(idx[:, 0], model.allocate_state(2, dtype=torch.float64)),
+            ValueError,
+            "state has dtype torch.float64 but the model computes in torch.float32",
+        ),
+        (
+            lambda: model.step(idx[:, 0], model.allocate_state(2, device="meta")),
+            ValueError,
+            "state is on meta but the model is on cpu",
+        ),
         (lambda: model.step(idx[:, 0], "state"), TypeError, "state must be a GAMState"),
-        (lambda: model.step(torch.tensor([0, VOCAB]), state), ValueError,
-         rf"token id {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
+        (
+            lambda: model.step(torch.tensor([0, VOCAB]), state),
+            ValueError,
+            rf"token id {VOCAB}, outside the vocabulary \[0, {VOCAB}\)",
+        ),
         (lambda: model.step(torch.tensor([-1, 0]), state), ValueError, "token id -1"),
         (lambda: model.step(idx[:, :2], state), ValueError, "one token per sequence"),
         (lambda: model.step(idx[:, 0].float(), state), TypeError, "integer token ids"),
-        (lambda: model.prefill(torch.full((2, 3), VOCAB + 5), state), ValueError,
-         f"token id {VOCAB + 5}"),
+        (lambda: model.prefill(torch.full((2, 3), VOCAB + 5), state), ValueError, f"token id {VOCAB + 5}"),
         (lambda: model.prefill(idx[:, :0], state), ValueError, "at least one token"),
         (lambda: model.prefill(idx[0], state), ValueError, r"expected \(B, N\)"),
-        (lambda: model.prefill(idx, make_model(d_model=16).allocate_state(2)), ValueError,
-         "another shape"),
+        (lambda: model.prefill(idx, make_model(d_model=16).allocate_state(2)), ValueError, "another shape"),
         (lambda: model.generate(idx, -1), ValueError, "max_new_tokens must be >= 0"),
         (lambda: model.generate(idx, 2.0), TypeError, "max_new_tokens must be an int"),
         (lambda: model.generate(idx, 2, temperature=-1.0), ValueError, "temperature"),
@@ -243,14 +258,15 @@ def test_bad_input_is_a_clear_error():
 # --------------------------------------------------------------------------------------------
 
 
-
 def on_cuda(test):
     """Marks a test `cuda`: it needs a GPU and a CUDA build of gam_ext._C."""
     for mark in (
         pytest.mark.cuda,
         pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        pytest.mark.skipif(not gam_ext.backend_info()["cuda_compiled"],
-                           reason="gam_ext._C was built without the CUDA kernels"),
+        pytest.mark.skipif(
+            not gam_ext.backend_info()["cuda_compiled"],
+            reason="gam_ext._C was built without the CUDA kernels",
+        ),
     ):
         test = mark(test)
     return test
@@ -279,8 +295,9 @@ def test_cuda_step_matches_forward_and_greedy_matches_generate_tokens(dtype):
     if dtype == torch.float32:
         for n_prompt in (3, 25):
             prompt = tokens((2, n_prompt), seed=9).cuda()
-            assert torch.equal(model.generate(prompt, 30, greedy=True),
-                               generate_tokens(model, prompt, 30, 20, greedy=True))
+            assert torch.equal(
+                model.generate(prompt, 30, greedy=True), generate_tokens(model, prompt, 30, 20, greedy=True)
+            )
 
 
 @on_cuda

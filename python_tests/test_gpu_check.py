@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no
 def run_check(**env: str) -> tuple[subprocess.CompletedProcess, float]:
     environ = {k: v for k, v in os.environ.items() if k != "PYTHON"} | env
     start = time.monotonic()
-    out = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=environ,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300
+    )
     return out, time.monotonic() - start
 
 

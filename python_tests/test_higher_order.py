@@ -38,13 +38,19 @@ def _t(gen, *shape, scale=1.0, dtype=F64):
 
 def _block_params(gen, d, s=5, k=3, dtype=F64):
     return [
-        1.0 + _t(gen, d, scale=0.1, dtype=dtype), _t(gen, d, scale=0.1, dtype=dtype),  # ln1
-        _t(gen, d, 1, k, scale=0.5, dtype=dtype), _t(gen, d, scale=0.1, dtype=dtype),  # conv
+        1.0 + _t(gen, d, scale=0.1, dtype=dtype),
+        _t(gen, d, scale=0.1, dtype=dtype),  # ln1
+        _t(gen, d, 1, k, scale=0.5, dtype=dtype),
+        _t(gen, d, scale=0.1, dtype=dtype),  # conv
         _t(gen, s, d, scale=0.7, dtype=dtype),  # memory
-        _t(gen, 2 * d, d, scale=0.5, dtype=dtype), _t(gen, 2 * d, scale=0.1, dtype=dtype),  # gate
-        1.0 + _t(gen, d, scale=0.1, dtype=dtype), _t(gen, d, scale=0.1, dtype=dtype),  # ln2
-        _t(gen, 2 * d, d, scale=0.5, dtype=dtype), _t(gen, 2 * d, scale=0.1, dtype=dtype),  # ffn1
-        _t(gen, d, 2 * d, scale=0.5, dtype=dtype), _t(gen, d, scale=0.1, dtype=dtype),  # ffn2
+        _t(gen, 2 * d, d, scale=0.5, dtype=dtype),
+        _t(gen, 2 * d, scale=0.1, dtype=dtype),  # gate
+        1.0 + _t(gen, d, scale=0.1, dtype=dtype),
+        _t(gen, d, scale=0.1, dtype=dtype),  # ln2
+        _t(gen, 2 * d, d, scale=0.5, dtype=dtype),
+        _t(gen, 2 * d, scale=0.1, dtype=dtype),  # ffn1
+        _t(gen, d, 2 * d, scale=0.5, dtype=dtype),
+        _t(gen, d, scale=0.1, dtype=dtype),  # ffn2
     ]
 
 
@@ -52,17 +58,33 @@ def _cases(dtype=F64):
     """(name, function of tensors, input tensors) for each op, the mixer and the block."""
     gen = _gen(0)
     b, n, d, s = 2, 5, 3, 4
-    mixer_params = [_t(gen, d, 1, 3, scale=0.5, dtype=dtype), _t(gen, d, dtype=dtype),
-                    _t(gen, s, d, scale=0.7, dtype=dtype), _t(gen, 2 * d, d, scale=0.5, dtype=dtype),
-                    _t(gen, 2 * d, dtype=dtype)]
+    mixer_params = [
+        _t(gen, d, 1, 3, scale=0.5, dtype=dtype),
+        _t(gen, d, dtype=dtype),
+        _t(gen, s, d, scale=0.7, dtype=dtype),
+        _t(gen, 2 * d, d, scale=0.5, dtype=dtype),
+        _t(gen, 2 * d, dtype=dtype),
+    ]
     return [
-        ("causal_conv1d", gam_ext.causal_conv1d,
-         [_t(gen, b, n, d, dtype=dtype), _t(gen, d, 1, 3, dtype=dtype), _t(gen, d, dtype=dtype)]),
-        ("memory_retrieval", lambda h, m: gam_ext.memory_retrieval(h, m, 0.7),
-         [_t(gen, b, n, d, dtype=dtype), _t(gen, s, d, dtype=dtype)]),
-        ("gate_fusion", gam_ext.gate_fusion,
-         [_t(gen, b, n, d, dtype=dtype), _t(gen, b, n, d, dtype=dtype),
-          _t(gen, b, n, 2 * d, scale=2.0, dtype=dtype)]),
+        (
+            "causal_conv1d",
+            gam_ext.causal_conv1d,
+            [_t(gen, b, n, d, dtype=dtype), _t(gen, d, 1, 3, dtype=dtype), _t(gen, d, dtype=dtype)],
+        ),
+        (
+            "memory_retrieval",
+            lambda h, m: gam_ext.memory_retrieval(h, m, 0.7),
+            [_t(gen, b, n, d, dtype=dtype), _t(gen, s, d, dtype=dtype)],
+        ),
+        (
+            "gate_fusion",
+            gam_ext.gate_fusion,
+            [
+                _t(gen, b, n, d, dtype=dtype),
+                _t(gen, b, n, d, dtype=dtype),
+                _t(gen, b, n, 2 * d, scale=2.0, dtype=dtype),
+            ],
+        ),
         ("gam_mixer", gam_ext.gam_mixer, [_t(gen, b, n, d, dtype=dtype), *mixer_params]),
         ("gam_block", gam_ext.gam_block, [_t(gen, b, n, d, dtype=dtype), *_block_params(gen, d)]),
     ]
@@ -172,8 +194,9 @@ def test_first_order_backward_still_runs_the_kernels(monkeypatch, backend, use_b
     calls = []
     for op in ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer"):
         original = getattr(reference, op)
-        monkeypatch.setattr(reference, op,
-                            lambda *a, _o=original, _n=op, **k: calls.append(_n) or _o(*a, **k))
+        monkeypatch.setattr(
+            reference, op, lambda *a, _o=original, _n=op, **k: calls.append(_n) or _o(*a, **k)
+        )
     fn, inputs = _case("gam_mixer")
     leaves = [t.requires_grad_() for t in inputs]
     fn(*leaves).sum().backward()
@@ -200,8 +223,7 @@ def test_compiled_backward_graph_keeps_the_bwd_kernels(backend, use_backend):
     use_backend(backend)
     block = gam_ext.GAMBlock(8, num_memory_slots=5, dropout=0.0)
     params = dict(block.named_parameters())
-    f = aot_function(lambda x, p: functional_call(block, p, (x,)), fw_compiler=keep,
-                     bw_compiler=keep)
+    f = aot_function(lambda x, p: functional_call(block, p, (x,)), fw_compiler=keep, bw_compiler=keep)
     f(torch.randn(2, 7, 8, requires_grad=True), params).sum().backward()
     forward, backward = ({str(n.target) for n in g.graph.nodes} for g in graphs)
     for op in BLOCK_OPS[backend]:
@@ -263,8 +285,11 @@ def test_func_grad_vjp_jacrev_jacfwd_match_reference(name):
     fn, inputs = _case(name)
     argnums = tuple(range(len(inputs)))
     scalar = lambda *a: fn(*a).square().sum()
-    for transform in (grad(scalar, argnums=argnums), jacrev(fn, argnums=argnums),
-                      jacfwd(fn, argnums=argnums)):
+    for transform in (
+        grad(scalar, argnums=argnums),
+        jacrev(fn, argnums=argnums),
+        jacfwd(fn, argnums=argnums),
+    ):
         _assert_close_tree(transform(*inputs), _on_reference(transform, *inputs))
     cotangent = _tangents([fn(*inputs)])[0]
     got = vjp(fn, *inputs)[1](cotangent)
@@ -283,8 +308,9 @@ def test_func_hessian_matches_reference(name):
 
 def _small_model():
     torch.manual_seed(0)
-    config = gam_ext.GAMConfig(vocab_size=17, block_size=8, d_model=6, n_layer=2, dropout=0.0,
-                               num_memory_slots=5, conv_kernel_size=3)
+    config = gam_ext.GAMConfig(
+        vocab_size=17, block_size=8, d_model=6, n_layer=2, dropout=0.0, num_memory_slots=5, conv_kernel_size=3
+    )
     model = gam_ext.GAMModel(config).double()
     idx = torch.randint(0, 17, (2, 7), generator=_gen(6))
     return model, idx[:, :-1], idx[:, 1:]
@@ -304,8 +330,7 @@ def test_model_jvp_grad_and_jacrev_match_reference():
     _assert_close_tree(grad(loss)(params), _on_reference(grad(loss), params))
     memory = "blocks.0.memory_bank"
     one = lambda m: logits({**params, memory: m})
-    torch.testing.assert_close(jacrev(one)(params[memory]),
-                               _on_reference(jacrev(one), params[memory]))
+    torch.testing.assert_close(jacrev(one)(params[memory]), _on_reference(jacrev(one), params[memory]))
 
 
 def test_vmap_keeps_the_kernels_and_per_sample_grads_match(monkeypatch):
@@ -313,8 +338,7 @@ def test_vmap_keeps_the_kernels_and_per_sample_grads_match(monkeypatch):
     batched = torch.stack([h, 2 * h])
     calls = []
     original = reference.memory_retrieval
-    monkeypatch.setattr(reference, "memory_retrieval",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(reference, "memory_retrieval", lambda *a, **k: calls.append(1) or original(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = vmap(lambda h: fn(h, m))(batched)

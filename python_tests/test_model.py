@@ -17,8 +17,14 @@ SMALL = dict(vocab=97, block_size=24, d_model=40, n_layer=3, slots=7, kernel_siz
 def make_paper_model(seed: int = 0, **overrides) -> PaperModel:
     torch.manual_seed(seed)
     config = {**SMALL, **overrides}
-    model = PaperModel(config["vocab"], config["block_size"], config["d_model"],
-                       config["n_layer"], config["slots"], config["kernel_size"])
+    model = PaperModel(
+        config["vocab"],
+        config["block_size"],
+        config["d_model"],
+        config["n_layer"],
+        config["slots"],
+        config["kernel_size"],
+    )
     # Non-trivial LayerNorm and bias values, so that a swapped parameter would show.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,8 +54,15 @@ def test_from_official_reproduces_paper_logits(backend):
 def test_from_official_infers_config():
     paper = make_paper_model()
     model = GAMModel.from_official(paper.state_dict(), dropout=0.0)
-    assert model.config == GAMConfig(vocab_size=97, block_size=24, d_model=40, n_layer=3,
-                                     dropout=0.0, num_memory_slots=7, conv_kernel_size=4)
+    assert model.config == GAMConfig(
+        vocab_size=97,
+        block_size=24,
+        d_model=40,
+        n_layer=3,
+        dropout=0.0,
+        num_memory_slots=7,
+        conv_kernel_size=4,
+    )
     assert model.head.weight.data_ptr() == model.token_embedding.weight.data_ptr()
 
 
@@ -81,8 +94,9 @@ def test_from_official_is_strict():
 
 
 def test_state_dict_round_trips_into_paper_model():
-    ours = GAMModel(GAMConfig(vocab_size=50, block_size=12, d_model=16, n_layer=2,
-                              num_memory_slots=5, conv_kernel_size=3)).eval()
+    ours = GAMModel(
+        GAMConfig(vocab_size=50, block_size=12, d_model=16, n_layer=2, num_memory_slots=5, conv_kernel_size=3)
+    ).eval()
     paper = PaperModel(50, 12, 16, 2, 5, 3).eval()
     paper.load_state_dict(ours.state_dict(), strict=True)
     idx = torch.randint(0, 50, (2, 12))
@@ -105,21 +119,20 @@ def test_loss_and_backward_match_paper_model():
     idx = torch.randint(0, SMALL["vocab"], (2, 16))
     targets = torch.randint(0, SMALL["vocab"], (2, 16))
     _, loss = ours(idx, targets)
-    expected = torch.nn.functional.cross_entropy(paper(idx).reshape(-1, SMALL["vocab"]),
-                                                 targets.reshape(-1))
+    expected = torch.nn.functional.cross_entropy(paper(idx).reshape(-1, SMALL["vocab"]), targets.reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
     loss.backward()
     expected.backward()
     ours_grads = dict(ours.named_parameters())
     for name, p in paper.named_parameters():
         key = "token_embedding.weight" if name == "head.weight" else name
-        torch.testing.assert_close(ours_grads[key].grad, p.grad, rtol=1e-3, atol=1e-5,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours_grads[key].grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_forward_rejects_bad_input():
-    model = GAMModel(GAMConfig(vocab_size=20, block_size=8, d_model=8, n_layer=1,
-                               num_memory_slots=4))
+    model = GAMModel(GAMConfig(vocab_size=20, block_size=8, d_model=8, n_layer=1, num_memory_slots=4))
     with pytest.raises(ValueError, match="idx"):
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size"):
@@ -129,18 +142,17 @@ def test_forward_rejects_bad_input():
 
 
 def test_generate_extends_the_prompt():
-    model = GAMModel(GAMConfig(vocab_size=30, block_size=8, d_model=16, n_layer=1,
-                               num_memory_slots=4)).eval()
+    model = GAMModel(GAMConfig(vocab_size=30, block_size=8, d_model=16, n_layer=1, num_memory_slots=4)).eval()
     prompt = torch.zeros(2, 3, dtype=torch.long)
-    out = model.generate(prompt, 12, temperature=0.8, top_k=5,
-                         generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, 12, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 15)
     assert torch.equal(out[:, :3], prompt)
     assert int(out.max()) < 30 and int(out.min()) >= 0
 
 
-@pytest.mark.parametrize("prefix", ["module._orig_mod.", "_orig_mod.module.", "module.module.",
-                                    "_orig_mod._orig_mod.module."])
+@pytest.mark.parametrize(
+    "prefix", ["module._orig_mod.", "_orig_mod.module.", "module.module.", "_orig_mod._orig_mod.module."]
+)
 def test_from_official_strips_any_mix_of_wrapper_prefixes(prefix, tmp_path):
     paper = make_paper_model(seed=3)
     idx = torch.randint(0, SMALL["vocab"], (2, 10))
@@ -184,17 +196,30 @@ def test_block_is_gam_block_and_each_norm_has_its_own_eps():
 
     def functional(eps: float) -> torch.Tensor:
         return gam_ext.gam_block(
-            x, block.ln1.weight, block.ln1.bias, block.causal_conv.weight, block.causal_conv.bias,
-            block.memory_bank, block.gate.weight, block.gate.bias, block.ln2.weight,
-            block.ln2.bias, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
-            block.ffn[2].bias, eps=eps)
+            x,
+            block.ln1.weight,
+            block.ln1.bias,
+            block.causal_conv.weight,
+            block.causal_conv.bias,
+            block.memory_bank,
+            block.gate.weight,
+            block.gate.bias,
+            block.ln2.weight,
+            block.ln2.bias,
+            block.ffn[0].weight,
+            block.ffn[0].bias,
+            block.ffn[2].weight,
+            block.ffn[2].bias,
+            eps=eps,
+        )
 
     with torch.no_grad():
         torch.testing.assert_close(block(x), functional(block.ln1.eps), rtol=0, atol=0)
         block.ln2.eps = 0.5  # a norm's own eps counts: ln2 no longer matches gam_block's shared eps
         h = x + block.mix(block.ln1(x))
-        expected = h + block.ffn(torch.nn.functional.layer_norm(
-            h, (16,), block.ln2.weight, block.ln2.bias, 0.5))
+        expected = h + block.ffn(
+            torch.nn.functional.layer_norm(h, (16,), block.ln2.weight, block.ln2.bias, 0.5)
+        )
         torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
         assert not torch.allclose(block(x), functional(block.ln1.eps))
     with pytest.raises(ValueError, match="x must have 3 dimensions"):
@@ -202,11 +227,9 @@ def test_block_is_gam_block_and_each_norm_has_its_own_eps():
 
 
 def test_gam_model_is_a_language_model():
-    model = GAMModel(GAMConfig(vocab_size=30, block_size=8, d_model=16, n_layer=2,
-                               num_memory_slots=4))
+    model = GAMModel(GAMConfig(vocab_size=30, block_size=8, d_model=16, n_layer=2, num_memory_slots=4))
     assert isinstance(model, gam_ext.modules.LanguageModel)
     assert model.block_size == 8 and len(model.blocks) == 2
     # The paper's parameter order (and so its state_dict keys) is kept.
     names = [name.split(".")[0] for name in model.state_dict()]
-    assert list(dict.fromkeys(names)) == ["token_embedding", "pos_embedding", "blocks", "ln_f",
-                                          "head"]
+    assert list(dict.fromkeys(names)) == ["token_embedding", "pos_embedding", "blocks", "ln_f", "head"]

@@ -17,8 +17,9 @@ from gam_ext import GAMConfig, GAMModel
 pytest.importorskip("safetensors")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = GAMConfig(vocab_size=61, block_size=20, d_model=24, n_layer=2, dropout=0.0,
-                   num_memory_slots=7, conv_kernel_size=4)
+CONFIG = GAMConfig(
+    vocab_size=61, block_size=20, d_model=24, n_layer=2, dropout=0.0, num_memory_slots=7, conv_kernel_size=4
+)
 
 
 def _model(seed: int = 0, config: GAMConfig = CONFIG) -> GAMModel:
@@ -34,8 +35,7 @@ def _model(seed: int = 0, config: GAMConfig = CONFIG) -> GAMModel:
 def test_round_trip_gives_identical_logits(tmp_path: Path) -> None:
     model = _model()
     model.save_pretrained(tmp_path / "gam")
-    assert sorted(p.name for p in (tmp_path / "gam").iterdir()) == ["config.json",
-                                                                     "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "gam").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "gam" / "config.json").read_text())
     assert config["model_type"] == "gam" and config["d_model"] == 24 and config["n_layer"] == 2
     loaded = GAMModel.from_pretrained(tmp_path / "gam").eval()
@@ -63,8 +63,7 @@ def test_paper_checkpoints_still_load_through_from_official(tmp_path: Path) -> N
     official.save_pretrained(tmp_path / "gam")
     idx = torch.randint(0, 61, (2, 12))
     with torch.no_grad():
-        assert torch.equal(GAMModel.from_pretrained(tmp_path / "gam").eval()(idx)[0],
-                           model(idx)[0])
+        assert torch.equal(GAMModel.from_pretrained(tmp_path / "gam").eval()(idx)[0], model(idx)[0])
 
 
 def test_bad_directories_give_clear_errors(tmp_path: Path) -> None:
@@ -109,9 +108,12 @@ def _edit_config(directory: Path, **changes: object) -> None:
 @pytest.mark.parametrize(
     ("changes", "error", "message"),
     [
-        ({"d_model": 32}, ValueError,
-         r"model.safetensors does not match config.json in .*: token_embedding.weight has shape "
-         r"\(61, 24\), the config makes \(61, 32\)"),
+        (
+            {"d_model": 32},
+            ValueError,
+            r"model.safetensors does not match config.json in .*: token_embedding.weight has shape "
+            r"\(61, 24\), the config makes \(61, 32\)",
+        ),
         ({"n_layer": 3}, ValueError, r"does not match config.json .*missing \['blocks.2."),
         ({"n_layer": 1}, ValueError, r"does not match config.json .*unexpected \['blocks.1."),
         ({"num_memory_slots": 9}, ValueError, r"blocks.0.memory_bank has shape \(7, 24\)"),
@@ -120,19 +122,20 @@ def _edit_config(directory: Path, **changes: object) -> None:
         ({"vocab_size": None}, ValueError, r"missing fields \['vocab_size'\]"),
         ({"dropout": 2.0}, ValueError, r"config.json of .*GAMConfig.dropout must be in \[0, 1\)"),
     ],
-    ids=["width", "more-layers", "fewer-layers", "slots", "model-type", "unknown", "missing",
-         "bad-value"],
+    ids=["width", "more-layers", "fewer-layers", "slots", "model-type", "unknown", "missing", "bad-value"],
 )
-def test_mismatched_config_gives_a_clear_error(changes: dict, error: type, message: str,
-                                               tmp_path: Path) -> None:
+def test_mismatched_config_gives_a_clear_error(
+    changes: dict, error: type, message: str, tmp_path: Path
+) -> None:
     _model().save_pretrained(tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(error, match=message):
         GAMModel.from_pretrained(tmp_path)
 
 
-def test_sharded_parameters_are_refused_with_the_way_out(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sharded_parameters_are_refused_with_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _model()
 
     class DTensor(torch.Tensor):  # stands in for FSDP's sharded parameters
@@ -144,23 +147,25 @@ def test_sharded_parameters_are_refused_with_the_way_out(tmp_path: Path,
         model.save_pretrained(tmp_path)
 
 
-def test_hub_ids_download_through_huggingface_hub(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_ids_download_through_huggingface_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     huggingface_hub = pytest.importorskip("huggingface_hub")
     model = _model()
     repo = tmp_path / "snapshot"
     model.save_pretrained(repo)
     calls = []
 
-    def fake_download(repo_id: str, filename: str, revision: str | None = None,
-                      cache_dir: str | None = None) -> str:
+    def fake_download(
+        repo_id: str, filename: str, revision: str | None = None, cache_dir: str | None = None
+    ) -> str:
         calls.append((repo_id, filename, revision, cache_dir))
         return str(repo / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     loaded = GAMModel.from_pretrained("someone/gam-tiny", revision="v1", cache_dir="/c").eval()
-    assert calls == [("someone/gam-tiny", "config.json", "v1", "/c"),
-                     ("someone/gam-tiny", "model.safetensors", "v1", "/c")]
+    assert calls == [
+        ("someone/gam-tiny", "config.json", "v1", "/c"),
+        ("someone/gam-tiny", "model.safetensors", "v1", "/c"),
+    ]
     idx = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
@@ -174,16 +179,23 @@ def test_hub_without_huggingface_hub_says_what_to_install(monkeypatch: pytest.Mo
 
 def test_hub_offline_fails_at_once_with_a_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("huggingface_hub")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "GAM_EXT_QUIET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    code = ("import gam_ext\n"
-            "try:\n"
-            "    gam_ext.GAMModel.from_pretrained('someone/gam-tiny')\n"
-            "except OSError as exc:\n"
-            "    print(exc)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "GAM_EXT_QUIET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    code = (
+        "import gam_ext\n"
+        "try:\n"
+        "    gam_ext.GAMModel.from_pretrained('someone/gam-tiny')\n"
+        "except OSError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cannot load 'someone/gam-tiny' from the Hugging Face Hub (config.json)" in result.stdout
     assert "HF_HUB_OFFLINE=1" in result.stdout

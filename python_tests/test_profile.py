@@ -15,8 +15,13 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}, "PYTH
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def run_profile(*args: str) -> subprocess.CompletedProcess:
@@ -25,9 +30,28 @@ def run_profile(*args: str) -> subprocess.CompletedProcess:
 
 def test_profile_runs_on_cpu(tmp_path):
     trace = tmp_path / "trace.json"
-    out = run_profile("--device", "cpu", "--what", "model", "--batch", "2", "--seqlen", "16",
-                      "--d-model", "16", "--slots", "4", "--layers", "1", "--warmup", "1",
-                      "--steps", "1", "--trace", str(trace))
+    out = run_profile(
+        "--device",
+        "cpu",
+        "--what",
+        "model",
+        "--batch",
+        "2",
+        "--seqlen",
+        "16",
+        "--d-model",
+        "16",
+        "--slots",
+        "4",
+        "--layers",
+        "1",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--trace",
+        str(trace),
+    )
     assert out.returncode == 0, out.stderr
     assert "ms/step" in out.stdout and "Self CPU" in out.stdout
     assert trace.stat().st_size > 0
@@ -37,10 +61,33 @@ def test_profile_runs_on_cpu(tmp_path):
 
 
 def test_bench_ops_cpu_run_is_quiet(tmp_path):
-    out = run_script("bench_ops.py", "--device", "cpu", "--batch", "1", "--seqlen", "16",
-                     "--d-model", "8", "--slots", "4", "--ops", "conv", "gate",
-                     "--providers", "gam_ext", "eager", "--repeats", "2", "--warmup", "1",
-                     "--threads", "1", "--out", str(tmp_path / "bench"))
+    out = run_script(
+        "bench_ops.py",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--seqlen",
+        "16",
+        "--d-model",
+        "8",
+        "--slots",
+        "4",
+        "--ops",
+        "conv",
+        "gate",
+        "--providers",
+        "gam_ext",
+        "eager",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "bench"),
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "bench.md").is_file() and (tmp_path / "bench.csv").is_file()
     assert "USDT" not in out.stderr + out.stdout and "gpuGetDeviceCount" not in out.stderr

@@ -32,8 +32,9 @@ def test_conv_matches_definition(n, k):
     bias = torch.randn(5, **F64)
     torch.testing.assert_close(reference.causal_conv1d(x, w, bias), conv_by_definition(x, w, bias))
     # (D, 1, K) weights as nn.Conv1d holds them give the same result
-    torch.testing.assert_close(reference.causal_conv1d(x, w[:, None, :], bias),
-                               conv_by_definition(x, w, bias))
+    torch.testing.assert_close(
+        reference.causal_conv1d(x, w[:, None, :], bias), conv_by_definition(x, w, bias)
+    )
 
 
 def test_conv_backward_matches_design_formulas():
@@ -97,9 +98,20 @@ def test_gam_block_matches_paper_block():
     x = torch.randn(2, 9, 12, **F64)
     ffn = block.ffn
     ours = reference.gam_block(
-        x, block.ln1.weight, block.ln1.bias, block.causal_conv.weight, block.causal_conv.bias,
-        block.memory_bank, block.gate.weight, block.gate.bias, block.ln2.weight, block.ln2.bias,
-        ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias,
+        x,
+        block.ln1.weight,
+        block.ln1.bias,
+        block.causal_conv.weight,
+        block.causal_conv.bias,
+        block.memory_bank,
+        block.gate.weight,
+        block.gate.bias,
+        block.ln2.weight,
+        block.ln2.bias,
+        ffn[0].weight,
+        ffn[0].bias,
+        ffn[2].weight,
+        ffn[2].bias,
     )
     torch.testing.assert_close(ours, block(x))
 
@@ -110,5 +122,6 @@ def test_retrieval_is_causal_per_token():
     m = torch.randn(5, 4, **F64)
     changed = h.clone()
     changed[:, 3:] += 1.0
-    torch.testing.assert_close(reference.memory_retrieval(h, m)[:, :3],
-                               reference.memory_retrieval(changed, m)[:, :3])
+    torch.testing.assert_close(
+        reference.memory_retrieval(h, m)[:, :3], reference.memory_retrieval(changed, m)[:, :3]
+    )

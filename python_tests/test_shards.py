@@ -24,10 +24,30 @@ import prepare_data  # noqa: E402
 import token_shards  # noqa: E402
 import train  # noqa: E402
 
-ENV = {**os.environ, "GAM_EXT_QUIET": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-TINY = ["--d-model", "32", "--n-layer", "1", "--memory-slots", "8", "--seq-len", "24",
-        "--batch-size", "4", "--warmup-steps", "2", "--threads", "1", "--sample-tokens", "0"]
+ENV = {
+    **os.environ,
+    "GAM_EXT_QUIET": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--memory-slots",
+    "8",
+    "--seq-len",
+    "24",
+    "--batch-size",
+    "4",
+    "--warmup-steps",
+    "2",
+    "--threads",
+    "1",
+    "--sample-tokens",
+    "0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -63,10 +83,10 @@ def _prepare(out: Path, source: Path, *extra: str) -> dict:
     return json.loads((out / "index.json").read_text())
 
 
-def test_prepare_data_on_a_folder_writes_shards_and_an_index(text_folder: Path,
-                                                            tmp_path: Path) -> None:
-    index = _prepare(tmp_path / "bpe", text_folder, "--vocab-size", "120", "--val-every", "10",
-                     "--shard-tokens", "3000")
+def test_prepare_data_on_a_folder_writes_shards_and_an_index(text_folder: Path, tmp_path: Path) -> None:
+    index = _prepare(
+        tmp_path / "bpe", text_folder, "--vocab-size", "120", "--val-every", "10", "--shard-tokens", "3000"
+    )
     assert index["format"] == "gam_ext token shards" and index["dtype"] == "uint16"
     assert index["vocab_size"] == 120 and index["tokenizer"]["type"] == "bpe"
     assert index["source"] == f"local: 3 file(s) under {text_folder}"
@@ -94,29 +114,29 @@ def test_prepare_data_on_a_folder_writes_shards_and_an_index(text_folder: Path,
     assert bytes(data[:40].astype(np.uint8)).decode() == first_doc[:40]
 
 
-def test_prepare_data_errors(text_folder: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture) -> None:
+def test_prepare_data_errors(text_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _prepare(tmp_path / "out", text_folder, "--tokenizer", "byte")
-    assert prepare_data.main(["--input", str(text_folder), "--out", str(tmp_path / "out"),
-                              "--tokenizer", "byte"]) == 2
+    assert (
+        prepare_data.main(
+            ["--input", str(text_folder), "--out", str(tmp_path / "out"), "--tokenizer", "byte"]
+        )
+        == 2
+    )
     assert "already holds token shards (index.json); pass --overwrite" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "latin1.txt").write_bytes("café au lait\n\nencore\n".encode("latin-1"))
-    assert prepare_data.main(["--input", str(bad), "--out", str(tmp_path / "o2"),
-                              "--tokenizer", "byte"]) == 2
+    assert prepare_data.main(["--input", str(bad), "--out", str(tmp_path / "o2"), "--tokenizer", "byte"]) == 2
     assert "latin1.txt is not UTF-8 text" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prepare_data.main(["--out", str(tmp_path / "o3")])
     assert "give one source" in capsys.readouterr().err
 
 
-def test_prepare_data_streams_hugging_face_datasets(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_data_streams_hugging_face_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def load_dataset(name: str, config: str | None = None, split: str = "train",
-                     streaming: bool = False):
+    def load_dataset(name: str, config: str | None = None, split: str = "train", streaming: bool = False):
         calls.append((name, config, split, streaming))
         if streaming and name == "no-stream":
             raise ValueError("streaming is not supported")
@@ -125,8 +145,9 @@ def test_prepare_data_streams_hugging_face_datasets(tmp_path: Path,
 
     fake = types.SimpleNamespace(load_dataset=load_dataset, disable_progress_bars=lambda: None)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    index = _prepare_hf(tmp_path / "hf", "--hf-dataset", "corpus", "--hf-config", "c1",
-                        "--val-split", "validation")
+    index = _prepare_hf(
+        tmp_path / "hf", "--hf-dataset", "corpus", "--hf-config", "c1", "--val-split", "validation"
+    )
     assert calls == [("corpus", "c1", "train", True), ("corpus", "c1", "validation", True)]
     assert index["splits"]["train"]["documents"] == 60  # blank records skipped
     assert index["splits"]["val"]["documents"] == 60
@@ -137,8 +158,7 @@ def test_prepare_data_streams_hugging_face_datasets(tmp_path: Path,
 
 
 def _prepare_hf(out: Path, *argv: str) -> dict:
-    assert prepare_data.main([*argv, "--out", str(out), "--tokenizer", "byte",
-                              "--val-every", "5"]) == 0
+    assert prepare_data.main([*argv, "--out", str(out), "--tokenizer", "byte", "--val-every", "5"]) == 0
     return json.loads((out / "index.json").read_text())
 
 
@@ -146,15 +166,21 @@ def _write_shards(folder: Path, train_tokens: int, val_tokens: int = 50_000) -> 
     """Random byte-vocabulary shards, written in pieces (the test process stays small too)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    writers = {s: token_shards.SplitWriter(folder, s, np.dtype(np.uint16), 1 << 40)
-               for s in ("train", "val")}
+    writers = {s: token_shards.SplitWriter(folder, s, np.dtype(np.uint16), 1 << 40) for s in ("train", "val")}
     for split, total in (("train", train_tokens), ("val", val_tokens)):
         for start in range(0, total, 1 << 22):
             writers[split].write(rng.integers(0, 256, min(1 << 22, total - start)), documents=1)
         writers[split].close()
-    token_shards.write_index(folder, {
-        "dtype": "uint16", "vocab_size": 256, "tokenizer": {"type": "byte"}, "source": "test",
-        "splits": {s: w.summary() for s, w in writers.items()}})
+    token_shards.write_index(
+        folder,
+        {
+            "dtype": "uint16",
+            "vocab_size": 256,
+            "tokenizer": {"type": "byte"},
+            "source": "test",
+            "splits": {s: w.summary() for s, w in writers.items()},
+        },
+    )
 
 
 # Runs train.py's shard loader the way a training run does, and reports the peak resident memory
@@ -193,8 +219,13 @@ def test_training_reads_a_large_shard_by_memory_map(tmp_path: Path) -> None:
     folder = tmp_path / "big"
     _write_shards(folder, train_tokens=50_000_000)  # a 100 MB shard
     assert (folder / "train-00000.bin").stat().st_size == 100_000_000
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(EXAMPLES), str(folder)],
-                            capture_output=True, text=True, timeout=180, env=ENV)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(EXAMPLES), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["memmap"] and probe["shard_bytes"] == 100_000_000
@@ -217,12 +248,22 @@ def test_windows_depend_on_the_step_only_and_split_over_processes(tmp_path: Path
     assert not torch.equal(sampler.batch(8, batch_size=6)[0], x)
 
 
-def test_shards_train_and_resume_at_the_same_position(text_folder: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_shards_train_and_resume_at_the_same_position(
+    text_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     shards = tmp_path / "shards"
     _prepare(shards, text_folder, "--vocab-size", "100", "--val-every", "10")
-    common = ["--shards", str(shards), *TINY, "--max-steps", "8", "--eval-interval", "2",
-              "--eval-batches", "2"]
+    common = [
+        "--shards",
+        str(shards),
+        *TINY,
+        "--max-steps",
+        "8",
+        "--eval-interval",
+        "2",
+        "--eval-batches",
+        "2",
+    ]
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert train.main([*common, "--out-dir", str(full)]) == 0
     out = capsys.readouterr().out
@@ -234,8 +275,7 @@ def test_shards_train_and_resume_at_the_same_position(text_folder: Path, tmp_pat
     moved.mkdir()
     for f in shards.iterdir():
         (moved / f.name).write_bytes(f.read_bytes())
-    assert train.main(["--shards", str(moved), "--resume", "--out-dir", str(parts),
-                       "--threads", "1"]) == 0
+    assert train.main(["--shards", str(moved), "--resume", "--out-dir", str(parts), "--threads", "1"]) == 0
     assert "resuming from step 5" in capsys.readouterr().out
     expected = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()]
@@ -260,8 +300,7 @@ def test_shards_train_and_resume_at_the_same_position(text_folder: Path, tmp_pat
         (["--shards", ".", "--vocab-size", "100"], "--shards and --vocab-size exclude"),
     ],
 )
-def test_shard_flags_give_clear_errors(argv: list[str], message: str,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_shard_flags_give_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         train.main(argv)
     assert message in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_reference_update_rebuilds_the_full_conv(k, circular, chunk):
     pos = torch.zeros(b, dtype=torch.int64) if circular else None
     outs = []
     for t0 in range(0, n, chunk):
-        piece = x[:, t0:t0 + chunk]
+        piece = x[:, t0 : t0 + chunk]
         outs.append(reference.causal_conv1d_update(piece, state, w, bias, pos))
         if circular:
             pos += piece.shape[1]
@@ -94,9 +94,13 @@ def test_reference_circular_state_masks_positions_before_zero():
 def test_reference_mixer_step_rebuilds_the_full_mixer():
     b, n, d, s, k = 2, 9, 6, 7, 3
     h = gen((b, n, d), torch.float64, 7)
-    p = dict(conv_weight=gen((d, 1, k), torch.float64, 8), conv_bias=gen((d,), torch.float64, 9),
-             memory=gen((s, d), torch.float64, 10), gate_weight=gen((2 * d, d), torch.float64, 11),
-             gate_bias=gen((2 * d,), torch.float64, 12))
+    p = dict(
+        conv_weight=gen((d, 1, k), torch.float64, 8),
+        conv_bias=gen((d,), torch.float64, 9),
+        memory=gen((s, d), torch.float64, 10),
+        gate_weight=gen((2 * d, d), torch.float64, 11),
+        gate_bias=gen((2 * d,), torch.float64, 12),
+    )
     full = reference.gam_mixer(h, scale=0.7, **p)
     state = torch.zeros(b, k - 1, d, dtype=torch.float64)
     pos = torch.zeros(b, dtype=torch.int32)
@@ -187,8 +191,8 @@ def _step_inputs(shape, dtype, seed=30):
         conv_state=gen((b, max(k - 1, 0) + 1, d), dtype, seed + 1),
         conv_weight=gen((d, 1, k), torch.float32, seed + 2, 0.5),
         conv_bias=gen((d,), torch.float32, seed + 3),
-        memory=gen((s, d), torch.float32, seed + 4, d ** -0.25),
-        gate_weight=gen((2 * d, d), torch.float32, seed + 5, d ** -0.5),
+        memory=gen((s, d), torch.float32, seed + 4, d**-0.25),
+        gate_weight=gen((2 * d, d), torch.float32, seed + 5, d**-0.5),
         gate_bias=gen((2 * d,), torch.float32, seed + 6),
     )
 
@@ -199,8 +203,7 @@ def _mixer_step_ref(inputs, dtype, pos, scale):
     out = {}
     for key, cast in (("ref", torch.float64), ("eager", dtype)):
         args = {name: t.to(cast).clone() for name, t in inputs.items()}
-        out[key] = (reference.gam_mixer_step(scale=scale, cache_seqlens=pos, **args),
-                    args["conv_state"])
+        out[key] = (reference.gam_mixer_step(scale=scale, cache_seqlens=pos, **args), args["conv_state"])
     return out
 
 
@@ -251,9 +254,11 @@ def test_mixer_step_half_activations_fp32_parameters(dtype):
     assert direct.dtype == autocast.dtype == dtype
     assert torch.equal(direct, autocast) and torch.equal(s1, s2)
     ref_state = state32.to(dtype).double()
-    ref = reference.gam_mixer_step(h32.to(dtype).double(), ref_state,
-                                   **{k: v.to(dtype).double() if k == "memory" else v.double()
-                                      for k, v in inputs.items()})
+    ref = reference.gam_mixer_step(
+        h32.to(dtype).double(),
+        ref_state,
+        **{k: v.to(dtype).double() if k == "memory" else v.double() for k, v in inputs.items()},
+    )
     assert_close("f", direct, ref, None, dtype)
 
 
@@ -277,8 +282,9 @@ def test_inputs_that_need_a_gradient_take_the_reference():
     (grad,) = torch.autograd.grad(out.sum(), [h])
     assert grad.shape == h.shape and grad.abs().sum() > 0
     x = gen((2, 1, 6), torch.float64, 3).requires_grad_()
-    y = gam_ext.causal_conv1d_update(x, torch.zeros(2, 2, 6, dtype=torch.float64),
-                                     torch.randn(6, 3, dtype=torch.float64))
+    y = gam_ext.causal_conv1d_update(
+        x, torch.zeros(2, 2, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    )
     assert y.requires_grad
 
 
@@ -347,33 +353,45 @@ GW, GB = torch.randn(8, 4), torch.randn(8)
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: OP.causal_conv1d_update(X3, ST.double(), W3, None, None),
-         "conv_state must have the dtype of x"),
-        (lambda: OP.causal_conv1d_update(X3, torch.zeros(3, 2, 4), W3, None, None),
-         r"conv_state must have shape \(B, W, D\)"),
-        (lambda: OP.causal_conv1d_update(X3, torch.zeros(2, 1, 4), W3, None, None),
-         "at least K-1 = 2 rows"),
-        (lambda: OP.causal_conv1d_update(X3, torch.zeros(2, 4, 2).transpose(1, 2), W3, None, None),
-         "conv_state must be contiguous"),
-        (lambda: OP.causal_conv1d_update(X3, ST, W3, None, torch.zeros(2)),
-         "cache_seqlens must be int32 or int64"),
-        (lambda: OP.causal_conv1d_update(X3, ST, W3, None, torch.zeros(3, dtype=torch.int32)),
-         r"cache_seqlens must have shape \(B,\)"),
+        (
+            lambda: OP.causal_conv1d_update(X3, ST.double(), W3, None, None),
+            "conv_state must have the dtype of x",
+        ),
+        (
+            lambda: OP.causal_conv1d_update(X3, torch.zeros(3, 2, 4), W3, None, None),
+            r"conv_state must have shape \(B, W, D\)",
+        ),
+        (lambda: OP.causal_conv1d_update(X3, torch.zeros(2, 1, 4), W3, None, None), "at least K-1 = 2 rows"),
+        (
+            lambda: OP.causal_conv1d_update(X3, torch.zeros(2, 4, 2).transpose(1, 2), W3, None, None),
+            "conv_state must be contiguous",
+        ),
+        (
+            lambda: OP.causal_conv1d_update(X3, ST, W3, None, torch.zeros(2)),
+            "cache_seqlens must be int32 or int64",
+        ),
+        (
+            lambda: OP.causal_conv1d_update(X3, ST, W3, None, torch.zeros(3, dtype=torch.int32)),
+            r"cache_seqlens must have shape \(B,\)",
+        ),
         (lambda: OP.causal_conv1d_update(X3[0], ST, W3, None, None), "x must have 3 dimensions"),
-        (lambda: OP.causal_conv1d_update(X3, ST, torch.randn(5, 3), None, None),
-         "weight has 5 channels"),
-        (lambda: OP.gam_mixer_step(H, ST, W3, None, MEM, Z.double(), None, 1.0),
-         "gate_logits must have the dtype of h"),
-        (lambda: OP.gam_mixer_step(H, ST, W3, None, MEM, Z[:, :4], None, 1.0),
-         r"gate_logits must have shape \(B, 2D\)"),
-        (lambda: OP.gam_mixer_step(H, ST, W3, None, MEM[:, :3], Z, None, 1.0),
-         "memory must have shape"),
+        (lambda: OP.causal_conv1d_update(X3, ST, torch.randn(5, 3), None, None), "weight has 5 channels"),
+        (
+            lambda: OP.gam_mixer_step(H, ST, W3, None, MEM, Z.double(), None, 1.0),
+            "gate_logits must have the dtype of h",
+        ),
+        (
+            lambda: OP.gam_mixer_step(H, ST, W3, None, MEM, Z[:, :4], None, 1.0),
+            r"gate_logits must have shape \(B, 2D\)",
+        ),
+        (lambda: OP.gam_mixer_step(H, ST, W3, None, MEM[:, :3], Z, None, 1.0), "memory must have shape"),
         (lambda: OP.gam_mixer_step(H, ST, W3, None, MEM[:0], Z, None, 1.0), "at least one slot"),
         (lambda: OP.gam_mixer_step(X3, ST, W3, None, MEM, Z, None, 1.0), "h must have 2 dimensions"),
-        (lambda: OP.gam_mixer_step(H, ST.half(), W3, None, MEM, Z, None, 1.0),
-         "conv_state must have the dtype of h"),
-        (lambda: OP.gam_mixer_step(H, ST, W3, torch.randn(3), MEM, Z, None, 1.0),
-         "bias must have shape"),
+        (
+            lambda: OP.gam_mixer_step(H, ST.half(), W3, None, MEM, Z, None, 1.0),
+            "conv_state must have the dtype of h",
+        ),
+        (lambda: OP.gam_mixer_step(H, ST, W3, torch.randn(3), MEM, Z, None, 1.0), "bias must have shape"),
     ],
 )
 def test_kernel_bad_input_names_the_argument(call, match):
@@ -384,31 +402,61 @@ def test_kernel_bad_input_names_the_argument(call, match):
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: gam_ext.causal_conv1d_update(torch.randn(2, 1, 1, 4), ST, W3), ValueError,
-         r"x must be \(B, D\) or \(B, L, D\)"),
-        (lambda: gam_ext.causal_conv1d_update(H, ST.half(), W3), TypeError,
-         "conv_state must have the dtype of x"),
+        (
+            lambda: gam_ext.causal_conv1d_update(torch.randn(2, 1, 1, 4), ST, W3),
+            ValueError,
+            r"x must be \(B, D\) or \(B, L, D\)",
+        ),
+        (
+            lambda: gam_ext.causal_conv1d_update(H, ST.half(), W3),
+            TypeError,
+            "conv_state must have the dtype of x",
+        ),
         (lambda: gam_ext.causal_conv1d_update(H, ST[:, :1], W3), ValueError, "at least K-1 = 2"),
         (lambda: gam_ext.causal_conv1d_update(H, ST[:1], W3), ValueError, "conv_state must have shape"),
-        (lambda: gam_ext.causal_conv1d_update(H, ST, W3, None, [0, 0]), TypeError,
-         "cache_seqlens must be a torch.Tensor"),
-        (lambda: gam_ext.causal_conv1d_update(H, ST, W3, None, torch.zeros(2)), TypeError,
-         "cache_seqlens must be int32 or int64"),
-        (lambda: gam_ext.causal_conv1d_update(H, torch.zeros(2, 4, 2).transpose(1, 2), W3),
-         ValueError, "conv_state must be contiguous"),
-        (lambda: gam_ext.gam_mixer_step(X3, ST, W3, None, MEM, GW, GB), ValueError,
-         "h must have 2 dimensions"),
-        (lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM, GW[:4], GB), ValueError,
-         "gate_weight must have shape"),
-        (lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM[:, :3], GW, GB), ValueError,
-         "memory must have shape"),
-        (lambda: gam_ext.gam_mixer_step(H, ST.double(), W3, None, MEM, GW, GB), TypeError,
-         "conv_state must have the dtype of h"),
+        (
+            lambda: gam_ext.causal_conv1d_update(H, ST, W3, None, [0, 0]),
+            TypeError,
+            "cache_seqlens must be a torch.Tensor",
+        ),
+        (
+            lambda: gam_ext.causal_conv1d_update(H, ST, W3, None, torch.zeros(2)),
+            TypeError,
+            "cache_seqlens must be int32 or int64",
+        ),
+        (
+            lambda: gam_ext.causal_conv1d_update(H, torch.zeros(2, 4, 2).transpose(1, 2), W3),
+            ValueError,
+            "conv_state must be contiguous",
+        ),
+        (
+            lambda: gam_ext.gam_mixer_step(X3, ST, W3, None, MEM, GW, GB),
+            ValueError,
+            "h must have 2 dimensions",
+        ),
+        (
+            lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM, GW[:4], GB),
+            ValueError,
+            "gate_weight must have shape",
+        ),
+        (
+            lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM[:, :3], GW, GB),
+            ValueError,
+            "memory must have shape",
+        ),
+        (
+            lambda: gam_ext.gam_mixer_step(H, ST.double(), W3, None, MEM, GW, GB),
+            TypeError,
+            "conv_state must have the dtype of h",
+        ),
         (lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM, GW, GB, "1"), TypeError, "scale"),
-        (lambda: gam_ext.gam_mixer_step(H, ST, W3, None, MEM, GW, GB,
-                                        cache_seqlens=torch.zeros(2, dtype=torch.int32,
-                                                                  device="meta")),
-         ValueError, "cache_seqlens is on meta"),
+        (
+            lambda: gam_ext.gam_mixer_step(
+                H, ST, W3, None, MEM, GW, GB, cache_seqlens=torch.zeros(2, dtype=torch.int32, device="meta")
+            ),
+            ValueError,
+            "cache_seqlens is on meta",
+        ),
     ],
 )
 def test_public_bad_input_names_the_argument(call, error, match):

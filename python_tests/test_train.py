@@ -30,11 +30,33 @@ import train  # noqa: E402
 
 # One thread: tiny models run many times faster so, above all on a machine shared with builds.
 # PYTHONPATH: the script imports the installed gam_ext; make that this source tree.
-ENV = {**os.environ, "GAM_EXT_QUIET": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-TINY = ["--d-model", "48", "--n-layer", "2", "--n-head", "4", "--memory-slots", "16",
-        "--seq-len", "32", "--batch-size", "8", "--sample-tokens", "8", "--warmup-steps", "5",
-        "--threads", "1"]
+ENV = {
+    **os.environ,
+    "GAM_EXT_QUIET": "1",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
+TINY = [
+    "--d-model",
+    "48",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "4",
+    "--memory-slots",
+    "16",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--sample-tokens",
+    "8",
+    "--warmup-steps",
+    "5",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +67,11 @@ def _restore_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def run_cli(args: list[str], timeout: float = 120, env: dict | None = None,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], timeout: float = 120, env: dict | None = None, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, *(launcher or []), str(TRAIN), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=env or ENV, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -65,9 +87,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     objects = ["the mat.", "a red box.", "the green tree.", "the small house.", "a warm bed."]
     paragraphs = []
     for _ in range(300):
-        paragraphs.append(" ".join(
-            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(4)
-        ).capitalize())
+        paragraphs.append(
+            " ".join(
+                f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(4)
+            ).capitalize()
+        )
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
     return path
@@ -121,8 +145,7 @@ def test_recall_examples_layout() -> None:
 
 
 def test_paper_sized_parameter_counts() -> None:
-    counts = {name: baselines.build_model(name, 10000, 256)[0].num_parameters()
-              for name in baselines.MODELS}
+    counts = {name: baselines.build_model(name, 10000, 256)[0].num_parameters() for name in baselines.MODELS}
     assert counts == {"gam": 22_599_680, "transformer": 24_166_400, "mamba": 20_507_648}
 
 
@@ -141,10 +164,29 @@ def test_models_share_one_language_model_base() -> None:
 @pytest.mark.parametrize("model", baselines.MODELS)
 def test_each_model_learns(model: str, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / model
-    rc = train.main(["--model", model, "--train-file", str(corpus), "--vocab-size", "120",
-                     *TINY, "--max-steps", "100", "--eval-interval", "25", "--lr", "3e-3",
-                     "--eval-batches", "4", "--out-dir", str(out),
-                     "--data-dir", str(tmp_path / "data")])
+    rc = train.main(
+        [
+            "--model",
+            model,
+            "--train-file",
+            str(corpus),
+            "--vocab-size",
+            "120",
+            *TINY,
+            "--max-steps",
+            "100",
+            "--eval-interval",
+            "25",
+            "--lr",
+            "3e-3",
+            "--eval-batches",
+            "4",
+            "--out-dir",
+            str(out),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
     assert rc == 0
     metrics = read_metrics(out)
     summary = json.loads((out / "summary.json").read_text())
@@ -157,11 +199,38 @@ def test_each_model_learns(model: str, corpus: Path, tmp_path: Path) -> None:
 
 
 def test_recall_task_runs(tmp_path: Path) -> None:
-    rc = train.main(["--dataset", "recall", "--recall-pairs", "4", "--recall-keys", "8",
-                     "--recall-values", "8", "--recall-train", "512", "--recall-val", "64",
-                     "--d-model", "32", "--n-layer", "1", "--memory-slots", "16",
-                     "--batch-size", "16", "--max-steps", "6", "--eval-interval", "3",
-                     "--threads", "1", "--out-dir", str(tmp_path)])
+    rc = train.main(
+        [
+            "--dataset",
+            "recall",
+            "--recall-pairs",
+            "4",
+            "--recall-keys",
+            "8",
+            "--recall-values",
+            "8",
+            "--recall-train",
+            "512",
+            "--recall-val",
+            "64",
+            "--d-model",
+            "32",
+            "--n-layer",
+            "1",
+            "--memory-slots",
+            "16",
+            "--batch-size",
+            "16",
+            "--max-steps",
+            "6",
+            "--eval-interval",
+            "3",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     metrics = read_metrics(tmp_path)
     assert all(0.0 <= m["val_acc"] <= 1.0 for m in metrics)
@@ -169,9 +238,26 @@ def test_recall_task_runs(tmp_path: Path) -> None:
 
 
 def test_compare_writes_a_table(corpus: Path, tmp_path: Path) -> None:
-    rc = train.main(["--compare", "--models", "gam,transformer", "--train-file", str(corpus),
-                     "--tokenizer", "byte", *TINY, "--max-steps", "4", "--eval-batches", "2",
-                     "--sample-tokens", "0", "--out-dir", str(tmp_path)])
+    rc = train.main(
+        [
+            "--compare",
+            "--models",
+            "gam,transformer",
+            "--train-file",
+            str(corpus),
+            "--tokenizer",
+            "byte",
+            *TINY,
+            "--max-steps",
+            "4",
+            "--eval-batches",
+            "2",
+            "--sample-tokens",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     table = (tmp_path / "compare.md").read_text()
     assert "| model | params | s/epoch | tokens/s | val loss | val PPL |" in table
@@ -185,9 +271,23 @@ def test_compare_writes_a_table(corpus: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_bit_for_bit(corpus: Path, tmp_path: Path) -> None:
-    common = ["--train-file", str(corpus), *TINY, "--vocab-size", "120", "--max-steps", "12",
-              "--eval-interval", "4", "--eval-batches", "3", "--sample-tokens", "0",
-              "--data-dir", str(tmp_path / "data")]
+    common = [
+        "--train-file",
+        str(corpus),
+        *TINY,
+        "--vocab-size",
+        "120",
+        "--max-steps",
+        "12",
+        "--eval-interval",
+        "4",
+        "--eval-batches",
+        "3",
+        "--sample-tokens",
+        "0",
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert train.main([*common, "--out-dir", str(full)]) == 0  # uninterrupted, in-process
     first = run_cli([*common, "--out-dir", str(parts), "--stop-at-step", "6"])
@@ -203,7 +303,10 @@ def test_resume_continues_bit_for_bit(corpus: Path, tmp_path: Path) -> None:
     assert [m["step"] for m in got] == [4, 8, 12]
     for a, b in zip(expected, got, strict=True):
         assert (a["train_loss"], a["val_loss"], a["val_ppl"]) == (
-            b["train_loss"], b["val_loss"], b["val_ppl"])
+            b["train_loss"],
+            b["val_loss"],
+            b["val_ppl"],
+        )
     ckpt = torch.load(parts / "ckpt.pt", map_location="cpu", weights_only=False)
     assert {"model", "optimizer", "scheduler", "step", "rng", "data_order"} <= set(ckpt)
 
@@ -211,10 +314,29 @@ def test_resume_continues_bit_for_bit(corpus: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(corpus: Path, tmp_path: Path) -> None:
     result = run_cli(
-        ["--train-file", str(corpus), "--tokenizer", "byte", *TINY, "--max-steps", "4",
-         "--eval-interval", "2", "--eval-batches", "2", "--out-dir", str(tmp_path)],
-        launcher=["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                  str(29500 + os.getpid() % 1000)],
+        [
+            "--train-file",
+            str(corpus),
+            "--tokenizer",
+            "byte",
+            *TINY,
+            "--max-steps",
+            "4",
+            "--eval-interval",
+            "2",
+            "--eval-batches",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        launcher=[
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+        ],
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -233,21 +355,21 @@ def test_torchrun_two_processes_gloo(corpus: Path, tmp_path: Path) -> None:
         (["--val-file", "/tmp/x.txt"], "--val-file needs --train-file"),
         (["--resume", "/nonexistent/ckpt.pt"], "--resume: no such checkpoint"),
         (["--compare", "--models", "gam,lstm"], "--models: unknown model"),
-        (["--dataset", "recall", "--recall-pairs", "9", "--recall-keys", "8"],
-         "--recall-pairs 9 exceeds --recall-keys 8"),
+        (
+            ["--dataset", "recall", "--recall-pairs", "9", "--recall-keys", "8"],
+            "--recall-pairs 9 exceeds --recall-keys 8",
+        ),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     ],
 )
-def test_bad_flags_give_clear_errors(argv: list[str], message: str,
-                                     capsys: pytest.CaptureFixture) -> None:
+def test_bad_flags_give_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         train.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
-def test_user_errors_exit_without_traceback(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture) -> None:
+def test_user_errors_exit_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     result = run_cli(["--train-file", "/nonexistent/corpus.txt"], timeout=60)
     assert result.returncode == 2
     assert "no such file: /nonexistent/corpus.txt" in result.stderr
@@ -257,13 +379,12 @@ def test_user_errors_exit_without_traceback(tmp_path: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
-                    reason="the `datasets` package is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is None, reason="the `datasets` package is not installed"
+)
 def test_offline_hf_dataset_fails_fast(tmp_path: Path) -> None:
-    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf")}
-    result = run_cli(["--dataset", "wikitext2", "--out-dir", str(tmp_path / "run")], env=env,
-                     timeout=60)
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli(["--dataset", "wikitext2", "--out-dir", str(tmp_path / "run")], env=env, timeout=60)
     assert result.returncode == 2
     assert "cannot load --dataset wikitext2" in result.stderr
     assert "--train-file" in result.stderr and "--dataset recall" in result.stderr
@@ -274,17 +395,43 @@ def test_offline_hf_dataset_fails_fast(tmp_path: Path) -> None:
 # Precision, packages, files, output folder, which gam_ext runs
 # ------------------------------------------------------------------------------------------------
 
-RECALL_TINY = ["--dataset", "recall", "--recall-pairs", "2", "--recall-keys", "4",
-               "--recall-values", "4", "--recall-train", "64", "--recall-val", "16",
-               "--d-model", "8", "--n-layer", "1", "--memory-slots", "4", "--batch-size", "16",
-               "--max-steps", "3", "--eval-interval", "3", "--threads", "1"]
+RECALL_TINY = [
+    "--dataset",
+    "recall",
+    "--recall-pairs",
+    "2",
+    "--recall-keys",
+    "4",
+    "--recall-values",
+    "4",
+    "--recall-train",
+    "64",
+    "--recall-val",
+    "16",
+    "--d-model",
+    "8",
+    "--n-layer",
+    "1",
+    "--memory-slots",
+    "4",
+    "--batch-size",
+    "16",
+    "--max-steps",
+    "3",
+    "--eval-interval",
+    "3",
+    "--threads",
+    "1",
+]
 
 
-def test_cpu_bf16_autocasts_for_real_on_auto_and_cpu(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_cpu_bf16_autocasts_for_real_on_auto_and_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = {}
-    for name, flags in [("fp32", ["--device", "cpu"]), ("auto", ["--dtype", "bf16"]),
-                        ("cpu", ["--dtype", "bf16", "--device", "cpu"])]:
+    for name, flags in [
+        ("fp32", ["--device", "cpu"]),
+        ("auto", ["--dtype", "bf16"]),
+        ("cpu", ["--dtype", "bf16", "--device", "cpu"]),
+    ]:
         assert train.main([*RECALL_TINY, *flags, "--out-dir", str(tmp_path / name)]) == 0
         runs[name] = read_metrics(tmp_path / name)[-1]
         header = capsys.readouterr().out
@@ -294,8 +441,7 @@ def test_cpu_bf16_autocasts_for_real_on_auto_and_cpu(tmp_path: Path,
     assert abs(runs["auto"]["val_loss"] - runs["fp32"]["val_loss"]) < 0.05
 
 
-def test_cpu_fp16_autocasts_with_a_gradient_scaler(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_cpu_fp16_autocasts_with_a_gradient_scaler(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train.main([*RECALL_TINY, "--dtype", "fp16", "--out-dir", str(tmp_path)]) == 0
     assert "fp16 autocast with a gradient scaler" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -312,13 +458,19 @@ def test_cpu_fp16_autocasts_with_a_gradient_scaler(tmp_path: Path,
         (["--model", "mamba", "--device", "cpu"], "mambapy", "--model mamba on CPU"),
     ],
 )
-def test_missing_optional_packages_give_one_line(argv: list[str], package: str, hint: str,
-                                                 corpus: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_missing_optional_packages_give_one_line(
+    argv: list[str],
+    package: str,
+    hint: str,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
-    rc = train.main(["--train-file", str(corpus), *TINY, *argv, "--max-steps", "1",
-                     "--out-dir", str(tmp_path)])
+    rc = train.main(
+        ["--train-file", str(corpus), *TINY, *argv, "--max-steps", "1", "--out-dir", str(tmp_path)]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("error: this run needs packages")
@@ -326,8 +478,9 @@ def test_missing_optional_packages_give_one_line(argv: list[str], package: str, 
     assert "'.[train]'" in err
 
 
-def test_missing_package_found_late_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_missing_package_found_late_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise ModuleNotFoundError("No module named 'somepkg'", name="somepkg")
 
@@ -338,8 +491,7 @@ def test_missing_package_found_late_is_one_line(tmp_path: Path, monkeypatch: pyt
     assert err.count("\n") == 1
 
 
-def test_default_out_dir_is_in_the_current_directory(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_out_dir_is_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert train.main([*RECALL_TINY, "--sample-tokens", "0"]) == 0
     assert (tmp_path / "runs" / "gam-recall" / "metrics.jsonl").is_file()
@@ -356,7 +508,10 @@ def test_file_without_blank_lines_is_split_by_lines(tmp_path: Path) -> None:
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(b"first paragraph\r\nstill first\r\n\r\nsecond\r\n\r\nthird\r\n")
     assert lm_data.file_corpus(str(crlf), str(crlf)).train == [
-        "first paragraph\nstill first", "second", "third"]
+        "first paragraph\nstill first",
+        "second",
+        "third",
+    ]
     one = tmp_path / "one.txt"
     one.write_text("just one line\n")
     with pytest.raises(lm_data.DataError, match="one line of text: too short .* --val-file"):
@@ -366,9 +521,26 @@ def test_file_without_blank_lines_is_split_by_lines(tmp_path: Path) -> None:
 def test_lines_file_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "lines.txt"
     path.write_text("".join(f"the cat sat on mat number {i % 7}.\n" for i in range(400)))
-    assert train.main(["--train-file", str(path), "--tokenizer", "byte", *TINY,
-                       "--max-steps", "2", "--eval-batches", "1", "--sample-tokens", "0",
-                       "--out-dir", str(tmp_path / "run")]) == 0
+    assert (
+        train.main(
+            [
+                "--train-file",
+                str(path),
+                "--tokenizer",
+                "byte",
+                *TINY,
+                "--max-steps",
+                "2",
+                "--eval-batches",
+                "1",
+                "--sample-tokens",
+                "0",
+                "--out-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert "documents: lines, the last 40 of 400 for validation" in capsys.readouterr().out
 
 
@@ -380,14 +552,19 @@ def test_lines_file_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     ],
     ids=["binary", "latin1"],
 )
-def test_non_text_files_are_refused(data: bytes, message: str, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_non_text_files_are_refused(
+    data: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "data.bin"
     path.write_bytes(data)
     with pytest.raises(lm_data.DataError, match=message):
         lm_data.file_corpus(str(path), None)
-    assert train.main(["--train-file", str(path), "--tokenizer", "byte", *TINY,
-                       "--out-dir", str(tmp_path / "run")]) == 2
+    assert (
+        train.main(
+            ["--train-file", str(path), "--tokenizer", "byte", *TINY, "--out-dir", str(tmp_path / "run")]
+        )
+        == 2
+    )
     assert "data.bin is not" in capsys.readouterr().err
 
 
@@ -406,8 +583,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def run_isolated(extra: str, script: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", ISOLATED, extra, str(script), *args],
-                          capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", ISOLATED, extra, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
 
 
 def test_examples_use_the_installed_gam_ext(tmp_path: Path) -> None:
@@ -417,11 +599,9 @@ def test_examples_use_the_installed_gam_ext(tmp_path: Path) -> None:
     for f in (ROOT / "gam_ext").iterdir():
         if f.suffix in (".py", ".so", ".pyd"):
             (site / "gam_ext" / f.name).symlink_to(f)
-    result = run_isolated(str(site), TRAIN, [*RECALL_TINY, "--out-dir", str(tmp_path / "run")],
-                          ENV)
+    result = run_isolated(str(site), TRAIN, [*RECALL_TINY, "--out-dir", str(tmp_path / "run")], ENV)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"ops:    gam_ext {site / 'gam_ext'}: compiled cpu kernels for causal_conv1d" \
-        in result.stdout
+    assert f"ops:    gam_ext {site / 'gam_ext'}: compiled cpu kernels for causal_conv1d" in result.stdout
 
 
 def test_source_tree_without_extension_says_why(tmp_path: Path) -> None:
@@ -431,34 +611,62 @@ def test_source_tree_without_extension_says_why(tmp_path: Path) -> None:
         for f in (ROOT / folder).glob("*.py"):
             (tree / folder / f.name).write_bytes(f.read_bytes())
     env = {k: v for k, v in ENV.items() if k != "GAM_EXT_QUIET"}
-    result = run_isolated("", tree / "examples" / "train.py",
-                          [*RECALL_TINY, "--out-dir", str(tmp_path / "run")], env)
+    result = run_isolated(
+        "", tree / "examples" / "train.py", [*RECALL_TINY, "--out-dir", str(tmp_path / "run")], env
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     warning = [line for line in result.stderr.splitlines() if "gam_ext._C" in line]
     assert len(warning) == 1, result.stderr
     assert f"gam_ext._C is not built in {tree / 'gam_ext'}" in warning[0]
     assert "python setup.py build_ext --inplace" in warning[0]
     assert "circular import" not in result.stderr
-    assert (f"ops:    gam_ext {tree / 'gam_ext'}: the pure-PyTorch reference for causal_conv1d, "
-            "memory_retrieval, gate_fusion, gam_mixer, causal_conv1d_update, gam_mixer_step (the "
-            "compiled extension gam_ext._C is not built"
-            in result.stdout)
+    assert (
+        f"ops:    gam_ext {tree / 'gam_ext'}: the pure-PyTorch reference for causal_conv1d, "
+        "memory_retrieval, gate_fusion, gam_mixer, causal_conv1d_update, gam_mixer_step (the "
+        "compiled extension gam_ext._C is not built" in result.stdout
+    )
 
 
-def test_package_check_reads_the_resumed_settings(tmp_path: Path, corpus: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    common = ["--train-file", str(corpus), *TINY, "--max-steps", "2", "--eval-batches", "1",
-              "--sample-tokens", "0", "--out-dir", str(tmp_path)]
+def test_package_check_reads_the_resumed_settings(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = [
+        "--train-file",
+        str(corpus),
+        *TINY,
+        "--max-steps",
+        "2",
+        "--eval-batches",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert train.main([*common, "--tokenizer", "byte", "--stop-at-step", "1"]) == 0
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     assert train.main([*common, "--resume"]) == 0  # a byte-tokenizer run needs no tokenizers
 
 
-def test_compare_checks_every_model_first(corpus: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_compare_checks_every_model_first(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setitem(sys.modules, "mambapy", None)
-    rc = train.main(["--compare", "--models", "gam,mamba", "--train-file", str(corpus),
-                     "--tokenizer", "byte", *TINY, "--device", "cpu", "--out-dir", str(tmp_path)])
+    rc = train.main(
+        [
+            "--compare",
+            "--models",
+            "gam,mamba",
+            "--train-file",
+            str(corpus),
+            "--tokenizer",
+            "byte",
+            *TINY,
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2 and "mambapy (--model mamba on CPU)" in capsys.readouterr().err
     assert not (tmp_path / "gam").exists()  # stopped before training the first model

@@ -38,9 +38,13 @@ def step(dtype: torch.dtype, d: int, k: int, n: int, s: int = 70) -> None:
 
 def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     h = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
-    params = [torch.randn(d, 1, k, device=DEV), torch.randn(d, device=DEV),
-              torch.randn(70, d, device=DEV), torch.randn(2 * d, d, device=DEV) * d**-0.5,
-              torch.randn(2 * d, device=DEV)]
+    params = [
+        torch.randn(d, 1, k, device=DEV),
+        torch.randn(d, device=DEV),
+        torch.randn(70, d, device=DEV),
+        torch.randn(2 * d, d, device=DEV) * d**-0.5,
+        torch.randn(2 * d, device=DEV),
+    ]
     for p in params:
         p.requires_grad_()
     previous = gam_ext.set_backend("fused")  # "auto" runs the three ops on CUDA

@@ -18,9 +18,9 @@
 namespace gam::cpu {
 namespace {
 
-constexpr int64_t kRowsPerBlock = 64;      // forward rows per parallel work item
-constexpr int64_t kMinRowsPerChunk = 32;   // backward: rows per chunk partial of dw, dbias ...
-constexpr int64_t kMaxChunks = 64;         // ... and at most this many partials (bounded memory)
+constexpr int64_t kRowsPerBlock = 64;     // forward rows per parallel work item
+constexpr int64_t kMinRowsPerChunk = 32;  // backward: rows per chunk partial of dw, dbias ...
+constexpr int64_t kMaxChunks = 64;        // ... and at most this many partials (bounded memory)
 
 // (K, D) copy of the (D, K) weight in the accumulation type: each tap becomes a contiguous row.
 at::Tensor taps_major(const at::Tensor& weight, at::ScalarType acc) {
@@ -121,13 +121,13 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x_in, const at::Tensor& weight,
   const auto acc = acc_scalar_type(x.scalar_type());
   const at::Tensor wt = taps_major(weight, acc);
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_fwd",
-                                  [&] {
-    using A = acc_t<scalar_t>;
-    conv_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), wt.const_data_ptr<A>(),
-                              bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr,
-                              y.mutable_data_ptr<scalar_t>(), b * n, n, d, k);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_fwd", [&] {
+        using A = acc_t<scalar_t>;
+        conv_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), wt.const_data_ptr<A>(),
+                                  bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>(), b * n, n, d, k);
+      });
   return y;
 }
 
@@ -145,20 +145,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(const at::Tenso
   at::Tensor db = at::zeros({d}, weight.options().dtype(acc));
   if (rows > 0 && d > 0) {
     const at::Tensor wt = taps_major(weight, acc);
-    // The chunking depends on the number of rows only, so the sums are the same on any thread count.
-    const int64_t chunks =
-        std::min(kMaxChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
+    // The chunking depends on the number of rows only, so the sums are the same on any thread
+    // count.
+    const int64_t chunks = std::min(kMaxChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
     const int64_t chunk_rows = (rows + chunks - 1) / chunks;
     at::Tensor partials = at::empty({chunks, k + 1, d}, x.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "causal_conv1d_bwd", [&] {
-      using A = acc_t<scalar_t>;
-      conv_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                wt.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
-                                partials.mutable_data_ptr<A>(), chunks, chunk_rows, rows, n, d, k);
-      reduce_partials<A>(partials.const_data_ptr<A>(), chunks, d, k, dw.mutable_data_ptr<A>(),
-                         db.mutable_data_ptr<A>());
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_bwd", [&] {
+          using A = acc_t<scalar_t>;
+          conv_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    wt.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
+                                    partials.mutable_data_ptr<A>(), chunks, chunk_rows, rows, n, d,
+                                    k);
+          reduce_partials<A>(partials.const_data_ptr<A>(), chunks, d, k, dw.mutable_data_ptr<A>(),
+                             db.mutable_data_ptr<A>());
+        });
   }
   return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }

@@ -141,13 +141,16 @@ inline at::Tensor as_tensor(const Mat<A>& m) {
 // through ATen's BLAS (MKL here). Called inside at::parallel_for, where it runs single-threaded,
 // so every call gives the same bits whatever the thread count.
 template <typename A>
-inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, Mat<A> c,
-                 A alpha, A beta) {
+inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, Mat<A> c, A alpha,
+                 A beta) {
   const int64_t k = trans_a ? a.rows : a.cols;
   if (c.rows == 0 || c.cols == 0) return;
   at::Tensor ct = as_tensor(c);
   if (k == 0) {
-    if (beta == A(0)) ct.zero_(); else ct.mul_(beta);
+    if (beta == A(0))
+      ct.zero_();
+    else
+      ct.mul_(beta);
     return;
   }
   at::Tensor at_ = as_tensor(a), bt = as_tensor(b);
@@ -164,7 +167,8 @@ inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, M
 template <typename F>
 inline void parallel_items(int64_t n, const F& fn) {
   if (n <= 0) return;
-  const int64_t workers = std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
+  const int64_t workers =
+      std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
   if (workers <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
@@ -180,9 +184,8 @@ inline void parallel_items(int64_t n, const F& fn) {
 template <typename F>
 inline void parallel_blocks(int64_t n, int64_t block, const F& fn) {
   if (n <= 0) return;
-  parallel_items((n + block - 1) / block, [&](int64_t blk) {
-    fn(blk * block, std::min(n, (blk + 1) * block));
-  });
+  parallel_items((n + block - 1) / block,
+                 [&](int64_t blk) { fn(blk * block, std::min(n, (blk + 1) * block)); });
 }
 
 }  // namespace gam::cpu

@@ -46,9 +46,8 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state,
                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& cache_seqlens);
 at::Tensor gam_mixer_step(const at::Tensor& h, at::Tensor& conv_state,
-                          const at::Tensor& conv_weight,
-                          const std::optional<at::Tensor>& conv_bias, const at::Tensor& memory,
-                          const at::Tensor& gate_logits,
+                          const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                          const at::Tensor& memory, const at::Tensor& gate_logits,
                           const std::optional<at::Tensor>& cache_seqlens, double scale);
 
 }  // namespace gam::cpu

@@ -30,10 +30,10 @@ namespace {
 // The previous inputs of one sequence's conv: its state rows and where the new rows start.
 template <typename T>
 struct ConvStateView {
-  T* rows;          // (W, D) of this sequence
-  int64_t width;    // W
-  bool circular;    // cache_seqlens given
-  int64_t pos;      // circular: absolute position of the first new row
+  T* rows;        // (W, D) of this sequence
+  int64_t width;  // W
+  bool circular;  // cache_seqlens given
+  int64_t pos;    // circular: absolute position of the first new row
 
   // The input row `rel` rows before the first new one (rel < 0), or nullptr for a zero row.
   const T* prev(int64_t rel, int64_t d) const {
@@ -63,8 +63,8 @@ struct ConvStateView {
 
 // acc = bias + sum_j w[j] * input[l - (K-1) + j] for new row l; wt is (K, D) in A.
 template <typename T, typename A>
-GAM_INLINE void conv_row(const T* x, int64_t l, const ConvStateView<T>& sv, const A* wt, const A* bias,
-              int64_t k, int64_t d, A* __restrict acc) {
+GAM_INLINE void conv_row(const T* x, int64_t l, const ConvStateView<T>& sv, const A* wt,
+                         const A* bias, int64_t k, int64_t d, A* __restrict acc) {
   if (bias != nullptr) {
     std::copy(bias, bias + d, acc);
   } else {
@@ -88,7 +88,8 @@ ConvStateView<T> state_view(T* state, int64_t b, int64_t width, int64_t d, const
 // Slots per retrieval work item: about 64k multiply-adds each, fixed by D (never by the thread
 // count), so the chunk partials and their combination do not depend on the machine.
 int64_t step_slot_chunk(int64_t d) {
-  return std::min<int64_t>(4096, std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
+  return std::min<int64_t>(4096,
+                           std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
 template <typename A>
@@ -105,8 +106,8 @@ GAM_INLINE A dot8(const A* a, const A* b, int64_t n) {
 // One (row, slot chunk) of the retrieval: scores of the w slots of mem, their max mx, the sum of
 // exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum].
 template <typename A>
-GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, A scale,
-                                A* scores, A* part) {
+GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, A scale, A* scores,
+                                A* part) {
   A mx = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < w; ++j) {
     scores[j] = scale * dot8(h, mem + j * d, d);
@@ -134,9 +135,8 @@ GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, 
 // T as the full ops store them, then f = sigmoid(zl) * local + sigmoid(zg) * g.
 template <typename T>
 GAM_INLINE void mixer_step_row(const T* h, const T* z, const acc_t<T>* parts, int64_t chunks,
-                               const ConvStateView<T>* sv, const acc_t<T>* wt,
-                               const acc_t<T>* bias, int64_t k, int64_t d, acc_t<T>* g,
-                               acc_t<T>* local, T* f) {
+                               const ConvStateView<T>* sv, const acc_t<T>* wt, const acc_t<T>* bias,
+                               int64_t k, int64_t d, acc_t<T>* g, acc_t<T>* local, T* f) {
   using A = acc_t<T>;
   const int64_t stride = d + 2;
   A mx = -std::numeric_limits<A>::infinity();
@@ -156,7 +156,8 @@ GAM_INLINE void mixer_step_row(const T* h, const T* z, const acc_t<T>* parts, in
   for (int64_t c = 0; c < d; ++c) {
     const A lc = static_cast<A>(static_cast<T>(local[c]));
     const A gc = static_cast<A>(static_cast<T>(g[c] * inv));
-    f[c] = static_cast<T>(sigmoid(static_cast<A>(zl[c])) * lc + sigmoid(static_cast<A>(zg[c])) * gc);
+    f[c] =
+        static_cast<T>(sigmoid(static_cast<A>(zl[c])) * lc + sigmoid(static_cast<A>(zg[c])) * gc);
   }
 }
 
@@ -180,33 +181,32 @@ at::Tensor causal_conv1d_update(const at::Tensor& x_in, at::Tensor& conv_state,
   const at::Tensor wt = weight.to(acc).t().contiguous();  // (K, D): each tap a contiguous row
   const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const at::Tensor pos = positions_or_none(cache_seqlens);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "causal_conv1d_update", [&] {
-    using A = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    scalar_t* sp = conv_state.mutable_data_ptr<scalar_t>();
-    const A* wp = wt.const_data_ptr<A>();
-    const A* bp = bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr;
-    const int64_t* pp = pos.defined() ? pos.const_data_ptr<int64_t>() : nullptr;
-    parallel_items(b, [&](int64_t bi) {
-      std::vector<A> acc_row(d);
-      const ConvStateView<scalar_t> sv = state_view(sp, bi, width, d, pp);
-      const scalar_t* xb = xp + bi * l_rows * d;
-      for (int64_t l = 0; l < l_rows; ++l) {
-        conv_row(xb, l, sv, wp, bp, k, d, acc_row.data());
-        convert_row(yp + (bi * l_rows + l) * d, acc_row.data(), d);
-      }
-      sv.push(xb, l_rows, d);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_update", [&] {
+        using A = acc_t<scalar_t>;
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        scalar_t* sp = conv_state.mutable_data_ptr<scalar_t>();
+        const A* wp = wt.const_data_ptr<A>();
+        const A* bp = bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr;
+        const int64_t* pp = pos.defined() ? pos.const_data_ptr<int64_t>() : nullptr;
+        parallel_items(b, [&](int64_t bi) {
+          std::vector<A> acc_row(d);
+          const ConvStateView<scalar_t> sv = state_view(sp, bi, width, d, pp);
+          const scalar_t* xb = xp + bi * l_rows * d;
+          for (int64_t l = 0; l < l_rows; ++l) {
+            conv_row(xb, l, sv, wp, bp, k, d, acc_row.data());
+            convert_row(yp + (bi * l_rows + l) * d, acc_row.data(), d);
+          }
+          sv.push(xb, l_rows, d);
+        });
+      });
   return y;
 }
 
 at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
-                          const at::Tensor& conv_weight,
-                          const std::optional<at::Tensor>& conv_bias, const at::Tensor& memory,
-                          const at::Tensor& gate_logits_in,
+                          const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+                          const at::Tensor& memory, const at::Tensor& gate_logits_in,
                           const std::optional<at::Tensor>& cache_seqlens, double scale) {
   check_mixer_step_args(h_in, conv_state, conv_weight, conv_bias, memory, gate_logits_in,
                         cache_seqlens);
@@ -219,7 +219,8 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
   const auto st = h.scalar_type();
   const auto acc = acc_scalar_type(st);
   const at::Tensor wt = conv_weight.to(acc).t().contiguous();
-  const at::Tensor bias_acc = conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor bias_acc =
+      conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::Tensor();
   // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
   const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
   const at::Tensor h_acc = h.to(acc).contiguous();
@@ -250,10 +251,9 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
     parallel_items(b, [&](int64_t bi) {
       std::vector<A> g(d), local(d);
       const ConvStateView<scalar_t> sv = state_view(sp, bi, width, d, pp);
-      run_best_isa<mixer_step_row<scalar_t>>(hT + bi * d, zp + bi * 2 * d,
-                                             static_cast<const A*>(partp + bi * chunks * (d + 2)),
-                                             chunks, &sv, wp, bp, k, d, g.data(), local.data(),
-                                             fp + bi * d);
+      run_best_isa<mixer_step_row<scalar_t>>(
+          hT + bi * d, zp + bi * 2 * d, static_cast<const A*>(partp + bi * chunks * (d + 2)),
+          chunks, &sv, wp, bp, k, d, g.data(), local.data(), fp + bi * d);
       sv.push(hT + bi * d, 1, d);
     });
   });

@@ -36,8 +36,7 @@ GAM_INLINE void gate_fwd_rows(const T* local, const T* global_ctx, const T* z, T
 // Rows [r0, r1) of the backward.
 template <typename T>
 GAM_INLINE void gate_bwd_rows(const T* grad_out, const T* local, const T* global_ctx, const T* z,
-                              T* dlocal, T* dglobal_ctx, T* dz, int64_t r0, int64_t r1,
-                              int64_t d) {
+                              T* dlocal, T* dglobal_ctx, T* dz, int64_t r0, int64_t r1, int64_t d) {
   using A = acc_t<T>;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict dfr = grad_out + r * d;
@@ -77,8 +76,8 @@ template <typename T>
 void gate_bwd_kernel(const T* grad_out, const T* local, const T* global_ctx, const T* z, T* dlocal,
                      T* dglobal_ctx, T* dz, int64_t rows, int64_t d) {
   parallel_blocks(rows, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
-    run_best_isa<gate_bwd_rows<T>>(grad_out, local, global_ctx, z, dlocal, dglobal_ctx, dz, r0,
-                                   r1, d);
+    run_best_isa<gate_bwd_rows<T>>(grad_out, local, global_ctx, z, dlocal, dglobal_ctx, dz, r0, r1,
+                                   d);
   });
 }
 
@@ -92,12 +91,12 @@ at::Tensor gate_fusion_fwd(const at::Tensor& local_in, const at::Tensor& global_
   at::Tensor f = at::empty_like(local, at::MemoryFormat::Contiguous);
   const int64_t d = local.size(2), rows = local.size(0) * local.size(1);
   if (f.numel() == 0) return f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, local.scalar_type(), "gate_fusion_fwd",
-                                  [&] {
-    gate_fwd_kernel<scalar_t>(local.const_data_ptr<scalar_t>(),
-                              global_ctx.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                              f.mutable_data_ptr<scalar_t>(), rows, d);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, local.scalar_type(), "gate_fusion_fwd", [&] {
+        gate_fwd_kernel<scalar_t>(
+            local.const_data_ptr<scalar_t>(), global_ctx.const_data_ptr<scalar_t>(),
+            z.const_data_ptr<scalar_t>(), f.mutable_data_ptr<scalar_t>(), rows, d);
+      });
   return f;
 }
 
@@ -114,15 +113,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_fusion_bwd(const at::Tensor&
   at::Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
   const int64_t d = local.size(2), rows = local.size(0) * local.size(1);
   if (local.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, local.scalar_type(),
-                                    "gate_fusion_bwd", [&] {
-      gate_bwd_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
-                                local.const_data_ptr<scalar_t>(),
-                                global_ctx.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                                dlocal.mutable_data_ptr<scalar_t>(),
-                                dglobal_ctx.mutable_data_ptr<scalar_t>(),
-                                dz.mutable_data_ptr<scalar_t>(), rows, d);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, local.scalar_type(), "gate_fusion_bwd", [&] {
+          gate_bwd_kernel<scalar_t>(
+              grad_out.const_data_ptr<scalar_t>(), local.const_data_ptr<scalar_t>(),
+              global_ctx.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
+              dlocal.mutable_data_ptr<scalar_t>(), dglobal_ctx.mutable_data_ptr<scalar_t>(),
+              dz.mutable_data_ptr<scalar_t>(), rows, d);
+        });
   }
   return {dlocal, dglobal_ctx, dz};
 }

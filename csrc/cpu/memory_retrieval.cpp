@@ -133,8 +133,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
           }
         }
         gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
-                                         scale);
+        run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale);
         A* dhs;
         if constexpr (kDirect) {
           dhs = dh + (r0 + i0) * d;
@@ -176,14 +175,13 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
   // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
   const at::Tensor mem =
       memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(),
-                                  "memory_retrieval_fwd", [&] {
-    using A = acc_t<scalar_t>;
-    retrieval_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-                                   out.mutable_data_ptr<scalar_t>(),
-                                   lse.mutable_data_ptr<float>(), b * n, d, s,
-                                   static_cast<A>(scale));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "memory_retrieval_fwd", [&] {
+        using A = acc_t<scalar_t>;
+        retrieval_fwd_kernel<scalar_t>(
+            h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(),
+            lse.mutable_data_ptr<float>(), b * n, d, s, static_cast<A>(scale));
+      });
   return {out, lse};
 }
 

@@ -43,10 +43,9 @@ __device__ __forceinline__ void block_partial(float* red, const float (&val)[VEC
 }
 
 template <typename T, int VEC, int K>
-__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
-    conv_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                    const float* __restrict__ w, T* __restrict__ dx,
-                    float* __restrict__ partials, int64_t seqlen, int64_t dim,
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
+    conv_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w,
+                    T* __restrict__ dx, float* __restrict__ partials, int64_t seqlen, int64_t dim,
                     int tblocks_per_seq, int span) {
   GAM_SHARED(float, red, kConvThreadsX * kConvThreadsY * VEC);
   ConvThread th;
@@ -127,7 +126,7 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
 
 // Any K: dx taps and the K+1 partial sums each re-walk the span from global memory (L1/L2 hits).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
     conv_bwd_generic_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                             const float* __restrict__ w, T* __restrict__ dx,
                             float* __restrict__ partials, int64_t seqlen, int64_t dim,
@@ -205,13 +204,12 @@ void launch_conv_bwd(const ConvBwdParams& p, const ConvGrid& g, cudaStream_t str
   static_switch<2, 3, 4>(
       [&](int k) { return k == p.kwidth; },
       [&](auto k) {
-        gam_launch("conv_bwd_kernel", conv_bwd_kernel<T, VEC, decltype(k)::value>, g.grid(),
-                   block, 0, stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq,
-                   g.span);
+        gam_launch("conv_bwd_kernel", conv_bwd_kernel<T, VEC, decltype(k)::value>, g.grid(), block,
+                   0, stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span);
       },
       [&] {
-        gam_launch("conv_bwd_generic_kernel", conv_bwd_generic_kernel<T, VEC>, g.grid(), block,
-                   0, stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span,
+        gam_launch("conv_bwd_generic_kernel", conv_bwd_generic_kernel<T, VEC>, g.grid(), block, 0,
+                   stream, dy, x, p.weight, dx, p.partials, p.seqlen, p.dim, g.per_seq, g.span,
                    p.kwidth);
       });
 }

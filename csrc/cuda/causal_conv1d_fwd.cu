@@ -9,10 +9,10 @@ namespace cuda {
 namespace {
 
 template <typename T, int VEC, int K>
-__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
     conv_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                    const float* __restrict__ bias, T* __restrict__ y, int64_t seqlen,
-                    int64_t dim, int tblocks_per_seq, int span) {
+                    const float* __restrict__ bias, T* __restrict__ y, int64_t seqlen, int64_t dim,
+                    int tblocks_per_seq, int span) {
   ConvThread th;
   if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
   const T* xb = x + th.b * seqlen * dim + th.c;
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
 
 // Any K: taps read straight from global memory (the K-1 re-reads hit L1).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kConvThreadsX * kConvThreadsY)
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
     conv_fwd_generic_kernel(const T* __restrict__ x, const float* __restrict__ w,
                             const float* __restrict__ bias, T* __restrict__ y, int64_t seqlen,
                             int64_t dim, int tblocks_per_seq, int span, int k) {
@@ -99,13 +99,12 @@ void launch_conv_fwd(const ConvFwdParams& p, cudaStream_t stream) {
   static_switch<2, 3, 4>(
       [&](int k) { return k == p.kwidth; },
       [&](auto k) {
-        gam_launch("conv_fwd_kernel", conv_fwd_kernel<T, VEC, decltype(k)::value>, g.grid(), block, 0,
-                   stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
+        gam_launch("conv_fwd_kernel", conv_fwd_kernel<T, VEC, decltype(k)::value>, g.grid(), block,
+                   0, stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span);
       },
       [&] {
-        gam_launch("conv_fwd_generic_kernel", conv_fwd_generic_kernel<T, VEC>, g.grid(), block,
-                   0, stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span,
-                   p.kwidth);
+        gam_launch("conv_fwd_generic_kernel", conv_fwd_generic_kernel<T, VEC>, g.grid(), block, 0,
+                   stream, x, p.weight, p.bias, y, p.seqlen, p.dim, per_seq, g.span, p.kwidth);
       });
 }
 

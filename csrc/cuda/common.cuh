@@ -18,9 +18,13 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162flo
 template <typename T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -80,8 +84,8 @@ __device__ __forceinline__ void store_f32(T* __restrict__ p, const float (&in)[V
 // copy moves 16 bytes per access. Every thread of the block calls it.
 template <typename T>
 __device__ __forceinline__ void load_rows_to_smem(T* dst, int64_t ld, const T* __restrict__ src,
-                                                  int64_t r0, int nrows, int64_t limit,
-                                                  int64_t dim, int64_t dpad, bool vec) {
+                                                  int64_t r0, int nrows, int64_t limit, int64_t dim,
+                                                  int64_t dpad, bool vec) {
   const int tid = threadIdx.x, nthreads = blockDim.x;
   if (vec) {
     constexpr int V = kVec16<T>;
@@ -127,10 +131,10 @@ constexpr int kReduceCols = 32;
 constexpr int kReduceRows = 8;
 
 template <typename Store>
-__global__ void __launch_bounds__(kReduceCols * kReduceRows)
+__global__ void __launch_bounds__(kReduceCols* kReduceRows)
     reduce_partials_kernel(const float* __restrict__ partials, int64_t nparts, int64_t cols,
                            Store store) {
-  GAM_SHARED(float, red, kReduceCols * kReduceRows);
+  GAM_SHARED(float, red, kReduceCols* kReduceRows);
   const int64_t col = int64_t(blockIdx.x) * kReduceCols + threadIdx.x;
   float s = 0.f;
   if (col < cols) {
@@ -163,9 +167,15 @@ inline void launch_reduce_partials(const char* name, const float* partials, int6
 template <typename F>
 inline void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat16:
+      f(__half{});
+      break;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
   }
 }
 

@@ -70,21 +70,21 @@ using identity_t = T;  // lets GAM_SHARED take array types (float[33])
 
 #if defined(__CUDACC__)
 
-#define GAM_SHARED(type, name, count) \
-  __shared__ ::gam_compat::identity_t<type> name[count]
+#define GAM_SHARED(type, name, count) __shared__::gam_compat::identity_t<type> name[count]
 
-#define GAM_DYNAMIC_SHARED(type, name)                              \
-  extern __shared__ __align__(16) unsigned char gam_dyn_smem[];     \
+#define GAM_DYNAMIC_SHARED(type, name)                          \
+  extern __shared__ __align__(16) unsigned char gam_dyn_smem[]; \
   type* name = reinterpret_cast<type*>(gam_dyn_smem)
 
 template <typename... KArgs, typename... Args>
-inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...),
-                       dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-                       cudaStream_t stream, Args&&... args) {
+inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                       size_t dynamic_smem_bytes, cudaStream_t stream, Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args),
                 "gam_launch: wrong number of kernel arguments");
-  kernel<<<grid, block, dynamic_smem_bytes, stream>>>(
-      std::forward<Args>(args)...);
+  // clang-format formats .cuh files as C++ and would split the >>> below into > > >.
+  // clang-format off
+  kernel<<<grid, block, dynamic_smem_bytes, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("gam_launch(") + kernel_name +
@@ -94,12 +94,11 @@ inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...),
 #endif  // __CUDACC__
 #endif  // GAM_EMULATE
 
-#define GAM_CUDA_CHECK(expr)                                               \
-  do {                                                                     \
-    const cudaError_t gam_cuda_check_err_ = (expr);                        \
-    if (gam_cuda_check_err_ != cudaSuccess)                                \
-      throw std::runtime_error(std::string("CUDA error: ") +               \
-                               cudaGetErrorString(gam_cuda_check_err_) +   \
-                               " at " __FILE__ ":" +                       \
-                               std::to_string(__LINE__) + ": " #expr);     \
+#define GAM_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                         \
+    const cudaError_t gam_cuda_check_err_ = (expr);                                            \
+    if (gam_cuda_check_err_ != cudaSuccess)                                                    \
+      throw std::runtime_error(std::string("CUDA error: ") +                                   \
+                               cudaGetErrorString(gam_cuda_check_err_) + " at " __FILE__ ":" + \
+                               std::to_string(__LINE__) + ": " #expr);                         \
   } while (0)

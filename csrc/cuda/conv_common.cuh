@@ -22,9 +22,7 @@ struct ConvGrid {
   int per_seq;      // time blocks per sequence
   int64_t xblocks;  // batch * per_seq
   int64_t cblocks;  // channel blocks
-  dim3 grid() const {
-    return dim3(static_cast<unsigned>(xblocks), static_cast<unsigned>(cblocks));
-  }
+  dim3 grid() const { return dim3(static_cast<unsigned>(xblocks), static_cast<unsigned>(cblocks)); }
 };
 
 // Backward: longer spans on long inputs bound the number of dw partials (workspace traffic).
@@ -45,8 +43,8 @@ inline ConvGrid conv_grid(int64_t batch, int64_t seqlen, int64_t dim, int vec, b
 struct ConvThread {
   int64_t c, b, t0, t1;
 };
-__device__ __forceinline__ bool conv_thread(int vec, int64_t seqlen, int64_t dim, int tblocks_per_seq,
-                                            int span, ConvThread& th) {
+__device__ __forceinline__ bool conv_thread(int vec, int64_t seqlen, int64_t dim,
+                                            int tblocks_per_seq, int span, ConvThread& th) {
   th.c = (int64_t(blockIdx.y) * kConvThreadsX + threadIdx.x) * vec;
   th.b = blockIdx.x / tblocks_per_seq;
   const int64_t tb = blockIdx.x % tblocks_per_seq;

@@ -89,9 +89,12 @@ void check_on_device(const Tensor& t, const char* name) {
 
 DType kernel_dtype(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
     default:
       TORCH_CHECK(false, name, " must be float16, bfloat16 or float32 for the CUDA kernels, got ",
                   t.scalar_type());
@@ -114,8 +117,8 @@ const DeviceProps& device_props(int dev) {
     GAM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     GAM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     props->sm = 10 * major + minor;
-    GAM_CUDA_CHECK(cudaDeviceGetAttribute(&props->smem_optin,
-                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    GAM_CUDA_CHECK(
+        cudaDeviceGetAttribute(&props->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     GAM_CUDA_CHECK(cudaDeviceGetAttribute(&props->smem_per_sm,
                                           cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
     cache[dev] = std::move(props);
@@ -239,8 +242,8 @@ void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 // GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
-void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2,
-                        Tensor& lse, DType dt, cudaStream_t stream) {
+void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2, Tensor& lse,
+                        DType dt, cudaStream_t stream) {
   const Tensor scores = mm_f32(h2, m.t());
   Tensor p = at::empty(scores.sizes(), h2.options());
   RetrievalSoftmaxParams sp{};
@@ -333,12 +336,11 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kGemm) {
     Tensor dh2 = dh.view({rows, dim});
-    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}),
-                       scale, dh2, dm, dt, ctx.stream());
+    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}), scale,
+                       dh2, dm, dt, ctx.stream());
     return {dh, dm};
   }
-  Tensor delta =
-      delta_in.defined() ? delta_in : at::empty({rows}, h.options().dtype(at::kFloat));
+  Tensor delta = delta_in.defined() ? delta_in : at::empty({rows}, h.options().dtype(at::kFloat));
   Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
   RetrievalBwdParams p{};
@@ -435,13 +437,13 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
     sp.slots = slots;
     sp.dtype = dt;
     const int vecs = retrieval_softmax_vecs(sp);
-    const std::string kind = vecs == 0 ? std::string("_kernel (element-wise, 4-byte loads)")
-                                       : "_vec_kernel<" + std::to_string(vecs) + "> (" +
-                                             std::to_string(vecs) +
-                                             " float4 per lane, rows read once)";
+    const std::string kind = vecs == 0
+                                 ? std::string("_kernel (element-wise, 4-byte loads)")
+                                 : "_vec_kernel<" + std::to_string(vecs) + "> (" +
+                                       std::to_string(vecs) + " float4 per lane, rows read once)";
     return {"gemm",
-            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind + " (P as " +
-                dtype + ", fp32 lse), P M (cuBLAS)",
+            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind + " (P as " + dtype +
+                ", fp32 lse), P M (cuBLAS)",
             "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" + kind +
                 " (P and scale * dS as " + dtype +
                 "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
@@ -573,8 +575,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   const int64_t s = memory.size(0), k = conv_weight.size(1);
   const auto f32 = h.options().dtype(at::kFloat);
   if (rows == 0 || d == 0) {
-    return {at::zeros_like(h), at::zeros({d, k}, conv_weight.options()),
-            at::zeros({d}, conv_weight.options()), at::zeros({s, d}, memory.options()),
+    return {at::zeros_like(h),
+            at::zeros({d, k}, conv_weight.options()),
+            at::zeros({d}, conv_weight.options()),
+            at::zeros({s, d}, memory.options()),
             at::zeros({2 * d, d}, gate_weight.options()),
             at::zeros({2 * d}, gate_weight.options())};
   }
@@ -610,8 +614,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   const Tensor dwg = mm_f32(dz2.t(), h2);
   const Tensor dbg = at::sum(dz2, {0}, false, at::kFloat);
   const auto wdt = conv_weight.scalar_type();
-  return {dh.to(st).view({b, n, d}), dw.to(wdt), dcb.to(wdt), dm.to(memory.scalar_type()),
-          dwg.to(gate_weight.scalar_type()), dbg.to(gate_weight.scalar_type())};
+  return {dh.to(st).view({b, n, d}),
+          dw.to(wdt),
+          dcb.to(wdt),
+          dm.to(memory.scalar_type()),
+          dwg.to(gate_weight.scalar_type()),
+          dbg.to(gate_weight.scalar_type())};
 }
 
 // ---- the one-token step (inference only) ------------------------------------------------------

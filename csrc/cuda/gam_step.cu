@@ -24,9 +24,9 @@ namespace gam {
 namespace cuda {
 namespace {
 
-constexpr int kStepThreads = 128;             // threads per block of every step kernel
+constexpr int kStepThreads = 128;  // threads per block of every step kernel
 constexpr int kStepWarps = kStepThreads / 32;
-constexpr int kStepSlots = 32;                // slots per retrieval split
+constexpr int kStepSlots = 32;  // slots per retrieval split
 
 // One channel of one sequence's conv state.
 template <typename T>
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kStepThreads)
 template <typename T>
 __global__ void __launch_bounds__(kStepThreads)
     step_retrieval_partials(const T* __restrict__ h, const T* __restrict__ memory,
-                            float* __restrict__ partials, int64_t dim, int64_t slots,
-                            int nsplit, float scale) {
+                            float* __restrict__ partials, int64_t dim, int64_t slots, int nsplit,
+                            float scale) {
   GAM_SHARED(float, p_s, kStepSlots);
   const int64_t b = blockIdx.x;
   const int split = blockIdx.y;
@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(kStepThreads)
   const StateColumn<T> st{state + b * width * dim + c, width, dim,
                           cache_seqlens != nullptr ? cache_seqlens + b : nullptr};
   const T* h_col = h + b * dim + c;
-  const float local = conv_tap_sum(h_col, dim, 0, st, weight + c * k,
-                                   bias != nullptr ? bias[c] : 0.f, k);
+  const float local =
+      conv_tap_sum(h_col, dim, 0, st, weight + c * k, bias != nullptr ? bias[c] : 0.f, k);
   // Rounded to T as the full-sequence conv and retrieval store their outputs.
   const float lc = to_f32(from_f32<T>(local));
   const float gc = to_f32(from_f32<T>(g / total));
@@ -205,8 +205,8 @@ void launch_gam_mixer_step(const MixerStepParams& p, cudaStream_t stream) {
     auto* state = static_cast<T*>(p.conv_state);
     gam_launch("step_retrieval_partials", step_retrieval_partials<T>,
                dim3(static_cast<unsigned>(p.batch), static_cast<unsigned>(nsplit)),
-               dim3(kStepThreads), 0, stream, h, static_cast<const T*>(p.memory), p.partials,
-               p.dim, p.slots, nsplit, p.scale);
+               dim3(kStepThreads), 0, stream, h, static_cast<const T*>(p.memory), p.partials, p.dim,
+               p.slots, nsplit, p.scale);
     gam_launch("step_combine", step_combine<T>, step_column_grid(p.batch, p.dim),
                dim3(kStepThreads), 0, stream, h, state, p.weight, p.bias, p.cache_seqlens,
                static_cast<const T*>(p.gate_logits), static_cast<const float*>(p.partials),

@@ -101,8 +101,8 @@ void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream) {
     using T = decltype(tag);
     constexpr int V = kVec16<T>;
     const bool vec = p.dim % V == 0 && aligned16(p.grad_out) && aligned16(p.local) &&
-                     aligned16(p.global_ctx) && aligned16(p.gate_logits) &&
-                     aligned16(p.dlocal) && aligned16(p.dglobal_ctx) && aligned16(p.dgate_logits);
+                     aligned16(p.global_ctx) && aligned16(p.gate_logits) && aligned16(p.dlocal) &&
+                     aligned16(p.dglobal_ctx) && aligned16(p.dgate_logits);
     const auto* df = static_cast<const T*>(p.grad_out);
     const auto* l = static_cast<const T*>(p.local);
     const auto* g = static_cast<const T*>(p.global_ctx);

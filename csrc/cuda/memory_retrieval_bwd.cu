@@ -62,14 +62,14 @@ __device__ __forceinline__ void probs(const float (&sa)[2], const float (&sb)[2]
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dh_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
-                            const T* __restrict__ mem, const float* __restrict__ lse,
-                            const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
-                            int64_t slots, int64_t dim, float scale) {
-  GAM_SHARED(float, hs, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, grad_out_s, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, ms, kSimtSlots * (kSimtChunk + 1));
-  GAM_SHARED(float, dss, kSimtRows * kSimtSlots);
-  GAM_SHARED(float, mv, kSimtSlots * kSimtCols);
+                                 const T* __restrict__ mem, const float* __restrict__ lse,
+                                 const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
+                                 int64_t slots, int64_t dim, float scale) {
+  GAM_SHARED(float, hs, kSimtRows* kSimtChunk);
+  GAM_SHARED(float, grad_out_s, kSimtRows* kSimtChunk);
+  GAM_SHARED(float, ms, kSimtSlots*(kSimtChunk + 1));
+  GAM_SHARED(float, dss, kSimtRows* kSimtSlots);
+  GAM_SHARED(float, mv, kSimtSlots* kSimtCols);
   const int tid = threadIdx.x, r = tid / 16, sl = tid % 16;
   const int64_t row0 = int64_t(blockIdx.x) * kSimtRows, row = row0 + r;
   const int64_t d0 = int64_t(blockIdx.y) * kSimtCols;
@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     for (int ss = 0; ss < kSimtSlots; ++ss) {
       const float d = dss[r * kSimtSlots + ss];
 #pragma unroll
-      for (int i = 0; i < kSimtCols / 16; ++i) acc[i] = fmaf(d, mv[ss * kSimtCols + sl + 16 * i], acc[i]);
+      for (int i = 0; i < kSimtCols / 16; ++i)
+        acc[i] = fmaf(d, mv[ss * kSimtCols + sl + 16 * i], acc[i]);
     }
     __syncthreads();
   }
@@ -107,17 +108,17 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
 template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dm_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
-                            const T* __restrict__ mem, const float* __restrict__ lse,
-                            const float* __restrict__ delta, float* __restrict__ partials,
-                            int64_t rows, int64_t slots, int64_t dim, float scale,
-                            int64_t rows_per_split) {
-  GAM_SHARED(float, hs, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, grad_out_s, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, ms, kSimtSlots * (kSimtChunk + 1));
-  GAM_SHARED(float, dss, kSimtRows * kSimtSlots);
-  GAM_SHARED(float, pss, kSimtRows * kSimtSlots);
-  GAM_SHARED(float, hv, kSimtRows * kSimtCols);
-  GAM_SHARED(float, gv, kSimtRows * kSimtCols);
+                                 const T* __restrict__ mem, const float* __restrict__ lse,
+                                 const float* __restrict__ delta, float* __restrict__ partials,
+                                 int64_t rows, int64_t slots, int64_t dim, float scale,
+                                 int64_t rows_per_split) {
+  GAM_SHARED(float, hs, kSimtRows* kSimtChunk);
+  GAM_SHARED(float, grad_out_s, kSimtRows* kSimtChunk);
+  GAM_SHARED(float, ms, kSimtSlots*(kSimtChunk + 1));
+  GAM_SHARED(float, dss, kSimtRows* kSimtSlots);
+  GAM_SHARED(float, pss, kSimtRows* kSimtSlots);
+  GAM_SHARED(float, hv, kSimtRows* kSimtCols);
+  GAM_SHARED(float, gv, kSimtRows* kSimtCols);
   const int tid = threadIdx.x, r = tid / 16, sl = tid % 16;
   const int64_t s0 = int64_t(blockIdx.x) * kSimtSlots;
   const int64_t d0 = int64_t(blockIdx.y) * kSimtCols;
@@ -228,8 +229,8 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     if constexpr (kHgRegs) {
 #pragma unroll
       for (int which = 0; which < 2; ++which) {
-        load_tile_async(ms, (which ? grad_out : h) + row0 * dim, 16, rows_left, dim, dim,
-                        dpad_log2, vec);
+        load_tile_async(ms, (which ? grad_out : h) + row0 * dim, 16, rows_left, dim, dim, dpad_log2,
+                        vec);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -411,8 +412,8 @@ __global__ void __launch_bounds__(kDmThreads)
     __trap();
   } else {
     GAM_DYNAMIC_SHARED(T, smem);
-    T* as = smem;                                // kDmStages x (kDmK x kDmSlots), swizzled
-    T* bs = as + kDmStages * kDmK * kDmSlots;    // kDmStages x (kDmK x kDmCols), swizzled
+    T* as = smem;                              // kDmStages x (kDmK x kDmSlots), swizzled
+    T* bs = as + kDmStages * kDmK * kDmSlots;  // kDmStages x (kDmK x kDmCols), swizzled
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int ws = warp >> 1, wd = warp & 1, g = lane >> 2, t = lane & 3;
     const int s0 = blockIdx.x * kDmSlots, d0 = blockIdx.y * kDmCols;
@@ -439,7 +440,8 @@ __global__ void __launch_bounds__(kDmThreads)
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
-      for (int ni = 0; ni < 8; ++ni) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.f;
+      for (int ni = 0; ni < 8; ++ni)
+        acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.f;
     }
     for (int i = 0; i < nk; ++i) {
       cp_async_wait<kDmStages - 2>();
@@ -458,8 +460,8 @@ __global__ void __launch_bounds__(kDmThreads)
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
           uint32_t b[4];
-          ldmatrix<4, true>(b, bt + swz(kk + (lane & 15), 64 * wd + 16 * np + (lane >> 4) * 8,
-                                        kDmCols));
+          ldmatrix<4, true>(
+              b, bt + swz(kk + (lane & 15), 64 * wd + 16 * np + (lane >> 4) * 8, kDmCols));
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
@@ -505,7 +507,8 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   const float* dp = dps + row * slots;
   const float lse2 = lse[row] * kLog2e;
   float delta = 0.f;
-  for (int c = lane; c < slots; c += 32) delta = fmaf(fast_exp2(s[c] * scale_log2 - lse2), dp[c], delta);
+  for (int c = lane; c < slots; c += 32)
+    delta = fmaf(fast_exp2(s[c] * scale_log2 - lse2), dp[c], delta);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
   for (int c = lane; c < slots; c += 32) {
@@ -605,14 +608,13 @@ void launch_bwd_mma(const RetrievalBwdParams& p, const BwdMmaConfig& c, cudaStre
              pds, p.rows, static_cast<int>(p.slots), sp, static_cast<int>(p.dim), p.scale,
              p.scale * kLog2e, args, vec);
   const bool dm_vec = p.dim % 8 == 0 && aligned16(p.grad_out) && aligned16(p.h);
-  gam_launch("retrieval_bwd_dm_mma", dm_kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.slots, kDmSlots)),
-                  static_cast<unsigned>(ceil_div(p.dim, kDmCols)),
-                  static_cast<unsigned>(p.row_splits)),
-             dim3(kDmThreads), static_cast<size_t>(kDmSmemBytes), stream,
-             static_cast<const T*>(pds), h, grad_out, p.partials, p.rows,
-             static_cast<int>(p.slots), sp, static_cast<int>(p.dim),
-             dm_ktiles_per_split(p.rows, p.row_splits), dm_vec);
+  gam_launch(
+      "retrieval_bwd_dm_mma", dm_kernel,
+      dim3(static_cast<unsigned>(ceil_div(p.slots, kDmSlots)),
+           static_cast<unsigned>(ceil_div(p.dim, kDmCols)), static_cast<unsigned>(p.row_splits)),
+      dim3(kDmThreads), static_cast<size_t>(kDmSmemBytes), stream, static_cast<const T*>(pds), h,
+      grad_out, p.partials, p.rows, static_cast<int>(p.slots), sp, static_cast<int>(p.dim),
+      dm_ktiles_per_split(p.rows, p.row_splits), dm_vec);
 }
 
 }  // namespace
@@ -637,8 +639,7 @@ std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams&
   if (!p.delta_given) out.push_back({"retrieval_bwd_delta_kernel<" + t + ">", kDeltaWarps * 32, 0});
   const BwdMmaConfig c = bwd_mma_config(p);
   if (c.dc != 0) {
-    out.push_back({"retrieval_bwd_mma_kernel<" + t + ", " + (c.hg_in_regs ? "true" : "false") +
-                       ">",
+    out.push_back({"retrieval_bwd_mma_kernel<" + t + ", " + (c.hg_in_regs ? "true" : "false") + ">",
                    c.threads(), c.smem_bytes()});
     out.push_back({"retrieval_bwd_dm_mma_kernel<" + t + ">", kDmThreads, kDmSmemBytes});
   } else {
@@ -657,17 +658,18 @@ std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p) {
                       : p.dim > kMaxMmaDim       ? "D > 1024"
                       : p.sm < 80                ? "no bf16 tensor cores before sm_80"
                                                  : "no tensor-core tile fits the shared memory";
-    return "simt (" + why + "): retrieval_bwd_dh_simt_kernel + retrieval_bwd_dm_simt_kernel, p "
+    return "simt (" + why +
+           "): retrieval_bwd_dh_simt_kernel + retrieval_bwd_dm_simt_kernel, p "
            "and ds recomputed in both";
   }
-  return std::string("mma: retrieval_bwd_mma_kernel") + (c.hg_in_regs ? "<h and grad_out in registers>" : "") +
-         ", " + std::to_string(c.rows()) + " rows x " + std::to_string(c.block_n) + " slots, " +
-         std::to_string(c.warps_n) + " column chunks of " + std::to_string(c.dc) + ", " +
-         std::to_string(c.stages) + " stages, " + std::to_string(c.threads()) + " threads, " +
-         std::to_string(c.smem_bytes()) + " bytes of shared memory; then " +
-         "retrieval_bwd_dm_mma_kernel, " + std::to_string(kDmSlots) + " slots x " +
-         std::to_string(kDmCols) + " columns x " + std::to_string(kDmK) + " rows, " +
-         std::to_string(p.row_splits) + " row splits";
+  return std::string("mma: retrieval_bwd_mma_kernel") +
+         (c.hg_in_regs ? "<h and grad_out in registers>" : "") + ", " + std::to_string(c.rows()) +
+         " rows x " + std::to_string(c.block_n) + " slots, " + std::to_string(c.warps_n) +
+         " column chunks of " + std::to_string(c.dc) + ", " + std::to_string(c.stages) +
+         " stages, " + std::to_string(c.threads()) + " threads, " + std::to_string(c.smem_bytes()) +
+         " bytes of shared memory; then " + "retrieval_bwd_dm_mma_kernel, " +
+         std::to_string(kDmSlots) + " slots x " + std::to_string(kDmCols) + " columns x " +
+         std::to_string(kDmK) + " rows, " + std::to_string(p.row_splits) + " row splits";
 }
 
 void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t stream) {
@@ -683,16 +685,15 @@ void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t 
           if constexpr (V <= softmax_max_vecs(std::is_same<T, float>::value)) {
             auto kernel = retrieval_softmax_bwd_vec_kernel<T, V>;
             gam_launch("retrieval_softmax_bwd_vec", kernel, grid, dim3(kSoftmaxWarps * 32), 0,
-                       stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p),
-                       static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots), p.scale,
-                       p.scale * kLog2e);
+                       stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p), static_cast<T*>(p.ds),
+                       p.rows, static_cast<int>(p.slots), p.scale, p.scale * kLog2e);
           }
         },
         [&] {
           gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>, grid,
                      dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse,
-                     static_cast<T*>(p.p), static_cast<T*>(p.ds), p.rows,
-                     static_cast<int>(p.slots), p.scale, p.scale * kLog2e);
+                     static_cast<T*>(p.p), static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots),
+                     p.scale, p.scale * kLog2e);
         });
   });
 }
@@ -710,9 +711,8 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
     const auto* mem = static_cast<const T*>(p.memory);
     if (!p.delta_given)
       gam_launch("retrieval_bwd_delta", retrieval_bwd_delta_kernel<T>,
-                 dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))),
-                 dim3(kDeltaWarps * 32), 0, stream, grad_out, static_cast<const T*>(p.out),
-                 p.delta, p.rows, p.dim);
+                 dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
+                 0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       const BwdMmaConfig c = bwd_mma_config(p);
       if (c.dc != 0) {
@@ -737,8 +737,8 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
                dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta, p.partials, p.rows,
                p.slots, p.dim, p.scale, rows_per_split(p.rows, p.row_splits));
   });
-  launch_reduce_partials("retrieval_bwd_reduce", p.partials, int64_t(p.row_splits),
-                         p.slots * p.dim, StoreContiguous{p.dmemory}, stream);
+  launch_reduce_partials("retrieval_bwd_reduce", p.partials, int64_t(p.row_splits), p.slots * p.dim,
+                         StoreContiguous{p.dmemory}, stream);
 }
 
 }  // namespace cuda

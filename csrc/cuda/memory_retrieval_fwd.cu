@@ -43,14 +43,14 @@ constexpr int kFwdMaxThreads = kHRegs || GAM_MMA_SM75 ? 256 : 512;
 template <typename T, int kDc, int kBlockN, bool kHRegs>
 __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
     retrieval_fwd_mma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
-                             T* __restrict__ out, float* __restrict__ lse, int64_t rows,
-                             int slots, int dim, float scale_log2, FwdMmaArgs cfg, bool vec) {
+                             T* __restrict__ out, float* __restrict__ lse, int64_t rows, int slots,
+                             int dim, float scale_log2, FwdMmaArgs cfg, bool vec) {
   if constexpr (!kMmaCompiled<T>) {
     __trap();
   } else {
-    constexpr int kNS = kBlockN / 8;  // n-tiles of S (8 slots each)
-    constexpr int kKS = kDc / 16;     // k-steps of S over the warp's chunk
-    constexpr int kNO = kDc / 8;      // n-tiles of the warp's output slice
+    constexpr int kNS = kBlockN / 8;   // n-tiles of S (8 slots each)
+    constexpr int kKS = kDc / 16;      // k-steps of S over the warp's chunk
+    constexpr int kNO = kDc / 8;       // n-tiles of the warp's output slice
     constexpr int kKP = kBlockN / 16;  // k-steps of P M
     GAM_DYNAMIC_SHARED(T, smem);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -158,7 +158,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
         for (int w = 0; w < warps_n; ++w) {
 #pragma unroll
           for (int i = 0; i < kNS; ++i) {
-            const float4 v = *reinterpret_cast<const float4*>(grp + (w * kNS * 32 + i * 32 + lane) * 4);
+            const float4 v =
+                *reinterpret_cast<const float4*>(grp + (w * kNS * 32 + i * 32 + lane) * 4);
             s[i][0] += v.x;
             s[i][1] += v.y;
             s[i][2] += v.z;
@@ -192,8 +193,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
       for (int i = 0; i < kNS; ++i) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const uint32_t pk = pack2<T>(fast_exp2(s[i][2 * r] - mx[r]),
-                                       fast_exp2(s[i][2 * r + 1] - mx[r]));
+          const uint32_t pk =
+              pack2<T>(fast_exp2(s[i][2 * r] - mx[r]), fast_exp2(s[i][2 * r + 1] - mx[r]));
           p[i / 2][(i & 1) * 2 + r] = pk;
           float lo, hi;
           unpack2<T>(pk, lo, hi);  // the rounded p, as the P M product sees it
@@ -217,8 +218,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
         for (int dp = 0; dp < kNO / 2; ++dp) {
           uint32_t b[4];
           // (The full swz here: hoisting these offsets too costs the spill-free 128 registers.)
-          ldmatrix<4, true>(b, mt + swz(16 * kp + (lane & 15), col0 + 16 * dp + (lane >> 4) * 8,
-                                        dpad));
+          ldmatrix<4, true>(
+              b, mt + swz(16 * kp + (lane & 15), col0 + 16 * dp + (lane >> 4) * 8, dpad));
           const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
           mma_m16n8k16<T>(o[2 * dp], p[kp], b0, o[2 * dp]);
           mma_m16n8k16<T>(o[2 * dp + 1], p[kp], b1, o[2 * dp + 1]);
@@ -256,10 +257,10 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_fwd_simt_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                               T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                               int64_t slots, int64_t dim, float scale) {
-  GAM_SHARED(float, hs, kSimtRows * kSimtChunk);
-  GAM_SHARED(float, ms, kSimtSlots * (kSimtChunk + 1));
-  GAM_SHARED(float, ps, kSimtRows * kSimtSlots);
-  GAM_SHARED(float, mv, kSimtSlots * kSimtCols);
+  GAM_SHARED(float, hs, kSimtRows* kSimtChunk);
+  GAM_SHARED(float, ms, kSimtSlots*(kSimtChunk + 1));
+  GAM_SHARED(float, ps, kSimtRows* kSimtSlots);
+  GAM_SHARED(float, mv, kSimtSlots* kSimtCols);
   const int tid = threadIdx.x;
   const int r = tid / 16, sl = tid % 16;
   const int64_t row0 = int64_t(blockIdx.x) * kSimtRows;
@@ -288,7 +289,8 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     for (int ss = 0; ss < kSimtSlots; ++ss) {
       const float p = ps[r * kSimtSlots + ss];
 #pragma unroll
-      for (int i = 0; i < kSimtCols / 16; ++i) o[i] = fmaf(p, mv[ss * kSimtCols + sl + 16 * i], o[i]);
+      for (int i = 0; i < kSimtCols / 16; ++i)
+        o[i] = fmaf(p, mv[ss * kSimtCols + sl + 16 * i], o[i]);
     }
     __syncthreads();
   }
@@ -312,12 +314,11 @@ void launch_fwd_mma(const RetrievalFwdParams& p, const FwdMmaConfig& c, cudaStre
                                       static_cast<int>(smem)));
   const FwdMmaArgs args{c.warps_m, c.warps_n, c.stages, ilog2(c.dpad())};
   const bool vec = p.dim % 8 == 0 && aligned16(p.h) && aligned16(p.memory) && aligned16(p.out);
-  gam_launch("retrieval_fwd_mma", kernel,
-             dim3(static_cast<unsigned>(ceil_div(p.rows, c.rows()))),
+  gam_launch("retrieval_fwd_mma", kernel, dim3(static_cast<unsigned>(ceil_div(p.rows, c.rows()))),
              dim3(static_cast<unsigned>(c.threads())), static_cast<size_t>(smem), stream,
              static_cast<const T*>(p.h), static_cast<const T*>(p.memory), static_cast<T*>(p.out),
-             p.lse, p.rows, static_cast<int>(p.slots), static_cast<int>(p.dim),
-             p.scale * kLog2e, args, vec);
+             p.lse, p.rows, static_cast<int>(p.slots), static_cast<int>(p.dim), p.scale * kLog2e,
+             args, vec);
 }
 
 // Calls f(dc, block_n, h_in_regs) as integral constants for the kernel variant of c: (128, 32),
@@ -348,7 +349,8 @@ constexpr int kSoftmaxWarps = 8;
 __device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
   const float mn = fmaxf(m, m2);
   if (mn == -INFINITY) return;
-  l = (m == -INFINITY ? 0.f : l * fast_exp2(m - mn)) + (m2 == -INFINITY ? 0.f : l2 * fast_exp2(m2 - mn));
+  l = (m == -INFINITY ? 0.f : l * fast_exp2(m - mn)) +
+      (m2 == -INFINITY ? 0.f : l2 * fast_exp2(m2 - mn));
   m = mn;
 }
 
@@ -426,7 +428,8 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   }
 }
 
-__global__ void __launch_bounds__(256) retrieval_fwd_fill_kernel(float* __restrict__ x, int64_t n, float v) {
+__global__ void __launch_bounds__(256)
+    retrieval_fwd_fill_kernel(float* __restrict__ x, int64_t n, float v) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) x[i] = v;
 }
@@ -446,8 +449,8 @@ std::vector<KernelLaunch> memory_retrieval_fwd_kernels(const RetrievalFwdParams&
   if (p.dim == 0) return {{"retrieval_fwd_fill_kernel", 256, 0}};
   const FwdMmaConfig c = memory_retrieval_fwd_config(p);
   if (c.dc == 0)
-    return {{std::string("retrieval_fwd_simt_kernel<") + type_name(p.dtype) + ">", kSimtThreads,
-             0}};
+    return {
+        {std::string("retrieval_fwd_simt_kernel<") + type_name(p.dtype) + ">", kSimtThreads, 0}};
   return {{std::string("retrieval_fwd_mma_kernel<") + type_name(p.dtype) + ", " +
                std::to_string(c.dc) + ", " + std::to_string(c.block_n) + ", " +
                (c.h_in_regs ? "true" : "false") + ">",
@@ -521,8 +524,8 @@ void launch_memory_retrieval_fwd(const RetrievalFwdParams& p, cudaStream_t strea
       const FwdMmaConfig c = memory_retrieval_fwd_config(p);
       if (c.dc != 0) {
         with_fwd_variant<T>(c, [&](auto dc, auto bn, auto hr) {
-          launch_fwd_mma<T, decltype(dc)::value, decltype(bn)::value, decltype(hr)::value>(
-              p, c, stream);
+          launch_fwd_mma<T, decltype(dc)::value, decltype(bn)::value, decltype(hr)::value>(p, c,
+                                                                                           stream);
         });
         return;
       }

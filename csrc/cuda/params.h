@@ -37,12 +37,12 @@ struct ConvBwdParams {
 // The fused mixer's forward epilogue (gam_mixer_fwd): with G the retrieval's output of a row,
 //   out = sigmoid(z[:D]) * conv(h) + sigmoid(z[D:]) * G.
 struct MixerEpilogueParams {
-  const void* h;             // (R, D): the retrieval's queries are the conv's input
-  const void* gate_logits;   // (R, 2D) z = h Wg^T + bg
-  const void* global_ctx;    // (R, D) G
-  const float* conv_weight;  // (D, K) fp32
-  const float* conv_bias;    // (D) fp32 or nullptr
-  void* out;                 // (R, D)
+  const void* h;              // (R, D): the retrieval's queries are the conv's input
+  const void* gate_logits;    // (R, 2D) z = h Wg^T + bg
+  const void* global_ctx;     // (R, D) G
+  const float* conv_weight;   // (D, K) fp32
+  const float* conv_bias;     // (D) fp32 or nullptr
+  void* out;                  // (R, D)
   int64_t rows, seqlen, dim;  // R = B * N; row r is step r % N of its sequence
   int kwidth;                 // K
   DType dtype;
@@ -80,8 +80,8 @@ struct RetrievalBwdParams {
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
-  int row_splits;        // dM partial sums over this many row ranges (set by the launcher helper)
-  bool tensor_cores;     // as in RetrievalFwdParams
+  int row_splits;     // dM partial sums over this many row ranges (set by the launcher helper)
+  bool tensor_cores;  // as in RetrievalFwdParams
   int sm;
   int max_smem_bytes;
   int smem_per_sm;
@@ -130,7 +130,7 @@ struct GateFwdParams {
 };
 
 struct GateBwdParams {
-  const void* grad_out;     // (R, D)
+  const void* grad_out;  // (R, D)
   const void* local;
   const void* global_ctx;
   const void* gate_logits;  // (R, 2D)

@@ -29,7 +29,9 @@ __host__ __device__ __forceinline__ int swz(int row, int col, int width) {
 // (= swz(row, span start + 16 j + 8 hi, width) for a span start that is a multiple of 128): one
 // XOR and one add per load instead of the whole swz.
 __device__ __forceinline__ int swz_x8(int hi, int row) { return ((hi ^ row) & 7) << 3; }
-__device__ __forceinline__ int swz_step(int j, int x8) { return 64 * (j >> 2) + ((16 * (j & 3)) ^ x8); }
+__device__ __forceinline__ int swz_step(int j, int x8) {
+  return 64 * (j >> 2) + ((16 * (j & 3)) ^ x8);
+}
 
 // Waits until at most n (0..2) cp.async groups of the thread are in flight.
 __device__ __forceinline__ void cp_async_wait_dyn(int n) {
@@ -50,8 +52,8 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 // offsets: nrows * stride < 2^31.
 template <typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ src, int nrows,
-                                                int64_t limit, int stride, int cols,
-                                                int width_log2, bool vec) {
+                                                int64_t limit, int stride, int cols, int width_log2,
+                                                bool vec) {
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int rows_ok = limit < nrows ? static_cast<int>(limit) : nrows;
   if (vec) {
@@ -287,10 +289,9 @@ constexpr int kSimtMinBlocks = 2;
 // ms: kSimtSlots * (kSimtChunk + 1) floats.
 template <typename T, bool kTwo>
 __device__ __forceinline__ void simt_scores(const T* __restrict__ a, const T* __restrict__ b,
-                                            const T* __restrict__ mem, int64_t rows,
-                                            int64_t slots, int64_t dim, int64_t row0,
-                                            int64_t s0, float* hs, float* bs, float* ms,
-                                            float (&sa)[2], float (&sb)[2]) {
+                                            const T* __restrict__ mem, int64_t rows, int64_t slots,
+                                            int64_t dim, int64_t row0, int64_t s0, float* hs,
+                                            float* bs, float* ms, float (&sa)[2], float (&sb)[2]) {
   const int tid = threadIdx.x;
   const int r = tid / 16, sl = tid % 16;
   sa[0] = sa[1] = sb[0] = sb[1] = 0.f;

@@ -1,8 +1,8 @@
 // Warp-level matrix primitives of the project's kernels: ldmatrix, mma.sync m16n8k16 (f16 and
 // bf16 in, f32 accumulate), cp.async 16-byte copies with commit / wait groups, named barriers,
-// and the register packing they need. Under nvcc they are inline PTX; in the emulated build (GAM_EMULATE) they are
-// the SIMT emulator's warp collectives (csrc/emu/warp_matrix.h), which give every lane exactly
-// the registers it holds on the GPU, in the PTX ISA's fragment layouts:
+// and the register packing they need. Under nvcc they are inline PTX; in the emulated build
+// (GAM_EMULATE) they are the SIMT emulator's warp collectives (csrc/emu/warp_matrix.h), which give
+// every lane exactly the registers it holds on the GPU, in the PTX ISA's fragment layouts:
 //
 //   groupID g = lane >> 2, tig t = lane % 4 (threadID_in_group)
 //   A (16x16, row major), 4 registers of two 16-bit elements (lower column in the low half):
@@ -32,7 +32,8 @@
 
 #if GAM_IS_EMULATED
 // Call sites recorded for the emulator's fault messages.
-#define GAM_MMA_SITE , const char *gam_site_file = __builtin_FILE(), int gam_site_line = __builtin_LINE()
+#define GAM_MMA_SITE \
+  , const char *gam_site_file = __builtin_FILE(), int gam_site_line = __builtin_LINE()
 #define GAM_MMA_SITE_ARGS gam_site_file, gam_site_line
 #else
 #define GAM_MMA_SITE
@@ -70,19 +71,24 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* smem_row 
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
   } else if constexpr (N == 1) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-                 : "=r"(r[0]) : "r"(a));
+                 : "=r"(r[0])
+                 : "r"(a));
   } else if constexpr (N == 2 && !kTrans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
   } else if constexpr (N == 2) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
   } else if constexpr (!kTrans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
   }
 #endif
 }
@@ -118,14 +124,14 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%10,%11,%12,%13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
-          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
   } else {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%10,%11,%12,%13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
-          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
   }
 #endif
 }
@@ -195,14 +201,30 @@ __device__ __forceinline__ void named_barrier_sync(int id, int nthreads GAM_MMA_
   ::gam_emu::named_barrier(id, nthreads, GAM_MMA_SITE_ARGS);
 #else
   switch (id) {
-    case 1: asm volatile("bar.sync 1, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 2: asm volatile("bar.sync 2, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 3: asm volatile("bar.sync 3, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 4: asm volatile("bar.sync 4, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 5: asm volatile("bar.sync 5, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 6: asm volatile("bar.sync 6, %0;\n" ::"r"(nthreads) : "memory"); break;
-    case 7: asm volatile("bar.sync 7, %0;\n" ::"r"(nthreads) : "memory"); break;
-    default: asm volatile("bar.sync 8, %0;\n" ::"r"(nthreads) : "memory"); break;
+    case 1:
+      asm volatile("bar.sync 1, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 2:
+      asm volatile("bar.sync 2, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 3:
+      asm volatile("bar.sync 3, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 4:
+      asm volatile("bar.sync 4, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 5:
+      asm volatile("bar.sync 5, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 6:
+      asm volatile("bar.sync 6, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    case 7:
+      asm volatile("bar.sync 7, %0;\n" ::"r"(nthreads) : "memory");
+      break;
+    default:
+      asm volatile("bar.sync 8, %0;\n" ::"r"(nthreads) : "memory");
+      break;
   }
 #endif
 }

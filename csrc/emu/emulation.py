@@ -307,9 +307,7 @@ def shell_env() -> str:
         cxx = os.environ.get("CXX", "g++")
         raise EmulationUnavailable(f"{cxx} has no libasan.so; install it or set GAM_EMU_ASAN=0")
     env = asan_subprocess_env()
-    return "".join(
-        f"export {name}={shlex.quote(env[name])}\n" for name in ("ASAN_OPTIONS", "LD_PRELOAD")
-    )
+    return "".join(f"export {name}={shlex.quote(env[name])}\n" for name in ("ASAN_OPTIONS", "LD_PRELOAD"))
 
 
 if __name__ == "__main__":

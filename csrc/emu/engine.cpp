@@ -58,8 +58,8 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
-  int bar_id = 0;  // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
-  std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
+  int bar_id = 0;                  // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
+  std::vector<AsyncCopy> cp_open;  // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
 };
 
@@ -108,12 +108,9 @@ thread_local Engine* t_engine = nullptr;
 thread_local fiber::StackPool t_stacks;
 
 std::string dim_str(const uint3& d) {
-  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," +
-         std::to_string(d.z) + ")";
+  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
 }
-std::string dim_str(const dim3& d) {
-  return dim_str(uint3{d.x, d.y, d.z});
-}
+std::string dim_str(const dim3& d) { return dim_str(uint3{d.x, d.y, d.z}); }
 
 std::string hex(unsigned v) {
   char buf[16];
@@ -154,8 +151,7 @@ Fiber* pick_next(Engine& e, int after) {
 // The calling fiber has just stopped being runnable (or exited).
 void yield_from(Fiber* self) {
   Engine& e = *t_engine;
-  transfer(&self->ctx, pick_next(e, self->linear),
-           self->state == State::kDone);
+  transfer(&self->ctx, pick_next(e, self->linear), self->state == State::kDone);
 }
 
 [[noreturn]] void fault_in_fiber(const std::string& message) {
@@ -180,17 +176,13 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
   if (proto.kind == WarpOpKind::kExchange && parts != 0xffffffffu)
     fault_in_fiber(std::string(proto.what) + " at " + site(proto.file, proto.line) +
                    " needs all 32 lanes of warp " + std::to_string(w) +
-                   "; lanes taking part: " + hex(parts) +
-                   " (the others exited or do not exist)");
+                   "; lanes taking part: " + hex(parts) + " (the others exited or do not exist)");
   for (int l = 0; l < 32; ++l) {
     if (!((parts >> l) & 1u)) continue;
     const Fiber& f = lanes[l];
-    if (f.state != State::kWarp || f.op.kind != proto.kind ||
-        f.op.mask != proto.mask)
-      return false;
+    if (f.state != State::kWarp || f.op.kind != proto.kind || f.op.mask != proto.mask) return false;
     // Exchanges share one kind; different instructions must not complete each other.
-    if (proto.kind == WarpOpKind::kExchange && std::strcmp(f.op.what, proto.what))
-      return false;
+    if (proto.kind == WarpOpKind::kExchange && std::strcmp(f.op.what, proto.what)) return false;
     if (proto.kind == WarpOpKind::kExchange && f.op.resolve != proto.resolve) return false;
   }
   if (proto.kind == WarpOpKind::kExchange) {
@@ -200,8 +192,7 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
     proto.resolve(records);
   }
   auto value_of = [&](int src) -> uint64_t {
-    return (src >= 0 && src < 32 && ((parts >> src) & 1u)) ? lanes[src].op.value
-                                                           : kPoison;
+    return (src >= 0 && src < 32 && ((parts >> src) & 1u)) ? lanes[src].op.value : kPoison;
   };
   uint64_t ballot = 0;
   int n = 0;
@@ -231,11 +222,18 @@ bool try_resolve(Engine& e, int w, const WarpOp& proto) {
         r = (src < seg + width) ? value_of(src) : f.op.value;
         break;
       }
-      case WarpOpKind::kBallot: r = ballot; break;
-      case WarpOpKind::kAny: r = ballot != 0; break;
-      case WarpOpKind::kAll: r = __builtin_popcountll(ballot) == n; break;
+      case WarpOpKind::kBallot:
+        r = ballot;
+        break;
+      case WarpOpKind::kAny:
+        r = ballot != 0;
+        break;
+      case WarpOpKind::kAll:
+        r = __builtin_popcountll(ballot) == n;
+        break;
       case WarpOpKind::kSyncWarp:
-      case WarpOpKind::kExchange: break;
+      case WarpOpKind::kExchange:
+        break;
     }
     f.op.result = r;
     f.state = State::kRunnable;
@@ -318,13 +316,12 @@ std::string deadlock_report(const Engine& e) {
       waiting += f.state == State::kBarrier && f.bar_id == first_bar->bar_id;
     m << "named barrier " << first_bar->bar_id << " at "
       << site(first_bar->bar_file, first_bar->bar_line) << " was reached by " << waiting
-      << " threads, fewer than its count; " << at_bar << " threads wait at barriers, "
-      << e.n_done << " had exited";
+      << " threads, fewer than its count; " << at_bar << " threads wait at barriers, " << e.n_done
+      << " had exited";
   } else if (first_bar) {
     m << "divergent __syncthreads(): the barrier at "
-      << site(first_bar->bar_file, first_bar->bar_line) << " was reached by "
-      << at_bar << " of " << e.nthreads << " threads; " << e.n_done
-      << " threads had already exited";
+      << site(first_bar->bar_file, first_bar->bar_line) << " was reached by " << at_bar << " of "
+      << e.nthreads << " threads; " << e.n_done << " threads had already exited";
     if (at_warp) m << " and " << at_warp << " wait in warp collectives";
     if (e.n_done) {
       for (const Fiber& f : e.fibers)
@@ -345,8 +342,8 @@ std::string deadlock_report(const Engine& e) {
       const WarpOp& op = e.fibers[i].op;
       bool seen = false;
       for (const Fiber* s : shown)
-        seen |= s->op.line == op.line && s->op.kind == op.kind &&
-                s->op.mask == op.mask && !std::strcmp(s->op.file, op.file);
+        seen |= s->op.line == op.line && s->op.kind == op.kind && s->op.mask == op.mask &&
+                !std::strcmp(s->op.file, op.file);
       if (seen) continue;
       shown.push_back(&e.fibers[i]);
       unsigned lanes = 0;
@@ -357,8 +354,8 @@ std::string deadlock_report(const Engine& e) {
             e.fibers[j].op.mask == op.mask)
           lanes |= 1u << k;
       }
-      m << " " << op.what << " (mask " << hex(op.mask) << ") at "
-        << site(op.file, op.line) << " by lanes " << hex(lanes) << ";";
+      m << " " << op.what << " (mask " << hex(op.mask) << ") at " << site(op.file, op.line)
+        << " by lanes " << hex(lanes) << ";";
     }
     m << " every non-exited lane of a mask must call the same collective "
          "with the same mask";
@@ -383,8 +380,7 @@ void run_block(Engine& e, const uint3& block) {
   for (int i = 0; i < e.nthreads; ++i) {
     Fiber& f = e.fibers[i];
     f.linear = i;
-    f.tid = uint3{static_cast<unsigned>(i % bd.x),
-                  static_cast<unsigned>((i / bd.x) % bd.y),
+    f.tid = uint3{static_cast<unsigned>(i % bd.x), static_cast<unsigned>((i / bd.x) % bd.y),
                   static_cast<unsigned>(i / (bd.x * bd.y))};
     f.warp = i / 32;
     f.lane = i % 32;
@@ -401,8 +397,7 @@ void run_block(Engine& e, const uint3& block) {
   std::fill(std::begin(e.named_arrived), std::end(e.named_arrived), 0);
   // Dynamic shared memory: one exact-size allocation per block.
   const size_t dyn = e.spec->dynamic_smem_bytes;
-  if (posix_memalign(&e.dyn_smem, 16, dyn == 0 ? 1 : dyn) != 0)
-    throw std::bad_alloc();
+  if (posix_memalign(&e.dyn_smem, 16, dyn == 0 ? 1 : dyn) != 0) throw std::bad_alloc();
   std::memset(e.dyn_smem, 0xff, dyn == 0 ? 1 : dyn);
 
   const uint64_t linear_block =
@@ -416,8 +411,7 @@ void run_block(Engine& e, const uint3& block) {
     for (Fiber& f : e.fibers)
       if (f.state != State::kDone) f.stack->dirty = true;
   }
-  if (e.faulted)
-    throw std::runtime_error("block " + dim_str(block) + ", " + e.fault);
+  if (e.faulted) throw std::runtime_error("block " + dim_str(block) + ", " + e.fault);
   if (e.n_done != e.nthreads) throw std::runtime_error(deadlock_report(e));
 }
 
@@ -429,19 +423,16 @@ void validate(const LaunchSpec& s) {
   const dim3& b = s.block;
   const dim3& g = s.grid;
   const uint64_t threads = uint64_t{b.x} * b.y * b.z;
-  if (threads == 0 || threads > kMaxThreadsPerBlock || b.x > 1024 ||
-      b.y > 1024 || b.z > 64)
+  if (threads == 0 || threads > kMaxThreadsPerBlock || b.x > 1024 || b.y > 1024 || b.z > 64)
     fail("block " + dim_str(b) + " (at most 1024 threads, z <= 64, none 0)");
-  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 ||
-      g.x > 2147483647u)
+  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || g.x > 2147483647u)
     fail("grid " + dim_str(g) +
          " (every dimension >= 1; y, z <= 65535); skip the launch for empty "
          "inputs");
   const size_t limit = dynamic_smem_limit(s.kernel);
   if (s.dynamic_smem_bytes > limit)
     fail(std::to_string(s.dynamic_smem_bytes) +
-         " bytes of dynamic shared memory exceed the kernel's limit of " +
-         std::to_string(limit) +
+         " bytes of dynamic shared memory exceed the kernel's limit of " + std::to_string(limit) +
          " (raise it with cudaFuncSetAttribute("
          "cudaFuncAttributeMaxDynamicSharedMemorySize))");
 }
@@ -464,8 +455,7 @@ void launch(const LaunchSpec& spec, void (*thunk)(void*), void* closure) {
   e.fibers.resize(e.nthreads);
   e.warp_exists.assign(e.nwarps, 0xffffffffu);
   e.warp_done.assign(e.nwarps, 0u);
-  if (e.nthreads % 32)
-    e.warp_exists.back() = (1u << (e.nthreads % 32)) - 1u;
+  if (e.nthreads % 32) e.warp_exists.back() = (1u << (e.nthreads % 32)) - 1u;
 
   const Builtins saved = t_builtins;
   t_builtins.block_dim = spec.block;
@@ -485,29 +475,24 @@ void launch(const LaunchSpec& spec, void (*thunk)(void*), void* closure) {
       for (unsigned y = 0; y < spec.grid.y; ++y)
         for (unsigned x = 0; x < spec.grid.x; ++x) run_block(e, uint3{x, y, z});
   } catch (const std::bad_alloc&) {
-    throw std::runtime_error(std::string("gam_launch(") + spec.name +
-                             "): out of host memory");
+    throw std::runtime_error(std::string("gam_launch(") + spec.name + "): out of host memory");
   } catch (const std::exception& ex) {
-    throw std::runtime_error(std::string("gam_launch(") + spec.name + "): " +
-                             ex.what());
+    throw std::runtime_error(std::string("gam_launch(") + spec.name + "): " + ex.what());
   }
 }
 
-uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
-                 int width, const char* what, const char* file, int line) {
+uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg, int width,
+                 const char* what, const char* file, int line) {
   Engine* ep = t_engine;
-  if (ep == nullptr || ep->cur == nullptr)
-    trap(std::string(what) + " called outside a kernel");
+  if (ep == nullptr || ep->cur == nullptr) trap(std::string(what) + " called outside a kernel");
   Engine& e = *ep;
   Fiber* self = e.cur;
   if (!((mask >> self->lane) & 1u))
-    fault_in_fiber(std::string(what) + " at " + site(file, line) + ": mask " +
-                   hex(mask) + " does not include the calling lane " +
-                   std::to_string(self->lane));
+    fault_in_fiber(std::string(what) + " at " + site(file, line) + ": mask " + hex(mask) +
+                   " does not include the calling lane " + std::to_string(self->lane));
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
-    fault_in_fiber(std::string(what) + " at " + site(file, line) +
-                   ": width " + std::to_string(width) +
-                   " is not a power of two in [1, 32]");
+    fault_in_fiber(std::string(what) + " at " + site(file, line) + ": width " +
+                   std::to_string(width) + " is not a power of two in [1, 32]");
   self->op = WarpOp{kind, mask, value, arg, width, 0, what, file, line, nullptr};
   self->state = State::kWarp;
   --e.n_runnable;
@@ -515,16 +500,21 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
   return self->op.result;
 }
 
-void warp_exchange(void* record, ExchangeFn resolve, const char* what,
-                   const char* file, int line) {
+void warp_exchange(void* record, ExchangeFn resolve, const char* what, const char* file, int line) {
   Engine* ep = t_engine;
-  if (ep == nullptr || ep->cur == nullptr)
-    trap(std::string(what) + " called outside a kernel");
+  if (ep == nullptr || ep->cur == nullptr) trap(std::string(what) + " called outside a kernel");
   Engine& e = *ep;
   Fiber* self = e.cur;
-  self->op = WarpOp{WarpOpKind::kExchange, 0xffffffffu,
-                    static_cast<uint64_t>(reinterpret_cast<uintptr_t>(record)), 0, 32, 0,
-                    what, file, line, resolve};
+  self->op = WarpOp{WarpOpKind::kExchange,
+                    0xffffffffu,
+                    static_cast<uint64_t>(reinterpret_cast<uintptr_t>(record)),
+                    0,
+                    32,
+                    0,
+                    what,
+                    file,
+                    line,
+                    resolve};
   self->state = State::kWarp;
   --e.n_runnable;
   if (!try_resolve(e, self->warp, self->op)) yield_from(self);
@@ -547,8 +537,7 @@ bool in_shared(const void* p, size_t bytes) {
 void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* what,
               const char* file, int line) {
   Engine* ep = t_engine;
-  if (ep == nullptr || ep->cur == nullptr)
-    trap(std::string(what) + " called outside a kernel");
+  if (ep == nullptr || ep->cur == nullptr) trap(std::string(what) + " called outside a kernel");
   char msg[320];
   const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
   if (d % static_cast<uintptr_t>(bytes) != 0 || s % static_cast<uintptr_t>(bytes) != 0) {
@@ -565,13 +554,13 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* 
     trap(msg);
   }
   if (in_shared(src, 1)) {
-    std::snprintf(msg, sizeof(msg), "%s at %s:%d: source %p is in shared memory, not global",
-                  what, file, line, src);
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: source %p is in shared memory, not global", what,
+                  file, line, src);
     trap(msg);
   }
   if (src_bytes < 0 || src_bytes > bytes) {
-    std::snprintf(msg, sizeof(msg), "%s at %s:%d: src-size %d outside [0, %d]", what, file,
-                  line, src_bytes, bytes);
+    std::snprintf(msg, sizeof(msg), "%s at %s:%d: src-size %d outside [0, %d]", what, file, line,
+                  src_bytes, bytes);
     trap(msg);
   }
   // Until its group is waited for, the destination reads as NaN (0xFF bytes): a read of a
@@ -600,8 +589,7 @@ void cp_async_wait(int pending) {
 
 void block_barrier(const char* file, int line) {
   Engine* ep = t_engine;
-  if (ep == nullptr || ep->cur == nullptr)
-    trap("__syncthreads() called outside a kernel");
+  if (ep == nullptr || ep->cur == nullptr) trap("__syncthreads() called outside a kernel");
   Engine& e = *ep;
   Fiber* self = e.cur;
   self->state = State::kBarrier;
@@ -615,11 +603,9 @@ void block_barrier(const char* file, int line) {
   }
   // Last arrival: every thread waits here. All must be at the same call.
   for (const Fiber& f : e.fibers) {
-    if (f.bar_line != self->bar_line ||
-        std::strcmp(f.bar_file, self->bar_file) != 0)
-      fault_in_fiber("divergent __syncthreads(): threads wait at " +
-                     site(f.bar_file, f.bar_line) + " and at " +
-                     site(self->bar_file, self->bar_line));
+    if (f.bar_line != self->bar_line || std::strcmp(f.bar_file, self->bar_file) != 0)
+      fault_in_fiber("divergent __syncthreads(): threads wait at " + site(f.bar_file, f.bar_line) +
+                     " and at " + site(self->bar_file, self->bar_line));
   }
   for (Fiber& f : e.fibers) f.state = State::kRunnable;
   e.n_runnable = e.nthreads;
@@ -672,8 +658,8 @@ int current_warp() {
   return (e == nullptr || e->cur == nullptr) ? 0 : e->cur->warp;
 }
 
-void* shared_array(const void* site_key, size_t bytes, size_t align,
-                   const char* name, const char* file, int line) {
+void* shared_array(const void* site_key, size_t bytes, size_t align, const char* name,
+                   const char* file, int line) {
   Engine* ep = t_engine;
   if (ep == nullptr || ep->cur == nullptr)
     trap(std::string("GAM_SHARED(") + name + ") used outside a kernel");
@@ -681,15 +667,14 @@ void* shared_array(const void* site_key, size_t bytes, size_t align,
   for (const SharedAlloc& a : e.shared)
     if (a.site == site_key) {
       if (a.bytes != bytes)
-        fault_in_fiber(std::string("GAM_SHARED(") + name + ") at " +
-                       site(file, line) + ": threads disagree on its size");
+        fault_in_fiber(std::string("GAM_SHARED(") + name + ") at " + site(file, line) +
+                       ": threads disagree on its size");
       return a.ptr;
     }
   e.static_smem_bytes += bytes;
   if (e.static_smem_bytes > kStaticSmemLimit)
-    fault_in_fiber("static shared memory (" +
-                   std::to_string(e.static_smem_bytes) + " bytes at GAM_SHARED(" +
-                   name + ") " + site(file, line) +
+    fault_in_fiber("static shared memory (" + std::to_string(e.static_smem_bytes) +
+                   " bytes at GAM_SHARED(" + name + ") " + site(file, line) +
                    ") exceeds the 48 KiB static limit; use dynamic shared "
                    "memory");
   if (e.static_smem_bytes + e.spec->dynamic_smem_bytes > kMaxSmemOptin)
@@ -704,8 +689,7 @@ void* shared_array(const void* site_key, size_t bytes, size_t align,
 
 void* dynamic_shared() {
   Engine* e = t_engine;
-  if (e == nullptr || e->cur == nullptr)
-    trap("GAM_DYNAMIC_SHARED used outside a kernel");
+  if (e == nullptr || e->cur == nullptr) trap("GAM_DYNAMIC_SHARED used outside a kernel");
   return e->dyn_smem;
 }
 

@@ -34,8 +34,8 @@ cudaError_t memset_async(void* ptr, int value, size_t count, cudaStream_t) {
   return cudaSuccess;
 }
 
-cudaError_t memcpy_async(void* dst, const void* src, size_t count,
-                         cudaMemcpyKind kind, cudaStream_t) {
+cudaError_t memcpy_async(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
+                         cudaStream_t) {
   if (static_cast<int>(kind) < 0 || static_cast<int>(kind) > 4)
     return cudaErrorInvalidMemcpyDirection;
   if (count == 0) return cudaSuccess;
@@ -44,11 +44,9 @@ cudaError_t memcpy_async(void* dst, const void* src, size_t count,
   return cudaSuccess;
 }
 
-cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr,
-                               int value) {
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > kMaxSmemOptin)
-      return cudaErrorInvalidValue;
+    if (value < 0 || static_cast<size_t>(value) > kMaxSmemOptin) return cudaErrorInvalidValue;
     std::lock_guard<std::mutex> lock(g_attr_mutex);
     max_dyn_smem_attr()[func] = value;
   }
@@ -57,13 +55,16 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr,
 
 const char* get_error_string(cudaError_t error) {
   switch (error) {
-    case cudaSuccess: return "no error (emulated)";
-    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaSuccess:
+      return "no error (emulated)";
+    case cudaErrorInvalidValue:
+      return "invalid argument (emulated)";
     case cudaErrorInvalidMemcpyDirection:
       return "invalid copy direction (emulated)";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument (emulated)";
-    default: return "CUDA error (emulated)";
+    default:
+      return "CUDA error (emulated)";
   }
 }
 

@@ -24,8 +24,8 @@ Tensor block_reduce(const Tensor& x_in, int64_t block) {
   const Tensor x = f32(x_in, "x");
   const int64_t n = x.numel();
   Tensor out = torch::empty({(n + block - 1) / block}, x.options());
-  gam_selftest::block_reduce(cfp(x), fp(out), static_cast<int>(n),
-                             static_cast<int>(block), nullptr);
+  gam_selftest::block_reduce(cfp(x), fp(out), static_cast<int>(n), static_cast<int>(block),
+                             nullptr);
   return out;
 }
 
@@ -36,16 +36,14 @@ std::tuple<Tensor, Tensor> warp_reduce(const Tensor& x_in) {
   const int64_t warps = (n + 63) / 64 * 2;
   Tensor a = torch::empty({warps}, x.options());
   Tensor b = torch::empty({warps}, x.options());
-  gam_selftest::warp_reduce(cfp(x), fp(a), fp(b), static_cast<int>(n),
-                            nullptr);
+  gam_selftest::warp_reduce(cfp(x), fp(a), fp(b), static_cast<int>(n), nullptr);
   return {a, b};
 }
 
 Tensor warp_scan(const Tensor& x_in) {
   const Tensor x = f32(x_in, "x");
   Tensor out = torch::empty_like(x);
-  gam_selftest::warp_scan(cfp(x), fp(out), static_cast<int>(x.numel()),
-                          nullptr);
+  gam_selftest::warp_scan(cfp(x), fp(out), static_cast<int>(x.numel()), nullptr);
   return out;
 }
 
@@ -64,33 +62,30 @@ std::tuple<Tensor, Tensor, Tensor> warp_vote(const Tensor& x_in) {
   Tensor ballot = torch::empty({warps}, opts);
   Tensor any = torch::empty({warps}, opts);
   Tensor all = torch::empty({warps}, opts);
-  gam_selftest::warp_vote(cfp(x), ballot.data_ptr<int>(), any.data_ptr<int>(),
-                          all.data_ptr<int>(), static_cast<int>(x.numel()),
-                          nullptr);
+  gam_selftest::warp_vote(cfp(x), ballot.data_ptr<int>(), any.data_ptr<int>(), all.data_ptr<int>(),
+                          static_cast<int>(x.numel()), nullptr);
   return {ballot, any, all};
 }
 
 Tensor halo_stencil(const Tensor& x_in) {
   const Tensor x = f32(x_in, "x");
   Tensor y = torch::empty_like(x);
-  gam_selftest::halo_stencil(cfp(x), fp(y), static_cast<int>(x.numel()), 128,
-                             nullptr);
+  gam_selftest::halo_stencil(cfp(x), fp(y), static_cast<int>(x.numel()), 128, nullptr);
   return y;
 }
 
 Tensor atomic_sum(const Tensor& x_in) {
   const Tensor x = f32(x_in, "x");
   Tensor out = torch::full({1}, 123.0f, x.options());  // launcher zeroes it
-  gam_selftest::atomic_sum(cfp(x), fp(out), static_cast<int>(x.numel()),
-                           nullptr);
+  gam_selftest::atomic_sum(cfp(x), fp(out), static_cast<int>(x.numel()), nullptr);
   return out;
 }
 
 Tensor dynamic_reverse(const Tensor& x_in, int64_t block) {
   const Tensor x = f32(x_in, "x");
   Tensor y = torch::empty_like(x);
-  gam_selftest::dynamic_reverse(cfp(x), fp(y), static_cast<int>(x.numel()),
-                                static_cast<int>(block), nullptr);
+  gam_selftest::dynamic_reverse(cfp(x), fp(y), static_cast<int>(x.numel()), static_cast<int>(block),
+                                nullptr);
   return y;
 }
 
@@ -98,13 +93,10 @@ std::tuple<Tensor, Tensor> odd_block(const Tensor& x_in, int64_t block) {
   const Tensor x = f32(x_in, "x");
   const int64_t blocks = (x.numel() + block - 1) / block;
   Tensor y = torch::empty_like(x);
-  Tensor ballots =
-      torch::empty({blocks * ((block + 31) / 32)}, x.options().dtype(torch::kInt64));
+  Tensor ballots = torch::empty({blocks * ((block + 31) / 32)}, x.options().dtype(torch::kInt64));
   Tensor b32 = torch::empty({ballots.numel()}, x.options().dtype(torch::kInt32));
-  gam_selftest::odd_block(cfp(x), fp(y),
-                          reinterpret_cast<unsigned*>(b32.data_ptr<int>()),
-                          static_cast<int>(x.numel()), static_cast<int>(block),
-                          nullptr);
+  gam_selftest::odd_block(cfp(x), fp(y), reinterpret_cast<unsigned*>(b32.data_ptr<int>()),
+                          static_cast<int>(x.numel()), static_cast<int>(block), nullptr);
   // Unsigned 32-bit ballots, returned as non-negative int64.
   ballots.copy_(b32.to(torch::kInt64).bitwise_and(0xffffffffLL));
   return {y, ballots};
@@ -132,8 +124,8 @@ Tensor mma_fragments(const Tensor& a, const Tensor& b, const Tensor& c, bool mis
   const int dtype = dtype_code(a, "a");
   TORCH_CHECK(k == 16 || dtype == 0, "the k = 8 product takes fp16");
   Tensor d = torch::empty({16, 8}, c.options());
-  gam_selftest::mma_fragments(a.data_ptr(), b.data_ptr(), cfp(c), fp(d), dtype,
-                              static_cast<int>(k), misplace, nullptr);
+  gam_selftest::mma_fragments(a.data_ptr(), b.data_ptr(), cfp(c), fp(d), dtype, static_cast<int>(k),
+                              misplace, nullptr);
   return d;
 }
 
@@ -151,7 +143,8 @@ Tensor ldmatrix_fragments(const Tensor& src, bool trans) {
 Tensor ldmatrix_mma(const Tensor& a, const Tensor& b_storage, int64_t b_mode) {
   check_shape(a, {16, 16}, "a");
   TORCH_CHECK(b_mode >= 0 && b_mode < 4, "b_mode must be 0..3");
-  check_shape(b_storage, b_mode % 2 == 0 ? std::vector<int64_t>{8, 16} : std::vector<int64_t>{16, 8},
+  check_shape(b_storage,
+              b_mode % 2 == 0 ? std::vector<int64_t>{8, 16} : std::vector<int64_t>{16, 8},
               "b_storage");
   TORCH_CHECK(a.scalar_type() == b_storage.scalar_type(), "a and b dtypes differ");
   // The kernel takes b as a k x n row-major array and stores it itself in the mode's layout.
@@ -193,8 +186,8 @@ Tensor syncwarp_exchange(const Tensor& x_in) {
 
 Tensor barrier_stress(int64_t blocks, int64_t rounds) {
   Tensor data = torch::empty({blocks * 256}, torch::kFloat32);
-  gam_selftest::barrier_stress(fp(data), static_cast<int>(blocks),
-                               static_cast<int>(rounds), nullptr);
+  gam_selftest::barrier_stress(fp(data), static_cast<int>(blocks), static_cast<int>(rounds),
+                               nullptr);
   return data;
 }
 

@@ -16,8 +16,7 @@ inline unsigned blocks_for(int n, int block) {
 }
 
 // ---- block reduction through shared memory --------------------------------
-__global__ void block_reduce_kernel(const float* __restrict__ x,
-                                    float* __restrict__ out, int n) {
+__global__ void block_reduce_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
   GAM_DYNAMIC_SHARED(float, buf);
   const int t = threadIdx.x;
   const int i = blockIdx.x * blockDim.x + t;
@@ -32,8 +31,7 @@ __global__ void block_reduce_kernel(const float* __restrict__ x,
 }
 
 // ---- warp reductions ------------------------------------------------------
-__global__ void warp_reduce_kernel(const float* __restrict__ x,
-                                   float* __restrict__ out_xor,
+__global__ void warp_reduce_kernel(const float* __restrict__ x, float* __restrict__ out_xor,
                                    float* __restrict__ out_down, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   const float v = i < n ? x[i] : 0.0f;
@@ -48,8 +46,7 @@ __global__ void warp_reduce_kernel(const float* __restrict__ x,
   if (lane == 7) out_xor[warp] = a;   // every lane holds it
 }
 
-__global__ void warp_scan_kernel(const float* __restrict__ x,
-                                 float* __restrict__ out, int n) {
+__global__ void warp_scan_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   const int lane = threadIdx.x % warpSize;
   float v = i < n ? x[i] : 0.0f;
@@ -60,8 +57,7 @@ __global__ void warp_scan_kernel(const float* __restrict__ x,
   if (i < n) out[i] = v;
 }
 
-__global__ void shfl_types_kernel(const float* __restrict__ x,
-                                  float* __restrict__ out) {
+__global__ void shfl_types_kernel(const float* __restrict__ x, float* __restrict__ out) {
   const int lane = threadIdx.x;
   const float v = x[lane];
   const int i = __shfl_sync(kFull, static_cast<int>(v), 3);
@@ -76,8 +72,8 @@ __global__ void shfl_types_kernel(const float* __restrict__ x,
   out[128 + lane] = __bfloat162float(b);
 }
 
-__global__ void warp_vote_kernel(const float* __restrict__ x, int* ballot,
-                                 int* any, int* all, int n) {
+__global__ void warp_vote_kernel(const float* __restrict__ x, int* ballot, int* any, int* all,
+                                 int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   const int pred = i < n && x[i] > 0.0f;
   const unsigned b = __ballot_sync(kFull, pred);
@@ -107,15 +103,13 @@ __global__ void __launch_bounds__(kHaloBlock)
 }
 
 // ---- atomics -----------------------------------------------------------------
-__global__ void atomic_sum_kernel(const float* __restrict__ x, float* out,
-                                  int n) {
+__global__ void atomic_sum_kernel(const float* __restrict__ x, float* out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) atomicAdd(out, x[i]);
 }
 
 // ---- dynamic shared memory ---------------------------------------------------
-__global__ void dynamic_reverse_kernel(const float* __restrict__ x,
-                                       float* __restrict__ y, int n) {
+__global__ void dynamic_reverse_kernel(const float* __restrict__ x, float* __restrict__ y, int n) {
   GAM_DYNAMIC_SHARED(float, buf);
   const int t = threadIdx.x;
   const int base = blockIdx.x * blockDim.x;
@@ -126,9 +120,8 @@ __global__ void dynamic_reverse_kernel(const float* __restrict__ x,
 }
 
 // ---- block size not a multiple of 32 -------------------------------------------
-__global__ void odd_block_kernel(const float* __restrict__ x,
-                                 float* __restrict__ y, unsigned* ballots,
-                                 int n) {
+__global__ void odd_block_kernel(const float* __restrict__ x, float* __restrict__ y,
+                                 unsigned* ballots, int n) {
   GAM_SHARED(float, partial, 32);
   const int t = threadIdx.x;
   const int i = blockIdx.x * blockDim.x + t;
@@ -202,8 +195,7 @@ __global__ void __launch_bounds__(32)
 constexpr int kLdmStride = 24;  // elements per shared row: 48 bytes, rows stay 16-byte aligned
 
 template <int N, bool kTrans>
-__global__ void __launch_bounds__(32)
-    ldmatrix_kernel(const uint16_t* src, uint32_t* out) {
+__global__ void __launch_bounds__(32) ldmatrix_kernel(const uint16_t* src, uint32_t* out) {
   GAM_SHARED(uint16_t, tile, 4 * 8 * kLdmStride);
   const int lane = threadIdx.x;
   for (int e = lane; e < N * 64; e += 32) tile[(e / 8) * kLdmStride + e % 8] = src[e];
@@ -310,14 +302,17 @@ __global__ void __launch_bounds__(128)
     const int st = kt % stages;
     for (int kk = 0; kk < kPipeK; kk += 16) {
       uint32_t ra[4], rb[2];
-      ldmatrix<4, false>(ra, &as[(st * 32 + wm * 16 + lane % 16) * kPipeStride + kk + (lane / 16) * 8]);
-      ldmatrix<2, false>(rb, &bs[(st * 16 + wn * 8 + lane % 8) * kPipeStride + kk + ((lane / 8) % 2) * 8]);
+      ldmatrix<4, false>(ra,
+                         &as[(st * 32 + wm * 16 + lane % 16) * kPipeStride + kk + (lane / 16) * 8]);
+      ldmatrix<2, false>(
+          rb, &bs[(st * 16 + wn * 8 + lane % 8) * kPipeStride + kk + ((lane / 8) % 2) * 8]);
       gam::cuda::mma_m16n8k16<T>(acc, ra, rb, acc);
     }
     if (stages == 1) __syncthreads();  // the single stage is refilled next
   }
   cp_async_wait<0>();
-  for (int i = 0; i < 4; ++i) c[(wm * 16 + g + 8 * (i / 2)) * 16 + wn * 8 + 2 * t + (i % 2)] = acc[i];
+  for (int i = 0; i < 4; ++i)
+    c[(wm * 16 + g + 8 * (i / 2)) * 16 + wn * 8 + 2 * t + (i % 2)] = acc[i];
 }
 
 // __syncwarp orders shared-memory accesses within a warp: lane l reads what lane l + 1 wrote.
@@ -397,7 +392,6 @@ __global__ void warp_deadlock_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
-
 // cp.async into shared memory, then read without waiting for the group (or, on the GPU, racing
 // the copy): out reads NaN in the emulator.
 __global__ void cp_async_unwaited_kernel(const float* x, float* out) {
@@ -461,59 +455,50 @@ __global__ void smem_limit_kernel(float* out) {
 
 }  // namespace
 
-void block_reduce(const float* x, float* out, int n, int block,
-                  cudaStream_t stream) {
-  gam_launch("block_reduce_kernel", block_reduce_kernel,
-             dim3(blocks_for(n, block)), dim3(block), block * sizeof(float),
-             stream, x, out, n);
+void block_reduce(const float* x, float* out, int n, int block, cudaStream_t stream) {
+  gam_launch("block_reduce_kernel", block_reduce_kernel, dim3(blocks_for(n, block)), dim3(block),
+             block * sizeof(float), stream, x, out, n);
 }
 
-void warp_reduce(const float* x, float* out_xor, float* out_down, int n,
-                 cudaStream_t stream) {
-  gam_launch("warp_reduce_kernel", warp_reduce_kernel, dim3(blocks_for(n, 64)),
-             dim3(64), 0, stream, x, out_xor, out_down, n);
+void warp_reduce(const float* x, float* out_xor, float* out_down, int n, cudaStream_t stream) {
+  gam_launch("warp_reduce_kernel", warp_reduce_kernel, dim3(blocks_for(n, 64)), dim3(64), 0, stream,
+             x, out_xor, out_down, n);
 }
 
 void warp_scan(const float* x, float* out, int n, cudaStream_t stream) {
-  gam_launch("warp_scan_kernel", warp_scan_kernel, dim3(blocks_for(n, 96)),
-             dim3(96), 0, stream, x, out, n);
+  gam_launch("warp_scan_kernel", warp_scan_kernel, dim3(blocks_for(n, 96)), dim3(96), 0, stream, x,
+             out, n);
 }
 
 void shfl_types(const float* x, float* out, cudaStream_t stream) {
-  gam_launch("shfl_types_kernel", shfl_types_kernel, dim3(1), dim3(32), 0,
-             stream, x, out);
+  gam_launch("shfl_types_kernel", shfl_types_kernel, dim3(1), dim3(32), 0, stream, x, out);
 }
 
-void warp_vote(const float* x, int* ballot, int* any, int* all, int n,
-               cudaStream_t stream) {
-  gam_launch("warp_vote_kernel", warp_vote_kernel, dim3(blocks_for(n, 64)),
-             dim3(64), 0, stream, x, ballot, any, all, n);
+void warp_vote(const float* x, int* ballot, int* any, int* all, int n, cudaStream_t stream) {
+  gam_launch("warp_vote_kernel", warp_vote_kernel, dim3(blocks_for(n, 64)), dim3(64), 0, stream, x,
+             ballot, any, all, n);
 }
 
-void halo_stencil(const float* x, float* y, int n, int block,
-                  cudaStream_t stream) {
+void halo_stencil(const float* x, float* y, int n, int block, cudaStream_t stream) {
   (void)block;  // fixed by the kernel's tile size
-  gam_launch("halo_kernel", halo_kernel, dim3(blocks_for(n, kHaloBlock)),
-             dim3(kHaloBlock), 0, stream, x, y, n);
+  gam_launch("halo_kernel", halo_kernel, dim3(blocks_for(n, kHaloBlock)), dim3(kHaloBlock), 0,
+             stream, x, y, n);
 }
 
 void atomic_sum(const float* x, float* out, int n, cudaStream_t stream) {
   GAM_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(float), stream));
-  gam_launch("atomic_sum_kernel", atomic_sum_kernel, dim3(blocks_for(n, 128)),
-             dim3(128), 0, stream, x, out, n);
+  gam_launch("atomic_sum_kernel", atomic_sum_kernel, dim3(blocks_for(n, 128)), dim3(128), 0, stream,
+             x, out, n);
 }
 
-void dynamic_reverse(const float* x, float* y, int n, int block,
-                     cudaStream_t stream) {
-  gam_launch("dynamic_reverse_kernel", dynamic_reverse_kernel,
-             dim3(blocks_for(n, block)), dim3(block), block * sizeof(float),
-             stream, x, y, n);
+void dynamic_reverse(const float* x, float* y, int n, int block, cudaStream_t stream) {
+  gam_launch("dynamic_reverse_kernel", dynamic_reverse_kernel, dim3(blocks_for(n, block)),
+             dim3(block), block * sizeof(float), stream, x, y, n);
 }
 
-void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
-               cudaStream_t stream) {
-  gam_launch("odd_block_kernel", odd_block_kernel, dim3(blocks_for(n, block)),
-             dim3(block), 0, stream, x, y, ballots, n);
+void odd_block(const float* x, float* y, unsigned* ballots, int n, int block, cudaStream_t stream) {
+  gam_launch("odd_block_kernel", odd_block_kernel, dim3(blocks_for(n, block)), dim3(block), 0,
+             stream, x, y, ballots, n);
 }
 
 void mma_fragments(const void* a, const void* b, const float* c, float* d, int dtype, int k,
@@ -524,16 +509,15 @@ void mma_fragments(const void* a, const void* b, const float* c, float* d, int d
     gam_launch("mma_fragments_kernel<half,8>", mma_fragments_kernel<__half, 8>, dim3(1), dim3(32),
                0, stream, pa, pb, c, d, misplace);
   } else if (dtype == 0) {
-    gam_launch("mma_fragments_kernel<half,16>", mma_fragments_kernel<__half, 16>, dim3(1),
-               dim3(32), 0, stream, pa, pb, c, d, misplace);
+    gam_launch("mma_fragments_kernel<half,16>", mma_fragments_kernel<__half, 16>, dim3(1), dim3(32),
+               0, stream, pa, pb, c, d, misplace);
   } else {
     gam_launch("mma_fragments_kernel<bf16,16>", mma_fragments_kernel<__nv_bfloat16, 16>, dim3(1),
                dim3(32), 0, stream, pa, pb, c, d, misplace);
   }
 }
 
-void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans,
-                        cudaStream_t stream) {
+void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans, cudaStream_t stream) {
   const auto* p = static_cast<const uint16_t*>(src);
   auto run = [&](auto kernel, const char* name) {
     gam_launch(name, kernel, dim3(1), dim3(32), 0, stream, p, out);
@@ -567,8 +551,7 @@ void cp_async_gemm(const void* a, const void* b, float* c, int k, int stages, in
                    cudaStream_t stream) {
   if (dtype == 0) {
     gam_launch("cp_async_gemm_kernel<half>", cp_async_gemm_kernel<__half>, dim3(1), dim3(128), 0,
-               stream, static_cast<const __half*>(a), static_cast<const __half*>(b), c, k,
-               stages);
+               stream, static_cast<const __half*>(a), static_cast<const __half*>(b), c, k, stages);
   } else {
     gam_launch("cp_async_gemm_kernel<bf16>", cp_async_gemm_kernel<__nv_bfloat16>, dim3(1),
                dim3(128), 0, stream, static_cast<const __nv_bfloat16*>(a),
@@ -587,53 +570,49 @@ void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream
 }
 
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream) {
-  gam_launch("barrier_stress_kernel", barrier_stress_kernel, dim3(blocks),
-             dim3(256), 0, stream, data, rounds);
+  gam_launch("barrier_stress_kernel", barrier_stress_kernel, dim3(blocks), dim3(256), 0, stream,
+             data, rounds);
 }
 
 void fault_oob_global(float* x, int n, cudaStream_t stream) {
-  gam_launch("oob_global_kernel", oob_global_kernel, dim3(blocks_for(n + 1, 64)),
-             dim3(64), 0, stream, x, n);
+  gam_launch("oob_global_kernel", oob_global_kernel, dim3(blocks_for(n + 1, 64)), dim3(64), 0,
+             stream, x, n);
 }
 
 void fault_oob_shared(float* out, cudaStream_t stream) {
-  gam_launch("oob_shared_kernel", oob_shared_kernel, dim3(1), dim3(32), 0,
-             stream, out);
+  gam_launch("oob_shared_kernel", oob_shared_kernel, dim3(1), dim3(32), 0, stream, out);
 }
 
 void fault_uninit_shared(float* out, cudaStream_t stream) {
-  gam_launch("uninit_shared_kernel", uninit_shared_kernel, dim3(1), dim3(64),
-             0, stream, out);
+  gam_launch("uninit_shared_kernel", uninit_shared_kernel, dim3(1), dim3(64), 0, stream, out);
 }
 
 void fault_missing_barrier(float* out, cudaStream_t stream) {
-  gam_launch("missing_barrier_kernel", missing_barrier_kernel, dim3(2),
-             dim3(32), 0, stream, out);
+  gam_launch("missing_barrier_kernel", missing_barrier_kernel, dim3(2), dim3(32), 0, stream, out);
 }
 
 void fault_divergent_barrier(float* out, cudaStream_t stream) {
-  gam_launch("divergent_barrier_kernel", divergent_barrier_kernel, dim3(2),
-             dim3(32), 0, stream, out);
+  gam_launch("divergent_barrier_kernel", divergent_barrier_kernel, dim3(2), dim3(32), 0, stream,
+             out);
 }
 
 void fault_warp_deadlock(float* out, cudaStream_t stream) {
-  gam_launch("warp_deadlock_kernel", warp_deadlock_kernel, dim3(1), dim3(32),
-             0, stream, out);
+  gam_launch("warp_deadlock_kernel", warp_deadlock_kernel, dim3(1), dim3(32), 0, stream, out);
 }
 
 void fault_cp_async_unwaited(const float* x, float* out, cudaStream_t stream) {
-  gam_launch("cp_async_unwaited_kernel", cp_async_unwaited_kernel, dim3(1), dim3(32), 0, stream,
-             x, out);
+  gam_launch("cp_async_unwaited_kernel", cp_async_unwaited_kernel, dim3(1), dim3(32), 0, stream, x,
+             out);
 }
 
 void fault_cp_async_no_barrier(const float* x, float* out, cudaStream_t stream) {
-  gam_launch("cp_async_no_barrier_kernel", cp_async_no_barrier_kernel, dim3(1), dim3(32), 0,
-             stream, x, out);
+  gam_launch("cp_async_no_barrier_kernel", cp_async_no_barrier_kernel, dim3(1), dim3(32), 0, stream,
+             x, out);
 }
 
 void fault_ldmatrix_misaligned(float* out, cudaStream_t stream) {
-  gam_launch("ldmatrix_misaligned_kernel", ldmatrix_misaligned_kernel, dim3(1), dim3(32), 0,
-             stream, out);
+  gam_launch("ldmatrix_misaligned_kernel", ldmatrix_misaligned_kernel, dim3(1), dim3(32), 0, stream,
+             out);
 }
 
 void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream) {
@@ -651,14 +630,13 @@ void fault_mma_exited_lane(float* out, cudaStream_t stream) {
 }
 
 void fault_empty_grid(float* out, cudaStream_t stream) {
-  gam_launch("atomic_sum_kernel", atomic_sum_kernel, dim3(0), dim3(128), 0,
-             stream, static_cast<const float*>(out), out, 0);
+  gam_launch("atomic_sum_kernel", atomic_sum_kernel, dim3(0), dim3(128), 0, stream,
+             static_cast<const float*>(out), out, 0);
 }
 
 void fault_smem_limit(float* out, cudaStream_t stream) {
 #if GAM_IS_EMULATED
-  gam_launch("smem_limit_kernel", smem_limit_kernel, dim3(1), dim3(32), 0,
-             stream, out);
+  gam_launch("smem_limit_kernel", smem_limit_kernel, dim3(1), dim3(32), 0, stream, out);
 #else
   (void)out;
   (void)stream;

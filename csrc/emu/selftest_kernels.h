@@ -9,11 +9,9 @@
 namespace gam_selftest {
 
 // out[b] = sum of x[b*block .. b*block+block) (shared-memory tree).
-void block_reduce(const float* x, float* out, int n, int block,
-                  cudaStream_t stream);
+void block_reduce(const float* x, float* out, int n, int block, cudaStream_t stream);
 // One warp per 32 values: out_xor[w], out_down[w] = warp sums.
-void warp_reduce(const float* x, float* out_xor, float* out_down, int n,
-                 cudaStream_t stream);
+void warp_reduce(const float* x, float* out_xor, float* out_down, int n, cudaStream_t stream);
 // Inclusive scan within each warp with __shfl_up_sync.
 void warp_scan(const float* x, float* out, int n, cudaStream_t stream);
 // Shuffles of other payload types within one warp of 32 lanes; out is 5x32:
@@ -21,19 +19,15 @@ void warp_scan(const float* x, float* out, int n, cudaStream_t stream);
 // __nv_bfloat16 up 2 (each converted back to float).
 void shfl_types(const float* x, float* out, cudaStream_t stream);
 // Per warp of 32 inputs: ballot of x > 0, any, all (as int32).
-void warp_vote(const float* x, int* ballot, int* any, int* all, int n,
-               cudaStream_t stream);
+void warp_vote(const float* x, int* ballot, int* any, int* all, int n, cudaStream_t stream);
 // y[i] = x[i-1] + x[i] + x[i+1] (zero outside), tile + halo in shared.
-void halo_stencil(const float* x, float* y, int n, int block,
-                  cudaStream_t stream);
+void halo_stencil(const float* x, float* y, int n, int block, cudaStream_t stream);
 // *out += sum(x) with one atomicAdd per thread.
 void atomic_sum(const float* x, float* out, int n, cudaStream_t stream);
 // Reverses each block-sized chunk through dynamic shared memory.
-void dynamic_reverse(const float* x, float* y, int n, int block,
-                     cudaStream_t stream);
+void dynamic_reverse(const float* x, float* y, int n, int block, cudaStream_t stream);
 // Partial warps: y[i] = 2 x[i] + block sum; ballots[w] = active-lane ballot.
-void odd_block(const float* x, float* y, unsigned* ballots, int n, int block,
-               cudaStream_t stream);
+void odd_block(const float* x, float* y, unsigned* ballots, int n, int block, cudaStream_t stream);
 // Warp-level matrix primitives (csrc/cuda/warp_mma.cuh). a, b point at 16-bit elements;
 // dtype 0 half, 1 bf16.
 // d (16x8) = a (16xk) b (kx8) + c, all row major, fragments loaded and stored by the PTX
@@ -42,8 +36,7 @@ void mma_fragments(const void* a, const void* b, const float* c, float* d, int d
                    bool misplace, cudaStream_t stream);
 // The registers each lane gets from ldmatrix .x{num}{.trans} of the num 8x8 matrices in src:
 // out[lane * num + j].
-void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans,
-                        cudaStream_t stream);
+void ldmatrix_fragments(const void* src, unsigned* out, int num, bool trans, cudaStream_t stream);
 // d (16x8) = a (16x16) b (16x8) with ldmatrix loads; b_mode 0..3: b stored n-major (.x2),
 // k-major (.x2.trans), n-major (2 x .x1), k-major (2 x .x1.trans); b points at that storage.
 void ldmatrix_mma(const void* a, const void* b, float* d, int dtype, int b_mode,

@@ -109,8 +109,8 @@ enum class WarpOpKind : uint32_t {
 // A warp collective: blocks the calling lane until every non-exited lane of
 // `mask` has called the same collective with the same mask, then returns the
 // lane's result. Payloads are bit patterns of up to 8 bytes.
-uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
-                 int width, const char* what, const char* file, int line);
+uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg, int width,
+                 const char* what, const char* file, int line);
 
 // A warp-collective exchange (the warp-level matrix instructions of warp_matrix.h): every lane
 // passes a pointer to its own record; when all 32 lanes of the warp wait in the same exchange
@@ -118,8 +118,7 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg,
 // may read and write all of them; then every lane returns. Like the .sync.aligned instructions
 // it models, all 32 lanes must take part: a lane that has exited (or a partial warp) is a fault.
 using ExchangeFn = void (*)(void* const* records);
-void warp_exchange(void* record, ExchangeFn resolve, const char* what,
-                   const char* file, int line);
+void warp_exchange(void* record, ExchangeFn resolve, const char* what, const char* file, int line);
 
 // Whether [p, p + bytes) lies inside one shared-memory array of the running block (dynamic
 // shared memory or a GAM_SHARED array).
@@ -128,8 +127,8 @@ bool in_shared(const void* p, size_t bytes);
 // cp.async of the calling thread (warp_matrix.h): the copy of `bytes` bytes (the first
 // src_bytes read from src, the rest zero-filled) is recorded in the thread's open group and its
 // destination filled with 0xFF bytes at once; it lands when a cp_async_wait retires its group.
-void cp_async(void* dst, const void* src, int bytes, int src_bytes,
-              const char* what, const char* file, int line);
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* what,
+              const char* file, int line);
 // Closes the open group (possibly empty).
 void cp_async_commit();
 // Completes the oldest committed groups of the calling thread until at most `pending` remain.
@@ -150,8 +149,8 @@ int current_warp();
 
 // Shared memory of the running block. shared_array returns the same pointer
 // to every thread calling it with the same site key.
-void* shared_array(const void* site, size_t bytes, size_t align,
-                   const char* name, const char* file, int line);
+void* shared_array(const void* site, size_t bytes, size_t align, const char* name, const char* file,
+                   int line);
 void* dynamic_shared();
 
 // Aborts the running kernel (from inside a kernel) or throws (outside one).
@@ -193,10 +192,9 @@ using shared_ptr_t = T*;  // lets GAM_SHARED take array types (float[33])
 namespace rt {
 
 cudaError_t memset_async(void* ptr, int value, size_t count, cudaStream_t stream);
-cudaError_t memcpy_async(void* dst, const void* src, size_t count,
-                         cudaMemcpyKind kind, cudaStream_t stream);
-cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr,
-                               int value);
+cudaError_t memcpy_async(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
+                         cudaStream_t stream);
+cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
 const char* get_error_string(cudaError_t error);
 inline cudaError_t stream_synchronize(cudaStream_t) { return cudaSuccess; }
 
@@ -207,16 +205,14 @@ inline cudaError_t stream_synchronize(cudaStream_t) { return cudaSuccess; }
 // these macros send kernel-side and launcher-side uses to the host versions.
 #define cudaMemsetAsync(...) ::gam_emu::rt::memset_async(__VA_ARGS__)
 #define cudaMemcpyAsync(...) ::gam_emu::rt::memcpy_async(__VA_ARGS__)
-#define cudaFuncSetAttribute(func, attr, value)                              \
-  ::gam_emu::rt::func_set_attribute(reinterpret_cast<const void*>(func), \
-                                    (attr), (value))
+#define cudaFuncSetAttribute(func, attr, value) \
+  ::gam_emu::rt::func_set_attribute(reinterpret_cast<const void*>(func), (attr), (value))
 #define cudaGetErrorString(e) ::gam_emu::rt::get_error_string(e)
 #define cudaStreamSynchronize(stream) ::gam_emu::rt::stream_synchronize(stream)
 
 // ---------------------------------------------------------------------------
 // Built-in variables (read-only, like on the device).
-#define threadIdx \
-  (static_cast<const uint3&>(::gam_emu::t_builtins.thread_idx))
+#define threadIdx (static_cast<const uint3&>(::gam_emu::t_builtins.thread_idx))
 #define blockIdx (static_cast<const uint3&>(::gam_emu::t_builtins.block_idx))
 #define blockDim (static_cast<const dim3&>(::gam_emu::t_builtins.block_dim))
 #define gridDim (static_cast<const dim3&>(::gam_emu::t_builtins.grid_dim))
@@ -225,87 +221,67 @@ static constexpr int warpSize = 32;
 // ---------------------------------------------------------------------------
 // Block barriers. File/line of the call site are recorded so that threads
 // waiting at different barriers can be reported.
-inline void __syncthreads(const char* file = __builtin_FILE(),
-                          int line = __builtin_LINE()) {
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::gam_emu::block_barrier(file, line);
 }
 
 // ---------------------------------------------------------------------------
 // Warp collectives.
-inline void __syncwarp(unsigned mask = 0xffffffffu,
-                       const char* file = __builtin_FILE(),
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {
-  ::gam_emu::warp_op(::gam_emu::WarpOpKind::kSyncWarp, mask, 0, 0, 32,
-                     "__syncwarp", file, line);
+  ::gam_emu::warp_op(::gam_emu::WarpOpKind::kSyncWarp, mask, 0, 0, 32, "__syncwarp", file, line);
 }
 
 inline unsigned __activemask() { return ::gam_emu::active_mask(); }
 
 template <typename T>
 inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
-                     const char* file = __builtin_FILE(),
-                     int line = __builtin_LINE()) {
-  return ::gam_emu::from_bits<T>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShfl, mask,
-                         ::gam_emu::to_bits(var), src_lane, width,
-                         "__shfl_sync", file, line));
+                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::gam_emu::from_bits<T>(::gam_emu::warp_op(::gam_emu::WarpOpKind::kShfl, mask,
+                                                    ::gam_emu::to_bits(var), src_lane, width,
+                                                    "__shfl_sync", file, line));
 }
 
 template <typename T>
-inline T __shfl_up_sync(unsigned mask, T var, unsigned delta,
-                        int width = warpSize,
-                        const char* file = __builtin_FILE(),
-                        int line = __builtin_LINE()) {
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return ::gam_emu::from_bits<T>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflUp, mask,
-                         ::gam_emu::to_bits(var), static_cast<int>(delta),
-                         width, "__shfl_up_sync", file, line));
+      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflUp, mask, ::gam_emu::to_bits(var),
+                         static_cast<int>(delta), width, "__shfl_up_sync", file, line));
 }
 
 template <typename T>
-inline T __shfl_down_sync(unsigned mask, T var, unsigned delta,
-                          int width = warpSize,
-                          const char* file = __builtin_FILE(),
-                          int line = __builtin_LINE()) {
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                          const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return ::gam_emu::from_bits<T>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflDown, mask,
-                         ::gam_emu::to_bits(var), static_cast<int>(delta),
-                         width, "__shfl_down_sync", file, line));
+      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflDown, mask, ::gam_emu::to_bits(var),
+                         static_cast<int>(delta), width, "__shfl_down_sync", file, line));
 }
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask,
-                         int width = warpSize,
-                         const char* file = __builtin_FILE(),
-                         int line = __builtin_LINE()) {
-  return ::gam_emu::from_bits<T>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflXor, mask,
-                         ::gam_emu::to_bits(var), lane_mask, width,
-                         "__shfl_xor_sync", file, line));
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
+                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::gam_emu::from_bits<T>(::gam_emu::warp_op(::gam_emu::WarpOpKind::kShflXor, mask,
+                                                    ::gam_emu::to_bits(var), lane_mask, width,
+                                                    "__shfl_xor_sync", file, line));
 }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate,
-                              const char* file = __builtin_FILE(),
+inline unsigned __ballot_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
-  return static_cast<unsigned>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kBallot, mask, predicate != 0,
-                         0, 32, "__ballot_sync", file, line));
+  return static_cast<unsigned>(::gam_emu::warp_op(
+      ::gam_emu::WarpOpKind::kBallot, mask, predicate != 0, 0, 32, "__ballot_sync", file, line));
 }
 
-inline int __any_sync(unsigned mask, int predicate,
-                      const char* file = __builtin_FILE(),
+inline int __any_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
                       int line = __builtin_LINE()) {
-  return static_cast<int>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kAny, mask, predicate != 0, 0,
-                         32, "__any_sync", file, line));
+  return static_cast<int>(::gam_emu::warp_op(::gam_emu::WarpOpKind::kAny, mask, predicate != 0, 0,
+                                             32, "__any_sync", file, line));
 }
 
-inline int __all_sync(unsigned mask, int predicate,
-                      const char* file = __builtin_FILE(),
+inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
                       int line = __builtin_LINE()) {
-  return static_cast<int>(
-      ::gam_emu::warp_op(::gam_emu::WarpOpKind::kAll, mask, predicate != 0, 0,
-                         32, "__all_sync", file, line));
+  return static_cast<int>(::gam_emu::warp_op(::gam_emu::WarpOpKind::kAll, mask, predicate != 0, 0,
+                                             32, "__all_sync", file, line));
 }
 
 inline void __trap() { ::gam_emu::trap("__trap() called"); }
@@ -316,36 +292,30 @@ inline void __trap() { ::gam_emu::trap("__trap() called"); }
 // The static local is a per-site (and per template instantiation) key, so all
 // threads of a block get the same array. static_assert keeps `count` a
 // compile-time constant, as nvcc requires.
-#define GAM_SHARED(type, name, count)                                      \
-  static_assert((count) > 0,                                               \
-                "GAM_SHARED(" #name                                        \
-                "): count must be a positive compile-time constant");      \
-  static char gam_shared_site_##name;                                      \
-  ::gam_emu::shared_ptr_t<type> const name =                               \
-      static_cast<::gam_emu::shared_ptr_t<type>>(::gam_emu::shared_array(  \
-          &gam_shared_site_##name, sizeof(type) * static_cast<size_t>(count), \
-          alignof(type), #name, __FILE__, __LINE__))
+#define GAM_SHARED(type, name, count)                                                             \
+  static_assert((count) > 0,                                                                      \
+                "GAM_SHARED(" #name "): count must be a positive compile-time constant");         \
+  static char gam_shared_site_##name;                                                             \
+  ::gam_emu::shared_ptr_t<type> const name = static_cast<::gam_emu::shared_ptr_t<type>>(          \
+      ::gam_emu::shared_array(&gam_shared_site_##name, sizeof(type) * static_cast<size_t>(count), \
+                              alignof(type), #name, __FILE__, __LINE__))
 
-#define GAM_DYNAMIC_SHARED(type, name) \
-  type* name = static_cast<type*>(::gam_emu::dynamic_shared())
+#define GAM_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::gam_emu::dynamic_shared())
 
 // ---------------------------------------------------------------------------
 // Launch. Arguments are converted to the kernel's parameter types once (as a
 // real launch copies them into the parameter buffer); each thread then gets
 // its own by-value copy.
 template <typename... KArgs, typename... Args>
-inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...),
-                       dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-                       cudaStream_t /*stream*/, Args&&... args) {
+inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                       size_t dynamic_smem_bytes, cudaStream_t /*stream*/, Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args),
                 "gam_launch: wrong number of kernel arguments");
   std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
   auto body = [&]() { std::apply(kernel, params); };
   ::gam_emu::LaunchSpec spec{kernel_name, grid, block, dynamic_smem_bytes,
                              reinterpret_cast<const void*>(kernel)};
-  ::gam_emu::launch(
-      spec, [](void* closure) { (*static_cast<decltype(body)*>(closure))(); },
-      &body);
+  ::gam_emu::launch(spec, [](void* closure) { (*static_cast<decltype(body)*>(closure))(); }, &body);
 }
 
 #include "emu/intrinsics.h"

@@ -2,12 +2,12 @@
 // mma.sync m16n8k16 / m16n8k8 and cp.async, as the kernels reach them through
 // csrc/cuda/warp_mma.cuh.
 //
-// Emulation model: every lane holds exactly the registers it holds on the GPU, in the per-lane fragment layouts of the PTX ISA ("Matrix Fragments for
-// mma.m16n8k16 / m16n8k8", "ldmatrix"). The instructions are warp collectives
-// (gam_emu::warp_exchange): when all 32 lanes have arrived, the whole-warp operation is computed
-// from the lanes' registers and each lane gets its own result registers back. So a kernel that
-// puts one fragment element in the wrong register, or the wrong row address in one lane, gets a
-// wrong product, as on the GPU.
+// Emulation model: every lane holds exactly the registers it holds on the GPU, in the per-lane
+// fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 / m16n8k8", "ldmatrix"). The
+// instructions are warp collectives (gam_emu::warp_exchange): when all 32 lanes have arrived, the
+// whole-warp operation is computed from the lanes' registers and each lane gets its own result
+// registers back. So a kernel that puts one fragment element in the wrong register, or the wrong
+// row address in one lane, gets a wrong product, as on the GPU.
 //
 //   groupID = lane >> 2, tig (threadID_in_group) = lane % 4;
 //   mma m16n8k16, .f16/.bf16, f32 accumulate (row.col):
@@ -71,14 +71,14 @@ inline void resolve_ldmatrix(void* const* records) {
       char msg[200];
       if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
         std::snprintf(msg, sizeof(msg),
-                      "ldmatrix.x%d: lane %d gives row address %p, not 16-byte aligned", N,
-                      lane, p);
+                      "ldmatrix.x%d: lane %d gives row address %p, not 16-byte aligned", N, lane,
+                      p);
         trap(msg);
       }
       if (!in_shared(p, 16)) {
         std::snprintf(msg, sizeof(msg),
-                      "ldmatrix.x%d: lane %d gives row address %p, not in shared memory", N,
-                      lane, p);
+                      "ldmatrix.x%d: lane %d gives row address %p, not in shared memory", N, lane,
+                      p);
         trap(msg);
       }
       std::memcpy(m[j][r], p, 16);
@@ -159,8 +159,8 @@ inline void mma(float (&d)[4], const uint32_t (&a)[K / 4], const uint32_t (&b)[K
   std::memcpy(rec.a, a, sizeof(rec.a));
   std::memcpy(rec.b, b, sizeof(rec.b));
   std::memcpy(rec.c, c, sizeof(rec.c));
-  const char* what = K == 16 ? (kBf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16")
-                             : "mma.m16n8k8.f16";
+  const char* what =
+      K == 16 ? (kBf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16") : "mma.m16n8k8.f16";
   warp_exchange(&rec, &mat::resolve_mma<K, kBf16>, what, file, line);
   std::memcpy(d, rec.d, sizeof(rec.d));
 }
