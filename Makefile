@@ -16,13 +16,17 @@ endif
 
 EXTENSION_SOURCES := setup.py $(shell find csrc -type f -not -path 'csrc/emu/*')
 
-.PHONY: help setup build train test lint clean
+PY_SOURCES := gam_ext python_tests benchmarks examples scripts csrc/emu setup.py
+CXX_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+
+.PHONY: help setup build train test lint format clean
 
 help:
 	@echo "make train   train the example GAM language model on the offline default corpus"
 	@echo "make test    run the whole test suite (lint, unit, kernel, emulated CUDA kernels)"
 	@echo "make build   set up .venv and build the extension gam_ext._C in place"
-	@echo "make lint    ruff over the Python code"
+	@echo "make lint    ruff (lint, format check) over the Python code, clang-format check over csrc"
+	@echo "make format  rewrite the Python and C++/CUDA sources in the project's format"
 	@echo "make clean   remove build outputs (keeps .venv)"
 
 $(STAMPS)/venv: requirements-dev.txt
@@ -45,7 +49,14 @@ train: build
 	$(PY) examples/train.py
 
 lint: $(STAMPS)/venv
-	$(PY) -m ruff check gam_ext python_tests benchmarks examples scripts csrc/emu setup.py
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(STAMPS)/venv
+	$(PY) -m ruff check --fix-only -q $(PY_SOURCES)
+	$(PY) -m ruff format $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 test: build lint
 	$(PY) -m pytest python_tests -m "not emulated"
