@@ -114,6 +114,13 @@ inline bool aligned16(const void* p) { return aligned(p, 16); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grid of a grid-stride elementwise kernel: enough blocks to fill any current GPU several times
+// over (at most 8192, at least 1); the kernel's loop strides past the rest.
+inline dim3 grid_stride_grid(int64_t work_items, int threads) {
+  const int64_t blocks = ceil_div(work_items, threads);
+  return dim3(static_cast<unsigned>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192));
+}
+
 // Static switch: calls f(std::integral_constant<int, V>{}) for the first V of Vs with pick(V)
 // true, or fallback() when there is none. Turns a run-time value (a kernel width, a column slice)
 // into a template argument without a hand-written ladder of cases.

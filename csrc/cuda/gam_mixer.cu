@@ -110,11 +110,6 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
   if (lane == 0) delta[row] = s;
 }
 
-inline dim3 epilogue_grid(int64_t work_items) {
-  const int64_t blocks = ceil_div(work_items, kEpilogueThreads);
-  return dim3(static_cast<unsigned>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192));
-}
-
 }  // namespace
 
 void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream) {
@@ -127,8 +122,8 @@ void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream
     auto launch = [&](auto vtag) {
       constexpr int VEC = decltype(vtag)::value;
       gam_launch("gam_mixer_epilogue", mixer_epilogue_kernel<T, VEC>,
-                 epilogue_grid(p.rows * (p.dim / VEC)), dim3(kEpilogueThreads), 0, stream,
-                 static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
+                 grid_stride_grid(p.rows * (p.dim / VEC), kEpilogueThreads), dim3(kEpilogueThreads),
+                 0, stream, static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
                  static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
                  static_cast<T*>(p.out), p.rows, p.seqlen, p.dim, p.kwidth);
     };

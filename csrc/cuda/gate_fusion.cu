@@ -66,12 +66,6 @@ __global__ void __launch_bounds__(kGateThreads)
   }
 }
 
-// Enough blocks to fill any current GPU several times over; the loop strides past the rest.
-inline dim3 gate_grid(int64_t work_items) {
-  const int64_t blocks = ceil_div(work_items, kGateThreads);
-  return dim3(static_cast<unsigned>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192));
-}
-
 }  // namespace
 
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream) {
@@ -86,11 +80,13 @@ void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream) {
     const auto* z = static_cast<const T*>(p.gate_logits);
     auto* o = static_cast<T*>(p.out);
     if (vec) {
-      gam_launch("gate_fwd_vec", gate_fwd_kernel<T, V>, gate_grid(p.rows * p.dim / V),
-                 dim3(kGateThreads), 0, stream, l, g, z, o, p.rows, p.dim);
+      gam_launch("gate_fwd_vec", gate_fwd_kernel<T, V>,
+                 grid_stride_grid(p.rows * p.dim / V, kGateThreads), dim3(kGateThreads), 0, stream,
+                 l, g, z, o, p.rows, p.dim);
     } else {
-      gam_launch("gate_fwd_scalar", gate_fwd_kernel<T, 1>, gate_grid(p.rows * p.dim),
-                 dim3(kGateThreads), 0, stream, l, g, z, o, p.rows, p.dim);
+      gam_launch("gate_fwd_scalar", gate_fwd_kernel<T, 1>,
+                 grid_stride_grid(p.rows * p.dim, kGateThreads), dim3(kGateThreads), 0, stream, l,
+                 g, z, o, p.rows, p.dim);
     }
   });
 }
@@ -111,11 +107,13 @@ void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream) {
     auto* dg = static_cast<T*>(p.dglobal_ctx);
     auto* dz = static_cast<T*>(p.dgate_logits);
     if (vec) {
-      gam_launch("gate_bwd_vec", gate_bwd_kernel<T, V>, gate_grid(p.rows * p.dim / V),
-                 dim3(kGateThreads), 0, stream, df, l, g, z, dl, dg, dz, p.rows, p.dim);
+      gam_launch("gate_bwd_vec", gate_bwd_kernel<T, V>,
+                 grid_stride_grid(p.rows * p.dim / V, kGateThreads), dim3(kGateThreads), 0, stream,
+                 df, l, g, z, dl, dg, dz, p.rows, p.dim);
     } else {
-      gam_launch("gate_bwd_scalar", gate_bwd_kernel<T, 1>, gate_grid(p.rows * p.dim),
-                 dim3(kGateThreads), 0, stream, df, l, g, z, dl, dg, dz, p.rows, p.dim);
+      gam_launch("gate_bwd_scalar", gate_bwd_kernel<T, 1>,
+                 grid_stride_grid(p.rows * p.dim, kGateThreads), dim3(kGateThreads), 0, stream, df,
+                 l, g, z, dl, dg, dz, p.rows, p.dim);
     }
   });
 }
