@@ -51,12 +51,14 @@ train: build
 lint: $(STAMPS)/venv
 	$(PY) -m ruff check $(PY_SOURCES)
 	$(PY) -m ruff format --check $(PY_SOURCES)
-	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+	@echo "$(VENV)/bin/clang-format --dry-run --Werror <the C++/CUDA sources under csrc>"
+	@$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 format: $(STAMPS)/venv
 	$(PY) -m ruff check --fix-only -q $(PY_SOURCES)
 	$(PY) -m ruff format $(PY_SOURCES)
-	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
+	@echo "$(VENV)/bin/clang-format -i <the C++/CUDA sources under csrc>"
+	@$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 test: build lint
 	$(PY) -m pytest python_tests -m "not emulated"
