@@ -456,12 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    if args.device == "cpu":
-        # torch.profiler (the CPU peak-memory measurement) logs Kineto lines a CPU run does not
-        # need. An explicit KINETO_LOG_LEVEL wins.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     models: dict[str, nn.Module] = {}

@@ -277,6 +277,9 @@ def peak_memory(fn, inputs, grad, mode, device):
         return peak
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto logs a "USDT profiler_start/stop" line at every profile and, without a GPU, an error
+    # about the device count; this measurement needs neither. An explicit KINETO_LOG_LEVEL wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn(*inputs)
         if mode != "fwd":
@@ -385,11 +388,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cpu":
-        # torch.profiler (the CPU peak-memory measurement) logs a Kineto "USDT profiler_start/stop"
-        # line at every call, and on a machine without a GPU an error about the device count.
-        # An explicit KINETO_LOG_LEVEL wins.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device

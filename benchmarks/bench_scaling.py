@@ -599,10 +599,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    if args.device == "cpu":
-        # torch.profiler (the CPU peak-memory measurement) logs a Kineto "USDT profiler_start/stop"
-        # line at every call. An explicit KINETO_LOG_LEVEL wins.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
