@@ -270,37 +270,16 @@ def test_fsdp_resume_is_exact_and_exports_the_whole_model(corpus: Path, tmp_path
         assert torch.equal(state[key], value), key
 
 
+# A two-layer GAM on the associative-recall task, small enough for a few FSDP steps on one CPU.
+FSDP_RECALL = (
+    "--dataset recall --recall-pairs 2 --recall-keys 4 --recall-values 4 --recall-train 64 "
+    "--recall-val 16 --d-model 8 --n-layer 2 --memory-slots 4 --batch-size 16 --max-steps 4 "
+    "--eval-interval 2 --threads 1 --dropout 0"
+).split()
+
+
 def test_fsdp_in_one_process_matches_the_plain_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    recall = [
-        "--dataset",
-        "recall",
-        "--recall-pairs",
-        "2",
-        "--recall-keys",
-        "4",
-        "--recall-values",
-        "4",
-        "--recall-train",
-        "64",
-        "--recall-val",
-        "16",
-        "--d-model",
-        "8",
-        "--n-layer",
-        "2",
-        "--memory-slots",
-        "4",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "2",
-        "--threads",
-        "1",
-        "--dropout",
-        "0",
-    ]
+    recall = FSDP_RECALL
     assert train.main([*recall, "--out-dir", str(tmp_path / "plain")]) == 0
     assert train.main([*recall, "--out-dir", str(tmp_path / "fsdp"), "--fsdp"]) == 0
     assert "memory: FSDP2 over 1 process(es) (cpu)" in capsys.readouterr().out
@@ -408,38 +387,7 @@ def test_train_exports_with_save_pretrained(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow
 def test_fsdp_activation_checkpointing_and_compile_compose(tmp_path: Path) -> None:
-    recall = [
-        "--dataset",
-        "recall",
-        "--recall-pairs",
-        "2",
-        "--recall-keys",
-        "4",
-        "--recall-values",
-        "4",
-        "--recall-train",
-        "64",
-        "--recall-val",
-        "16",
-        "--d-model",
-        "8",
-        "--n-layer",
-        "2",
-        "--memory-slots",
-        "4",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        "4",
-        "--eval-interval",
-        "2",
-        "--threads",
-        "1",
-        "--dropout",
-        "0",
-        "--sample-tokens",
-        "0",
-    ]
+    recall = [*FSDP_RECALL, "--sample-tokens", "0"]
     assert train.main([*recall, "--out-dir", str(tmp_path / "eager")]) == 0
     torch._dynamo.reset()
     assert (
