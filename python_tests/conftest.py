@@ -31,3 +31,24 @@ def reference_backend():
     previous = gam_ext.set_backend("reference")
     yield
     gam_ext.set_backend(previous)
+
+
+@pytest.fixture
+def isa_build_outputs(tmp_path):
+    """Runs a script under the CPU kernels' AVX2+FMA build and under their baseline-ISA build
+    (GAM_EXT_CPU_BASELINE=1), each in a fresh process; the script saves a list of tensors to the
+    path in sys.argv[1]. Returns the two lists, AVX2 first."""
+    import subprocess
+
+    def run(script: str) -> list[list[torch.Tensor]]:
+        results = []
+        for baseline in (False, True):
+            env = {k: v for k, v in os.environ.items() if k != "GAM_EXT_CPU_BASELINE"}
+            if baseline:
+                env["GAM_EXT_CPU_BASELINE"] = "1"
+            path = tmp_path / f"out{int(baseline)}.pt"
+            subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
+            results.append(torch.load(path))
+        return results
+
+    return run

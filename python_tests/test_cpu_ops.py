@@ -11,10 +11,6 @@ inputs; empty batches; fp32 parameters with half activations.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from tolerances import TOL
@@ -572,16 +568,8 @@ torch.save([t.detach().float() for t in outs], sys.argv[1])
 """
 
 
-def test_baseline_and_avx2_builds_agree(tmp_path):
+def test_baseline_and_avx2_builds_agree(isa_build_outputs):
     """The exp loops have a baseline-ISA and an AVX2+FMA build; both must give the same math."""
-    results = []
-    for baseline in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "GAM_EXT_CPU_BASELINE"}
-        if baseline:
-            env["GAM_EXT_CPU_BASELINE"] = "1"
-        path = tmp_path / f"out{int(baseline)}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
-        results.append(torch.load(path))
-    for a, b in zip(*results, strict=True):
+    for a, b in zip(*isa_build_outputs(_ISA_SCRIPT), strict=True):
         # FMA contraction changes roundings only; bf16 outputs may differ by one bf16 ulp.
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)

@@ -9,10 +9,6 @@ state must come out exactly as the reference leaves it (it only copies rows).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from tolerances import TOL
@@ -324,16 +320,8 @@ torch.save([t.float() for t in outs], sys.argv[1])
 """
 
 
-def test_baseline_and_avx2_builds_agree(tmp_path):
-    results = []
-    for baseline in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "GAM_EXT_CPU_BASELINE"}
-        if baseline:
-            env["GAM_EXT_CPU_BASELINE"] = "1"
-        path = tmp_path / f"out{int(baseline)}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
-        results.append(torch.load(path))
-    for a, b in zip(*results, strict=True):
+def test_baseline_and_avx2_builds_agree(isa_build_outputs):
+    for a, b in zip(*isa_build_outputs(_ISA_SCRIPT), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
 
 
