@@ -17,6 +17,9 @@ Providers:
             on both sides (permute + conv + slice), matmul-softmax-matmul, two sigmoid gates
   compile   torch.compile of that eager formulation (default inductor backend)
   sdpa      (cuda only, retrieval only) F.scaled_dot_product_attention with the bank as K and V
+  gam_fp32_tiles (cpu, bfloat16, retrieval and mixer) gam_ext with GAM_EXT_CPU_BF16_GEMM=fp32: the
+            CPU kernels' fp32 tiles instead of the bf16 products that gam_ext runs on CPUs with bf16
+            matrix units (the same path as gam_ext on other CPUs)
   gam_fused (cuda only, retrieval only) gam_ext with GAM_EXT_RETRIEVAL=fused: the fused
             retrieval kernels (the gam_ext provider runs the default path: on cuda the gemm path,
             cuBLAS products around gam_ext's softmax kernels, for fp16 / bf16; fused for fp32)
@@ -67,7 +70,16 @@ import gam_ext  # noqa: E402
 
 OPS = ("conv", "retrieval", "gate", "mixer")
 MODES = ("fwd", "bwd", "fwdbwd")
-PROVIDERS = ("gam_ext", "gam_fused_mixer", "gam_unfused", "eager", "compile", "sdpa", "gam_fused")
+PROVIDERS = (
+    "gam_ext",
+    "gam_fused_mixer",
+    "gam_unfused",
+    "gam_fp32_tiles",
+    "eager",
+    "compile",
+    "sdpa",
+    "gam_fused",
+)
 # Providers that only exist for some ops (on some devices).
 MIXER_PROVIDERS = ("gam_fused_mixer", "gam_unfused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,14 +122,22 @@ def gam_retrieval(h, memory):
     return gam_ext.memory_retrieval(h, memory)
 
 
-def set_retrieval_path(provider, original):
-    """GAM_EXT_RETRIEVAL (read by the extension on every call) for a provider's runs: fused for
-    gam_fused, else what the environment said when the benchmark started."""
-    value = "fused" if provider == "gam_fused" else original
-    if value is None:
-        os.environ.pop("GAM_EXT_RETRIEVAL", None)
-    else:
-        os.environ["GAM_EXT_RETRIEVAL"] = value
+# Environment variables the extension reads on every call, and the values some providers force.
+PROVIDER_ENV = ("GAM_EXT_RETRIEVAL", "GAM_EXT_CPU_BF16_GEMM")
+FORCED_ENV = {
+    "gam_fused": {"GAM_EXT_RETRIEVAL": "fused"},
+    "gam_fp32_tiles": {"GAM_EXT_CPU_BF16_GEMM": "fp32"},
+}
+
+
+def set_provider_env(provider, originals):
+    """PROVIDER_ENV for a provider's runs: its FORCED_ENV values, the others as the environment
+    said when the benchmark started (originals; None: unset)."""
+    for name, value in {**originals, **FORCED_ENV.get(provider, {})}.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
@@ -158,6 +178,8 @@ FUNCS = {
     ("mixer", "gam_unfused"): gam_mixer_unfused,
     ("retrieval", "sdpa"): sdpa_retrieval,
     ("retrieval", "gam_fused"): gam_retrieval,
+    ("retrieval", "gam_fp32_tiles"): gam_retrieval,
+    ("mixer", "gam_fp32_tiles"): gam_mixer,
 }
 
 
@@ -357,8 +379,8 @@ def parse_args(argv=None):
         nargs="+",
         choices=PROVIDERS,
         default=None,
-        help="default: gam_ext gam_unfused eager compile (+ gam_fused_mixer sdpa "
-        "gam_fused on cuda); each runs only for the ops it has",
+        help="default: gam_ext gam_unfused eager compile (+ gam_fp32_tiles on cpu, gam_fused_mixer "
+        "sdpa gam_fused on cuda); each runs only for the ops and dtypes it has",
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -379,7 +401,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.providers is None:
         args.providers = ["gam_ext", "gam_unfused", "eager", "compile"] + (
-            ["gam_fused_mixer", "sdpa", "gam_fused"] if args.device == "cuda" else []
+            ["gam_fused_mixer", "sdpa", "gam_fused"] if args.device == "cuda" else ["gam_fp32_tiles"]
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
@@ -398,7 +420,7 @@ def main(argv=None):
     print(f"# {machine_description(device)}; fp32 GEMM {rate:.1f} GFLOP/s; gam_ext ops: {info}", flush=True)
 
     rows = []
-    original_path = os.environ.get("GAM_EXT_RETRIEVAL")
+    originals = {name: os.environ.get(name) for name in PROVIDER_ENV}
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         for n in args.seqlen:
@@ -410,7 +432,11 @@ def main(argv=None):
                         continue
                     if provider in MIXER_PROVIDERS and op != "mixer":
                         continue
-                    set_retrieval_path(provider, original_path)
+                    if provider == "gam_fp32_tiles" and (
+                        device != "cpu" or dtype != torch.bfloat16 or op not in ("retrieval", "mixer")
+                    ):
+                        continue
+                    set_provider_env(provider, originals)
                     if provider == "compile":
                         fn = compiled.setdefault(op, torch.compile(FUNCS[(op, "eager")]))
                     else:
@@ -451,7 +477,7 @@ def main(argv=None):
                             flush=True,
                         )
                     del inputs
-    set_retrieval_path("gam_ext", original_path)
+    set_provider_env("gam_ext", originals)
     for row in rows:
         base = next(
             (
@@ -542,6 +568,12 @@ def write_results(args, rows, rate, load, info):
         f"- gam_ext ops on {args.device}: {info}",
         f"- fp32 GEMM rate measured in this run: {rate:.1f} GFLOP/s",
     ]
+    if args.device == "cpu":
+        lines.append(
+            f"- bfloat16 products of the CPU kernels (gam_ext): {gam_ext.backend_info()['cpu_bf16_gemm']}"
+            " ('bf16': the CPU's bf16 matrix units through torch's oneDNN micro-kernel; 'fp32': "
+            "fp32 tiles)"
+        )
     if load is not None:
         lines.append(
             f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "

@@ -7,6 +7,8 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/cpu_ops.h"
+
 #ifdef GAM_EXT_WITH_CUDA
 namespace gam {
 namespace cuda {
@@ -63,6 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("cpu_bf16_gemm", &gam::cpu::bf16_gemm_path,
+        "how the CPU kernels run the products of bfloat16 inputs now: 'bf16' (oneDNN micro-kernel "
+        "on the CPU's bf16 matrix units) or 'fp32' (fp32 tiles)");
 #ifdef GAM_EXT_WITH_CUDA
   m.def("cuda_retrieval_path", &gam::cuda::retrieval_path,
         "(path, forward, backward): the retrieval kernels the current CUDA device runs for "

@@ -154,7 +154,13 @@ def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         if not use_kernel("memory_retrieval", device, dtype):
             path[device] = "reference"
         elif device == "cpu":
-            path[device] = "kernel: fp32 GEMM tiles and an online softmax (csrc/cpu)"
+            bf16_products = dtype == torch.bfloat16 and _extension.cpu_bf16_gemm() == "bf16"
+            tiles = (
+                "bf16 GEMM tiles on the CPU's bf16 matrix units (oneDNN micro-kernel)"
+                if bf16_products
+                else "fp32 GEMM tiles"
+            )
+            path[device] = f"kernel: {tiles} and an online softmax (csrc/cpu)"
         elif not torch.cuda.is_available():
             path[device] = "kernel (no CUDA device to size it for)"
         else:
@@ -179,6 +185,10 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
 
     ``"mixer"`` says, per device, whether gam_mixer runs ``"fused"`` (one op), ``"unfused"``
     (three kernels and a gate linear) or ``"reference"``.
+
+    ``"cpu_bf16_gemm"`` says how the CPU kernels run the products of bfloat16 inputs: ``"bf16"``
+    (the CPU's bf16 matrix units, through torch's oneDNN micro-kernel) or ``"fp32"`` (fp32 tiles);
+    ``None`` without the extension.
 
     ``retrieval=(slots, dim, dtype)`` adds ``"retrieval"``: for each device, which implementation
     of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``, else the
@@ -205,6 +215,10 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         # primitive kernels and a gate linear, or the reference (for the dtypes the device's
         # kernels take: float64 on CUDA always runs the reference).
         "mixer": mixer,
+        # How the CPU retrieval and mixer kernels run the products of bfloat16 inputs: "bf16" on
+        # the CPU's bf16 matrix units (AMX) through torch's oneDNN micro-kernel where torch has one
+        # for the CPU, else "fp32" tiles (GAM_EXT_CPU_BF16_GEMM=fp32 forces them).
+        "cpu_bf16_gemm": None if _extension is None else _extension.cpu_bf16_gemm(),
     }
     if retrieval is not None:
         slots, dim, dtype = retrieval

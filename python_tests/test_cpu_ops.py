@@ -168,6 +168,7 @@ MEM_SHAPES = [
     (2, 131, 12, 45),  # 262 rows: cross the 256-row backward tile
     (1, 37, 8, 515),  # slots cross the 512-slot chunk: online softmax
     (3, 97, 6, 1031),  # both: several tiles and three slot chunks
+    (1, 20, 72, 70),  # D and S across the 64-column panels of the bf16 products
 ]
 
 
@@ -298,6 +299,7 @@ MIXER_SHAPES = [
     (2, 131, 12, 45, 6),  # 262 rows: a second block and tile starting mid-sequence
     (1, 37, 8, 515, 2),  # slots cross the 512-slot chunk: online softmax, two dM chunks
     (3, 97, 6, 1031, 7),  # several tiles and three slot chunks
+    (1, 75, 72, 70, 3),  # D, 2D and S across the 64-column panels of the bf16 products
 ]
 
 
@@ -357,6 +359,61 @@ def test_fused_mixer_matches_unfused(dtype):
     for a, b in zip(fused_grads, unfused_grads, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 products: on the CPU's bf16 matrix units where torch has a micro-kernel, else fp32 tiles
+# --------------------------------------------------------------------------------------------
+
+BF16_UNITS = gam_ext.backend_info()["cpu_bf16_gemm"] == "bf16"
+
+
+@pytest.mark.parametrize("shape", MEM_SHAPES, ids=lambda s: "B{}N{}D{}S{}".format(*s))
+def test_memory_retrieval_bf16_fp32_tiles(shape, monkeypatch):
+    """The fp32-tile path of bf16 inputs (the default on CPUs without bf16 matrix units)."""
+    monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", "fp32")
+    assert gam_ext.backend_info()["cpu_bf16_gemm"] == "fp32"
+    test_memory_retrieval(torch.bfloat16, shape)
+
+
+@pytest.mark.parametrize("shape", MIXER_SHAPES, ids=lambda s: "B{}N{}D{}S{}K{}".format(*s))
+def test_fused_mixer_bf16_fp32_tiles(shape, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", "fp32")
+    test_fused_mixer(torch.bfloat16, shape)
+
+
+@pytest.mark.skipif(not BF16_UNITS, reason="torch has no bf16 micro-kernel for this CPU")
+def test_bf16_products_run_on_the_matrix_units(monkeypatch):
+    """Where torch has the micro-kernel, bf16 inputs use it by default: a path of its own (its
+    operands p, scale * ds, dG and dz are rounded to bf16), within tolerance of the fp32 tiles."""
+    info = gam_ext.backend_info(retrieval=(70, 72, torch.bfloat16))
+    assert "bf16 matrix units" in info["retrieval"]["cpu"], info
+    gen = torch.Generator().manual_seed(21)
+    grad_out = torch.randn(1, 75, 72, generator=gen)
+    h = _rand(1, 75, 72, dtype=torch.bfloat16, gen=gen)
+    m = _rand(70, 72, dtype=torch.bfloat16, scale=0.7, gen=gen)
+    cases = [
+        (gam_ext.memory_retrieval, [h, m]),
+        (_fused_mixer, _mixer_inputs(1, 75, 72, 70, 3, torch.bfloat16, gen)),
+    ]
+    for fn, inputs in cases:
+        units = _fwd_bwd(fn, inputs, grad_out)
+        monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", "fp32")
+        tiles = _fwd_bwd(fn, inputs, grad_out)
+        monkeypatch.delenv("GAM_EXT_CPU_BF16_GEMM")
+        pairs = [(units[0], tiles[0])] + [
+            (a, b) for a, b in zip(units[1], tiles[1], strict=True) if a is not None
+        ]
+        assert not all(torch.equal(a, b) for a, b in pairs), "both settings ran the same path"
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+
+
+def test_bf16_gemm_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", "amx")
+    h = torch.randn(1, 3, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="GAM_EXT_CPU_BF16_GEMM must be auto or fp32"):
+        torch.ops.gam_ext.memory_retrieval_fwd(h, torch.randn(5, 4), 1.0)
 
 
 def test_fused_mixer_saves_lse_gates_and_global():

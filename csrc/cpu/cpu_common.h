@@ -59,8 +59,8 @@ inline void run_best_isa(Args... args) {
   }
 }
 
-// Half types are computed in fp32 (torch's half GEMM is far slower than fp32 on CPUs without native
-// half-precision matrix instructions: docs/design.md, "Half precision on the CPU"), fp64 in fp64.
+// Half types accumulate in fp32 (their products too, except bf16 products on CPUs with bf16 matrix
+// units: bf16_gemm.h and docs/design.md, "Half precision on the CPU"), fp64 in fp64.
 template <typename T>
 struct AccType {
   using type = float;
@@ -76,11 +76,24 @@ inline at::ScalarType acc_scalar_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x rounded to the nearest bf16 (ties to even), NaN kept a quiet NaN: what c10::BFloat16(x)
+// computes, written with integer selects only so that loops over it vectorise (c10's branches on
+// NaN keep them scalar).
+GAM_INLINE at::BFloat16 to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  return at::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), at::BFloat16::from_bits());
+}
+
 // dst[i] = src[i] converted; plain loops so the compiler vectorises them.
 template <typename D, typename S>
 GAM_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
   if constexpr (std::is_same_v<D, S>) {
     std::memcpy(dst, src, sizeof(D) * n);
+  } else if constexpr (std::is_same_v<D, at::BFloat16> && std::is_same_v<S, float>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(static_cast<float>(src[i]));
   }

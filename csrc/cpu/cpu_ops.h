@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace gam::cpu {
@@ -49,5 +50,9 @@ at::Tensor gam_mixer_step(const at::Tensor& h, at::Tensor& conv_state,
                           const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
                           const at::Tensor& memory, const at::Tensor& gate_logits,
                           const std::optional<at::Tensor>& cache_seqlens, double scale);
+
+// How the retrieval and fused-mixer kernels run the products of bfloat16 inputs now (bf16_gemm.h):
+// "bf16" (torch's oneDNN micro-kernel on the CPU's bf16 matrix units) or "fp32" (fp32 tiles).
+std::string bf16_gemm_path();
 
 }  // namespace gam::cpu

@@ -16,14 +16,17 @@
 //   B (parallel over blocks of output rows): dM += (scale ds)^T h + p^T dG and dWg += dz^T h.
 // dM and dWg are summed tile after tile by one GEMM per block of rows, dbg, dw_conv and db_conv
 // per sub-block then added in sub-block order: every reduction has a fixed order that depends on
-// the shape only, so the results are the same on any thread count. Half inputs run in fp32 tiles.
+// the shape only, so the results are the same on any thread count. Half inputs run in fp32 tiles,
+// except bf16 products on a CPU with bf16 matrix units (bf16_gemm.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/retrieval_tiles.h"
@@ -110,21 +113,26 @@ GAM_INLINE void mixer_fwd_rows(const T* h, const acc_t<T>* wt, const acc_t<T>* c
   }
 }
 
+// With mem_packed and wg_packed (bf16 only), the products run on the bf16 micro-kernel
+// (bf16_gemm.h): h straight from the input, the probabilities of each chunk rounded to bf16.
 template <typename T>
-void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg, const acc_t<T>* wt,
-                      const acc_t<T>* conv_bias, const acc_t<T>* gate_bias, T* out, float* lse,
-                      T* z_out, T* g_out, int64_t rows, int64_t n, int64_t d, int64_t s, int64_t k,
-                      acc_t<T> scale) {
+void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
+                      const PackedBothWays* mem_packed, const PackedBothWays* wg_packed,
+                      const acc_t<T>* wt, const acc_t<T>* conv_bias, const acc_t<T>* gate_bias,
+                      T* out, float* lse, T* z_out, T* g_out, int64_t rows, int64_t n, int64_t d,
+                      int64_t s, int64_t k, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // h read, z and G accumulated in place
+  const bool native = mem_packed != nullptr;
   const int64_t sc = std::min(s, kSlotChunk);
   const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
   A* const mem_p = const_cast<A*>(mem);
   A* const wg_p = const_cast<A*>(wg);
   // Per-thread scratch through ATen: h, P M and z tiles (half inputs only), scores, running max
-  // and sum, one conv row.
+  // and sum, one conv row, and the bf16 probabilities (native).
   const int64_t hsize = kDirect ? 0 : kFwdRows * d;
-  const int64_t per_thread = 4 * hsize + kFwdRows * sc + 2 * kFwdRows + d;
+  const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
+  const int64_t per_thread = 4 * hsize + kFwdRows * sc + 2 * kFwdRows + d + psize;
   const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
   A* const scratch_p = scratch.mutable_data_ptr<A>();
@@ -147,19 +155,40 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg, const
       acc = g_out + r0 * d;
       zt = z_out + r0 * 2 * d;
     } else {
-      for (int64_t i = 0; i < t; ++i) convert_row(hbuf + i * d, h + (r0 + i) * d, d);
+      if (!native) {
+        for (int64_t i = 0; i < t; ++i) convert_row(hbuf + i * d, h + (r0 + i) * d, d);
+      }
       hs = hbuf;
       acc = abuf;
       zt = zbuf;
     }
-    const Mat<A> hm{hs, t, d, d}, am{acc, t, d, d};
-    gemm<A>(hm, false, Mat<A>{wg_p, 2 * d, d, d}, true, Mat<A>{zt, t, 2 * d, 2 * d}, A(1), A(0));
-    for (int64_t c0 = 0; c0 < s; c0 += sc) {
-      const int64_t w = std::min(sc, s - c0);
-      const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
-      gemm<A>(hm, false, mc, true, sm, scale, A(0));
-      run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d);
-      gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
+    bool done = false;
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (native) {
+        bf16* const pb = reinterpret_cast<bf16*>(lconv + d);
+        const bf16* hb = h + r0 * d;
+        gemm_bf16(hb, d, t, wg_packed->xt, 0, d, zt, 2 * d, false, 0, 2 * d);
+        for (int64_t c0 = 0; c0 < s; c0 += sc) {
+          const int64_t w = std::min(sc, s - c0);
+          gemm_bf16(hb, d, t, mem_packed->xt, 0, d, sbuf, w, false, c0, c0 + w);
+          run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
+          gemm_bf16(pb, w, t, mem_packed->x, c0, w, acc, d, c0 != 0, 0, d);
+        }
+        release_bf16_gemm();
+        done = true;
+      }
+    }
+    if (!done) {
+      const Mat<A> hm{hs, t, d, d}, am{acc, t, d, d};
+      gemm<A>(hm, false, Mat<A>{wg_p, 2 * d, d, d}, true, Mat<A>{zt, t, 2 * d, 2 * d}, A(1), A(0));
+      for (int64_t c0 = 0; c0 < s; c0 += sc) {
+        const int64_t w = std::min(sc, s - c0);
+        const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
+        gemm<A>(hm, false, mc, true, sm, scale, A(0));
+        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
+                                       static_cast<bf16*>(nullptr));
+        gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
+      }
     }
     run_best_isa<mixer_fwd_rows<T>>(h, wt, conv_bias, gate_bias, zt, acc, lrow, lconv, out, z_out,
                                     g_out, r0, t, n, d, k);
@@ -223,7 +252,7 @@ GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T*
     gate_grads_row<T>(df + r * d, zr, zr + d, g + r * d, lconv, gsr, dlr, dzr, dzr + d, d);
     add_row(dbg, dzr, 2 * d);
     add_row(db, dlr, d);
-    delta[q] = row_dot(gsr, g + r * d, d);
+    delta[q] = row_dot<A>(gsr, g + r * d, d);
     // dw[j] += dL * x[r - (K-1) + j].
     for (int64_t j = std::max<int64_t>(0, k - 1 - pos); j < k; ++j) {
       add_product_row(dw + j * d, dlr, h + (r - (k - 1) + j) * d, d);
@@ -257,13 +286,17 @@ GAM_INLINE void conv_dx_rows(const A* wt, const A* dl, A* dhs, int64_t r0, int64
   }
 }
 
+// With mem_packed and wg_packed (bf16 only), the products run on the bf16 micro-kernel: dz, dG,
+// scale * ds and p rounded to bf16 as their operands.
 template <typename T>
 void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
+                      const PackedBothWays* mem_packed, const PackedBothWays* wg_packed,
                       const acc_t<T>* wt, const acc_t<T>* conv_bias, const float* lse, const T* z,
                       const T* g, T* dh, acc_t<T>* dm, acc_t<T>* dwg, acc_t<T>* dbg, acc_t<T>* dwt,
                       acc_t<T>* dcb, int64_t rows, int64_t n, int64_t d, int64_t s, int64_t k,
                       acc_t<T> scale) {
   using A = acc_t<T>;
+  const bool native = mem_packed != nullptr;
   constexpr bool kDirect = std::is_same_v<T, A>;  // h read and dh accumulated in place
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
   constexpr bool kExactRows = std::is_same_v<A, double>;
@@ -288,6 +321,16 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   A* const delta = pbuf + tile * sc;
   A* const sub_scratch = delta + tile;  // per sub-block: dL (dl_rows x D), a conv row, partials
   const int64_t sub_size = dl_rows * d + d + part_size;
+  // Native only, in bf16: dz (tile x 2D), dG (tile x D) and scale * ds (tile x w) as operands, a
+  // transposed block of rows per thread for dM and dWg, and the tile's h and dG packed.
+  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::Tensor bf16_scratch = at::empty(
+      {native ? 3 * tile * d + tile * sc + slots * kOutRows * tile : 0}, opts.dtype(at::kBFloat16));
+  bf16* const dzb = bf16_scratch.mutable_data_ptr<bf16>();
+  bf16* const gb = dzb + (native ? 2 * tile * d : 0);
+  bf16* const dsb = gb + (native ? tile * d : 0);
+  bf16* const ptb = dsb + (native ? tile * sc : 0);
+  PackedB h_packed, g_packed;
   std::fill(dbg, dbg + 2 * d, A(0));
   std::fill(dwt, dwt + k * d, A(0));
   std::fill(dcb, dcb + d, A(0));
@@ -314,16 +357,44 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
                                               lconv, part, r0, i0, i1, rows, n, d, k);
           conv_dx_rows(wt, dl, dhs, r0, i0, i1, n, d, k);
           // dh += dz Wg (the gate linear's input gradient).
-          gemm<A>(Mat<A>{dzs + i0 * 2 * d, t, 2 * d, 2 * d}, false, Mat<A>{wg_p, 2 * d, d, d},
-                  false, Mat<A>{dhs + i0 * d, t, d, d}, A(1), A(1));
+          if (native) {
+            if constexpr (std::is_same_v<A, float>) {
+              for (int64_t q = i0; q < i1; ++q) {
+                convert_row(dzb + q * 2 * d, dzs + q * 2 * d, 2 * d);
+                convert_row(gb + q * d, gs + q * d, d);
+              }
+              gemm_bf16(dzb + i0 * 2 * d, 2 * d, t, wg_packed->x, 0, 2 * d, dhs + i0 * d, d, true,
+                        0, d);
+            }
+          } else {
+            gemm<A>(Mat<A>{dzs + i0 * 2 * d, t, 2 * d, 2 * d}, false, Mat<A>{wg_p, 2 * d, d, d},
+                    false, Mat<A>{dhs + i0 * d, t, d, d}, A(1), A(1));
+          }
         }
         A* const srows = sbuf + i0 * w;
         A* const prows = pbuf + i0 * w;
-        gemm<A>(Mat<A>{hs + i0 * d, t, d, d}, false, mc, true, Mat<A>{srows, t, w, w}, A(1), A(0));
-        gemm<A>(Mat<A>{gs + i0 * d, t, d, d}, false, mc, true, Mat<A>{prows, t, w, w}, A(1), A(0));
-        run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
-        gemm<A>(Mat<A>{srows, t, w, w}, false, mc, false, Mat<A>{dhs + i0 * d, t, d, d}, A(1),
-                A(1));
+        bool done = false;
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (native) {
+            gemm_bf16(h + (r0 + i0) * d, d, t, mem_packed->xt, 0, d, srows, w, false, c0, c0 + w);
+            gemm_bf16(gb + i0 * d, d, t, mem_packed->xt, 0, d, prows, w, false, c0, c0 + w);
+            run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0,
+                                             scale);
+            for (int64_t q = 0; q < t; ++q) convert_row(dsb + (i0 + q) * w, srows + q * w, w);
+            gemm_bf16(dsb + i0 * w, w, t, mem_packed->x, c0, w, dhs + i0 * d, d, true, 0, d);
+            release_bf16_gemm();
+            done = true;
+          }
+        }
+        if (!done) {
+          gemm<A>(Mat<A>{hs + i0 * d, t, d, d}, false, mc, true, Mat<A>{srows, t, w, w}, A(1),
+                  A(0));
+          gemm<A>(Mat<A>{gs + i0 * d, t, d, d}, false, mc, true, Mat<A>{prows, t, w, w}, A(1),
+                  A(0));
+          run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
+          gemm<A>(Mat<A>{srows, t, w, w}, false, mc, false, Mat<A>{dhs + i0 * d, t, d, d}, A(1),
+                  A(1));
+        }
         if constexpr (!kDirect) {
           if (last_chunk) {
             for (int64_t q = i0; q < i1; ++q) convert_row(dh + (r0 + q) * d, dhs + q * d, d);
@@ -345,6 +416,33 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
       const int64_t gate_blocks = first_chunk ? (2 * d + kOutRows - 1) / kOutRows : 0;
       const A beta = r0 == 0 ? A(0) : A(1);
       const Mat<A> hm{hs, tr, d, d}, gm{gs, tr, d, d};
+      if (native) {
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (first_chunk) {
+            h_packed.pack(h + r0 * d, tr, d, d, false);
+            g_packed.pack(gb, tr, d, d, false);
+          }
+          parallel_items(slot_blocks + gate_blocks, [&](int64_t item) {
+            const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
+            bf16* const ptile = ptb + slot * kOutRows * tile;
+            if (item < slot_blocks) {
+              const int64_t j0 = item * kOutRows, jb = std::min(w, j0 + kOutRows) - j0;
+              float* const out = dm + (c0 + j0) * d;
+              transpose_to_bf16(sbuf + j0, w, tr, jb, ptile, tr);
+              gemm_bf16(ptile, tr, jb, h_packed, 0, tr, out, d, r0 != 0, 0, d);
+              transpose_to_bf16(pbuf + j0, w, tr, jb, ptile, tr);
+              gemm_bf16(ptile, tr, jb, g_packed, 0, tr, out, d, true, 0, d);
+            } else {
+              const int64_t q0 = (item - slot_blocks) * kOutRows;
+              const int64_t qb = std::min(2 * d, q0 + kOutRows) - q0;
+              transpose_to_bf16(dzs + q0, 2 * d, tr, qb, ptile, tr);
+              gemm_bf16(ptile, tr, qb, h_packed, 0, tr, dwg + q0 * d, d, r0 != 0, 0, d);
+            }
+            release_bf16_gemm();
+          });
+        }
+        continue;
+      }
       parallel_items(slot_blocks + gate_blocks, [&](int64_t item) {
         if (item < slot_blocks) {
           const int64_t j0 = item * kOutRows, j1 = std::min(w, j0 + kOutRows);
@@ -366,6 +464,23 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
 at::Tensor rounded_param(const at::Tensor& p, const at::Tensor& h, at::ScalarType acc) {
   return p.to(h.scalar_type()).to(acc).contiguous();
 }
+
+// The memory bank and the gate weight packed for the bf16 micro-kernel, when h is bf16 and the CPU
+// has one (and GAM_EXT_CPU_BF16_GEMM does not say fp32); null pointers otherwise.
+class NativeOperands {
+ public:
+  NativeOperands(const at::Tensor& memory, const at::Tensor& gate_weight, const at::Tensor& h) {
+    if (h.scalar_type() == at::kBFloat16 && bf16_native_gemm()) {
+      mem_.emplace(memory_in_activation_dtype(memory, h));
+      wg_.emplace(gate_weight.to(at::kBFloat16));
+    }
+  }
+  const PackedBothWays* mem() const { return mem_ ? &*mem_ : nullptr; }
+  const PackedBothWays* wg() const { return wg_ ? &*wg_ : nullptr; }
+
+ private:
+  std::optional<PackedBothWays> mem_, wg_;
+};
 
 }  // namespace
 
@@ -394,14 +509,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gam_mixer_fwd(
   const at::Tensor wt = conv_weight.to(acc).t().contiguous();  // (K, D) taps-major
   const at::Tensor cb = conv_bias.has_value() ? conv_bias->to(acc).contiguous()
                                               : at::zeros({d}, h.options().dtype(acc));
+  const NativeOperands native(memory, gate_weight, h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gam_mixer_fwd", [&] {
     using A = acc_t<scalar_t>;
-    mixer_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-                               wg.const_data_ptr<A>(), wt.const_data_ptr<A>(),
-                               cb.const_data_ptr<A>(), gb.const_data_ptr<A>(),
-                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
-                               z.mutable_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(),
-                               b * n, n, d, s, k, static_cast<A>(scale));
+    mixer_fwd_kernel<scalar_t>(
+        h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), wg.const_data_ptr<A>(), native.mem(),
+        native.wg(), wt.const_data_ptr<A>(), cb.const_data_ptr<A>(), gb.const_data_ptr<A>(),
+        out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
+        z.mutable_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), b * n, n, d, s, k,
+        static_cast<A>(scale));
   });
   return {out, lse, z, g};
 }
@@ -434,15 +550,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor wt = conv_weight.to(acc).t().contiguous();
     const at::Tensor cb =
         conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::zeros({d}, pacc);
+    const NativeOperands native(memory, gate_weight, h);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gam_mixer_bwd", [&] {
       using A = acc_t<scalar_t>;
       mixer_bwd_kernel<scalar_t>(
           df.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-          wg.const_data_ptr<A>(), wt.const_data_ptr<A>(), cb.const_data_ptr<A>(),
-          lse.const_data_ptr<float>(), z.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          dh.mutable_data_ptr<scalar_t>(), dm.mutable_data_ptr<A>(), dwg.mutable_data_ptr<A>(),
-          dbg.mutable_data_ptr<A>(), dwt.mutable_data_ptr<A>(), dcb.mutable_data_ptr<A>(), rows, n,
-          d, s, k, static_cast<A>(scale));
+          wg.const_data_ptr<A>(), native.mem(), native.wg(), wt.const_data_ptr<A>(),
+          cb.const_data_ptr<A>(), lse.const_data_ptr<float>(), z.const_data_ptr<scalar_t>(),
+          g.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dm.mutable_data_ptr<A>(),
+          dwg.mutable_data_ptr<A>(), dbg.mutable_data_ptr<A>(), dwt.mutable_data_ptr<A>(),
+          dcb.mutable_data_ptr<A>(), rows, n, d, s, k, static_cast<A>(scale));
     });
   } else if (rows == 0) {
     dh.zero_();

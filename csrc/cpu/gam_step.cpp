@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_ops.h"
 #include "op_checks.h"
@@ -104,10 +105,12 @@ GAM_INLINE A dot8(const A* a, const A* b, int64_t n) {
 }
 
 // One (row, slot chunk) of the retrieval: scores of the w slots of mem, their max mx, the sum of
-// exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum].
+// exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum]. With
+// round_p, exp(score - mx) enters acc rounded to bf16, as in the full-sequence kernels when they
+// run bf16 products (bf16_gemm.h).
 template <typename A>
 GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, A scale, A* scores,
-                                A* part) {
+                                A* part, bool round_p) {
   A mx = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < w; ++j) {
     scores[j] = scale * dot8(h, mem + j * d, d);
@@ -123,7 +126,10 @@ GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, 
   A* __restrict acc = part;
   std::fill(acc, acc + d, A(0));
   for (int64_t j = 0; j < w; ++j) {
-    const A p = scores[j];
+    A p = scores[j];
+    if constexpr (std::is_same_v<A, float>) {
+      if (round_p) p = static_cast<float>(to_bf16(p));
+    }
     const A* __restrict row = mem + j * d;
     for (int64_t c = 0; c < d; ++c) acc[c] += p * row[c];
   }
@@ -234,12 +240,13 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
     const A* mp = mem.const_data_ptr<A>();
     A* partp = parts.mutable_data_ptr<A>();
     const A scale_a = static_cast<A>(scale);
+    const bool round_p = st == at::kBFloat16 && bf16_native_gemm();
     parallel_items(b * chunks, [&](int64_t item) {
       const int64_t bi = item / chunks, ch = item % chunks;
       const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);
       std::vector<A> scores(w);
       run_best_isa<retrieval_chunk<A>>(hp + bi * d, mp + j0 * d, w, d, scale_a, scores.data(),
-                                       partp + item * (d + 2));
+                                       partp + item * (d + 2), round_p);
     });
     const scalar_t* hT = h.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();

@@ -5,11 +5,15 @@
 // row (online softmax) and saves only lse = logsumexp of each row's scores. The backward recomputes
 // p = exp(scale * h M^T - lse) chunk by chunk. Scores and probabilities live only in tile-sized
 // scratch: extra memory is bounded by the tile sizes and the thread count, never B*N*S.
-// GEMMs run on fp32 (or fp64) tiles through ATen's BLAS; half inputs are converted tile by tile.
+// GEMMs run on fp32 (or fp64) tiles through ATen's BLAS, half inputs converted tile by tile; bf16
+// inputs on a CPU with bf16 matrix units run their products there instead (bf16_gemm.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <optional>
+
+#include "cpu/bf16_gemm.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/retrieval_tiles.h"
@@ -18,28 +22,47 @@
 namespace gam::cpu {
 namespace {
 
-// Tile sizes: large enough that the single-threaded tile GEMMs run near the core's peak (about
-// 80 GFLOP/s per core here for 64..256-row tiles at D = S = 512), small enough that the scratch
-// (threads x 64 x 512 floats forward, 2 x 2 x 256 x (D + 512) floats backward) stays in the low MB.
-constexpr int64_t kFwdRows = 64;       // forward: rows per parallel work item
+// Tile sizes: large enough that the single-threaded tile GEMMs run near the core's peak (256-row
+// tiles: the fp32 backward went from 19.9 to 17.2 ms with 128-row sub-blocks instead of 64 at B=4
+// N=512 D=S=512 on two AVX-512 cores), small enough that the scratch (threads x 256 x 512 floats
+// forward, 2 x 2 x 256 x (D + 512) floats backward) stays in the low MB.
+constexpr int64_t kFwdRows = 256;      // forward: rows per parallel work item
 constexpr int64_t kSlotChunk = 512;    // slots per score tile; larger banks use the online softmax
 constexpr int64_t kBwdTileRows = 256;  // backward: rows per tile; dM is accumulated tile by tile
-constexpr int64_t kBwdSubRows = 64;    // backward: rows per parallel work item inside a tile
+constexpr int64_t kBwdSubRows = 128;   // backward: rows per parallel work item inside a tile
 constexpr int64_t kDmSlotRows = 64;    // backward: dM slot rows per parallel work item
 
-// out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A.
+// The end of the forward for t rows: out = acc / l (acc converted unless it is out) and lse.
 template <typename T>
-void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, int64_t rows,
-                          int64_t d, int64_t s, acc_t<T> scale) {
+GAM_INLINE void finish_rows(acc_t<T>* acc, const acc_t<T>* mrow, const acc_t<T>* lrow, T* out,
+                            float* lse, int64_t t, int64_t d) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < t; ++i) {
+    A* __restrict arow = acc + i * d;
+    const A inv = A(1) / lrow[i];
+    for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
+    if constexpr (!std::is_same_v<T, A>) convert_row(out + i * d, arow, d);
+    lse[i] = static_cast<float>(mrow[i] + std::log(lrow[i]));
+  }
+}
+
+// out = softmax(scale * h M^T) M and lse per row. h, out: (rows, d) in T; mem: (s, d) in A. With
+// packed (bf16 only), the products run on the bf16 micro-kernel: h straight from the input, the
+// probabilities of each chunk rounded to bf16 for P M.
+template <typename T>
+void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays* packed, T* out,
+                          float* lse, int64_t rows, int64_t d, int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // read h and accumulate into out in place
+  const bool native = packed != nullptr;
   const int64_t sc = std::min(s, kSlotChunk);
   const int64_t nblocks = (rows + kFwdRows - 1) / kFwdRows;
   A* const mem_p = const_cast<A*>(mem);
   // Per-thread scratch, allocated here through ATen (so memory profilers see it): h and out tiles
-  // in A (half inputs only), scores, running max and sum.
+  // in A (half inputs only), scores, running max and sum, and the bf16 probabilities (native).
   const int64_t hsize = kDirect ? 0 : kFwdRows * d;
-  const int64_t per_thread = 2 * hsize + kFwdRows * sc + 2 * kFwdRows;
+  const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
+  const int64_t per_thread = 2 * hsize + kFwdRows * sc + 2 * kFwdRows + psize;
   // Nested inside someone's parallel region, parallel_for runs inline on this thread: one slot.
   const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
@@ -52,34 +75,35 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, i
     A* const sbuf = obuf + hsize;
     A* const mrow = sbuf + kFwdRows * sc;
     A* const lrow = mrow + kFwdRows;
-    {
-      const int64_t r0 = blk * kFwdRows, t = std::min(kFwdRows, rows - r0);
-      A* hs;
-      A* acc;
-      if constexpr (kDirect) {
-        hs = const_cast<A*>(h + r0 * d);
-        acc = out + r0 * d;
-      } else {
-        for (int64_t i = 0; i < t; ++i) convert_row(hbuf + i * d, h + (r0 + i) * d, d);
-        hs = hbuf;
-        acc = obuf;
-      }
-      const Mat<A> hm{hs, t, d, d}, am{acc, t, d, d};
-      for (int64_t c0 = 0; c0 < s; c0 += sc) {
-        const int64_t w = std::min(sc, s - c0);
-        const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
-        gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d);
-        gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
-      }
-      for (int64_t i = 0; i < t; ++i) {
-        A* __restrict arow = acc + i * d;
-        const A inv = A(1) / lrow[i];
-        for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
-        if constexpr (!kDirect) convert_row(out + (r0 + i) * d, arow, d);
-        lse[r0 + i] = static_cast<float>(mrow[i] + std::log(lrow[i]));
-      }
+    const int64_t r0 = blk * kFwdRows, t = std::min(kFwdRows, rows - r0);
+    A* hs = hbuf;
+    A* acc = obuf;
+    if constexpr (kDirect) {
+      hs = const_cast<A*>(h + r0 * d);
+      acc = out + r0 * d;
+    } else if (!native) {
+      for (int64_t i = 0; i < t; ++i) convert_row(hbuf + i * d, h + (r0 + i) * d, d);
     }
+    const Mat<A> hm{hs, t, d, d}, am{acc, t, d, d};
+    for (int64_t c0 = 0; c0 < s; c0 += sc) {
+      const int64_t w = std::min(sc, s - c0);
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (native) {
+          bf16* const pb = reinterpret_cast<bf16*>(lrow + kFwdRows);
+          gemm_bf16(h + r0 * d, d, t, packed->xt, 0, d, sbuf, w, false, c0, c0 + w);
+          run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
+          gemm_bf16(pb, w, t, packed->x, c0, w, acc, d, c0 != 0, 0, d);
+          continue;
+        }
+      }
+      const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
+      gemm<A>(hm, false, mc, true, sm, scale, A(0));
+      run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
+                                     static_cast<bf16*>(nullptr));
+      gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
+    }
+    run_best_isa<finish_rows<T>>(acc, mrow, lrow, out + r0 * d, lse + r0, t, d);
+    if (native) release_bf16_gemm();
   });
 }
 
@@ -92,28 +116,41 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, T* out, float* lse, i
 // then, in parallel over fixed blocks of slots,
 //   dM += [scale*ds ; p]^T [h ; grad_out]   one GEMM over the tile's stacked rows.
 // Each dM element is summed tile after tile in a fixed order by one GEMM call per block, so dM has
-// the same bits whatever the thread count, and no per-thread copies of dM are needed.
+// the same bits whatever the thread count, and no per-thread copies of dM are needed. With packed
+// (bf16 only) the products run on the bf16 micro-kernel, with scale*ds and p rounded to bf16.
 template <typename T>
-void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, const T* out,
-                          const float* lse, T* dh, acc_t<T>* dm_acc, int64_t rows, int64_t d,
-                          int64_t s, acc_t<T> scale) {
+void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
+                          const PackedBothWays* packed, const T* out, const float* lse, T* dh,
+                          acc_t<T>* dm_acc, int64_t rows, int64_t d, int64_t s, acc_t<T> scale) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;  // accumulate dh in the output itself
   // fp64 (a checking dtype) takes all slots of a row at once, to renormalise p exactly.
   constexpr bool kExactRows = std::is_same_v<A, double>;
+  const bool native = packed != nullptr;
   const int64_t sc = kExactRows ? s : std::min(s, kSlotChunk);
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
-  // [its h rows ; its grad_out rows] in x2, and [scale*ds ; p] in p2, so the whole tile is
-  // contiguous.
+  // [its h rows ; its grad_out rows] in x2 (in bf16 in x2b when native), and [scale*ds ; p] in p2,
+  // so the whole tile is contiguous.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
-  at::Tensor x2_t = at::empty({2 * tile * d}, opts), p2_t = at::empty({2 * tile * sc}, opts);
+  const auto bf16_opts = opts.dtype(at::kBFloat16);
+  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::Tensor x2_t = at::empty({native ? 0 : 2 * tile * d}, opts);
+  at::Tensor p2_t = at::empty({2 * tile * sc}, opts);
   at::Tensor delta_t = at::empty({tile}, opts), dh_t = at::empty({kDirect ? 0 : tile * d}, opts);
+  // Native only: x2b, scale*ds in bf16 for dh, per-thread transposed [scale*ds ; p] blocks for dM.
+  at::Tensor x2b_t = at::empty({native ? 2 * tile * d : 0}, bf16_opts);
+  at::Tensor dsb_t = at::empty({native ? tile * sc : 0}, bf16_opts);
+  at::Tensor ptb_t = at::empty({native ? slots * kDmSlotRows * 2 * tile : 0}, bf16_opts);
   A* const x2 = x2_t.mutable_data_ptr<A>();
   A* const p2 = p2_t.mutable_data_ptr<A>();
   A* const delta = delta_t.mutable_data_ptr<A>();
   A* const dh_buf = dh_t.mutable_data_ptr<A>();
+  bf16* const x2b = x2b_t.mutable_data_ptr<bf16>();
+  bf16* const dsb = dsb_t.mutable_data_ptr<bf16>();
+  bf16* const ptb = ptb_t.mutable_data_ptr<bf16>();
+  PackedB x2_packed;
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t tr = std::min(tile, rows - r0);
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
@@ -122,32 +159,70 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
       parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
         const int64_t t = i1 - i0;
-        A* xs = x2 + 2 * i0 * d;
         A* ps = p2 + 2 * i0 * w;
-        if (first_chunk) {
-          for (int64_t q = 0; q < t; ++q) {
-            const int64_t r = r0 + i0 + q;
-            convert_row(xs + q * d, h + r * d, d);
-            convert_row(xs + (t + q) * d, grad_out + r * d, d);
-            delta[i0 + q] = row_dot(xs + (t + q) * d, out + r * d, d);
-          }
-        }
-        gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-        run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale);
         A* dhs;
         if constexpr (kDirect) {
           dhs = dh + (r0 + i0) * d;
         } else {
           dhs = dh_buf + i0 * d;
         }
-        gemm<A>(Mat<A>{ps, t, w, w}, false, mc, false, Mat<A>{dhs, t, d, d}, A(1),
-                first_chunk ? A(0) : A(1));
+        bool done = false;
+        if constexpr (std::is_same_v<T, bf16>) {
+          if (native) {
+            bf16* xs = x2b + 2 * i0 * d;
+            if (first_chunk) {
+              for (int64_t q = 0; q < t; ++q) {
+                const int64_t r = r0 + i0 + q;
+                std::memcpy(xs + q * d, h + r * d, sizeof(bf16) * d);
+                std::memcpy(xs + (t + q) * d, grad_out + r * d, sizeof(bf16) * d);
+                delta[i0 + q] = row_dot<A>(grad_out + r * d, out + r * d, d);
+              }
+            }
+            gemm_bf16(xs, d, 2 * t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
+            run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
+                                             scale);
+            for (int64_t q = 0; q < t; ++q) convert_row(dsb + (i0 + q) * w, ps + q * w, w);
+            gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
+            release_bf16_gemm();
+            done = true;
+          }
+        }
+        if (!done) {
+          A* xs = x2 + 2 * i0 * d;
+          if (first_chunk) {
+            for (int64_t q = 0; q < t; ++q) {
+              const int64_t r = r0 + i0 + q;
+              convert_row(xs + q * d, h + r * d, d);
+              convert_row(xs + (t + q) * d, grad_out + r * d, d);
+              delta[i0 + q] = row_dot<A>(xs + (t + q) * d, out + r * d, d);
+            }
+          }
+          gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
+          run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
+                                           scale);
+          gemm<A>(Mat<A>{ps, t, w, w}, false, mc, false, Mat<A>{dhs, t, d, d}, A(1),
+                  first_chunk ? A(0) : A(1));
+        }
         if constexpr (!kDirect) {
           if (last_chunk) {
             for (int64_t q = 0; q < t; ++q) convert_row(dh + (r0 + i0 + q) * d, dhs + q * d, d);
           }
         }
       });
+      if (native) {
+        if (first_chunk) x2_packed.pack(x2b, 2 * tr, d, d, false);
+        parallel_blocks(w, kDmSlotRows, [&](int64_t j0, int64_t j1) {
+          if constexpr (std::is_same_v<A, float>) {
+            const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
+            bf16* const ptile = ptb + slot * kDmSlotRows * 2 * tile;
+            transpose_to_bf16(p2 + j0, w, 2 * tr, j1 - j0, ptile, 2 * tr);
+            gemm_bf16(ptile, 2 * tr, j1 - j0, x2_packed, 0, 2 * tr, dm_acc + (c0 + j0) * d, d,
+                      r0 != 0, 0, d);
+            release_bf16_gemm();
+          }
+        });
+        continue;
+      }
       const Mat<A> xm{x2, 2 * tr, d, d};
       parallel_blocks(w, kDmSlotRows, [&](int64_t j0, int64_t j1) {
         gemm<A>(Mat<A>{p2 + j0, 2 * tr, j1 - j0, w}, true, xm, false,
@@ -155,6 +230,13 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem, co
       });
     }
   }
+}
+
+// The memory bank packed for the bf16 micro-kernel when h is bf16 and the CPU has one (and
+// GAM_EXT_CPU_BF16_GEMM does not say fp32); empty otherwise.
+std::optional<PackedBothWays> packed_memory(const at::Tensor& memory, const at::Tensor& h) {
+  if (h.scalar_type() != at::kBFloat16 || !bf16_native_gemm()) return std::nullopt;
+  return PackedBothWays(memory_in_activation_dtype(memory, h));
 }
 
 }  // namespace
@@ -175,12 +257,14 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
   // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
   const at::Tensor mem =
       memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
+  const std::optional<PackedBothWays> packed = packed_memory(memory, h);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "memory_retrieval_fwd", [&] {
         using A = acc_t<scalar_t>;
         retrieval_fwd_kernel<scalar_t>(
-            h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), out.mutable_data_ptr<scalar_t>(),
-            lse.mutable_data_ptr<float>(), b * n, d, s, static_cast<A>(scale));
+            h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), packed ? &*packed : nullptr,
+            out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), b * n, d, s,
+            static_cast<A>(scale));
       });
   return {out, lse};
 }
@@ -202,17 +286,20 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
   at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
   if (rows == 0 || d == 0) return {dh, at::zeros_like(memory, at::MemoryFormat::Contiguous)};
   const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
+  const std::optional<PackedBothWays> packed = packed_memory(memory, h);
   // dM is accumulated in the accumulation type; straight into the result when the types agree.
   at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {
     using A = acc_t<scalar_t>;
     retrieval_bwd_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
                                    h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-                                   out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
-                                   dh.mutable_data_ptr<scalar_t>(), dm_acc.mutable_data_ptr<A>(),
-                                   rows, d, s, static_cast<A>(scale));
+                                   packed ? &*packed : nullptr, out.const_data_ptr<scalar_t>(),
+                                   lse.const_data_ptr<float>(), dh.mutable_data_ptr<scalar_t>(),
+                                   dm_acc.mutable_data_ptr<A>(), rows, d, s, static_cast<A>(scale));
   });
   return {dh, dm_acc.to(memory.scalar_type())};
 }
+
+std::string bf16_gemm_path() { return bf16_native_gemm() ? "bf16" : "fp32"; }
 
 }  // namespace gam::cpu

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -13,9 +14,27 @@
 
 namespace gam::cpu {
 
+// Eight float lanes as one value: GCC does not vectorise a max over an array of eight maxima (it
+// does a sum), so the float max is written on this vector type.
+typedef float Float8 __attribute__((vector_size(32)));
+
 template <typename A>
 GAM_INLINE A row_max(const A* x, int64_t n) {
-  // Eight independent maxima so the loop vectorises without reassociating anything.
+  if constexpr (std::is_same_v<A, float>) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    Float8 m8 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      Float8 v;
+      std::memcpy(&v, x + j, sizeof(v));
+      m8 = m8 < v ? v : m8;
+    }
+    float m = ninf;
+    for (int q = 0; q < 8; ++q) m = std::max(m, m8[q]);
+    for (; j < n; ++j) m = std::max(m, x[j]);
+    return m;
+  }
+  // Eight independent maxima (fp64, a checking dtype).
   A m[8];
   for (auto& v : m) v = -std::numeric_limits<A>::infinity();
   int64_t j = 0;
@@ -38,30 +57,51 @@ GAM_INLINE A row_sum(const A* x, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-template <typename A, typename T>
-GAM_INLINE A row_dot(const A* a, const T* b, int64_t n) {
+// sum_j a[j] * b[j] in A (both rows converted to A).
+template <typename A, typename U, typename V>
+GAM_INLINE A row_dot(const U* a, const V* b, int64_t n) {
   A s[8] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += a[j + q] * static_cast<A>(b[j + q]);
+    for (int q = 0; q < 8; ++q) s[q] += static_cast<A>(a[j + q]) * static_cast<A>(b[j + q]);
   }
-  for (; j < n; ++j) s[0] += a[j] * static_cast<A>(b[j]);
+  for (; j < n; ++j) s[0] += static_cast<A>(a[j]) * static_cast<A>(b[j]);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w) into
-// exp(s - running max) in place, updates the running max and sum, and rescales the rows of acc
-// (the p @ M accumulated over earlier chunks, row stride ld) to the new max.
+// Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w), times
+// scale, into p = exp(s - running max) in place, updates the running max and sum, and rescales
+// the rows of acc (the p @ M accumulated over earlier chunks, row stride ld) to the new max. With
+// p_bf16 (t x w), p is also written there rounded to bf16 (the operand of a bf16 product).
 template <typename A>
 GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
-                              int64_t d, int64_t ld) {
+                              int64_t d, int64_t ld, A scale, at::BFloat16* p_bf16) {
   for (int64_t i = 0; i < t; ++i) {
     A* __restrict srow = sbuf + i * w;
-    const A mx = row_max(srow, w);
+    // max(scale * s) is scale * max(s) for scale > 0 (rounding is monotonic); other scales
+    // multiply first.
+    A sc = scale;
+    if (!(scale > A(0))) {
+      for (int64_t j = 0; j < w; ++j) srow[j] *= scale;
+      sc = A(1);
+    }
+    const A mx = sc * row_max(srow, w);
     const A m_new = first ? mx : std::max(mrow[i], mx);
     // A row of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
     const A shift = std::isfinite(m_new) ? m_new : A(0);
-    for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
+    if constexpr (std::is_same_v<A, float>) {
+      if (p_bf16 != nullptr) {
+        at::BFloat16* __restrict prow = p_bf16 + i * w;
+        for (int64_t j = 0; j < w; ++j) {
+          srow[j] = fast_exp(sc * srow[j] - shift);
+          prow[j] = to_bf16(srow[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(sc * srow[j] - shift);
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(sc * srow[j] - shift);
+    }
     const A sum = row_sum(srow, w);
     if (first) {
       lrow[i] = sum;

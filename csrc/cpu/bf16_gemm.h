@@ -1,0 +1,161 @@
+// bf16 x bf16 -> fp32 tile products on the CPU's bf16 matrix units (AMX), through torch's oneDNN
+// BRGeMM micro-kernel (at::native::cpublas::brgemm). Used by the retrieval and fused-mixer kernels
+// for bfloat16 inputs where torch has that micro-kernel for the CPU (docs/design.md, "Half
+// precision on the CPU"); elsewhere they compute bf16 in fp32 tiles.
+//
+// The micro-kernel computes C (+)= A B with A row-major bf16, B packed into 64-column panels in
+// the pair-interleaved order it reads, C fp32. It takes an even depth only (an odd one stops the
+// process with an illegal instruction), so an odd last row of B is added as a rank-1 update.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace gam::cpu {
+
+using bf16 = at::BFloat16;
+
+// True when the bf16 kernels run their products on the bf16 micro-kernel: torch has one for this
+// CPU and GAM_EXT_CPU_BF16_GEMM is unset or "auto". GAM_EXT_CPU_BF16_GEMM=fp32 forces the fp32
+// tiles. Read on every call, so that tests and benchmarks can compare both in one process.
+inline bool bf16_native_gemm() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  const char* env = std::getenv("GAM_EXT_CPU_BF16_GEMM");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return available;
+  TORCH_CHECK(std::strcmp(env, "fp32") == 0, "GAM_EXT_CPU_BF16_GEMM must be auto or fp32, got '",
+              env, "'");
+  return false;
+}
+
+constexpr int64_t kPanel = 64;  // columns per packed panel (the micro-kernel's widest B block)
+
+// A bf16 matrix B (k x n) packed for the micro-kernel: panel p holds columns [64p, 64p + 64) of
+// the first k rounded down to even rows, as (k / 2) x 64 pairs (B[2i][j], B[2i+1][j]), columns past
+// n zero; the odd last row, if any, is kept in fp32. This is the layout torch's
+// at::native::cpublas::pack writes for the micro-kernel; packing here reads B^T directly (a pair
+// is then two adjacent elements) and needs no scratch.
+struct PackedB {
+  at::Tensor panels;    // (panel count, even rows, 64) bf16
+  at::Tensor last_row;  // (n) fp32, when k is odd
+  int64_t k = 0, n = 0;
+
+  // b: element (i, j) at b[i * ld + j], or at b[j * ld + i] when trans is set.
+  void pack(const bf16* b, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    k = rows;
+    n = cols;
+    const int64_t even = k & ~int64_t{1};
+    const int64_t count = (n + kPanel - 1) / kPanel;
+    panels = at::empty({count, even, kPanel}, at::TensorOptions().dtype(at::kBFloat16));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(b);
+    uint16_t* const dst = reinterpret_cast<uint16_t*>(panels.mutable_data_ptr<bf16>());
+    for (int64_t p = 0; p < count; ++p) {
+      const int64_t j0 = p * kPanel, width = std::min(kPanel, n - j0);
+      uint16_t* const panel = dst + p * even * kPanel;
+      if (trans) {
+        // Column j of the panel is row j0 + j of the source, read along its pairs, 32 pairs at a
+        // time so that the block written (32 pair rows) stays in L1.
+        for (int64_t i0 = 0; i0 < even; i0 += 64) {
+          const int64_t i1 = std::min(even, i0 + 64);
+          for (int64_t j = 0; j < width; ++j) {
+            const uint16_t* __restrict col = src + (j0 + j) * ld;
+            uint16_t* __restrict out = panel + 2 * j;
+            for (int64_t i = i0; i < i1; i += 2) {
+              out[i * kPanel] = col[i];
+              out[i * kPanel + 1] = col[i + 1];
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < even; i += 2) {
+        uint16_t* __restrict pair_row = panel + i * kPanel;
+        if (!trans) {
+          const uint16_t* __restrict r0 = src + i * ld + j0;
+          const uint16_t* __restrict r1 = r0 + ld;
+          for (int64_t j = 0; j < width; ++j) {
+            pair_row[2 * j] = r0[j];
+            pair_row[2 * j + 1] = r1[j];
+          }
+        }
+        std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
+      }
+    }
+    if (k % 2 == 1) {
+      last_row = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+      float* lr = last_row.mutable_data_ptr<float>();
+      for (int64_t j = 0; j < n; ++j)
+        lr[j] = static_cast<float>(trans ? b[j * ld + k - 1] : b[(k - 1) * ld + j]);
+    }
+  }
+};
+
+// c[:, 0 : n1 - n0] (+)= a @ B[k0 : k0 + kk, n0 : n1] with a (m x kk) row-major bf16 (row stride
+// lda) and c fp32 (row stride ldc): accumulate adds to c, else c is overwritten. k0 must be even,
+// n0 a multiple of 64, and an odd kk must end at B's last row.
+inline void gemm_bf16(const bf16* a, int64_t lda, int64_t m, const PackedB& b, int64_t k0,
+                      int64_t kk, float* c, int64_t ldc, bool accumulate, int64_t n0, int64_t n1) {
+  TORCH_INTERNAL_ASSERT(k0 % 2 == 0 && n0 % kPanel == 0 && n1 <= b.n);
+  TORCH_INTERNAL_ASSERT(kk % 2 == 0 || k0 + kk == b.k);
+  if (m == 0 || n1 <= n0) return;
+  const int64_t even = kk & ~int64_t{1};
+  const int64_t packed_rows = b.panels.size(1);
+  const bf16* panels = b.panels.const_data_ptr<bf16>();
+  for (int64_t p = n0 / kPanel; p * kPanel < n1; ++p) {
+    const int64_t width = std::min(kPanel, n1 - p * kPanel);
+    float* cp = c + (p * kPanel - n0);
+    if (even > 0) {
+      at::native::cpublas::brgemm(m, width, even, lda, kPanel, ldc, accumulate, a,
+                                  panels + (p * packed_rows + k0) * kPanel, cp, true);
+    } else if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(cp + i * ldc, cp + i * ldc + width, 0.0f);
+    }
+    if (kk % 2 == 1) {
+      const float* __restrict lr = b.last_row.const_data_ptr<float>() + p * kPanel;
+      for (int64_t i = 0; i < m; ++i) {
+        const float ai = static_cast<float>(a[i * lda + kk - 1]);
+        float* __restrict ci = cp + i * ldc;
+        for (int64_t j = 0; j < width; ++j) ci[j] += ai * lr[j];
+      }
+    }
+  }
+}
+
+// A row-major bf16 matrix X (rows x cols) packed both ways: as B = X (for a @ X) and as B = X^T
+// (for a @ X^T). The memory bank and the gate weight are used both ways.
+struct PackedBothWays {
+  PackedB x, xt;
+
+  explicit PackedBothWays(const at::Tensor& x_bf16) {
+    const at::Tensor c = x_bf16.contiguous();
+    const int64_t rows = c.size(0), cols = c.size(1);
+    x.pack(c.const_data_ptr<bf16>(), rows, cols, cols, false);
+    xt.pack(c.const_data_ptr<bf16>(), cols, rows, cols, true);
+  }
+};
+
+// Returns the micro-kernel's hardware state (AMX tile configuration) at the end of a work item,
+// as torch does after its own uses.
+inline void release_bf16_gemm() { at::native::cpublas::brgemm_release(true); }
+
+// dst (cols x rows, row stride ld_dst) = src (rows x cols, fp32, row stride ld_src) transposed and
+// rounded to bf16: the A operand of a product over the rows of src. In 32 x 32 blocks, so that
+// the writes stay in cache.
+inline void transpose_to_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                              bf16* dst, int64_t ld_dst) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t j1 = std::min(cols, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = bf16(src[i * ld_src + j]);
+      }
+    }
+  }
+}
+
+}  // namespace gam::cpu
