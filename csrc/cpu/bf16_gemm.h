@@ -124,16 +124,17 @@ inline void gemm_bf16(const bf16* a, int64_t lda, int64_t m, const PackedB& b, i
   }
 }
 
-// A row-major bf16 matrix X (rows x cols) packed both ways: as B = X (for a @ X) and as B = X^T
-// (for a @ X^T). The memory bank and the gate weight are used both ways.
+// A row-major bf16 matrix X (rows x cols) packed as B = X (for a @ X) and as B = X^T (for
+// a @ X^T), each where asked for: the memory bank is used both ways, the gate weight one way in
+// each direction.
 struct PackedBothWays {
   PackedB x, xt;
 
-  explicit PackedBothWays(const at::Tensor& x_bf16) {
+  PackedBothWays(const at::Tensor& x_bf16, bool plain, bool transposed) {
     const at::Tensor c = x_bf16.contiguous();
     const int64_t rows = c.size(0), cols = c.size(1);
-    x.pack(c.const_data_ptr<bf16>(), rows, cols, cols, false);
-    xt.pack(c.const_data_ptr<bf16>(), cols, rows, cols, true);
+    if (plain) x.pack(c.const_data_ptr<bf16>(), rows, cols, cols, false);
+    if (transposed) xt.pack(c.const_data_ptr<bf16>(), cols, rows, cols, true);
   }
 };
 

@@ -137,6 +137,12 @@ GAM_INLINE A sigmoid(A z) {
   return A(1) / (A(1) + fast_exp(-z));
 }
 
+// t's data, or nullptr for an undefined tensor (an operand that the path taken does not read).
+template <typename A>
+inline const A* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
 // A row-major matrix view of raw memory: rows x cols with a leading dimension (row stride).
 template <typename A>
 struct Mat {

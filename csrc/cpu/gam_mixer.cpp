@@ -131,8 +131,9 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
   // Per-thread scratch through ATen: h, P M and z tiles (half inputs only), scores, running max
   // and sum, one conv row, and the bf16 probabilities (native).
   const int64_t hsize = kDirect ? 0 : kFwdRows * d;
+  const int64_t hbuf_size = native ? 0 : hsize;                // the products read bf16 h directly
   const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
-  const int64_t per_thread = 4 * hsize + kFwdRows * sc + 2 * kFwdRows + d + psize;
+  const int64_t per_thread = hbuf_size + 3 * hsize + kFwdRows * sc + 2 * kFwdRows + d + psize;
   const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
   A* const scratch_p = scratch.mutable_data_ptr<A>();
@@ -140,7 +141,7 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
     const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(slot < slots);
     A* const hbuf = scratch_p + slot * per_thread;
-    A* const abuf = hbuf + hsize;
+    A* const abuf = hbuf + hbuf_size;
     A* const zbuf = abuf + hsize;  // 2 * hsize
     A* const sbuf = zbuf + 2 * hsize;
     A* const mrow = sbuf + kFwdRows * sc;
@@ -226,9 +227,10 @@ GAM_INLINE void add_product_row(A* __restrict acc, const A* __restrict x, const 
 }
 
 // Phase-A prologue of the backward for rows r0+i0 .. r0+i1-1 of tile r0 (q = tile-local row):
-// converts h (half inputs), recomputes the gates and the conv, and writes dG (gs), dz (dzs),
-// delta, the conv's dL of the rows and of the K-1 rows after them (dl, (i1-i0+K-1) x D), and this
-// sub-block's partial sums of dbg, db_conv and dw_conv (part: [dbg (2D) | dw (K x D) | db (D)]).
+// converts h (half inputs on fp32 tiles; hs is null on bf16 products), recomputes the gates and
+// the conv, and writes dG (gs), dz (dzs), delta, the conv's dL of the rows and of the K-1 rows
+// after them (dl, (i1-i0+K-1) x D), and this sub-block's partial sums of dbg, db_conv and dw_conv
+// (part: [dbg (2D) | dw (K x D) | db (D)]).
 template <typename T>
 GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T* g,
                                    const acc_t<T>* wt, const acc_t<T>* conv_bias, acc_t<T>* hs,
@@ -243,7 +245,9 @@ GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T*
   std::fill(part, part + (k + 3) * d, A(0));
   for (int64_t q = i0; q < i1; ++q) {
     const int64_t r = r0 + q, pos = r % n;
-    if constexpr (!kDirect) convert_row(hs + q * d, h + r * d, d);
+    if constexpr (!kDirect) {
+      if (hs != nullptr) convert_row(hs + q * d, h + r * d, d);
+    }
     conv_row(h, wt, conv_bias, r, pos, d, k, lconv);
     const T* zr = z + r * 2 * d;
     A* const gsr = gs + q * d;
@@ -309,11 +313,12 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   A* const wg_p = const_cast<A*>(wg);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   const int64_t hsize = kDirect ? 0 : tile * d;
-  at::Tensor scratch = at::empty({2 * hsize + tile * d + 2 * tile * d + 2 * tile * sc + tile +
+  const int64_t hs_size = native ? 0 : hsize;  // the products read bf16 h directly
+  at::Tensor scratch = at::empty({hs_size + hsize + tile * d + 2 * tile * d + 2 * tile * sc + tile +
                                   nsub * (dl_rows * d + d + part_size)},
                                  opts);
   A* const hs_buf = scratch.mutable_data_ptr<A>();
-  A* const dh_buf = hs_buf + hsize;
+  A* const dh_buf = hs_buf + hs_size;
   A* const gs = dh_buf + hsize;        // dG: tile x D
   A* const dzs = gs + tile * d;        // dz: tile x 2D
   A* const sbuf = dzs + 2 * tile * d;  // scores, then scale * ds: tile x w
@@ -336,7 +341,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   std::fill(dcb, dcb + d, A(0));
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t tr = std::min(tile, rows - r0);
-    A* hs = hs_buf;
+    A* hs = native ? nullptr : hs_buf;  // h in A (half inputs on fp32 tiles only)
     A* dhs = dh_buf;
     if constexpr (kDirect) {
       hs = const_cast<A*>(h + r0 * d);
@@ -344,7 +349,6 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
     }
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
       const int64_t w = std::min(sc, s - c0);
-      const Mat<A> mc{mem_p + c0 * d, w, d, d};
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
       parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
         const int64_t t = i1 - i0;
@@ -387,6 +391,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           }
         }
         if (!done) {
+          const Mat<A> mc{mem_p + c0 * d, w, d, d};
           gemm<A>(Mat<A>{hs + i0 * d, t, d, d}, false, mc, true, Mat<A>{srows, t, w, w}, A(1),
                   A(0));
           gemm<A>(Mat<A>{gs + i0 * d, t, d, d}, false, mc, true, Mat<A>{prows, t, w, w}, A(1),
@@ -415,7 +420,6 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
       const int64_t slot_blocks = (w + kOutRows - 1) / kOutRows;
       const int64_t gate_blocks = first_chunk ? (2 * d + kOutRows - 1) / kOutRows : 0;
       const A beta = r0 == 0 ? A(0) : A(1);
-      const Mat<A> hm{hs, tr, d, d}, gm{gs, tr, d, d};
       if (native) {
         if constexpr (std::is_same_v<T, bf16>) {
           if (first_chunk) {
@@ -443,6 +447,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
         }
         continue;
       }
+      const Mat<A> hm{hs, tr, d, d}, gm{gs, tr, d, d};
       parallel_items(slot_blocks + gate_blocks, [&](int64_t item) {
         if (item < slot_blocks) {
           const int64_t j0 = item * kOutRows, j1 = std::min(w, j0 + kOutRows);
@@ -465,21 +470,38 @@ at::Tensor rounded_param(const at::Tensor& p, const at::Tensor& h, at::ScalarTyp
   return p.to(h.scalar_type()).to(acc).contiguous();
 }
 
-// The memory bank and the gate weight packed for the bf16 micro-kernel, when h is bf16 and the CPU
-// has one (and GAM_EXT_CPU_BF16_GEMM does not say fp32); null pointers otherwise.
-class NativeOperands {
+// The operands of the products, on one of two paths. bf16 products (h bf16 and the CPU has a bf16
+// micro-kernel, unless GAM_EXT_CPU_BF16_GEMM says fp32): the memory bank packed both ways and the
+// gate weight packed as the direction reads it (Wg^T forward, Wg backward). Otherwise: both in
+// the accumulation type, rounded to h's dtype first (the one rule of op_checks.h for the bank,
+// here for the gate weight too).
+class MixerOperands {
  public:
-  NativeOperands(const at::Tensor& memory, const at::Tensor& gate_weight, const at::Tensor& h) {
+  MixerOperands(const at::Tensor& memory, const at::Tensor& gate_weight, const at::Tensor& h,
+                bool backward) {
     if (h.scalar_type() == at::kBFloat16 && bf16_native_gemm()) {
-      mem_.emplace(memory_in_activation_dtype(memory, h));
-      wg_.emplace(gate_weight.to(at::kBFloat16));
+      mem_packed_.emplace(memory_in_activation_dtype(memory, h), true, true);
+      wg_packed_.emplace(gate_weight.to(at::kBFloat16), backward, !backward);
+    } else {
+      const auto acc = acc_scalar_type(h.scalar_type());
+      mem_ = memory_in_activation_dtype(memory, h).to(acc).contiguous();
+      wg_ = gate_weight.to(h.scalar_type()).to(acc).contiguous();
     }
   }
-  const PackedBothWays* mem() const { return mem_ ? &*mem_ : nullptr; }
-  const PackedBothWays* wg() const { return wg_ ? &*wg_ : nullptr; }
+  template <typename A>
+  const A* mem() const {
+    return data_or_null<A>(mem_);
+  }
+  template <typename A>
+  const A* wg() const {
+    return data_or_null<A>(wg_);
+  }
+  const PackedBothWays* mem_packed() const { return mem_packed_ ? &*mem_packed_ : nullptr; }
+  const PackedBothWays* wg_packed() const { return wg_packed_ ? &*wg_packed_ : nullptr; }
 
  private:
-  std::optional<PackedBothWays> mem_, wg_;
+  at::Tensor mem_, wg_;
+  std::optional<PackedBothWays> mem_packed_, wg_packed_;
 };
 
 }  // namespace
@@ -502,22 +524,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gam_mixer_fwd(
     lse.fill_(std::log(static_cast<double>(s)));
     return {out, lse, z, g};
   }
-  const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
-  const at::Tensor wg = rounded_param(gate_weight, h, acc);
+  const MixerOperands operands(memory, gate_weight, h, false);
   const at::Tensor gb = gate_bias.has_value() ? rounded_param(*gate_bias, h, acc)
                                               : at::zeros({2 * d}, h.options().dtype(acc));
   const at::Tensor wt = conv_weight.to(acc).t().contiguous();  // (K, D) taps-major
   const at::Tensor cb = conv_bias.has_value() ? conv_bias->to(acc).contiguous()
                                               : at::zeros({d}, h.options().dtype(acc));
-  const NativeOperands native(memory, gate_weight, h);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "gam_mixer_fwd", [&] {
     using A = acc_t<scalar_t>;
-    mixer_fwd_kernel<scalar_t>(
-        h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), wg.const_data_ptr<A>(), native.mem(),
-        native.wg(), wt.const_data_ptr<A>(), cb.const_data_ptr<A>(), gb.const_data_ptr<A>(),
-        out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
-        z.mutable_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), b * n, n, d, s, k,
-        static_cast<A>(scale));
+    mixer_fwd_kernel<scalar_t>(h.const_data_ptr<scalar_t>(), operands.mem<A>(), operands.wg<A>(),
+                               operands.mem_packed(), operands.wg_packed(), wt.const_data_ptr<A>(),
+                               cb.const_data_ptr<A>(), gb.const_data_ptr<A>(),
+                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(),
+                               z.mutable_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(),
+                               b * n, n, d, s, k, static_cast<A>(scale));
   });
   return {out, lse, z, g};
 }
@@ -545,17 +565,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dbg = at::zeros({2 * d}, pacc), dwt = at::zeros({k, d}, pacc);
   at::Tensor dcb = at::zeros({d}, pacc);
   if (rows > 0 && d > 0) {
-    const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
-    const at::Tensor wg = rounded_param(gate_weight, h, acc);
+    const MixerOperands operands(memory, gate_weight, h, true);
     const at::Tensor wt = conv_weight.to(acc).t().contiguous();
     const at::Tensor cb =
         conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::zeros({d}, pacc);
-    const NativeOperands native(memory, gate_weight, h);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gam_mixer_bwd", [&] {
       using A = acc_t<scalar_t>;
       mixer_bwd_kernel<scalar_t>(
-          df.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
-          wg.const_data_ptr<A>(), native.mem(), native.wg(), wt.const_data_ptr<A>(),
+          df.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), operands.mem<A>(),
+          operands.wg<A>(), operands.mem_packed(), operands.wg_packed(), wt.const_data_ptr<A>(),
           cb.const_data_ptr<A>(), lse.const_data_ptr<float>(), z.const_data_ptr<scalar_t>(),
           g.const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), dm.mutable_data_ptr<A>(),
           dwg.mutable_data_ptr<A>(), dbg.mutable_data_ptr<A>(), dwt.mutable_data_ptr<A>(),

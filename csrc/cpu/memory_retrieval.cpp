@@ -61,8 +61,9 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
   // Per-thread scratch, allocated here through ATen (so memory profilers see it): h and out tiles
   // in A (half inputs only), scores, running max and sum, and the bf16 probabilities (native).
   const int64_t hsize = kDirect ? 0 : kFwdRows * d;
+  const int64_t hbuf_size = native ? 0 : hsize;                // the products read bf16 h directly
   const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
-  const int64_t per_thread = 2 * hsize + kFwdRows * sc + 2 * kFwdRows + psize;
+  const int64_t per_thread = hbuf_size + hsize + kFwdRows * sc + 2 * kFwdRows + psize;
   // Nested inside someone's parallel region, parallel_for runs inline on this thread: one slot.
   const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
@@ -71,7 +72,7 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
     const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
     TORCH_INTERNAL_ASSERT(slot < slots);
     A* const hbuf = scratch_p + slot * per_thread;
-    A* const obuf = hbuf + hsize;
+    A* const obuf = hbuf + hbuf_size;
     A* const sbuf = obuf + hsize;
     A* const mrow = sbuf + kFwdRows * sc;
     A* const lrow = mrow + kFwdRows;
@@ -155,7 +156,6 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
     const int64_t tr = std::min(tile, rows - r0);
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
       const int64_t w = std::min(sc, s - c0);
-      const Mat<A> mc{mem_p + c0 * d, w, d, d};
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
       parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
         const int64_t t = i1 - i0;
@@ -188,6 +188,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
           }
         }
         if (!done) {
+          const Mat<A> mc{mem_p + c0 * d, w, d, d};
           A* xs = x2 + 2 * i0 * d;
           if (first_chunk) {
             for (int64_t q = 0; q < t; ++q) {
@@ -236,7 +237,14 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
 // GAM_EXT_CPU_BF16_GEMM does not say fp32); empty otherwise.
 std::optional<PackedBothWays> packed_memory(const at::Tensor& memory, const at::Tensor& h) {
   if (h.scalar_type() != at::kBFloat16 || !bf16_native_gemm()) return std::nullopt;
-  return PackedBothWays(memory_in_activation_dtype(memory, h));
+  return PackedBothWays(memory_in_activation_dtype(memory, h), true, true);
+}
+
+// The memory bank in the accumulation type for the fp32 (fp64) tiles: rounded to h's dtype
+// (op_checks.h), then widened exactly; undefined when the products run on bf16 units instead.
+at::Tensor memory_for_tiles(const at::Tensor& memory, const at::Tensor& h, bool packed) {
+  if (packed) return at::Tensor();
+  return memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
 }
 
 }  // namespace
@@ -254,15 +262,13 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_fwd(const at::Tensor& h_in,
     lse.fill_(std::log(static_cast<double>(s)));
     return {out, lse};
   }
-  // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
-  const at::Tensor mem =
-      memory_in_activation_dtype(memory, h).to(acc_scalar_type(h.scalar_type())).contiguous();
   const std::optional<PackedBothWays> packed = packed_memory(memory, h);
+  const at::Tensor mem = memory_for_tiles(memory, h, packed.has_value());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "memory_retrieval_fwd", [&] {
         using A = acc_t<scalar_t>;
         retrieval_fwd_kernel<scalar_t>(
-            h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(), packed ? &*packed : nullptr,
+            h.const_data_ptr<scalar_t>(), data_or_null<A>(mem), packed ? &*packed : nullptr,
             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), b * n, d, s,
             static_cast<A>(scale));
       });
@@ -285,14 +291,14 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
   const int64_t rows = b * n;
   at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
   if (rows == 0 || d == 0) return {dh, at::zeros_like(memory, at::MemoryFormat::Contiguous)};
-  const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
   const std::optional<PackedBothWays> packed = packed_memory(memory, h);
+  const at::Tensor mem = memory_for_tiles(memory, h, packed.has_value());
   // dM is accumulated in the accumulation type; straight into the result when the types agree.
   at::Tensor dm_acc = at::empty({s, d}, memory.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "memory_retrieval_bwd", [&] {
     using A = acc_t<scalar_t>;
     retrieval_bwd_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
-                                   h.const_data_ptr<scalar_t>(), mem.const_data_ptr<A>(),
+                                   h.const_data_ptr<scalar_t>(), data_or_null<A>(mem),
                                    packed ? &*packed : nullptr, out.const_data_ptr<scalar_t>(),
                                    lse.const_data_ptr<float>(), dh.mutable_data_ptr<scalar_t>(),
                                    dm_acc.mutable_data_ptr<A>(), rows, d, s, static_cast<A>(scale));
