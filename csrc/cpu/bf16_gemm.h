@@ -16,6 +16,14 @@
 #include <cstdlib>
 #include <cstring>
 
+// torch declares these macros with the micro-kernel API used here (brgemm with add_C and is_vnni,
+// brgemm_release(is_vnni)); an older torch builds the fp32 tiles only.
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F32F32F32)
+#define GAM_HAVE_BF16_BRGEMM 1
+#else
+#define GAM_HAVE_BF16_BRGEMM 0
+#endif
+
 namespace gam::cpu {
 
 using bf16 = at::BFloat16;
@@ -24,7 +32,8 @@ using bf16 = at::BFloat16;
 // CPU and GAM_EXT_CPU_BF16_GEMM is unset or "auto". GAM_EXT_CPU_BF16_GEMM=fp32 forces the fp32
 // tiles. Read on every call, so that tests and benchmarks can compare both in one process.
 inline bool bf16_native_gemm() {
-  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  static const bool available =
+      GAM_HAVE_BF16_BRGEMM && at::native::cpublas::could_pack(at::kBFloat16);
   const char* env = std::getenv("GAM_EXT_CPU_BF16_GEMM");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return available;
   TORCH_CHECK(std::strcmp(env, "fp32") == 0, "GAM_EXT_CPU_BF16_GEMM must be auto or fp32, got '",
@@ -93,6 +102,27 @@ struct PackedB {
   }
 };
 
+// The micro-kernel for an (m x 64-or-fewer) block of c over `depth` (even) rows of a panel.
+// torch generates and caches one kernel per shape and stride, per thread, for the life of the
+// process, so callers keep the shapes to a bounded set (split_block below).
+inline void brgemm_block(const bf16* a, int64_t lda, int64_t m, const bf16* panel_rows,
+                         int64_t width, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+#if GAM_HAVE_BF16_BRGEMM
+  at::native::cpublas::brgemm(m, width, depth, lda, kPanel, ldc, accumulate, a, panel_rows, c,
+                              true);
+#else
+  TORCH_INTERNAL_ASSERT(false, "gemm_bf16 without torch's bf16 micro-kernel");
+#endif
+}
+
+// The first block of a length n split into few distinct sizes: min(cap, n rounded down to 64)
+// while n >= 64, then the rest (< 64). Rows (cap 256) and depths (cap 512) of every product go
+// through it, so that a process sees a bounded set of sizes whatever its sequence lengths
+// (torch's kernel cache would otherwise grow with every new tail).
+inline int64_t split_block(int64_t n, int64_t cap) {
+  return n >= 64 ? std::min(cap, n / 64 * 64) : n;
+}
+
 // c[:, 0 : n1 - n0] (+)= a @ B[k0 : k0 + kk, n0 : n1] with a (m x kk) row-major bf16 (row stride
 // lda) and c fp32 (row stride ldc): accumulate adds to c, else c is overwritten. k0 must be even,
 // n0 a multiple of 64, and an odd kk must end at B's last row.
@@ -106,19 +136,27 @@ inline void gemm_bf16(const bf16* a, int64_t lda, int64_t m, const PackedB& b, i
   const bf16* panels = b.panels.const_data_ptr<bf16>();
   for (int64_t p = n0 / kPanel; p * kPanel < n1; ++p) {
     const int64_t width = std::min(kPanel, n1 - p * kPanel);
-    float* cp = c + (p * kPanel - n0);
-    if (even > 0) {
-      at::native::cpublas::brgemm(m, width, even, lda, kPanel, ldc, accumulate, a,
-                                  panels + (p * packed_rows + k0) * kPanel, cp, true);
-    } else if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::fill(cp + i * ldc, cp + i * ldc + width, 0.0f);
-    }
-    if (kk % 2 == 1) {
-      const float* __restrict lr = b.last_row.const_data_ptr<float>() + p * kPanel;
-      for (int64_t i = 0; i < m; ++i) {
-        const float ai = static_cast<float>(a[i * lda + kk - 1]);
-        float* __restrict ci = cp + i * ldc;
-        for (int64_t j = 0; j < width; ++j) ci[j] += ai * lr[j];
+    const bf16* panel = panels + (p * packed_rows + k0) * kPanel;
+    for (int64_t i0 = 0; i0 < m; i0 += split_block(m - i0, 256)) {
+      const int64_t rows = split_block(m - i0, 256);
+      float* cp = c + i0 * ldc + (p * kPanel - n0);
+      const bf16* ap = a + i0 * lda;
+      if (even == 0 && !accumulate) {
+        for (int64_t i = 0; i < rows; ++i) std::fill(cp + i * ldc, cp + i * ldc + width, 0.0f);
+      }
+      // The depth in blocks too (each even, so the pairs stay aligned); the first block
+      // overwrites c unless accumulating, the others add.
+      for (int64_t d0 = 0; d0 < even; d0 += split_block(even - d0, 512)) {
+        brgemm_block(ap + d0, lda, rows, panel + d0 * kPanel, width, split_block(even - d0, 512),
+                     cp, ldc, accumulate || d0 > 0);
+      }
+      if (kk % 2 == 1) {
+        const float* __restrict lr = b.last_row.const_data_ptr<float>() + p * kPanel;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float ai = static_cast<float>(ap[i * lda + kk - 1]);
+          float* __restrict ci = cp + i * ldc;
+          for (int64_t j = 0; j < width; ++j) ci[j] += ai * lr[j];
+        }
       }
     }
   }
@@ -140,7 +178,11 @@ struct PackedBothWays {
 
 // Returns the micro-kernel's hardware state (AMX tile configuration) at the end of a work item,
 // as torch does after its own uses.
-inline void release_bf16_gemm() { at::native::cpublas::brgemm_release(true); }
+inline void release_bf16_gemm() {
+#if GAM_HAVE_BF16_BRGEMM
+  at::native::cpublas::brgemm_release(true);
+#endif
+}
 
 // dst (cols x rows, row stride ld_dst) = src (rows x cols, fp32, row stride ld_src) transposed and
 // rounded to bf16: the A operand of a product over the rows of src. In 32 x 32 blocks, so that

@@ -432,15 +432,16 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
             if (item < slot_blocks) {
               const int64_t j0 = item * kOutRows, jb = std::min(w, j0 + kOutRows) - j0;
               float* const out = dm + (c0 + j0) * d;
-              transpose_to_bf16(sbuf + j0, w, tr, jb, ptile, tr);
-              gemm_bf16(ptile, tr, jb, h_packed, 0, tr, out, d, r0 != 0, 0, d);
-              transpose_to_bf16(pbuf + j0, w, tr, jb, ptile, tr);
-              gemm_bf16(ptile, tr, jb, g_packed, 0, tr, out, d, true, 0, d);
+              // Row stride tile whatever the tile's rows: one kernel shape (bf16_gemm.h).
+              transpose_to_bf16(sbuf + j0, w, tr, jb, ptile, tile);
+              gemm_bf16(ptile, tile, jb, h_packed, 0, tr, out, d, r0 != 0, 0, d);
+              transpose_to_bf16(pbuf + j0, w, tr, jb, ptile, tile);
+              gemm_bf16(ptile, tile, jb, g_packed, 0, tr, out, d, true, 0, d);
             } else {
               const int64_t q0 = (item - slot_blocks) * kOutRows;
               const int64_t qb = std::min(2 * d, q0 + kOutRows) - q0;
-              transpose_to_bf16(dzs + q0, 2 * d, tr, qb, ptile, tr);
-              gemm_bf16(ptile, tr, qb, h_packed, 0, tr, dwg + q0 * d, d, r0 != 0, 0, d);
+              transpose_to_bf16(dzs + q0, 2 * d, tr, qb, ptile, tile);
+              gemm_bf16(ptile, tile, qb, h_packed, 0, tr, dwg + q0 * d, d, r0 != 0, 0, d);
             }
             release_bf16_gemm();
           });

@@ -216,8 +216,9 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
           if constexpr (std::is_same_v<A, float>) {
             const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
             bf16* const ptile = ptb + slot * kDmSlotRows * 2 * tile;
-            transpose_to_bf16(p2 + j0, w, 2 * tr, j1 - j0, ptile, 2 * tr);
-            gemm_bf16(ptile, 2 * tr, j1 - j0, x2_packed, 0, 2 * tr, dm_acc + (c0 + j0) * d, d,
+            // Row stride 2 * tile whatever the tile's rows: one kernel shape (bf16_gemm.h).
+            transpose_to_bf16(p2 + j0, w, 2 * tr, j1 - j0, ptile, 2 * tile);
+            gemm_bf16(ptile, 2 * tile, j1 - j0, x2_packed, 0, 2 * tr, dm_acc + (c0 + j0) * d, d,
                       r0 != 0, 0, d);
             release_bf16_gemm();
           }
