@@ -14,12 +14,18 @@
 
 namespace gam::cpu {
 
+#if defined(__GNUC__)
 // Eight float lanes as one value: GCC does not vectorise a max over an array of eight maxima (it
-// does a sum), so the float max is written on this vector type.
+// does a sum), so the float max is written on this vector type (a GCC / Clang extension).
 typedef float Float8 __attribute__((vector_size(32)));
+#define GAM_HAVE_FLOAT8 1
+#else
+#define GAM_HAVE_FLOAT8 0
+#endif
 
 template <typename A>
 GAM_INLINE A row_max(const A* x, int64_t n) {
+#if GAM_HAVE_FLOAT8
   if constexpr (std::is_same_v<A, float>) {
     const float ninf = -std::numeric_limits<float>::infinity();
     Float8 m8 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
@@ -34,7 +40,8 @@ GAM_INLINE A row_max(const A* x, int64_t n) {
     for (; j < n; ++j) m = std::max(m, x[j]);
     return m;
   }
-  // Eight independent maxima (fp64, a checking dtype).
+#endif
+  // Eight independent maxima (fp64, a checking dtype; float without the vector extension).
   A m[8];
   for (auto& v : m) v = -std::numeric_limits<A>::infinity();
   int64_t j = 0;
