@@ -99,6 +99,14 @@ GAM_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t 
   }
 }
 
+// rows x cols of src (row stride ld_src) converted into dst (row stride ld_dst); a GAM_INLINE
+// body for run_best_isa, so that hot conversions get the AVX2 build.
+template <typename D, typename S>
+GAM_INLINE void convert_rows(D* dst, int64_t ld_dst, const S* src, int64_t ld_src, int64_t rows,
+                             int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) convert_row(dst + i * ld_dst, src + i * ld_src, cols);
+}
+
 // exp(x) for float in the style of Cephes expf: x = n*ln2 + r, |r| <= ln2/2, exp(r) by a
 // degree-6 polynomial, 2^n built in the exponent bits; max relative error ~1e-7. Every select is on
 // integers: GCC (with the default -ftrapping-math) will not if-convert float compares, and a loop

@@ -359,14 +359,13 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           A* const part = lconv + d;
           run_best_isa<mixer_bwd_prologue<T>>(df, h, z, g, wt, conv_bias, hs, gs, dzs, delta, dl,
                                               lconv, part, r0, i0, i1, rows, n, d, k);
-          conv_dx_rows(wt, dl, dhs, r0, i0, i1, n, d, k);
+          run_best_isa<conv_dx_rows<A>>(wt, dl, dhs, r0, i0, i1, n, d, k);
           // dh += dz Wg (the gate linear's input gradient).
           if (native) {
             if constexpr (std::is_same_v<A, float>) {
-              for (int64_t q = i0; q < i1; ++q) {
-                convert_row(dzb + q * 2 * d, dzs + q * 2 * d, 2 * d);
-                convert_row(gb + q * d, gs + q * d, d);
-              }
+              run_best_isa<convert_rows<bf16, float>>(dzb + i0 * 2 * d, 2 * d, dzs + i0 * 2 * d,
+                                                      2 * d, t, 2 * d);
+              run_best_isa<convert_rows<bf16, float>>(gb + i0 * d, d, gs + i0 * d, d, t, d);
               gemm_bf16(dzb + i0 * 2 * d, 2 * d, t, wg_packed->x, 0, 2 * d, dhs + i0 * d, d, true,
                         0, d);
             }
@@ -384,7 +383,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
             gemm_bf16(gb + i0 * d, d, t, mem_packed->xt, 0, d, prows, w, false, c0, c0 + w);
             run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0,
                                              scale);
-            for (int64_t q = 0; q < t; ++q) convert_row(dsb + (i0 + q) * w, srows + q * w, w);
+            run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, srows, w, t, w);
             gemm_bf16(dsb + i0 * w, w, t, mem_packed->x, c0, w, dhs + i0 * d, d, true, 0, d);
             release_bf16_gemm();
             done = true;

@@ -181,7 +181,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
             gemm_bf16(xs, d, 2 * t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
             run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
                                              scale);
-            for (int64_t q = 0; q < t; ++q) convert_row(dsb + (i0 + q) * w, ps + q * w, w);
+            run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, ps, w, t, w);
             gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
             release_bf16_gemm();
             done = true;
