@@ -34,8 +34,11 @@ using bf16 = at::BFloat16;
 // CPU and GAM_EXT_CPU_BF16_GEMM is unset or "auto". GAM_EXT_CPU_BF16_GEMM=fp32 forces the fp32
 // tiles. Read on every call, so that tests and benchmarks can compare both in one process.
 inline bool bf16_native_gemm() {
-  static const bool available =
-      GAM_HAVE_BF16_BRGEMM && at::native::cpublas::could_pack(at::kBFloat16);
+#if GAM_HAVE_BF16_BRGEMM
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  constexpr bool available = false;
+#endif
   const char* env = std::getenv("GAM_EXT_CPU_BF16_GEMM");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return available;
   TORCH_CHECK(std::strcmp(env, "fp32") == 0, "GAM_EXT_CPU_BF16_GEMM must be auto or fp32, got '",
