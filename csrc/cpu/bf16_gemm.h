@@ -46,6 +46,9 @@ inline bool bf16_native_gemm() {
   return false;
 }
 
+// True when activations of dtype st run their products on the bf16 micro-kernel.
+inline bool bf16_products(at::ScalarType st) { return st == at::kBFloat16 && bf16_native_gemm(); }
+
 constexpr int64_t kPanel = 64;  // columns per packed panel (the micro-kernel's widest B block)
 
 // A bf16 matrix B (k x n) packed for the micro-kernel: panel p holds columns [64p, 64p + 64) of

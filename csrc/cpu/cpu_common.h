@@ -187,6 +187,19 @@ inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, M
   at::addmm_out(ct, ct, at_, bt, beta, alpha);
 }
 
+// How many threads parallel_items can run on: the intra-op threads, or 1 nested inside someone's
+// parallel region (parallel_for then runs inline on this thread). Per-thread scratch has as many
+// slots.
+inline int64_t thread_slots() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// The scratch slot of the calling thread inside parallel_items, given slots = thread_slots() taken
+// before it.
+inline int64_t thread_slot(int64_t slots) {
+  const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
+  TORCH_INTERNAL_ASSERT(slot < slots);
+  return slot;
+}
+
 // Runs fn(item) for every item in [0, n) on the intra-op threads. Items are handed out from an
 // atomic counter rather than in fixed per-thread ranges, so a thread slowed down by other load on
 // the machine does not hold the others up. What an item computes never depends on which thread
@@ -194,8 +207,7 @@ inline void gemm(const Mat<A>& a, bool trans_a, const Mat<A>& b, bool trans_b, M
 template <typename F>
 inline void parallel_items(int64_t n, const F& fn) {
   if (n <= 0) return;
-  const int64_t workers =
-      std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
+  const int64_t workers = std::min<int64_t>(n, thread_slots());
   if (workers <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;

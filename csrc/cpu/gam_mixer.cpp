@@ -134,12 +134,11 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
   const int64_t hbuf_size = native ? 0 : hsize;                // the products read bf16 h directly
   const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
   const int64_t per_thread = hbuf_size + 3 * hsize + kFwdRows * sc + 2 * kFwdRows + d + psize;
-  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t slots = thread_slots();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
   A* const scratch_p = scratch.mutable_data_ptr<A>();
   parallel_items(nblocks, [&](int64_t blk) {
-    const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(slot < slots);
+    const int64_t slot = thread_slot(slots);
     A* const hbuf = scratch_p + slot * per_thread;
     A* const abuf = hbuf + hbuf_size;
     A* const zbuf = abuf + hsize;  // 2 * hsize
@@ -328,7 +327,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   const int64_t sub_size = dl_rows * d + d + part_size;
   // Native only, in bf16: dz (tile x 2D), dG (tile x D) and scale * ds (tile x w) as operands, a
   // transposed block of rows per thread for dM and dWg, and the tile's h and dG packed.
-  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t slots = thread_slots();
   at::Tensor bf16_scratch = at::empty(
       {native ? 3 * tile * d + tile * sc + slots * kOutRows * tile : 0}, opts.dtype(at::kBFloat16));
   bf16* const dzb = bf16_scratch.mutable_data_ptr<bf16>();
@@ -426,7 +425,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
             g_packed.pack(gb, tr, d, d, false);
           }
           parallel_items(slot_blocks + gate_blocks, [&](int64_t item) {
-            const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
+            const int64_t slot = thread_slot(slots);
             bf16* const ptile = ptb + slot * kOutRows * tile;
             if (item < slot_blocks) {
               const int64_t j0 = item * kOutRows, jb = std::min(w, j0 + kOutRows) - j0;
@@ -479,13 +478,13 @@ class MixerOperands {
  public:
   MixerOperands(const at::Tensor& memory, const at::Tensor& gate_weight, const at::Tensor& h,
                 bool backward) {
-    if (h.scalar_type() == at::kBFloat16 && bf16_native_gemm()) {
+    if (bf16_products(h.scalar_type())) {
       mem_packed_.emplace(memory_in_activation_dtype(memory, h), true, true);
       wg_packed_.emplace(gate_weight.to(at::kBFloat16), backward, !backward);
     } else {
       const auto acc = acc_scalar_type(h.scalar_type());
       mem_ = memory_in_activation_dtype(memory, h).to(acc).contiguous();
-      wg_ = gate_weight.to(h.scalar_type()).to(acc).contiguous();
+      wg_ = rounded_param(gate_weight, h, acc);
     }
   }
   template <typename A>

@@ -240,7 +240,7 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
     const A* mp = mem.const_data_ptr<A>();
     A* partp = parts.mutable_data_ptr<A>();
     const A scale_a = static_cast<A>(scale);
-    const bool round_p = st == at::kBFloat16 && bf16_native_gemm();
+    const bool round_p = bf16_products(st);
     parallel_items(b * chunks, [&](int64_t item) {
       const int64_t bi = item / chunks, ch = item % chunks;
       const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);

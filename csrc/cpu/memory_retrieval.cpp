@@ -64,13 +64,11 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
   const int64_t hbuf_size = native ? 0 : hsize;                // the products read bf16 h directly
   const int64_t psize = native ? (kFwdRows * sc + 1) / 2 : 0;  // bf16 pairs in A units
   const int64_t per_thread = hbuf_size + hsize + kFwdRows * sc + 2 * kFwdRows + psize;
-  // Nested inside someone's parallel region, parallel_for runs inline on this thread: one slot.
-  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t slots = thread_slots();
   at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
   A* const scratch_p = scratch.mutable_data_ptr<A>();
   parallel_items(nblocks, [&](int64_t blk) {
-    const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(slot < slots);
+    const int64_t slot = thread_slot(slots);
     A* const hbuf = scratch_p + slot * per_thread;
     A* const obuf = hbuf + hbuf_size;
     A* const sbuf = obuf + hsize;
@@ -136,7 +134,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
   // so the whole tile is contiguous.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   const auto bf16_opts = opts.dtype(at::kBFloat16);
-  const int64_t slots = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t slots = thread_slots();
   at::Tensor x2_t = at::empty({native ? 0 : 2 * tile * d}, opts);
   at::Tensor p2_t = at::empty({2 * tile * sc}, opts);
   at::Tensor delta_t = at::empty({tile}, opts), dh_t = at::empty({kDirect ? 0 : tile * d}, opts);
@@ -214,7 +212,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
         if (first_chunk) x2_packed.pack(x2b, 2 * tr, d, d, false);
         parallel_blocks(w, kDmSlotRows, [&](int64_t j0, int64_t j1) {
           if constexpr (std::is_same_v<A, float>) {
-            const int64_t slot = slots == 1 ? 0 : at::get_thread_num();
+            const int64_t slot = thread_slot(slots);
             bf16* const ptile = ptb + slot * kDmSlotRows * 2 * tile;
             // Row stride 2 * tile whatever the tile's rows: one kernel shape (bf16_gemm.h).
             transpose_to_bf16(p2 + j0, w, 2 * tr, j1 - j0, ptile, 2 * tile);
@@ -237,7 +235,7 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
 // The memory bank packed for the bf16 micro-kernel when h is bf16 and the CPU has one (and
 // GAM_EXT_CPU_BF16_GEMM does not say fp32); empty otherwise.
 std::optional<PackedBothWays> packed_memory(const at::Tensor& memory, const at::Tensor& h) {
-  if (h.scalar_type() != at::kBFloat16 || !bf16_native_gemm()) return std::nullopt;
+  if (!bf16_products(h.scalar_type())) return std::nullopt;
   return PackedBothWays(memory_in_activation_dtype(memory, h), true, true);
 }
 
