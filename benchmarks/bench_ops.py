@@ -574,6 +574,10 @@ def write_results(args, rows, rate, load, info):
             " ('bf16': the CPU's bf16 matrix units through torch's oneDNN micro-kernel; 'fp32': "
             "fp32 tiles)"
         )
+        lines.append(
+            f"- build of the CPU kernels' vectorised loops: {gam_ext.backend_info()['cpu_isa']}"
+            " (GAM_EXT_CPU_ISA caps it)"
+        )
     if load is not None:
         lines.append(
             f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "

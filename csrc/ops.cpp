@@ -68,6 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_gemm", &gam::cpu::bf16_gemm_path,
         "how the CPU kernels run the products of bfloat16 inputs now: 'bf16' (oneDNN micro-kernel "
         "on the CPU's bf16 matrix units) or 'fp32' (fp32 tiles)");
+  m.def("cpu_isa", &gam::cpu::cpu_isa_name,
+        "which build of the CPU kernels' vectorised loops runs: 'avx512', 'avx2' or 'baseline' "
+        "(the best the CPU has, capped by GAM_EXT_CPU_ISA)");
 #ifdef GAM_EXT_WITH_CUDA
   m.def("cuda_retrieval_path", &gam::cuda::retrieval_path,
         "(path, forward, backward): the retrieval kernels the current CUDA device runs for "

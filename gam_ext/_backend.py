@@ -190,6 +190,10 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     (the CPU's bf16 matrix units, through torch's oneDNN micro-kernel) or ``"fp32"`` (fp32 tiles);
     ``None`` without the extension.
 
+    ``"cpu_isa"`` says which build of the CPU kernels' vectorised loops runs: ``"avx512"``,
+    ``"avx2"`` or ``"baseline"`` (x86-64 without either; every non-x86 CPU), the best the CPU has
+    unless ``GAM_EXT_CPU_ISA`` caps it; ``None`` without the extension.
+
     ``retrieval=(slots, dim, dtype)`` adds ``"retrieval"``: for each device, which implementation
     of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``, else the
     default for the dtype) and the forward and backward kernels with their tiles, as the
@@ -219,6 +223,8 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         # the CPU's bf16 matrix units (AMX) through torch's oneDNN micro-kernel where torch has one
         # for the CPU, else "fp32" tiles (GAM_EXT_CPU_BF16_GEMM=fp32 forces them).
         "cpu_bf16_gemm": None if _extension is None else _extension.cpu_bf16_gemm(),
+        # Which build of the CPU kernels' vectorised loops runs (GAM_EXT_CPU_ISA caps it).
+        "cpu_isa": None if _extension is None else _extension.cpu_isa(),
     }
     if retrieval is not None:
         slots, dim, dtype = retrieval

@@ -11,6 +11,10 @@ inputs; empty batches; fp32 parameters with half activations.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from tolerances import TOL
@@ -627,6 +631,7 @@ import sys, torch, gam_ext
 torch.manual_seed(0)
 x, z = torch.randn(2, 70, 20), torch.randn(2, 70, 40)
 m, w = torch.randn(530, 20) * 0.5, torch.randn(20, 3)
+gw, gb = torch.randn(40, 20) * 0.2, torch.randn(40)
 outs = []
 for dtype in (torch.float32, torch.bfloat16):
     leaves = [t.to(dtype).requires_grad_() for t in (x, x * 0.5, z)]
@@ -634,14 +639,37 @@ for dtype in (torch.float32, torch.bfloat16):
     h = x.to(dtype).requires_grad_()
     g = gam_ext.memory_retrieval(h, m.requires_grad_(), 0.9)
     y = gam_ext.causal_conv1d(h, w)
-    outs += [f, g, y, *torch.autograd.grad((f.sum() + g.square().sum() + y.sum()).float(),
-                                          [*leaves, h, m])]
+    params = [t.clone().requires_grad_() for t in (w, m, gw, gb)]
+    mix = gam_ext.gam_mixer(h, params[0], None, params[1], params[2], params[3], 0.9)
+    loss = f.sum() + g.square().sum() + y.sum() + mix.square().sum()
+    outs += [f, g, y, mix, *torch.autograd.grad(loss.float(), [*leaves, h, m, *params])]
 torch.save([t.detach().float() for t in outs], sys.argv[1])
 """
 
 
-def test_baseline_and_avx2_builds_agree(isa_build_outputs):
-    """The exp loops have a baseline-ISA and an AVX2+FMA build; both must give the same math."""
-    for a, b in zip(*isa_build_outputs(_ISA_SCRIPT), strict=True):
-        # FMA contraction changes roundings only; bf16 outputs may differ by one bf16 ulp.
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
+def test_isa_builds_agree(isa_build_outputs):
+    """The vectorised loops have a baseline-ISA, an AVX2+FMA and an AVX-512 build (and hand-written
+    AVX-512 softmax loops); every build must give the same math."""
+    best, *others = isa_build_outputs(_ISA_SCRIPT)
+    for outputs in others:
+        for a, b in zip(best, outputs, strict=True):
+            # FMA contraction and the order of the softmax sums change roundings only; bf16
+            # outputs may differ by one bf16 ulp.
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
+
+
+def test_cpu_isa_is_reported_and_capped():
+    """backend_info names the build that runs; GAM_EXT_CPU_ISA caps it and rejects other values."""
+    assert gam_ext.backend_info()["cpu_isa"] in ("avx512", "avx2", "baseline")
+    script = "import gam_ext; print(gam_ext.backend_info()['cpu_isa'])"
+    for cap in ("baseline", "bogus"):
+        run = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "GAM_EXT_CPU_ISA": cap},
+            capture_output=True,
+            text=True,
+        )
+        if cap == "baseline":
+            assert run.returncode == 0 and run.stdout.strip() == "baseline"
+        else:
+            assert run.returncode != 0 and "GAM_EXT_CPU_ISA must be" in run.stderr

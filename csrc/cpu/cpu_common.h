@@ -13,35 +13,68 @@
 #include <cstring>
 
 // The extension is compiled for the baseline x86-64 ISA (SSE2). The elementwise loops with exp
-// (gates, softmax) are compute-bound there, so they also get an AVX2+FMA build, chosen at run time:
-// GAM_AVX2 marks a function compiled for AVX2+FMA; the loop bodies are GAM_INLINE templates that
-// run_best_isa (below) compiles into both a baseline and an AVX2 wrapper.
+// (gates, softmax) and the conversions are compute-bound there, so they are also built for AVX2+FMA
+// and for AVX-512, and the build for the CPU is chosen at run time: GAM_AVX2 / GAM_AVX512 mark a
+// function compiled for that ISA; the loop bodies are GAM_INLINE templates that run_best_isa
+// (below) compiles into one wrapper per ISA. The hottest loops of the softmax also have
+// hand-written AVX-512 versions (simd_avx512.h).
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define GAM_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define GAM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), min_vector_width(512)))
+#else
+// GCC keeps to 256-bit vectors on AVX-512 unless told otherwise.
+#define GAM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
 #define GAM_INLINE inline __attribute__((always_inline))
-#define GAM_HAVE_AVX2_BUILD 1
+#define GAM_HAVE_ISA_BUILDS 1
 #else
 #define GAM_AVX2
+#define GAM_AVX512
 #define GAM_INLINE inline
-#define GAM_HAVE_AVX2_BUILD 0
+#define GAM_HAVE_ISA_BUILDS 0
 #endif
 
 namespace gam::cpu {
 
-// True when the AVX2 builds run: the CPU has AVX2 and FMA, and GAM_EXT_CPU_BASELINE is not set
-// in the environment (the tests set it to check the baseline builds too).
-inline bool cpu_has_avx2_fma() {
-#if GAM_HAVE_AVX2_BUILD
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::getenv("GAM_EXT_CPU_BASELINE") == nullptr;
-  return ok;
-#else
-  return false;
+// The instruction sets the CPU kernels have builds for, in order.
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best ISA that both the CPU and GAM_EXT_CPU_ISA allow: the environment variable (auto, the
+// default, or avx512, avx2, baseline) caps it, so that the tests can run every build on one
+// machine. Read on the first call, then fixed for the process.
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+    CpuIsa best = CpuIsa::kBaseline;
+#if GAM_HAVE_ISA_BUILDS
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::kAvx2;
+    if (best == CpuIsa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      best = CpuIsa::kAvx512;
+    }
 #endif
+    const char* env = std::getenv("GAM_EXT_CPU_ISA");
+    if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+    CpuIsa cap;
+    if (std::strcmp(env, "avx512") == 0) {
+      cap = CpuIsa::kAvx512;
+    } else if (std::strcmp(env, "avx2") == 0) {
+      cap = CpuIsa::kAvx2;
+    } else if (std::strcmp(env, "baseline") == 0) {
+      cap = CpuIsa::kBaseline;
+    } else {
+      TORCH_CHECK(false, "GAM_EXT_CPU_ISA must be auto, avx512, avx2 or baseline, got '", env, "'");
+    }
+    return std::min(best, cap);
+  }();
+  return isa;
 }
 
-// Runs Fn(args...) (a GAM_INLINE function) compiled for AVX2+FMA when the CPU has them, else the
-// baseline build: each wrapper below inlines its own copy of Fn's loops, vectorised for its ISA.
+// Runs Fn(args...) (a GAM_INLINE function) compiled for the ISA cpu_isa() picks: each wrapper
+// below inlines its own copy of Fn's loops, vectorised for its ISA.
 template <auto Fn, typename... Args>
 void run_baseline(Args... args) {
   Fn(args...);
@@ -51,11 +84,20 @@ GAM_AVX2 void run_avx2(Args... args) {
   Fn(args...);
 }
 template <auto Fn, typename... Args>
+GAM_AVX512 void run_avx512(Args... args) {
+  Fn(args...);
+}
+template <auto Fn, typename... Args>
 inline void run_best_isa(Args... args) {
-  if (cpu_has_avx2_fma()) {
-    run_avx2<Fn>(args...);
-  } else {
-    run_baseline<Fn>(args...);
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      run_avx512<Fn>(args...);
+      break;
+    case CpuIsa::kAvx2:
+      run_avx2<Fn>(args...);
+      break;
+    default:
+      run_baseline<Fn>(args...);
   }
 }
 
@@ -100,7 +142,7 @@ GAM_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t 
 }
 
 // rows x cols of src (row stride ld_src) converted into dst (row stride ld_dst); a GAM_INLINE
-// body for run_best_isa, so that hot conversions get the AVX2 build.
+// body for run_best_isa, so that hot conversions get the vectorised builds.
 template <typename D, typename S>
 GAM_INLINE void convert_rows(D* dst, int64_t ld_dst, const S* src, int64_t ld_src, int64_t rows,
                              int64_t cols) {

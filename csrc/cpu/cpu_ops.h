@@ -55,4 +55,7 @@ at::Tensor gam_mixer_step(const at::Tensor& h, at::Tensor& conv_state,
 // "bf16" (torch's oneDNN micro-kernel on the CPU's bf16 matrix units) or "fp32" (fp32 tiles).
 std::string bf16_gemm_path();
 
+// Which build of the vectorised loops runs (cpu_common.h): "avx512", "avx2" or "baseline".
+std::string cpu_isa_name();
+
 }  // namespace gam::cpu

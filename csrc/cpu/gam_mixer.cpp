@@ -171,7 +171,7 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
         for (int64_t c0 = 0; c0 < s; c0 += sc) {
           const int64_t w = std::min(sc, s - c0);
           gemm_bf16(hb, d, t, mem_packed->xt, 0, d, sbuf, w, false, c0, c0 + w);
-          run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
+          run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
           gemm_bf16(pb, w, t, mem_packed->x, c0, w, acc, d, c0 != 0, 0, d);
         }
         release_bf16_gemm();
@@ -185,8 +185,8 @@ void mixer_fwd_kernel(const T* h, const acc_t<T>* mem, const acc_t<T>* wg,
         const int64_t w = std::min(sc, s - c0);
         const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
         gemm<A>(hm, false, mc, true, sm, scale, A(0));
-        run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
-                                       static_cast<bf16*>(nullptr));
+        run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
+                             static_cast<bf16*>(nullptr));
         gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
       }
     }
@@ -380,8 +380,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           if (native) {
             gemm_bf16(h + (r0 + i0) * d, d, t, mem_packed->xt, 0, d, srows, w, false, c0, c0 + w);
             gemm_bf16(gb + i0 * d, d, t, mem_packed->xt, 0, d, prows, w, false, c0, c0 + w);
-            run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0,
-                                             scale);
+            run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
             run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, srows, w, t, w);
             gemm_bf16(dsb + i0 * w, w, t, mem_packed->x, c0, w, dhs + i0 * d, d, true, 0, d);
             release_bf16_gemm();
@@ -394,13 +393,13 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
                   A(0));
           gemm<A>(Mat<A>{gs + i0 * d, t, d, d}, false, mc, true, Mat<A>{prows, t, w, w}, A(1),
                   A(0));
-          run_best_isa<scores_to_grads<A>>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
+          run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
           gemm<A>(Mat<A>{srows, t, w, w}, false, mc, false, Mat<A>{dhs + i0 * d, t, d, d}, A(1),
                   A(1));
         }
         if constexpr (!kDirect) {
           if (last_chunk) {
-            for (int64_t q = i0; q < i1; ++q) convert_row(dh + (r0 + q) * d, dhs + q * d, d);
+            run_best_isa<convert_rows<T, A>>(dh + (r0 + i0) * d, d, dhs + i0 * d, d, t, d);
           }
         }
       });

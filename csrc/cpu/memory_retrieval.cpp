@@ -90,20 +90,32 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
         if (native) {
           bf16* const pb = reinterpret_cast<bf16*>(lrow + kFwdRows);
           gemm_bf16(h + r0 * d, d, t, packed->xt, 0, d, sbuf, w, false, c0, c0 + w);
-          run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
+          run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, scale, pb);
           gemm_bf16(pb, w, t, packed->x, c0, w, acc, d, c0 != 0, 0, d);
           continue;
         }
       }
       const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
       gemm<A>(hm, false, mc, true, sm, scale, A(0));
-      run_best_isa<softmax_chunk<A>>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
-                                     static_cast<bf16*>(nullptr));
+      run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
+                           static_cast<bf16*>(nullptr));
       gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
     }
     run_best_isa<finish_rows<T>>(acc, mrow, lrow, out + r0 * d, lse + r0, t, d);
     if (native) release_bf16_gemm();
   });
+}
+
+// The stacked operand rows of backward sub-block rows r .. r+t-1: xs = [h rows ; grad_out rows]
+// (converted to X), and delta = rowsum(grad_out * out) per row.
+template <typename X, typename T>
+GAM_INLINE void stack_rows_and_delta(X* xs, const T* h, const T* grad_out, const T* out,
+                                     acc_t<T>* delta, int64_t r, int64_t t, int64_t d) {
+  for (int64_t q = 0; q < t; ++q) {
+    convert_row(xs + q * d, h + (r + q) * d, d);
+    convert_row(xs + (t + q) * d, grad_out + (r + q) * d, d);
+    delta[q] = row_dot<acc_t<T>>(grad_out + (r + q) * d, out + (r + q) * d, d);
+  }
 }
 
 // dh (rows, d) in T and dm_acc (s, d) in A, from grad_out, the saved out and lse.
@@ -169,16 +181,11 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
           if (native) {
             bf16* xs = x2b + 2 * i0 * d;
             if (first_chunk) {
-              for (int64_t q = 0; q < t; ++q) {
-                const int64_t r = r0 + i0 + q;
-                std::memcpy(xs + q * d, h + r * d, sizeof(bf16) * d);
-                std::memcpy(xs + (t + q) * d, grad_out + r * d, sizeof(bf16) * d);
-                delta[i0 + q] = row_dot<A>(grad_out + r * d, out + r * d, d);
-              }
+              run_best_isa<stack_rows_and_delta<bf16, T>>(xs, h, grad_out, out, delta + i0, r0 + i0,
+                                                          t, d);
             }
             gemm_bf16(xs, d, 2 * t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
-            run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
-                                             scale);
+            run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale);
             run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, ps, w, t, w);
             gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
             release_bf16_gemm();
@@ -189,23 +196,16 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
           const Mat<A> mc{mem_p + c0 * d, w, d, d};
           A* xs = x2 + 2 * i0 * d;
           if (first_chunk) {
-            for (int64_t q = 0; q < t; ++q) {
-              const int64_t r = r0 + i0 + q;
-              convert_row(xs + q * d, h + r * d, d);
-              convert_row(xs + (t + q) * d, grad_out + r * d, d);
-              delta[i0 + q] = row_dot<A>(xs + (t + q) * d, out + r * d, d);
-            }
+            run_best_isa<stack_rows_and_delta<A, T>>(xs, h, grad_out, out, delta + i0, r0 + i0, t,
+                                                     d);
           }
           gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-          run_best_isa<scores_to_grads<A>>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0,
-                                           scale);
+          run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale);
           gemm<A>(Mat<A>{ps, t, w, w}, false, mc, false, Mat<A>{dhs, t, d, d}, A(1),
                   first_chunk ? A(0) : A(1));
         }
         if constexpr (!kDirect) {
-          if (last_chunk) {
-            for (int64_t q = 0; q < t; ++q) convert_row(dh + (r0 + i0 + q) * d, dhs + q * d, d);
-          }
+          if (last_chunk) run_best_isa<convert_rows<T, A>>(dh + (r0 + i0) * d, d, dhs, d, t, d);
         }
       });
       if (native) {
@@ -306,5 +306,16 @@ std::tuple<at::Tensor, at::Tensor> memory_retrieval_bwd(const at::Tensor& grad_o
 }
 
 std::string bf16_gemm_path() { return bf16_native_gemm() ? "bf16" : "fp32"; }
+
+std::string cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
 
 }  // namespace gam::cpu

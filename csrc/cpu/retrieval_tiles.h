@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_common.h"
+#include "cpu/simd_avx512.h"
 
 namespace gam::cpu {
 
@@ -150,6 +151,36 @@ GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int6
       }
     }
   }
+}
+
+// softmax_chunk and scores_to_grads on the fastest build for the CPU: the hand-written AVX-512
+// versions (simd_avx512.h) for fp32 tiles where cpu_isa() is AVX-512, else run_best_isa.
+template <typename A>
+inline void run_softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
+                              int64_t d, int64_t ld, A scale, at::BFloat16* p_bf16) {
+#if GAM_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<A, float>) {
+    if (cpu_isa() == CpuIsa::kAvx512) {
+      softmax_chunk_avx512(sbuf, t, w, first, mrow, lrow, acc, d, ld, scale, p_bf16);
+      return;
+    }
+  }
+#endif
+  run_best_isa<softmax_chunk<A>>(sbuf, t, w, first, mrow, lrow, acc, d, ld, scale, p_bf16);
+}
+
+template <typename A>
+inline void run_scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
+                                const float* lse, const A* delta, A scale) {
+#if GAM_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<A, float>) {
+    if (cpu_isa() == CpuIsa::kAvx512) {
+      scores_to_grads_avx512(srows, dprows, ld, t, w, lse, delta, scale);
+      return;
+    }
+  }
+#endif
+  run_best_isa<scores_to_grads<A>>(srows, dprows, ld, t, w, lse, delta, scale);
 }
 
 }  // namespace gam::cpu

@@ -1,0 +1,163 @@
+// Hand-written AVX-512 versions of the softmax loops of retrieval_tiles.h, for fp32 tiles: the
+// online softmax of a chunk (with the bf16 copy of p that the bf16 products read) and the softmax
+// backward. GCC's vectoriser gains nothing on them from AVX-512 (it keeps 8-lane selects and
+// scalar tails); written with 16-lane intrinsics and masked tails they run about 1.7x (softmax)
+// and 2x (backward) faster than the AVX2 build. The math is fast_exp's and to_bf16's, lane by lane;
+// only the order of the row sums differs (16 partial sums instead of 8).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/cpu_common.h"
+
+#if GAM_HAVE_ISA_BUILDS
+#include <immintrin.h>
+#define GAM_HAVE_AVX512_KERNELS 1
+#else
+#define GAM_HAVE_AVX512_KERNELS 0
+#endif
+
+namespace gam::cpu {
+
+#if GAM_HAVE_AVX512_KERNELS
+// GCC 12's AVX-512 intrinsics initialise a placeholder from itself (`__m512 __Y = __Y;`), which
+// -Wmaybe-uninitialized reports at every inlined use (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define GAM_AVX512_INLINE GAM_AVX512 inline __attribute__((always_inline))
+
+// The lanes [0, n) of a 16-lane block, n <= 16.
+GAM_AVX512_INLINE __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+}
+
+// fast_exp (cpu_common.h) on 16 lanes: the same clamps, reduction and polynomial.
+GAM_AVX512_INLINE __m512 exp16(__m512 x) {
+  const __m512i xb = _mm512_castps_si512(x);
+  const __m512i mag = _mm512_and_si512(xb, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f800000));
+  const __m512i clamped =
+      _mm512_mask_mov_epi32(_mm512_min_epi32(mag, _mm512_set1_epi32(0x42c80000)), nan, mag);
+  const __m512i sign = _mm512_and_si512(xb, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  x = _mm512_castsi512_ps(_mm512_or_si512(sign, clamped));
+  const __m512 shifted =
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
+  const __m512 n = _mm512_sub_ps(shifted, _mm512_set1_ps(12582912.0f));
+  __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000));
+  ni = _mm512_min_epi32(_mm512_max_epi32(ni, _mm512_set1_epi32(-127)), _mm512_set1_epi32(128));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+// to_bf16 (cpu_common.h) on 16 lanes: round to nearest even, NaN a quiet NaN. Integer ops rather
+// than the AVX512-BF16 conversion, which treats denormal inputs as zero.
+GAM_AVX512_INLINE __m256i bf16_16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(
+      _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0)));
+}
+
+GAM_AVX512_INLINE float row_max16(const float* x, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // independent chains: max has latency 4
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + j));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + j + 16));
+    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + j + 32));
+    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + j + 48));
+  }
+  for (; j < n; j += 16) m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(ninf, lanes(n - j), x + j));
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+
+// softmax_chunk<float> (retrieval_tiles.h) on AVX-512.
+GAM_AVX512 inline void softmax_chunk_avx512(float* sbuf, int64_t t, int64_t w, bool first,
+                                            float* mrow, float* lrow, float* acc, int64_t d,
+                                            int64_t ld, float scale, at::BFloat16* p_bf16) {
+  for (int64_t i = 0; i < t; ++i) {
+    float* const srow = sbuf + i * w;
+    float sc = scale;
+    if (!(scale > 0.0f)) {
+      const __m512 vs = _mm512_set1_ps(scale);
+      for (int64_t j = 0; j < w; j += 16) {
+        const __mmask16 m = lanes(w - j);
+        _mm512_mask_storeu_ps(srow + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, srow + j), vs));
+      }
+      sc = 1.0f;
+    }
+    const float mx = sc * row_max16(srow, w);
+    const float m_new = first ? mx : std::max(mrow[i], mx);
+    const float shift = std::isfinite(m_new) ? m_new : 0.0f;
+    const __m512 vsc = _mm512_set1_ps(sc), vshift = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < w; j += 16) {
+      const __mmask16 m = lanes(w - j);
+      const __m512 e = exp16(_mm512_fmsub_ps(vsc, _mm512_maskz_loadu_ps(m, srow + j), vshift));
+      _mm512_mask_storeu_ps(srow + j, m, e);
+      if (p_bf16 != nullptr) _mm256_mask_storeu_epi16(p_bf16 + i * w + j, m, bf16_16(e));
+      sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    const float l = _mm512_reduce_add_ps(sum);
+    if (first) {
+      lrow[i] = l;
+    } else {
+      const float corr = fast_exp(mrow[i] - shift);
+      lrow[i] = lrow[i] * corr + l;
+      float* const arow = acc + i * ld;
+      const __m512 vc = _mm512_set1_ps(corr);
+      for (int64_t c = 0; c < d; c += 16) {
+        const __mmask16 m = lanes(d - c);
+        _mm512_mask_storeu_ps(arow + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, arow + c), vc));
+      }
+    }
+    mrow[i] = shift;
+  }
+}
+
+// scores_to_grads<float> (retrieval_tiles.h) on AVX-512.
+GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64_t ld, int64_t t,
+                                              int64_t w, const float* lse, const float* delta,
+                                              float scale) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t q = 0; q < t; ++q) {
+    float* const srow = srows + q * ld;
+    float* const dprow = dprows + q * ld;
+    const __m512 vl = _mm512_set1_ps(lse[q]), vdl = _mm512_set1_ps(delta[q]);
+    for (int64_t j = 0; j < w; j += 16) {
+      const __mmask16 m = lanes(w - j);
+      const __m512 p = exp16(_mm512_fmsub_ps(vs, _mm512_maskz_loadu_ps(m, srow + j), vl));
+      const __m512 dp = _mm512_maskz_loadu_ps(m, dprow + j);
+      _mm512_mask_storeu_ps(srow + j, m,
+                            _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(dp, vdl)));
+      _mm512_mask_storeu_ps(dprow + j, m, p);
+    }
+  }
+}
+
+#undef GAM_AVX512_INLINE
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif  // GAM_HAVE_AVX512_KERNELS
+
+}  // namespace gam::cpu
