@@ -380,8 +380,8 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           if (native) {
             gemm_bf16(h + (r0 + i0) * d, d, t, mem_packed->xt, 0, d, srows, w, false, c0, c0 + w);
             gemm_bf16(gb + i0 * d, d, t, mem_packed->xt, 0, d, prows, w, false, c0, c0 + w);
-            run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale);
-            run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, srows, w, t, w);
+            run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, delta + i0, scale,
+                                   dsb + i0 * w);
             gemm_bf16(dsb + i0 * w, w, t, mem_packed->x, c0, w, dhs + i0 * d, d, true, 0, d);
             release_bf16_gemm();
             done = true;

@@ -185,8 +185,8 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
                                                           t, d);
             }
             gemm_bf16(xs, d, 2 * t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
-            run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale);
-            run_best_isa<convert_rows<bf16, float>>(dsb + i0 * w, w, ps, w, t, w);
+            run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale,
+                                   dsb + i0 * w);
             gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
             release_bf16_gemm();
             done = true;

@@ -125,10 +125,11 @@ GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
 
 // Softmax backward of t rows, in place on the raw scores s = h M^T (rows of srows) and
 // dp = grad M^T (rows of dprows), both with row stride ld: p = exp(scale*s - lse); srows become
-// scale * ds = scale * p * (dp - delta), dprows become p.
+// scale * ds = scale * p * (dp - delta), dprows become p. With ds_bf16 (fp32 only; row stride
+// ld), scale * ds is also written there rounded to bf16 (the operand of a bf16 product).
 template <typename A>
 GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
-                                const float* lse, const A* delta, A scale) {
+                                const float* lse, const A* delta, A scale, at::BFloat16* ds_bf16) {
   for (int64_t q = 0; q < t; ++q) {
     A* __restrict srow = srows + q * ld;
     A* __restrict dprow = dprows + q * ld;
@@ -142,6 +143,17 @@ GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int6
         const A p = srow[j] * inv;
         srow[j] = scale * p * (dprow[j] - dl);
         dprow[j] = p;
+      }
+    } else if (ds_bf16 != nullptr) {
+      if constexpr (std::is_same_v<A, float>) {
+        at::BFloat16* __restrict drow = ds_bf16 + q * ld;
+        for (int64_t j = 0; j < w; ++j) {
+          const A p = fast_exp(scale * srow[j] - l);
+          const A g = scale * p * (dprow[j] - dl);
+          srow[j] = g;
+          drow[j] = to_bf16(g);
+          dprow[j] = p;
+        }
       }
     } else {
       for (int64_t j = 0; j < w; ++j) {
@@ -171,16 +183,17 @@ inline void run_softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
 
 template <typename A>
 inline void run_scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
-                                const float* lse, const A* delta, A scale) {
+                                const float* lse, const A* delta, A scale,
+                                at::BFloat16* ds_bf16 = nullptr) {
 #if GAM_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<A, float>) {
     if (cpu_isa() == CpuIsa::kAvx512) {
-      scores_to_grads_avx512(srows, dprows, ld, t, w, lse, delta, scale);
+      scores_to_grads_avx512(srows, dprows, ld, t, w, lse, delta, scale, ds_bf16);
       return;
     }
   }
 #endif
-  run_best_isa<scores_to_grads<A>>(srows, dprows, ld, t, w, lse, delta, scale);
+  run_best_isa<scores_to_grads<A>>(srows, dprows, ld, t, w, lse, delta, scale, ds_bf16);
 }
 
 }  // namespace gam::cpu

@@ -134,10 +134,10 @@ GAM_AVX512 inline void softmax_chunk_avx512(float* sbuf, int64_t t, int64_t w, b
   }
 }
 
-// scores_to_grads<float> (retrieval_tiles.h) on AVX-512.
+// scores_to_grads<float> (retrieval_tiles.h) on AVX-512, with the same optional bf16 copy of ds.
 GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64_t ld, int64_t t,
                                               int64_t w, const float* lse, const float* delta,
-                                              float scale) {
+                                              float scale, at::BFloat16* ds_bf16) {
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t q = 0; q < t; ++q) {
     float* const srow = srows + q * ld;
@@ -147,8 +147,9 @@ GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64
       const __mmask16 m = lanes(w - j);
       const __m512 p = exp16(_mm512_fmsub_ps(vs, _mm512_maskz_loadu_ps(m, srow + j), vl));
       const __m512 dp = _mm512_maskz_loadu_ps(m, dprow + j);
-      _mm512_mask_storeu_ps(srow + j, m,
-                            _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(dp, vdl)));
+      const __m512 g = _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(dp, vdl));
+      _mm512_mask_storeu_ps(srow + j, m, g);
+      if (ds_bf16 != nullptr) _mm256_mask_storeu_epi16(ds_bf16 + q * ld + j, m, bf16_16(g));
       _mm512_mask_storeu_ps(dprow + j, m, p);
     }
   }
