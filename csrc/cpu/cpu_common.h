@@ -187,6 +187,24 @@ GAM_INLINE A sigmoid(A z) {
   return A(1) / (A(1) + fast_exp(-z));
 }
 
+// The online softmax's end of a chunk for one row, given the chunk's sum l of exp(s - shift):
+// the running sum becomes l on the first chunk, else the old sum rescaled from the old max to
+// shift plus l, and acc_row (the p M accumulated so far, d values; unused on the first chunk) is
+// rescaled the same way; the running max becomes shift. Shared by softmax_chunk
+// (retrieval_tiles.h) and its AVX-512 version, so both update the same way.
+template <typename A>
+GAM_INLINE void end_softmax_chunk_row(bool first, A l, A shift, A& m_run, A& l_run,
+                                      A* __restrict acc_row, int64_t d) {
+  if (first) {
+    l_run = l;
+  } else {
+    const A corr = fast_exp(m_run - shift);
+    l_run = l_run * corr + l;
+    for (int64_t c = 0; c < d; ++c) acc_row[c] *= corr;
+  }
+  m_run = shift;
+}
+
 // t's data, or nullptr for an undefined tensor (an operand that the path taken does not read).
 template <typename A>
 inline const A* data_or_null(const at::Tensor& t) {

@@ -110,16 +110,8 @@ GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
     } else {
       for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(sc * srow[j] - shift);
     }
-    const A sum = row_sum(srow, w);
-    if (first) {
-      lrow[i] = sum;
-    } else {
-      const A corr = fast_exp(mrow[i] - shift);
-      lrow[i] = lrow[i] * corr + sum;
-      A* __restrict arow = acc + i * ld;
-      for (int64_t c = 0; c < d; ++c) arow[c] *= corr;
-    }
-    mrow[i] = shift;
+    end_softmax_chunk_row(first, row_sum(srow, w), shift, mrow[i], lrow[i],
+                          first ? nullptr : acc + i * ld, d);
   }
 }
 

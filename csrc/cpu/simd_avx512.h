@@ -118,20 +118,8 @@ GAM_AVX512 inline void softmax_chunk_avx512(float* sbuf, int64_t t, int64_t w, b
       if (p_bf16 != nullptr) _mm256_mask_storeu_epi16(p_bf16 + i * w + j, m, bf16_16(e));
       sum = _mm512_mask_add_ps(sum, m, sum, e);
     }
-    const float l = _mm512_reduce_add_ps(sum);
-    if (first) {
-      lrow[i] = l;
-    } else {
-      const float corr = fast_exp(mrow[i] - shift);
-      lrow[i] = lrow[i] * corr + l;
-      float* const arow = acc + i * ld;
-      const __m512 vc = _mm512_set1_ps(corr);
-      for (int64_t c = 0; c < d; c += 16) {
-        const __mmask16 m = lanes(d - c);
-        _mm512_mask_storeu_ps(arow + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, arow + c), vc));
-      }
-    }
-    mrow[i] = shift;
+    end_softmax_chunk_row(first, _mm512_reduce_add_ps(sum), shift, mrow[i], lrow[i],
+                          first ? nullptr : acc + i * ld, d);
   }
 }
 
