@@ -97,8 +97,7 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
       }
       const Mat<A> mc{mem_p + c0 * d, w, d, d}, sm{sbuf, t, w, w};
       gemm<A>(hm, false, mc, true, sm, scale, A(0));
-      run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1),
-                           static_cast<bf16*>(nullptr));
+      run_softmax_chunk<A>(sbuf, t, w, c0 == 0, mrow, lrow, acc, d, d, A(1));
       gemm<A>(sm, false, mc, false, am, A(1), c0 == 0 ? A(0) : A(1));
     }
     run_best_isa<finish_rows<T>>(acc, mrow, lrow, out + r0 * d, lse + r0, t, d);

@@ -161,7 +161,7 @@ GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int6
 // versions (simd_avx512.h) for fp32 tiles where cpu_isa() is AVX-512, else run_best_isa.
 template <typename A>
 inline void run_softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
-                              int64_t d, int64_t ld, A scale, at::BFloat16* p_bf16) {
+                              int64_t d, int64_t ld, A scale, at::BFloat16* p_bf16 = nullptr) {
 #if GAM_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<A, float>) {
     if (cpu_isa() == CpuIsa::kAvx512) {
