@@ -141,7 +141,10 @@ def build_extensions() -> tuple[list, dict]:
 
     sources = read_sources()
     csrc = str(ROOT / "csrc")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]  # C++20 as torch >= 2.14 needs, on every torch
+    # C++20 as torch >= 2.14 needs, on every torch. -fno-wrapv undoes the -fwrapv of Python's own
+    # CFLAGS, which the extension inherits: with wrapping signed ints GCC cannot bound the trip
+    # counts of the int64 loops and left reductions such as row_dot (cpu_common.h) scalar.
+    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp", "-std=c++20"]
     link_flags = ["-fopenmp"] + shared_cxx_runtime()
     kwargs = dict(
         name="gam_ext._C",

@@ -129,6 +129,42 @@ GAM_INLINE at::BFloat16 to_bf16(float x) {
   return at::BFloat16(static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded), at::BFloat16::from_bits());
 }
 
+// The 16 partial sums of row_sum and row_dot, added in a fixed tree. Each block of 16 is converted
+// into an array first and then accumulated lane by lane: written as one loop of s[q] += a * b,
+// GCC 12 left row_dot on bf16 rows scalar (its SLP vectoriser gave up on the conversions); this
+// form builds vectors in every ISA build. The order is the source's, so every build sums the same.
+template <typename A>
+GAM_INLINE A sum_partials(A (&s)[16]) {
+  for (int q = 0; q < 8; ++q) s[q] += s[q + 8];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+template <typename A>
+GAM_INLINE A row_sum(const A* x, int64_t n) {
+  A s[16] = {};
+  const int64_t blocks = n / 16;
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int q = 0; q < 16; ++q) s[q] += x[i * 16 + q];
+  }
+  for (int64_t j = blocks * 16; j < n; ++j) s[0] += x[j];
+  return sum_partials(s);
+}
+
+// sum_j a[j] * b[j] in A (both rows converted to A).
+template <typename A, typename U, typename V>
+GAM_INLINE A row_dot(const U* a, const V* b, int64_t n) {
+  A s[16] = {};
+  const int64_t blocks = n / 16;
+  for (int64_t i = 0; i < blocks; ++i) {
+    A x[16], y[16];
+    for (int q = 0; q < 16; ++q) x[q] = static_cast<A>(a[i * 16 + q]);
+    for (int q = 0; q < 16; ++q) y[q] = static_cast<A>(b[i * 16 + q]);
+    for (int q = 0; q < 16; ++q) s[q] += x[q] * y[q];
+  }
+  for (int64_t j = blocks * 16; j < n; ++j) s[0] += static_cast<A>(a[j]) * static_cast<A>(b[j]);
+  return sum_partials(s);
+}
+
 // dst[i] = src[i] converted; plain loops so the compiler vectorises them.
 template <typename D, typename S>
 GAM_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {

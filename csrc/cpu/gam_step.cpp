@@ -93,17 +93,6 @@ int64_t step_slot_chunk(int64_t d) {
                            std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
-template <typename A>
-GAM_INLINE A dot8(const A* a, const A* b, int64_t n) {
-  A s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += a[j + q] * b[j + q];
-  }
-  for (; j < n; ++j) s[0] += a[j] * b[j];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
 // One (row, slot chunk) of the retrieval: scores of the w slots of mem, their max mx, the sum of
 // exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum]. With
 // round_p, exp(score - mx) enters acc rounded to bf16, as in the full-sequence kernels when they
@@ -113,16 +102,13 @@ GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, 
                                 A* part, bool round_p) {
   A mx = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < w; ++j) {
-    scores[j] = scale * dot8(h, mem + j * d, d);
+    scores[j] = scale * row_dot<A>(h, mem + j * d, d);
     mx = std::max(mx, scores[j]);
   }
   // A chunk of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
   const A shift = std::isfinite(mx) ? mx : A(0);
-  A sum = A(0);
-  for (int64_t j = 0; j < w; ++j) {
-    scores[j] = fast_exp(scores[j] - shift);
-    sum += scores[j];
-  }
+  for (int64_t j = 0; j < w; ++j) scores[j] = fast_exp(scores[j] - shift);
+  const A sum = row_sum(scores, w);
   A* __restrict acc = part;
   std::fill(acc, acc + d, A(0));
   for (int64_t j = 0; j < w; ++j) {

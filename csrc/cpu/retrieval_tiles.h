@@ -54,33 +54,11 @@ GAM_INLINE A row_max(const A* x, int64_t n) {
   return m[0];
 }
 
-template <typename A>
-GAM_INLINE A row_sum(const A* x, int64_t n) {
-  A s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += x[j + q];
-  }
-  for (; j < n; ++j) s[0] += x[j];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-// sum_j a[j] * b[j] in A (both rows converted to A).
-template <typename A, typename U, typename V>
-GAM_INLINE A row_dot(const U* a, const V* b, int64_t n) {
-  A s[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int q = 0; q < 8; ++q) s[q] += static_cast<A>(a[j + q]) * static_cast<A>(b[j + q]);
-  }
-  for (; j < n; ++j) s[0] += static_cast<A>(a[j]) * static_cast<A>(b[j]);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
 // Online softmax over one chunk of slots for t rows: turns the scores in sbuf (t x w), times
 // scale, into p = exp(s - running max) in place, updates the running max and sum, and rescales
 // the rows of acc (the p @ M accumulated over earlier chunks, row stride ld) to the new max. With
-// p_bf16 (t x w), p is also written there rounded to bf16 (the operand of a bf16 product).
+// p_bf16 (t x w), p is written there rounded to bf16 (the operand of a bf16 product) and sbuf is
+// left unspecified: the AVX-512 build does not store p in fp32 when nothing reads it.
 template <typename A>
 GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow, A* lrow, A* acc,
                               int64_t d, int64_t ld, A scale, at::BFloat16* p_bf16) {
