@@ -146,10 +146,9 @@ GAM_INLINE void mixer_step_row(const T* h, const T* z, const acc_t<T>* parts, in
   const T* __restrict zl = z;
   const T* __restrict zg = z + d;
   for (int64_t c = 0; c < d; ++c) {
-    const A lc = static_cast<A>(static_cast<T>(local[c]));
-    const A gc = static_cast<A>(static_cast<T>(g[c] * inv));
-    f[c] =
-        static_cast<T>(sigmoid(static_cast<A>(zl[c])) * lc + sigmoid(static_cast<A>(zg[c])) * gc);
+    const A lc = static_cast<A>(cast_to<T>(local[c]));
+    const A gc = static_cast<A>(cast_to<T>(g[c] * inv));
+    f[c] = cast_to<T>(sigmoid(static_cast<A>(zl[c])) * lc + sigmoid(static_cast<A>(zg[c])) * gc);
   }
 }
 

@@ -28,7 +28,7 @@ GAM_INLINE void gate_fwd_rows(const T* local, const T* global_ctx, const T* z, T
     for (int64_t c = 0; c < d; ++c) {
       const A sl = sigmoid(static_cast<A>(zl[c]));
       const A sg = sigmoid(static_cast<A>(zg[c]));
-      out[c] = static_cast<T>(sl * static_cast<A>(l[c]) + sg * static_cast<A>(g[c]));
+      out[c] = cast_to<T>(sl * static_cast<A>(l[c]) + sg * static_cast<A>(g[c]));
     }
   }
 }
@@ -52,14 +52,14 @@ GAM_INLINE void gate_bwd_rows(const T* grad_out, const T* local, const T* global
     for (int64_t c = 0; c < d; ++c) {
       const A grad = static_cast<A>(dfr[c]);
       const A sl = sigmoid(static_cast<A>(zl[c]));
-      dl[c] = static_cast<T>(sl * grad);
-      dzl[c] = static_cast<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
+      dl[c] = cast_to<T>(sl * grad);
+      dzl[c] = cast_to<T>(grad * static_cast<A>(l[c]) * sl * (A(1) - sl));
     }
     for (int64_t c = 0; c < d; ++c) {
       const A grad = static_cast<A>(dfr[c]);
       const A sg = sigmoid(static_cast<A>(zg[c]));
-      dg[c] = static_cast<T>(sg * grad);
-      dzg[c] = static_cast<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
+      dg[c] = cast_to<T>(sg * grad);
+      dzg[c] = cast_to<T>(grad * static_cast<A>(g[c]) * sg * (A(1) - sg));
     }
   }
 }
