@@ -32,7 +32,8 @@ constexpr int64_t kBwdTileRows = 256;  // backward: rows per tile; dM is accumul
 constexpr int64_t kBwdSubRows = 128;   // backward: rows per parallel work item inside a tile
 constexpr int64_t kDmSlotRows = 64;    // backward: dM slot rows per parallel work item
 
-// The end of the forward for t rows: out = acc / l (acc converted unless it is out) and lse.
+// The end of the forward for t rows: out = acc / l (in place when acc is out, else converted in
+// the same pass) and lse.
 template <typename T>
 GAM_INLINE void finish_rows(acc_t<T>* acc, const acc_t<T>* mrow, const acc_t<T>* lrow, T* out,
                             float* lse, int64_t t, int64_t d) {
@@ -40,8 +41,12 @@ GAM_INLINE void finish_rows(acc_t<T>* acc, const acc_t<T>* mrow, const acc_t<T>*
   for (int64_t i = 0; i < t; ++i) {
     A* __restrict arow = acc + i * d;
     const A inv = A(1) / lrow[i];
-    for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
-    if constexpr (!std::is_same_v<T, A>) convert_row(out + i * d, arow, d);
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t c = 0; c < d; ++c) arow[c] *= inv;
+    } else {
+      T* __restrict orow = out + i * d;
+      for (int64_t c = 0; c < d; ++c) orow[c] = cast_to<T>(arow[c] * inv);
+    }
     lse[i] = static_cast<float>(mrow[i] + std::log(lrow[i]));
   }
 }
