@@ -4,6 +4,8 @@ For each op (conv, retrieval, gate) and the whole token mixer (conv + retrieval 
 gate fusion, as in one GAM block), in forward, backward and forward+backward, on the same inputs in
 one process, it reports the median time, GFLOP/s, peak memory and the speedup over eager, plus the
 fp32 GEMM floor of the mixer (its model GEMM FLOPs at the fp32 GEMM rate measured in the same run).
+The providers' repeats are interleaved (round after round, each provider once per round), so that
+load from other processes on a shared machine moves every provider's times alike.
 
 Providers:
   gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer,
@@ -259,17 +261,30 @@ def run_once(fn, inputs, grad, mode, device):
     return elapsed
 
 
-def time_mode(fn, inputs, grad, mode, device, repeats, warmup, max_seconds):
-    """(median, min) seconds over repeats; stops early (>= 3 repeats, or 1) past max_seconds."""
-    for _ in range(warmup):
-        run_once(fn, inputs, grad, mode, device)
-    times, spent = [], 0.0
-    for _ in range(repeats):
-        times.append(run_once(fn, inputs, grad, mode, device))
-        spent += times[-1]
-        if spent > max_seconds and (len(times) >= 3 or spent > 3 * max_seconds):
+def time_providers(entries, mode, device, repeats, warmup, max_seconds, originals):
+    """{provider: (median, min, repeats)} seconds for one mode. The repeats are interleaved: each
+    round runs every provider once, starting one provider later each round, so that a slow stretch
+    of a shared machine falls on all providers alike instead of on whichever ran then. Stops after
+    `repeats` rounds, or once every provider has spent max_seconds (>= 3 rounds), or once one has
+    spent 3 * max_seconds."""
+    for provider, fn, inputs, grad in entries:
+        set_provider_env(provider, originals)
+        for _ in range(warmup):
+            run_once(fn, inputs, grad, mode, device)
+    times = {provider: [] for provider, *_ in entries}
+    spent = dict.fromkeys(times, 0.0)
+    for r in range(repeats):
+        shift = r % len(entries)
+        for provider, fn, inputs, grad in entries[shift:] + entries[:shift]:
+            set_provider_env(provider, originals)
+            times[provider].append(run_once(fn, inputs, grad, mode, device))
+            spent[provider] += times[provider][-1]
+        if (r >= 2 and min(spent.values()) > max_seconds) or max(spent.values()) > 3 * max_seconds:
             break
-    return statistics.median(times), min(times), len(times)
+    for _, _, inputs, _ in entries:
+        for t in inputs:
+            t.grad = None
+    return {p: (statistics.median(t), min(t), len(t)) for p, t in times.items()}
 
 
 def result_bytes(fn, inputs, mode):
@@ -427,6 +442,7 @@ def main(argv=None):
             b, d, s, k = args.batch, args.d_model, args.slots, args.kernel_size
             for op in args.ops:
                 compiled = {}
+                entries = []  # (provider, fn, inputs, grad), each provider on its own copy
                 for provider in args.providers:
                     if provider in ("sdpa", "gam_fused") and (device != "cuda" or op != "retrieval"):
                         continue
@@ -436,18 +452,20 @@ def main(argv=None):
                         device != "cpu" or dtype != torch.bfloat16 or op not in ("retrieval", "mixer")
                     ):
                         continue
-                    set_provider_env(provider, originals)
                     if provider == "compile":
                         fn = compiled.setdefault(op, torch.compile(FUNCS[(op, "eager")]))
                     else:
                         fn = FUNCS[(op, provider)]
                     inputs = make_inputs(op, b, n, d, s, k, dtype, device)
                     grad = torch.randn(b, n, d, generator=torch.Generator().manual_seed(1))
-                    grad = grad.to(device=device, dtype=dtype)
-                    for mode in args.modes:
-                        seconds, best, count = time_mode(
-                            fn, inputs, grad, mode, device, args.repeats, args.warmup, args.max_seconds
-                        )
+                    entries.append((provider, fn, inputs, grad.to(device=device, dtype=dtype)))
+                for mode in args.modes:
+                    timings = time_providers(
+                        entries, mode, device, args.repeats, args.warmup, args.max_seconds, originals
+                    )
+                    for provider, fn, inputs, grad in entries:
+                        seconds, best, count = timings[provider]
+                        set_provider_env(provider, originals)
                         peak = None if args.no_memory else peak_memory(fn, inputs, grad, mode, device)
                         extra = None if peak is None else max(0, peak - result_bytes(fn, inputs, mode))
                         flops = model_flops(op, mode, b, n, d, s, k)
@@ -476,7 +494,7 @@ def main(argv=None):
                             f"extra {'-' if extra is None else f'{extra / 2**20:.1f} MB'}",
                             flush=True,
                         )
-                    del inputs
+                del entries
     set_provider_env("gam_ext", originals)
     for row in rows:
         base = next(
@@ -588,7 +606,8 @@ def write_results(args, rows, rate, load, info):
     lines += [
         "",
         "GFLOP/s and speedup use median times; (from min) is the speedup from the "
-        "fastest repeat, less sensitive to other load on a shared machine. peak MB: peak bytes "
+        "fastest repeat, less sensitive to other load on a shared machine. The providers' "
+        "repeats are interleaved (each round runs every provider once). peak MB: peak bytes "
         "allocated during one call above what was live before it (outputs and grads "
         "included); extra MB: that peak minus the bytes of the output and the inputs' grads, "
         "i.e. the workspace an implementation adds (saved activations, scratch).",
