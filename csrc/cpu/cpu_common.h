@@ -130,8 +130,8 @@ GAM_INLINE at::BFloat16 to_bf16(float x) {
 }
 
 // x converted to T: to_bf16 for float to bf16 (the same bits as c10's conversion, whose branch on
-// NaN kept some loops scalar: the bf16 forward epilogue of the mixer took 40% longer with it),
-// else the plain conversion.
+// NaN kept some loops scalar: with it in one loop of the mixer's forward epilogue, the one-thread
+// bf16 mixer forward took 7.7 instead of 5.6 ms), else the plain conversion.
 template <typename T, typename S>
 GAM_INLINE T cast_to(S x) {
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<S, float>) {
