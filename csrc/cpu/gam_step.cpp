@@ -226,12 +226,14 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
     A* partp = parts.mutable_data_ptr<A>();
     const A scale_a = static_cast<A>(scale);
     const bool round_p = bf16_products(st);
+    // Chunk-major items: the rows of one slot chunk run one after another, so that the chunk is
+    // read from memory once per step rather than once per row.
     parallel_items(b * chunks, [&](int64_t item) {
-      const int64_t bi = item / chunks, ch = item % chunks;
+      const int64_t ch = item / b, bi = item % b;
       const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);
       std::vector<A> scores(w);
       run_best_isa<retrieval_chunk<A>>(hp + bi * d, mp + j0 * d, w, d, scale_a, scores.data(),
-                                       partp + item * (d + 2), round_p);
+                                       partp + (bi * chunks + ch) * (d + 2), round_p);
     });
     const scalar_t* hT = h.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
