@@ -97,8 +97,8 @@ int64_t step_slot_chunk(int64_t d) {
 // exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum]. With
 // round_p, exp(score - mx) enters acc rounded to bf16, as in the full-sequence kernels when they
 // run bf16 products (bf16_gemm.h).
-template <typename A>
-GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, A scale, A* scores,
+template <typename A, typename M>
+GAM_INLINE void retrieval_chunk(const A* h, const M* mem, int64_t w, int64_t d, A scale, A* scores,
                                 A* part, bool round_p) {
   A mx = -std::numeric_limits<A>::infinity();
   for (int64_t j = 0; j < w; ++j) {
@@ -116,8 +116,8 @@ GAM_INLINE void retrieval_chunk(const A* h, const A* mem, int64_t w, int64_t d, 
     if constexpr (std::is_same_v<A, float>) {
       if (round_p) p = static_cast<float>(to_bf16(p));
     }
-    const A* __restrict row = mem + j * d;
-    for (int64_t c = 0; c < d; ++c) acc[c] += p * row[c];
+    const M* __restrict row = mem + j * d;
+    for (int64_t c = 0; c < d; ++c) acc[c] += p * static_cast<A>(row[c]);
   }
   part[d] = shift;
   part[d + 1] = sum;
@@ -212,8 +212,9 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
   const at::Tensor wt = conv_weight.to(acc).t().contiguous();
   const at::Tensor bias_acc =
       conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::Tensor();
-  // Rounded to h's dtype (op_checks.h), then widened exactly to the accumulation type.
-  const at::Tensor mem = memory_in_activation_dtype(memory, h).to(acc).contiguous();
+  // Rounded to h's dtype (op_checks.h) and read in it: the loops widen each value exactly to the
+  // accumulation type (a widened copy of the bank per token took a third of a bf16 step).
+  const at::Tensor mem = memory_in_activation_dtype(memory, h).contiguous();
   const at::Tensor h_acc = h.to(acc).contiguous();
   const at::Tensor pos = positions_or_none(cache_seqlens);
   const int64_t chunk = step_slot_chunk(d);
@@ -222,7 +223,7 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gam_mixer_step", [&] {
     using A = acc_t<scalar_t>;
     const A* hp = h_acc.const_data_ptr<A>();
-    const A* mp = mem.const_data_ptr<A>();
+    const scalar_t* mp = mem.const_data_ptr<scalar_t>();
     A* partp = parts.mutable_data_ptr<A>();
     const A scale_a = static_cast<A>(scale);
     const bool round_p = bf16_products(st);
@@ -232,8 +233,9 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
       const int64_t ch = item / b, bi = item % b;
       const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);
       std::vector<A> scores(w);
-      run_best_isa<retrieval_chunk<A>>(hp + bi * d, mp + j0 * d, w, d, scale_a, scores.data(),
-                                       partp + (bi * chunks + ch) * (d + 2), round_p);
+      run_best_isa<retrieval_chunk<A, scalar_t>>(hp + bi * d, mp + j0 * d, w, d, scale_a,
+                                                 scores.data(),
+                                                 partp + (bi * chunks + ch) * (d + 2), round_p);
     });
     const scalar_t* hT = h.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
