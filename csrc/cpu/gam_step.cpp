@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -93,6 +94,43 @@ int64_t step_slot_chunk(int64_t d) {
                            std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
+// row_dot<A>(h, mem + (j + k) * d, d) for k < 4, side by side: one row_dot is a single chain of
+// dependent FMAs, four independent chains keep the FMA units busy. Each sum is row_dot's, in
+// row_dot's order (16 partial sums, sum_partials). The partial sums are vector-extension values,
+// which GCC keeps in registers (as plain arrays, 4 x 16 of them went to the stack).
+template <typename Vec, typename A, typename M>
+GAM_INLINE void widened_block(const M* src, Vec& out) {
+  A v[16];
+  for (int q = 0; q < 16; ++q) v[q] = static_cast<A>(src[q]);
+  std::memcpy(&out, v, sizeof(Vec));
+}
+
+template <typename A, typename M>
+GAM_INLINE void row_dots4(const A* h, const M* mem, int64_t d, A* out) {
+  typedef A Vec __attribute__((vector_size(16 * sizeof(A))));
+  Vec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  const int64_t blocks = d / 16;
+  for (int64_t i = 0; i < blocks; ++i) {
+    Vec x, y0, y1, y2, y3;
+    std::memcpy(&x, h + i * 16, sizeof(Vec));
+    widened_block<Vec, A>(mem + i * 16, y0);
+    widened_block<Vec, A>(mem + d + i * 16, y1);
+    widened_block<Vec, A>(mem + 2 * d + i * 16, y2);
+    widened_block<Vec, A>(mem + 3 * d + i * 16, y3);
+    acc0 += x * y0;
+    acc1 += x * y1;
+    acc2 += x * y2;
+    acc3 += x * y3;
+  }
+  const Vec* accs[4] = {&acc0, &acc1, &acc2, &acc3};
+  for (int k = 0; k < 4; ++k) {
+    A s[16];
+    std::memcpy(s, accs[k], sizeof(Vec));
+    for (int64_t c = blocks * 16; c < d; ++c) s[0] += h[c] * static_cast<A>(mem[k * d + c]);
+    out[k] = sum_partials(s);
+  }
+}
+
 // One (row, slot chunk) of the retrieval: scores of the w slots of mem, their max mx, the sum of
 // exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum]. With
 // round_p, exp(score - mx) enters acc rounded to bf16, as in the full-sequence kernels when they
@@ -101,7 +139,16 @@ template <typename A, typename M>
 GAM_INLINE void retrieval_chunk(const A* h, const M* mem, int64_t w, int64_t d, A scale, A* scores,
                                 A* part, bool round_p) {
   A mx = -std::numeric_limits<A>::infinity();
-  for (int64_t j = 0; j < w; ++j) {
+  int64_t j = 0;
+  for (; j + 4 <= w; j += 4) {
+    A dots[4];
+    row_dots4(h, mem + j * d, d, dots);
+    for (int k = 0; k < 4; ++k) {
+      scores[j + k] = scale * dots[k];
+      mx = std::max(mx, scores[j + k]);
+    }
+  }
+  for (; j < w; ++j) {
     scores[j] = scale * row_dot<A>(h, mem + j * d, d);
     mx = std::max(mx, scores[j]);
   }
