@@ -459,6 +459,8 @@ def main(argv=None):
                     inputs = make_inputs(op, b, n, d, s, k, dtype, device)
                     grad = torch.randn(b, n, d, generator=torch.Generator().manual_seed(1))
                     entries.append((provider, fn, inputs, grad.to(device=device, dtype=dtype)))
+                if not entries:  # no provider asked for runs this op here
+                    continue
                 for mode in args.modes:
                     timings = time_providers(
                         entries, mode, device, args.repeats, args.warmup, args.max_seconds, originals

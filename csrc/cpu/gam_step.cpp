@@ -94,10 +94,7 @@ int64_t step_slot_chunk(int64_t d) {
                            std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
-// row_dot<A>(h, mem + (j + k) * d, d) for k < 4, side by side: one row_dot is a single chain of
-// dependent FMAs, four independent chains keep the FMA units busy. Each sum is row_dot's, in
-// row_dot's order (16 partial sums, sum_partials). The partial sums are vector-extension values,
-// which GCC keeps in registers (as plain arrays, 4 x 16 of them went to the stack).
+// src[0 .. 16) widened to A, as one vector-extension value.
 template <typename Vec, typename A, typename M>
 GAM_INLINE void widened_block(const M* src, Vec& out) {
   A v[16];
@@ -105,6 +102,10 @@ GAM_INLINE void widened_block(const M* src, Vec& out) {
   std::memcpy(&out, v, sizeof(Vec));
 }
 
+// row_dot<A>(h, mem + k * d, d) for k < 4, side by side: one row_dot is a single chain of
+// dependent FMAs, four independent chains keep the FMA units busy. Each sum is row_dot's, in
+// row_dot's order (16 partial sums, sum_partials). The partial sums are vector-extension values,
+// which GCC keeps in registers (as plain arrays, 4 x 16 of them went to the stack).
 template <typename A, typename M>
 GAM_INLINE void row_dots4(const A* h, const M* mem, int64_t d, A* out) {
   typedef A Vec __attribute__((vector_size(16 * sizeof(A))));
@@ -139,8 +140,8 @@ template <typename A, typename M>
 GAM_INLINE void retrieval_chunk(const A* h, const M* mem, int64_t w, int64_t d, A scale, A* scores,
                                 A* part, bool round_p) {
   A mx = -std::numeric_limits<A>::infinity();
-  int64_t j = 0;
-  for (; j + 4 <= w; j += 4) {
+  const int64_t w4 = w / 4 * 4;  // slots scored four at a time
+  for (int64_t j = 0; j < w4; j += 4) {
     A dots[4];
     row_dots4(h, mem + j * d, d, dots);
     for (int k = 0; k < 4; ++k) {
@@ -148,7 +149,7 @@ GAM_INLINE void retrieval_chunk(const A* h, const M* mem, int64_t w, int64_t d, 
       mx = std::max(mx, scores[j + k]);
     }
   }
-  for (; j < w; ++j) {
+  for (int64_t j = w4; j < w; ++j) {
     scores[j] = scale * row_dot<A>(h, mem + j * d, d);
     mx = std::max(mx, scores[j]);
   }
