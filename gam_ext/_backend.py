@@ -147,6 +147,13 @@ def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
 
+def cpu_bf16_products(dtype: torch.dtype) -> bool:
+    """True when the CPU kernels run the products of ``dtype`` inputs on the CPU's bf16 matrix
+    units (bfloat16, a torch with a bf16 micro-kernel for this CPU, GAM_EXT_CPU_BF16_GEMM not
+    forcing fp32 tiles)."""
+    return dtype == torch.bfloat16 and _extension is not None and _extension.cpu_bf16_gemm() == "bf16"
+
+
 def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
     """Which implementation of memory_retrieval each device runs for S slots, width D and dtype."""
     path: dict[str, Any] = {}
@@ -154,10 +161,9 @@ def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
         if not use_kernel("memory_retrieval", device, dtype):
             path[device] = "reference"
         elif device == "cpu":
-            bf16_products = dtype == torch.bfloat16 and _extension.cpu_bf16_gemm() == "bf16"
             tiles = (
                 "bf16 GEMM tiles on the CPU's bf16 matrix units (oneDNN micro-kernel)"
-                if bf16_products
+                if cpu_bf16_products(dtype)
                 else "fp32 GEMM tiles"
             )
             path[device] = f"kernel: {tiles} and an online softmax (csrc/cpu)"

@@ -428,6 +428,25 @@ def test_bf16_products_run_on_the_matrix_units(shape, monkeypatch):
             assert err_units < 1e-2 and err_units < 2 * err_tiles + 1e-4, (fn, i, err_units, err_tiles)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_three_op_gate_linear_precision(dtype, monkeypatch):
+    """The three-op mixer's gate linear: in the activation dtype where the CPU kernels run bf16
+    products on matrix units (as the fused op computes z), else in fp32 rounded once (torch's
+    half GEMM on a CPU without such units is far slower than its fp32 GEMM)."""
+    from gam_ext.ops import _gate_linear
+
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 7, 24, generator=gen).to(dtype)
+    w, b = torch.randn(48, 24, generator=gen) / 5, torch.randn(48, generator=gen)
+    in_fp32 = torch.nn.functional.linear(h.float(), w, b).to(dtype)
+    in_dtype = torch.nn.functional.linear(h, w.to(dtype), b.to(dtype))
+    assert not torch.equal(in_fp32, in_dtype)  # the weight's rounding shows
+    for switch in ("auto", "fp32"):
+        monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", switch)
+        units = dtype == torch.bfloat16 and BF16_UNITS and switch == "auto"
+        assert torch.equal(_gate_linear(h, w, b), in_dtype if units else in_fp32), (switch, units)
+
+
 def test_bf16_gemm_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("GAM_EXT_CPU_BF16_GEMM", "amx")
     h = torch.randn(1, 3, 4, dtype=torch.bfloat16)
