@@ -40,3 +40,33 @@ def test_prefers_the_project_venv():
     out, _ = run_check()
     assert out.returncode == 2
     assert ".venv/bin/python sees no CUDA GPU" in out.stderr
+
+
+def test_sanitizer_driver_selects_shared_memory_groups(monkeypatch, capsys):
+    """racecheck (shared memory only) gets the groups whose kernels use shared memory; each group
+    prints a progress line, so a run cut off by gpu_check.sh's time limit shows how far it got."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("driver", ROOT / "scripts" / "cuda_sanitize_driver.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    ran = []
+    groups = [(name, lambda name=name: ran.append(name), shared) for name, _, shared in driver.GROUPS]
+    monkeypatch.setattr(driver, "GROUPS", groups)
+    monkeypatch.setattr(
+        driver.gam_ext, "backend_info", lambda: {"ops": {"cuda": {"memory_retrieval": "kernel"}}}
+    )
+    monkeypatch.setattr(driver.torch.cuda, "synchronize", lambda: None)
+    for argv, expected in (
+        (["--shared-memory-only"], [name for name, _, shared in groups if shared]),
+        ([], [name for name, _, _ in groups]),
+    ):
+        ran.clear()
+        monkeypatch.setattr(sys, "argv", ["cuda_sanitize_driver.py", *argv])
+        driver.main()
+        assert ran == expected
+        out = capsys.readouterr().out
+        assert [line.split(": ", 1)[1].rsplit(" done", 1)[0] for line in out.splitlines()[:-1]] == expected
+        assert out.splitlines()[-1] == "cuda_sanitize_driver: ok"
+    shared = {name for name, _, is_shared in driver.GROUPS if is_shared}
+    assert any("tensor-core" in name for name in shared) and not any("gemm" in name for name in shared)

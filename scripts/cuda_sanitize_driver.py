@@ -1,7 +1,7 @@
 """Small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck, synccheck).
 
     compute-sanitizer --tool memcheck  python scripts/cuda_sanitize_driver.py
-    compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py
+    compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py --shared-memory-only
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
 the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm, the gemm path's softmax kernels
@@ -14,7 +14,9 @@ fp32 / fp16 / bf16.
 
 from __future__ import annotations
 
+import argparse
 import os
+import time
 
 import torch
 
@@ -66,21 +68,24 @@ def decode_step(dtype: torch.dtype, d: int, k: int, s: int) -> None:
             gam_ext.gam_mixer_step(h, state, w, b, m, gw, None, 0.9, cache_seqlens=cache_seqlens)
 
 
-def main() -> None:
-    assert gam_ext.backend_info()["ops"]["cuda"]["memory_retrieval"] == "kernel", gam_ext.backend_info()
-    torch.manual_seed(0)
-    for path in ("fused", "simt", "gemm"):
-        os.environ["GAM_EXT_RETRIEVAL"] = path
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
-            step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
-            step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
-            fused_mixer(dtype, d=64, k=3, n=150)  # the fused mixer's epilogue and prologue
-            fused_mixer(dtype, d=13, k=5, n=3)  # scalar paths, K > N
+def gemm_softmax_cases() -> None:
     os.environ["GAM_EXT_RETRIEVAL"] = "gemm"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for s in (72, 516):  # S % 4 == 0: the softmax kernels' register-resident variants
             step(dtype, d=64, k=3, n=37, s=s)
+
+
+def path_cases(path: str) -> None:
+    os.environ["GAM_EXT_RETRIEVAL"] = path
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        step(dtype, d=64, k=3, n=150)  # vectorised, fast K, several time blocks and splits
+        step(dtype, d=13, k=5, n=37)  # scalar paths, generic K
+        step(dtype, d=40, k=2, n=3)  # N < K - 1 halo
+        fused_mixer(dtype, d=64, k=3, n=150)  # the fused mixer's epilogue and prologue
+        fused_mixer(dtype, d=13, k=5, n=3)  # scalar paths, K > N
+
+
+def tensor_core_tile_cases() -> None:
     os.environ["GAM_EXT_RETRIEVAL"] = "fused"
     for limit in ("232448", "166912", "101376", "65536"):  # sm_90, sm_80, sm_86, sm_75 tiles
         os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"] = limit
@@ -88,10 +93,46 @@ def main() -> None:
             step(dtype, d=520, k=3, n=70)  # 8 column chunks of the fused kernels
             step(dtype, d=256, k=4, n=37)
     del os.environ["GAM_EXT_RETRIEVAL_SMEM_LIMIT"]
+
+
+def decode_cases() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         decode_step(dtype, d=200, k=3, s=70)  # two channel blocks, three slot splits
         decode_step(dtype, d=13, k=1, s=5)  # no state rows
-    torch.cuda.synchronize()
+
+
+# (name, cases, uses shared memory). The gemm path's kernels (cuBLAS aside: the softmax kernels,
+# one warp per row in registers), the gate kernels and the mixer's epilogue and prologue use no
+# shared memory, so racecheck has nothing to check in them: --shared-memory-only (what
+# gpu_check.sh gives racecheck, the slowest tool) leaves out the groups that only add those.
+GROUPS = [
+    ("fused path (tensor-core retrieval, conv, gates, fused mixer)", lambda: path_cases("fused"), True),
+    ("tensor-core tiles of smaller GPUs", tensor_core_tile_cases, True),
+    ("simt path", lambda: path_cases("simt"), True),
+    ("one-token step", decode_cases, True),
+    ("gemm path", lambda: path_cases("gemm"), False),
+    ("gemm path softmax variants", gemm_softmax_cases, False),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shared-memory-only",
+        action="store_true",
+        help="only the groups whose kernels use shared memory (for racecheck)",
+    )
+    args = parser.parse_args()
+    assert gam_ext.backend_info()["ops"]["cuda"]["memory_retrieval"] == "kernel", gam_ext.backend_info()
+    torch.manual_seed(0)
+    start = time.monotonic()
+    for name, cases, shared in GROUPS:
+        if args.shared_memory_only and not shared:
+            continue
+        cases()
+        torch.cuda.synchronize()
+        # A line per group, so that a run cut off by a time limit shows how far it got.
+        print(f"cuda_sanitize_driver: {name} done ({time.monotonic() - start:.0f} s)", flush=True)
     print("cuda_sanitize_driver: ok")
 
 
