@@ -190,6 +190,39 @@ struct PackedB {
         lr[j] = static_cast<float>(trans ? b[j * ld + k - 1] : b[(k - 1) * ld + j]);
     }
   }
+
+  // Panels for a matrix of an even number of rows, to be filled pair of rows by pair of rows with
+  // pack_pairs (by several threads at once, each on its own pairs): the retrieval backward packs
+  // the rows of a tile where each thread has them in cache, rather than in a pass of its own.
+  void allocate(int64_t rows, int64_t cols) {
+    TORCH_INTERNAL_ASSERT(rows % 2 == 0);
+    k = rows;
+    n = cols;
+    panels =
+        at::empty({(n + kPanel - 1) / kPanel, k, kPanel}, at::TensorOptions().dtype(at::kBFloat16));
+    last_row = at::Tensor();
+  }
+
+  // Packs the pairs [p0, p1): pair p holds rows 2p and 2p + 1, read from row(2p) and row(2p + 1)
+  // (each a pointer to n bf16 values), so that a matrix stacked from several places needs no
+  // copy first.
+  template <typename RowFn>
+  void pack_pairs(int64_t p0, int64_t p1, const RowFn& row) {
+    uint16_t* const dst = reinterpret_cast<uint16_t*>(panels.mutable_data_ptr<bf16>());
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(row(2 * p));
+      const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(row(2 * p + 1));
+      for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+        const int64_t width = std::min(kPanel, n - j0);
+        uint16_t* __restrict pair_row = dst + ((j0 / kPanel) * k + 2 * p) * kPanel;
+        for (int64_t j = 0; j < width; ++j) {
+          pair_row[2 * j] = r0[j0 + j];
+          pair_row[2 * j + 1] = r1[j0 + j];
+        }
+        std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
+      }
+    }
+  }
 };
 
 // The micro-kernel for an (m x kPanel-or-fewer) block of c over `depth` (even) rows of a panel.

@@ -111,13 +111,15 @@ void retrieval_fwd_kernel(const T* h, const acc_t<T>* mem, const PackedBothWays*
 }
 
 // The stacked operand rows of backward sub-block rows r .. r+t-1: xs = [h rows ; grad_out rows]
-// (converted to X), and delta = rowsum(grad_out * out) per row.
+// (converted to X; none when xs is null), and delta = rowsum(grad_out * out) per row.
 template <typename X, typename T>
 GAM_INLINE void stack_rows_and_delta(X* xs, const T* h, const T* grad_out, const T* out,
                                      acc_t<T>* delta, int64_t r, int64_t t, int64_t d) {
   for (int64_t q = 0; q < t; ++q) {
-    convert_row(xs + q * d, h + (r + q) * d, d);
-    convert_row(xs + (t + q) * d, grad_out + (r + q) * d, d);
+    if (xs != nullptr) {
+      convert_row(xs + q * d, h + (r + q) * d, d);
+      convert_row(xs + (t + q) * d, grad_out + (r + q) * d, d);
+    }
     delta[q] = row_dot<acc_t<T>>(grad_out + (r + q) * d, out + (r + q) * d, d);
   }
 }
@@ -132,7 +134,13 @@ GAM_INLINE void stack_rows_and_delta(X* xs, const T* h, const T* grad_out, const
 //   dM += [scale*ds ; p]^T [h ; grad_out]   one GEMM over the tile's stacked rows.
 // Each dM element is summed tile after tile in a fixed order by one GEMM call per block, so dM has
 // the same bits whatever the thread count, and no per-thread copies of dM are needed. With packed
-// (bf16 only) the products run on the bf16 micro-kernel, with scale*ds and p rounded to bf16.
+// (bf16 only) the products run on the bf16 micro-kernel, with scale*ds and p rounded to bf16; then
+// each sub-block also leaves its part of dM's operands in place for the dM phase, while its rows
+// are in its thread's cache: its pairs of [h ; grad_out] rows packed (read straight from the
+// inputs, no stacked copy) and its [scale*ds ; p] transposed to bf16. Packed in a pass of their
+// own between the phases, the rows did not pack faster on a second thread, and the dM phase read
+// fp32 rows that the other core had written: at B=4 N=512 D=S=512 the backward went from 3.5-3.8
+// to 3.3-3.5 ms on two cores (the same on one).
 template <typename T>
 void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
                           const PackedBothWays* packed, const T* out, const float* lse, T* dh,
@@ -146,28 +154,27 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
   const int64_t tile = std::min(kBwdTileRows, rows);
   A* const mem_p = const_cast<A*>(mem);
   // Stacked operands of the tile: sub-block i occupies rows [2*i*sub, 2*i*sub + 2*t_i) as
-  // [its h rows ; its grad_out rows] in x2 (in bf16 in x2b when native), and [scale*ds ; p] in p2,
-  // so the whole tile is contiguous.
+  // [its h rows ; its grad_out rows] in x2 (packed in x2_packed when native), and [scale*ds ; p]
+  // in p2 (transposed to bf16 in p2t when native), so the whole tile is contiguous.
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   const auto bf16_opts = opts.dtype(at::kBFloat16);
-  const int64_t slots = thread_slots();
   at::Tensor x2_t = at::empty({native ? 0 : 2 * tile * d}, opts);
   at::Tensor p2_t = at::empty({2 * tile * sc}, opts);
   at::Tensor delta_t = at::empty({tile}, opts), dh_t = at::empty({kDirect ? 0 : tile * d}, opts);
-  // Native only: x2b, scale*ds in bf16 for dh, per-thread transposed [scale*ds ; p] blocks for dM.
-  at::Tensor x2b_t = at::empty({native ? 2 * tile * d : 0}, bf16_opts);
+  // Native only: scale*ds in bf16 for dh, and the tile's [scale*ds ; p] transposed (w x 2*tile,
+  // row stride 2 * tile whatever the tile's rows: one kernel shape, bf16_gemm.h) for dM.
   at::Tensor dsb_t = at::empty({native ? tile * sc : 0}, bf16_opts);
-  at::Tensor ptb_t = at::empty({native ? slots * kDmSlotRows * 2 * tile : 0}, bf16_opts);
+  at::Tensor p2t_t = at::empty({native ? sc * 2 * tile : 0}, bf16_opts);
   A* const x2 = x2_t.mutable_data_ptr<A>();
   A* const p2 = p2_t.mutable_data_ptr<A>();
   A* const delta = delta_t.mutable_data_ptr<A>();
   A* const dh_buf = dh_t.mutable_data_ptr<A>();
-  bf16* const x2b = x2b_t.mutable_data_ptr<bf16>();
   bf16* const dsb = dsb_t.mutable_data_ptr<bf16>();
-  bf16* const ptb = ptb_t.mutable_data_ptr<bf16>();
+  bf16* const p2t = p2t_t.mutable_data_ptr<bf16>();
   PackedB x2_packed;
   for (int64_t r0 = 0; r0 < rows; r0 += tile) {
     const int64_t tr = std::min(tile, rows - r0);
+    if (native) x2_packed.allocate(2 * tr, d);
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
       const int64_t w = std::min(sc, s - c0);
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
@@ -183,16 +190,24 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
         bool done = false;
         if constexpr (std::is_same_v<T, bf16>) {
           if (native) {
-            bf16* xs = x2b + 2 * i0 * d;
+            const T* const hr = h + (r0 + i0) * d;
+            const T* const gr = grad_out + (r0 + i0) * d;
             if (first_chunk) {
-              run_best_isa<stack_rows_and_delta<bf16, T>>(xs, h, grad_out, out, delta + i0, r0 + i0,
-                                                          t, d);
+              run_best_isa<stack_rows_and_delta<bf16, T>>(nullptr, h, grad_out, out, delta + i0,
+                                                          r0 + i0, t, d);
+              // Stacked row 2*i0 + q is h row q, then grad_out row q - t.
+              x2_packed.pack_pairs(i0, i0 + t, [&](int64_t row) {
+                const int64_t q = row - 2 * i0;
+                return q < t ? hr + q * d : gr + (q - t) * d;
+              });
             }
-            gemm_bf16(xs, d, 2 * t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
+            gemm_bf16(hr, d, t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
+            gemm_bf16(gr, d, t, packed->xt, 0, d, ps + t * w, w, false, c0, c0 + w);
             run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, delta + i0, scale,
                                    dsb + i0 * w);
             gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
             release_bf16_gemm();
+            transpose_to_bf16(ps, w, 2 * t, w, p2t + 2 * i0, 2 * tile);
             done = true;
           }
         }
@@ -213,15 +228,10 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
         }
       });
       if (native) {
-        if (first_chunk) x2_packed.pack(x2b, 2 * tr, d, d, false);
         parallel_blocks(w, kDmSlotRows, [&](int64_t j0, int64_t j1) {
           if constexpr (std::is_same_v<A, float>) {
-            const int64_t slot = thread_slot(slots);
-            bf16* const ptile = ptb + slot * kDmSlotRows * 2 * tile;
-            // Row stride 2 * tile whatever the tile's rows: one kernel shape (bf16_gemm.h).
-            transpose_to_bf16(p2 + j0, w, 2 * tr, j1 - j0, ptile, 2 * tile);
-            gemm_bf16(ptile, 2 * tile, j1 - j0, x2_packed, 0, 2 * tr, dm_acc + (c0 + j0) * d, d,
-                      r0 != 0, 0, d);
+            gemm_bf16(p2t + j0 * 2 * tile, 2 * tile, j1 - j0, x2_packed, 0, 2 * tr,
+                      dm_acc + (c0 + j0) * d, d, r0 != 0, 0, d);
             release_bf16_gemm();
           }
         });
