@@ -511,9 +511,9 @@ std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
 // dtype as the memory bank is), the retrieval on the path GAM_EXT_RETRIEVAL picks, writing G,
 // then the mixer's epilogue kernel (conv, gates, out) on G. Keeps lse, z and G for the backward.
 // Backward: the prologue kernel (dG, dL, dz, delta from df, z, G and h), the retrieval's backward
-// on dG with that delta, the conv's backward on dL, then dh = dh_retrieval + dx_conv + dz Wg
-// (summed in fp32, rounded once), dWg = dz^T h and dbg = sum dz (fp32, cuBLAS and a sum through
-// ATen).
+// on dG with that delta, the conv's backward on dL, then dh = (dz Wg + dh_retrieval) + dx_conv
+// (summed in fp32 by one kernel, rounded once), dWg = dz^T h and dbg = sum dz (fp32, cuBLAS and a
+// sum through ATen).
 
 Tensor mixer_gate_logits(const Tensor& h2, const Tensor& gate_weight,
                          const c10::optional<Tensor>& gate_bias) {
@@ -609,12 +609,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, delta, dt, ctx);
   auto [dx, dw, dcb] = causal_conv1d_bwd(dlocal, h, w);
   const Tensor dz2 = dz.view({rows, 2 * d}), h2 = h.view({rows, d});
-  Tensor dh = mm_f32(dz2, wg);
-  dh.add_(dh_ret.view({rows, d})).add_(dx.view({rows, d}));
+  const Tensor dh_gate = mm_f32(dz2, wg).contiguous();
+  const Tensor dh_conv = dx.contiguous();
+  Tensor dh = at::empty_like(h);
+  MixerDhSumParams sp{};
+  sp.gate_part = dh_gate.data_ptr<float>();
+  sp.retrieval_part = dh_ret.data_ptr();
+  sp.conv_part = dh_conv.data_ptr();
+  sp.dh = dh.data_ptr();
+  sp.n = rows * d;
+  sp.dtype = dt;
+  launch_gam_mixer_dh_sum(sp, ctx.stream());
   const Tensor dwg = mm_f32(dz2.t(), h2);
   const Tensor dbg = at::sum(dz2, {0}, false, at::kFloat);
   const auto wdt = conv_weight.scalar_type();
-  return {dh.to(st).view({b, n, d}),
+  return {dh,
           dw.to(wdt),
           dcb.to(wdt),
           dm.to(memory.scalar_type()),

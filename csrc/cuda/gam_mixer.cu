@@ -5,7 +5,8 @@
 // channels, the conv's K taps read from h next to the row; conv(h) is never written.
 // Backward: mixer_prologue_kernel, one warp per row, turns df into the retrieval's and the conv's
 // output gradients and the gate logits' gradient (dG, dL, dz) and delta = rowsum(dG G) for the
-// retrieval's backward. Everything in fp32; no atomics.
+// retrieval's backward. mixer_dh_sum_kernel adds the three parts of dh (the gate linear's fp32
+// dz Wg, the retrieval's and the conv's) in one pass. Everything in fp32; no atomics.
 #include "common.cuh"
 #include "launchers.h"
 
@@ -110,6 +111,33 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
   if (lane == 0) delta[row] = s;
 }
 
+// dh = T((gate + retrieval) + conv) over VEC elements per group: one read of each part and one
+// write, where three ATen passes over the fp32 sum (two adds and the rounding) read and wrote it
+// five times.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    mixer_dh_sum_kernel(const float* __restrict__ gate, const T* __restrict__ retrieval,
+                        const T* __restrict__ conv, T* __restrict__ dh, int64_t n) {
+  const int64_t groups = n / VEC;  // VEC divides n on every path
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i * VEC;
+    float x[VEC], y[VEC], z[VEC];
+    if constexpr (VEC % 4 == 0) {
+#pragma unroll
+      for (int q = 0; q < VEC; q += 4)
+        load_f32<float, 4>(gate + e + q, *reinterpret_cast<float (*)[4]>(x + q));
+    } else {
+      load_f32<float, VEC>(gate + e, x);
+    }
+    load_f32<T, VEC>(retrieval + e, y);
+    load_f32<T, VEC>(conv + e, z);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) x[v] = (x[v] + y[v]) + z[v];
+    store_f32<T, VEC>(dh + e, x);
+  }
+}
+
 }  // namespace
 
 void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream) {
@@ -152,6 +180,28 @@ void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream
                  static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
                  static_cast<T*>(p.dglobal), static_cast<T*>(p.dlocal),
                  static_cast<T*>(p.dgate_logits), p.delta, p.rows, p.seqlen, p.dim, p.kwidth);
+    };
+    if (vec) {
+      launch(std::integral_constant<int, V>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+void launch_gam_mixer_dh_sum(const MixerDhSumParams& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    const bool vec = p.n % V == 0 && aligned16(p.gate_part) && aligned16(p.retrieval_part) &&
+                     aligned16(p.conv_part) && aligned16(p.dh);
+    auto launch = [&](auto vtag) {
+      constexpr int VEC = decltype(vtag)::value;
+      gam_launch("gam_mixer_dh_sum", mixer_dh_sum_kernel<T, VEC>,
+                 grid_stride_grid(p.n / VEC, kEpilogueThreads), dim3(kEpilogueThreads), 0, stream,
+                 p.gate_part, static_cast<const T*>(p.retrieval_part),
+                 static_cast<const T*>(p.conv_part), static_cast<T*>(p.dh), p.n);
     };
     if (vec) {
       launch(std::integral_constant<int, V>{});

@@ -56,9 +56,10 @@ constexpr int softmax_max_vecs(bool f32) { return f32 ? 4 : 8; }
 int retrieval_softmax_vecs(const RetrievalSoftmaxParams& p);
 
 // The fused mixer (gam_mixer.cu): the forward's epilogue on the G the retrieval (any path) wrote,
-// and the backward's prologue.
+// the backward's prologue, and the sum of the backward's three parts of dh.
 void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream);
 void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream);
+void launch_gam_mixer_dh_sum(const MixerDhSumParams& p, cudaStream_t stream);
 
 void launch_gate_fusion_fwd(const GateFwdParams& p, cudaStream_t stream);
 void launch_gate_fusion_bwd(const GateBwdParams& p, cudaStream_t stream);

@@ -108,6 +108,17 @@ struct MixerPrologueParams {
   DType dtype;
 };
 
+// The fused mixer's backward, last step: dh = (gate part + retrieval part) + conv part, summed in
+// fp32 in that order and rounded once to T, in one pass (the gate part is cuBLAS's fp32 dz Wg).
+struct MixerDhSumParams {
+  const float* gate_part;      // (R, D) fp32
+  const void* retrieval_part;  // (R, D) T
+  const void* conv_part;       // (R, D) T
+  void* dh;                    // (R, D) T, written
+  int64_t n;                   // R * D
+  DType dtype;
+};
+
 // GAM_EXT_RETRIEVAL=gemm: the softmax kernels between the cuBLAS products (dispatch.cpp).
 struct RetrievalSoftmaxParams {
   const float* scores;  // (R, S) fp32: h M^T (unscaled)
