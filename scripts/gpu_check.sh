@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
-# and build tests, compute-sanitizer memcheck and racecheck on a small case of every kernel, the
-# kernel, op, scaling and generation benchmarks, and an Nsight Compute summary of the retrieval
-# kernels, and writes benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
+# and build tests, compute-sanitizer memcheck on a small case of every kernel and racecheck on
+# those that use shared memory, the kernel, op, scaling and generation benchmarks, and an Nsight
+# Compute summary of the retrieval and fused-mixer kernels, and writes
+# benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
 #   bash scripts/gpu_check.sh
@@ -111,15 +112,18 @@ GENERATE_ARGS="--device cuda --dtype bf16 --batch 8 --d-model 512 --slots 512 --
 timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
 GENERATE_RC=$?
 
-# Nsight Compute on the retrieval kernels of one bf16 GAMBlock training step (B=16 N=2048 D=S=512),
-# clocks left as found. Needs hardware counters (not available on every machine).
+# Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
+# (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
+# sum, around the retrieval of the default path), clocks left as found. Needs hardware counters
+# (not available on every machine).
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 NCU_RC=127
-NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval --set full"
+NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full"
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
 if [[ -n "$NCU" ]]; then
   echo "== ncu"
-  timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
+  GAM_EXT_BACKEND=fused timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
+    $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
 fi
 
@@ -142,7 +146,7 @@ fi
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
   echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(status generate $GENERATE_RC) |"
-  echo "| ncu | ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
+  echo "| ncu | GAM_EXT_BACKEND=fused ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
   echo
   echo "Targets (H100/H200, bf16, B=16 D=S=512, N=1024..8192): conv fwd/bwd >= 70% of HBM bandwidth,"
   echo "gate >= 80%; retrieval fwd >= 1.5x eager and >= 45% of the bf16 dense peak, bwd >= 1.3x eager,"
@@ -169,7 +173,7 @@ fi
     echo; echo "## bench_scaling.py (tail)"; echo '```'; tail -20 "$LOG/scaling.txt"; echo '```'
   fi
   if [[ -f "$LOG/ncu.txt" ]]; then
-    echo; echo "## Nsight Compute, retrieval kernels (excerpt)"; echo; echo '```'
+    echo; echo "## Nsight Compute, retrieval and fused-mixer kernels (excerpt)"; echo; echo '```'
     grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Theoretical Occupancy|Achieved Occupancy|==ERROR==|==WARNING==" \
       "$LOG/ncu.txt" | head -120
     echo '```'
