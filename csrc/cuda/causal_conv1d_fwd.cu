@@ -15,52 +15,10 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
                     int tblocks_per_seq, int span) {
   ConvThread th;
   if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
-  const T* xb = x + th.b * seqlen * dim + th.c;
   T* yb = y + th.b * seqlen * dim + th.c;
-  float wr[K][VEC], br[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    br[v] = bias != nullptr ? bias[th.c + v] : 0.f;
-#pragma unroll
-    for (int j = 0; j < K; ++j) wr[j][v] = w[(th.c + v) * K + j];
-  }
-  // buf[i] holds x at time t - (K-1) + i: K-1 halo steps, then kConvStep new ones.
-  float buf[K - 1 + kConvStep][VEC];
-#pragma unroll
-  for (int j = 0; j < K - 1; ++j) {
-    const int64_t t = th.t0 - (K - 1) + j;
-    if (t >= 0) {
-      load_f32<T, VEC>(xb + t * dim, buf[j]);
-    } else {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) buf[j][v] = 0.f;
-    }
-  }
-  for (int64_t t = th.t0; t < th.t1; t += kConvStep) {
-#pragma unroll
-    for (int i = 0; i < kConvStep; ++i) {
-      if (t + i < th.t1) load_f32<T, VEC>(xb + (t + i) * dim, buf[K - 1 + i]);
-    }
-#pragma unroll
-    for (int i = 0; i < kConvStep; ++i) {
-      if (t + i < th.t1) {
-        float out[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          float acc = br[v];
-#pragma unroll
-          for (int j = 0; j < K; ++j) acc = fmaf(wr[j][v], buf[i + j][v], acc);
-          out[v] = acc;
-        }
-        store_f32<T, VEC>(yb + (t + i) * dim, out);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < K - 1; ++j) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) buf[j][v] = buf[kConvStep + j][v];
-    }
-  }
+  conv_span<T, VEC, K, kConvStep>(
+      x + th.b * seqlen * dim, w, bias, th.c, dim, th.t0, th.t1,
+      [&](int64_t t, const float (&acc)[VEC]) { store_f32<T, VEC>(yb + t * dim, acc); });
 }
 
 // Any K: taps read straight from global memory (the K-1 re-reads hit L1).

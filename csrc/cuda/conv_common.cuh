@@ -53,5 +53,60 @@ __device__ __forceinline__ bool conv_thread(int vec, int64_t seqlen, int64_t dim
   return th.c < dim && th.t0 < seqlen;
 }
 
+// The causal conv of VEC channels c .. c+VEC-1 over time steps [t0, t1) of one sequence (xb: its
+// first row, at channel 0), with the K weights and the K-1 previous inputs in registers and STEP
+// inputs loaded at once: calls emit(t, acc), in time order, with acc = bias + sum_j w[c, j] *
+// x[t - (K-1) + j] (inputs before the sequence read zeros). The conv forward and the fused mixer's
+// epilogue share it.
+template <typename T, int VEC, int K, int STEP, typename Emit>
+__device__ __forceinline__ void conv_span(const T* __restrict__ xb, const float* __restrict__ w,
+                                          const float* __restrict__ bias, int64_t c, int64_t dim,
+                                          int64_t t0, int64_t t1, Emit&& emit) {
+  float wr[K][VEC], br[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    br[v] = bias != nullptr ? bias[c + v] : 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) wr[j][v] = w[(c + v) * K + j];
+  }
+  xb += c;
+  // buf[i] holds x at time t - (K-1) + i: K-1 halo steps, then STEP new ones.
+  float buf[K - 1 + STEP][VEC];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) {
+    const int64_t t = t0 - (K - 1) + j;
+    if (t >= 0) {
+      load_f32<T, VEC>(xb + t * dim, buf[j]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) buf[j][v] = 0.f;
+    }
+  }
+  for (int64_t t = t0; t < t1; t += STEP) {
+#pragma unroll
+    for (int i = 0; i < STEP; ++i) {
+      if (t + i < t1) load_f32<T, VEC>(xb + (t + i) * dim, buf[K - 1 + i]);
+    }
+#pragma unroll
+    for (int i = 0; i < STEP; ++i) {
+      if (t + i < t1) {
+        float acc[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          acc[v] = br[v];
+#pragma unroll
+          for (int j = 0; j < K; ++j) acc[v] = fmaf(wr[j][v], buf[i + j][v], acc[v]);
+        }
+        emit(t + i, acc);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) buf[j][v] = buf[STEP + j][v];
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace gam

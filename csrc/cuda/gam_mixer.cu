@@ -1,21 +1,29 @@
 // The fused mixer's elementwise kernels (gam_mixer_fwd / gam_mixer_bwd; dispatch.cpp runs them).
 //
 // Forward: mixer_epilogue_kernel applies the mixer's epilogue, out = sigmoid(zl) * conv(h) +
-// sigmoid(zg) * G, to the G the retrieval wrote (any path): grid-stride over 16-byte groups of
-// channels, the conv's K taps read from h next to the row; conv(h) is never written.
+// sigmoid(zg) * G, to the G the retrieval wrote (any path), with the conv kernel's tiling
+// (conv_common.cuh): a thread walks a span of time steps of VEC channels with the conv weights and
+// the K-1 previous rows of h in registers, so each row of h is read once and no weight per row;
+// conv(h) is never written. (The first version, grid-stride over (row, channel group) with the
+// taps and weights read per row, issued about 38 loads per 16-byte group of output.)
 // Backward: mixer_prologue_kernel, one warp per row, turns df into the retrieval's and the conv's
 // output gradients and the gate logits' gradient (dG, dL, dz) and delta = rowsum(dG G) for the
 // retrieval's backward. mixer_dh_sum_kernel adds the three parts of dh (the gate linear's fp32
 // dz Wg, the retrieval's and the conv's) in one pass. Everything in fp32; no atomics.
 #include "common.cuh"
+#include "conv_common.cuh"
 #include "launchers.h"
 
 namespace gam {
 namespace cuda {
 namespace {
 
-constexpr int kEpilogueThreads = 256;
+constexpr int kDhSumThreads = 256;
 constexpr int kPrologueWarps = 8;
+// Rows of h the epilogue loads at once (conv_fwd_kernel loads kConvStep = 4): with the gates'
+// loads beside them, 2 or 4 rows did not fit the 128 registers of 4 blocks of 128 threads per SM
+// without spilling at K = 4.
+constexpr int kEpilogueStep = 1;
 
 // The causal conv of VEC channels c .. c+VEC-1 of row r, step pos of its sequence:
 // l = bias + sum_j w[:, j] h[r - (K-1) + j] (taps before the start of the sequence read zeros).
@@ -49,24 +57,61 @@ __device__ __forceinline__ void gate_channels(const float (&zl)[VEC], const floa
   for (int v = 0; v < VEC; ++v) out[v] = sigmoid_f32(zl[v]) * l[v] + sigmoid_f32(zg[v]) * g[v];
 }
 
+// The epilogue of rows row0 + t, t in [t0, t1), channels c .. c+VEC-1, given l (the conv of the
+// row, unrounded).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kEpilogueThreads)
+__device__ __forceinline__ void epilogue_row(const T* __restrict__ z, const T* __restrict__ g,
+                                             T* __restrict__ out, int64_t r, int64_t c, int64_t dim,
+                                             float (&l)[VEC]) {
+  float gv[VEC], zl[VEC], zg[VEC], f[VEC];
+  load_f32<T, VEC>(g + r * dim + c, gv);
+  load_f32<T, VEC>(z + r * 2 * dim + c, zl);
+  load_f32<T, VEC>(z + r * 2 * dim + dim + c, zg);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) l[v] = to_f32(from_f32<T>(l[v]));
+  gate_channels<VEC>(zl, zg, l, gv, f);
+  store_f32<T, VEC>(out + r * dim + c, f);
+}
+
+// K = 2, 3, 4: weights and the window of h in registers, as conv_fwd_kernel; at least 4 blocks per
+// SM (128 registers: without the bound, ptxas left a 4-byte spill in the fp32 variants).
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY, 4)
     mixer_epilogue_kernel(const T* __restrict__ h, const T* __restrict__ z, const T* __restrict__ g,
                           const float* __restrict__ w, const float* __restrict__ bias,
-                          T* __restrict__ out, int64_t rows, int64_t seqlen, int64_t dim, int k) {
-  const int64_t groups = dim / VEC;  // VEC divides dim on every path
-  const int64_t total = rows * groups;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / groups;
-    const int64_t c = (i - r * groups) * VEC;
-    float gv[VEC], zl[VEC], zg[VEC], l[VEC], f[VEC];
-    load_f32<T, VEC>(g + r * dim + c, gv);
-    load_f32<T, VEC>(z + r * 2 * dim + c, zl);
-    load_f32<T, VEC>(z + r * 2 * dim + dim + c, zg);
-    conv_channels<T, VEC>(h, w, bias, r, r % seqlen, c, dim, k, l);
-    gate_channels<VEC>(zl, zg, l, gv, f);
-    store_f32<T, VEC>(out + r * dim + c, f);
+                          T* __restrict__ out, int64_t seqlen, int64_t dim, int tblocks_per_seq,
+                          int span) {
+  ConvThread th;
+  if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
+  const int64_t row0 = th.b * seqlen;
+  conv_span<T, VEC, K, kEpilogueStep>(
+      h + row0 * dim, w, bias, th.c, dim, th.t0, th.t1,
+      [&](int64_t t, float (&l)[VEC]) { epilogue_row<T, VEC>(z, g, out, row0 + t, th.c, dim, l); });
+}
+
+// Any K: the taps read from h per row (conv_channels), as conv_fwd_generic_kernel.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
+    mixer_epilogue_generic_kernel(const T* __restrict__ h, const T* __restrict__ z,
+                                  const T* __restrict__ g, const float* __restrict__ w,
+                                  const float* __restrict__ bias, T* __restrict__ out,
+                                  int64_t seqlen, int64_t dim, int tblocks_per_seq, int span,
+                                  int k) {
+  ConvThread th;
+  if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
+  const int64_t row0 = th.b * seqlen;
+  for (int64_t t = th.t0; t < th.t1; ++t) {
+    float l[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) l[v] = bias != nullptr ? bias[th.c + v] : 0.f;
+    const int j0 = t - (k - 1) >= 0 ? 0 : static_cast<int>((k - 1) - t);
+    for (int j = j0; j < k; ++j) {
+      float xv[VEC];
+      load_f32<T, VEC>(h + (row0 + t - (k - 1) + j) * dim + th.c, xv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) l[v] = fmaf(w[(th.c + v) * k + j], xv[v], l[v]);
+    }
+    epilogue_row<T, VEC>(z, g, out, row0 + t, th.c, dim, l);
   }
 }
 
@@ -115,7 +160,7 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
 // write, where three ATen passes over the fp32 sum (two adds and the rounding) read and wrote it
 // five times.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kEpilogueThreads)
+__global__ void __launch_bounds__(kDhSumThreads)
     mixer_dh_sum_kernel(const float* __restrict__ gate, const T* __restrict__ retrieval,
                         const T* __restrict__ conv, T* __restrict__ dh, int64_t n) {
   const int64_t groups = n / VEC;  // VEC divides n on every path
@@ -149,11 +194,24 @@ void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream
                      aligned16(p.global_ctx) && aligned16(p.out);
     auto launch = [&](auto vtag) {
       constexpr int VEC = decltype(vtag)::value;
-      gam_launch("gam_mixer_epilogue", mixer_epilogue_kernel<T, VEC>,
-                 grid_stride_grid(p.rows * (p.dim / VEC), kEpilogueThreads), dim3(kEpilogueThreads),
-                 0, stream, static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
-                 static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
-                 static_cast<T*>(p.out), p.rows, p.seqlen, p.dim, p.kwidth);
+      const ConvGrid cg = conv_grid(p.rows / p.seqlen, p.seqlen, p.dim, VEC, /*backward=*/false);
+      const dim3 block(kConvThreadsX, kConvThreadsY);
+      const auto* h = static_cast<const T*>(p.h);
+      const auto* z = static_cast<const T*>(p.gate_logits);
+      const auto* g = static_cast<const T*>(p.global_ctx);
+      auto* out = static_cast<T*>(p.out);
+      static_switch<2, 3, 4>(
+          [&](int k) { return k == p.kwidth; },
+          [&](auto k) {
+            gam_launch("gam_mixer_epilogue", mixer_epilogue_kernel<T, VEC, decltype(k)::value>,
+                       cg.grid(), block, 0, stream, h, z, g, p.conv_weight, p.conv_bias, out,
+                       p.seqlen, p.dim, cg.per_seq, cg.span);
+          },
+          [&] {
+            gam_launch("gam_mixer_epilogue_generic", mixer_epilogue_generic_kernel<T, VEC>,
+                       cg.grid(), block, 0, stream, h, z, g, p.conv_weight, p.conv_bias, out,
+                       p.seqlen, p.dim, cg.per_seq, cg.span, p.kwidth);
+          });
     };
     if (vec) {
       launch(std::integral_constant<int, V>{});
@@ -199,7 +257,7 @@ void launch_gam_mixer_dh_sum(const MixerDhSumParams& p, cudaStream_t stream) {
     auto launch = [&](auto vtag) {
       constexpr int VEC = decltype(vtag)::value;
       gam_launch("gam_mixer_dh_sum", mixer_dh_sum_kernel<T, VEC>,
-                 grid_stride_grid(p.n / VEC, kEpilogueThreads), dim3(kEpilogueThreads), 0, stream,
+                 grid_stride_grid(p.n / VEC, kDhSumThreads), dim3(kDhSumThreads), 0, stream,
                  p.gate_part, static_cast<const T*>(p.retrieval_part),
                  static_cast<const T*>(p.conv_part), static_cast<T*>(p.dh), p.n);
     };
