@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
       [&](int64_t t, const float (&acc)[VEC]) { store_f32<T, VEC>(yb + t * dim, acc); });
 }
 
-// Any K: taps read straight from global memory (the K-1 re-reads hit L1).
+// Any K: taps read straight from global memory (conv_span_any_k).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
     conv_fwd_generic_kernel(const T* __restrict__ x, const float* __restrict__ w,
@@ -29,21 +29,10 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY)
                             int64_t dim, int tblocks_per_seq, int span, int k) {
   ConvThread th;
   if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
-  const T* xb = x + th.b * seqlen * dim + th.c;
   T* yb = y + th.b * seqlen * dim + th.c;
-  for (int64_t t = th.t0; t < th.t1; ++t) {
-    float acc[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] = bias != nullptr ? bias[th.c + v] : 0.f;
-    const int j0 = t - (k - 1) >= 0 ? 0 : static_cast<int>((k - 1) - t);
-    for (int j = j0; j < k; ++j) {
-      float xv[VEC];
-      load_f32<T, VEC>(xb + (t - (k - 1) + j) * dim, xv);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[(th.c + v) * k + j], xv[v], acc[v]);
-    }
-    store_f32<T, VEC>(yb + t * dim, acc);
-  }
+  conv_span_any_k<T, VEC>(
+      x + th.b * seqlen * dim, w, bias, th.c, dim, th.t0, th.t1, k,
+      [&](int64_t t, const float (&acc)[VEC]) { store_f32<T, VEC>(yb + t * dim, acc); });
 }
 
 template <typename T, int VEC>

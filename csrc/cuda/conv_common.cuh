@@ -108,5 +108,29 @@ __device__ __forceinline__ void conv_span(const T* __restrict__ xb, const float*
   }
 }
 
+// conv_span for any K (k at run time): the taps read from memory at every step (the K-1 re-reads
+// hit L1), inputs before the sequence skipped.
+template <typename T, int VEC, typename Emit>
+__device__ __forceinline__ void conv_span_any_k(const T* __restrict__ xb,
+                                                const float* __restrict__ w,
+                                                const float* __restrict__ bias, int64_t c,
+                                                int64_t dim, int64_t t0, int64_t t1, int k,
+                                                Emit&& emit) {
+  xb += c;
+  for (int64_t t = t0; t < t1; ++t) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = bias != nullptr ? bias[c + v] : 0.f;
+    const int j0 = t - (k - 1) >= 0 ? 0 : static_cast<int>((k - 1) - t);
+    for (int j = j0; j < k; ++j) {
+      float xv[VEC];
+      load_f32<T, VEC>(xb + (t - (k - 1) + j) * dim, xv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w[(c + v) * k + j], xv[v], acc[v]);
+    }
+    emit(t, acc);
+  }
+}
+
 }  // namespace cuda
 }  // namespace gam

@@ -510,10 +510,10 @@ std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
 // Forward: z = h Wg^T + bg (one cuBLAS GEMM through ATen, the gate parameters rounded to h's
 // dtype as the memory bank is), the retrieval on the path GAM_EXT_RETRIEVAL picks, writing G,
 // then the mixer's epilogue kernel (conv, gates, out) on G. Keeps lse, z and G for the backward.
-// Backward: the prologue kernel (dG, dL, dz, delta from df, z, G and h), the retrieval's backward
-// on dG with that delta, the conv's backward on dL, then dh = (dz Wg + dh_retrieval) + dx_conv
-// (summed in fp32 by one kernel, rounded once), dWg = dz^T h and dbg = sum dz (fp32, cuBLAS and a
-// sum through ATen).
+// Backward: the prologue kernel (dG, dL, dz from df, z, G and h), the retrieval's backward
+// on dG (it computes delta = rowsum(dG G) where its path needs it), the conv's backward on dL, then
+// dh = (dz Wg + dh_retrieval) + dx_conv (summed in fp32 by one kernel, rounded once), dWg = dz^T h
+// and dbg = sum dz (fp32, cuBLAS and a sum through ATen).
 
 Tensor mixer_gate_logits(const Tensor& h2, const Tensor& gate_weight,
                          const c10::optional<Tensor>& gate_bias) {
@@ -573,7 +573,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t b = h.size(0), n = h.size(1), d = h.size(2), rows = b * n;
   const int64_t s = memory.size(0), k = conv_weight.size(1);
-  const auto f32 = h.options().dtype(at::kFloat);
   if (rows == 0 || d == 0) {
     return {at::zeros_like(h),
             at::zeros({d, k}, conv_weight.options()),
@@ -588,7 +587,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   const Tensor cb = conv_bias.has_value() ? f32_contig(*conv_bias) : Tensor();
   Tensor dglobal = at::empty_like(h), dlocal = at::empty_like(h);
   Tensor dz = at::empty({b, n, 2 * d}, h.options());
-  Tensor delta = at::empty({rows}, f32);
   MixerPrologueParams pp{};
   pp.grad_out = df.data_ptr();
   pp.h = h.data_ptr();
@@ -599,14 +597,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   pp.dglobal = dglobal.data_ptr();
   pp.dlocal = dlocal.data_ptr();
   pp.dgate_logits = dz.data_ptr();
-  pp.delta = delta.data_ptr<float>();
   pp.rows = rows;
   pp.seqlen = n;
   pp.dim = d;
   pp.kwidth = static_cast<int>(k);
   pp.dtype = dt;
   launch_gam_mixer_prologue(pp, ctx.stream());
-  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, delta, dt, ctx);
+  // No delta from here: the retrieval computes rowsum(dG G) where its path needs it.
+  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, Tensor(), dt, ctx);
   auto [dx, dw, dcb] = causal_conv1d_bwd(dlocal, h, w);
   const Tensor dz2 = dz.view({rows, 2 * d}), h2 = h.view({rows, d});
   const Tensor dh_gate = mm_f32(dz2, wg).contiguous();

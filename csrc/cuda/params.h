@@ -89,9 +89,9 @@ struct RetrievalBwdParams {
   bool delta_given = false;
 };
 
-// The fused mixer's backward prologue (gam_mixer_bwd), one warp per row: from df, z, G and h it
-// writes dG = sg df (the retrieval's grad_out), dL = sl df (the conv's), dz = [df conv(h) sl
-// (1 - sl), df G sg (1 - sg)] and delta = rowsum(dG G).
+// The fused mixer's backward prologue (gam_mixer_bwd): from df, z, G and h it writes dG = sg df
+// (the retrieval's grad_out), dL = sl df (the conv's) and dz = [df conv(h) sl (1 - sl), df G sg
+// (1 - sg)].
 struct MixerPrologueParams {
   const void* grad_out;      // (R, D) df
   const void* h;             // (R, D)
@@ -102,7 +102,6 @@ struct MixerPrologueParams {
   void* dglobal;             // (R, D) dG
   void* dlocal;              // (R, D) dL
   void* dgate_logits;        // (R, 2D) dz
-  float* delta;              // (R)
   int64_t rows, seqlen, dim;
   int kwidth;
   DType dtype;
