@@ -655,8 +655,8 @@ def test_mixer(emu, dtype, shape, path, monkeypatch):
 @pytest.mark.parametrize("d", [40, 200, 1000])
 def test_mixer_every_device_configuration(emu, device, name, d, dtype):
     # The fused retrieval kernels in every configuration class the dispatcher picks for sm_75 ..
-    # sm_90 (sm_75 bf16: SIMT), with the mixer's epilogue kernel after the forward and the
-    # backward taking delta from the mixer's prologue instead of its own delta kernel.
+    # sm_90 (sm_75 bf16: SIMT), with the mixer's epilogue kernel after the forward and its
+    # prologue before the backward.
     device(name)
     shape = (2, 37, d, 45, 4)
     ours, refs = run_mixer(emu, dtype, shape, seed=d)

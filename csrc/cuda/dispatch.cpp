@@ -324,11 +324,10 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
 }
 
 // The retrieval's backward on contiguous inputs of h's dtype (m rounded to it): (dh, dM in
-// fp32). delta_in, when defined, is rowsum(grad_out * out), already computed (out is then not
-// read).
+// fp32).
 std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h, const Tensor& m,
                                          const Tensor& out, const Tensor& lse, double scale,
-                                         const Tensor& delta_in, DType dt, const DeviceCtx& ctx) {
+                                         DType dt, const DeviceCtx& ctx) {
   const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
   const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
@@ -340,14 +339,14 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
                        dh2, dm, dt, ctx.stream());
     return {dh, dm};
   }
-  Tensor delta = delta_in.defined() ? delta_in : at::empty({rows}, h.options().dtype(at::kFloat));
+  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
   Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
   RetrievalBwdParams p{};
   p.grad_out = grad_out.data_ptr();
   p.h = h.data_ptr();
   p.memory = m.data_ptr();
-  p.out = delta_in.defined() ? nullptr : out.data_ptr();
+  p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dh = dh.data_ptr();
   p.dmemory = dm.data_ptr<float>();
@@ -359,7 +358,6 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
   p.row_splits = splits;
-  p.delta_given = delta_in.defined();
   ctx.fill_retrieval(p, path);
   Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
   p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
@@ -380,7 +378,7 @@ std::tuple<Tensor, Tensor> memory_retrieval_bwd(const Tensor& grad_out_in, const
   const Tensor grad_out = grad_out_in.to(st).contiguous();
   const Tensor out = out_in.to(st).contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
-  auto [dh, dm] = retrieval_bwd(grad_out, h, m, out, lse, scale, Tensor(), dt, ctx);
+  auto [dh, dm] = retrieval_bwd(grad_out, h, m, out, lse, scale, dt, ctx);
   return {dh, dm.to(memory.scalar_type())};
 }
 
@@ -603,8 +601,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   pp.kwidth = static_cast<int>(k);
   pp.dtype = dt;
   launch_gam_mixer_prologue(pp, ctx.stream());
-  // No delta from here: the retrieval computes rowsum(dG G) where its path needs it.
-  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, Tensor(), dt, ctx);
+  // The retrieval computes delta = rowsum(dG G) itself where its path needs it.
+  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, dt, ctx);
   auto [dx, dw, dcb] = causal_conv1d_bwd(dlocal, h, w);
   const Tensor dz2 = dz.view({rows, 2 * d}), h2 = h.view({rows, d});
   const Tensor dh_gate = mm_f32(dz2, wg).contiguous();

@@ -636,7 +636,7 @@ std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams&
   if (p.dim == 0 || p.rows == 0) return {};
   const std::string t = type_name(p.dtype);
   std::vector<KernelLaunch> out;
-  if (!p.delta_given) out.push_back({"retrieval_bwd_delta_kernel<" + t + ">", kDeltaWarps * 32, 0});
+  out.push_back({"retrieval_bwd_delta_kernel<" + t + ">", kDeltaWarps * 32, 0});
   const BwdMmaConfig c = bwd_mma_config(p);
   if (c.dc != 0) {
     out.push_back({"retrieval_bwd_mma_kernel<" + t + ", " + (c.hg_in_regs ? "true" : "false") + ">",
@@ -709,10 +709,9 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
     const auto* grad_out = static_cast<const T*>(p.grad_out);
     const auto* h = static_cast<const T*>(p.h);
     const auto* mem = static_cast<const T*>(p.memory);
-    if (!p.delta_given)
-      gam_launch("retrieval_bwd_delta", retrieval_bwd_delta_kernel<T>,
-                 dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
-                 0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
+    gam_launch("retrieval_bwd_delta", retrieval_bwd_delta_kernel<T>,
+               dim3(static_cast<unsigned>(ceil_div(p.rows, kDeltaWarps))), dim3(kDeltaWarps * 32),
+               0, stream, grad_out, static_cast<const T*>(p.out), p.delta, p.rows, p.dim);
     if constexpr (!std::is_same<T, float>::value) {
       const BwdMmaConfig c = bwd_mma_config(p);
       if (c.dc != 0) {

@@ -85,8 +85,6 @@ struct RetrievalBwdParams {
   int sm;
   int max_smem_bytes;
   int smem_per_sm;
-  // gam_mixer_bwd: delta was computed by the mixer's prologue (and out is unused).
-  bool delta_given = false;
 };
 
 // The fused mixer's backward prologue (gam_mixer_bwd): from df, z, G and h it writes dG = sg df
