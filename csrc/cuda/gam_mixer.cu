@@ -158,34 +158,41 @@ __global__ void __launch_bounds__(kDhSumThreads)
 
 }  // namespace
 
+// Launches an epilogue or prologue kernel on the conv kernels' tiling (32 x 4 threads): calls
+// launch(vec, k, cg) with vec the 16-byte vector width where dim and the pointers allow it (else 1)
+// and k = 2, 3, 4 or 0 (any K), both integral constants, and cg the ConvGrid for that width.
+template <typename T, typename Launch>
+void launch_on_conv_tiling(int64_t rows, int64_t seqlen, int64_t dim, int kwidth, bool aligned,
+                           Launch&& launch) {
+  constexpr int V = kVec16<T>;
+  auto with_vec = [&](auto vtag) {
+    constexpr int VEC = decltype(vtag)::value;
+    const ConvGrid cg = conv_grid(rows / seqlen, seqlen, dim, VEC, /*backward=*/false);
+    static_switch<2, 3, 4>([&](int k) { return k == kwidth; }, [&](auto k) { launch(vtag, k, cg); },
+                           [&] { launch(vtag, std::integral_constant<int, 0>{}, cg); });
+  };
+  if (dim % V == 0 && aligned) {
+    with_vec(std::integral_constant<int, V>{});
+  } else {
+    with_vec(std::integral_constant<int, 1>{});
+  }
+}
+
 void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.dim == 0) return;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int V = kVec16<T>;
-    const bool vec = p.dim % V == 0 && aligned16(p.h) && aligned16(p.gate_logits) &&
-                     aligned16(p.global_ctx) && aligned16(p.out);
-    auto launch = [&](auto vtag) {
-      constexpr int VEC = decltype(vtag)::value;
-      const ConvGrid cg = conv_grid(p.rows / p.seqlen, p.seqlen, p.dim, VEC, /*backward=*/false);
-      const dim3 block(kConvThreadsX, kConvThreadsY);
-      const auto* h = static_cast<const T*>(p.h);
-      const auto* z = static_cast<const T*>(p.gate_logits);
-      const auto* g = static_cast<const T*>(p.global_ctx);
-      auto* out = static_cast<T*>(p.out);
-      auto launch_k = [&](auto ktag) {  // K = 0: any K
-        gam_launch("gam_mixer_epilogue", mixer_epilogue_kernel<T, VEC, decltype(ktag)::value>,
-                   cg.grid(), block, 0, stream, h, z, g, p.conv_weight, p.conv_bias, out, p.seqlen,
-                   p.dim, cg.per_seq, cg.span, p.kwidth);
-      };
-      static_switch<2, 3, 4>([&](int k) { return k == p.kwidth; }, [&](auto k) { launch_k(k); },
-                             [&] { launch_k(std::integral_constant<int, 0>{}); });
-    };
-    if (vec) {
-      launch(std::integral_constant<int, V>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    const bool aligned =
+        aligned16(p.h) && aligned16(p.gate_logits) && aligned16(p.global_ctx) && aligned16(p.out);
+    launch_on_conv_tiling<T>(
+        p.rows, p.seqlen, p.dim, p.kwidth, aligned, [&](auto vtag, auto ktag, const ConvGrid& cg) {
+          gam_launch("gam_mixer_epilogue",
+                     mixer_epilogue_kernel<T, decltype(vtag)::value, decltype(ktag)::value>,
+                     cg.grid(), dim3(kConvThreadsX, kConvThreadsY), 0, stream,
+                     static_cast<const T*>(p.h), static_cast<const T*>(p.gate_logits),
+                     static_cast<const T*>(p.global_ctx), p.conv_weight, p.conv_bias,
+                     static_cast<T*>(p.out), p.seqlen, p.dim, cg.per_seq, cg.span, p.kwidth);
+        });
   });
 }
 
@@ -193,34 +200,20 @@ void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream
   if (p.rows == 0 || p.dim == 0) return;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int V = kVec16<T>;
-    const bool vec = p.dim % V == 0 && aligned16(p.grad_out) && aligned16(p.h) &&
-                     aligned16(p.gate_logits) && aligned16(p.global_ctx) && aligned16(p.dglobal) &&
-                     aligned16(p.dlocal) && aligned16(p.dgate_logits);
-    auto launch = [&](auto vtag) {
-      constexpr int VEC = decltype(vtag)::value;
-      const ConvGrid cg = conv_grid(p.rows / p.seqlen, p.seqlen, p.dim, VEC, /*backward=*/false);
-      const dim3 block(kConvThreadsX, kConvThreadsY);
-      const auto* df = static_cast<const T*>(p.grad_out);
-      const auto* h = static_cast<const T*>(p.h);
-      const auto* z = static_cast<const T*>(p.gate_logits);
-      const auto* g = static_cast<const T*>(p.global_ctx);
-      auto* dglobal = static_cast<T*>(p.dglobal);
-      auto* dlocal = static_cast<T*>(p.dlocal);
-      auto* dz = static_cast<T*>(p.dgate_logits);
-      auto launch_k = [&](auto ktag) {  // K = 0: any K
-        gam_launch("gam_mixer_prologue", mixer_prologue_kernel<T, VEC, decltype(ktag)::value>,
-                   cg.grid(), block, 0, stream, df, h, z, g, p.conv_weight, p.conv_bias, dglobal,
-                   dlocal, dz, p.seqlen, p.dim, cg.per_seq, cg.span, p.kwidth);
-      };
-      static_switch<2, 3, 4>([&](int k) { return k == p.kwidth; }, [&](auto k) { launch_k(k); },
-                             [&] { launch_k(std::integral_constant<int, 0>{}); });
-    };
-    if (vec) {
-      launch(std::integral_constant<int, V>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    const bool aligned = aligned16(p.grad_out) && aligned16(p.h) && aligned16(p.gate_logits) &&
+                         aligned16(p.global_ctx) && aligned16(p.dglobal) && aligned16(p.dlocal) &&
+                         aligned16(p.dgate_logits);
+    launch_on_conv_tiling<T>(
+        p.rows, p.seqlen, p.dim, p.kwidth, aligned, [&](auto vtag, auto ktag, const ConvGrid& cg) {
+          gam_launch("gam_mixer_prologue",
+                     mixer_prologue_kernel<T, decltype(vtag)::value, decltype(ktag)::value>,
+                     cg.grid(), dim3(kConvThreadsX, kConvThreadsY), 0, stream,
+                     static_cast<const T*>(p.grad_out), static_cast<const T*>(p.h),
+                     static_cast<const T*>(p.gate_logits), static_cast<const T*>(p.global_ctx),
+                     p.conv_weight, p.conv_bias, static_cast<T*>(p.dglobal),
+                     static_cast<T*>(p.dlocal), static_cast<T*>(p.dgate_logits), p.seqlen, p.dim,
+                     cg.per_seq, cg.span, p.kwidth);
+        });
   });
 }
 
