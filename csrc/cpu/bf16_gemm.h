@@ -125,6 +125,16 @@ GAM_AVX512 inline void pack_transposed_panel_avx512(const uint16_t* b, int64_t l
 // with 64 (1985 against 1600 at 128 rows); 512 gained nothing more.
 constexpr int64_t kPanel = 256;
 
+// One pair row of a panel: (r0[j], r1[j]) for j < width, zeros up to kPanel pairs.
+inline void pack_pair_row(uint16_t* __restrict pair_row, const uint16_t* __restrict r0,
+                          const uint16_t* __restrict r1, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) {
+    pair_row[2 * j] = r0[j];
+    pair_row[2 * j + 1] = r1[j];
+  }
+  std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
+}
+
 // A bf16 matrix B (k x n) packed for the micro-kernel: panel p holds columns [256p, 256p + 256)
 // of the first k rounded down to even rows, as (k / 2) x 256 pairs (B[2i][j], B[2i+1][j]), columns
 // past n zero; the odd last row, if any, is kept in fp32. This is the layout torch's
@@ -171,16 +181,12 @@ struct PackedB {
         }
       }
       for (int64_t i = 0; i < even; i += 2) {
-        uint16_t* __restrict pair_row = panel + i * kPanel;
-        if (!trans) {
-          const uint16_t* __restrict r0 = src + i * ld + j0;
-          const uint16_t* __restrict r1 = r0 + ld;
-          for (int64_t j = 0; j < width; ++j) {
-            pair_row[2 * j] = r0[j];
-            pair_row[2 * j + 1] = r1[j];
-          }
+        uint16_t* const pair_row = panel + i * kPanel;
+        if (trans) {
+          std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
+        } else {
+          pack_pair_row(pair_row, src + i * ld + j0, src + (i + 1) * ld + j0, width);
         }
-        std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
       }
     });
     if (k % 2 == 1) {
@@ -210,16 +216,11 @@ struct PackedB {
   void pack_pairs(int64_t p0, int64_t p1, const RowFn& row) {
     uint16_t* const dst = reinterpret_cast<uint16_t*>(panels.mutable_data_ptr<bf16>());
     for (int64_t p = p0; p < p1; ++p) {
-      const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(row(2 * p));
-      const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(row(2 * p + 1));
+      const uint16_t* r0 = reinterpret_cast<const uint16_t*>(row(2 * p));
+      const uint16_t* r1 = reinterpret_cast<const uint16_t*>(row(2 * p + 1));
       for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-        const int64_t width = std::min(kPanel, n - j0);
-        uint16_t* __restrict pair_row = dst + ((j0 / kPanel) * k + 2 * p) * kPanel;
-        for (int64_t j = 0; j < width; ++j) {
-          pair_row[2 * j] = r0[j0 + j];
-          pair_row[2 * j + 1] = r1[j0 + j];
-        }
-        std::fill(pair_row + 2 * width, pair_row + 2 * kPanel, uint16_t{0});
+        pack_pair_row(dst + ((j0 / kPanel) * k + 2 * p) * kPanel, r0 + j0, r1 + j0,
+                      std::min(kPanel, n - j0));
       }
     }
   }
