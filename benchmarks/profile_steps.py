@@ -1,5 +1,10 @@
 """Profile GAM training steps: NVTX ranges for Nsight on a GPU, torch.profiler tables anywhere.
 
+--what picks the step: one GAMBlock (default), a whole GAMModel, or the token mixer alone (the
+block's mixer on (B, N, D) activations, as GAMBlock.mix runs it). With the profiler on, a table of
+kernels by device time per step follows (CUDA kernels on a GPU, ops by self CPU time on the CPU):
+run it once per GAM_EXT_BACKEND value to see where each mixer path spends its time.
+
 On a GPU, Nsight Systems (timeline) and Nsight Compute (per kernel; the CUDA sources are built with
 -lineinfo, so it shows source lines):
 
@@ -19,6 +24,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--what",
         default="block",
-        choices=["block", "model"],
-        help="one GAMBlock on (B, N, D) activations, or a whole GAMModel on tokens",
+        choices=["block", "model", "mixer"],
+        help="one GAMBlock on (B, N, D) activations, a whole GAMModel on tokens, or the block's "
+        "token mixer alone (GAMBlock.mix)",
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=1024)
@@ -75,22 +82,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+def build(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     device = torch.device(args.device)
-    if args.what == "block":
-        module = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
+    if args.what in ("block", "mixer"):
+        block = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
         inputs = torch.randn(args.batch, args.seqlen, args.d_model, device=device, requires_grad=True)
-    else:
-        config = gam_ext.GAMConfig(
-            block_size=args.seqlen,
-            d_model=args.d_model,
-            n_layer=args.layers,
-            num_memory_slots=args.slots,
-            dropout=0.0,
-        )
-        module = gam_ext.GAMModel(config).to(device)
-        inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
-    return module, inputs
+        return (block.mix if args.what == "mixer" else block), inputs
+    config = gam_ext.GAMConfig(
+        block_size=args.seqlen,
+        d_model=args.d_model,
+        n_layer=args.layers,
+        num_memory_slots=args.slots,
+        dropout=0.0,
+    )
+    model = gam_ext.GAMModel(config).to(device)
+    inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
+    return model, inputs
+
+
+def kernel_table(profiler: torch.profiler.profile, cuda: bool, steps: int, rows: int = 25) -> str:
+    """Markdown: the kernels (CUDA) or ops (CPU, by self time) of the profiled steps, busiest
+    first, with calls and microseconds per step and their share of the total."""
+    events = [
+        e
+        for e in profiler.key_averages()
+        if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.self_cpu_time_total > 0)
+    ]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    kind = "kernel" if cuda else "op (self CPU time)"
+    lines = [
+        f"| {kind} | calls per step | us per step | share |",
+        "|---|---:|---:|---:|",
+    ]
+    for e in events[:rows]:
+        name = e.key if len(e.key) <= 100 else e.key[:97] + "..."
+        name = name.replace("|", "/")
+        t = getattr(e, key)
+        lines.append(f"| {name} | {e.count / steps:g} | {t / steps:.1f} | {100 * t / total:.1f}% |")
+    if len(events) > rows:
+        rest = sum(getattr(e, key) for e in events[rows:])
+        lines.append(f"| ({len(events) - rows} more) | | {rest / steps:.1f} | {100 * rest / total:.1f}% |")
+    lines.append(f"| **all** | {sum(e.count for e in events) / steps:g} | {total / steps:.1f} | 100% |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     if profiler is not None:
         sort_key = "cuda_time_total" if cuda else "cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_key, row_limit=20))
+        print(
+            f"\n{'Kernels' if cuda else 'Ops'} per step ({args.what}, {args.dtype}, backend "
+            f"{gam_ext.get_backend()}):\n"
+        )
+        print(kernel_table(profiler, cuda, args.steps))
         if args.trace:
             profiler.export_chrome_trace(args.trace)
             print(f"wrote {args.trace}")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,3 +110,50 @@ def test_no_script_shadows_the_standard_library():
     assert scripts
     clashes = [p.name for p in scripts if p.stem in sys.stdlib_module_names]
     assert not clashes, f"rename these: they shadow standard-library modules: {clashes}"
+
+
+def test_profile_mixer_prints_a_table_per_backend():
+    # The breakdown stage of scripts/gpu_check.sh: the mixer alone, once per backend; on the CPU
+    # the table lists ops by self CPU time, and the fused backend shows the fused ops.
+    tables = {}
+    for backend in ("unfused", "fused"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "profile_steps.py"),
+                *("--device", "cpu", "--what", "mixer", "--batch", "2", "--seqlen", "16"),
+                *("--d-model", "16", "--slots", "4", "--warmup", "1", "--steps", "2"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**ENV, "GAM_EXT_BACKEND": backend},
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"backend {backend}" in out.stdout
+        tables[backend] = out.stdout[out.stdout.index("| op (self CPU time) |") :]
+        assert "| **all** |" in tables[backend]
+    assert "gam_ext::gam_mixer_bwd" in tables["fused"] and "gam_mixer" not in tables["unfused"]
+    assert "gam_ext::memory_retrieval_bwd" in tables["unfused"]
+
+
+def test_kernel_table_on_cuda_events():
+    # The CUDA branch of kernel_table, on stand-ins for torch.profiler's averaged events: device
+    # events only, busiest first, per step, the rest summed in one row.
+    spec = importlib.util.spec_from_file_location("profile_steps", ROOT / "benchmarks" / "profile_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(key="aten::mm", device_type=cpu, count=4, self_device_time_total=0.0),
+        SimpleNamespace(key="small_kernel", device_type=cuda, count=2, self_device_time_total=100.0),
+        SimpleNamespace(key="gemm|kernel", device_type=cuda, count=4, self_device_time_total=300.0),
+        SimpleNamespace(key="tiny", device_type=cuda, count=2, self_device_time_total=50.0),
+    ]
+    profiler = SimpleNamespace(key_averages=lambda: events)
+    table = module.kernel_table(profiler, cuda=True, steps=2, rows=2).splitlines()
+    assert table[2] == "| gemm/kernel | 2 | 150.0 | 66.7% |"
+    assert table[3] == "| small_kernel | 1 | 50.0 | 22.2% |"
+    assert table[4] == "| (1 more) | | 25.0 | 11.1% |"
+    assert table[5] == "| **all** | 4 | 225.0 | 100% |"
+    assert not any("aten::mm" in line for line in table)

@@ -2,7 +2,8 @@
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck on a small case of every kernel and racecheck on
-# those that use shared memory, the kernel, op, scaling and generation benchmarks, and an Nsight
+# those that use shared memory, the kernel and op benchmarks, a kernel-time breakdown of the mixer
+# on each of its paths, the scaling and generation benchmarks, and an Nsight
 # Compute summary of the retrieval and fused-mixer kernels, and writes
 # benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
@@ -98,6 +99,16 @@ if [[ -f benchmarks/bench_ops.py ]]; then
   OPS_RC=$?
 fi
 
+# Where each mixer path spends its time: torch.profiler's kernels of the block's token mixer,
+# fwd+bwd (bf16 autocast, B=16 N=8192 D=S=512), on the three-op path and on the fused op.
+BREAKDOWN_ARGS="--what mixer --torch-profiler --dtype bf16 --batch 16 --seqlen 8192 --d-model 512 \
+--slots 512 --warmup 2 --steps 3"
+BREAKDOWN_RC=0
+for backend in unfused fused; do
+  GAM_EXT_BACKEND=$backend timeout $(limit 45) "$PY" benchmarks/profile_steps.py $BREAKDOWN_ARGS \
+    > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
+done
+
 # The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
 # a shorter grid than the script's default so that it fits the budget).
 SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --max-seconds 0.3 \
@@ -144,6 +155,7 @@ fi
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(sanitizer_status "$LOG/racecheck.txt" $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
+  echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(status breakdown $BREAKDOWN_RC) |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
   echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(status generate $GENERATE_RC) |"
   echo "| ncu | GAM_EXT_BACKEND=fused ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
@@ -158,6 +170,14 @@ fi
   echo
   cat "$LOG/kernels.md"
   if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  for backend in unfused fused; do
+    if [[ -f "$LOG/breakdown-$backend.txt" ]]; then
+      echo; echo "## Mixer kernels per step, backend $backend (profile_steps.py --what mixer)"; echo
+      grep -E "ms/step" "$LOG/breakdown-$backend.txt"; echo
+      sed -n '/^| kernel /,/^| \*\*all/p' "$LOG/breakdown-$backend.txt"
+      grep -qE "^\| \*\*all" "$LOG/breakdown-$backend.txt" || { echo '```'; tail -15 "$LOG/breakdown-$backend.txt"; echo '```'; }
+    fi
+  done
   GENERATE_MD="benchmarks/results/${SLUG}-${DATE}-generate.md"
   if [[ -f "$GENERATE_MD" ]]; then
     echo; echo "## bench_generate.py ($GENERATE_MD, with a plot beside it)"; echo
