@@ -214,10 +214,15 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     float* xs = reinterpret_cast<float*>(ms + stages * kBlockN * dpad);
     const int ntiles = (slots + kBlockN - 1) / kBlockN;
     const int col0 = wn * kDc;
-    // ldmatrix offsets, as in the forward (swz_step): rows lane % 16, groups 2 j + lane / 16.
-    const int x8 = swz_x8(lane >> 4, lane);
+    // ldmatrix offsets, as in the forward (swz_step): h, dg (A operands) and the transposed M
+    // loads read rows lane % 16 and groups 2 j + lane / 16; the M loads of the S product (B
+    // operand) slots (lane & 7) + 8 (lane / 16) and groups 2 j + (lane / 8) % 2, so that each
+    // n-tile's two B registers are adjacent.
+    const int x8 = swz_x8(lane) + swz_hi(lane >> 4, lane);
+    const int xb8 = swz_x8(lane) + swz_hi((lane >> 3) & 1, lane);
     const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
     const int m_off = (lane & 15) * dpad + col0;
+    const int mb_off = ((lane & 7) | (lane >> 4 << 3)) * dpad + col0;
 
     auto load_m = [&](int tile) {
       load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
@@ -302,9 +307,9 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
         }
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          uint32_t b[4];  // n-tiles 2 np and 2 np + 1: {b[0], b[2]}, {b[1], b[3]} (as forward)
-          ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
-          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
+          uint32_t b[4];  // n-tiles 2 np and 2 np + 1: {b[0], b[1]}, {b[2], b[3]} (as forward)
+          ldmatrix<4, false>(b, mt + mb_off + 16 * np * dpad + swz_step(kk, xb8));
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
           mma_m16n8k16<T>(s[2 * np], ah, b0, s[2 * np]);
           mma_m16n8k16<T>(s[2 * np + 1], ah, b1, s[2 * np + 1]);
           mma_m16n8k16<T>(dp[2 * np], ag, b0, dp[2 * np]);

@@ -67,11 +67,15 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
     const int ntiles = (slots + kBlockN - 1) / kBlockN;
     const int col0 = wn * kDc;  // first column of the warp's chunk
     const T* hsrc = h + row0 * dim;
-    // ldmatrix offsets of the S product (swz_step): every load of a thread reads rows lane % 16
-    // (+ 16 wm for h, + 16 per slot group for M) and 8-column group 2 j + lane / 16.
-    const int x8 = swz_x8(lane >> 4, lane);
-    const int a_off = (16 * wm + (lane & 15)) * dpad + col0;
-    const int m_off = (lane & 15) * dpad + col0;
+    // ldmatrix offsets of the S product (swz_step). h, the A operand: row lane % 16 (+ 16 wm) and
+    // 8-column group 2 j + lane / 16, the four A registers in order. M, the B operand: slot
+    // (lane & 7) + 8 (lane / 16) (+ 16 per slot group) and group 2 j + (lane / 8) % 2, so that an
+    // x4 load returns (slots 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) and each n-tile's
+    // two B registers are adjacent, as HMMA reads them (in the A order ptxas copied them into
+    // pairs: 2 IMAD.MOV per pair of HMMA).
+    const int x8 = swz_x8(lane);
+    const int a_off = (16 * wm + (lane & 15)) * dpad + col0 + swz_hi(lane >> 4, lane);
+    const int m_off = ((lane & 7) | (lane >> 4 << 3)) * dpad + col0 + swz_hi((lane >> 3) & 1, lane);
 
     auto load_m = [&](int tile) {
       load_tile_async(ms + (tile % stages) * kBlockN * dpad, mem + int64_t(tile) * kBlockN * dim,
@@ -135,11 +139,10 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
         }
 #pragma unroll
         for (int np = 0; np < kNS / 2; ++np) {
-          // Matrices (slots 0-7, k 0-7), (slots 8-15, k 0-7), (0-7, k 8-15), (8-15, 8-15): the
-          // B fragments of n-tiles 2 np and 2 np + 1 are {b[0], b[2]} and {b[1], b[3]}.
+          // The B fragments of n-tiles 2 np and 2 np + 1: {b[0], b[1]} and {b[2], b[3]}.
           uint32_t b[4];
           ldmatrix<4, false>(b, mt + m_off + 16 * np * dpad + swz_step(kk, x8));
-          const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
+          const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
           mma_m16n8k16<T>(s[2 * np], a, b0, s[2 * np]);
           mma_m16n8k16<T>(s[2 * np + 1], a, b1, s[2 * np + 1]);
         }

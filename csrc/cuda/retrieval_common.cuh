@@ -25,10 +25,13 @@ __host__ __device__ __forceinline__ int swz(int row, int col, int width) {
 // The same offsets, cheaply, for the ldmatrix loads of a warp over a 128-column span: a thread
 // whose rows all share row & 7 and whose 8-column group in the span is 2 j + hi (hi = 0 or 1
 // from its lane, j = 0..7 at compile time) finds group 2 j + hi of a row at
-//   row * width + span start + swz_step(j, swz_x8(hi, row))
+//   row * width + span start + swz_hi(hi, row) + swz_step(j, swz_x8(row))
 // (= swz(row, span start + 16 j + 8 hi, width) for a span start that is a multiple of 128): one
-// XOR and one add per load instead of the whole swz.
-__device__ __forceinline__ int swz_x8(int hi, int row) { return ((hi ^ row) & 7) << 3; }
+// XOR and one add per load instead of the whole swz. hi only flips bit 3 of the offset, which j
+// never touches, so it goes into the thread's base offset, and loads of different lane-to-matrix
+// orders (the A and the B operands) share one swz_x8.
+__device__ __forceinline__ int swz_x8(int row) { return (row & 6) << 3; }
+__device__ __forceinline__ int swz_hi(int hi, int row) { return ((hi ^ row) & 1) << 3; }
 __device__ __forceinline__ int swz_step(int j, int x8) {
   return 64 * (j >> 2) + ((16 * (j & 3)) ^ x8);
 }
