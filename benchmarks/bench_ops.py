@@ -9,10 +9,12 @@ load from other processes on a shared machine moves every provider's times alike
 
 Providers:
   gam_ext   the gam_ext public ops (compiled kernels for the device; gam_ext.gam_mixer for the mixer,
-            which runs the fused mixer op where it is built)
+            which runs the fused mixer op where the backend "auto" picks it: on the CPU, and on
+            cuda up to a size)
   gam_fused_mixer (mixer only) gam_ext.gam_mixer with the backend "fused": the fused op
             gam_mixer_fwd / _bwd, asserting that it is built for the device and dtype (the same
-            path as gam_ext on the CPU; by default run on cuda only, where gam_ext is unfused)
+            path as gam_ext on the CPU; by default run on cuda only, where gam_ext is fused up to
+            a size only)
   gam_unfused (mixer only) gam_ext.gam_mixer with the backend "unfused": the conv, retrieval and
             gate fusion kernels and a gate linear, three ops and their intermediates in memory
   eager     the paper's formulation in plain PyTorch: nn.Conv1d-style depthwise conv padded by K-1

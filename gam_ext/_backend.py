@@ -5,10 +5,12 @@ device it was built for. An op runs its kernel when one is registered for the te
 backend allows it; otherwise it runs ``gam_ext.reference``. Backends:
 
 - ``auto`` (the default): every kernel that is built; the mixer (``gam_mixer``, and so
-  ``gam_block`` and ``GAMBlock``) runs the fused op ``gam_mixer_fwd`` / ``gam_mixer_bwd`` on the
-  devices where it measured faster than the three ops (the CPU), and the three ops on CUDA, where
-  the fused op measured slower on an H200 at the sequence lengths that dominate training
-  (0.78x at B=16 N=8192 D=S=512 bf16; csrc/cuda/README.md);
+  ``gam_block`` and ``GAMBlock``) runs the fused op ``gam_mixer_fwd`` / ``gam_mixer_bwd`` where
+  it measured faster than the three ops: on the CPU always, on CUDA up to
+  ``AUTO_FUSED_MAX_ELEMENTS`` elements of h (B*N*D). On an H200 (B=16 D=S=512 bf16,
+  csrc/cuda/README.md) the fused op took 1.28 / 1.02 ms fwd+bwd at N=256 / 1024 against 1.62 /
+  1.54 for the three ops, whose many small launches dominate there, and 2.06 / 3.80 against
+  1.74 / 2.96 at N=4096 / 8192;
 - ``fused``: the same kernels, with the fused mixer op on every device that has it;
 - ``unfused``: the same kernels, with the mixer as three ops (conv, retrieval, gate fusion) and a
   gate linear on every device;
@@ -33,10 +35,11 @@ BACKENDS = ("auto", "fused", "unfused", "reference")
 # The forward ops behind the three public primitives and the fused mixer; each has a matching
 # *_bwd op.
 OPS = ("causal_conv1d", "memory_retrieval", "gate_fusion", "gam_mixer")
-# The fused ops, which the "unfused" backend leaves out everywhere and "auto" on the devices of
-# AUTO_UNFUSED_DEVICES (where the composition of the primitive kernels measured faster).
+# The fused ops, which the "unfused" backend leaves out everywhere and "auto" above
+# AUTO_FUSED_MAX_ELEMENTS elements of the activations on the devices listed there (where the
+# composition of the primitive kernels measured faster at that size; no limit elsewhere).
 FUSED_OPS = ("gam_mixer",)
-AUTO_UNFUSED_DEVICES = ("cuda",)
+AUTO_FUSED_MAX_ELEMENTS = {"cuda": 16384 * 512}
 # The inference-only ops of the one-token step (generation): one op each, no backward.
 STEP_OPS = ("causal_conv1d_update", "gam_mixer_step")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -136,14 +139,18 @@ def get_backend() -> str:
     return _backend
 
 
-def use_kernel(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
-    """True when ``op`` on ``device_type`` tensors (of ``dtype``) runs the compiled kernel."""
+def use_kernel(
+    op: str, device_type: str, dtype: torch.dtype | None = None, elements: int | None = None
+) -> bool:
+    """True when ``op`` on ``device_type`` tensors (of ``dtype``; ``elements`` in its activations)
+    runs the compiled kernel. A fused op under ``auto`` on a device with a size limit runs only
+    when ``elements`` is given and within it."""
     if _backend == "reference" or not _KERNELS.get(device_type, {}).get(op, False):
         return False
-    if op in FUSED_OPS and (
-        _backend == "unfused" or (_backend == "auto" and device_type in AUTO_UNFUSED_DEVICES)
-    ):
-        return False
+    if op in FUSED_OPS and _backend != "fused":
+        limit = AUTO_FUSED_MAX_ELEMENTS.get(device_type)
+        if _backend == "unfused" or (limit is not None and (elements is None or elements > limit)):
+            return False
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
 
@@ -175,9 +182,21 @@ def _retrieval_path(slots: int, dim: int, dtype: torch.dtype) -> dict[str, Any]:
     return path
 
 
+def _fused_by_size(op: str, device_type: str) -> bool:
+    """True when the fused ``op`` runs on ``device_type`` up to a size only (``auto``)."""
+    return (
+        op in FUSED_OPS
+        and _backend == "auto"
+        and device_type in AUTO_FUSED_MAX_ELEMENTS
+        and _KERNELS.get(device_type, {}).get(op, False)
+    )
+
+
 def _op_path(op: str, device_type: str) -> str:
     if use_kernel(op, device_type):
         return "kernel"
+    if _fused_by_size(op, device_type):
+        return "by size"
     built = _KERNELS.get(device_type, {}).get(op, False)
     return "unfused" if built and _backend != "reference" and op in FUSED_OPS else "reference"
 
@@ -185,12 +204,14 @@ def _op_path(op: str, device_type: str) -> str:
 def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[str, Any]:
     """What runs where: for each device and op, ``"kernel"`` or ``"reference"``, and why.
 
-    A fused op whose kernel is built but left out (the ``"unfused"`` backend, or ``"auto"`` on a
-    device where the composition is the faster) reads ``"unfused"``: its composition of other ops
-    runs instead.
+    A fused op whose kernel is built but left out (the ``"unfused"`` backend) reads
+    ``"unfused"``: its composition of other ops runs instead; under ``"auto"`` on a device where
+    it runs up to a size only (CUDA), ``"by size"``.
 
     ``"mixer"`` says, per device, whether gam_mixer runs ``"fused"`` (one op), ``"unfused"``
-    (three kernels and a gate linear) or ``"reference"``.
+    (three kernels and a gate linear), ``"by size"`` (the fused op up to
+    ``"mixer_fused_max_elements"`` elements of h, B*N*D, the three kernels above) or
+    ``"reference"``.
 
     ``"cpu_bf16_gemm"`` says how the CPU kernels run the products of bfloat16 inputs: ``"bf16"``
     (the CPU's bf16 matrix units, through torch's oneDNN micro-kernel) or ``"fp32"`` (fp32 tiles);
@@ -209,6 +230,8 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     mixer = {
         device: "fused"
         if use_kernel("gam_mixer", device)
+        else "by size"
+        if _fused_by_size("gam_mixer", device)
         else "unfused"
         if use_kernel("memory_retrieval", device)
         else "reference"
@@ -225,6 +248,11 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
         # primitive kernels and a gate linear, or the reference (for the dtypes the device's
         # kernels take: float64 on CUDA always runs the reference).
         "mixer": mixer,
+        # Where "mixer" is "by size": the most elements of h (B*N*D) the fused op runs at.
+        "mixer_fused_max_elements": {
+            device: AUTO_FUSED_MAX_ELEMENTS[device] if mixer[device] == "by size" else None
+            for device in DEVICE_KEYS
+        },
         # How the CPU retrieval and mixer kernels run the products of bfloat16 inputs: "bf16" on
         # the CPU's bf16 matrix units (AMX) through torch's oneDNN micro-kernel where torch has one
         # for the CPU, else "fp32" tiles (GAM_EXT_CPU_BF16_GEMM=fp32 forces them).

@@ -164,8 +164,14 @@ def _needs_reference_math(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
-def _use_kernel(op: str, device_type: str, dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
-    return _backend.use_kernel(op, device_type, dtype) and not _needs_reference_math(*tensors)
+def _use_kernel(
+    op: str,
+    device_type: str,
+    dtype: torch.dtype,
+    *tensors: torch.Tensor | None,
+    elements: int | None = None,
+) -> bool:
+    return _backend.use_kernel(op, device_type, dtype, elements) and not _needs_reference_math(*tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,10 +222,11 @@ def gam_mixer(
     """gate_fusion(causal_conv1d(h), memory_retrieval(h), h @ gate_weight.T + gate_bias).
 
     gate_weight is (2D, D) and gate_bias (2D,) or None, as ``nn.Linear(D, 2D)``. Where the fused
-    op is built for h's device and dtype and the backend picks it (``auto``: on the CPU;
-    ``fused``: everywhere), the whole mixer runs as one op, ``torch.ops.gam_ext.gam_mixer_fwd`` /
-    ``gam_mixer_bwd``: the conv's output is never written, the retrieval's only kept for the
-    backward. Otherwise (``auto`` on CUDA, ``unfused``, or no fused kernel) it runs the three
+    op is built for h's device and dtype and the backend picks it (``auto``: on the CPU, and on
+    CUDA up to ``_backend.AUTO_FUSED_MAX_ELEMENTS`` elements of h; ``fused``: everywhere), the
+    whole mixer runs as one op, ``torch.ops.gam_ext.gam_mixer_fwd`` / ``gam_mixer_bwd``: the
+    conv's output is never written, the retrieval's only kept for the backward. Otherwise
+    (``auto`` on CUDA above that size, ``unfused``, or no fused kernel) it runs the three
     primitives and a gate linear.
     """
     _check_float_tensor("h", h, 3)
@@ -231,7 +238,11 @@ def gam_mixer(
     _check_memory(h, memory, scale)
     act = _activation(h)
     if _use_kernel(
-        "gam_mixer", act.device.type, act.dtype, act, weight_2d, conv_bias, memory, gate_weight, gate_bias
+        "gam_mixer",
+        act.device.type,
+        act.dtype,
+        *(act, weight_2d, conv_bias, memory, gate_weight, gate_bias),
+        elements=act.numel(),
     ):
         return torch.ops.gam_ext.gam_mixer_fwd(
             act, weight_2d, conv_bias, memory, gate_weight, gate_bias, float(scale)

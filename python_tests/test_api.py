@@ -125,17 +125,41 @@ def test_backend_info_reports_the_mixer_path(backend, mixer, fused_op, use_backe
     reason="the extension has no CUDA kernels",
 )
 @pytest.mark.parametrize(
-    "backend,cuda_mixer", [("auto", "unfused"), ("fused", "fused"), ("unfused", "unfused")]
+    "backend,cuda_mixer", [("auto", "by size"), ("fused", "fused"), ("unfused", "unfused")]
 )
 def test_auto_backend_picks_the_mixer_per_device(backend, cuda_mixer, use_backend):
-    # The fused mixer op is built for both devices; "auto" runs it on the CPU only (the three ops
-    # measured faster on CUDA), "fused" and "unfused" force one path everywhere.
+    # The fused mixer op is built for both devices; "auto" runs it on the CPU always and on CUDA
+    # up to a size (above it the three ops measured faster), "fused" and "unfused" force one path
+    # everywhere.
     use_backend(backend)
     info = gam_ext.backend_info()
+    limit = gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS["cuda"]
     assert info["mixer"]["cuda"] == cuda_mixer
-    assert info["ops"]["cuda"]["gam_mixer"] == ("kernel" if cuda_mixer == "fused" else "unfused")
+    assert info["mixer_fused_max_elements"] == {"cpu": None, "cuda": limit if backend == "auto" else None}
+    ops_path = {"fused": "kernel", "by size": "by size", "unfused": "unfused"}[cuda_mixer]
+    assert info["ops"]["cuda"]["gam_mixer"] == ops_path
     assert info["mixer"]["cpu"] == ("unfused" if backend == "unfused" else "fused")
-    assert gam_ext._backend.use_kernel("gam_mixer", "cuda", torch.bfloat16) == (cuda_mixer == "fused")
+    use = gam_ext._backend.use_kernel
+    assert use("gam_mixer", "cuda", torch.bfloat16, limit) == (cuda_mixer != "unfused")
+    assert use("gam_mixer", "cuda", torch.bfloat16, limit + 1) == (cuda_mixer == "fused")
+    assert use("gam_mixer", "cuda", torch.bfloat16) == (cuda_mixer == "fused")
+    assert use("gam_mixer", "cpu", torch.bfloat16, 10 * limit) == (backend != "unfused")
+
+
+def test_auto_mixer_size_rule_needs_no_kernels(monkeypatch, use_backend):
+    # The rule itself, on any build: with the fused op "built" for CUDA, auto takes it up to the
+    # limit of h's elements and the three ops above; sizes never matter on the CPU.
+    monkeypatch.setitem(
+        gam_ext._backend._KERNELS, "cuda", {**gam_ext._backend._KERNELS["cuda"], "gam_mixer": True}
+    )
+    monkeypatch.setitem(gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS, "cuda", 1000)
+    use_backend("auto")
+    use = gam_ext._backend.use_kernel
+    assert use("gam_mixer", "cuda", torch.float16, 1000) and not use("gam_mixer", "cuda", torch.float16, 1001)
+    assert not use("gam_mixer", "cuda", torch.float16) and not use("gam_mixer", "cuda", torch.float64, 10)
+    assert gam_ext.backend_info()["mixer_fused_max_elements"]["cuda"] == 1000
+    if gam_ext._backend._KERNELS["cpu"]["gam_mixer"]:
+        assert use("gam_mixer", "cpu", torch.float32, 10**9)
 
 
 @pytest.mark.parametrize("backend", ["auto", "fused", "unfused", "reference"])
@@ -359,3 +383,23 @@ def test_source_tree_hiding_an_installed_build_says_so(tmp_path):
     line = _warning_line(out.stderr)
     assert f"it hides the built gam_ext installed at {site / 'gam_ext'}" in line
     assert "run from another directory" in line
+
+
+@pytest.mark.skipif(not gam_ext._backend._KERNELS["cpu"]["gam_mixer"], reason="no CPU kernels built")
+def test_gam_mixer_applies_the_size_rule(monkeypatch, use_backend):
+    # gam_mixer passes h's element count to the rule: with a CPU limit set for the test, a small h
+    # runs the fused op and a larger one the three ops (seen in the output's autograd node).
+    d = 8
+    small, large = torch.randn(1, 4, d, requires_grad=True), torch.randn(1, 5, d, requires_grad=True)
+    params = (
+        torch.randn(d, 1, 3),
+        torch.randn(d),
+        torch.randn(6, d),
+        torch.randn(2 * d, d),
+        torch.randn(2 * d),
+    )
+    monkeypatch.setitem(gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS, "cpu", small.numel())
+    use_backend("auto")
+    assert "gam_mixer" in type(gam_ext.gam_mixer(small, *params).grad_fn).__name__
+    assert "gate_fusion" in type(gam_ext.gam_mixer(large, *params).grad_fn).__name__
+    assert gam_ext.backend_info()["mixer"]["cpu"] == "by size"

@@ -147,7 +147,7 @@ def test_fused_mixer(dtype, shape, path, monkeypatch, use_backend):
     # gam_ext.gam_mixer on the fused op, fp32 parameters with activations of each dtype; the
     # reference gets the bank and the gate linear rounded to the activation dtype, as the op does.
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
-    use_backend("fused")  # "auto" runs the three ops on CUDA, where they measured faster
+    use_backend("fused")  # "auto" runs the three ops on CUDA above a size, where they measured faster
     assert gam_ext.backend_info()["mixer"]["cuda"] == "fused"
     b, n, d, s, k = shape
     mag = min(0.5, d**-0.25)

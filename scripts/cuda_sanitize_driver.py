@@ -49,7 +49,7 @@ def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     ]
     for p in params:
         p.requires_grad_()
-    previous = gam_ext.set_backend("fused")  # "auto" runs the three ops on CUDA
+    previous = gam_ext.set_backend("fused")  # "auto" runs the three ops on CUDA above a size
     try:
         gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()
     finally:
