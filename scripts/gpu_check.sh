@@ -129,7 +129,9 @@ GENERATE_RC=$?
 # (not available on every machine).
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 NCU_RC=127
-NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full"
+# --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
+# summary lines leave out.
+NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
 if [[ -n "$NCU" ]]; then
   echo "== ncu"
@@ -197,6 +199,11 @@ fi
     grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Theoretical Occupancy|Achieved Occupancy|==ERROR==|==WARNING==" \
       "$LOG/ncu.txt" | head -120
     echo '```'
+    if grep -qiE "stall" "$LOG/ncu.txt"; then
+      echo; echo "Warp stalls (ncu section details, lines naming a stall):"; echo; echo '```'
+      grep -E "^  [a-z_]+.*\(|[Ss]tall" "$LOG/ncu.txt" | head -150
+      echo '```'
+    fi
   fi
   if [[ $TEST_RC -ne 0 ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
   if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
