@@ -369,7 +369,19 @@ def test_fused_mixer_matches_unfused(dtype):
 # bfloat16 products: on the CPU's bf16 matrix units where torch has a micro-kernel, else fp32 tiles
 # --------------------------------------------------------------------------------------------
 
-BF16_UNITS = gam_ext.backend_info()["cpu_bf16_gemm"] == "bf16"
+
+def _cpu_has_bf16_units() -> bool:
+    """Whether the CPU kernels run bf16 products on matrix units under GAM_EXT_CPU_BF16_GEMM=auto,
+    whatever the variable says in the environment the suite runs in (the tests set it)."""
+    saved = os.environ.pop("GAM_EXT_CPU_BF16_GEMM", None)
+    try:
+        return gam_ext.backend_info()["cpu_bf16_gemm"] == "bf16"
+    finally:
+        if saved is not None:
+            os.environ["GAM_EXT_CPU_BF16_GEMM"] = saved
+
+
+BF16_UNITS = _cpu_has_bf16_units()
 
 
 @pytest.mark.parametrize("shape", MEM_SHAPES, ids=lambda s: "B{}N{}D{}S{}".format(*s))
@@ -399,6 +411,7 @@ def test_bf16_products_run_on_the_matrix_units(shape, monkeypatch):
     """Where torch has the micro-kernel, bf16 inputs use it by default: a path of its own (its
     operands p, scale * ds, dG and dz are rounded to bf16) whose error against float64 stays at
     the fp32 tiles' level, for the output and every gradient."""
+    monkeypatch.delenv("GAM_EXT_CPU_BF16_GEMM", raising=False)  # the default, whatever the suite's
     b, n, d, s = shape
     info = gam_ext.backend_info(retrieval=(s, d, torch.bfloat16))
     assert "bf16 matrix units" in info["retrieval"]["cpu"], info

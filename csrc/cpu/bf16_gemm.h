@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/cpu_common.h"
 #include "cpu/simd_avx512.h"
@@ -308,9 +309,14 @@ inline void release_bf16_gemm() {
 #endif
 }
 
+// x as bf16: rounded (to_bf16) from fp32, as is from bf16.
+inline bf16 as_bf16(float x) { return to_bf16(x); }
+inline bf16 as_bf16(bf16 x) { return x; }
+
 // The blocked scalar transpose of transpose_to_bf16 below, over rows [i0, i1) x columns [j0, j1)
 // in 32 x 32 blocks, so that the writes stay in cache.
-inline void transpose_to_bf16_scalar(const float* src, int64_t ld_src, int64_t i0, int64_t i1,
+template <typename S>
+inline void transpose_to_bf16_scalar(const S* src, int64_t ld_src, int64_t i0, int64_t i1,
                                      int64_t j0, int64_t j1, bf16* dst, int64_t ld_dst) {
   constexpr int64_t kBlock = 32;
   for (int64_t ib = i0; ib < i1; ib += kBlock) {
@@ -318,7 +324,7 @@ inline void transpose_to_bf16_scalar(const float* src, int64_t ld_src, int64_t i
     for (int64_t jb = j0; jb < j1; jb += kBlock) {
       const int64_t je = std::min(j1, jb + kBlock);
       for (int64_t j = jb; j < je; ++j) {
-        for (int64_t i = ib; i < ie; ++i) dst[j * ld_dst + i] = to_bf16(src[i * ld_src + j]);
+        for (int64_t i = ib; i < ie; ++i) dst[j * ld_dst + i] = as_bf16(src[i * ld_src + j]);
       }
     }
   }
@@ -384,26 +390,49 @@ GAM_AVX2 inline void transpose_to_bf16_avx2(const float* src, int64_t ld_src, in
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's intrinsics (simd_avx512.h)
 #endif
 // transpose_to_bf16 in 16 x 16 blocks held in AVX-512 registers (a quarter of the AVX2 build's
-// shuffles per element); the edges go through the AVX2 build.
-GAM_AVX512 inline void transpose_to_bf16_avx512(const float* src, int64_t ld_src, int64_t rows,
+// shuffles per element). A bf16 source is widened to one 32-bit lane per element, moved by the
+// same transpose and narrowed back unchanged. The edges go through the AVX2 build (fp32) or the
+// scalar loop (bf16).
+template <typename S>
+GAM_AVX512 inline void transpose_to_bf16_avx512(const S* src, int64_t ld_src, int64_t rows,
                                                 int64_t cols, bf16* dst, int64_t ld_dst) {
+  constexpr bool kFromBf16 = std::is_same_v<S, bf16>;
   const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
   for (int64_t i0 = 0; i0 < rows16; i0 += 16) {
     for (int64_t j0 = 0; j0 < cols16; j0 += 16) {
       __m512 r[16], col[16];
-      for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src + (i0 + q) * ld_src + j0);
+      for (int q = 0; q < 16; ++q) {
+        const S* row = src + (i0 + q) * ld_src + j0;
+        if constexpr (kFromBf16) {
+          r[q] = _mm512_castsi512_ps(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))));
+        } else {
+          r[q] = _mm512_loadu_ps(row);
+        }
+      }
       transpose16_avx512(r, col);
       for (int c = 0; c < 16; ++c) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j0 + c) * ld_dst + i0),
-                            bf16_16(col[c]));
+        __m256i out;
+        if constexpr (kFromBf16) {
+          out = _mm512_cvtepi32_epi16(_mm512_castps_si512(col[c]));
+        } else {
+          out = bf16_16(col[c]);
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (j0 + c) * ld_dst + i0), out);
       }
     }
   }
-  if (cols16 < cols) {
-    transpose_to_bf16_avx2(src + cols16, ld_src, rows16, cols - cols16, dst + cols16 * ld_dst,
+  if constexpr (kFromBf16) {
+    transpose_to_bf16_scalar(src, ld_src, 0, rows16, cols16, cols, dst, ld_dst);
+    transpose_to_bf16_scalar(src, ld_src, rows16, rows, 0, cols, dst, ld_dst);
+  } else {
+    if (cols16 < cols) {
+      transpose_to_bf16_avx2(src + cols16, ld_src, rows16, cols - cols16, dst + cols16 * ld_dst,
+                             ld_dst);
+    }
+    transpose_to_bf16_avx2(src + rows16 * ld_src, ld_src, rows - rows16, cols, dst + rows16,
                            ld_dst);
   }
-  transpose_to_bf16_avx2(src + rows16 * ld_src, ld_src, rows - rows16, cols, dst + rows16, ld_dst);
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
@@ -411,12 +440,13 @@ GAM_AVX512 inline void transpose_to_bf16_avx512(const float* src, int64_t ld_src
 #endif  // GAM_HAVE_AVX512_KERNELS
 #endif
 
-// dst (cols x rows, row stride ld_dst) = src (rows x cols, fp32, row stride ld_src) transposed and
-// rounded to bf16: the A operand of a product over the rows of src. to_bf16 rather than c10's
-// conversion, whose NaN branch kept the loop scalar; on AVX2 CPUs in 8 x 8 register blocks (4x
-// faster than the blocked scalar loop), on AVX-512 in 16 x 16 blocks.
-inline void transpose_to_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
-                              bf16* dst, int64_t ld_dst) {
+// dst (cols x rows, row stride ld_dst) = src (rows x cols, fp32 or bf16, row stride ld_src)
+// transposed, fp32 rounded to bf16: the A operand of a product over the rows of src. to_bf16 rather
+// than c10's conversion, whose NaN branch kept the loop scalar; on AVX-512 in 16 x 16 blocks, fp32
+// on AVX2 CPUs in 8 x 8 register blocks (4x faster than the blocked scalar loop).
+template <typename S>
+inline void transpose_to_bf16(const S* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst,
+                              int64_t ld_dst) {
 #if GAM_HAVE_AVX512_KERNELS
   if (cpu_isa() == CpuIsa::kAvx512) {
     transpose_to_bf16_avx512(src, ld_src, rows, cols, dst, ld_dst);
@@ -424,9 +454,11 @@ inline void transpose_to_bf16(const float* src, int64_t ld_src, int64_t rows, in
   }
 #endif
 #if GAM_HAVE_ISA_BUILDS
-  if (cpu_isa() >= CpuIsa::kAvx2) {
-    transpose_to_bf16_avx2(src, ld_src, rows, cols, dst, ld_dst);
-    return;
+  if constexpr (std::is_same_v<S, float>) {
+    if (cpu_isa() >= CpuIsa::kAvx2) {
+      transpose_to_bf16_avx2(src, ld_src, rows, cols, dst, ld_dst);
+      return;
+    }
   }
 #endif
   transpose_to_bf16_scalar(src, ld_src, 0, rows, 0, cols, dst, ld_dst);

@@ -233,15 +233,19 @@ GAM_INLINE void add_product_row(A* __restrict acc, const A* __restrict x, const 
 // converts h (half inputs on fp32 tiles; hs is null on bf16 products), recomputes the gates and
 // the conv, and writes dG (gs), dz (dzs), delta, the conv's dL of the rows and of the K-1 rows
 // after them (dl, (i1-i0+K-1) x D), and this sub-block's partial sums of dbg, db_conv and dw_conv
-// (part: [dbg (2D) | dw (K x D) | db (D)]).
+// (part: [dbg (2D) | dw (K x D) | db (D)]). On bf16 products (gb and dzb given) dG and dz are only
+// the products' bf16 operands: gs and dzs are then one row each, rounded into gb and dzb while
+// the row is in cache (a pass over fp32 tiles of its own was 3% of a one-thread bf16 mixer).
 template <typename T>
 GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T* g,
                                    const acc_t<T>* wt, const acc_t<T>* conv_bias, acc_t<T>* hs,
                                    acc_t<T>* gs, acc_t<T>* dzs, acc_t<T>* delta, acc_t<T>* dl,
-                                   acc_t<T>* lconv, acc_t<T>* part, int64_t r0, int64_t i0,
-                                   int64_t i1, int64_t rows, int64_t n, int64_t d, int64_t k) {
+                                   acc_t<T>* lconv, acc_t<T>* part, bf16* gb, bf16* dzb, int64_t r0,
+                                   int64_t i0, int64_t i1, int64_t rows, int64_t n, int64_t d,
+                                   int64_t k) {
   using A = acc_t<T>;
   constexpr bool kDirect = std::is_same_v<T, A>;
+  const bool rows_only = gb != nullptr;
   A* const dbg = part;
   A* const dw = part + 2 * d;
   A* const db = dw + k * d;
@@ -253,13 +257,19 @@ GAM_INLINE void mixer_bwd_prologue(const T* df, const T* h, const T* z, const T*
     }
     conv_row(h, wt, conv_bias, r, pos, d, k, lconv);
     const T* zr = z + r * 2 * d;
-    A* const gsr = gs + q * d;
-    A* const dzr = dzs + q * 2 * d;
+    A* const gsr = rows_only ? gs : gs + q * d;
+    A* const dzr = rows_only ? dzs : dzs + q * 2 * d;
     A* const dlr = dl + (q - i0) * d;
     gate_grads_row<T>(df + r * d, zr, zr + d, g + r * d, lconv, gsr, dlr, dzr, dzr + d, d);
     add_row(dbg, dzr, 2 * d);
     add_row(db, dlr, d);
     delta[q] = row_dot<A>(gsr, g + r * d, d);
+    if constexpr (std::is_same_v<A, float>) {
+      if (rows_only) {
+        convert_row(gb + q * d, gsr, d);
+        convert_row(dzb + q * 2 * d, dzr, 2 * d);
+      }
+    }
     // dw[j] += dL * x[r - (K-1) + j].
     for (int64_t j = std::max<int64_t>(0, k - 1 - pos); j < k; ++j) {
       add_product_row(dw + j * d, dlr, h + (r - (k - 1) + j) * d, d);
@@ -317,18 +327,22 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   const int64_t hsize = kDirect ? 0 : tile * d;
   const int64_t hs_size = native ? 0 : hsize;  // the products read bf16 h directly
-  at::Tensor scratch = at::empty({hs_size + hsize + tile * d + 2 * tile * d + 2 * tile * sc + tile +
-                                  nsub * (dl_rows * d + d + part_size)},
-                                 opts);
+  // dG and dz in A: tiles (tile x D, tile x 2D), or on bf16 products one row of each per
+  // sub-block (the tiles are then bf16 only).
+  const int64_t grad_tiles = native ? 0 : 3 * tile * d;
+  const int64_t grad_rows = native ? 3 * d : 0;
+  const int64_t sub_size = dl_rows * d + d + part_size + grad_rows;
+  at::Tensor scratch =
+      at::empty({hs_size + hsize + grad_tiles + 2 * tile * sc + tile + nsub * sub_size}, opts);
   A* const hs_buf = scratch.mutable_data_ptr<A>();
   A* const dh_buf = hs_buf + hs_size;
-  A* const gs = dh_buf + hsize;        // dG: tile x D
-  A* const dzs = gs + tile * d;        // dz: tile x 2D
-  A* const sbuf = dzs + 2 * tile * d;  // scores, then scale * ds: tile x w
-  A* const pbuf = sbuf + tile * sc;    // dP, then p: tile x w
+  A* const gs = dh_buf + hsize;                 // dG: tile x D (not on bf16 products)
+  A* const dzs = gs + grad_tiles / 3;           // dz: tile x 2D (not on bf16 products)
+  A* const sbuf = dh_buf + hsize + grad_tiles;  // scores, then scale * ds: tile x w
+  A* const pbuf = sbuf + tile * sc;             // dP, then p: tile x w
   A* const delta = pbuf + tile * sc;
-  A* const sub_scratch = delta + tile;  // per sub-block: dL (dl_rows x D), a conv row, partials
-  const int64_t sub_size = dl_rows * d + d + part_size;
+  // Per sub-block: dL (dl_rows x D), a conv row, partials, and on bf16 products a dG and a dz row.
+  A* const sub_scratch = delta + tile;
   // Native only, in bf16: dz (tile x 2D), dG (tile x D) and scale * ds (tile x w) as operands, a
   // transposed block of rows per thread for dM and dWg, and the tile's h and dG packed.
   const int64_t slots = thread_slots();
@@ -360,15 +374,15 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           A* const dl = sub;
           A* const lconv = dl + dl_rows * d;
           A* const part = lconv + d;
-          run_best_isa<mixer_bwd_prologue<T>>(df, h, z, g, wt, conv_bias, hs, gs, dzs, delta, dl,
-                                              lconv, part, r0, i0, i1, rows, n, d, k);
+          A* const grad_row = part + part_size;  // bf16 products: the dG row, then the dz row
+          run_best_isa<mixer_bwd_prologue<T>>(df, h, z, g, wt, conv_bias, hs,
+                                              native ? grad_row : gs, native ? grad_row + d : dzs,
+                                              delta, dl, lconv, part, native ? gb : nullptr,
+                                              native ? dzb : nullptr, r0, i0, i1, rows, n, d, k);
           run_best_isa<conv_dx_rows<A>>(wt, dl, dhs, r0, i0, i1, n, d, k);
           // dh += dz Wg (the gate linear's input gradient).
           if (native) {
             if constexpr (std::is_same_v<A, float>) {
-              run_best_isa<convert_rows<bf16, float>>(dzb + i0 * 2 * d, 2 * d, dzs + i0 * 2 * d,
-                                                      2 * d, t, 2 * d);
-              run_best_isa<convert_rows<bf16, float>>(gb + i0 * d, d, gs + i0 * d, d, t, d);
               gemm_bf16(dzb + i0 * 2 * d, 2 * d, t, wg_packed->x, 0, 2 * d, dhs + i0 * d, d, true,
                         0, d);
             }
@@ -441,7 +455,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
             } else {
               const int64_t q0 = (item - slot_blocks) * kOutRows;
               const int64_t qb = std::min(2 * d, q0 + kOutRows) - q0;
-              transpose_to_bf16(dzs + q0, 2 * d, tr, qb, ptile, tile);
+              transpose_to_bf16(dzb + q0, 2 * d, tr, qb, ptile, tile);
               gemm_bf16(ptile, tile, qb, h_packed, 0, tr, dwg + q0 * d, d, r0 != 0, 0, d);
             }
             release_bf16_gemm();
