@@ -3,8 +3,8 @@
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck on a small case of every kernel and racecheck on
 # those that use shared memory, the kernel and op benchmarks, a kernel-time breakdown of the mixer
-# on each of its paths, the scaling and generation benchmarks, and an Nsight
-# Compute summary of the retrieval and fused-mixer kernels, and writes
+# on each of its paths, an Nsight Compute summary of the retrieval and fused-mixer kernels, and the
+# scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
@@ -109,6 +109,24 @@ for backend in unfused fused; do
     > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
 done
 
+# Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
+# (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
+# sum, around the retrieval of the default path), clocks left as found. Needs hardware counters
+# (not available on every machine). It runs before the scaling and generation benchmarks, which
+# earlier runs measured already, so that a tight budget cuts those first.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+NCU_RC=127
+# --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
+# summary lines leave out.
+NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
+PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
+if [[ -n "$NCU" ]]; then
+  echo "== ncu"
+  GAM_EXT_BACKEND=fused timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
+    $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
+  NCU_RC=$?
+fi
+
 # The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
 # a shorter grid than the script's default so that it fits the budget).
 SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --max-seconds 0.3 \
@@ -122,23 +140,6 @@ GENERATE_ARGS="--device cuda --dtype bf16 --batch 8 --d-model 512 --slots 512 --
 --tokens 32 --passes 1 --out benchmarks/results/${SLUG}-${DATE}-generate"
 timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
 GENERATE_RC=$?
-
-# Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
-# (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
-# sum, around the retrieval of the default path), clocks left as found. Needs hardware counters
-# (not available on every machine).
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
-NCU_RC=127
-# --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
-# summary lines leave out.
-NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
-PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
-if [[ -n "$NCU" ]]; then
-  echo "== ncu"
-  GAM_EXT_BACKEND=fused timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
-    $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
-  NCU_RC=$?
-fi
 
 {
   echo "# GPU check: $DEVICE, $DATE"
