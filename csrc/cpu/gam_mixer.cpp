@@ -70,9 +70,8 @@ GAM_INLINE A rounded(A x) {
   }
 }
 
-// z + bias (2D values) and G = acc / l (D values) in place, rounded to T; for half T also written
-// to z_out and g_out (the saved z and G) from the same rounding (a second conversion pass over
-// the rows was 12% of this epilogue in bf16).
+// z + bias (2D values) and G = acc / l (D values), rounded to T into z_out and g_out (the saved z
+// and G, which the gates then read); in place for fp32 / fp64, where they are the same memory.
 template <typename T, typename A>
 GAM_INLINE void finish_z_and_g(A* __restrict z, const A* __restrict bias, A* __restrict g, A inv,
                                T* __restrict z_out, T* __restrict g_out, int64_t d) {
@@ -80,22 +79,20 @@ GAM_INLINE void finish_z_and_g(A* __restrict z, const A* __restrict bias, A* __r
     for (int64_t c = 0; c < 2 * d; ++c) z[c] += bias[c];
     for (int64_t c = 0; c < d; ++c) g[c] *= inv;
   } else {
-    // Four plain loops: with the bf16 and the fp32 store in one loop GCC left it scalar.
     for (int64_t c = 0; c < 2 * d; ++c) z_out[c] = cast_to<T>(z[c] + bias[c]);
-    for (int64_t c = 0; c < 2 * d; ++c) z[c] = static_cast<A>(z_out[c]);
     for (int64_t c = 0; c < d; ++c) g_out[c] = cast_to<T>(g[c] * inv);
-    for (int64_t c = 0; c < d; ++c) g[c] = static_cast<A>(g_out[c]);
   }
 }
 
-// out = sigmoid(zl) * l + sigmoid(zg) * g over one row (l rounded to T first). A loop of its own
-// with restrict parameters: with the writes of z and G in the same loop the compiler could not
-// prove the streams disjoint and left it scalar.
+// out = sigmoid(zl) * l + sigmoid(zg) * g over one row, from the rounded z and G as saved (in T)
+// and l rounded to T first. A loop of its own with restrict parameters: with the writes of z and
+// G in the same loop the compiler could not prove the streams disjoint and left it scalar.
 template <typename T, typename A>
-GAM_INLINE void gate_row(const A* __restrict zl, const A* __restrict zg, const A* __restrict l,
-                         const A* __restrict g, T* __restrict o, int64_t d) {
+GAM_INLINE void gate_row(const T* __restrict zl, const T* __restrict zg, const A* __restrict l,
+                         const T* __restrict g, T* __restrict o, int64_t d) {
   for (int64_t c = 0; c < d; ++c) {
-    o[c] = cast_to<T>(sigmoid(zl[c]) * rounded<T>(l[c]) + sigmoid(zg[c]) * g[c]);
+    const A sl = sigmoid(static_cast<A>(zl[c])), sg = sigmoid(static_cast<A>(zg[c]));
+    o[c] = cast_to<T>(sl * rounded<T>(l[c]) + sg * static_cast<A>(g[c]));
   }
 }
 
@@ -113,8 +110,9 @@ GAM_INLINE void mixer_fwd_rows(const T* h, const acc_t<T>* wt, const acc_t<T>* c
     conv_row(h, wt, conv_bias, r, r % n, d, k, lconv);
     A* const z = zt + i * 2 * d;
     A* const g = acc + i * d;
-    finish_z_and_g<T>(z, gate_bias, g, A(1) / lsum[i], z_out + r * 2 * d, g_out + r * d, d);
-    gate_row<T>(z, z + d, lconv, g, out + r * d, d);
+    T* const zr = z_out + r * 2 * d;
+    finish_z_and_g<T>(z, gate_bias, g, A(1) / lsum[i], zr, g_out + r * d, d);
+    gate_row<T>(zr, zr + d, lconv, g_out + r * d, out + r * d, d);
   }
 }
 
