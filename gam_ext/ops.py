@@ -241,7 +241,12 @@ def gam_mixer(
         "gam_mixer",
         act.device.type,
         act.dtype,
-        *(act, weight_2d, conv_bias, memory, gate_weight, gate_bias),
+        act,
+        weight_2d,
+        conv_bias,
+        memory,
+        gate_weight,
+        gate_bias,
         elements=act.numel(),
     ):
         return torch.ops.gam_ext.gam_mixer_fwd(

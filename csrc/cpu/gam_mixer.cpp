@@ -335,7 +335,7 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
   A* const hs_buf = scratch.mutable_data_ptr<A>();
   A* const dh_buf = hs_buf + hs_size;
   A* const gs = dh_buf + hsize;                 // dG: tile x D (not on bf16 products)
-  A* const dzs = gs + grad_tiles / 3;           // dz: tile x 2D (not on bf16 products)
+  A* const dzs = gs + (native ? 0 : tile * d);  // dz: tile x 2D (not on bf16 products)
   A* const sbuf = dh_buf + hsize + grad_tiles;  // scores, then scale * ds: tile x w
   A* const pbuf = sbuf + tile * sc;             // dP, then p: tile x w
   A* const delta = pbuf + tile * sc;
