@@ -83,11 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The step's forward as a function of its inputs that returns the loss, and the inputs.
+
+    A GAMModel's loss is its own next-token cross-entropy, as in training (a surrogate loss on the
+    (B, N, vocab) logits would profile work that training never does); a block or the mixer has no
+    loss of its own, so a cheap scalar of its (B, N, D) output stands in for one."""
     device = torch.device(args.device)
     if args.what in ("block", "mixer"):
         block = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
+        module = block.mix if args.what == "mixer" else block
         inputs = torch.randn(args.batch, args.seqlen, args.d_model, device=device, requires_grad=True)
-        return (block.mix if args.what == "mixer" else block), inputs
+        return (lambda x: module(x).float().square().mean()), inputs
     config = gam_ext.GAMConfig(
         block_size=args.seqlen,
         d_model=args.d_model,
@@ -97,7 +103,8 @@ def build(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tens
     )
     model = gam_ext.GAMModel(config).to(device)
     inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
-    return model, inputs
+    targets = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
+    return (lambda idx: model(idx, targets)[1]), inputs
 
 
 def kernel_table(profiler: torch.profiler.profile, cuda: bool, steps: int, rows: int = 25) -> str:
@@ -134,15 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         # torch.profiler's Kineto logs "USDT profiler_start/stop" lines and, without a GPU,
         # "gpuGetDeviceCount failed"; a CPU profile needs neither. An explicit KINETO_LOG_LEVEL wins.
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    module, inputs = build(args)
+    step_loss, inputs = build(args)
     autocast = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     cuda = args.device == "cuda"
     nvtx = torch.cuda.nvtx if cuda else None
 
     def step() -> None:
         with nvtx.range("forward") if cuda else contextlib.nullcontext(), autocast:
-            out = module(inputs)
-            loss = (out[0] if isinstance(out, tuple) else out).float().square().mean()
+            loss = step_loss(inputs)
         with nvtx.range("backward") if cuda else contextlib.nullcontext():
             loss.backward()
 

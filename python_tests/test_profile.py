@@ -59,6 +59,8 @@ def test_profile_runs_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "ms/step" in out.stdout and "Self CPU" in out.stdout
     assert trace.stat().st_size > 0
+    # The model's step is a training step: its own cross-entropy, no surrogate loss on the logits.
+    assert "aten::nll_loss" in out.stdout and "aten::pow" not in out.stdout
     # Nothing from torch.profiler's Kineto logging on a CPU run (it printed "gpuGetDeviceCount
     # failed" without a GPU, and USDT lines at every profiler start and stop).
     assert "gpuGetDeviceCount" not in out.stderr and "USDT" not in out.stderr, out.stderr
