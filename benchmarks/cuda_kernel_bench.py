@@ -193,7 +193,7 @@ def bench_step(b, d, s, k, dtype, esz, hbm, copy_bw) -> None:
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dim", type=int, default=512)
@@ -201,7 +201,11 @@ def main() -> None:
     ap.add_argument("--kernel-size", type=int, default=3)
     ap.add_argument("--seqlens", default="256,1024,4096,8192")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     name = torch.cuda.get_device_name()
     hbm, tc_peak = next((v for k, v in PEAKS.items() if k in name), (None, None))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -70,3 +72,44 @@ def test_sanitizer_driver_selects_shared_memory_groups(monkeypatch, capsys):
         assert out.splitlines()[-1] == "cuda_sanitize_driver: ok"
     shared = {name for name, _, is_shared in driver.GROUPS if is_shared}
     assert any("tensor-core" in name for name in shared) and not any("gemm" in name for name in shared)
+
+
+# The Python stages of gpu_check.sh and the variable that holds each one's arguments.
+STAGE_SCRIPTS = {
+    "BENCH_ARGS": "cuda_kernel_bench.py",
+    "OPS_ARGS": "bench_ops.py",
+    "FP32_ARGS": "bench_ops.py",
+    "BREAKDOWN_ARGS": "profile_steps.py",
+    "PROFILE_ARGS": "profile_steps.py",
+    "SCALING_ARGS": "bench_scaling.py",
+    "GENERATE_ARGS": "bench_generate.py",
+}
+
+
+def stage_arguments() -> dict[str, list[str]]:
+    """The *_ARGS strings of gpu_check.sh as bash would pass them: line continuations joined,
+    ${SLUG} and ${DATE} filled in, split on whitespace."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    found = {}
+    for name, value in re.findall(r'^\s*([A-Z0-9_]+_ARGS)="(.*?)"$', text, flags=re.M | re.S):
+        value = value.replace("\\\n", "").replace("${SLUG}", "GPU").replace("${DATE}", "2026-01-01")
+        found[name] = shlex.split(value)
+    return found
+
+
+def test_every_stage_passes_arguments_its_script_accepts(monkeypatch):
+    # A GPU machine is lent for minutes: a flag a script no longer takes would cost a whole run.
+    import importlib.util
+
+    found = stage_arguments()
+    assert set(STAGE_SCRIPTS) <= set(found), sorted(found)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when a script runs: its own folder
+    for name, script in STAGE_SCRIPTS.items():
+        spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "benchmarks" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.parse_args(found[name])
+        except SystemExit as exc:
+            pytest.fail(f"gpu_check.sh's {name} is refused by benchmarks/{script}: {exc}")

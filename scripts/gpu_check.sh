@@ -2,9 +2,9 @@
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck on a small case of every kernel and racecheck on
-# those that use shared memory, the kernel and op benchmarks, a kernel-time breakdown of the mixer
-# on each of its paths, an Nsight Compute summary of the retrieval and fused-mixer kernels, and the
-# scaling and generation benchmarks, and writes
+# those that use shared memory, the kernel and op benchmarks (with fp32's two retrieval paths), a
+# kernel-time breakdown of the mixer on each of its paths, an Nsight Compute summary of the
+# retrieval and fused-mixer kernels, and the scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
 # in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
 # and writes nothing.
@@ -99,6 +99,15 @@ if [[ -f benchmarks/bench_ops.py ]]; then
   OPS_RC=$?
 fi
 
+# fp32 on the GPU: the fused (SIMT) retrieval kernels that fp32 takes by default against the gemm
+# path (cuBLAS fp32 products, gam_ext's softmax kernels) and eager, for the retrieval and the mixer,
+# so that a run can pick fp32's default path (csrc/cuda/README.md, "Retrieval paths").
+FP32_ARGS="--device cuda --dtype float32 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
+--seqlen 1024 4096 --ops retrieval mixer --modes fwd fwdbwd --providers gam_ext gam_gemm eager \
+--max-seconds 0.5 --no-memory --out benchmarks/results/${SLUG}-${DATE}-fp32-ops"
+timeout $(limit 60) "$PY" benchmarks/bench_ops.py $FP32_ARGS > "$LOG/ops-fp32.md" 2>&1
+FP32_RC=$?
+
 # Where each mixer path spends its time: torch.profiler's kernels of the block's token mixer,
 # fwd+bwd (bf16 autocast, B=16 N=8192 D=S=512), on the three-op path and on the fused op.
 BREAKDOWN_ARGS="--what mixer --torch-profiler --dtype bf16 --batch 16 --seqlen 8192 --d-model 512 \
@@ -158,6 +167,7 @@ GENERATE_RC=$?
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(sanitizer_status "$LOG/racecheck.txt" $RACE_RC) |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
+  echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(status fp32 $FP32_RC) |"
   echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(status breakdown $BREAKDOWN_RC) |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
   echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(status generate $GENERATE_RC) |"
@@ -173,6 +183,10 @@ GENERATE_RC=$?
   echo
   cat "$LOG/kernels.md"
   if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  if [[ -f "$LOG/ops-fp32.md" ]]; then
+    echo; echo "## bench_ops.py, fp32: the default (fused SIMT) retrieval against the gemm path"; echo
+    cat "$LOG/ops-fp32.md"
+  fi
   for backend in unfused fused; do
     if [[ -f "$LOG/breakdown-$backend.txt" ]]; then
       echo; echo "## Mixer kernels per step, backend $backend (profile_steps.py --what mixer)"; echo
