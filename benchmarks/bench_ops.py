@@ -26,10 +26,8 @@ Providers:
             matrix units (the same path as gam_ext on other CPUs)
   gam_fused (cuda only, retrieval only) gam_ext with GAM_EXT_RETRIEVAL=fused: the fused
             retrieval kernels (the gam_ext provider runs the default path: on cuda the gemm path,
-            cuBLAS products around gam_ext's softmax kernels, for fp16 / bf16; fused for fp32)
-  gam_gemm  (cuda only, retrieval and mixer; not in the default list) gam_ext with
-            GAM_EXT_RETRIEVAL=gemm: the gemm path in every dtype, e.g. against the fused (fp32 SIMT)
-            kernels that gam_ext runs for fp32
+            cuBLAS products around gam_ext's softmax kernels; in fp32 the fused path is the fp32
+            SIMT kernels)
 
 Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
 untimed before each repeat), fwdbwd (both).
@@ -86,7 +84,6 @@ PROVIDERS = (
     "compile",
     "sdpa",
     "gam_fused",
-    "gam_gemm",
 )
 # Providers that only exist for some ops (on some devices).
 MIXER_PROVIDERS = ("gam_fused_mixer", "gam_unfused")
@@ -134,7 +131,6 @@ def gam_retrieval(h, memory):
 PROVIDER_ENV = ("GAM_EXT_RETRIEVAL", "GAM_EXT_CPU_BF16_GEMM")
 FORCED_ENV = {
     "gam_fused": {"GAM_EXT_RETRIEVAL": "fused"},
-    "gam_gemm": {"GAM_EXT_RETRIEVAL": "gemm"},
     "gam_fp32_tiles": {"GAM_EXT_CPU_BF16_GEMM": "fp32"},
 }
 
@@ -187,8 +183,6 @@ FUNCS = {
     ("mixer", "gam_unfused"): gam_mixer_unfused,
     ("retrieval", "sdpa"): sdpa_retrieval,
     ("retrieval", "gam_fused"): gam_retrieval,
-    ("retrieval", "gam_gemm"): gam_retrieval,
-    ("mixer", "gam_gemm"): gam_mixer,
     ("retrieval", "gam_fp32_tiles"): gam_retrieval,
     ("mixer", "gam_fp32_tiles"): gam_mixer,
 }
@@ -456,8 +450,6 @@ def main(argv=None):
                     if provider in ("sdpa", "gam_fused") and (device != "cuda" or op != "retrieval"):
                         continue
                     if provider in MIXER_PROVIDERS and op != "mixer":
-                        continue
-                    if provider == "gam_gemm" and (device != "cuda" or op not in ("retrieval", "mixer")):
                         continue
                     if provider == "gam_fp32_tiles" and (
                         device != "cpu" or dtype != torch.bfloat16 or op not in ("retrieval", "mixer")

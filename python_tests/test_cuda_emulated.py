@@ -417,13 +417,13 @@ def test_retrieval_fused_backward_is_deterministic(emu, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device_name", ["sm_90", "sm_80", "sm_86", "sm_75"])
 def test_retrieval_default_path(emu, device, dtype, device_name, monkeypatch):
-    # Unset or empty GAM_EXT_RETRIEVAL: gemm for fp16 and bf16 (bf16 from sm_80, the first with
-    # bf16 tensor cores), fused for fp32 (its SIMT kernels); the default gives the very bits of the
-    # path it names.
+    # Unset or empty GAM_EXT_RETRIEVAL: gemm for fp32, fp16 and bf16 (bf16 from sm_80, the first
+    # with bf16 tensor cores; before it the fused path's SIMT kernels); the default gives the very
+    # bits of the path it names.
     device(device_name)
     name = str(dtype).split(".")[1]
     sm = int(device_name[3:])
-    expected = "gemm" if dtype == torch.float16 or (dtype == torch.bfloat16 and sm >= 80) else "fused"
+    expected = "gemm" if dtype != torch.bfloat16 or sm >= 80 else "fused"
     shape = (1, 21, 36, 40)
     for unset in (None, ""):
         if unset is None:

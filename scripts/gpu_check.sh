@@ -99,11 +99,11 @@ if [[ -f benchmarks/bench_ops.py ]]; then
   OPS_RC=$?
 fi
 
-# fp32 on the GPU: the fused (SIMT) retrieval kernels that fp32 takes by default against the gemm
-# path (cuBLAS fp32 products, gam_ext's softmax kernels) and eager, for the retrieval and the mixer,
-# so that a run can pick fp32's default path (csrc/cuda/README.md, "Retrieval paths").
+# fp32 on the GPU: the default gemm path (cuBLAS fp32 products around gam_ext's softmax kernels)
+# against the fused path's fp32 SIMT kernels (gam_fused) and eager, for the retrieval, and the mixer
+# against eager: the data behind fp32's default path (csrc/cuda/README.md, "Retrieval paths").
 FP32_ARGS="--device cuda --dtype float32 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
---seqlen 1024 4096 --ops retrieval mixer --modes fwd fwdbwd --providers gam_ext gam_gemm eager \
+--seqlen 1024 4096 --ops retrieval mixer --modes fwd fwdbwd --providers gam_ext gam_fused eager \
 --max-seconds 0.5 --no-memory --out benchmarks/results/${SLUG}-${DATE}-fp32-ops"
 timeout $(limit 60) "$PY" benchmarks/bench_ops.py $FP32_ARGS > "$LOG/ops-fp32.md" 2>&1
 FP32_RC=$?
@@ -184,7 +184,7 @@ GENERATE_RC=$?
   cat "$LOG/kernels.md"
   if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
   if [[ -f "$LOG/ops-fp32.md" ]]; then
-    echo; echo "## bench_ops.py, fp32: the default (fused SIMT) retrieval against the gemm path"; echo
+    echo; echo "## bench_ops.py, fp32: the default (gemm) retrieval against the fp32 SIMT kernels"; echo
     cat "$LOG/ops-fp32.md"
   fi
   for backend in unfused fused; do

@@ -35,15 +35,15 @@ using at::Tensor;
 enum class RetrievalPath { kFused, kSimt, kGemm };
 
 // GAM_EXT_RETRIEVAL (read on every call) when set, else the default for the activation dtype
-// (csrc/cuda/README.md, "Retrieval paths", has the measurement behind it): gemm for fp16 and
-// bf16, whose cuBLAS products measured 1.3-3.0x faster (fwd+bwd) than the fused kernels at every
-// shape on an H200, and fused for fp32 (the fp32 SIMT kernels: exact fp32 whatever the TF32
-// setting, no rows x S workspace; not measured against the gemm path yet). bf16 before sm_80,
-// which has no bf16 tensor cores, stays on the fused path (its SIMT kernels) as before.
+// (csrc/cuda/README.md, "Retrieval paths", has the measurement and the reasoning): gemm for fp16
+// and bf16, whose cuBLAS products measured 1.3-3.0x faster (fwd+bwd) than the fused kernels at
+// every shape on an H200, and for fp32, where cuBLAS's fp32 products stand against SIMT kernels
+// that read shared memory once per FMA (not measured yet: the GPU check times both). bf16 before
+// sm_80, which has no bf16 tensor cores, stays on the fused path (its SIMT kernels).
 RetrievalPath retrieval_path_from_env(DType dt, int sm) {
   const char* env = std::getenv("GAM_EXT_RETRIEVAL");
   if (env == nullptr || *env == '\0') {
-    const bool gemm = dt == DType::kFloat16 || (dt == DType::kBFloat16 && sm >= 80);
+    const bool gemm = dt != DType::kBFloat16 || sm >= 80;
     return gemm ? RetrievalPath::kGemm : RetrievalPath::kFused;
   }
   const std::string v(env);

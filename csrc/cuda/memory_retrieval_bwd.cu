@@ -12,8 +12,9 @@
 //       ranges into fp32 partials, then (3) the partials added in a fixed order.
 // Bitwise deterministic: fixed tiles, fixed split boundaries, fixed summation orders, no float
 // atomics. Why P and scale * dS are stored rather than recomputed: csrc/cuda/README.md.
-// fp32 SIMT path (fp32, GAM_EXT_RETRIEVAL=simt, or D > 1024): (1') dh per row tile and (2') dM
-// per (slot tile, column slice, row range), each recomputing p and ds (7 units), then (3).
+// fp32 SIMT path (fp32 on the fused path, GAM_EXT_RETRIEVAL=simt, or D > 1024): (1') dh per row
+// tile and (2') dM per (slot tile, column slice, row range), each recomputing p and ds (7 units),
+// then (3).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>

@@ -14,8 +14,8 @@
 //     round trip); the same M tile, read with ldmatrix.trans, is the B operand.
 // M tiles stream through a cp.async ring of 1-3 stages in swizzled shared memory; h is loaded
 // once. The epilogue writes O / l through shared memory as 16-byte stores.
-// fp32 SIMT path (fp32, or GAM_EXT_RETRIEVAL=simt): 16 rows x 32 slots, the output accumulated
-// in registers per 256-column slice.
+// fp32 SIMT path (fp32 on the fused path, or GAM_EXT_RETRIEVAL=simt): 16 rows x 32 slots, the
+// output accumulated in registers per 256-column slice.
 #include <cmath>
 #include <string>
 #include <type_traits>
