@@ -82,18 +82,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """The step's forward as a function of its inputs that returns the loss, and the inputs.
+def build(
+    args: argparse.Namespace,
+) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """The step's forward, as a function of its inputs that returns what the backward starts from
+    (a tensor and its gradient, or a scalar loss and None), and the inputs.
 
-    A GAMModel's loss is its own next-token cross-entropy, as in training (a surrogate loss on the
-    (B, N, vocab) logits would profile work that training never does); a block or the mixer has no
-    loss of its own, so a cheap scalar of its (B, N, D) output stands in for one."""
+    A GAMModel's step ends in its own next-token cross-entropy, as in training. A block or the
+    mixer has no loss of its own: its backward starts from a fixed random gradient of its output,
+    so that the profile holds its kernels only (a surrogate loss such as out.square().mean() would
+    add passes over the whole output to every step)."""
     device = torch.device(args.device)
     if args.what in ("block", "mixer"):
         block = gam_ext.GAMBlock(args.d_model, args.slots, dropout=0.0).to(device)
         module = block.mix if args.what == "mixer" else block
         inputs = torch.randn(args.batch, args.seqlen, args.d_model, device=device, requires_grad=True)
-        return (lambda x: module(x).float().square().mean()), inputs
+        grads: dict[torch.dtype, torch.Tensor] = {}
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            out = module(x)
+            if out.dtype not in grads:  # the output's dtype (autocast's), made once
+                gen = torch.Generator(device=device).manual_seed(0)
+                grads[out.dtype] = torch.randn(out.shape, generator=gen, device=device).to(out.dtype)
+            return out, grads[out.dtype]
+
+        return forward, inputs
     config = gam_ext.GAMConfig(
         block_size=args.seqlen,
         d_model=args.d_model,
@@ -104,7 +117,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tens
     model = gam_ext.GAMModel(config).to(device)
     inputs = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
     targets = torch.randint(0, config.vocab_size, (args.batch, args.seqlen), device=device)
-    return (lambda idx: model(idx, targets)[1]), inputs
+    return (lambda idx: (model(idx, targets)[1], None)), inputs
 
 
 def kernel_table(profiler: torch.profiler.profile, cuda: bool, steps: int, rows: int = 25) -> str:
@@ -141,16 +154,16 @@ def main(argv: list[str] | None = None) -> None:
         # torch.profiler's Kineto logs "USDT profiler_start/stop" lines and, without a GPU,
         # "gpuGetDeviceCount failed"; a CPU profile needs neither. An explicit KINETO_LOG_LEVEL wins.
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    step_loss, inputs = build(args)
+    forward, inputs = build(args)
     autocast = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     cuda = args.device == "cuda"
     nvtx = torch.cuda.nvtx if cuda else None
 
     def step() -> None:
         with nvtx.range("forward") if cuda else contextlib.nullcontext(), autocast:
-            loss = step_loss(inputs)
+            out, grad = forward(inputs)
         with nvtx.range("backward") if cuda else contextlib.nullcontext():
-            loss.backward()
+            out.backward(grad)
 
     for _ in range(args.warmup):
         step()
