@@ -139,13 +139,16 @@ def test_profile_mixer_prints_a_table_per_backend(tmp_path):
         assert f"backend {backend}" in out.stdout
         tables[backend] = out.stdout[out.stdout.index("| op (self CPU time) |") :]
         assert "| **all** |" in tables[backend]
-    assert "gam_ext::gam_mixer_bwd" in tables["fused"] and "gam_mixer" not in tables["unfused"]
-    # The backward starts from a fixed gradient of the output: no surrogate loss in the step. Read
-    # from the traces, which hold every op (a table holds only its top rows).
-    for backend in tables:
-        events = (tmp_path / f"{backend}.json").read_text()
-        assert '"aten::pow' not in events and '"aten::mean' not in events, backend
-    assert "gam_ext::memory_retrieval_bwd" in tables["unfused"]
+    # Which ops each step ran is read from the traces, which hold every op: a table holds only its
+    # top rows by time, and at this size a cheap op can fall out of them.
+    events = {backend: (tmp_path / f"{backend}.json").read_text() for backend in tables}
+    assert '"gam_ext::gam_mixer_bwd' in events["fused"] and '"gam_ext::gam_mixer' not in events["unfused"]
+    assert '"gam_ext::memory_retrieval_bwd' in events["unfused"]
+    # The backward starts from a fixed gradient of the output: no surrogate loss in the step.
+    for backend, trace in events.items():
+        assert '"aten::pow' not in trace and '"aten::mean' not in trace, backend
+    # The fused op, about a third of the fused step, is listed in its table.
+    assert "| gam_ext::gam_mixer_bwd |" in tables["fused"]
 
 
 def test_kernel_table_on_cuda_events():
