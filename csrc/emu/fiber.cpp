@@ -59,6 +59,7 @@ namespace {
 
 // The context the running code was switched away from (its ASan stack bounds may be unknown).
 thread_local Context* t_switched_from = nullptr;
+thread_local Counters t_counters;
 
 size_t stack_bytes_from_env() {
   size_t kib = 256;
@@ -78,6 +79,7 @@ Stack make_stack() {
   void* m = mmap(nullptr, s.mapping_bytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw std::runtime_error("gam_emu: cannot map a fiber stack");
+  ++t_counters.stacks_mapped;
   s.mapping = static_cast<char*>(m);
   mprotect(s.mapping, page, PROT_NONE);
   s.bottom = s.mapping + page;
@@ -150,8 +152,11 @@ void started(Context* self) {
 #endif
 }
 
+Counters counters() { return t_counters; }
+
 void switch_to(Context* from, Context* to, bool from_exits) {
   t_switched_from = from;
+  ++t_counters.switches;
 #if GAM_EMU_ASAN
   __sanitizer_start_switch_fiber(from_exits ? nullptr : &from->fake_stack, to->stack_bottom,
                                  to->stack_size);

@@ -66,5 +66,15 @@ void switch_to(Context* from, Context* to, bool from_exits);
 // The first call of a fiber's entry function, with the fiber's own context.
 void started(Context* self);
 
+// What the calling OS thread has done so far: context switches and stacks mapped. The emulator's
+// self-tests check its cost model with them (a switch per thread per barrier, stacks reused
+// across blocks and launches) instead of timing it.
+struct Counters {
+  unsigned long long switches = 0;
+  unsigned long long stacks_mapped = 0;
+};
+Counters counters();
+constexpr bool kAsmSwitch = GAM_EMU_ASM_SWITCH;
+
 }  // namespace fiber
 }  // namespace gam_emu

@@ -4,8 +4,10 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "emu/fiber.h"
 #include "emu/selftest_kernels.h"
 
 namespace {
@@ -191,6 +193,14 @@ Tensor barrier_stress(int64_t blocks, int64_t rounds) {
   return data;
 }
 
+// The calling thread's fiber counters (context switches, stacks mapped) and whether switches
+// are the assembly ones (x86-64) or ucontext's.
+std::tuple<int64_t, int64_t, bool> fiber_counters() {
+  const gam_emu::fiber::Counters c = gam_emu::fiber::counters();
+  return {static_cast<int64_t>(c.switches), static_cast<int64_t>(c.stacks_mapped),
+          gam_emu::fiber::kAsmSwitch};
+}
+
 // Runs one planted fault; returns the kernel's output where there is one.
 Tensor run_fault(const std::string& name) {
   Tensor out = torch::zeros({256}, torch::kFloat32);
@@ -256,5 +266,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("syncwarp_exchange", &syncwarp_exchange);
   m.def("named_barrier_groups", &named_barrier_groups);
   m.def("barrier_stress", &barrier_stress);
+  m.def("fiber_counters", &fiber_counters);
   m.def("run_fault", &run_fault);
 }
