@@ -113,3 +113,80 @@ def test_every_stage_passes_arguments_its_script_accepts(monkeypatch):
             module.parse_args(found[name])
         except SystemExit as exc:
             pytest.fail(f"gpu_check.sh's {name} is refused by benchmarks/{script}: {exc}")
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# A stand-in interpreter that claims a GPU: answers gpu_check.sh's one-line queries and lets every
+# stage succeed at once, recording its arguments.
+echo "$*" >> "$CALLS"
+if [[ "$1" == -c ]]; then
+  case "$2" in
+    *get_device_capability*) echo 9.0 ;;
+    *get_device_name*) echo "Stand-in GPU" ;;
+    *__version__*) echo "2.0 CUDA 13.0" ;;
+    *backend_info*) echo "{'path': 'gemm'}" ;;
+  esac
+  exit 0
+fi
+[[ "$*" == *pytest* ]] && echo "3 passed in 0.01s"
+exit 0
+"""
+
+
+def test_report_names_every_stage_with_its_time(tmp_path):
+    """A whole run on a stand-in interpreter: every stage runs in order and the report lists each
+    with its status and wall time, so that a slip in the script's report code cannot cost a GPU
+    run."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    # Stand-in profilers first on PATH: they succeed at once and record their command lines.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("compute-sanitizer", "ncu"):
+        (tools / tool).write_text(
+            f'#!/usr/bin/env bash\necho "{tool} $*" >> "$CALLS"\necho "ERROR SUMMARY: 0 errors"\n'
+        )
+        (tools / tool).chmod(0o755)
+    path = os.pathsep.join([str(tools), os.environ["PATH"]])
+    before = set(RESULTS.iterdir())
+    try:
+        out, _ = run_check(
+            PYTHON=str(python), CALLS=str(calls), GAM_CHECK_LOG_DIR=str(tmp_path / "logs"), PATH=path
+        )
+        written = set(RESULTS.iterdir()) - before
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert [p.name for p in written] == [f"Stand-in-GPU-{time.strftime('%Y-%m-%d', time.gmtime())}.md"]
+        report = next(iter(written)).read_text()
+    finally:
+        for p in set(RESULTS.iterdir()) - before:
+            p.unlink()
+    lines = report.splitlines()
+    first = lines.index("| stage | command | result |") + 2
+    table = lines[first : lines.index("", first)]
+    rows = [line.removeprefix("| ").removesuffix(" |").split(" | ") for line in table]
+    assert all(len(row) == 3 for row in rows), table
+    stages = [row[0] for row in rows]
+    assert stages == [
+        "build",
+        "tests",
+        "memcheck",
+        "racecheck",
+        "kernel bench",
+        "op bench",
+        "fp32 paths",
+        "mixer breakdown",
+        "ncu",
+        "scaling",
+        "generation",
+    ]
+    results = {row[0]: row[2] for row in rows}
+    for stage in stages:
+        assert re.fullmatch(r"ok(: 3 passed in 0\.01s)? \(\d+s\)", results[stage]), (stage, results[stage])
+    # Each stage ran its own script.
+    ran = calls.read_text()
+    for script in set(STAGE_SCRIPTS.values()):
+        assert f"benchmarks/{script}" in ran, script
+    for tool in ("compute-sanitizer --tool memcheck", "compute-sanitizer --tool racecheck", "ncu --clock"):
+        assert tool in ran, tool

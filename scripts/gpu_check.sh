@@ -5,9 +5,9 @@
 # those that use shared memory, the kernel and op benchmarks (with fp32's two retrieval paths), a
 # kernel-time breakdown of the mixer on each of its paths, an Nsight Compute summary of the
 # retrieval and fused-mixer kernels, and the scaling and generation benchmarks, and writes
-# benchmarks/results/<device>-<date>.md. Each stage has a time limit so that the whole check fits
-# in 8 minutes and the report is always written. On a machine without a usable GPU it stops at once
-# and writes nothing.
+# benchmarks/results/<device>-<date>.md, each stage with its result and wall time. Each stage has
+# a time limit so that the whole check fits in 8 minutes and the report is always written. On a
+# machine without a usable GPU it stops at once and writes nothing.
 #   bash scripts/gpu_check.sh
 # Knobs: PYTHON (default .venv/bin/python where it exists, else python3), GAM_CHECK_BUDGET_S (the
 # whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there).
@@ -40,7 +40,8 @@ LOG=${GAM_CHECK_LOG_DIR:-$(mktemp -d)}
 mkdir -p "$LOG"
 
 status() {  # stage name, exit code
-  if [[ $2 -eq 0 ]]; then echo "ok"; elif [[ $2 -eq 124 ]]; then echo "TIMEOUT"; else echo "FAILED (rc=$2)"; fi
+  if [[ $2 -eq 0 ]]; then echo "ok"; elif [[ $2 -eq 124 ]]; then echo "TIMEOUT"
+  elif [[ $2 -eq 127 ]]; then echo "not run (command not found)"; else echo "FAILED (rc=$2)"; fi
 }
 sanitizer_status() {  # log file, exit code: the status, and on a timeout the last group done
   local st; st=$(status san "$2")
@@ -51,6 +52,15 @@ sanitizer_status() {  # log file, exit code: the status, and on a timeout the la
   echo "$st"
 }
 elapsed() { echo $(( $(date +%s) - START ))s; }
+declare -A SECS  # each stage's wall time, for the report
+STAGE_START=$(date +%s)
+took() {  # stage name: the time since the previous stage ended
+  SECS[$1]=$(( $(date +%s) - STAGE_START ))s
+  STAGE_START=$(date +%s)
+}
+timed() {  # stage name, status text: the status with the stage's time
+  echo "$2${SECS[$1]:+ (${SECS[$1]})}"
+}
 BUDGET=${GAM_CHECK_BUDGET_S:-450}  # the whole check, seconds
 limit() {  # a stage's time limit: its own cap, or what is left of the budget
   local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
@@ -62,33 +72,39 @@ echo "== build (arch $ARCH)"
 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
   timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
 BUILD_RC=$?
+took build
 tail -5 "$LOG/build.txt"
-BUILD_TIME=$(elapsed)
 
 echo "== pytest (CUDA kernels, build)"
 TESTS="python_tests/test_cuda.py python_tests/test_build.py"
 timeout $(limit 150) "$PY" -m pytest $TESTS -q -p no:cacheprovider > "$LOG/pytest.txt" 2>&1
 TEST_RC=$?
+took tests
 tail -15 "$LOG/pytest.txt"
 
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 MEM_RC=127; RACE_RC=127
+STAGE_START=$(date +%s)
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer memcheck / racecheck"
   timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
   MEM_RC=$?
+  took memcheck
   # racecheck checks shared memory only: the driver's groups whose kernels use it.
   timeout $(limit 150) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     --shared-memory-only > "$LOG/racecheck.txt" 2>&1
   RACE_RC=$?
+  took racecheck
   tail -n 3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
 fi
 
 echo "== benchmarks"
+STAGE_START=$(date +%s)
 BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
 timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
 KB_RC=$?
+took kernels
 OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
   # The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /
@@ -98,6 +114,7 @@ if [[ -f benchmarks/bench_ops.py ]]; then
   timeout $(limit 200) "$PY" benchmarks/bench_ops.py $OPS_ARGS > "$LOG/ops.md" 2>&1
   OPS_RC=$?
 fi
+took ops
 
 # fp32 on the GPU: the default gemm path (cuBLAS fp32 products around gam_ext's softmax kernels)
 # against the fused path's fp32 SIMT kernels (gam_fused) and eager, for the retrieval, and the mixer
@@ -107,6 +124,7 @@ FP32_ARGS="--device cuda --dtype float32 --batch 16 --d-model 512 --slots 512 --
 --max-seconds 0.5 --no-memory --out benchmarks/results/${SLUG}-${DATE}-fp32-ops"
 timeout $(limit 60) "$PY" benchmarks/bench_ops.py $FP32_ARGS > "$LOG/ops-fp32.md" 2>&1
 FP32_RC=$?
+took fp32
 
 # Where each mixer path spends its time: torch.profiler's kernels of the block's token mixer,
 # fwd+bwd (bf16 autocast, B=16 N=8192 D=S=512), on the three-op path and on the fused op.
@@ -117,6 +135,7 @@ for backend in unfused fused; do
   GAM_EXT_BACKEND=$backend timeout $(limit 45) "$PY" benchmarks/profile_steps.py $BREAKDOWN_ARGS \
     > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
 done
+took breakdown
 
 # Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
 # (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
@@ -134,6 +153,7 @@ if [[ -n "$NCU" ]]; then
   GAM_EXT_BACKEND=fused timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
     $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
+  took ncu
 fi
 
 # The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
@@ -142,6 +162,7 @@ SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --ma
 --out benchmarks/results/${SLUG}-${DATE}-scaling"
 timeout $(limit 120) "$PY" benchmarks/bench_scaling.py $SCALING_ARGS > "$LOG/scaling.txt" 2>&1
 SCALING_RC=$?
+took scaling
 
 # Text generation per new token against the context: GAM's recurrent step, the full recompute and
 # a Transformer KV cache (bf16, batch 8, a shorter grid than the script's default).
@@ -149,6 +170,7 @@ GENERATE_ARGS="--device cuda --dtype bf16 --batch 8 --d-model 512 --slots 512 --
 --tokens 32 --passes 1 --out benchmarks/results/${SLUG}-${DATE}-generate"
 timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
 GENERATE_RC=$?
+took generation
 
 {
   echo "# GPU check: $DEVICE, $DATE"
@@ -161,17 +183,17 @@ GENERATE_RC=$?
   echo
   echo "| stage | command | result |"
   echo "|---|---|---|"
-  echo "| build | TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(status build $BUILD_RC) ($BUILD_TIME) |"
-  echo "| tests | $PY -m pytest $TESTS | $(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt") |"
-  echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(sanitizer_status "$LOG/memcheck.txt" $MEM_RC) |"
-  echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(sanitizer_status "$LOG/racecheck.txt" $RACE_RC) |"
-  echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(status kb $KB_RC) |"
-  echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(status ops $OPS_RC) |"
-  echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(status fp32 $FP32_RC) |"
-  echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(status breakdown $BREAKDOWN_RC) |"
-  echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(status scaling $SCALING_RC) |"
-  echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(status generate $GENERATE_RC) |"
-  echo "| ncu | GAM_EXT_BACKEND=fused ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(status ncu $NCU_RC) |"
+  echo "| build | TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(timed build "$(status build $BUILD_RC)") |"
+  echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt")") |"
+  echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
+  echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
+  echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
+  echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(timed ops "$(status ops $OPS_RC)") |"
+  echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(timed fp32 "$(status fp32 $FP32_RC)") |"
+  echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(timed breakdown "$(status breakdown $BREAKDOWN_RC)") |"
+  echo "| ncu | GAM_EXT_BACKEND=fused ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
+  echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(timed scaling "$(status scaling $SCALING_RC)") |"
+  echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(timed generation "$(status generate $GENERATE_RC)") |"
   echo
   echo "Targets (H100/H200, bf16, B=16 D=S=512, N=1024..8192): conv fwd/bwd >= 70% of HBM bandwidth,"
   echo "gate >= 80%; retrieval fwd >= 1.5x eager and >= 45% of the bf16 dense peak, bwd >= 1.3x eager,"
