@@ -12,6 +12,11 @@ that a GPU run can check the default per shape (csrc/cuda/README.md); the mixer 
 retrieval path) reports fwd+bwd speed-up over
 eager; the one-token step of generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
 the eager step.
+
+Times are per call, from back-to-back calls between two CUDA events (timeit): where the GPU is the
+bottleneck they are the kernels' own time, the host's per-call work hidden behind it. Reports
+before 2026-11-27 timed single calls, which added that host time (tens of microseconds per op) to
+every row, most visibly to the conv and gate rows at small N.
 """
 
 from __future__ import annotations
@@ -29,18 +34,23 @@ from gam_ext import reference
 PEAKS = {"H100": (3350.0, 989.0), "H200": (4800.0, 989.0), "A100": (2039.0, 312.0)}
 
 
-def timeit(fn, reps: int = 20, warmup: int = 5) -> float:
+def timeit(fn, calls: int = 8, rounds: int = 5, warmup: int = 5) -> float:
+    """Median seconds per call over `rounds` rounds of `calls` back-to-back calls, each round
+    between two CUDA events. Back to back, the host's work per call (Python, dispatch, launch:
+    tens of microseconds) overlaps the GPU's wherever the GPU is the bottleneck, so the figures
+    are the kernels' own; an event pair around every single call added that host time to each."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     times.sort()
     return times[len(times) // 2] * 1e-3  # median, seconds
 
@@ -163,8 +173,8 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
 
         return run
 
-    t = timeit(mixer(gam_ext.gam_mixer), reps=10)
-    te = timeit(mixer(reference.gam_mixer), reps=10)
+    t = timeit(mixer(gam_ext.gam_mixer), calls=4)
+    te = timeit(mixer(reference.gam_mixer), calls=4)
     print(f"| {n} | mixer fwd+bwd | {t * 1e3:.3f} | - | - | - | {te / t:.2f}x | - | - | - |")
 
 

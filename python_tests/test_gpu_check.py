@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -47,7 +48,6 @@ def test_prefers_the_project_venv():
 def test_sanitizer_driver_selects_shared_memory_groups(monkeypatch, capsys):
     """racecheck (shared memory only) gets the groups whose kernels use shared memory; each group
     prints a progress line, so a run cut off by gpu_check.sh's time limit shows how far it got."""
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("driver", ROOT / "scripts" / "cuda_sanitize_driver.py")
     driver = importlib.util.module_from_spec(spec)
@@ -99,7 +99,6 @@ def stage_arguments() -> dict[str, list[str]]:
 
 def test_every_stage_passes_arguments_its_script_accepts(monkeypatch):
     # A GPU machine is lent for minutes: a flag a script no longer takes would cost a whole run.
-    import importlib.util
 
     found = stage_arguments()
     assert set(STAGE_SCRIPTS) <= set(found), sorted(found)
@@ -190,3 +189,34 @@ def test_report_names_every_stage_with_its_time(tmp_path):
         assert f"benchmarks/{script}" in ran, script
     for tool in ("compute-sanitizer --tool memcheck", "compute-sanitizer --tool racecheck", "ncu --clock"):
         assert tool in ran, tool
+
+
+def test_kernel_bench_times_back_to_back_calls(monkeypatch):
+    """cuda_kernel_bench.timeit: the per-call time of rounds of back-to-back calls between two
+    events (on stand-in events whose clock the timed function advances), warm-up calls untimed."""
+    spec = importlib.util.spec_from_file_location(
+        "kernel_bench", ROOT / "benchmarks" / "cuda_kernel_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    clock = {"ms": 0.0, "calls": 0}
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            self.ms = clock["ms"]
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.ms - self.ms
+
+    def call() -> None:
+        clock["calls"] += 1
+        clock["ms"] += 2.0 if clock["calls"] == 8 else 0.5  # one slow call, in the second round
+
+    monkeypatch.setattr(bench.torch.cuda, "Event", Event)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    seconds = bench.timeit(call, calls=4, rounds=3, warmup=2)
+    assert clock["calls"] == 2 + 4 * 3
+    assert seconds == pytest.approx(0.5e-3)  # the median round's mean; the slow round left out
