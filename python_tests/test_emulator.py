@@ -205,6 +205,51 @@ def test_cp_async_pipeline_gemm(st: types.ModuleType, dtype: torch.dtype, k: int
     torch.testing.assert_close(c.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
 
 
+# ---- warpgroup-level matrix primitives (csrc/cuda/warpgroup_mma.cuh) ------------------------
+
+# Operand layouts of the wgmma self-test (selftest_kernels.cu): swizzle 128 / 64 / 32 bytes or
+# none (8 x 16-byte core matrices), K-major (0..3) or MN-major (4..7).
+WGMMA_LAYOUTS = {"k128": 0, "k64": 1, "k32": 2, "kcore": 3, "mn128": 4, "mn64": 5, "mn32": 6, "mncore": 7}
+
+
+@pytest.mark.parametrize("layout_b", list(WGMMA_LAYOUTS))
+@pytest.mark.parametrize("layout_a", ["regs", "k128", "mn128", "kcore", "mncore"])
+@pytest.mark.parametrize("n", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_is_a_matrix_product(
+    st: types.ModuleType, dtype: torch.dtype, n: int, layout_a: str, layout_b: str
+) -> None:
+    # One warpgroup, d = a b^T over k = 64 (four m64nNk16 products chained on one accumulator):
+    # operands placed in shared memory by their layout's element addresses, decoded by the
+    # emulator from the descriptors by the PTX ISA's canonical layouts; D read back by the
+    # accumulator layout.
+    a = torch.randn(64, 64).to(dtype)
+    b = torch.randn(n, 64).to(dtype)
+    mode_a = -1 if layout_a == "regs" else WGMMA_LAYOUTS[layout_a]
+    d = st.wgmma_gemm(a, b, mode_a, WGMMA_LAYOUTS[layout_b])
+    torch.testing.assert_close(d.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_wgmma_accumulators_are_nan_until_the_wait(st: types.ModuleType) -> None:
+    # wgmma is asynchronous: its accumulators are undefined until wgmma.wait_group, and the
+    # emulator makes them NaN, so a kernel that reads them early fails its tests.
+    a = torch.randn(64, 64).to(torch.bfloat16)
+    b = torch.randn(64, 64).to(torch.bfloat16)
+    assert st.wgmma_gemm(a, b, 0, 0, read_early=True).isnan().all()
+
+
+def test_wgmma_layouts_differ(st: types.ModuleType) -> None:
+    # The descriptors matter: operands stored in one layout and described as another give a wrong
+    # product (here: B stored 128-byte swizzled, described without the swizzle).
+    a = torch.randn(64, 64).to(torch.float16)
+    b = torch.randn(64, 64).to(torch.float16)
+    good = st.wgmma_gemm(a, b, 0, 0)
+    wrong = st.wgmma_gemm(a, b, 0, 8)
+    expected = a.double() @ b.double().t()
+    torch.testing.assert_close(good.double(), expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(wrong.double(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_named_barriers_synchronise_groups_of_warps(st: types.ModuleType) -> None:
     x = torch.randn(3 * 128)
     y = st.named_barrier_groups(x)
@@ -286,7 +331,8 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         "out = {}\n"
         "for name in ['divergent_barrier', 'warp_deadlock', "
         "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
-        "'mma_exited_lane', 'named_barrier_count']:\n"
+        "'mma_exited_lane', 'named_barrier_count', 'wgmma_partial_warpgroup', "
+        "'wgmma_exited_thread']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -315,6 +361,15 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         (
             "named_barrier_count",
             ["gam_launch(named_barrier_count_kernel)", "named barrier 1", "fewer than its count"],
+        ),
+        ("wgmma_partial_warpgroup", ["gam_launch(wgmma_commit_kernel)", "not whole warpgroups"]),
+        (
+            "wgmma_exited_thread",
+            [
+                "gam_launch(wgmma_commit_kernel)",
+                "wgmma.commit_group",
+                "127 of the 128 threads of warpgroup 0",
+            ],
         ),
     ],
 )

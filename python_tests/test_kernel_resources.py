@@ -9,6 +9,7 @@ The compile takes a minute or two on a cold cache (build/kernel_resources/, keye
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -68,3 +69,51 @@ def test_markdown_report(report: dict) -> None:
     text = kernel_resources.markdown(report)
     assert "| sm_90 | fwd | bfloat16 |" in text
     assert "retrieval_fwd_mma_kernel" in text
+
+
+def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
+    """csrc/cuda/warpgroup_mma.cuh under nvcc: the emulator's wgmma self-test kernels, built for
+    sm_90a, hold HGMMA of their shape (ptxas accepts the inline PTX of every variant: f16 and
+    bf16, N = 64 and 256, A from shared memory or registers, K- or MN-major); built for plain
+    sm_90 they compile to a trap, with no HGMMA."""
+    nvcc = kernel_resources.find_nvcc()
+    cuobjdump = kernel_resources.find_cuobjdump(nvcc)
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump")
+    obj = tmp_path / "selftest.o"
+    src = ROOT / "csrc" / "emu" / "selftest_kernels.cu"
+    archs = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=sm_90"]
+    proc = kernel_resources.run(
+        [
+            nvcc,
+            "-c",
+            *kernel_resources.NVCC_FLAGS,
+            *archs,
+            "-I",
+            str(ROOT / "csrc"),
+            str(src),
+            "-o",
+            str(obj),
+        ],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sass = kernel_resources.run([cuobjdump, "-sass", str(obj)]).stdout
+    hgmma: dict[tuple[str, str], set[str]] = {}
+    arch = func = None
+    for line in sass.splitlines():
+        if m := re.search(r"code for (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.search(r"Function : (\S*wgmma_gemm_kernel\S*)", line):
+            func = m.group(1)
+            hgmma[(arch, func)] = set()
+        elif m := re.search(r"Function : ", line):
+            func = None
+        elif func and (m := re.search(r"\bHGMMA\.(64x\d+x16)\.F32", line)):
+            hgmma[(arch, func)].add(m.group(1))
+    kernels = {f for _, f in hgmma}
+    assert len(kernels) == 24, sorted(kernels)  # 2 dtypes x 2 N x 6 operand forms
+    for func in kernels:
+        n = re.search(r"Li(\d+)E", func).group(1)
+        assert hgmma[("sm_90a", func)] == {f"64x{n}x16"}, func
+        assert hgmma[("sm_90", func)] == set(), func

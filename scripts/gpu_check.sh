@@ -75,8 +75,8 @@ BUILD_RC=$?
 took build
 tail -5 "$LOG/build.txt"
 
-echo "== pytest (CUDA kernels, build)"
-TESTS="python_tests/test_cuda.py python_tests/test_build.py"
+echo "== pytest (CUDA kernels, wgmma primitives on sm_90, build)"
+TESTS="python_tests/test_cuda.py python_tests/test_cuda_wgmma.py python_tests/test_build.py"
 timeout $(limit 150) "$PY" -m pytest $TESTS -q -p no:cacheprovider > "$LOG/pytest.txt" 2>&1
 TEST_RC=$?
 took tests

@@ -24,7 +24,7 @@ constexpr int kMaxThreadsPerBlock = 1024;
 constexpr size_t kStaticSmemLimit = 48 * 1024;
 constexpr uint64_t kPoison = ~uint64_t{0};
 
-enum class State : uint8_t { kRunnable, kBarrier, kWarp, kDone };
+enum class State : uint8_t { kRunnable, kBarrier, kWarp, kGroup, kDone };
 
 struct WarpOp {
   WarpOpKind kind;
@@ -58,8 +58,13 @@ struct Fiber {
   WarpOp op{};
   const char* bar_file = nullptr;
   int bar_line = 0;
-  int bar_id = 0;                  // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
-  std::vector<AsyncCopy> cp_open;  // cp.async not yet committed
+  int bar_id = 0;                // 0: __syncthreads; 1..15: a named barrier (bar.sync id, count)
+  void* group_record = nullptr;  // kGroup: the warpgroup exchange this thread waits in
+  ExchangeFn group_resolve = nullptr;
+  const char* group_what = nullptr;
+  const char* group_file = nullptr;
+  int group_line = 0;
+  std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
 };
 
@@ -81,7 +86,9 @@ struct Engine {
   int n_runnable = 0;
   int n_done = 0;
   int bar_arrived = 0;
-  int named_arrived[16] = {};  // threads waiting at each named barrier (index 0 unused)
+  int named_arrived[16] = {};      // threads waiting at each named barrier (index 0 unused)
+  std::vector<int> group_arrived;  // per warpgroup: threads in its exchange
+  std::vector<std::shared_ptr<void>> group_state;  // per warpgroup (warpgroup_state)
   fiber::Context main;
   Fiber* cur = nullptr;
   uint3 block{};
@@ -297,11 +304,15 @@ void land(const std::vector<AsyncCopy>& group) {
 
 std::string deadlock_report(const Engine& e) {
   std::ostringstream m;
-  int at_bar = 0, at_warp = 0;
+  int at_bar = 0, at_warp = 0, at_group = 0;
   const Fiber* first_bar = nullptr;
   const Fiber* first_warp = nullptr;
+  const Fiber* first_group = nullptr;
   for (const Fiber& f : e.fibers) {
-    if (f.state == State::kBarrier) {
+    if (f.state == State::kGroup) {
+      ++at_group;
+      if (!first_group) first_group = &f;
+    } else if (f.state == State::kBarrier) {
       ++at_bar;
       if (!first_bar) first_bar = &f;
     } else if (f.state == State::kWarp) {
@@ -310,7 +321,14 @@ std::string deadlock_report(const Engine& e) {
     }
   }
   m << "deadlock in block " << dim_str(e.block) << ": ";
-  if (first_bar && first_bar->bar_id != 0) {
+  if (first_group) {
+    const int g = first_group->warp / 4;
+    int waiting = 0;
+    for (const Fiber& f : e.fibers) waiting += f.state == State::kGroup && f.warp / 4 == g;
+    m << first_group->group_what << " at " << site(first_group->group_file, first_group->group_line)
+      << " was reached by " << waiting << " of the 128 threads of warpgroup " << g << " ("
+      << at_group << " threads wait in warpgroup collectives, " << e.n_done << " had exited)";
+  } else if (first_bar && first_bar->bar_id != 0) {
     int waiting = 0;
     for (const Fiber& f : e.fibers)
       waiting += f.state == State::kBarrier && f.bar_id == first_bar->bar_id;
@@ -366,6 +384,7 @@ std::string deadlock_report(const Engine& e) {
 }
 
 void release_shared(Engine& e) {
+  e.group_state.clear();
   for (SharedAlloc& a : e.shared) std::free(a.ptr);
   e.shared.clear();
   e.static_smem_bytes = 0;
@@ -395,9 +414,12 @@ void run_block(Engine& e, const uint3& block) {
   e.n_done = 0;
   e.bar_arrived = 0;
   std::fill(std::begin(e.named_arrived), std::end(e.named_arrived), 0);
-  // Dynamic shared memory: one exact-size allocation per block.
+  e.group_arrived.assign(static_cast<size_t>((e.nwarps + 3) / 4), 0);
+  e.group_state.assign(e.group_arrived.size(), nullptr);
+  // Dynamic shared memory: one exact-size allocation per block, 1024-byte aligned like the
+  // shared-window addresses of shared_window_address (the largest swizzle atom of wgmma).
   const size_t dyn = e.spec->dynamic_smem_bytes;
-  if (posix_memalign(&e.dyn_smem, 16, dyn == 0 ? 1 : dyn) != 0) throw std::bad_alloc();
+  if (posix_memalign(&e.dyn_smem, 1024, dyn == 0 ? 1 : dyn) != 0) throw std::bad_alloc();
   std::memset(e.dyn_smem, 0xff, dyn == 0 ? 1 : dyn);
 
   const uint64_t linear_block =
@@ -518,6 +540,80 @@ void warp_exchange(void* record, ExchangeFn resolve, const char* what, const cha
   self->state = State::kWarp;
   --e.n_runnable;
   if (!try_resolve(e, self->warp, self->op)) yield_from(self);
+}
+
+void warpgroup_exchange(void* record, ExchangeFn resolve, const char* what, const char* file,
+                        int line) {
+  Engine* ep = t_engine;
+  if (ep == nullptr || ep->cur == nullptr) trap(std::string(what) + " called outside a kernel");
+  Engine& e = *ep;
+  Fiber* self = e.cur;
+  if (e.nthreads % 128 != 0)
+    fault_in_fiber(std::string(what) + " at " + site(file, line) + ": the block's " +
+                   std::to_string(e.nthreads) +
+                   " threads are not whole warpgroups (a multiple of 128)");
+  const int g = self->warp / 4;
+  self->group_record = record;
+  self->group_resolve = resolve;
+  self->group_what = what;
+  self->group_file = file;
+  self->group_line = line;
+  self->state = State::kGroup;
+  --e.n_runnable;
+  if (++e.group_arrived[g] < 128) {
+    yield_from(self);
+    return;
+  }
+  // Last arrival: all 128 threads wait in an exchange; it must be the same one.
+  Fiber* members = &e.fibers[static_cast<size_t>(g) * 128];
+  void* records[128];
+  for (int i = 0; i < 128; ++i) {
+    const Fiber& f = members[i];
+    if (f.group_resolve != resolve || std::strcmp(f.group_what, what) != 0)
+      fault_in_fiber(std::string("divergent warpgroup collectives in warpgroup ") +
+                     std::to_string(g) + ": " + f.group_what + " at " +
+                     site(f.group_file, f.group_line) + " and " + what + " at " + site(file, line));
+    records[i] = f.group_record;
+  }
+  resolve(records);
+  for (int i = 0; i < 128; ++i) members[i].state = State::kRunnable;
+  e.n_runnable += 128;
+  e.group_arrived[g] = 0;
+}
+
+std::shared_ptr<void>& warpgroup_state() {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("warpgroup state used outside a kernel");
+  return e->group_state[static_cast<size_t>(e->cur->warp / 4)];
+}
+
+uint32_t shared_window_address(const void* p, const char* what, const char* file, int line) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap(std::string(what) + " called outside a kernel");
+  const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(e->dyn_smem);
+  if (a < base || a >= base + e->spec->dynamic_smem_bytes) {
+    char msg[240];
+    std::snprintf(msg, sizeof(msg),
+                  "%s at %s:%d: %p is not in the block's dynamic shared memory (%p, %zu bytes); "
+                  "the emulator gives shared-window addresses to dynamic shared memory only",
+                  what, file, line, p, e->dyn_smem, e->spec->dynamic_smem_bytes);
+    trap(msg);
+  }
+  return static_cast<uint32_t>(a - base);
+}
+
+void* shared_window_pointer(uint32_t address, size_t bytes, const char* what) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap(std::string(what) + " called outside a kernel");
+  if (uint64_t{address} + bytes > e->spec->dynamic_smem_bytes) {
+    char msg[200];
+    std::snprintf(msg, sizeof(msg),
+                  "%s: shared address 0x%x (%zu bytes) is past the block's %zu bytes of dynamic "
+                  "shared memory",
+                  what, address, bytes, e->spec->dynamic_smem_bytes);
+    trap(msg);
+  }
+  return static_cast<char*>(e->dyn_smem) + address;
 }
 
 bool in_shared(const void* p, size_t bytes) {

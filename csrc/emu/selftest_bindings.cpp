@@ -193,6 +193,22 @@ Tensor barrier_stress(int64_t blocks, int64_t rounds) {
   return data;
 }
 
+Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode_b,
+                  bool read_early) {
+  const int64_t n = b.size(0);
+  TORCH_CHECK(n == 64 || n == 256, "b must have 64 or 256 rows");
+  check_shape(a, {64, 64}, "a");
+  check_shape(b, {n, 64}, "b");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");
+  TORCH_CHECK(mode_a >= -1 && mode_a < 8 && mode_b >= 0 && mode_b < 16,
+              "mode_a is -1..7, mode_b 0..15");
+  Tensor d = torch::empty({64, n}, torch::kFloat32);
+  gam_selftest::wgmma_gemm(a.data_ptr(), b.data_ptr(), fp(d), static_cast<int>(n),
+                           dtype_code(a, "a"), static_cast<int>(mode_a), static_cast<int>(mode_b),
+                           read_early, nullptr);
+  return d;
+}
+
 // The calling thread's fiber counters (context switches, stacks mapped) and whether switches
 // are the assembly ones (x86-64) or ucontext's.
 std::tuple<int64_t, int64_t, bool> fiber_counters() {
@@ -235,6 +251,10 @@ Tensor run_fault(const std::string& name) {
     gam_selftest::fault_named_barrier_count(fp(out), nullptr);
   } else if (name == "mma_exited_lane") {
     gam_selftest::fault_mma_exited_lane(fp(out), nullptr);
+  } else if (name == "wgmma_partial_warpgroup") {
+    gam_selftest::fault_wgmma_partial_warpgroup(nullptr);
+  } else if (name == "wgmma_exited_thread") {
+    gam_selftest::fault_wgmma_exited_thread(nullptr);
   } else if (name == "empty_grid") {
     gam_selftest::fault_empty_grid(fp(out), nullptr);
   } else if (name == "smem_limit") {
@@ -267,5 +287,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("named_barrier_groups", &named_barrier_groups);
   m.def("barrier_stress", &barrier_stress);
   m.def("fiber_counters", &fiber_counters);
+  m.def("wgmma_gemm", &wgmma_gemm, py::arg("a"), py::arg("b"), py::arg("mode_a"), py::arg("mode_b"),
+        py::arg("read_early") = false);
   m.def("run_fault", &run_fault);
 }

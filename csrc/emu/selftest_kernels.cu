@@ -4,6 +4,7 @@
 // build must catch.
 #include "../cuda/compat.cuh"
 #include "../cuda/warp_mma.cuh"
+#include "../cuda/warpgroup_mma.cuh"
 #include "selftest_kernels.h"
 
 namespace gam_selftest {
@@ -334,6 +335,124 @@ __global__ void __launch_bounds__(128) named_barrier_kernel(const float* x, floa
   y[blockIdx.x * 128 + tid] = buf[group * 64 + (t + 1) % 64];
 }
 
+// ---- wgmma: one warpgroup, d (64 x N) = a (64 x 64) b^T (b: N x 64) -----------------------
+// An operand's layout ("mode"): bits 0-1 the swizzle (0: 128 bytes, 1: 64, 2: 32, 3: none, the
+// 8 x 16-byte core matrices), bit 2 MN-major (else K-major). The kernel stores each element at
+// the address its layout gives and builds the descriptors from the same layout; the emulator
+// decodes the descriptors by the PTX ISA's canonical-layout formulas (warpgroup_matrix.h), the
+// GPU by its own.
+constexpr int kWgK = 64;
+
+__device__ inline uint32_t wg_swizzle_bytes(int mode) {
+  return (mode & 3) == 3 ? 0u : 128u >> (mode & 3);
+}
+
+// Byte offset in the tile of element (i, k), i < rows (M or N), k < kWgK; `tile` is the tile's
+// shared address (1024-byte aligned), which the swizzle reads.
+__device__ inline uint32_t wg_offset(int mode, int rows, int i, int k, uint32_t tile) {
+  const uint32_t w = wg_swizzle_bytes(mode);
+  uint32_t off;
+  if (!(mode & 4)) {  // K-major: each of i's rows holds k contiguously
+    if (w) {
+      const int per = static_cast<int>(w / 2);  // elements of k per row of a panel
+      off = (k / per) * rows * w + i * w + (k % per) * 2;
+    } else {
+      off = ((k / 8) * (rows / 8) + i / 8) * 128 + (i % 8) * 16 + (k % 8) * 2;
+    }
+  } else {  // MN-major: each k row holds i contiguously
+    if (w) {
+      const int per = static_cast<int>(w / 2);  // elements of i per row of a panel
+      off = (i / per) * kWgK * w + k * w + (i % per) * 2;
+    } else {
+      off = ((k / 8) * (rows / 8) + i / 8) * 128 + (k % 8) * 16 + (i % 8) * 2;
+    }
+  }
+  const uint32_t a = tile + off;
+  return (w ? a ^ (((a >> 7) & (w / 16 - 1)) << 4) : a) - tile;
+}
+
+// The descriptor of k step s (k = 16 s .. 16 s + 15) of the tile.
+__device__ inline uint64_t wg_desc(int mode, int rows, int s, uint32_t tile) {
+  using gam::cuda::WgmmaSwizzle;
+  const uint32_t w = wg_swizzle_bytes(mode);
+  const WgmmaSwizzle code = w == 128  ? WgmmaSwizzle::k128B
+                            : w == 64 ? WgmmaSwizzle::k64B
+                            : w == 32 ? WgmmaSwizzle::k32B
+                                      : WgmmaSwizzle::kNone;
+  const uint32_t cores = static_cast<uint32_t>(rows / 8) * 128;  // one k-column of core matrices
+  if (!(mode & 4)) {
+    if (w) {
+      const uint32_t per = w / 2, k0 = 16u * s;
+      return gam::cuda::wgmma_descriptor(tile + (k0 / per) * rows * w + (k0 % per) * 2, 16, 8 * w,
+                                         code);
+    }
+    return gam::cuda::wgmma_descriptor(tile + 2u * s * cores, cores, 128, code);
+  }
+  if (w) return gam::cuda::wgmma_descriptor(tile + 16u * s * w, kWgK * w, 8 * w, code);
+  return gam::cuda::wgmma_descriptor(tile + 2u * s * cores, cores, 128, code);
+}
+
+// mode_a < 0: A from registers; mode_b + 8: B described with the wrong layout. read_early: the
+// accumulators are read before the wait (the emulator must show NaN there).
+template <typename T, int N, bool kTransA, bool kTransB, bool kRegsA>
+__global__ void wgmma_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                                  float* __restrict__ d, int mode_a, int mode_b, bool read_early) {
+  using namespace gam::cuda;
+  GAM_DYNAMIC_SHARED(unsigned char, smem);
+  const uint32_t window = shared_address(smem);
+  const uint32_t pad = (1024u - window % 1024u) % 1024u;
+  const uint32_t a_tile = window + pad, b_tile = a_tile + 64 * kWgK * 2;
+  unsigned char* a_bytes = smem + pad;
+  unsigned char* b_bytes = a_bytes + 64 * kWgK * 2;
+  const int t = threadIdx.x;
+  for (int e = t; e < 64 * kWgK; e += 128) {
+    if (!kRegsA) {
+      *reinterpret_cast<T*>(a_bytes + wg_offset(mode_a, 64, e / kWgK, e % kWgK, a_tile)) = a[e];
+    }
+  }
+  for (int e = t; e < N * kWgK; e += 128)
+    *reinterpret_cast<T*>(b_bytes + wg_offset(mode_b & 7, N, e / kWgK, e % kWgK, b_tile)) = b[e];
+  // Bit 3 of mode_b: B described as core matrices (no swizzle), whatever its storage.
+  const int desc_mode_b = (mode_b & 8) ? ((mode_b & 4) | 3) : mode_b;
+  fence_proxy_async_shared();
+  __syncthreads();
+  const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+  // A registers per k step, alive until the wait (they are read asynchronously).
+  uint32_t ra[kWgK / 16][4];
+  if (kRegsA) {
+    for (int s = 0; s < kWgK / 16; ++s)
+      for (int r = 0; r < 4; ++r) {
+        const int row = 16 * w + g + 8 * (r % 2), k = 16 * s + 2 * q + 8 * (r / 2);
+        __builtin_memcpy(&ra[s][r], a + row * kWgK + k, 4);
+      }
+  }
+  float acc[N / 2];
+  for (int v = 0; v < N / 2; ++v) acc[v] = 0.0f;
+  wgmma_fence_registers(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < kWgK / 16; ++s) {
+    const uint64_t db = wg_desc(desc_mode_b, N, s, b_tile);
+    if constexpr (kRegsA) {
+      wgmma_mma_regs<T, N, kTransB>(acc, ra[s], db, s > 0);
+    } else {
+      wgmma_mma<T, N, kTransA, kTransB>(acc, wg_desc(mode_a, 64, s, a_tile), db, s > 0);
+    }
+  }
+  wgmma_commit();
+  if (read_early) {
+    for (int v = 0; v < N / 2; ++v) d[t * (N / 2) + v] = acc[v];
+    wgmma_wait<0>();
+    return;
+  }
+  wgmma_wait<0>();
+  wgmma_fence_registers(acc);
+  for (int v = 0; v < N / 2; ++v) {
+    const int row = 16 * w + g + 8 * ((v / 2) % 2), col = 8 * (v / 4) + 2 * q + v % 2;
+    d[row * N + col] = acc[v];
+  }
+}
+
 // ---- speed ---------------------------------------------------------------------
 __global__ void barrier_stress_kernel(float* data, int rounds) {
   GAM_SHARED(float, buf, 256);
@@ -569,6 +688,44 @@ void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream
              stream, x, y);
 }
 
+template <typename T, int N, bool kTransA, bool kTransB, bool kRegsA>
+void launch_wgmma_gemm(const void* a, const void* b, float* d, int mode_a, int mode_b,
+                       bool read_early, cudaStream_t stream) {
+  auto kernel = wgmma_gemm_kernel<T, N, kTransA, kTransB, kRegsA>;
+  const int smem = 1024 + (64 + N) * kWgK * 2;
+  GAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  gam_launch("wgmma_gemm_kernel", kernel, dim3(1), dim3(128), smem, stream,
+             static_cast<const T*>(a), static_cast<const T*>(b), d, mode_a, mode_b, read_early);
+}
+
+template <typename T, int N>
+void wgmma_gemm_n(const void* a, const void* b, float* d, int mode_a, int mode_b, bool read_early,
+                  cudaStream_t stream) {
+  const bool tb = (mode_b & 4) != 0;
+  if (mode_a < 0) {
+    (tb ? launch_wgmma_gemm<T, N, false, true, true>
+        : launch_wgmma_gemm<T, N, false, false, true>)(a, b, d, mode_a, mode_b, read_early, stream);
+  } else if (mode_a & 4) {
+    (tb ? launch_wgmma_gemm<T, N, true, true, false>
+        : launch_wgmma_gemm<T, N, true, false, false>)(a, b, d, mode_a, mode_b, read_early, stream);
+  } else {
+    (tb ? launch_wgmma_gemm<T, N, false, true, false>
+        : launch_wgmma_gemm<T, N, false, false, false>)(a, b, d, mode_a, mode_b, read_early,
+                                                        stream);
+  }
+}
+
+void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
+                bool read_early, cudaStream_t stream) {
+  if (dtype == 0) {
+    (n == 64 ? wgmma_gemm_n<__half, 64> : wgmma_gemm_n<__half, 256>)(a, b, d, mode_a, mode_b,
+                                                                     read_early, stream);
+  } else {
+    (n == 64 ? wgmma_gemm_n<__nv_bfloat16, 64>
+             : wgmma_gemm_n<__nv_bfloat16, 256>)(a, b, d, mode_a, mode_b, read_early, stream);
+  }
+}
+
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream) {
   gam_launch("barrier_stress_kernel", barrier_stress_kernel, dim3(blocks), dim3(256), 0, stream,
              data, rounds);
@@ -623,6 +780,21 @@ void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream) {
 void fault_named_barrier_count(float* out, cudaStream_t stream) {
   gam_launch("named_barrier_count_kernel", named_barrier_count_kernel, dim3(1), dim3(128), 0,
              stream, out);
+}
+
+// A warpgroup collective in a block that is not whole warpgroups (96 threads), or that one
+// thread of its warpgroup has left (exited = 5).
+__global__ void wgmma_commit_kernel(int exited) {
+  if (static_cast<int>(threadIdx.x) == exited) return;
+  gam::cuda::wgmma_commit();
+}
+
+void fault_wgmma_partial_warpgroup(cudaStream_t stream) {
+  gam_launch("wgmma_commit_kernel", wgmma_commit_kernel, dim3(1), dim3(96), 0, stream, -1);
+}
+
+void fault_wgmma_exited_thread(cudaStream_t stream) {
+  gam_launch("wgmma_commit_kernel", wgmma_commit_kernel, dim3(1), dim3(128), 0, stream, 5);
 }
 
 void fault_mma_exited_lane(float* out, cudaStream_t stream) {

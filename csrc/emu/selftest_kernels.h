@@ -50,6 +50,13 @@ void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t str
 // y[i] = x[warp base + (lane + 1) % 32] through shared memory and __syncwarp; blocks of 64.
 void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream);
 // 256 threads x `blocks` blocks x `rounds` barriers (speed check).
+// d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 64 or 256, by one warpgroup's
+// wgmma with its operands in shared memory in layouts mode_a / mode_b (selftest_kernels.cu);
+// mode_a < 0: a from registers; mode_b + 8: b described as unswizzled core matrices whatever its
+// storage (a wrong descriptor). read_early: d gets each thread's accumulators, read before the
+// wgmma wait, in thread order (t * n / 2 + v).
+void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
+                bool read_early, cudaStream_t stream);
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
 
 // Planted faults; each must be caught by the emulator or ASan.
@@ -69,6 +76,8 @@ void fault_cp_async_no_barrier(const float* x, float* out, cudaStream_t stream);
 void fault_ldmatrix_misaligned(float* out, cudaStream_t stream);
 void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream);
 void fault_mma_exited_lane(float* out, cudaStream_t stream);
+void fault_wgmma_partial_warpgroup(cudaStream_t stream);  // 96 threads
+void fault_wgmma_exited_thread(cudaStream_t stream);      // one thread of the warpgroup exits
 void fault_named_barrier_count(float* out, cudaStream_t stream);
 void fault_smem_limit(float* out, cudaStream_t stream);
 

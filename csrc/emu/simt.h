@@ -13,10 +13,13 @@
 //     fibers (one stack each), switched only at barriers, warp collectives and
 //     thread exit. Faults (divergent barriers, deadlocked warp collectives,
 //     bad launch configurations, bad ldmatrix or cp.async addresses,
-//     mma.sync without all 32 lanes) become a
+//     mma.sync without all 32 lanes, wgmma without its whole warpgroup,
+//     descriptors outside dynamic shared memory) become a
 //     std::runtime_error naming the kernel.
 // The device intrinsics the kernels use live in intrinsics.h, ldmatrix /
-// mma.sync / cp.async (per-lane PTX fragment layouts) in warp_matrix.h.
+// mma.sync / cp.async (per-lane PTX fragment layouts) in warp_matrix.h,
+// sm_90a's wgmma (warpgroup collectives, queued until their wait) in
+// warpgroup_matrix.h.
 // Behind this header: fiber.cpp (stacks and context switches), engine.cpp (blocks,
 // barriers, warp collectives, shared memory, launches, the deadlock report) and
 // runtime.cpp (the CUDA runtime stubs); csrc/emu/emulation.py builds them into a
@@ -63,6 +66,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -120,9 +124,23 @@ uint64_t warp_op(WarpOpKind kind, unsigned mask, uint64_t value, int arg, int wi
 using ExchangeFn = void (*)(void* const* records);
 void warp_exchange(void* record, ExchangeFn resolve, const char* what, const char* file, int line);
 
+// A warpgroup-collective exchange (wgmma, warpgroup_matrix.h): the same as warp_exchange over the
+// 128 threads of the caller's warpgroup (warps 4g .. 4g + 3, g = warp / 4), records indexed by
+// thread within the warpgroup. The block's thread count must be a multiple of 128.
+void warpgroup_exchange(void* record, ExchangeFn resolve, const char* what, const char* file,
+                        int line);
+// State kept per warpgroup of the running block (the wgmma queue of warpgroup_matrix.h), dropped
+// when the block ends.
+std::shared_ptr<void>& warpgroup_state();
+
 // Whether [p, p + bytes) lies inside one shared-memory array of the running block (dynamic
 // shared memory or a GAM_SHARED array).
 bool in_shared(const void* p, size_t bytes);
+// Shared-window addresses, as the GPU's 32-bit shared addresses (cvta.to.shared) that matrix
+// descriptors hold: offsets into the block's dynamic shared memory, whose base is 1024-byte
+// aligned. Only dynamic shared memory has them here; anything else is a fault.
+uint32_t shared_window_address(const void* p, const char* what, const char* file, int line);
+void* shared_window_pointer(uint32_t address, size_t bytes, const char* what);
 
 // cp.async of the calling thread (warp_matrix.h): the copy of `bytes` bytes (the first
 // src_bytes read from src, the rest zero-filled) is recorded in the thread's open group and its
@@ -320,3 +338,4 @@ inline void gam_launch(const char* kernel_name, void (*kernel)(KArgs...), dim3 g
 
 #include "emu/intrinsics.h"
 #include "emu/warp_matrix.h"
+#include "emu/warpgroup_matrix.h"

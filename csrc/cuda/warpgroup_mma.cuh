@@ -1,0 +1,258 @@
+// Warpgroup-level matrix primitives (sm_90a): wgmma.mma_async m64nNk16 with f16 or bf16
+// operands and f32 accumulators, A from shared memory or from registers and B from shared memory
+// through 64-bit matrix descriptors, with wgmma.fence / commit_group / wait_group and the
+// generic-to-async proxy fence that shared-memory operands written by ordinary stores need.
+// Under nvcc they are inline PTX (sm_90a only: other targets compile a trap, and the host must
+// not launch such kernels there); in the emulated build they are the emulator's warpgroup
+// collectives (csrc/emu/warpgroup_matrix.h), which hold each thread's registers in the PTX ISA's
+// layouts and queue each product until its wait_group, as the GPU does.
+//
+// A warpgroup is 4 consecutive warps (threads 128 g .. 128 g + 127); all 128 threads execute
+// each of these together. Register layouts (thread t of the warpgroup, warp w = t / 32, lane l,
+// g = l / 4, q = l % 4):
+//   D (64 x N f32), d[N / 2]: d[4 j + 2 h + c] = D[16 w + g + 8 h][8 j + 2 q + c]
+//   A (64 x 16), a[4], two elements per register, lower k in the low half: a[0] = A[16 w + g]
+//     [2 q ..], a[1] = A[16 w + g + 8][2 q ..], a[2] = A[16 w + g][2 q + 8 ..], a[3] = A[16 w +
+//     g + 8][2 q + 8 ..].
+// So, as with mma.sync, two adjacent 8-column blocks of an accumulator, rounded to 16 bits, are
+// the A registers of the next product (FlashAttention's S -> P reuse).
+//
+// Shared-memory operands: an operand is 64 x 16 (A) or N x 16 (B) elements; "K-major" when k is
+// the contiguous dimension (transpose flag 0), "MN-major" when M or N is (flag 1). Their layouts
+// in shared memory are the canonical ones of the PTX ISA, described by wgmma_descriptor's
+// arguments; csrc/emu/warpgroup_matrix.h spells out the address of every element for each
+// layout. The swizzled layouts (32, 64, 128 bytes) need the tile at an 8 x swizzle-byte aligned
+// shared address.
+//
+// Order of operations (PTX ISA): write the shared operands, fence_proxy_async_shared(), a
+// barrier; wgmma_fence() before the first wgmma_mma of a sequence (and whenever the accumulators
+// or A registers were touched by other instructions since); issue the products; wgmma_commit();
+// wgmma_wait<N>() before the accumulators are read or the operands overwritten.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "compat.cuh"
+
+#if GAM_IS_EMULATED
+// Call sites recorded for the emulator's fault messages.
+#define GAM_WG_SITE_ONLY \
+  const char *gam_site_file = __builtin_FILE(), int gam_site_line = __builtin_LINE()
+#define GAM_WG_SITE , GAM_WG_SITE_ONLY
+#define GAM_WG_SITE_ARGS gam_site_file, gam_site_line
+#else
+#define GAM_WG_SITE_ONLY
+#define GAM_WG_SITE
+#endif
+
+// Whether this compilation pass has wgmma: sm_90a device code, or the emulator.
+#if GAM_IS_EMULATED || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GAM_WGMMA_COMPILED 1
+#else
+#define GAM_WGMMA_COMPILED 0
+#endif
+
+namespace gam {
+namespace cuda {
+
+// The 32-bit shared-window address of a pointer into shared memory (dynamic shared memory in the
+// emulated build).
+__device__ __forceinline__ uint32_t shared_address(const void* p GAM_WG_SITE) {
+#if GAM_IS_EMULATED
+  return ::gam_emu::shared_window_address(p, "shared_address", GAM_WG_SITE_ARGS);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// The descriptor's swizzle codes.
+enum class WgmmaSwizzle : uint32_t { kNone = 0, k128B = 1, k64B = 2, k32B = 3 };
+
+// A shared-memory matrix descriptor: the operand's start address and its leading and stride byte
+// offsets (multiples of 16; see warpgroup_matrix.h for what each means per layout).
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t shared_addr, uint32_t lbo_bytes,
+                                                     uint32_t sbo_bytes, WgmmaSwizzle swizzle) {
+  return static_cast<uint64_t>((shared_addr & 0x3ffffu) >> 4) |
+         static_cast<uint64_t>((lbo_bytes >> 4) & 0x3fffu) << 16 |
+         static_cast<uint64_t>((sbo_bytes >> 4) & 0x3fffu) << 32 |
+         static_cast<uint64_t>(swizzle) << 62;
+}
+
+// Makes this thread's ordinary shared-memory stores visible to the async proxy that wgmma reads
+// shared memory through (then a barrier, for other threads' stores).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if !GAM_IS_EMULATED && GAM_WGMMA_COMPILED
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if !GAM_IS_EMULATED && GAM_WGMMA_COMPILED
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Closes the warpgroup's queued products into a group.
+__device__ __forceinline__ void wgmma_commit(GAM_WG_SITE_ONLY) {
+#if GAM_IS_EMULATED
+  ::gam_emu::wgmma_commit_group(GAM_WG_SITE_ARGS);
+#elif GAM_WGMMA_COMPILED
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of the warpgroup's committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait(GAM_WG_SITE_ONLY) {
+#if GAM_IS_EMULATED
+  ::gam_emu::wgmma_wait_group(N, GAM_WG_SITE_ARGS);
+#elif GAM_WGMMA_COMPILED
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Keeps the compiler from moving other uses of the accumulators across the asynchronous product
+// (the registers are in flight until the wait).
+template <int R>
+__device__ __forceinline__ void wgmma_fence_registers(float (&d)[R]) {
+#if !GAM_IS_EMULATED
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+// The accumulator operand lists of the asm statements below.
+#define GAM_WG_D8(i)                                                                          \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define GAM_WG_D32_OPS GAM_WG_D8(0), GAM_WG_D8(8), GAM_WG_D8(16), GAM_WG_D8(24)
+#define GAM_WG_D128_OPS                                                                           \
+  GAM_WG_D32_OPS, GAM_WG_D8(32), GAM_WG_D8(40), GAM_WG_D8(48), GAM_WG_D8(56), GAM_WG_D8(64),      \
+      GAM_WG_D8(72), GAM_WG_D8(80), GAM_WG_D8(88), GAM_WG_D8(96), GAM_WG_D8(104), GAM_WG_D8(112), \
+      GAM_WG_D8(120)
+#define GAM_WG_D32                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define GAM_WG_D128                                                                                \
+  "{"                                                                                              \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                         \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "               \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "               \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "               \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "               \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "               \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "   \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+  "}"
+
+// d (64 x N, f32) = A B (+ d when accumulate), A (64 x 16) and B (N x 16) in shared memory
+// through their descriptors; kTransA / kTransB: the operand is MN-major (else K-major).
+// T: __half or __nv_bfloat16; N: 64 or 256.
+template <typename T, int N, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                          bool accumulate GAM_WG_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
+                "wgmma_mma takes __half or __nv_bfloat16");
+  static_assert(N == 64 || N == 256, "wgmma_mma: N is 64 or 256");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#if GAM_IS_EMULATED
+  ::gam_emu::wgmma_mma_async(d, nullptr, desc_a, desc_b, N, kBf16, kTransA, kTransB, accumulate,
+                             GAM_WG_SITE_ARGS);
+#elif GAM_WGMMA_COMPILED
+  const uint32_t scale_d = accumulate ? 1u : 0u;
+  constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
+  if constexpr (N == 64 && kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GAM_WG_D32
+        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : GAM_WG_D32_OPS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+  } else if constexpr (N == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GAM_WG_D32
+        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : GAM_WG_D32_OPS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+  } else if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " GAM_WG_D128
+        ", %128, %129, p, 1, 1, %131, %132;\n}\n"
+        : GAM_WG_D128_OPS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " GAM_WG_D128
+        ", %128, %129, p, 1, 1, %131, %132;\n}\n"
+        : GAM_WG_D128_OPS
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b, (void)accumulate, (void)kBf16;
+  __trap();
+#endif
+}
+
+// The same with A (64 x 16) in registers, a[4] per thread in the layout above.
+template <typename T, int N, bool kTransB>
+__device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t (&a)[4],
+                                               uint64_t desc_b, bool accumulate GAM_WG_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
+                "wgmma_mma_regs takes __half or __nv_bfloat16");
+  static_assert(N == 64 || N == 256, "wgmma_mma_regs: N is 64 or 256");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#if GAM_IS_EMULATED
+  ::gam_emu::wgmma_mma_async(d, a, 0, desc_b, N, kBf16, false, kTransB, accumulate,
+                             GAM_WG_SITE_ARGS);
+#elif GAM_WGMMA_COMPILED
+  const uint32_t scale_d = accumulate ? 1u : 0u;
+  constexpr int tb = kTransB ? 1 : 0;
+  if constexpr (N == 64 && kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GAM_WG_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : GAM_WG_D32_OPS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+  } else if constexpr (N == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GAM_WG_D32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : GAM_WG_D32_OPS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+  } else if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " GAM_WG_D128
+        ", {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
+        : GAM_WG_D128_OPS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " GAM_WG_D128
+        ", {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
+        : GAM_WG_D128_OPS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+  }
+#else
+  (void)d, (void)a, (void)desc_b, (void)accumulate, (void)kBf16;
+  __trap();
+#endif
+}
+
+#undef GAM_WG_D8
+#undef GAM_WG_D32_OPS
+#undef GAM_WG_D128_OPS
+#undef GAM_WG_D32
+#undef GAM_WG_D128
+
+}  // namespace cuda
+}  // namespace gam
