@@ -5,9 +5,10 @@
 Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as % of a measured
 device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
-SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused, and gemm: cuBLAS around a softmax
-kernel, the default for fp16 / bf16), forward, backward (against eager autograd's backward alone)
-and both, with the fused path's speed-up over the gemm path ("vs gemm"), all in one process, so
+SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused; gemm: cuBLAS around a softmax
+kernel, the default; and wgmma, the sm_90a forward with gemm's backward, where the device and the
+build have it), forward, backward (against eager autograd's backward alone) and both, with each
+path's speed-up over the gemm path ("vs gemm"), all in one process, so
 that a GPU run can check the default per shape (csrc/cuda/README.md); the mixer (the default
 retrieval path) reports fwd+bwd speed-up over
 eager; the one-token step of generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
@@ -132,12 +133,16 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     te_bwd = timeit(lambda: torch.autograd.grad(ref_out, (hl, ml), dy, retain_graph=True))
     times = {}
     retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
-    for path in ("fused", "gemm"):
+    # The wgmma forward where this device and build have it (sm_90, built for 9.0a).
+    wgmma_info = with_path("wgmma", lambda: gam_ext.backend_info(retrieval=(s, d, dtype)))()
+    wgmma = wgmma_info["retrieval"]["cuda"]["forward"].startswith("wgmma")
+    paths = ("fused", "gemm", "wgmma") if wgmma else ("fused", "gemm")
+    for path in paths:
         t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))
         g, lse = with_path(path, lambda: torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0))()
         t_bwd = timeit(with_path(path, lambda g=g, lse=lse: retrieval_bwd(dy, h, m, g, lse, 1.0)))
         times[path] = (t, t_bwd)
-    for path in ("fused", "gemm"):
+    for path in paths:
         t, t_bwd = times[path]
         tf = flops / t / 1e12
         pct = f"{100 * tf / tc_peak:.0f}%" if tc_peak else "-"

@@ -72,7 +72,7 @@ RETRIEVAL_SHAPES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm", "wgmma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RETRIEVAL_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
 def test_retrieval(dtype, shape, path, monkeypatch):
@@ -140,7 +140,7 @@ def test_gate(dtype, shape):
 MIXER_SHAPES = [(1, 1, 8, 1, 1), (2, 67, 24, 33, 3), (1, 70, 13, 20, 8), (2, 100, 512, 512, 4)]
 
 
-@pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
+@pytest.mark.parametrize("path", ["fused", "simt", "gemm", "wgmma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", MIXER_SHAPES, ids=lambda s: "B{}N{}D{}S{}K{}".format(*s))
 def test_fused_mixer(dtype, shape, path, monkeypatch, use_backend):

@@ -7,7 +7,7 @@ real CUDA build) on CPU tensors. Shapes are small but cross every tile edge of t
 conv blocks cover 128 time steps and 32 channel groups; the fused tensor-core retrieval forward
 takes 16 to 64 rows x 16 or 32 slots per step, D in chunks of 128 columns (up to 8 chunks,
 D <= 1024), the tensor-core backward 32 x 32, SIMT 16 x 32 with 256-column slices; the dM
-reduction splits rows every 128. GAM_EXT_RETRIEVAL selects the path (fused / simt / gemm) and
+reduction splits rows every 128. GAM_EXT_RETRIEVAL selects the path (fused / simt / gemm / wgmma) and
 emu.set_device the emulated GPU whose shared memory sizes the fused kernels, so every per-arch
 configuration the dispatcher can pick runs here.
 """
@@ -244,6 +244,50 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
     check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
 
 
+# The wgmma forward (sm_90a, D = 512): rows crossing its 64-row blocks, slots its 64-slot tiles
+# (S = 1: one slot; 130: a 2-slot tail), a single row.
+WGMMA_SHAPES = [(1, 1, 1, 512), (2, 37, 45, 512), (1, 128, 64, 512), (3, 50, 130, 512)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
+def test_retrieval_wgmma(emu, dtype, shape, monkeypatch):
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    _, _, s, d = shape
+    kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
+    assert kind[0] == "wgmma" and kind[1].startswith("wgmma: retrieval_fwd_wgmma_kernel"), kind
+    assert kind[2].startswith("gemm:"), kind  # the backward is the gemm path's
+    ours, ref = run_retrieval(emu, dtype, shape)
+    check_retrieval(ours, ref, dtype, shape)
+    again, _ = run_retrieval(emu, dtype, shape)
+    assert torch.equal(ours[0], again[0]) and torch.equal(ours[1], again[1])  # bitwise repeatable
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixer_wgmma(emu, dtype, monkeypatch):
+    # The fused mixer's epilogue on the G of the wgmma forward, and its backward.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    shape = (2, 37, 512, 45, 4)
+    assert emu.retrieval_path(45, 512, str(dtype).split(".")[1])[1].startswith("wgmma:")
+    ours, refs = run_mixer(emu, dtype, shape, seed=512)
+    check_mixer(ours, refs, dtype, shape)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "device_name"),
+    [(torch.float32, 512, "sm_90"), (torch.bfloat16, 256, "sm_90"), (torch.float16, 512, "sm_80")],
+)
+def test_retrieval_wgmma_elsewhere_takes_the_gemm_forward(emu, device, dtype, d, device_name, monkeypatch):
+    # fp32, D other than 512, or a GPU other than sm_90: the gemm path's forward, said so.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    device(device_name)
+    kind = emu.retrieval_path(45, d, str(dtype).split(".")[1])
+    assert kind[0] == "wgmma" and kind[1].startswith("gemm path (the wgmma forward takes"), kind
+    shape = (2, 9, 45, d)
+    ours, ref = run_retrieval(emu, dtype, shape)
+    check_retrieval(ours, ref, dtype, shape)
+
+
 # (D, what the fused forward picks on each emulated device for fp16; bf16 the same except where
 # the device has no bf16 tensor cores). Each D class, on each device, is one configuration of
 # FwdMmaConfig (csrc/cuda/retrieval_common.cuh).
@@ -385,7 +429,7 @@ def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
             emu.memory_retrieval_fwd(h, m, 1.0)
         mp.setenv("GAM_EXT_RETRIEVAL", "tensor")
         mp.delenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT")
-        with pytest.raises(RuntimeError, match="GAM_EXT_RETRIEVAL must be fused, gemm or simt"):
+        with pytest.raises(RuntimeError, match="GAM_EXT_RETRIEVAL must be fused, gemm, simt or wgmma"):
             emu.memory_retrieval_fwd(h, m, 1.0)
     close(out, out_ref, torch.bfloat16)
     close(dh, dh_ref, torch.bfloat16)

@@ -71,49 +71,61 @@ def test_markdown_report(report: dict) -> None:
     assert "retrieval_fwd_mma_kernel" in text
 
 
+def compile_sm90a(src: Path, obj: Path) -> tuple[str, str]:
+    """nvcc of src for sm_90a and plain sm_90 (the project's flags): (ptxas -v report, SASS)."""
+    nvcc = kernel_resources.find_nvcc()
+    cuobjdump = kernel_resources.find_cuobjdump(nvcc)
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump")
+    archs = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=sm_90"]
+    flags = [*kernel_resources.NVCC_FLAGS, *archs, "-Xptxas", "-v", "-I", str(ROOT / "csrc")]
+    proc = kernel_resources.run([nvcc, "-c", *flags, str(src), "-o", str(obj)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr, kernel_resources.run([cuobjdump, "-sass", str(obj)]).stdout
+
+
+def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
+    """(arch, function) -> the HGMMA shapes (64xNx16, in order) of each function named kernel."""
+    found: dict[tuple[str, str], list[str]] = {}
+    arch = func = None
+    for line in sass.splitlines():
+        if m := re.search(r"code for (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.search(rf"Function : (\S*{kernel}\S*)", line):
+            func = m.group(1)
+            found[(arch, func)] = []
+        elif "Function : " in line:
+            func = None
+        elif func and (m := re.search(r"\bHGMMA\.(64x\d+x16)\.F32", line)):
+            found[(arch, func)].append(m.group(1))
+    return found
+
+
 def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
     """csrc/cuda/warpgroup_mma.cuh under nvcc: the emulator's wgmma self-test kernels, built for
     sm_90a, hold HGMMA of their shape (ptxas accepts the inline PTX of every variant: f16 and
     bf16, N = 64 and 256, A from shared memory or registers, K- or MN-major); built for plain
     sm_90 they compile to a trap, with no HGMMA."""
-    nvcc = kernel_resources.find_nvcc()
-    cuobjdump = kernel_resources.find_cuobjdump(nvcc)
-    if cuobjdump is None:
-        pytest.skip("no cuobjdump")
-    obj = tmp_path / "selftest.o"
-    src = ROOT / "csrc" / "emu" / "selftest_kernels.cu"
-    archs = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=sm_90"]
-    proc = kernel_resources.run(
-        [
-            nvcc,
-            "-c",
-            *kernel_resources.NVCC_FLAGS,
-            *archs,
-            "-I",
-            str(ROOT / "csrc"),
-            str(src),
-            "-o",
-            str(obj),
-        ],
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    sass = kernel_resources.run([cuobjdump, "-sass", str(obj)]).stdout
-    hgmma: dict[tuple[str, str], set[str]] = {}
-    arch = func = None
-    for line in sass.splitlines():
-        if m := re.search(r"code for (sm_\w+)", line):
-            arch = m.group(1)
-        elif m := re.search(r"Function : (\S*wgmma_gemm_kernel\S*)", line):
-            func = m.group(1)
-            hgmma[(arch, func)] = set()
-        elif m := re.search(r"Function : ", line):
-            func = None
-        elif func and (m := re.search(r"\bHGMMA\.(64x\d+x16)\.F32", line)):
-            hgmma[(arch, func)].add(m.group(1))
+    _, sass = compile_sm90a(ROOT / "csrc" / "emu" / "selftest_kernels.cu", tmp_path / "selftest.o")
+    hgmma = hgmma_shapes(sass, "wgmma_gemm_kernel")
     kernels = {f for _, f in hgmma}
     assert len(kernels) == 24, sorted(kernels)  # 2 dtypes x 2 N x 6 operand forms
     for func in kernels:
         n = re.search(r"Li(\d+)E", func).group(1)
-        assert hgmma[("sm_90a", func)] == {f"64x{n}x16"}, func
-        assert hgmma[("sm_90", func)] == set(), func
+        assert set(hgmma[("sm_90a", func)]) == {f"64x{n}x16"}, func
+        assert hgmma[("sm_90", func)] == [], func
+
+
+def test_wgmma_retrieval_forward_on_sm90a(tmp_path: Path) -> None:
+    """The wgmma retrieval forward (memory_retrieval_fwd_wgmma.cu) for sm_90a: per M tile 16
+    HGMMA.64x64x16 (the scores) then 4 HGMMA.64x256x16 (P M), no spills, and no wgmma
+    serialised by ptxas (it injects warpgroup.arrive / wait where registers of an in-flight
+    product are touched, and says so); for plain sm_90 a trap."""
+    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
+    assert "is injected" not in report, [ln for ln in report.splitlines() if "injected" in ln]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(a == "0" and b == "0" for a, b in spills), spills
+    hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_kernel")
+    assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
+    for (arch, func), shapes in hgmma.items():
+        assert shapes == ([] if arch == "sm_90" else ["64x64x16"] * 16 + ["64x256x16"] * 4), func

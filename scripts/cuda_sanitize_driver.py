@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py --shared-memory-only
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
-the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm, the gemm path's softmax kernels
+the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm / wgmma, the gemm path's softmax kernels
 element-wise and register-resident; the fused tensor-core kernels also at the shared memory of
 smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several dM row splits, the
 gate kernels, the fused mixer's epilogue and prologue kernels, and the one-token step kernels
@@ -85,6 +85,14 @@ def path_cases(path: str) -> None:
         fused_mixer(dtype, d=13, k=5, n=3)  # scalar paths, K > N
 
 
+def wgmma_cases() -> None:
+    # The sm_90a retrieval forward (D = 512 only; on other GPUs or builds the gemm forward runs).
+    os.environ["GAM_EXT_RETRIEVAL"] = "wgmma"
+    for dtype in (torch.float16, torch.bfloat16):
+        step(dtype, d=512, k=3, n=70, s=130)  # 3 row blocks, a 2-slot tail tile
+        fused_mixer(dtype, d=512, k=3, n=40)
+
+
 def tensor_core_tile_cases() -> None:
     os.environ["GAM_EXT_RETRIEVAL"] = "fused"
     for limit in ("232448", "166912", "101376", "65536"):  # sm_90, sm_80, sm_86, sm_75 tiles
@@ -106,6 +114,7 @@ def decode_cases() -> None:
 # shared memory, so racecheck has nothing to check in them: --shared-memory-only (what
 # gpu_check.sh gives racecheck, the slowest tool) leaves out the groups that only add those.
 GROUPS = [
+    ("wgmma forward (sm_90a)", wgmma_cases, True),
     ("fused path (tensor-core retrieval, conv, gates, fused mixer)", lambda: path_cases("fused"), True),
     ("tensor-core tiles of smaller GPUs", tensor_core_tile_cases, True),
     ("simt path", lambda: path_cases("simt"), True),

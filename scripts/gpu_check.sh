@@ -68,8 +68,11 @@ limit() {  # a stage's time limit: its own cap, or what is left of the budget
   echo $(( $1 < left ? $1 : left ))
 }
 
-echo "== build (arch $ARCH)"
-TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
+# On sm_90 the arch-specific target, whose code has wgmma (GAM_EXT_RETRIEVAL=wgmma's forward).
+BUILD_ARCH=$ARCH
+[[ $ARCH == 9.0 ]] && BUILD_ARCH=9.0a
+echo "== build (arch $BUILD_ARCH)"
+TORCH_CUDA_ARCH_LIST="$BUILD_ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
   timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
 BUILD_RC=$?
 took build
@@ -139,7 +142,8 @@ took breakdown
 
 # Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
 # (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
-# sum, around the retrieval of the default path), clocks left as found. Needs hardware counters
+# sum) with the wgmma retrieval forward (GAM_EXT_RETRIEVAL=wgmma; on other GPUs the default
+# path's), clocks left as found. Needs hardware counters
 # (not available on every machine). It runs before the scaling and generation benchmarks, which
 # earlier runs measured already, so that a tight budget cuts those first.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
@@ -150,7 +154,7 @@ NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
 if [[ -n "$NCU" ]]; then
   echo "== ncu"
-  GAM_EXT_BACKEND=fused timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
+  GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
     $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
   took ncu
@@ -183,7 +187,7 @@ took generation
   echo
   echo "| stage | command | result |"
   echo "|---|---|---|"
-  echo "| build | TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(timed build "$(status build $BUILD_RC)") |"
+  echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(timed build "$(status build $BUILD_RC)") |"
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
@@ -191,7 +195,7 @@ took generation
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(timed ops "$(status ops $OPS_RC)") |"
   echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(timed fp32 "$(status fp32 $FP32_RC)") |"
   echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(timed breakdown "$(status breakdown $BREAKDOWN_RC)") |"
-  echo "| ncu | GAM_EXT_BACKEND=fused ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
+  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(timed scaling "$(status scaling $SCALING_RC)") |"
   echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(timed generation "$(status generate $GENERATE_RC)") |"
   echo
@@ -200,6 +204,8 @@ took generation
   echo "fwd+bwd >= 1.2x the gemm path (GAM_EXT_RETRIEVAL=gemm); mixer fwd+bwd >= 2.5x eager."
   echo
   echo "Retrieval kernels at S=D=512, bf16 (gam_ext.backend_info): $("$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
+  echo
+  echo "The same with GAM_EXT_RETRIEVAL=wgmma: $(GAM_EXT_RETRIEVAL=wgmma "$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]["forward"])' 2>&1 | tail -1)"
   echo
   echo "## Kernel figures"
   echo

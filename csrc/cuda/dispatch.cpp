@@ -31,8 +31,9 @@ namespace {
 using at::Tensor;
 
 // The retrieval path every call takes: the fused kernels (tensor cores for fp16/bf16, fp32 SIMT
-// otherwise), the fp32 SIMT kernels for every dtype, or cuBLAS products around a softmax kernel.
-enum class RetrievalPath { kFused, kSimt, kGemm };
+// otherwise), the fp32 SIMT kernels for every dtype, cuBLAS products around a softmax kernel, or
+// (opt-in, unmeasured) the wgmma forward where it applies with the gemm path's backward.
+enum class RetrievalPath { kFused, kSimt, kGemm, kWgmma };
 
 // GAM_EXT_RETRIEVAL (read on every call) when set, else the default for the activation dtype
 // (csrc/cuda/README.md, "Retrieval paths", has the measurement and the reasoning): gemm for fp16
@@ -50,7 +51,8 @@ RetrievalPath retrieval_path_from_env(DType dt, int sm) {
   if (v == "fused") return RetrievalPath::kFused;
   if (v == "simt") return RetrievalPath::kSimt;
   if (v == "gemm") return RetrievalPath::kGemm;
-  TORCH_CHECK(false, "GAM_EXT_RETRIEVAL must be fused, gemm or simt, got '", v, "'");
+  if (v == "wgmma") return RetrievalPath::kWgmma;
+  TORCH_CHECK(false, "GAM_EXT_RETRIEVAL must be fused, gemm, simt or wgmma, got '", v, "'");
   return RetrievalPath::kFused;
 }
 
@@ -126,6 +128,28 @@ const DeviceProps& device_props(int dev) {
   return *cache[dev];
 }
 #endif
+
+// Whether the current device runs the wgmma kernels' sm_90a code (a build with 9.0a in its arch
+// list, on an sm_90 GPU), probed once per device by a one-thread kernel; the emulator runs it.
+// Asked only on the wgmma path, so other paths never make the probe's synchronising copy.
+bool wgmma_compiled_on_current_device() {
+#ifdef GAM_EMULATE
+  return true;
+#else
+  static std::mutex mutex;
+  static std::vector<int> cache;  // -1 unknown, else 0 / 1
+  int dev = 0;
+  GAM_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (dev >= static_cast<int>(cache.size())) cache.resize(static_cast<size_t>(dev) + 1, -1);
+  if (cache[dev] < 0) {
+    Tensor flag = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, dev));
+    launch_wgmma_probe(flag.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream());
+    cache[dev] = flag.item<int>();
+  }
+  return cache[dev] == 1;
+#endif
+}
 
 // What the launchers need from the device: the stream, and for the retrieval the path and the
 // device's properties (with GAM_EXT_RETRIEVAL_SMEM_LIMIT applied).
@@ -300,7 +324,14 @@ void retrieval_fwd(const Tensor& h, const Tensor& m, double scale, Tensor& out, 
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
-  if (path == RetrievalPath::kGemm) {
+  if (path == RetrievalPath::kWgmma) {
+    ctx.fill_retrieval(p, path);
+    if (retrieval_fwd_wgmma_applies(p) && wgmma_compiled_on_current_device()) {
+      launch_retrieval_fwd_wgmma(p, ctx.stream());
+      return;
+    }
+  }
+  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
     Tensor out2 = out.view({p.rows, p.dim});
     retrieval_fwd_gemm(h.view({p.rows, p.dim}), m, scale, out2, lse, dt, ctx.stream());
     return;
@@ -333,7 +364,7 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
-  if (path == RetrievalPath::kGemm) {
+  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
     Tensor dh2 = dh.view({rows, dim});
     retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}), scale,
                        dh2, dm, dt, ctx.stream());
@@ -429,7 +460,7 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
   b.sm = f.sm;
   b.max_smem_bytes = f.max_smem_bytes;
   b.smem_per_sm = f.smem_per_sm;
-  if (path == RetrievalPath::kGemm) {
+  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
     // The softmax kernels for fresh (aligned) rows of S slots.
     RetrievalSoftmaxParams sp{};
     sp.slots = slots;
@@ -439,12 +470,21 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
                                  ? std::string("_kernel (element-wise, 4-byte loads)")
                                  : "_vec_kernel<" + std::to_string(vecs) + "> (" +
                                        std::to_string(vecs) + " float4 per lane, rows read once)";
-    return {"gemm",
-            "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind + " (P as " + dtype +
-                ", fp32 lse), P M (cuBLAS)",
-            "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" + kind +
-                " (P and scale * dS as " + dtype +
-                "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)"};
+    std::string fwd = "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind +
+                      " (P as " + dtype + ", fp32 lse), P M (cuBLAS)";
+    const std::string bwd = "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" +
+                            kind + " (P and scale * dS as " + dtype +
+                            "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)";
+    if (path == RetrievalPath::kGemm) return {"gemm", fwd, bwd};
+    if (retrieval_fwd_wgmma_applies(f) && wgmma_compiled_on_current_device()) {
+      fwd = describe_retrieval_fwd_wgmma(f);
+    } else {
+      fwd =
+          "gemm path (the wgmma forward takes fp16 / bf16 at D = 512 on an sm_90 GPU, from a "
+          "build for sm_90a): " +
+          fwd;
+    }
+    return {"wgmma", fwd, bwd};
   }
   const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";
   return {name, describe_memory_retrieval_fwd(f), describe_memory_retrieval_bwd(b)};

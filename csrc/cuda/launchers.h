@@ -39,6 +39,14 @@ int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int ro
 // path (0 when it runs the SIMT kernels).
 int64_t memory_retrieval_bwd_pds_elements(const RetrievalBwdParams& p);
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
+// The wgmma forward (memory_retrieval_fwd_wgmma.cu, GAM_EXT_RETRIEVAL=wgmma): whether p's shape,
+// dtype and device suit it (fp16 / bf16, D = 512, sm_90, its shared memory), its launch, and its
+// description. launch_wgmma_probe writes 1 to *compiled (device memory) where the device runs code
+// built for sm_90a (the kernel has wgmma there), else 0.
+bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p);
+void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream);
+std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p);
+void launch_wgmma_probe(int* compiled, cudaStream_t stream);
 // The kernels and configuration launch_memory_retrieval_bwd picks for p, in words.
 std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p);
 std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p);

@@ -184,25 +184,14 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
         }
       }
       float alpha[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = quad_max(mx[r]);
-        alpha[r] = fast_exp2(m_run[r] - mx[r]);  // 0 on the first tile (m_run = -inf)
-        m_run[r] = mx[r];
-      }
+      online_softmax_max(mx, m_run, alpha);
       uint32_t p[kKP][4];
       float rs[2] = {0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < kNS; ++i) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t pk =
-              pack2<T>(fast_exp2(s[i][2 * r] - mx[r]), fast_exp2(s[i][2 * r + 1] - mx[r]));
-          p[i / 2][(i & 1) * 2 + r] = pk;
-          float lo, hi;
-          unpack2<T>(pk, lo, hi);  // the rounded p, as the P M product sees it
-          rs[r] += lo + hi;
-        }
+        for (int r = 0; r < 2; ++r)
+          p[i / 2][(i & 1) * 2 + r] = probabilities<T>(s[i][2 * r], s[i][2 * r + 1], mx[r], rs[r]);
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
@@ -233,13 +222,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads<kHRegs>)
 
     // Epilogue: l over the quad, lse, O / l through shared memory, 16-byte stores.
     float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_run[r] = quad_sum(l_run[r]);
-      inv[r] = 1.f / l_run[r];
-      const int rr = 16 * wm + g + 8 * r;
-      if (wn == 0 && t == 0 && rr < rows_left) lse[row0 + rr] = m_run[r] * kLn2 + logf(l_run[r]);
-    }
+    online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * wm + g, rows_left, wn == 0 && t == 0);
     T* os = kHRegs ? ms : hs;  // rows_cta x dpad, swizzled like h
     __syncthreads();           // every warp is done with h and M
 #pragma unroll

@@ -113,6 +113,46 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// One tile of the tensor-core forwards' online softmax (log2 domain) for a thread's two rows (an
+// accumulator fragment's rows g and g + 8): mx holds the running max raised by the thread's own
+// scores of the tile; it becomes the row's max over the quad, alpha the factor 2^(old - new) that
+// rescales the row's sums and outputs (0 on the first tile), and m_run the new max.
+__device__ __forceinline__ void online_softmax_max(float (&mx)[2], float (&m_run)[2],
+                                                   float (&alpha)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = quad_max(mx[r]);
+    alpha[r] = fast_exp2(m_run[r] - mx[r]);
+    m_run[r] = mx[r];
+  }
+}
+
+// p = 2^(s - max) of two adjacent scores of a row, rounded to T and packed: a register of P as
+// the A operand of P M; rs (the row's sum) gets the rounded values, as the product sees them.
+template <typename T>
+__device__ __forceinline__ uint32_t probabilities(float s0, float s1, float mx, float& rs) {
+  const uint32_t pk = pack2<T>(fast_exp2(s0 - mx), fast_exp2(s1 - mx));
+  float lo, hi;
+  unpack2<T>(pk, lo, hi);
+  rs += lo + hi;
+  return pk;
+}
+
+// The end of the online softmax for a thread's two rows (rows row and row + 8 of the block,
+// whose first row is block_lse[0]): l summed over the quad, inv = 1 / l, and, where `write` and
+// the row exists (< rows_left), lse = ln 2 * max2 + ln l.
+__device__ __forceinline__ void online_softmax_finish(float (&l_run)[2], const float (&m_run)[2],
+                                                      float (&inv)[2], float* block_lse, int row,
+                                                      int64_t rows_left, bool write) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] = quad_sum(l_run[r]);
+    inv[r] = 1.f / l_run[r];
+    const int rr = row + 8 * r;
+    if (write && rr < rows_left) block_lse[rr] = m_run[r] * kLn2 + logf(l_run[r]);
+  }
+}
+
 // The C++ name of a dtype's element type, as demangled kernel symbols spell it.
 inline const char* type_name(DType dt) {
   return dt == DType::kFloat16 ? "__half" : dt == DType::kBFloat16 ? "__nv_bfloat16" : "float";
