@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
-# and build tests, compute-sanitizer memcheck on a small case of every kernel and racecheck on
-# those that use shared memory, the kernel and op benchmarks (with fp32's two retrieval paths), a
-# kernel-time breakdown of the mixer on each of its paths, an Nsight Compute summary of the
-# retrieval and fused-mixer kernels, and the scaling and generation benchmarks, and writes
+# and build tests, compute-sanitizer memcheck on a small case of every kernel, the kernel
+# benchmark, an Nsight Compute summary of the retrieval and fused-mixer kernels, racecheck on the
+# kernels that use shared memory, the op benchmark (with fp32's two retrieval paths), a kernel-time
+# breakdown of the mixer on each of its paths, and the scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md, each stage with its result and wall time. Each stage has
 # a time limit so that the whole check fits in 8 minutes and the report is always written. On a
 # machine without a usable GPU it stops at once and writes nothing.
@@ -89,25 +89,56 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 MEM_RC=127; RACE_RC=127
 STAGE_START=$(date +%s)
 if [[ -n "$SAN" ]]; then
-  echo "== compute-sanitizer memcheck / racecheck"
+  echo "== compute-sanitizer memcheck"
   timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
   MEM_RC=$?
   took memcheck
-  # racecheck checks shared memory only: the driver's groups whose kernels use it.
-  timeout $(limit 150) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
-    --shared-memory-only > "$LOG/racecheck.txt" 2>&1
-  RACE_RC=$?
-  took racecheck
-  tail -n 3 "$LOG/memcheck.txt" "$LOG/racecheck.txt"
+  tail -n 3 "$LOG/memcheck.txt"
 fi
 
-echo "== benchmarks"
+echo "== kernel benchmark"
 STAGE_START=$(date +%s)
 BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
 timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
 KB_RC=$?
 took kernels
+
+# Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
+# (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
+# sum) with the wgmma retrieval forward (GAM_EXT_RETRIEVAL=wgmma; on other GPUs the default
+# path's), clocks left as found. Needs hardware counters (not available on every machine). It
+# runs right after the kernel benchmark, before the stages that earlier runs measured already,
+# so that a tight budget cuts those first.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+NCU_RC=127
+STAGE_START=$(date +%s)
+# --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
+# summary lines leave out.
+NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
+PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
+if [[ -n "$NCU" ]]; then
+  echo "== ncu"
+  GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
+    $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
+  NCU_RC=$?
+  took ncu
+fi
+
+# racecheck checks shared memory only: the driver's groups whose kernels use it (the wgmma
+# forward's first). It is the slowest tool, so it runs after the stages that measure the newest
+# kernels.
+STAGE_START=$(date +%s)
+if [[ -n "$SAN" ]]; then
+  echo "== compute-sanitizer racecheck"
+  timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
+    --shared-memory-only > "$LOG/racecheck.txt" 2>&1
+  RACE_RC=$?
+  took racecheck
+  tail -n 3 "$LOG/racecheck.txt"
+fi
+
+STAGE_START=$(date +%s)
 OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
   # The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /
@@ -140,26 +171,6 @@ for backend in unfused fused; do
 done
 took breakdown
 
-# Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
-# (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
-# sum) with the wgmma retrieval forward (GAM_EXT_RETRIEVAL=wgmma; on other GPUs the default
-# path's), clocks left as found. Needs hardware counters
-# (not available on every machine). It runs before the scaling and generation benchmarks, which
-# earlier runs measured already, so that a tight budget cuts those first.
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
-NCU_RC=127
-# --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
-# summary lines leave out.
-NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
-PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
-if [[ -n "$NCU" ]]; then
-  echo "== ncu"
-  GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
-    $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
-  NCU_RC=$?
-  took ncu
-fi
-
 # The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
 # a shorter grid than the script's default so that it fits the budget).
 SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --max-seconds 0.3 \
@@ -190,12 +201,12 @@ took generation
   echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(timed build "$(status build $BUILD_RC)") |"
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
-  echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
+  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
+  echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(timed ops "$(status ops $OPS_RC)") |"
   echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(timed fp32 "$(status fp32 $FP32_RC)") |"
   echo "| mixer breakdown | GAM_EXT_BACKEND=unfused, then fused: $PY benchmarks/profile_steps.py $BREAKDOWN_ARGS | $(timed breakdown "$(status breakdown $BREAKDOWN_RC)") |"
-  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
   echo "| scaling | $PY benchmarks/bench_scaling.py $SCALING_ARGS | $(timed scaling "$(status scaling $SCALING_RC)") |"
   echo "| generation | $PY benchmarks/bench_generate.py $GENERATE_ARGS | $(timed generation "$(status generate $GENERATE_RC)") |"
   echo
