@@ -263,6 +263,23 @@ def test_retrieval_wgmma(emu, dtype, shape, monkeypatch):
     assert torch.equal(ours[0], again[0]) and torch.equal(ours[1], again[1])  # bitwise repeatable
 
 
+def test_retrieval_wgmma_misaligned_input_takes_the_gemm_forward(emu, monkeypatch):
+    # h starting 2 bytes into its allocation: the wgmma forward's 16-byte copies cannot take it,
+    # so the gemm forward runs (the emulator would trap on a misaligned cp.async).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    shape = (1, 9, 45, 512)
+    h = gen(shape[:2] + (512,), torch.bfloat16, 30, 0.2)
+    flat = torch.empty(h.numel() + 1, dtype=torch.bfloat16)
+    h_odd = flat[1:].view_as(h)
+    h_odd.copy_(h)
+    assert h_odd.data_ptr() % 16 != 0
+    m = gen((45, 512), torch.float32, 31, 0.2)
+    out, lse = emu.memory_retrieval_fwd(h_odd, m, 0.75)
+    ref_out, ref_lse = emu.memory_retrieval_fwd(h, m, 0.75)  # aligned: the wgmma forward
+    close(out, ref_out, torch.bfloat16)
+    close(lse, ref_lse, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_mixer_wgmma(emu, dtype, monkeypatch):
     # The fused mixer's epilogue on the G of the wgmma forward, and its backward.

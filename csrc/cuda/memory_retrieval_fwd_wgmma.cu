@@ -203,8 +203,12 @@ __global__ void wgmma_probe_kernel(int* compiled) { *compiled = GAM_WGMMA_COMPIL
 }  // namespace
 
 bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p) {
+  // 16-byte copies in and out: h, M and out must be 16-byte aligned (a tensor that starts inside
+  // a larger allocation may not be; null pointers, as backend_info passes, count as aligned).
+  const auto bits = reinterpret_cast<uintptr_t>(p.h) | reinterpret_cast<uintptr_t>(p.memory) |
+                    reinterpret_cast<uintptr_t>(p.out);
   return p.dtype != DType::kFloat32 && p.dim == kWgDim && p.slots >= 1 && p.sm == 90 &&
-         p.max_smem_bytes >= kWgSmemBytes;
+         p.max_smem_bytes >= kWgSmemBytes && bits % 16 == 0;
 }
 
 void launch_wgmma_probe(int* compiled, cudaStream_t stream) {
