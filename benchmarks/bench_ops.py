@@ -28,6 +28,9 @@ Providers:
             retrieval kernels (the gam_ext provider runs the default path: on cuda the gemm path,
             cuBLAS products around gam_ext's softmax kernels; in fp32 the fused path is the fp32
             SIMT kernels)
+  gam_wgmma (cuda only, retrieval and mixer, fp16/bf16, where the device and the build have the
+            sm_90a forward) gam_ext with GAM_EXT_RETRIEVAL=wgmma: the warpgroup-MMA retrieval
+            forward with the gemm path's backward; for the mixer, the fused mixer op on it
 
 Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
 untimed before each repeat), fwdbwd (both).
@@ -84,6 +87,7 @@ PROVIDERS = (
     "compile",
     "sdpa",
     "gam_fused",
+    "gam_wgmma",
 )
 # Providers that only exist for some ops (on some devices).
 MIXER_PROVIDERS = ("gam_fused_mixer", "gam_unfused")
@@ -131,8 +135,25 @@ def gam_retrieval(h, memory):
 PROVIDER_ENV = ("GAM_EXT_RETRIEVAL", "GAM_EXT_CPU_BF16_GEMM")
 FORCED_ENV = {
     "gam_fused": {"GAM_EXT_RETRIEVAL": "fused"},
+    "gam_wgmma": {"GAM_EXT_RETRIEVAL": "wgmma"},
     "gam_fp32_tiles": {"GAM_EXT_CPU_BF16_GEMM": "fp32"},
 }
+
+
+def has_wgmma(slots, dim, dtype):
+    """Whether GAM_EXT_RETRIEVAL=wgmma runs the wgmma forward for this shape on this device (else
+    it runs the gemm path's, the gam_ext provider's)."""
+    previous = os.environ.get("GAM_EXT_RETRIEVAL")
+    os.environ["GAM_EXT_RETRIEVAL"] = "wgmma"
+    try:
+        info = gam_ext.backend_info(retrieval=(slots, dim, dtype))["retrieval"]
+    finally:
+        if previous is None:
+            del os.environ["GAM_EXT_RETRIEVAL"]
+        else:
+            os.environ["GAM_EXT_RETRIEVAL"] = previous
+    cuda = info.get("cuda")  # a dict on a CUDA device, else a sentence
+    return isinstance(cuda, dict) and cuda["forward"].startswith("wgmma")
 
 
 def set_provider_env(provider, originals):
@@ -183,6 +204,8 @@ FUNCS = {
     ("mixer", "gam_unfused"): gam_mixer_unfused,
     ("retrieval", "sdpa"): sdpa_retrieval,
     ("retrieval", "gam_fused"): gam_retrieval,
+    ("retrieval", "gam_wgmma"): gam_retrieval,
+    ("mixer", "gam_wgmma"): gam_mixer_fused,
     ("retrieval", "gam_fp32_tiles"): gam_retrieval,
     ("mixer", "gam_fp32_tiles"): gam_mixer,
 }
@@ -398,7 +421,7 @@ def parse_args(argv=None):
         choices=PROVIDERS,
         default=None,
         help="default: gam_ext gam_unfused eager compile (+ gam_fp32_tiles on cpu, gam_fused_mixer "
-        "sdpa gam_fused on cuda); each runs only for the ops and dtypes it has",
+        "sdpa gam_fused gam_wgmma on cuda); each runs only for the ops, dtypes and devices it has",
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -419,7 +442,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.providers is None:
         args.providers = ["gam_ext", "gam_unfused", "eager", "compile"] + (
-            ["gam_fused_mixer", "sdpa", "gam_fused"] if args.device == "cuda" else ["gam_fp32_tiles"]
+            ["gam_fused_mixer", "sdpa", "gam_fused", "gam_wgmma"]
+            if args.device == "cuda"
+            else ["gam_fp32_tiles"]
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
@@ -450,6 +475,10 @@ def main(argv=None):
                     if provider in ("sdpa", "gam_fused") and (device != "cuda" or op != "retrieval"):
                         continue
                     if provider in MIXER_PROVIDERS and op != "mixer":
+                        continue
+                    if provider == "gam_wgmma" and (
+                        device != "cuda" or op not in ("retrieval", "mixer") or not has_wgmma(s, d, dtype)
+                    ):
                         continue
                     if provider == "gam_fp32_tiles" and (
                         device != "cpu" or dtype != torch.bfloat16 or op not in ("retrieval", "mixer")

@@ -225,7 +225,8 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     of memory_retrieval runs at that shape; on CUDA the path (``GAM_EXT_RETRIEVAL``, else the
     default for the dtype) and the forward and backward kernels with their tiles, as the
     launchers pick them for the current device (the gemm path's cuBLAS products and softmax
-    kernels, the fused tensor-core kernels, or the fp32 SIMT kernels and why).
+    kernels, the fused tensor-core kernels, the fp32 SIMT kernels and why, or the sm_90a wgmma
+    forward).
     """
     mixer = {
         device: "fused"

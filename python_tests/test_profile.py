@@ -171,3 +171,18 @@ def test_kernel_table_on_cuda_events():
     assert table[4] == "| (1 more) | | 25.0 | 11.1% |"
     assert table[5] == "| **all** | 4 | 225.0 | 100% |"
     assert not any("aten::mm" in line for line in table)
+
+
+def test_bench_ops_wgmma_provider_only_where_it_runs(monkeypatch):
+    # gam_wgmma is a cuda provider that runs only where GAM_EXT_RETRIEVAL=wgmma reaches the wgmma
+    # forward; without a GPU backend_info has no CUDA kernels to name, so it is never picked, and
+    # the caller's GAM_EXT_RETRIEVAL is left as it was.
+    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "bench_ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    if not torch.cuda.is_available():
+        assert not bench.has_wgmma(512, 512, torch.bfloat16)
+    assert os.environ["GAM_EXT_RETRIEVAL"] == "gemm"
+    assert "gam_wgmma" not in bench.parse_args(["--device", "cpu"]).providers
+    assert bench.FORCED_ENV["gam_wgmma"] == {"GAM_EXT_RETRIEVAL": "wgmma"}
