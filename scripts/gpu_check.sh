@@ -68,9 +68,14 @@ limit() {  # a stage's time limit: its own cap, or what is left of the budget
   echo $(( $1 < left ? $1 : left ))
 }
 
-# On sm_90 the arch-specific target, whose code has wgmma (GAM_EXT_RETRIEVAL=wgmma's forward).
+# On sm_90 the arch-specific target, whose code has wgmma (GAM_EXT_RETRIEVAL=wgmma's forward),
+# where this torch's extension builder knows it (else plain 9.0, without wgmma).
 BUILD_ARCH=$ARCH
-[[ $ARCH == 9.0 ]] && BUILD_ARCH=9.0a
+if [[ $ARCH == 9.0 ]] && TORCH_CUDA_ARCH_LIST=9.0a "$PY" -c \
+  "from torch.utils.cpp_extension import _get_cuda_arch_flags as flags; assert 'sm_90a' in str(flags())" \
+  > /dev/null 2>&1; then
+  BUILD_ARCH=9.0a
+fi
 echo "== build (arch $BUILD_ARCH)"
 TORCH_CUDA_ARCH_LIST="$BUILD_ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
   timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
