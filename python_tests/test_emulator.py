@@ -235,7 +235,15 @@ def test_wgmma_accumulators_are_nan_until_the_wait(st: types.ModuleType) -> None
     # emulator makes them NaN, so a kernel that reads them early fails its tests.
     a = torch.randn(64, 64).to(torch.bfloat16)
     b = torch.randn(64, 64).to(torch.bfloat16)
-    assert st.wgmma_gemm(a, b, 0, 0, read_early=True).isnan().all()
+    assert st.wgmma_gemm(a, b, 0, 0, misuse=1).isnan().all()
+
+
+def test_wgmma_reads_its_operands_at_the_wait(st: types.ModuleType) -> None:
+    # Shared-memory operands must stay as they are until wgmma.wait_group: the emulator reads them
+    # there, so B zeroed after the commit and before the wait gives a zero product.
+    a = torch.randn(64, 64).to(torch.bfloat16)
+    b = torch.randn(64, 64).to(torch.bfloat16)
+    assert torch.equal(st.wgmma_gemm(a, b, 0, 0, misuse=2), torch.zeros(64, 64))
 
 
 def test_wgmma_layouts_differ(st: types.ModuleType) -> None:

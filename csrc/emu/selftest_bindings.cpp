@@ -194,7 +194,7 @@ Tensor barrier_stress(int64_t blocks, int64_t rounds) {
 }
 
 Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode_b,
-                  bool read_early) {
+                  int64_t misuse) {
   const int64_t n = b.size(0);
   TORCH_CHECK(n == 64 || n == 256, "b must have 64 or 256 rows");
   check_shape(a, {64, 64}, "a");
@@ -205,7 +205,7 @@ Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode
   Tensor d = torch::empty({64, n}, torch::kFloat32);
   gam_selftest::wgmma_gemm(a.data_ptr(), b.data_ptr(), fp(d), static_cast<int>(n),
                            dtype_code(a, "a"), static_cast<int>(mode_a), static_cast<int>(mode_b),
-                           read_early, nullptr);
+                           static_cast<int>(misuse), nullptr);
   return d;
 }
 
@@ -288,6 +288,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("barrier_stress", &barrier_stress);
   m.def("fiber_counters", &fiber_counters);
   m.def("wgmma_gemm", &wgmma_gemm, py::arg("a"), py::arg("b"), py::arg("mode_a"), py::arg("mode_b"),
-        py::arg("read_early") = false);
+        py::arg("misuse") = 0);
   m.def("run_fault", &run_fault);
 }

@@ -24,8 +24,7 @@ torch::Tensor wgmma_gemm(const torch::Tensor& a, const torch::Tensor& b, int64_t
   torch::Tensor d = torch::empty({64, n}, a.options().dtype(torch::kFloat32));
   gam_selftest::wgmma_gemm(a.data_ptr(), b.data_ptr(), d.data_ptr<float>(), static_cast<int>(n),
                            a.scalar_type() == torch::kHalf ? 0 : 1, static_cast<int>(mode_a),
-                           static_cast<int>(mode_b), false,
-                           c10::cuda::getCurrentCUDAStream().stream());
+                           static_cast<int>(mode_b), 0, c10::cuda::getCurrentCUDAStream().stream());
   return d;
 }
 

@@ -392,11 +392,12 @@ __device__ inline uint64_t wg_desc(int mode, int rows, int s, uint32_t tile) {
   return gam::cuda::wgmma_descriptor(tile + 2u * s * cores, cores, 128, code);
 }
 
-// mode_a < 0: A from registers; mode_b + 8: B described with the wrong layout. read_early: the
-// accumulators are read before the wait (the emulator must show NaN there).
+// mode_a < 0: A from registers; mode_b + 8: B described with the wrong layout. misuse 1: the
+// accumulators are read before the wait (the emulator shows NaN there); 2: B's shared memory is
+// zeroed before the wait (the emulator reads operands at the wait: the product comes out 0).
 template <typename T, int N, bool kTransA, bool kTransB, bool kRegsA>
 __global__ void wgmma_gemm_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                  float* __restrict__ d, int mode_a, int mode_b, bool read_early) {
+                                  float* __restrict__ d, int mode_a, int mode_b, int misuse) {
   using namespace gam::cuda;
   GAM_DYNAMIC_SHARED(unsigned char, smem);
   const uint32_t window = shared_address(smem);
@@ -440,10 +441,14 @@ __global__ void wgmma_gemm_kernel(const T* __restrict__ a, const T* __restrict__
     }
   }
   wgmma_commit();
-  if (read_early) {
+  if (misuse == 1) {
     for (int v = 0; v < N / 2; ++v) d[t * (N / 2) + v] = acc[v];
     wgmma_wait<0>();
     return;
+  }
+  if (misuse == 2) {
+    for (int e = t; e < N * kWgK * 2 / 16; e += 128) reinterpret_cast<uint4*>(b_bytes)[e] = uint4{};
+    __syncthreads();
   }
   wgmma_wait<0>();
   wgmma_fence_registers(acc);
@@ -689,40 +694,39 @@ void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream
 }
 
 template <typename T, int N, bool kTransA, bool kTransB, bool kRegsA>
-void launch_wgmma_gemm(const void* a, const void* b, float* d, int mode_a, int mode_b,
-                       bool read_early, cudaStream_t stream) {
+void launch_wgmma_gemm(const void* a, const void* b, float* d, int mode_a, int mode_b, int misuse,
+                       cudaStream_t stream) {
   auto kernel = wgmma_gemm_kernel<T, N, kTransA, kTransB, kRegsA>;
   const int smem = 1024 + (64 + N) * kWgK * 2;
   GAM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   gam_launch("wgmma_gemm_kernel", kernel, dim3(1), dim3(128), smem, stream,
-             static_cast<const T*>(a), static_cast<const T*>(b), d, mode_a, mode_b, read_early);
+             static_cast<const T*>(a), static_cast<const T*>(b), d, mode_a, mode_b, misuse);
 }
 
 template <typename T, int N>
-void wgmma_gemm_n(const void* a, const void* b, float* d, int mode_a, int mode_b, bool read_early,
+void wgmma_gemm_n(const void* a, const void* b, float* d, int mode_a, int mode_b, int misuse,
                   cudaStream_t stream) {
   const bool tb = (mode_b & 4) != 0;
   if (mode_a < 0) {
     (tb ? launch_wgmma_gemm<T, N, false, true, true>
-        : launch_wgmma_gemm<T, N, false, false, true>)(a, b, d, mode_a, mode_b, read_early, stream);
+        : launch_wgmma_gemm<T, N, false, false, true>)(a, b, d, mode_a, mode_b, misuse, stream);
   } else if (mode_a & 4) {
     (tb ? launch_wgmma_gemm<T, N, true, true, false>
-        : launch_wgmma_gemm<T, N, true, false, false>)(a, b, d, mode_a, mode_b, read_early, stream);
+        : launch_wgmma_gemm<T, N, true, false, false>)(a, b, d, mode_a, mode_b, misuse, stream);
   } else {
     (tb ? launch_wgmma_gemm<T, N, false, true, false>
-        : launch_wgmma_gemm<T, N, false, false, false>)(a, b, d, mode_a, mode_b, read_early,
-                                                        stream);
+        : launch_wgmma_gemm<T, N, false, false, false>)(a, b, d, mode_a, mode_b, misuse, stream);
   }
 }
 
 void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
-                bool read_early, cudaStream_t stream) {
+                int misuse, cudaStream_t stream) {
   if (dtype == 0) {
     (n == 64 ? wgmma_gemm_n<__half, 64> : wgmma_gemm_n<__half, 256>)(a, b, d, mode_a, mode_b,
-                                                                     read_early, stream);
+                                                                     misuse, stream);
   } else {
     (n == 64 ? wgmma_gemm_n<__nv_bfloat16, 64>
-             : wgmma_gemm_n<__nv_bfloat16, 256>)(a, b, d, mode_a, mode_b, read_early, stream);
+             : wgmma_gemm_n<__nv_bfloat16, 256>)(a, b, d, mode_a, mode_b, misuse, stream);
   }
 }
 

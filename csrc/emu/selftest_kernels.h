@@ -53,10 +53,10 @@ void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream
 // d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 64 or 256, by one warpgroup's
 // wgmma with its operands in shared memory in layouts mode_a / mode_b (selftest_kernels.cu);
 // mode_a < 0: a from registers; mode_b + 8: b described as unswizzled core matrices whatever its
-// storage (a wrong descriptor). read_early: d gets each thread's accumulators, read before the
-// wgmma wait, in thread order (t * n / 2 + v).
+// storage (a wrong descriptor). misuse 1: d gets each thread's accumulators, read before the
+// wgmma wait, in thread order (t * n / 2 + v); 2: b's shared memory is zeroed before the wait.
 void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
-                bool read_early, cudaStream_t stream);
+                int misuse, cudaStream_t stream);
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
 
 // Planted faults; each must be caught by the emulator or ASan.
