@@ -230,6 +230,62 @@ def test_wgmma_is_a_matrix_product(
     torch.testing.assert_close(d.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
 
 
+def _descriptor(lbo: int, sbo: int, swizzle: int) -> int:
+    # Start address 0, byte offsets >> 4, the swizzle code (0 none, 1 128B, 2 64B, 3 32B); as the
+    # signed 64-bit value the binding takes.
+    desc = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swizzle << 62
+    return desc - (1 << 64) if desc >= 1 << 63 else desc
+
+
+def _layout(shape: tuple, stride: tuple, index: tuple) -> int:
+    # A CuTe layout's offset for a flat index per mode: ((s0, s1, ..), ..) : ((d0, d1, ..), ..).
+    offset = 0
+    for sizes, strides, i in zip(shape, stride, index, strict=True):
+        for size, step in zip(sizes, strides, strict=True):
+            offset += (i % size) * step
+            i //= size
+    return offset
+
+
+def _swizzle(address: int, bits: int) -> int:
+    # CuTe's Swizzle<bits, 4, 3> on a byte address.
+    return address ^ (((address >> 7) & ((1 << bits) - 1)) << 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "mn_major", "swizzle", "lbo", "sbo", "shape", "stride", "bits"),
+    [
+        # The PTX ISA's worked examples ("Canonical Layouts", bf16; strides in elements).
+        ("MN none", True, 0, 256, 128, ((8, 1, 2), (8, 2)), ((1, 8, 64), (8, 128)), 0),
+        ("MN 32B", True, 3, 256, 512, ((8, 2, 2), (8, 2)), ((1, 8, 128), (16, 256)), 1),
+        ("MN 64B", True, 2, 512, 1024, ((8, 4, 2), (8, 2)), ((1, 8, 256), (32, 512)), 2),
+        # K-major, from the canonical forms with bf16 (T = 8) and 16 rows.
+        ("K none", False, 0, 256, 128, ((8, 2), (8, 2)), ((8, 64), (1, 128)), 0),
+        ("K 32B", False, 3, 16, 256, ((8, 2), (8, 2)), ((16, 128), (1, 8)), 1),
+        ("K 128B", False, 1, 16, 1024, ((8, 2), (8, 2)), ((64, 512), (1, 8)), 3),
+    ],
+)
+def test_wgmma_descriptor_decoding_matches_the_ptx_canonical_layouts(
+    st: types.ModuleType,
+    name: str,
+    mn_major: bool,
+    swizzle: int,
+    lbo: int,
+    sbo: int,
+    shape,
+    stride,
+    bits: int,
+) -> None:
+    # The emulator's element addresses against the PTX ISA's canonical layouts (CuTe notation),
+    # written out independently here: element (i, k) of a 16-row (or 16-column) bf16 operand.
+    rows = 16
+    got = st.wgmma_element_addresses(_descriptor(lbo, sbo, swizzle), mn_major, rows)
+    for i in range(rows):
+        for k in range(16):
+            element = _layout(shape, stride, (i, k))
+            assert got[i, k].item() == _swizzle(2 * element, bits), (name, i, k)
+
+
 def test_wgmma_accumulators_are_nan_until_the_wait(st: types.ModuleType) -> None:
     # wgmma is asynchronous: its accumulators are undefined until wgmma.wait_group, and the
     # emulator makes them NaN, so a kernel that reads them early fails its tests.

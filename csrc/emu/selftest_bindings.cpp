@@ -9,6 +9,7 @@
 
 #include "emu/fiber.h"
 #include "emu/selftest_kernels.h"
+#include "emu/simt.h"  // the wgmma descriptor decoding (warpgroup_matrix.h)
 
 namespace {
 
@@ -209,6 +210,19 @@ Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode
   return d;
 }
 
+// The shared address the emulator decodes for element (i, k), i < rows, k < 16, of a 16-bit wgmma
+// operand described by desc (MN-major or K-major): out[i][k].
+Tensor wgmma_element_addresses(int64_t desc, bool mn_major, int64_t rows) {
+  Tensor out = torch::empty({rows, 16}, torch::kInt64);
+  auto o = out.accessor<int64_t, 2>();
+  const gam_emu::wg::Operand op =
+      gam_emu::wg::decode_descriptor(static_cast<uint64_t>(desc), "wgmma_element_addresses");
+  for (int64_t i = 0; i < rows; ++i)
+    for (int k = 0; k < 16; ++k)
+      o[i][k] = gam_emu::wg::element_address(op, mn_major, static_cast<int>(i), k);
+  return out;
+}
+
 // The calling thread's fiber counters (context switches, stacks mapped) and whether switches
 // are the assembly ones (x86-64) or ucontext's.
 std::tuple<int64_t, int64_t, bool> fiber_counters() {
@@ -287,6 +301,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("named_barrier_groups", &named_barrier_groups);
   m.def("barrier_stress", &barrier_stress);
   m.def("fiber_counters", &fiber_counters);
+  m.def("wgmma_element_addresses", &wgmma_element_addresses);
   m.def("wgmma_gemm", &wgmma_gemm, py::arg("a"), py::arg("b"), py::arg("mode_a"), py::arg("mode_b"),
         py::arg("misuse") = 0);
   m.def("run_fault", &run_fault);
