@@ -140,22 +140,6 @@ FORCED_ENV = {
 }
 
 
-def has_wgmma(slots, dim, dtype):
-    """Whether GAM_EXT_RETRIEVAL=wgmma runs the wgmma forward for this shape on this device (else
-    it runs the gemm path's, the gam_ext provider's)."""
-    previous = os.environ.get("GAM_EXT_RETRIEVAL")
-    os.environ["GAM_EXT_RETRIEVAL"] = "wgmma"
-    try:
-        info = gam_ext.backend_info(retrieval=(slots, dim, dtype))["retrieval"]
-    finally:
-        if previous is None:
-            del os.environ["GAM_EXT_RETRIEVAL"]
-        else:
-            os.environ["GAM_EXT_RETRIEVAL"] = previous
-    cuda = info.get("cuda")  # a dict on a CUDA device, else a sentence
-    return isinstance(cuda, dict) and cuda["forward"].startswith("wgmma")
-
-
 def set_provider_env(provider, originals):
     """PROVIDER_ENV for a provider's runs: its FORCED_ENV values, the others as the environment
     said when the benchmark started (originals; None: unset)."""
@@ -164,6 +148,19 @@ def set_provider_env(provider, originals):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def has_wgmma(slots, dim, dtype):
+    """Whether the gam_wgmma provider's environment runs the wgmma forward for this shape on this
+    device (else it runs the gemm path's, the gam_ext provider's)."""
+    originals = {name: os.environ.get(name) for name in PROVIDER_ENV}
+    set_provider_env("gam_wgmma", originals)
+    try:
+        info = gam_ext.backend_info(retrieval=(slots, dim, dtype))["retrieval"]
+    finally:
+        set_provider_env(None, originals)
+    cuda = info.get("cuda")  # a dict on a CUDA device, else a sentence
+    return isinstance(cuda, dict) and cuda["forward"].startswith("wgmma")
 
 
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):

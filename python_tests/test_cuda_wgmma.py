@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wgmma_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,9 +24,6 @@ pytestmark = [
         reason="needs an sm_90 GPU (H100 / H200)",
     ),
 ]
-
-# The operand layouts of the self-test kernel, as in test_emulator.py.
-WGMMA_LAYOUTS = {"k128": 0, "k64": 1, "k32": 2, "kcore": 3, "mn128": 4, "mn64": 5, "mn32": 6, "mncore": 7}
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +52,15 @@ def selftest(tmp_path_factory: pytest.TempPathFactory):
             os.environ["TORCH_CUDA_ARCH_LIST"] = old
 
 
-@pytest.mark.parametrize("layout_b", list(WGMMA_LAYOUTS))
-@pytest.mark.parametrize("layout_a", ["regs", "k128", "mn128", "kcore", "mncore"])
+@pytest.mark.parametrize("layout_b", list(wgmma_cases.LAYOUTS))
+@pytest.mark.parametrize("layout_a", wgmma_cases.A_FORMS)
 @pytest.mark.parametrize("n", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wgmma_is_a_matrix_product_on_the_gpu(selftest, dtype, n, layout_a, layout_b):
     g = torch.Generator().manual_seed(n)
     a = torch.randn(64, 64, generator=g).to("cuda", dtype)
     b = torch.randn(n, 64, generator=g).to("cuda", dtype)
-    mode_a = -1 if layout_a == "regs" else WGMMA_LAYOUTS[layout_a]
-    d = selftest.wgmma_gemm(a, b, mode_a, WGMMA_LAYOUTS[layout_b])
+    d = selftest.wgmma_gemm(a, b, wgmma_cases.mode_a(layout_a), wgmma_cases.LAYOUTS[layout_b])
     torch.cuda.synchronize()
     expected = a.double() @ b.double().t()
     torch.testing.assert_close(d.double(), expected, rtol=1e-4, atol=1e-3)

@@ -21,6 +21,7 @@ from pathlib import Path
 import emulation as emu  # csrc/emu/emulation.py (conftest.py puts csrc/emu on sys.path)
 import pytest
 import torch
+import wgmma_cases
 
 pytestmark = pytest.mark.emulated
 
@@ -207,13 +208,9 @@ def test_cp_async_pipeline_gemm(st: types.ModuleType, dtype: torch.dtype, k: int
 
 # ---- warpgroup-level matrix primitives (csrc/cuda/warpgroup_mma.cuh) ------------------------
 
-# Operand layouts of the wgmma self-test (selftest_kernels.cu): swizzle 128 / 64 / 32 bytes or
-# none (8 x 16-byte core matrices), K-major (0..3) or MN-major (4..7).
-WGMMA_LAYOUTS = {"k128": 0, "k64": 1, "k32": 2, "kcore": 3, "mn128": 4, "mn64": 5, "mn32": 6, "mncore": 7}
 
-
-@pytest.mark.parametrize("layout_b", list(WGMMA_LAYOUTS))
-@pytest.mark.parametrize("layout_a", ["regs", "k128", "mn128", "kcore", "mncore"])
+@pytest.mark.parametrize("layout_b", list(wgmma_cases.LAYOUTS))
+@pytest.mark.parametrize("layout_a", wgmma_cases.A_FORMS)
 @pytest.mark.parametrize("n", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wgmma_is_a_matrix_product(
@@ -225,8 +222,7 @@ def test_wgmma_is_a_matrix_product(
     # accumulator layout.
     a = torch.randn(64, 64).to(dtype)
     b = torch.randn(n, 64).to(dtype)
-    mode_a = -1 if layout_a == "regs" else WGMMA_LAYOUTS[layout_a]
-    d = st.wgmma_gemm(a, b, mode_a, WGMMA_LAYOUTS[layout_b])
+    d = st.wgmma_gemm(a, b, wgmma_cases.mode_a(layout_a), wgmma_cases.LAYOUTS[layout_b])
     torch.testing.assert_close(d.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
 
 

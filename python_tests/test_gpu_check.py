@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """A script of the repository imported as a module (its main() not run)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_check(**env: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -48,10 +57,7 @@ def test_prefers_the_project_venv():
 def test_sanitizer_driver_selects_shared_memory_groups(monkeypatch, capsys):
     """racecheck (shared memory only) gets the groups whose kernels use shared memory; each group
     prints a progress line, so a run cut off by gpu_check.sh's time limit shows how far it got."""
-
-    spec = importlib.util.spec_from_file_location("driver", ROOT / "scripts" / "cuda_sanitize_driver.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    driver = load_script(ROOT / "scripts" / "cuda_sanitize_driver.py")
     ran = []
     groups = [(name, lambda name=name: ran.append(name), shared) for name, _, shared in driver.GROUPS]
     monkeypatch.setattr(driver, "GROUPS", groups)
@@ -105,9 +111,7 @@ def test_every_stage_passes_arguments_its_script_accepts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when a script runs: its own folder
     for name, script in STAGE_SCRIPTS.items():
-        spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "benchmarks" / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(ROOT / "benchmarks" / script)
         try:
             module.parse_args(found[name])
         except SystemExit as exc:
@@ -194,11 +198,7 @@ def test_report_names_every_stage_with_its_time(tmp_path):
 def test_kernel_bench_times_back_to_back_calls(monkeypatch):
     """cuda_kernel_bench.timeit: the per-call time of rounds of back-to-back calls between two
     events (on stand-in events whose clock the timed function advances), warm-up calls untimed."""
-    spec = importlib.util.spec_from_file_location(
-        "kernel_bench", ROOT / "benchmarks" / "cuda_kernel_bench.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(ROOT / "benchmarks" / "cuda_kernel_bench.py")
     clock = {"ms": 0.0, "calls": 0}
 
     class Event:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The scripts import the installed gam_ext: make that this source tree.
 ENV = {**{k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}, "PYTHONPATH": str(ROOT)}
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """A script of the repository imported as a module (its main() not run)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -154,9 +163,7 @@ def test_profile_mixer_prints_a_table_per_backend(tmp_path):
 def test_kernel_table_on_cuda_events():
     # The CUDA branch of kernel_table, on stand-ins for torch.profiler's averaged events: device
     # events only, busiest first, per step, the rest summed in one row.
-    spec = importlib.util.spec_from_file_location("profile_steps", ROOT / "benchmarks" / "profile_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "benchmarks" / "profile_steps.py")
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events = [
         SimpleNamespace(key="aten::mm", device_type=cpu, count=4, self_device_time_total=0.0),
@@ -177,9 +184,7 @@ def test_bench_ops_wgmma_provider_only_where_it_runs(monkeypatch):
     # gam_wgmma is a cuda provider that runs only where GAM_EXT_RETRIEVAL=wgmma reaches the wgmma
     # forward; without a GPU backend_info has no CUDA kernels to name, so it is never picked, and
     # the caller's GAM_EXT_RETRIEVAL is left as it was.
-    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "bench_ops.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(ROOT / "benchmarks" / "bench_ops.py")
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
     if not torch.cuda.is_available():
         assert not bench.has_wgmma(512, 512, torch.bfloat16)

@@ -54,7 +54,7 @@ sanitizer_status() {  # log file, exit code: the status, and on a timeout the la
 elapsed() { echo $(( $(date +%s) - START ))s; }
 declare -A SECS  # each stage's wall time, for the report
 STAGE_START=$(date +%s)
-took() {  # stage name: the time since the previous stage ended
+took() {  # stage name: the time since the previous stage ended (a skipped stage takes none)
   SECS[$1]=$(( $(date +%s) - STAGE_START ))s
   STAGE_START=$(date +%s)
 }
@@ -92,7 +92,6 @@ tail -15 "$LOG/pytest.txt"
 
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 MEM_RC=127; RACE_RC=127
-STAGE_START=$(date +%s)
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer memcheck"
   timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
@@ -103,7 +102,6 @@ if [[ -n "$SAN" ]]; then
 fi
 
 echo "== kernel benchmark"
-STAGE_START=$(date +%s)
 BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
 timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
 KB_RC=$?
@@ -117,7 +115,6 @@ took kernels
 # so that a tight budget cuts those first.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 NCU_RC=127
-STAGE_START=$(date +%s)
 # --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
 # summary lines leave out.
 NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
@@ -133,7 +130,6 @@ fi
 # racecheck checks shared memory only: the driver's groups whose kernels use it (the wgmma
 # forward's first). It is the slowest tool, so it runs after the stages that measure the newest
 # kernels.
-STAGE_START=$(date +%s)
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer racecheck"
   timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
@@ -143,7 +139,6 @@ if [[ -n "$SAN" ]]; then
   tail -n 3 "$LOG/racecheck.txt"
 fi
 
-STAGE_START=$(date +%s)
 OPS_RC=127
 if [[ -f benchmarks/bench_ops.py ]]; then
   # The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /

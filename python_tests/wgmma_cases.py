@@ -1,0 +1,15 @@
+"""The operand layouts of the wgmma self-test kernel (csrc/emu/selftest_kernels.cu), shared by its
+emulated test (test_emulator.py) and its GPU test (test_cuda_wgmma.py), which run the same cases.
+"""
+
+from __future__ import annotations
+
+# Swizzle 128 / 64 / 32 bytes or none (8 x 16-byte core matrices), K-major (0..3) or MN-major (4..7).
+LAYOUTS = {"k128": 0, "k64": 1, "k32": 2, "kcore": 3, "mn128": 4, "mn64": 5, "mn32": 6, "mncore": 7}
+# The forms of A: in registers, or in shared memory in some of the layouts.
+A_FORMS = ["regs", "k128", "mn128", "kcore", "mncore"]
+
+
+def mode_a(form: str) -> int:
+    """The kernel's mode_a for a form of A (-1: registers)."""
+    return -1 if form == "regs" else LAYOUTS[form]
