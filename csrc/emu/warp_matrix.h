@@ -100,6 +100,20 @@ inline const char* ldmatrix_name() {
   return kTrans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
 }
 
+// Where a lane's fragment elements sit, the PTX ISA's layouts shared by mma.sync and (per warp of
+// a warpgroup, 16 rows further down for each warp) wgmma. Element i of the A fragment (16 x K,
+// two per register, the lower k in the low half): row, column. Element i of the C / D fragment of
+// one 8-column block (16 x 8): row, column.
+struct FragmentPos {
+  int row, col;
+};
+inline FragmentPos a_fragment_pos(int lane, int i) {
+  return {(lane >> 2) + 8 * ((i / 2) % 2), 2 * (lane % 4) + (i & 1) + (i >= 4 ? 8 : 0)};
+}
+inline FragmentPos c_fragment_pos(int lane, int i) {
+  return {(lane >> 2) + (i < 2 ? 0 : 8), 2 * (lane % 4) + (i & 1)};
+}
+
 // K = 16 or 8; A has K / 4 registers, B K / 8.
 template <int K>
 struct MmaRecord {
@@ -117,15 +131,17 @@ inline void resolve_mma(void* const* records) {
     const int g = lane >> 2, t = lane % 4;
     const MmaRecord<K>& r = *rec(lane);
     for (int i = 0; i < K / 2; ++i) {  // a_i is half (i & 1) of register i / 2
-      const int row = ((i / 2) % 2 == 0) ? g : g + 8;
-      const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
-      a[row][col] = decode(half_of(r.a[i / 2], i & 1), kBf16);
+      const FragmentPos e = a_fragment_pos(lane, i);
+      a[e.row][e.col] = decode(half_of(r.a[i / 2], i & 1), kBf16);
     }
     for (int i = 0; i < K / 4; ++i) {
       const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
       b[row][g] = decode(half_of(r.b[i / 2], i & 1), kBf16);
     }
-    for (int i = 0; i < 4; ++i) d[i < 2 ? g : g + 8][2 * t + (i & 1)] = r.c[i];
+    for (int i = 0; i < 4; ++i) {
+      const FragmentPos e = c_fragment_pos(lane, i);
+      d[e.row][e.col] = r.c[i];
+    }
   }
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 8; ++j) {
@@ -134,8 +150,10 @@ inline void resolve_mma(void* const* records) {
       d[i][j] = acc;
     }
   for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane % 4;
-    for (int i = 0; i < 4; ++i) rec(lane)->d[i] = d[i < 2 ? g : g + 8][2 * t + (i & 1)];
+    for (int i = 0; i < 4; ++i) {
+      const FragmentPos e = c_fragment_pos(lane, i);
+      rec(lane)->d[i] = d[e.row][e.col];
+    }
   }
 }
 

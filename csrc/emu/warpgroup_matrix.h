@@ -169,22 +169,20 @@ inline void compute(Product& p) {
     for (int i = 0; i < 64; ++i)
       for (int k = 0; k < 16; ++k) a[i * 16 + k] = element(oa, op.trans_a, i, k);
   } else {
-    for (int t = 0; t < 128; ++t) {
-      const int w = t / 32, g = (t % 32) / 4, q = t % 4;
-      for (int r = 0; r < 4; ++r)
-        for (int h = 0; h < 2; ++h) {
-          const int row = 16 * w + g + 8 * (r % 2), k = 2 * q + h + 8 * (r / 2);
-          a[row * 16 + k] = mat::decode(mat::half_of(p.a[t][r], h), op.bf16);
-        }
-    }
+    for (int t = 0; t < 128; ++t)
+      for (int i = 0; i < 8; ++i) {  // warp t / 32 holds rows 16 (t / 32) ..
+        const mat::FragmentPos e = mat::a_fragment_pos(t % 32, i);
+        a[(16 * (t / 32) + e.row) * 16 + e.col] =
+            mat::decode(mat::half_of(p.a[t][i / 2], i & 1), op.bf16);
+      }
   }
   const Operand ob = decode_descriptor(op.desc_b, what);
   for (int j = 0; j < n; ++j)
     for (int k = 0; k < 16; ++k) b[static_cast<size_t>(j) * 16 + k] = element(ob, op.trans_b, j, k);
   for (int t = 0; t < 128; ++t) {
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
-    for (int v = 0; v < per; ++v) {
-      const int row = 16 * w + g + 8 * ((v / 2) % 2), col = 8 * (v / 4) + 2 * q + v % 2;
+    for (int v = 0; v < per; ++v) {  // v / 4: the 8-column block
+      const mat::FragmentPos e = mat::c_fragment_pos(t % 32, v % 4);
+      const int row = 16 * (t / 32) + e.row, col = 8 * (v / 4) + e.col;
       float acc = 0.0f;
       if (op.scale_d) acc = p.c_from_d[t] ? p.d[t][v] : p.c[static_cast<size_t>(t * per + v)];
       for (int k = 0; k < 16; ++k) acc += a[row * 16 + k] * b[static_cast<size_t>(col) * 16 + k];
