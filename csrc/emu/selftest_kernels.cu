@@ -379,17 +379,16 @@ __device__ inline uint64_t wg_desc(int mode, int rows, int s, uint32_t tile) {
                             : w == 64 ? WgmmaSwizzle::k64B
                             : w == 32 ? WgmmaSwizzle::k32B
                                       : WgmmaSwizzle::kNone;
-  const uint32_t cores = static_cast<uint32_t>(rows / 8) * 128;  // one k-column of core matrices
-  if (!(mode & 4)) {
-    if (w) {
-      const uint32_t per = w / 2, k0 = 16u * s;
-      return gam::cuda::wgmma_descriptor(tile + (k0 / per) * rows * w + (k0 % per) * 2, 16, 8 * w,
-                                         code);
-    }
+  if (!w) {  // core matrices, K- or MN-major alike: 128 bytes to the next 8 of i, a k-column on
+    const uint32_t cores = static_cast<uint32_t>(rows / 8) * 128;  // one k-column of them
     return gam::cuda::wgmma_descriptor(tile + 2u * s * cores, cores, 128, code);
   }
-  if (w) return gam::cuda::wgmma_descriptor(tile + 16u * s * w, kWgK * w, 8 * w, code);
-  return gam::cuda::wgmma_descriptor(tile + 2u * s * cores, cores, 128, code);
+  if (!(mode & 4)) {
+    const uint32_t per = w / 2, k0 = 16u * s;
+    return gam::cuda::wgmma_descriptor(tile + (k0 / per) * rows * w + (k0 % per) * 2, 16, 8 * w,
+                                       code);
+  }
+  return gam::cuda::wgmma_descriptor(tile + 16u * s * w, kWgK * w, 8 * w, code);
 }
 
 // mode_a < 0: A from registers; mode_b + 8: B described with the wrong layout. misuse 1: the
