@@ -54,7 +54,7 @@ def selftest(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("layout_b", list(wgmma_cases.LAYOUTS))
 @pytest.mark.parametrize("layout_a", wgmma_cases.A_FORMS)
-@pytest.mark.parametrize("n", [64, 256])
+@pytest.mark.parametrize("n", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wgmma_is_a_matrix_product_on_the_gpu(selftest, dtype, n, layout_a, layout_b):
     g = torch.Generator().manual_seed(n)

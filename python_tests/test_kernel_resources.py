@@ -104,12 +104,12 @@ def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
 def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
     """csrc/cuda/warpgroup_mma.cuh under nvcc: the emulator's wgmma self-test kernels, built for
     sm_90a, hold HGMMA of their shape (ptxas accepts the inline PTX of every variant: f16 and
-    bf16, N = 64 and 256, A from shared memory or registers, K- or MN-major); built for plain
+    bf16, N = 64, 128 and 256, A from shared memory or registers, K- or MN-major); built for plain
     sm_90 they compile to a trap, with no HGMMA."""
     _, sass = compile_sm90a(ROOT / "csrc" / "emu" / "selftest_kernels.cu", tmp_path / "selftest.o")
     hgmma = hgmma_shapes(sass, "wgmma_gemm_kernel")
     kernels = {f for _, f in hgmma}
-    assert len(kernels) == 24, sorted(kernels)  # 2 dtypes x 2 N x 6 operand forms
+    assert len(kernels) == 36, sorted(kernels)  # 2 dtypes x 3 N x 6 operand forms
     for func in kernels:
         n = re.search(r"Li(\d+)E", func).group(1)
         assert set(hgmma[("sm_90a", func)]) == {f"64x{n}x16"}, func

@@ -124,18 +124,28 @@ __device__ __forceinline__ void wgmma_fence_registers(float (&d)[R]) {
 #endif
 }
 
-// The accumulator operand lists of the asm statements below.
+// The accumulator operand lists of the asm statements below (N / 2 registers for N = 64, 128 and
+// 256) and their "{%0, ..., %(N / 2 - 1)}" strings.
 #define GAM_WG_D8(i)                                                                          \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define GAM_WG_D32_OPS GAM_WG_D8(0), GAM_WG_D8(8), GAM_WG_D8(16), GAM_WG_D8(24)
-#define GAM_WG_D128_OPS                                                                           \
-  GAM_WG_D32_OPS, GAM_WG_D8(32), GAM_WG_D8(40), GAM_WG_D8(48), GAM_WG_D8(56), GAM_WG_D8(64),      \
-      GAM_WG_D8(72), GAM_WG_D8(80), GAM_WG_D8(88), GAM_WG_D8(96), GAM_WG_D8(104), GAM_WG_D8(112), \
-      GAM_WG_D8(120)
-#define GAM_WG_D32                                                                              \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define GAM_WG_D64_OPS GAM_WG_D32_OPS, GAM_WG_D8(32), GAM_WG_D8(40), GAM_WG_D8(48), GAM_WG_D8(56)
+#define GAM_WG_D128_OPS                                                                      \
+  GAM_WG_D64_OPS, GAM_WG_D8(64), GAM_WG_D8(72), GAM_WG_D8(80), GAM_WG_D8(88), GAM_WG_D8(96), \
+      GAM_WG_D8(104), GAM_WG_D8(112), GAM_WG_D8(120)
+#define GAM_WG_D32                                                                 \
+  "{"                                                                              \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "         \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+  "}"
+#define GAM_WG_D64                                                                   \
+  "{"                                                                                \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"   \
+  "}"
 #define GAM_WG_D128                                                                                \
   "{"                                                                                              \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                         \
@@ -148,15 +158,35 @@ __device__ __forceinline__ void wgmma_fence_registers(float (&d)[R]) {
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
   "}"
 
+// One wgmma.mma_async with both operands in shared memory: SHAPE "m64nNk16", TY "f16" or "bf16",
+// D the accumulator string and operand list, then the operand numbers (as strings) of desc_a,
+// desc_b, scale_d and the two transpose flags, which follow the N / 2 accumulators.
+#define GAM_WGMMA_SS(SHAPE, TY, D, D_OPS, IA, IB, IS, ITA, ITB)                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS                                         \
+               ", 0;\n"                                                                        \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " D ", %" IA ", %" IB \
+               ", p, 1, 1, %" ITA ", %" ITB ";\n}\n"                                           \
+               : D_OPS                                                                         \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb))
+// The same with A in registers: IA0 .. IA3 the operand numbers of its four registers, then those
+// of desc_b, scale_d and B's transpose flag.
+#define GAM_WGMMA_RS(SHAPE, TY, D, D_OPS, IA0, IA1, IA2, IA3, IB, IS, ITB)                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS                                            \
+               ", 0;\n"                                                                           \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " D ", {%" IA0 ", %" IA1 \
+               ", %" IA2 ", %" IA3 "}, %" IB ", p, 1, 1, %" ITB ";\n}\n"                          \
+               : D_OPS                                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb))
+
 // d (64 x N, f32) = A B (+ d when accumulate), A (64 x 16) and B (N x 16) in shared memory
 // through their descriptors; kTransA / kTransB: the operand is MN-major (else K-major).
-// T: __half or __nv_bfloat16; N: 64 or 256.
+// T: __half or __nv_bfloat16; N: 64, 128 or 256.
 template <typename T, int N, bool kTransA, bool kTransB>
 __device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                           bool accumulate GAM_WG_SITE) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma_mma takes __half or __nv_bfloat16");
-  static_assert(N == 64 || N == 256, "wgmma_mma: N is 64 or 256");
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma_mma: N is 64, 128 or 256");
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 #if GAM_IS_EMULATED
   ::gam_emu::wgmma_mma_async(d, nullptr, desc_a, desc_b, N, kBf16, kTransA, kTransB, accumulate,
@@ -165,33 +195,19 @@ __device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t desc_a, ui
   const uint32_t scale_d = accumulate ? 1u : 0u;
   constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
   if constexpr (N == 64 && kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GAM_WG_D32
-        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : GAM_WG_D32_OPS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+    GAM_WGMMA_SS("m64n64k16", "bf16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36");
   } else if constexpr (N == 64) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GAM_WG_D32
-        ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : GAM_WG_D32_OPS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+    GAM_WGMMA_SS("m64n64k16", "f16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36");
+  } else if constexpr (N == 128 && kBf16) {
+    GAM_WGMMA_SS("m64n128k16", "bf16", GAM_WG_D64, GAM_WG_D64_OPS, "64", "65", "66", "67", "68");
+  } else if constexpr (N == 128) {
+    GAM_WGMMA_SS("m64n128k16", "f16", GAM_WG_D64, GAM_WG_D64_OPS, "64", "65", "66", "67", "68");
   } else if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " GAM_WG_D128
-        ", %128, %129, p, 1, 1, %131, %132;\n}\n"
-        : GAM_WG_D128_OPS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+    GAM_WGMMA_SS("m64n256k16", "bf16", GAM_WG_D128, GAM_WG_D128_OPS, "128", "129", "130", "131",
+                 "132");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " GAM_WG_D128
-        ", %128, %129, p, 1, 1, %131, %132;\n}\n"
-        : GAM_WG_D128_OPS
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ta), "n"(tb));
+    GAM_WGMMA_SS("m64n256k16", "f16", GAM_WG_D128, GAM_WG_D128_OPS, "128", "129", "130", "131",
+                 "132");
   }
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate, (void)kBf16;
@@ -205,7 +221,7 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
                                                uint64_t desc_b, bool accumulate GAM_WG_SITE) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma_mma_regs takes __half or __nv_bfloat16");
-  static_assert(N == 64 || N == 256, "wgmma_mma_regs: N is 64 or 256");
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma_mma_regs: N is 64, 128 or 256");
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 #if GAM_IS_EMULATED
   ::gam_emu::wgmma_mma_async(d, a, 0, desc_b, N, kBf16, false, kTransB, accumulate,
@@ -214,33 +230,23 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
   const uint32_t scale_d = accumulate ? 1u : 0u;
   constexpr int tb = kTransB ? 1 : 0;
   if constexpr (N == 64 && kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " GAM_WG_D32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : GAM_WG_D32_OPS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+    GAM_WGMMA_RS("m64n64k16", "bf16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36",
+                 "37", "38");
   } else if constexpr (N == 64) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " GAM_WG_D32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : GAM_WG_D32_OPS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+    GAM_WGMMA_RS("m64n64k16", "f16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36", "37",
+                 "38");
+  } else if constexpr (N == 128 && kBf16) {
+    GAM_WGMMA_RS("m64n128k16", "bf16", GAM_WG_D64, GAM_WG_D64_OPS, "64", "65", "66", "67", "68",
+                 "69", "70");
+  } else if constexpr (N == 128) {
+    GAM_WGMMA_RS("m64n128k16", "f16", GAM_WG_D64, GAM_WG_D64_OPS, "64", "65", "66", "67", "68",
+                 "69", "70");
   } else if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " GAM_WG_D128
-        ", {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
-        : GAM_WG_D128_OPS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+    GAM_WGMMA_RS("m64n256k16", "bf16", GAM_WG_D128, GAM_WG_D128_OPS, "128", "129", "130", "131",
+                 "132", "133", "134");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " GAM_WG_D128
-        ", {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n"
-        : GAM_WG_D128_OPS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(tb));
+    GAM_WGMMA_RS("m64n256k16", "f16", GAM_WG_D128, GAM_WG_D128_OPS, "128", "129", "130", "131",
+                 "132", "133", "134");
   }
 #else
   (void)d, (void)a, (void)desc_b, (void)accumulate, (void)kBf16;
@@ -248,10 +254,14 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
 #endif
 }
 
+#undef GAM_WGMMA_SS
+#undef GAM_WGMMA_RS
 #undef GAM_WG_D8
 #undef GAM_WG_D32_OPS
+#undef GAM_WG_D64_OPS
 #undef GAM_WG_D128_OPS
 #undef GAM_WG_D32
+#undef GAM_WG_D64
 #undef GAM_WG_D128
 
 }  // namespace cuda

@@ -197,7 +197,7 @@ Tensor barrier_stress(int64_t blocks, int64_t rounds) {
 Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode_b,
                   int64_t misuse) {
   const int64_t n = b.size(0);
-  TORCH_CHECK(n == 64 || n == 256, "b must have 64 or 256 rows");
+  TORCH_CHECK(n == 64 || n == 128 || n == 256, "b must have 64, 128 or 256 rows");
   check_shape(a, {64, 64}, "a");
   check_shape(b, {n, 64}, "b");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");

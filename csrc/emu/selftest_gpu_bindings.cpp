@@ -14,8 +14,8 @@ torch::Tensor wgmma_gemm(const torch::Tensor& a, const torch::Tensor& b, int64_t
   TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.is_contiguous() && b.is_contiguous(),
               "a and b must be contiguous CUDA tensors");
   TORCH_CHECK(a.sizes() == torch::IntArrayRef({64, 64}) && b.dim() == 2 && b.size(1) == 64 &&
-                  (n == 64 || n == 256),
-              "a must be 64 x 64 and b 64 x 64 or 256 x 64");
+                  (n == 64 || n == 128 || n == 256),
+              "a must be 64 x 64 and b 64, 128 or 256 x 64");
   TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
                   (a.scalar_type() == torch::kHalf || a.scalar_type() == torch::kBFloat16),
               "a and b must both be fp16 or both bf16");

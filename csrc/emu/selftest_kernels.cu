@@ -720,12 +720,16 @@ void wgmma_gemm_n(const void* a, const void* b, float* d, int mode_a, int mode_b
 
 void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
                 int misuse, cudaStream_t stream) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    (n == 64    ? wgmma_gemm_n<T, 64>
+     : n == 128 ? wgmma_gemm_n<T, 128>
+                : wgmma_gemm_n<T, 256>)(a, b, d, mode_a, mode_b, misuse, stream);
+  };
   if (dtype == 0) {
-    (n == 64 ? wgmma_gemm_n<__half, 64> : wgmma_gemm_n<__half, 256>)(a, b, d, mode_a, mode_b,
-                                                                     misuse, stream);
+    run(__half{});
   } else {
-    (n == 64 ? wgmma_gemm_n<__nv_bfloat16, 64>
-             : wgmma_gemm_n<__nv_bfloat16, 256>)(a, b, d, mode_a, mode_b, misuse, stream);
+    run(__nv_bfloat16{});
   }
 }
 

@@ -50,7 +50,7 @@ void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t str
 // y[i] = x[warp base + (lane + 1) % 32] through shared memory and __syncwarp; blocks of 64.
 void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream);
 // 256 threads x `blocks` blocks x `rounds` barriers (speed check).
-// d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 64 or 256, by one warpgroup's
+// d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 64, 128 or 256, by one warpgroup's
 // wgmma with its operands in shared memory in layouts mode_a / mode_b (selftest_kernels.cu);
 // mode_a < 0: a from registers; mode_b + 8: b described as unswizzled core matrices whatever its
 // storage (a wrong descriptor). misuse 1: d gets each thread's accumulators, read before the
