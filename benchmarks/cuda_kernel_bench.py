@@ -6,12 +6,12 @@ Bandwidth-bound ops (conv, gate) report GB/s over the bytes they must move, as %
 device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*B*N*S*D) as % of
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
 SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused; gemm: cuBLAS around a softmax
-kernel, the default; and wgmma, the sm_90a forward with gemm's backward, where the device and the
-build have it), forward, backward (against eager autograd's backward alone) and both, with each
-path's speed-up over the gemm path ("vs gemm"), all in one process, so
-that a GPU run can check the default per shape (csrc/cuda/README.md); the mixer (the default
-retrieval path) reports fwd+bwd speed-up over
-eager; the one-token step of generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
+kernel, the default; and wgmma, the sm_90a forward and the backward's sm_90a score kernel before
+cuBLAS's products, where the device and the build have them), forward, backward (against eager
+autograd's backward alone) and both, with each path's speed-up over the gemm path ("vs gemm"),
+all in one process, so that a GPU run can check the default per shape (csrc/cuda/README.md); the
+mixer (the default retrieval path) reports fwd+bwd speed-up over eager; the one-token step of
+generation (gam_mixer_step, 1 and B rows) GB/s and its speed-up over
 the eager step.
 
 Times are per call, from back-to-back calls between two CUDA events (timeit): where the GPU is the
@@ -133,9 +133,9 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     te_bwd = timeit(lambda: torch.autograd.grad(ref_out, (hl, ml), dy, retain_graph=True))
     times = {}
     retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
-    # The wgmma forward where this device and build have it (sm_90, built for 9.0a).
+    # The wgmma kernels where this device and build have them (sm_90, built for 9.0a).
     wgmma_info = with_path("wgmma", lambda: gam_ext.backend_info(retrieval=(s, d, dtype)))()
-    wgmma = wgmma_info["retrieval"]["cuda"]["forward"].startswith("wgmma")
+    wgmma = any(wgmma_info["retrieval"]["cuda"][x].startswith("wgmma") for x in ("forward", "backward"))
     paths = ("fused", "gemm", "wgmma") if wgmma else ("fused", "gemm")
     for path in paths:
         t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))

@@ -68,7 +68,7 @@ def test_conv(dtype, shape):
 
 RETRIEVAL_SHAPES = [
     (1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512),
-    (1, 37, 45, 1000), (1, 9, 40, 1100),
+    (1, 37, 45, 1000), (1, 9, 40, 1100), (1, 70, 301, 192),
 ]  # fmt: skip
 
 
@@ -108,6 +108,19 @@ def test_retrieval_path_is_reported(monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
     info = gam_ext.backend_info(retrieval=(512, 512, torch.float16))["retrieval"]["cuda"]
     assert info["path"] == "fused" and info["forward"].startswith("mma"), info
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the wgmma kernels are sm_90a's",
+)
+def test_wgmma_backward_runs_where_the_wgmma_forward_does(monkeypatch):
+    # On an H100 / H200 with a 9.0a build (the GPU check's) GAM_EXT_RETRIEVAL=wgmma reaches both
+    # wgmma kernels at D = S = 512, on a plain 9.0 build neither: the backward's conditions (its
+    # shared memory on this device, the probe) hold wherever the forward's do.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    info = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]
+    assert info["forward"].startswith("wgmma") == info["backward"].startswith("wgmma"), info
 
 
 def check_retrieval(dtype, shape):

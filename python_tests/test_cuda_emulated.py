@@ -244,9 +244,15 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
     check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
 
 
-# The wgmma forward (sm_90a, D = 512): rows crossing its 64-row blocks, slots its 64-slot tiles
-# (S = 1: one slot; 130: a 2-slot tail), a single row.
-WGMMA_SHAPES = [(1, 1, 1, 512), (2, 37, 45, 512), (1, 128, 64, 512), (3, 50, 130, 512)]
+# The wgmma kernels (sm_90a). Forward (D = 512): rows crossing its 64-row blocks, slots its
+# 64-slot tiles (S = 1: one slot; 130: a 2-slot tail), a single row. Backward (D = 64 .. 512,
+# D % 64 == 0; at D != 512 the forward is the gemm path's): the same 64-row blocks, 128-slot tiles
+# split between two warpgroups (S <= 128: the second has none; 130: three tiles, the second one;
+# 515: five, odd S, a 3-slot tail), 1, 3, 4 and 8 panels of 64 columns.
+WGMMA_SHAPES = [
+    (1, 1, 1, 512), (2, 37, 45, 512), (1, 128, 64, 512), (3, 50, 130, 512),
+    (1, 65, 129, 64), (2, 33, 515, 192), (1, 7, 1, 256), (1, 130, 300, 64),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -255,12 +261,40 @@ def test_retrieval_wgmma(emu, dtype, shape, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     _, _, s, d = shape
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    assert kind[0] == "wgmma" and kind[1].startswith("wgmma: retrieval_fwd_wgmma_kernel"), kind
-    assert kind[2].startswith("gemm:"), kind  # the backward is the gemm path's
+    fwd = "wgmma: retrieval_fwd_wgmma_kernel" if d == 512 else "gemm path (the wgmma forward takes"
+    assert kind[0] == "wgmma" and kind[1].startswith(fwd), kind
+    assert kind[2].startswith("wgmma: retrieval_bwd_scores_wgmma_kernel"), kind
     ours, ref = run_retrieval(emu, dtype, shape)
     check_retrieval(ours, ref, dtype, shape)
     again, _ = run_retrieval(emu, dtype, shape)
-    assert torch.equal(ours[0], again[0]) and torch.equal(ours[1], again[1])  # bitwise repeatable
+    assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True))  # bitwise repeatable
+
+
+def test_retrieval_wgmma_backward_matches_the_gemm_path(emu, monkeypatch):
+    # Same P and scale * dS up to their rounding, so dh and dM agree with the gemm path's far
+    # inside the reference tolerance (a wrong row's lse or delta would not).
+    shape = (2, 40, 150, 128)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    ours, _ = run_retrieval(emu, torch.float16, shape)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+    gemm, _ = run_retrieval(emu, torch.float16, shape)
+    for a, b in zip(ours[2:], gemm[2:], strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-3, atol=2e-3)
+
+
+def test_retrieval_wgmma_backward_misaligned_grad_takes_the_gemm_backward(emu, monkeypatch):
+    # grad_out starting 2 bytes into its allocation: the score kernel's 16-byte copies cannot
+    # take it, so the gemm backward runs (the emulator would trap on a misaligned cp.async).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    shape = (1, 9, 45, 128)
+    h = gen(shape[:2] + (128,), torch.bfloat16, 40, 0.3)
+    m = gen((45, 128), torch.float32, 41, 0.3)
+    grad = gen(shape[:2] + (128,), torch.bfloat16, 42)
+    out, lse = emu.memory_retrieval_fwd(h, m, 0.75)
+    dh, dm = emu.memory_retrieval_bwd(misaligned(grad), h, m, out, lse, 0.75)
+    ref_dh, ref_dm = emu.memory_retrieval_bwd(grad, h, m, out, lse, 0.75)  # the wgmma backward
+    close(dh, ref_dh, torch.bfloat16)
+    close(dm, ref_dm, torch.bfloat16)
 
 
 def test_retrieval_wgmma_misaligned_input_takes_the_gemm_forward(emu, monkeypatch):
@@ -291,15 +325,26 @@ def test_mixer_wgmma(emu, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "d", "device_name"),
-    [(torch.float32, 512, "sm_90"), (torch.bfloat16, 256, "sm_90"), (torch.float16, 512, "sm_80")],
+    ("dtype", "d", "device_name", "bwd"),
+    [
+        (torch.float32, 512, "sm_90", "gemm path"),
+        (torch.bfloat16, 256, "sm_90", "wgmma:"),
+        (torch.float16, 100, "sm_90", "gemm path"),
+        (torch.float16, 512, "sm_80", "gemm path"),
+    ],
 )
-def test_retrieval_wgmma_elsewhere_takes_the_gemm_forward(emu, device, dtype, d, device_name, monkeypatch):
-    # fp32, D other than 512, or a GPU other than sm_90: the gemm path's forward, said so.
+def test_retrieval_wgmma_elsewhere_takes_the_gemm_kernels(
+    emu, device, dtype, d, device_name, bwd, monkeypatch
+):
+    # fp32, D other than 512 (forward) or not a multiple of 64 (backward), or a GPU other than
+    # sm_90: the gemm path's kernels, said so.
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     device(device_name)
     kind = emu.retrieval_path(45, d, str(dtype).split(".")[1])
     assert kind[0] == "wgmma" and kind[1].startswith("gemm path (the wgmma forward takes"), kind
+    assert kind[2].startswith(bwd), kind
+    if bwd == "gemm path":
+        assert kind[2].startswith("gemm path (the wgmma backward takes"), kind
     shape = (2, 9, 45, d)
     ours, ref = run_retrieval(emu, dtype, shape)
     check_retrieval(ours, ref, dtype, shape)

@@ -122,10 +122,27 @@ def test_wgmma_retrieval_forward_on_sm90a(tmp_path: Path) -> None:
     serialised by ptxas (it injects warpgroup.arrive / wait where registers of an in-flight
     product are touched, and says so); for plain sm_90 a trap."""
     report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
-    assert "is injected" not in report, [ln for ln in report.splitlines() if "injected" in ln]
+    assert "is injected" not in report and "serialized" not in report, report
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(a == "0" and b == "0" for a, b in spills), spills
     hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_kernel")
     assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
     for (arch, func), shapes in hgmma.items():
         assert shapes == ([] if arch == "sm_90" else ["64x64x16"] * 16 + ["64x256x16"] * 4), func
+
+
+def test_wgmma_retrieval_backward_on_sm90a(tmp_path: Path) -> None:
+    """The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu) for sm_90a: per chunk of
+    M 8 HGMMA.64x128x16 (4 for the scores, 4 for dP, interleaved), no spills, no wgmma serialised
+    by ptxas, and the 64 + 64 accumulators with at most 224 registers in all (one block of 256
+    threads per SM, bound by shared memory, which could hold 255); for plain sm_90 a trap."""
+    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_bwd_wgmma.cu", tmp_path / "bwd.o")
+    assert "is injected" not in report and "serialized" not in report, report
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(a == "0" and b == "0" for a, b in spills), spills
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert registers and max(registers) <= 224, registers
+    hgmma = hgmma_shapes(sass, "retrieval_bwd_scores_wgmma_kernel")
+    assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
+    for (arch, func), shapes in hgmma.items():
+        assert shapes == ([] if arch == "sm_90" else ["64x128x16"] * 8), func

@@ -86,10 +86,12 @@ def path_cases(path: str) -> None:
 
 
 def wgmma_cases() -> None:
-    # The sm_90a retrieval forward (D = 512 only; on other GPUs or builds the gemm forward runs).
+    # The sm_90a retrieval kernels: the forward (D = 512 only) and the backward's score kernel
+    # (D % 64 == 0 up to 512); on other GPUs or builds the gemm path's kernels run.
     os.environ["GAM_EXT_RETRIEVAL"] = "wgmma"
     for dtype in (torch.float16, torch.bfloat16):
         step(dtype, d=512, k=3, n=70, s=130)  # 3 row blocks, a 2-slot tail tile
+        step(dtype, d=192, k=3, n=40, s=301)  # backward only: 3 panels, odd S, 3 slot tiles
         fused_mixer(dtype, d=512, k=3, n=40)
 
 
@@ -114,7 +116,7 @@ def decode_cases() -> None:
 # shared memory, so racecheck has nothing to check in them: --shared-memory-only (what
 # gpu_check.sh gives racecheck, the slowest tool) leaves out the groups that only add those.
 GROUPS = [
-    ("wgmma forward (sm_90a)", wgmma_cases, True),
+    ("wgmma kernels (sm_90a)", wgmma_cases, True),
     ("fused path (tensor-core retrieval, conv, gates, fused mixer)", lambda: path_cases("fused"), True),
     ("tensor-core tiles of smaller GPUs", tensor_core_tile_cases, True),
     ("simt path", lambda: path_cases("simt"), True),

@@ -68,7 +68,7 @@ limit() {  # a stage's time limit: its own cap, or what is left of the budget
   echo $(( $1 < left ? $1 : left ))
 }
 
-# On sm_90 the arch-specific target, whose code has wgmma (GAM_EXT_RETRIEVAL=wgmma's forward),
+# On sm_90 the arch-specific target, whose code has wgmma (GAM_EXT_RETRIEVAL=wgmma's kernels),
 # where this torch's extension builder knows it (else plain 9.0, without wgmma).
 BUILD_ARCH=$ARCH
 if [[ $ARCH == 9.0 ]] && TORCH_CUDA_ARCH_LIST=9.0a "$PY" -c \
@@ -109,7 +109,7 @@ took kernels
 
 # Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
 # (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
-# sum) with the wgmma retrieval forward (GAM_EXT_RETRIEVAL=wgmma; on other GPUs the default
+# sum) with the wgmma retrieval kernels (GAM_EXT_RETRIEVAL=wgmma; on other GPUs the default
 # path's), clocks left as found. Needs hardware counters (not available on every machine). It
 # runs right after the kernel benchmark, before the stages that earlier runs measured already,
 # so that a tight budget cuts those first.
@@ -216,7 +216,7 @@ took generation
   echo
   echo "Retrieval kernels at S=D=512, bf16 (gam_ext.backend_info): $("$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
   echo
-  echo "The same with GAM_EXT_RETRIEVAL=wgmma: $(GAM_EXT_RETRIEVAL=wgmma "$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]["forward"])' 2>&1 | tail -1)"
+  echo "The same with GAM_EXT_RETRIEVAL=wgmma: $(GAM_EXT_RETRIEVAL=wgmma "$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
   echo
   echo "## Kernel figures"
   echo

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,7 +33,8 @@ using at::Tensor;
 
 // The retrieval path every call takes: the fused kernels (tensor cores for fp16/bf16, fp32 SIMT
 // otherwise), the fp32 SIMT kernels for every dtype, cuBLAS products around a softmax kernel, or
-// (opt-in, unmeasured) the wgmma forward where it applies with the gemm path's backward.
+// (opt-in, unmeasured) the wgmma kernels where they apply: the forward, and the backward's score
+// kernel before the gemm path's products; the gemm path's kernels elsewhere.
 enum class RetrievalPath { kFused, kSimt, kGemm, kWgmma };
 
 // GAM_EXT_RETRIEVAL (read on every call) when set, else the default for the activation dtype
@@ -282,8 +284,19 @@ void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor&
   at::mm_out(out2, p, m);
 }
 
+// The backward's products once P and scale * dS (rows x S, of h's dtype) exist: dh = (scale dS) M
+// and dM = (scale dS)^T h + P^T grad_out. The key-path product goes straight into dm (fp32) and
+// the value path is added: one temporary and one elementwise pass fewer than copying both in
+// (addmm.dtype cannot accumulate into an fp32 dm: it wants the added matrix in the inputs' dtype).
+void retrieval_bwd_products(const Tensor& p, const Tensor& ds, const Tensor& g2, const Tensor& h2,
+                            const Tensor& m, Tensor& dh2, Tensor& dm) {
+  at::mm_out(dh2, ds, m);
+  mm_f32_out(dm, ds.t(), h2);
+  dm.add_(mm_f32(p.t(), g2));
+}
+
 // GAM_EXT_RETRIEVAL=gemm, backward: scores and dP = grad_out M^T (fp32), the softmax backward
-// kernel (P and scale * dS as T), then dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out.
+// kernel (P and scale * dS as T), then the products.
 void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, const Tensor& lse,
                         double scale, Tensor& dh2, Tensor& dm, DType dt, cudaStream_t stream) {
   const Tensor scores = mm_f32(h2, m.t());
@@ -301,12 +314,23 @@ void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, con
   sp.scale = static_cast<float>(scale);
   sp.dtype = dt;
   launch_retrieval_softmax_bwd(sp, stream);
-  at::mm_out(dh2, ds, m);
-  // The key-path product straight into dm (fp32), the value path added: one temporary and one
-  // elementwise pass fewer than copying both in (addmm.dtype cannot accumulate into an fp32 dm:
-  // it wants the added matrix in the inputs' dtype).
-  mm_f32_out(dm, ds.t(), h2);
-  dm.add_(mm_f32(p.t(), g2));
+  retrieval_bwd_products(p, ds, g2, h2, m, dh2, dm);
+}
+
+// GAM_EXT_RETRIEVAL=wgmma, backward where its score kernel applies (bp: shape, pointers and
+// device filled in): P and scale * dS from the wgmma kernel (rows padded to an even stride, read
+// through views of S columns), then the products.
+void retrieval_bwd_wgmma(RetrievalBwdParams& bp, const Tensor& g2, const Tensor& h2,
+                         const Tensor& m, Tensor& dh2, Tensor& dm, cudaStream_t stream) {
+  const int64_t ld = retrieval_bwd_wgmma_ld(bp.slots);
+  Tensor pds = at::empty({2, bp.rows, ld}, h2.options());
+#ifdef GAM_EMULATE
+  pds.fill_(std::numeric_limits<float>::quiet_NaN());  // an element the kernel misses shows
+#endif
+  bp.pds = pds.data_ptr();
+  launch_retrieval_bwd_wgmma(bp, stream);
+  const Tensor p = pds[0].narrow(1, 0, bp.slots), ds = pds[1].narrow(1, 0, bp.slots);
+  retrieval_bwd_products(p, ds, g2, h2, m, dh2, dm);
 }
 
 // The retrieval's forward on a contiguous h and m rounded to its dtype, on the path
@@ -360,19 +384,9 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
                                          const Tensor& out, const Tensor& lse, double scale,
                                          DType dt, const DeviceCtx& ctx) {
   const int64_t rows = h.size(0) * h.size(1), slots = m.size(0), dim = m.size(1);
-  const int splits = memory_retrieval_bwd_row_splits(rows);
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
-  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
-    Tensor dh2 = dh.view({rows, dim});
-    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}), scale,
-                       dh2, dm, dt, ctx.stream());
-    return {dh, dm};
-  }
-  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
-  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
-                        h.options().dtype(at::kFloat));
   RetrievalBwdParams p{};
   p.grad_out = grad_out.data_ptr();
   p.h = h.data_ptr();
@@ -381,15 +395,32 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   p.lse = lse.data_ptr<float>();
   p.dh = dh.data_ptr();
   p.dmemory = dm.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.partials = ws.data_ptr<float>();
   p.rows = rows;
   p.slots = slots;
   p.dim = dim;
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
-  p.row_splits = splits;
   ctx.fill_retrieval(p, path);
+  if (path == RetrievalPath::kWgmma && rows > 0 && retrieval_bwd_wgmma_applies(p) &&
+      wgmma_compiled_on_current_device()) {
+    Tensor dh2 = dh.view({rows, dim});
+    retrieval_bwd_wgmma(p, grad_out.view({rows, dim}), h.view({rows, dim}), m, dh2, dm,
+                        ctx.stream());
+    return {dh, dm};
+  }
+  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
+    Tensor dh2 = dh.view({rows, dim});
+    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}), scale,
+                       dh2, dm, dt, ctx.stream());
+    return {dh, dm};
+  }
+  const int splits = memory_retrieval_bwd_row_splits(rows);
+  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
+  Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
+                        h.options().dtype(at::kFloat));
+  p.delta = delta.data_ptr<float>();
+  p.partials = ws.data_ptr<float>();
+  p.row_splits = splits;
   Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());
   p.pds = pds.numel() > 0 ? pds.data_ptr() : nullptr;
   launch_memory_retrieval_bwd(p, ctx.stream());
@@ -472,18 +503,18 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
                                        std::to_string(vecs) + " float4 per lane, rows read once)";
     std::string fwd = "gemm: h M^T (cuBLAS, fp32 scores), retrieval_softmax_fwd" + kind +
                       " (P as " + dtype + ", fp32 lse), P M (cuBLAS)";
-    const std::string bwd = "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" +
-                            kind + " (P and scale * dS as " + dtype +
-                            "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)";
+    std::string bwd = "gemm: h M^T and grad_out M^T (cuBLAS, fp32), retrieval_softmax_bwd" + kind +
+                      " (P and scale * dS as " + dtype +
+                      "), (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)";
     if (path == RetrievalPath::kGemm) return {"gemm", fwd, bwd};
-    if (retrieval_fwd_wgmma_applies(f) && wgmma_compiled_on_current_device()) {
-      fwd = describe_retrieval_fwd_wgmma(f);
-    } else {
-      fwd =
-          "gemm path (the wgmma forward takes fp16 / bf16 at D = 512 on an sm_90 GPU, from a "
-          "build for sm_90a): " +
-          fwd;
-    }
+    const char* sm90a = "on an sm_90 GPU, from a build for sm_90a): ";
+    fwd = retrieval_fwd_wgmma_applies(f) && wgmma_compiled_on_current_device()
+              ? describe_retrieval_fwd_wgmma(f)
+              : "gemm path (the wgmma forward takes fp16 / bf16 at D = 512 " + (sm90a + fwd);
+    bwd = retrieval_bwd_wgmma_applies(b) && wgmma_compiled_on_current_device()
+              ? describe_retrieval_bwd_wgmma(b)
+              : "gemm path (the wgmma backward takes fp16 / bf16 at D = 64 .. 512, D % 64 == 0, " +
+                    (sm90a + bwd);
     return {"wgmma", fwd, bwd};
   }
   const char* name = path == RetrievalPath::kSimt ? "simt" : "fused";

@@ -47,6 +47,14 @@ bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p);
 void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream);
 std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p);
 void launch_wgmma_probe(int* compiled, cudaStream_t stream);
+// The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu): whether p suits it (fp16 /
+// bf16, D = 64 .. 512 with D % 64 == 0, 16-byte aligned h, grad_out, memory and out, sm_90, its
+// shared memory); its launch, which writes P then scale * dS (each rows x ld, ld =
+// retrieval_bwd_wgmma_ld(S), rounded to h's dtype) into p.pds; and its description.
+bool retrieval_bwd_wgmma_applies(const RetrievalBwdParams& p);
+int64_t retrieval_bwd_wgmma_ld(int64_t slots);
+void launch_retrieval_bwd_wgmma(const RetrievalBwdParams& p, cudaStream_t stream);
+std::string describe_retrieval_bwd_wgmma(const RetrievalBwdParams& p);
 // The kernels and configuration launch_memory_retrieval_bwd picks for p, in words.
 std::string describe_memory_retrieval_bwd(const RetrievalBwdParams& p);
 std::vector<KernelLaunch> memory_retrieval_bwd_kernels(const RetrievalBwdParams& p);

@@ -30,19 +30,19 @@ namespace gam {
 namespace cuda {
 namespace {
 
-constexpr int kWgDim = 512;                   // the D this kernel takes
-constexpr int kWgRows = 64;                   // rows per block: one m64 tile
-constexpr int kWgSlots = 64;                  // slots per M tile
-constexpr int kWgThreads = 256;               // two warpgroups, one half of D each
-constexpr int kPanelBytes = 64 * 128;         // 64 rows x 64 16-bit columns
-constexpr int kTileBytes = 8 * kPanelBytes;   // 64 rows x 512 columns
-constexpr int kScoreBytes = 2 * 64 * 64 * 4;  // both warpgroups' partial scores
+constexpr int kWgDim = 512;                    // the D this kernel takes
+constexpr int kWgRows = 64;                    // rows per block: one m64 tile
+[[maybe_unused]] constexpr int kWgSlots = 64;  // slots per M tile
+constexpr int kWgThreads = 256;                // two warpgroups, one half of D each
+constexpr int kPanelBytes = 64 * 128;          // 64 rows x 64 16-bit columns
+constexpr int kTileBytes = 8 * kPanelBytes;    // 64 rows x 512 columns
+constexpr int kScoreBytes = 2 * 64 * 64 * 4;   // both warpgroups' partial scores
 constexpr int kWgSmemBytes = 1024 + 3 * kTileBytes + kScoreBytes;
 
 // Byte offset of 16-byte chunk c (0..63) of row r (0..63) in a tile: panel c / 8, rows of 128
 // bytes, the chunk's index in its row XORed with r % 8 (the 128-byte swizzle, panels 1024-byte
 // aligned).
-__device__ __forceinline__ uint32_t tile_chunk(int r, int c) {
+[[maybe_unused]] __device__ __forceinline__ uint32_t tile_chunk(int r, int c) {
   return static_cast<uint32_t>((c >> 3) * kPanelBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
@@ -57,7 +57,7 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int6
   }
 }
 
-__device__ __forceinline__ uint64_t panel_desc(uint32_t addr, uint32_t lbo) {
+[[maybe_unused]] __device__ __forceinline__ uint64_t panel_desc(uint32_t addr, uint32_t lbo) {
   return wgmma_descriptor(addr, lbo, 1024, WgmmaSwizzle::k128B);
 }
 

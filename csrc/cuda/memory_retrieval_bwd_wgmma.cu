@@ -1,0 +1,263 @@
+// Memory retrieval backward on Hopper's warpgroup MMA (sm_90a; GAM_EXT_RETRIEVAL=wgmma): the
+// score part of the backward in one kernel, for fp16 / bf16 at D = 64 .. 512 (D % 64 == 0). Per
+// row and slot it computes s = h.M and dP = grad_out.M with wgmma, then p = exp(scale s - lse)
+// and scale * dS = scale p (dP - delta) with delta = rowsum(grad_out * out), and writes P and
+// scale * dS once, rounded to T. The scores and dP never reach global memory: the gemm path
+// writes both as fp32 from cuBLAS and reads them back (26 bytes per score in all against this
+// path's 10). cuBLAS then computes dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out, as
+// on the gemm path. Not measured on a GPU yet.
+//
+// A block of two warpgroups owns 64 rows. h and grad_out (64 x D each) are loaded once into
+// shared memory as D / 64 panels of 64 columns (128-byte rows, 128-byte swizzle), the K-major
+// layout wgmma reads. Warpgroup w takes the 128-slot tiles w, w + 2, ... of the bank; per tile
+// it streams M in chunks of 128 slots x 64 columns through its own ring of 3 stages (so the two
+// warpgroups never wait on each other) and per chunk issues 4 + 4 wgmma m64n128k16 (scores and
+// dP, the same M chunk as B). The 64 + 64 fp32 accumulators per thread then become P and
+// scale * dS in registers, stored as pairs (4 bytes) straight to global memory.
+// Shared memory at D = 512: h and grad_out 128 KB + 2 x 3 x 16 KB of M + lse and delta + 1 KB of
+// alignment = 225.5 KB, one block per SM.
+#include <cmath>
+#include <string>
+
+#include "common.cuh"
+#include "launchers.h"
+#include "retrieval_common.cuh"
+#include "warp_mma.cuh"
+#include "warpgroup_mma.cuh"
+
+namespace gam {
+namespace cuda {
+namespace {
+
+constexpr int kBwRows = 64;                              // rows per block: one m64 tile
+constexpr int kBwSlots = 128;                            // slots per warpgroup tile (n128)
+constexpr int kBwThreads = 256;                          // two warpgroups
+constexpr int kBwStages = 3;                             // M chunks in flight per warpgroup
+constexpr int kBwMaxDim = 512;                           // h and grad_out resident: 256 D bytes
+constexpr int kBwPanelBytes = kBwRows * 128;             // 64 rows x 64 16-bit columns
+constexpr int kBwChunkBytes = kBwSlots * 128;            // 128 slots x 64 columns
+constexpr int kBwRingBytes = kBwStages * kBwChunkBytes;  // one warpgroup's ring
+
+int bwd_wgmma_smem_bytes(int64_t dim) {
+  return static_cast<int>(1024 + 2 * (dim / 64) * kBwPanelBytes + 2 * kBwRingBytes +
+                          2 * kBwRows * sizeof(float));
+}
+
+// Byte offset of 16-byte chunk c (c < 8) of row r in a 128-byte-swizzled panel.
+[[maybe_unused]] __device__ __forceinline__ uint32_t swizzled(int r, int c) {
+  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+[[maybe_unused]] __device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr) {
+  return wgmma_descriptor(addr, 16, 1024, WgmmaSwizzle::k128B);
+}
+
+// Rows [0, 64) of a (rows_left x dim) matrix into panels (panel p: columns 64 p ..), all 256
+// threads; rows past rows_left are zero-filled.
+template <typename T>
+__device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int64_t rows_left,
+                                          int dim, int tid) {
+  const int per_row = dim / 8;
+  for (int q = tid; q < kBwRows * per_row; q += kBwThreads) {
+    const int r = q / per_row, c = q % per_row;
+    const bool ok = r < rows_left;
+    cp_async_16(dst + (c >> 3) * kBwPanelBytes + swizzled(r, c & 7),
+                src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
+  }
+}
+
+// Chunk (slots s0 .. s0 + 127, columns 64 p .. 64 p + 63) of M into a ring stage, by the 128
+// threads of one warpgroup (t = its thread index); slots past `slots` are zero-filled.
+template <typename T>
+__device__ __forceinline__ void load_chunk(unsigned char* dst, const T* mem, int slots, int dim,
+                                           int s0, int p, int t) {
+#pragma unroll
+  for (int i = 0; i < kBwSlots * 8 / 128; ++i) {
+    const int q = t + 128 * i, r = q >> 3, c = q & 7;
+    const bool ok = s0 + r < slots;
+    cp_async_16(dst + swizzled(r, c), mem + (ok ? int64_t(s0 + r) * dim + 64 * p + 8 * c : 0), ok);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwThreads, 1)
+    retrieval_bwd_scores_wgmma_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
+                                      const T* __restrict__ mem, const T* __restrict__ out,
+                                      const float* __restrict__ lse, T* __restrict__ p_out,
+                                      T* __restrict__ ds_out, int64_t rows, int slots, int ld,
+                                      int dim, float scale, float scale_log2) {
+#if GAM_WGMMA_COMPILED
+  GAM_DYNAMIC_SHARED(unsigned char, smem);
+  const uint32_t window = shared_address(smem);
+  const uint32_t pad = (1024u - window % 1024u) % 1024u;
+  const int panels = dim / 64;
+  unsigned char* hs = smem + pad;
+  unsigned char* gs = hs + panels * kBwPanelBytes;
+  unsigned char* ring = gs + panels * kBwPanelBytes;
+  float* lse2_s = reinterpret_cast<float*>(ring + 2 * kBwRingBytes);
+  float* delta_s = lse2_s + kBwRows;
+  const uint32_t hs_addr = window + pad, gs_addr = hs_addr + panels * kBwPanelBytes;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
+  const int warp = t >> 5, lane = t & 31, g = lane >> 2, q = lane & 3;
+  const int64_t row0 = int64_t(blockIdx.x) * kBwRows;
+  const int64_t rows_left = rows - row0;
+  unsigned char* my_ring = ring + wg * kBwRingBytes;
+  const uint32_t ring_addr = hs_addr + 2 * panels * kBwPanelBytes + wg * kBwRingBytes;
+  // This warpgroup's tiles: w, w + 2, ...; chunk c is panel c % panels of tile c / panels.
+  const int tiles = (slots + kBwSlots - 1) / kBwSlots;
+  const int my_tiles = (tiles - wg + 1) / 2;
+  const int chunks = my_tiles * panels;
+  auto chunk_slot0 = [&](int c) { return (2 * (c / panels) + wg) * kBwSlots; };
+
+  load_rows(hs, h + row0 * dim, rows_left, dim, tid);
+  load_rows(gs, grad_out + row0 * dim, rows_left, dim, tid);
+  cp_async_commit();  // h and grad_out
+  for (int c = 0; c < kBwStages; ++c) {
+    if (c < chunks)
+      load_chunk(my_ring + c * kBwChunkBytes, mem, slots, dim, chunk_slot0(c), c % panels, t);
+    cp_async_commit();  // chunk c (or nothing)
+  }
+
+  // delta = rowsum(grad_out * out) and lse in log2 units, rows 8 w' .. 8 w' + 7 per warp w' of
+  // the block, while the copies are in flight.
+  for (int i = 0; i < 8; ++i) {
+    const int r = 8 * (tid >> 5) + i;
+    float acc = 0.f;
+    if (r < rows_left) {
+      for (int c = lane; c < dim / 8; c += 32) {
+        float a[8], b[8];
+        load_f32<T, 8>(grad_out + (row0 + r) * dim + 8 * c, a);
+        load_f32<T, 8>(out + (row0 + r) * dim + 8 * c, b);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc = fmaf(a[e], b[e], acc);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+      delta_s[r] = acc;
+      lse2_s[r] = r < rows_left ? lse[row0 + r] * kLog2e : 0.f;
+    }
+  }
+  cp_async_wait<kBwStages>();  // h and grad_out
+  fence_proxy_async_shared();
+  __syncthreads();
+
+  // This thread's rows (16 warp + g and + 8) of the 64.
+  const int r_lo = 16 * warp + g;
+  const float lse2[2] = {lse2_s[r_lo], lse2_s[r_lo + 8]};
+  const float delta[2] = {delta_s[r_lo], delta_s[r_lo + 8]};
+  float s[64], dp[64];
+  for (int c0 = 0; c0 < chunks; c0 += panels) {  // one 128-slot tile per trip
+    for (int p = 0; p < panels; ++p) {
+      const int c = c0 + p;
+      // Chunk c landed for every thread of the warpgroup, and chunk c - 1's products are
+      // retired in all four warps (each waited for them), so its stage can be refilled.
+      // Committed after chunk c: kBwStages - 2 groups for c >= 1 (one per trip, the refill being
+      // one behind), kBwStages - 1 for c = 0, which therefore also waits for chunk 1.
+      cp_async_wait<kBwStages - 2>();
+      fence_proxy_async_shared();
+      named_barrier_sync(1 + wg, 128);
+      if (c >= 1) {
+        const int next = c - 1 + kBwStages;
+        if (next < chunks) {
+          load_chunk(my_ring + ((c - 1) % kBwStages) * kBwChunkBytes, mem, slots, dim,
+                     chunk_slot0(next), next % panels, t);
+        }
+        cp_async_commit();
+      }
+      const uint32_t stage = ring_addr + (c % kBwStages) * kBwChunkBytes;
+      wgmma_fence_registers(s);
+      wgmma_fence_registers(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t k_off = static_cast<uint32_t>(p * kBwPanelBytes + kk * 32);
+        const uint64_t b = kmajor_desc(stage + kk * 32);
+        wgmma_mma<T, 128, false, false>(s, kmajor_desc(hs_addr + k_off), b, p > 0 || kk > 0);
+        wgmma_mma<T, 128, false, false>(dp, kmajor_desc(gs_addr + k_off), b, p > 0 || kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_registers(s);
+      wgmma_fence_registers(dp);
+    }
+
+    // P and scale * dS of the tile: element v is row r_lo + 8 ((v / 2) % 2), slot
+    // s0 + 8 (v / 4) + 2 q + v % 2; pairs of slots stored as one 4-byte word (ld is even). The
+    // row padding (slots S .. ld - 1, inside the last tile) gets zeros: a product that reads a
+    // few columns past S (times zero-padded rows of its other operand, as the CPU's bf16 GEMM
+    // does under the emulator) must not meet NaN there.
+    const int s0 = chunk_slot0(c0);
+#pragma unroll
+    for (int v = 0; v < 64; v += 2) {
+      const int hi = (v >> 1) & 1;
+      const int r = r_lo + 8 * hi, slot = s0 + 8 * (v >> 2) + 2 * q;
+      float pv[2], dsv[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = slot + e < slots;
+        pv[e] = ok ? fast_exp2(s[v + e] * scale_log2 - lse2[hi]) : 0.f;
+        dsv[e] = ok ? scale * (pv[e] * (dp[v + e] - delta[hi])) : 0.f;
+      }
+      if (r < rows_left && slot < ld) {
+        const int64_t at = (row0 + r) * ld + slot;
+        *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(pv[0], pv[1]);
+        *reinterpret_cast<uint32_t*>(ds_out + at) = pack2<T>(dsv[0], dsv[1]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+#else
+  (void)grad_out, (void)h, (void)mem, (void)out, (void)lse, (void)p_out, (void)ds_out;
+  (void)rows, (void)slots, (void)ld, (void)dim, (void)scale, (void)scale_log2;
+  __trap();
+#endif
+}
+
+}  // namespace
+
+bool retrieval_bwd_wgmma_applies(const RetrievalBwdParams& p) {
+  // 16-byte copies and loads of h, grad_out, M and out (null pointers, as backend_info passes,
+  // count as aligned).
+  const auto bits = reinterpret_cast<uintptr_t>(p.h) | reinterpret_cast<uintptr_t>(p.grad_out) |
+                    reinterpret_cast<uintptr_t>(p.memory) | reinterpret_cast<uintptr_t>(p.out);
+  return p.dtype != DType::kFloat32 && p.dim % 64 == 0 && p.dim >= 64 && p.dim <= kBwMaxDim &&
+         p.slots >= 1 && p.sm == 90 && p.max_smem_bytes >= bwd_wgmma_smem_bytes(p.dim) &&
+         bits % 16 == 0;
+}
+
+int64_t retrieval_bwd_wgmma_ld(int64_t slots) { return ceil_div(slots, 8) * 8; }
+
+void launch_retrieval_bwd_wgmma(const RetrievalBwdParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kBwRows)));
+  const int smem = bwd_wgmma_smem_bytes(p.dim);
+  const int64_t ld = retrieval_bwd_wgmma_ld(p.slots);
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      auto kernel = retrieval_bwd_scores_wgmma_kernel<T>;
+      GAM_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      T* pds = static_cast<T*>(p.pds);
+      gam_launch("retrieval_bwd_scores_wgmma_kernel", kernel, grid, dim3(kBwThreads),
+                 static_cast<size_t>(smem), stream, static_cast<const T*>(p.grad_out),
+                 static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
+                 static_cast<const T*>(p.out), p.lse, pds, pds + p.rows * ld, p.rows,
+                 static_cast<int>(p.slots), static_cast<int>(ld), static_cast<int>(p.dim), p.scale,
+                 p.scale * kLog2e);
+    }
+  });
+}
+
+std::string describe_retrieval_bwd_wgmma(const RetrievalBwdParams& p) {
+  return std::string("wgmma: retrieval_bwd_scores_wgmma_kernel<") + type_name(p.dtype) +
+         "> (64 rows x 128-slot tiles per warpgroup, 2 warpgroups, " + std::to_string(kBwStages) +
+         " stages of M per warpgroup, " + std::to_string(bwd_wgmma_smem_bytes(p.dim)) +
+         " bytes of shared memory; P and scale * dS as " + type_name(p.dtype) +
+         "), then (scale dS) M, (scale dS)^T h + P^T grad_out (cuBLAS)";
+}
+
+}  // namespace cuda
+}  // namespace gam
