@@ -244,14 +244,14 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
     check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
 
 
-# The wgmma kernels (sm_90a). Forward (D = 512): rows crossing its 64-row blocks, slots its
-# 64-slot tiles (S = 1: one slot; 130: a 2-slot tail), a single row. Backward (D = 64 .. 512,
-# D % 64 == 0; at D != 512 the forward is the gemm path's): the same 64-row blocks, 128-slot tiles
-# split between two warpgroups (S <= 128: the second has none; 130: three tiles, the second one;
-# 515: five, odd S, a 3-slot tail), 1, 3, 4 and 8 panels of 64 columns.
+# The wgmma kernels (sm_90a). Forward (D = 128, 256, 512): rows crossing its 64-row blocks,
+# slots its 64-slot tiles (S = 1: one slot; 130: a 2-slot tail), a single row. Backward (D = 64
+# .. 512, D % 64 == 0; at D = 64 and 192 the forward is the gemm path's): the same 64-row blocks,
+# 128-slot tiles split between two warpgroups (S <= 128: the second has none; 130: three tiles,
+# the second one; 515: five, odd S, a 3-slot tail), 1 to 8 panels of 64 columns.
 WGMMA_SHAPES = [
     (1, 1, 1, 512), (2, 37, 45, 512), (1, 128, 64, 512), (3, 50, 130, 512),
-    (1, 65, 129, 64), (2, 33, 515, 192), (1, 7, 1, 256), (1, 130, 300, 64),
+    (1, 65, 129, 64), (2, 33, 515, 192), (1, 7, 1, 256), (1, 130, 300, 128), (2, 40, 70, 256),
 ]  # fmt: skip
 
 
@@ -261,7 +261,9 @@ def test_retrieval_wgmma(emu, dtype, shape, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     _, _, s, d = shape
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    fwd = "wgmma: retrieval_fwd_wgmma_kernel" if d == 512 else "gemm path (the wgmma forward takes"
+    fwd = (
+        "wgmma: retrieval_fwd_wgmma_kernel" if d in (128, 256, 512) else "gemm path (the wgmma forward takes"
+    )
     assert kind[0] == "wgmma" and kind[1].startswith(fwd), kind
     assert kind[2].startswith("wgmma: retrieval_bwd_scores_wgmma_kernel"), kind
     ours, ref = run_retrieval(emu, dtype, shape)
@@ -328,7 +330,7 @@ def test_mixer_wgmma(emu, dtype, monkeypatch):
     ("dtype", "d", "device_name", "bwd"),
     [
         (torch.float32, 512, "sm_90", "gemm path"),
-        (torch.bfloat16, 256, "sm_90", "wgmma:"),
+        (torch.bfloat16, 192, "sm_90", "wgmma:"),
         (torch.float16, 100, "sm_90", "gemm path"),
         (torch.float16, 512, "sm_80", "gemm path"),
     ],
@@ -336,8 +338,8 @@ def test_mixer_wgmma(emu, dtype, monkeypatch):
 def test_retrieval_wgmma_elsewhere_takes_the_gemm_kernels(
     emu, device, dtype, d, device_name, bwd, monkeypatch
 ):
-    # fp32, D other than 512 (forward) or not a multiple of 64 (backward), or a GPU other than
-    # sm_90: the gemm path's kernels, said so.
+    # fp32, D other than 128, 256, 512 (forward) or not a multiple of 64 (backward), or a GPU
+    # other than sm_90: the gemm path's kernels, said so.
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     device(device_name)
     kind = emu.retrieval_path(45, d, str(dtype).split(".")[1])

@@ -117,18 +117,20 @@ def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
 
 
 def test_wgmma_retrieval_forward_on_sm90a(tmp_path: Path) -> None:
-    """The wgmma retrieval forward (memory_retrieval_fwd_wgmma.cu) for sm_90a: per M tile 16
-    HGMMA.64x64x16 (the scores) then 4 HGMMA.64x256x16 (P M), no spills, and no wgmma
-    serialised by ptxas (it injects warpgroup.arrive / wait where registers of an in-flight
-    product are touched, and says so); for plain sm_90 a trap."""
+    """The wgmma retrieval forward (memory_retrieval_fwd_wgmma.cu) for sm_90a, D = 128, 256 and
+    512: per M tile D / 32 HGMMA.64x64x16 (the scores) then 4 HGMMA.64x(D/2)x16 (P M), no spills,
+    and no wgmma serialised by ptxas (it injects warpgroup.arrive / wait where registers of an
+    in-flight product are touched, and says so); for plain sm_90 a trap."""
     report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
     assert "is injected" not in report and "serialized" not in report, report
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(a == "0" and b == "0" for a, b in spills), spills
     hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_kernel")
-    assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
+    assert len({f for _, f in hgmma}) == 6, hgmma.keys()  # __half and __nv_bfloat16 x 3 D
     for (arch, func), shapes in hgmma.items():
-        assert shapes == ([] if arch == "sm_90" else ["64x64x16"] * 16 + ["64x256x16"] * 4), func
+        d = int(re.search(r"Li(\d+)E", func).group(1))
+        expected = ["64x64x16"] * (d // 32) + [f"64x{d // 2}x16"] * 4
+        assert shapes == ([] if arch == "sm_90" else expected), func
 
 
 def test_wgmma_retrieval_backward_on_sm90a(tmp_path: Path) -> None:

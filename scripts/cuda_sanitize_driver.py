@@ -86,12 +86,13 @@ def path_cases(path: str) -> None:
 
 
 def wgmma_cases() -> None:
-    # The sm_90a retrieval kernels: the forward (D = 512 only) and the backward's score kernel
-    # (D % 64 == 0 up to 512); on other GPUs or builds the gemm path's kernels run.
+    # The sm_90a retrieval kernels: the forward (D = 128, 256, 512) and the backward's score
+    # kernel (D % 64 == 0 up to 512); on other GPUs or builds the gemm path's kernels run.
     os.environ["GAM_EXT_RETRIEVAL"] = "wgmma"
     for dtype in (torch.float16, torch.bfloat16):
         step(dtype, d=512, k=3, n=70, s=130)  # 3 row blocks, a 2-slot tail tile
         step(dtype, d=192, k=3, n=40, s=301)  # backward only: 3 panels, odd S, 3 slot tiles
+        step(dtype, d=128, k=3, n=40, s=70)  # the forward's D = 128 variant
         fused_mixer(dtype, d=512, k=3, n=40)
 
 

@@ -510,7 +510,8 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
     const char* sm90a = "on an sm_90 GPU, from a build for sm_90a): ";
     fwd = retrieval_fwd_wgmma_applies(f) && wgmma_compiled_on_current_device()
               ? describe_retrieval_fwd_wgmma(f)
-              : "gemm path (the wgmma forward takes fp16 / bf16 at D = 512 " + (sm90a + fwd);
+              : "gemm path (the wgmma forward takes fp16 / bf16 at D = 128, 256 or 512 " +
+                    (sm90a + fwd);
     bwd = retrieval_bwd_wgmma_applies(b) && wgmma_compiled_on_current_device()
               ? describe_retrieval_bwd_wgmma(b)
               : "gemm path (the wgmma backward takes fp16 / bf16 at D = 64 .. 512, D % 64 == 0, " +

@@ -40,8 +40,8 @@ int64_t memory_retrieval_bwd_workspace_floats(int64_t slots, int64_t dim, int ro
 int64_t memory_retrieval_bwd_pds_elements(const RetrievalBwdParams& p);
 void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t stream);
 // The wgmma forward (memory_retrieval_fwd_wgmma.cu, GAM_EXT_RETRIEVAL=wgmma): whether p's shape,
-// dtype, pointers and device suit it (fp16 / bf16, D = 512, 16-byte aligned, sm_90, its shared
-// memory), its launch, and its description. launch_wgmma_probe writes 1 to *compiled (device
+// dtype, pointers and device suit it (fp16 / bf16, D = 128, 256 or 512, 16-byte aligned, sm_90, its
+// shared memory), its launch, and its description. launch_wgmma_probe writes 1 to *compiled (device
 // memory) where the device runs code built for sm_90a (the kernel has wgmma there), else 0.
 bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p);
 void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream);

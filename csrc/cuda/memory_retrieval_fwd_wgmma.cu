@@ -1,24 +1,26 @@
 // Memory retrieval forward on Hopper's warpgroup MMA (sm_90a; GAM_EXT_RETRIEVAL=wgmma): g =
-// softmax(scale * h M^T) M and the fp32 lse, for fp16 / bf16 at D = 512, the scores never in
-// global memory. The first kernel on warpgroup_mma.cuh; not measured on a GPU yet.
+// softmax(scale * h M^T) M and the fp32 lse, for fp16 / bf16 at D = 128, 256 or 512, the scores
+// never in global memory. Not measured on a GPU yet.
 //
-// A block of two warpgroups owns 64 rows. h (64 x 512) is loaded once; M streams through two
-// stages of 64 slots x 512 columns. Both operands sit in shared memory as eight 128-byte-swizzled
+// A block of two warpgroups owns 64 rows. h (64 x D) is loaded once; M streams through two
+// stages of 64 slots x D columns. Both operands sit in shared memory as D / 64 128-byte-swizzled
 // panels of 64 columns (8 KB each), the layout wgmma's descriptors read K-major for the scores
 // and MN-major for P M, so one M tile serves both products. Per M tile, warpgroup w (columns
-// 256 w .. 256 w + 255 of D):
-//   * S_w = h[:, half w] M[:, half w]^T: 16 wgmma m64n64k16 from shared memory, then the two
+// (D / 2) w .. (D / 2) (w + 1) - 1 of D, "its half"):
+//   * S_w = h[:, half w] M[:, half w]^T: D / 32 wgmma m64n64k16 from shared memory, then the two
 //     partial score tiles are added through shared memory (16 KB each, fixed order), so both
 //     warpgroups hold the same 64 x 64 scores without computing them twice;
 //   * online softmax in registers (each thread two rows, the 4 lanes of a quad sharing a row),
 //     exp2 with the scale folded in, P rounded to T;
-//   * O_w = alpha O_w + P M[:, half w]: 4 wgmma m64n256k16 with P as the A registers (the score
-//     accumulators, packed) and the M tile read MN-major: 128 fp32 accumulators per thread.
+//   * O_w = alpha O_w + P M[:, half w]: 4 wgmma m64n(D/2)k16 with P as the A registers (the score
+//     accumulators, packed) and the M tile read MN-major: D / 4 fp32 accumulators per thread.
 // The output goes through shared memory (h's space) to 16-byte global stores.
-// Shared memory: h 64 KB + 2 x 64 KB of M + 32 KB of partial scores + 1 KB of alignment =
-// 225 KB, one block per SM.
+// Shared memory at D = 512: h 64 KB + 2 x 64 KB of M + 32 KB of partial scores + 1 KB of
+// alignment = 225 KB, one block per SM (D = 256: 129 KB; D = 128: 81 KB).
 #include <cmath>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -30,30 +32,32 @@ namespace gam {
 namespace cuda {
 namespace {
 
-constexpr int kWgDim = 512;                    // the D this kernel takes
 constexpr int kWgRows = 64;                    // rows per block: one m64 tile
 [[maybe_unused]] constexpr int kWgSlots = 64;  // slots per M tile
 constexpr int kWgThreads = 256;                // two warpgroups, one half of D each
 constexpr int kPanelBytes = 64 * 128;          // 64 rows x 64 16-bit columns
-constexpr int kTileBytes = 8 * kPanelBytes;    // 64 rows x 512 columns
 constexpr int kScoreBytes = 2 * 64 * 64 * 4;   // both warpgroups' partial scores
-constexpr int kWgSmemBytes = 1024 + 3 * kTileBytes + kScoreBytes;
 
-// Byte offset of 16-byte chunk c (0..63) of row r (0..63) in a tile: panel c / 8, rows of 128
+// 64 rows x D columns, and the kernel's shared memory: h, two M stages, the partial scores.
+constexpr int tile_bytes(int dim) { return dim / 64 * kPanelBytes; }
+constexpr int fwd_wgmma_smem_bytes(int dim) { return 1024 + 3 * tile_bytes(dim) + kScoreBytes; }
+
+// Byte offset of 16-byte chunk c (< D / 8) of row r (0..63) in a tile: panel c / 8, rows of 128
 // bytes, the chunk's index in its row XORed with r % 8 (the 128-byte swizzle, panels 1024-byte
 // aligned).
 [[maybe_unused]] __device__ __forceinline__ uint32_t tile_chunk(int r, int c) {
   return static_cast<uint32_t>((c >> 3) * kPanelBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-// Rows [0, 64) of a (rows_left x 512) matrix into a tile; rows past rows_left are zero-filled.
-template <typename T>
+// Rows [0, 64) of a (rows_left x kDim) matrix into a tile; rows past rows_left are zero-filled.
+template <int kDim, typename T>
 __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int64_t rows_left,
                                           int tid) {
-  for (int q = tid; q < 64 * 64; q += kWgThreads) {
-    const int r = q >> 6, c = q & 63;
+  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
+  for (int q = tid; q < 64 * kChunks; q += kWgThreads) {
+    const int r = unsigned(q) / kChunks, c = unsigned(q) % kChunks;  // unsigned: shifts
     const bool ok = r < rows_left;
-    cp_async_16(dst + tile_chunk(r, c), src + (ok ? int64_t(r) * kWgDim + c * 8 : 0), ok);
+    cp_async_16(dst + tile_chunk(r, c), src + (ok ? int64_t(r) * kDim + c * 8 : 0), ok);
   }
 }
 
@@ -61,12 +65,15 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int6
   return wgmma_descriptor(addr, lbo, 1024, WgmmaSwizzle::k128B);
 }
 
-template <typename T>
+template <typename T, int kDim>
 __global__ void __launch_bounds__(kWgThreads, 1)
     retrieval_fwd_wgmma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
                                T* __restrict__ out, float* __restrict__ lse, int64_t rows,
                                int slots, float scale_log2) {
 #if GAM_WGMMA_COMPILED
+  constexpr int kHalf = kDim / 2;  // output columns per warpgroup: the P M product's N
+  constexpr int kAcc = kDim / 4;   // its fp32 accumulators per thread
+  constexpr int kTileBytes = tile_bytes(kDim);
   GAM_DYNAMIC_SHARED(unsigned char, smem);
   const uint32_t window = shared_address(smem);
   const uint32_t pad = (1024u - window % 1024u) % 1024u;
@@ -80,18 +87,18 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int64_t rows_left = rows - row0;
   const int ntiles = (slots + kWgSlots - 1) / kWgSlots;
 
-  load_tile(hs, h + row0 * kWgDim, rows_left, tid);
-  load_tile(ms, mem, slots, tid);
+  load_tile<kDim>(hs, h + row0 * kDim, rows_left, tid);
+  load_tile<kDim>(ms, mem, slots, tid);
   cp_async_commit();  // h and M tile 0
   if (ntiles > 1)
-    load_tile(ms + kTileBytes, mem + int64_t(kWgSlots) * kWgDim, slots - kWgSlots, tid);
+    load_tile<kDim>(ms + kTileBytes, mem + int64_t(kWgSlots) * kDim, slots - kWgSlots, tid);
   cp_async_commit();  // M tile 1 (or nothing)
 
-  float o[128];
+  float o[kAcc];
 #pragma unroll
-  for (int v = 0; v < 128; ++v) o[v] = 0.f;
+  for (int v = 0; v < kAcc; ++v) o[v] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  const uint32_t half = 4u * wg * kPanelBytes;  // this warpgroup's 4 panels (256 columns)
+  const uint32_t half = (kDim / 128) * wg * kPanelBytes;  // this warpgroup's D / 128 panels
 
   for (int j = 0; j < ntiles; ++j) {
     cp_async_wait<1>();
@@ -99,14 +106,14 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     __syncthreads();             // tile j (and h) landed for every thread
     const uint32_t mt = ms_addr + (j & 1) * kTileBytes;
 
-    // Partial scores over this warpgroup's 256 columns: 16 k steps of 16 columns.
+    // Partial scores over this warpgroup's D / 2 columns: D / 32 k steps of 16 columns.
     float s[32];
 #pragma unroll
     for (int v = 0; v < 32; ++v) s[v] = 0.f;
     wgmma_fence_registers(s);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 16; ++kk) {
+    for (int kk = 0; kk < kDim / 32; ++kk) {
       const uint32_t off = half + (kk >> 2) * kPanelBytes + (kk & 3) * 32;
       wgmma_mma<T, 64, false, false>(s, panel_desc(hs_addr + off, 16), panel_desc(mt + off, 16),
                                      kk > 0);
@@ -150,24 +157,24 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
 #pragma unroll
-    for (int v = 0; v < 128; ++v) o[v] *= alpha[(v >> 1) & 1];
+    for (int v = 0; v < kAcc; ++v) o[v] *= alpha[(v >> 1) & 1];
 
-    // O += P M[:, half]: M read MN-major, 16 slots (2 KB of rows) per k step, the 4 panels of
-    // the half LBO apart.
+    // O += P M[:, half]: M read MN-major, 16 slots (2 KB of rows) per k step, the panels of the
+    // half LBO apart.
     wgmma_fence_registers(o);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_mma_regs<T, 256, true>(o, p[kk], panel_desc(mt + half + kk * 16 * 128, kPanelBytes),
-                                   true);
+      wgmma_mma_regs<T, kHalf, true>(o, p[kk], panel_desc(mt + half + kk * 16 * 128, kPanelBytes),
+                                     true);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_registers(o);
 
     __syncthreads();  // both warpgroups are done with tile j and the partial scores
     if (j + 2 < ntiles) {
-      load_tile(ms + (j & 1) * kTileBytes, mem + int64_t(j + 2) * kWgSlots * kWgDim,
-                slots - int64_t(j + 2) * kWgSlots, tid);
+      load_tile<kDim>(ms + (j & 1) * kTileBytes, mem + int64_t(j + 2) * kWgSlots * kDim,
+                      slots - int64_t(j + 2) * kWgSlots, tid);
     }
     cp_async_commit();
   }
@@ -177,18 +184,18 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   float inv[2];
   online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * warp + g, rows_left, wg == 0 && q == 0);
 #pragma unroll
-  for (int v = 0; v < 128; v += 2) {
+  for (int v = 0; v < kAcc; v += 2) {
     const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
-    const int col = 256 * wg + 8 * (v >> 2) + 2 * q;
+    const int col = kHalf * wg + 8 * (v >> 2) + 2 * q;
     const float f = inv[(v >> 1) & 1];
     *reinterpret_cast<uint32_t*>(hs + tile_chunk(rr, col >> 3) + (col & 7) * 2) =
         pack2<T>(o[v] * f, o[v + 1] * f);
   }
   __syncthreads();
-  for (int i = tid; i < 64 * 64; i += kWgThreads) {
-    const int r = i >> 6, c = i & 63;
+  for (int i = tid; i < 64 * (kDim / 8); i += kWgThreads) {
+    const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
     if (r < rows_left) {
-      *reinterpret_cast<uint4*>(out + (row0 + r) * kWgDim + c * 8) =
+      *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
           *reinterpret_cast<const uint4*>(hs + tile_chunk(r, c));
     }
   }
@@ -207,8 +214,9 @@ bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p) {
   // a larger allocation may not be; null pointers, as backend_info passes, count as aligned).
   const auto bits = reinterpret_cast<uintptr_t>(p.h) | reinterpret_cast<uintptr_t>(p.memory) |
                     reinterpret_cast<uintptr_t>(p.out);
-  return p.dtype != DType::kFloat32 && p.dim == kWgDim && p.slots >= 1 && p.sm == 90 &&
-         p.max_smem_bytes >= kWgSmemBytes && bits % 16 == 0;
+  const bool dim_ok = p.dim == 128 || p.dim == 256 || p.dim == 512;
+  return p.dtype != DType::kFloat32 && dim_ok && p.slots >= 1 && p.sm == 90 &&
+         p.max_smem_bytes >= fwd_wgmma_smem_bytes(static_cast<int>(p.dim)) && bits % 16 == 0;
 }
 
 void launch_wgmma_probe(int* compiled, cudaStream_t stream) {
@@ -219,28 +227,34 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
   if (p.rows == 0) return;
   const dim3 grid(static_cast<unsigned>((p.rows + kWgRows - 1) / kWgRows));
   const float scale_log2 = p.scale * kLog2e;
-  if (p.dtype == DType::kFloat16) {
-    auto kernel = retrieval_fwd_wgmma_kernel<__half>;
-    GAM_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmemBytes));
-    gam_launch("retrieval_fwd_wgmma_kernel<__half>", kernel, grid, dim3(kWgThreads), kWgSmemBytes,
-               stream, static_cast<const __half*>(p.h), static_cast<const __half*>(p.memory),
-               static_cast<__half*>(p.out), p.lse, p.rows, static_cast<int>(p.slots), scale_log2);
-  } else {
-    auto kernel = retrieval_fwd_wgmma_kernel<__nv_bfloat16>;
-    GAM_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmemBytes));
-    gam_launch("retrieval_fwd_wgmma_kernel<__nv_bfloat16>", kernel, grid, dim3(kWgThreads),
-               kWgSmemBytes, stream, static_cast<const __nv_bfloat16*>(p.h),
-               static_cast<const __nv_bfloat16*>(p.memory), static_cast<__nv_bfloat16*>(p.out),
-               p.lse, p.rows, static_cast<int>(p.slots), scale_log2);
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      static_switch<128, 256, 512>(
+          [&](int d) { return d == p.dim; },
+          [&](auto d) {
+            constexpr int kDim = decltype(d)::value;
+            auto kernel = retrieval_fwd_wgmma_kernel<T, kDim>;
+            const int smem = fwd_wgmma_smem_bytes(kDim);
+            GAM_CUDA_CHECK(
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            gam_launch("retrieval_fwd_wgmma_kernel", kernel, grid, dim3(kWgThreads),
+                       static_cast<size_t>(smem), stream, static_cast<const T*>(p.h),
+                       static_cast<const T*>(p.memory), static_cast<T*>(p.out), p.lse, p.rows,
+                       static_cast<int>(p.slots), scale_log2);
+          },
+          [&] {
+            throw std::runtime_error("launch_retrieval_fwd_wgmma: D must be 128, 256 or 512");
+          });
+    }
+  });
 }
 
 std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p) {
-  return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) +
-         ">, 64 rows x 64 slots, 2 warpgroups (256 columns of D each), 2 stages, " +
-         std::to_string(kWgSmemBytes) + " bytes of shared memory";
+  return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) + ", " +
+         std::to_string(p.dim) + ">, 64 rows x 64 slots, 2 warpgroups (" +
+         std::to_string(p.dim / 2) + " columns of D each), 2 stages, " +
+         std::to_string(fwd_wgmma_smem_bytes(static_cast<int>(p.dim))) + " bytes of shared memory";
 }
 
 }  // namespace cuda
