@@ -43,15 +43,6 @@ int bwd_wgmma_smem_bytes(int64_t dim) {
                           2 * kBwRows * sizeof(float));
 }
 
-// Byte offset of 16-byte chunk c (c < 8) of row r in a 128-byte-swizzled panel.
-[[maybe_unused]] __device__ __forceinline__ uint32_t swizzled(int r, int c) {
-  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
-}
-
-[[maybe_unused]] __device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr) {
-  return wgmma_descriptor(addr, 16, 1024, WgmmaSwizzle::k128B);
-}
-
 // Rows [0, 64) of a (rows_left x dim) matrix into panels (panel p: columns 64 p ..), all 256
 // threads; rows past rows_left are zero-filled.
 template <typename T>
@@ -61,7 +52,7 @@ __device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int6
   for (int q = tid; q < kBwRows * per_row; q += kBwThreads) {
     const int r = q / per_row, c = q % per_row;
     const bool ok = r < rows_left;
-    cp_async_16(dst + (c >> 3) * kBwPanelBytes + swizzled(r, c & 7),
+    cp_async_16(dst + (c >> 3) * kBwPanelBytes + swizzle128_offset(r, c & 7),
                 src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
   }
 }
@@ -75,7 +66,8 @@ __device__ __forceinline__ void load_chunk(unsigned char* dst, const T* mem, int
   for (int i = 0; i < kBwSlots * 8 / 128; ++i) {
     const int q = t + 128 * i, r = q >> 3, c = q & 7;
     const bool ok = s0 + r < slots;
-    cp_async_16(dst + swizzled(r, c), mem + (ok ? int64_t(s0 + r) * dim + 64 * p + 8 * c : 0), ok);
+    cp_async_16(dst + swizzle128_offset(r, c),
+                mem + (ok ? int64_t(s0 + r) * dim + 64 * p + 8 * c : 0), ok);
   }
 }
 
@@ -173,9 +165,11 @@ __global__ void __launch_bounds__(kBwThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint32_t k_off = static_cast<uint32_t>(p * kBwPanelBytes + kk * 32);
-        const uint64_t b = kmajor_desc(stage + kk * 32);
-        wgmma_mma<T, 128, false, false>(s, kmajor_desc(hs_addr + k_off), b, p > 0 || kk > 0);
-        wgmma_mma<T, 128, false, false>(dp, kmajor_desc(gs_addr + k_off), b, p > 0 || kk > 0);
+        const uint64_t b = swizzle128_descriptor(stage + kk * 32, 16);
+        wgmma_mma<T, 128, false, false>(s, swizzle128_descriptor(hs_addr + k_off, 16), b,
+                                        p > 0 || kk > 0);
+        wgmma_mma<T, 128, false, false>(dp, swizzle128_descriptor(gs_addr + k_off, 16), b,
+                                        p > 0 || kk > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();

@@ -46,7 +46,7 @@ constexpr int fwd_wgmma_smem_bytes(int dim) { return 1024 + 3 * tile_bytes(dim) 
 // bytes, the chunk's index in its row XORed with r % 8 (the 128-byte swizzle, panels 1024-byte
 // aligned).
 [[maybe_unused]] __device__ __forceinline__ uint32_t tile_chunk(int r, int c) {
-  return static_cast<uint32_t>((c >> 3) * kPanelBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+  return static_cast<uint32_t>((c >> 3) * kPanelBytes) + swizzle128_offset(r, c & 7);
 }
 
 // Rows [0, 64) of a (rows_left x kDim) matrix into a tile; rows past rows_left are zero-filled.
@@ -59,10 +59,6 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int6
     const bool ok = r < rows_left;
     cp_async_16(dst + tile_chunk(r, c), src + (ok ? int64_t(r) * kDim + c * 8 : 0), ok);
   }
-}
-
-[[maybe_unused]] __device__ __forceinline__ uint64_t panel_desc(uint32_t addr, uint32_t lbo) {
-  return wgmma_descriptor(addr, lbo, 1024, WgmmaSwizzle::k128B);
 }
 
 template <typename T, int kDim>
@@ -115,8 +111,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kDim / 32; ++kk) {
       const uint32_t off = half + (kk >> 2) * kPanelBytes + (kk & 3) * 32;
-      wgmma_mma<T, 64, false, false>(s, panel_desc(hs_addr + off, 16), panel_desc(mt + off, 16),
-                                     kk > 0);
+      wgmma_mma<T, 64, false, false>(s, swizzle128_descriptor(hs_addr + off, 16),
+                                     swizzle128_descriptor(mt + off, 16), kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -165,8 +161,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_mma_regs<T, kHalf, true>(o, p[kk], panel_desc(mt + half + kk * 16 * 128, kPanelBytes),
-                                     true);
+      wgmma_mma_regs<T, kHalf, true>(
+          o, p[kk], swizzle128_descriptor(mt + half + kk * 16 * 128, kPanelBytes), true);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_registers(o);

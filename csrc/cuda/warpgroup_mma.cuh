@@ -79,6 +79,22 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t shared_addr, uint3
          static_cast<uint64_t>(swizzle) << 62;
 }
 
+// The layout both retrieval kernels keep their operands in: panels of 64 16-bit columns (one
+// 128-byte row each) and 8-row groups 1024 bytes apart, 16-byte chunks swizzled by row (the
+// PTX ISA's 128-byte swizzle; panels 1024-byte aligned). Read K-major when the columns are k,
+// MN-major (LBO = the panel stride) when they are m or n.
+// Byte offset of 16-byte chunk c (0..7) of row r in a panel.
+[[maybe_unused]] __device__ __forceinline__ uint32_t swizzle128_offset(int r, int c) {
+  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+// The descriptor of such an operand at shared address addr (LBO: unused K-major, the panel
+// stride MN-major).
+[[maybe_unused]] __device__ __forceinline__ uint64_t swizzle128_descriptor(uint32_t addr,
+                                                                           uint32_t lbo) {
+  return wgmma_descriptor(addr, lbo, 1024, WgmmaSwizzle::k128B);
+}
+
 // Makes this thread's ordinary shared-memory stores visible to the async proxy that wgmma reads
 // shared memory through (then a barrier, for other threads' stores).
 __device__ __forceinline__ void fence_proxy_async_shared() {
