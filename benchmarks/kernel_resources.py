@@ -1,19 +1,21 @@
 """Resource report of the CUDA kernels: registers, spills, shared memory, CTAs per SM, HMMA / LDSM.
 
-    python benchmarks/kernel_resources.py                   # markdown, sm_80 / sm_90 / sm_100
+    python benchmarks/kernel_resources.py                   # markdown, sm_80/90/90a/100
     python benchmarks/kernel_resources.py --json out.json   # also the raw figures
 
 No GPU needed, only nvcc. Every csrc/cuda/*.cu is compiled on its own, with the flags of the real
 build (setup.py plus the half/bf16 macros torch adds), for each architecture with -Xptxas -v:
 registers, spill stores and loads, stack frame and static shared memory per kernel. Where a
 cuobjdump is found (the toolkit's, else the one in the triton wheel) the SASS of each kernel is
-read too: HMMA (tensor-core products), LDSM (ldmatrix), LDGSTS (cp.async) and 128-bit global
-stores are counted, and the block size comes from __launch_bounds__ (EIATTR_MAX_THREADS).
+read too: HMMA and HGMMA (tensor-core products: mma.sync, and sm_90a's wgmma), LDSM (ldmatrix),
+LDGSTS (cp.async) and 128-bit global stores are counted, and the block size comes from
+__launch_bounds__ (EIATTR_MAX_THREADS). sm_90a is the arch-specific target whose code has wgmma
+(the opt-in wgmma retrieval kernels; on plain sm_90 they compile to a trap).
 
 The retrieval launchers pick their kernels and shared memory per device at run time. A small
 host program (benchmarks/kernel_resources_probe.cpp, linked with the retrieval sources' host
 code; it makes no CUDA call) prints what they pick at the report shape on each architecture's
-shared memory, and the report turns that into CTAs per SM:
+shared memory (one plan per device: sm_90a is sm_90's), and the report turns that into CTAs per SM:
 min(registers, shared memory + 1 KB reserved per block, threads, 32). Compiled objects are
 cached under build/kernel_resources/ by a hash of the sources and flags.
 """
@@ -39,10 +41,13 @@ PROBE = Path(__file__).resolve().parent / "kernel_resources_probe.cpp"
 
 # Per-SM limits: registers, shared memory per SM, opt-in shared memory per block, threads.
 ARCHS = {
-    80: dict(regs=65536, smem_per_sm=167936, smem_optin=166912, threads=2048),
-    90: dict(regs=65536, smem_per_sm=233472, smem_optin=232448, threads=2048),
-    100: dict(regs=65536, smem_per_sm=233472, smem_optin=232448, threads=2048),
+    "80": dict(regs=65536, smem_per_sm=167936, smem_optin=166912, threads=2048),
+    "90": dict(regs=65536, smem_per_sm=233472, smem_optin=232448, threads=2048),
+    "90a": dict(regs=65536, smem_per_sm=233472, smem_optin=232448, threads=2048),
+    "100": dict(regs=65536, smem_per_sm=233472, smem_optin=232448, threads=2048),
 }
+DEFAULT_ARCHS = ["80", "90", "90a", "100"]
+ARCH_ORDER = {a: i for i, a in enumerate(ARCHS)}
 MAX_CTAS_PER_SM = 32
 # The flags of the real build: setup.py's nvcc flags plus the ones torch's cpp_extension adds.
 NVCC_FLAGS = [
@@ -52,6 +57,7 @@ NVCC_FLAGS = [
 ]  # fmt: skip
 SASS_OPS = {
     "hmma": r"\bHMMA\.",
+    "hgmma": r"\bHGMMA\.",
     "ldsm": r"\bLDSM\.",
     "ldgsts": r"\bLDGSTS\.",
     "stg128": r"\bSTG\.E[.A-Z]*\.128\b",
@@ -60,7 +66,7 @@ SASS_OPS = {
 
 @dataclass
 class Kernel:
-    arch: int
+    arch: str  # "80", "90", "90a", ...
     source: str
     symbol: str
     name: str = ""  # demangled
@@ -75,7 +81,7 @@ class Kernel:
 
 @dataclass
 class Launch:
-    arch: int
+    arch: str
     op: str
     dtype: str
     kernel: str
@@ -114,20 +120,20 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
 
 
-def cache_dir(nvcc: str, csrc: Path, archs: list[int]) -> Path:
+def cache_dir(nvcc: str, csrc: Path, archs: list[str]) -> Path:
     h = hashlib.sha1()
     for p in sorted(csrc.rglob("*")):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp") and "emu" not in p.parts:
             h.update(p.relative_to(csrc).as_posix().encode())
             h.update(p.read_bytes())
     h.update(PROBE.read_bytes())
-    h.update(" ".join([nvcc, *NVCC_FLAGS, *map(str, archs)]).encode())
+    h.update(" ".join([nvcc, *NVCC_FLAGS, *archs]).encode())
     d = ROOT / "build" / "kernel_resources" / h.hexdigest()[:16]
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def compile_source(nvcc: str, src: Path, csrc: Path, archs: list[int], out: Path) -> str:
+def compile_source(nvcc: str, src: Path, csrc: Path, archs: list[str], out: Path) -> str:
     """Compiles src to out (an object with one cubin per arch); returns ptxas's -v report."""
     log = out.with_suffix(".ptxas.txt")
     if out.is_file() and log.is_file():
@@ -145,9 +151,9 @@ def parse_ptxas(report: str, source: str) -> list[Kernel]:
     kernels: list[Kernel] = []
     cur: Kernel | None = None
     for line in report.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\w+)'", line)
         if m:
-            cur = Kernel(arch=int(m.group(2)), source=source, symbol=m.group(1))
+            cur = Kernel(arch=m.group(2), source=source, symbol=m.group(1))
             kernels.append(cur)
             continue
         if cur is None:
@@ -171,14 +177,14 @@ def demangle(symbols: list[str]) -> dict[str, str]:
     return dict(zip(symbols, out, strict=False))
 
 
-def read_sass(cuobjdump: str, obj: Path) -> dict[tuple[int, str], dict[str, int]]:
+def read_sass(cuobjdump: str, obj: Path) -> dict[tuple[str, str], dict[str, int]]:
     """(arch, symbol) -> counts of the SASS_OPS and max threads, from cuobjdump."""
-    counts: dict[tuple[int, str], dict[str, int]] = {}
+    counts: dict[tuple[str, str], dict[str, int]] = {}
     arch, func = None, None
     for line in run([cuobjdump, "-sass", str(obj)]).stdout.splitlines():
-        m = re.search(r"code for sm_(\d+)", line)
+        m = re.search(r"code for sm_(\w+)", line)
         if m:
-            arch = int(m.group(1))
+            arch = m.group(1)
             continue
         m = re.search(r"Function : (\S+)", line)
         if m and arch is not None:
@@ -193,9 +199,9 @@ def read_sass(cuobjdump: str, obj: Path) -> dict[tuple[int, str], dict[str, int]
     arch, func = None, None
     elf = run([cuobjdump, "-elf", str(obj)]).stdout.splitlines()
     for i, line in enumerate(elf):
-        m = re.search(r"arch = sm_(\d+)", line)
+        m = re.search(r"arch = sm_(\w+)", line)
         if m:
-            arch = int(m.group(1))
+            arch = m.group(1)
         m = re.search(r"\.nv\.info\.(\S+)", line)
         if m:
             func = m.group(1)
@@ -209,7 +215,7 @@ def read_sass(cuobjdump: str, obj: Path) -> dict[tuple[int, str], dict[str, int]
     return counts
 
 
-def ctas_per_sm(arch: int, regs: int, threads: int, smem: int) -> tuple[int, str]:
+def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str]:
     lim = ARCHS[arch]
     warps = (threads + 31) // 32
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
@@ -223,7 +229,7 @@ def ctas_per_sm(arch: int, regs: int, threads: int, smem: int) -> tuple[int, str
     return n, "/".join(k for k, v in by.items() if v == n)
 
 
-def probe_launches(nvcc: str, csrc: Path, objs: dict[str, Path], build: Path, archs: list[int],
+def probe_launches(nvcc: str, csrc: Path, objs: dict[str, Path], build: Path, archs: list[str],
                    shape: tuple[int, int, int]) -> list[Launch] | str:  # fmt: skip
     needed = [objs.get("memory_retrieval_fwd.cu"), objs.get("memory_retrieval_bwd.cu")]
     if not all(needed):
@@ -236,8 +242,10 @@ def probe_launches(nvcc: str, csrc: Path, objs: dict[str, Path], build: Path, ar
             return "the probe did not build: " + " ".join(proc.stderr.split())[:300]
     launches = []
     for arch in archs:
+        if not arch.isdigit():
+            continue  # sm_90a: the same device as sm_90, whose plan the sm_90 rows give
         lim = ARCHS[arch]
-        proc = run([str(exe), str(arch), str(lim["smem_optin"]), str(lim["smem_per_sm"]), *map(str, shape)])
+        proc = run([str(exe), arch, str(lim["smem_optin"]), str(lim["smem_per_sm"]), *map(str, shape)])
         if proc.returncode != 0:
             return "the probe failed: " + proc.stderr[-300:]
         for line in proc.stdout.splitlines():
@@ -246,7 +254,7 @@ def probe_launches(nvcc: str, csrc: Path, objs: dict[str, Path], build: Path, ar
     return launches
 
 
-def collect(archs: list[int], shape: tuple[int, int, int], csrc: Path = CSRC) -> dict:
+def collect(archs: list[str], shape: tuple[int, int, int], csrc: Path = CSRC) -> dict:
     nvcc = find_nvcc()
     if nvcc is None:
         sys.exit("kernel_resources: nvcc not found (set CUDA_HOME)")
@@ -319,16 +327,16 @@ def markdown(data: dict, sources: str = "") -> str:
         lines.append("")
         lines.append(
             "| arch | op | dtype | kernel | threads | smem KB | regs | spill B | CTAs/SM (limit) "
-            "| HMMA | LDSM | LDGSTS |"
+            "| HMMA | HGMMA | LDSM | LDGSTS |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for ln in data["launches"]:
             s = ln["sass"]
             lines.append(
                 f"| sm_{ln['arch']} | {ln['op']} | {ln['dtype']} | `{ln['kernel']}` | {ln['threads']} | "
                 f"{(ln['smem'] + ln['static_smem']) / 1024:.1f} | {ln['registers']} | {ln['spill_bytes']} | "
-                f"{ln['ctas_per_sm']} ({ln['limited_by']}) | {s.get('hmma', '-')} | {s.get('ldsm', '-')} | "
-                f"{s.get('ldgsts', '-')} |"
+                f"{ln['ctas_per_sm']} ({ln['limited_by']}) | {s.get('hmma', '-')} | {s.get('hgmma', '-')} | "
+                f"{s.get('ldsm', '-')} | {s.get('ldgsts', '-')} |"
             )
     else:
         lines.append(f"(No retrieval launch plan: {data['launches']}.)")
@@ -337,24 +345,24 @@ def markdown(data: dict, sources: str = "") -> str:
     lines.append("")
     lines.append(
         "| arch | source | kernel | regs | spill st/ld B | stack B | static smem B | max threads "
-        "| HMMA | LDSM | LDGSTS | STG.128 |"
+        "| HMMA | HGMMA | LDSM | LDGSTS | STG.128 |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     kernels = [k for k in data["kernels"] if sources in k["source"]]
-    for k in sorted(kernels, key=lambda k: (k["arch"], k["source"], k["name"])):
+    for k in sorted(kernels, key=lambda k: (ARCH_ORDER.get(k["arch"], 99), k["source"], k["name"])):
         s = k["sass"]
         lines.append(
             f"| sm_{k['arch']} | {k['source']} | `{short(k['name'])}` | {k['registers']} | "
             f"{k['spill_stores']}/{k['spill_loads']} | {k['stack']} | {k['static_smem']} | "
-            f"{k['max_threads'] or '-'} | {s.get('hmma', '-')} | {s.get('ldsm', '-')} | "
-            f"{s.get('ldgsts', '-')} | {s.get('stg128', '-')} |"
+            f"{k['max_threads'] or '-'} | {s.get('hmma', '-')} | {s.get('hgmma', '-')} | "
+            f"{s.get('ldsm', '-')} | {s.get('ldgsts', '-')} | {s.get('stg128', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archs", default="80,90,100", help="compute capabilities, e.g. 80,90,100")
+    ap.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help="targets, e.g. 80,90,90a,100")
     ap.add_argument("--rows", type=int, default=16 * 4096, help="B * N of the report shape")
     ap.add_argument("--slots", type=int, default=512)
     ap.add_argument("--dim", type=int, default=512)
@@ -362,10 +370,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the raw figures to this file")
     ap.add_argument("--sources", default="", help="per-kernel table only for files whose name holds this")
     args = ap.parse_args()
-    archs = [int(a) for a in args.archs.split(",")]
+    archs = args.archs.split(",")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
-        sys.exit(f"kernel_resources: no SM limits for sm_{unknown[0]} (known: {sorted(ARCHS)})")
+        sys.exit(f"kernel_resources: no SM limits for sm_{unknown[0]} (known: {', '.join(ARCHS)})")
     data = collect(archs, (args.rows, args.slots, args.dim), Path(args.csrc).resolve())
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1))

@@ -1,7 +1,9 @@
 """The resource report (benchmarks/kernel_resources.py) where nvcc exists: no retrieval kernel
-spills on sm_80 / sm_90 / sm_100; on sm_90 every retrieval kernel uses at most 168 registers, the
-fp16 and bf16 launches at the report shape (B*N = 65536, S = D = 512) run tensor-core kernels
-whose SASS holds HMMA and LDSM (when a cuobjdump is found), and none of them falls back to SIMT.
+spills on sm_80 / sm_90 / sm_90a / sm_100; on sm_90 every retrieval kernel uses at most 168
+registers (the mma.sync and SIMT kernels: the wgmma kernels are sm_90a's, where their
+accumulators take more, by design), the fp16 and bf16 launches at the report shape (B*N = 65536,
+S = D = 512) run tensor-core kernels whose SASS holds HMMA and LDSM (when a cuobjdump is found),
+none of them falls back to SIMT, and the wgmma kernels hold HGMMA on sm_90a.
 
 The compile takes a minute or two on a cold cache (build/kernel_resources/, keyed by the sources).
 """
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.skipif(kernel_resources.find_nvcc() is None, reason="nv
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return kernel_resources.collect([80, 90, 100], (16 * 4096, 512, 512))
+    return kernel_resources.collect(kernel_resources.DEFAULT_ARCHS, (16 * 4096, 512, 512))
 
 
 def retrieval(kernels: list[dict]) -> list[dict]:
@@ -37,7 +39,7 @@ def retrieval(kernels: list[dict]) -> list[dict]:
 
 def test_no_retrieval_kernel_spills(report: dict) -> None:
     found = retrieval(report["kernels"])
-    assert {k["arch"] for k in found} == {80, 90, 100}
+    assert {k["arch"] for k in found} == {"80", "90", "90a", "100"}
     spilling = [(k["arch"], k["name"], k["spill_stores"], k["spill_loads"]) for k in found
                 if k["spill_stores"] or k["spill_loads"]]  # fmt: skip
     assert not spilling, spilling
@@ -45,14 +47,14 @@ def test_no_retrieval_kernel_spills(report: dict) -> None:
 
 def test_sm90_retrieval_kernels_fit_168_registers(report: dict) -> None:
     heavy = [(k["name"], k["registers"]) for k in retrieval(report["kernels"])
-             if k["arch"] == 90 and k["registers"] > 168]  # fmt: skip
+             if k["arch"] == "90" and k["registers"] > 168]  # fmt: skip
     assert not heavy, heavy
 
 
 def test_sm90_half_launches_are_tensor_core_kernels(report: dict) -> None:
     launches = report["launches"]
     assert isinstance(launches, list), launches
-    half = [x for x in launches if x["arch"] == 90 and x["dtype"] in ("float16", "bfloat16")]
+    half = [x for x in launches if x["arch"] == "90" and x["dtype"] in ("float16", "bfloat16")]
     assert {x["op"] for x in half} == {"fwd", "bwd"}
     for x in half:
         assert "simt" not in x["kernel"], x
@@ -65,10 +67,20 @@ def test_sm90_half_launches_are_tensor_core_kernels(report: dict) -> None:
             assert x["sass"]["hmma"] > 0 and x["sass"]["ldsm"] > 0, x
 
 
+def test_wgmma_kernels_hold_hgmma_on_sm90a_only(report: dict) -> None:
+    if not report["cuobjdump"]:
+        pytest.skip("no cuobjdump")
+    wgmma = [k for k in report["kernels"] if "wgmma_kernel" in k["name"] and "probe" not in k["name"]]
+    assert {k["arch"] for k in wgmma} == {"80", "90", "90a", "100"}
+    for k in wgmma:
+        assert (k["sass"]["hgmma"] > 0) == (k["arch"] == "90a"), (k["arch"], k["name"], k["sass"])
+
+
 def test_markdown_report(report: dict) -> None:
     text = kernel_resources.markdown(report)
     assert "| sm_90 | fwd | bfloat16 |" in text
     assert "retrieval_fwd_mma_kernel" in text
+    assert "| sm_90a | memory_retrieval_bwd_wgmma.cu | `retrieval_bwd_scores_wgmma_kernel" in text
 
 
 def compile_sm90a(src: Path, obj: Path) -> tuple[str, str]:
