@@ -392,7 +392,7 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         "for name in ['divergent_barrier', 'warp_deadlock', "
         "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
         "'mma_exited_lane', 'named_barrier_count', 'wgmma_partial_warpgroup', "
-        "'wgmma_exited_thread']:\n"
+        "'wgmma_exited_thread', 'wgmma_unfenced_cp_async']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -431,6 +431,10 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
                 "127 of the 128 threads of warpgroup 0",
             ],
         ),
+        (
+            "wgmma_unfenced_cp_async",
+            ["gam_launch(wgmma_cp_async_kernel)", "cp.async of thread", "fence.proxy.async"],
+        ),
     ],
 )
 def test_fault_raises_runtime_error_naming_kernel(
@@ -439,6 +443,11 @@ def test_fault_raises_runtime_error_naming_kernel(
     message = fault_messages[fault]
     for needle in needles:
         assert needle in message, message
+
+
+def test_wgmma_on_fenced_cp_async_operands_runs(st: types.ModuleType) -> None:
+    # The same kernel as wgmma_unfenced_cp_async with the fence: A and B all ones, k = 16.
+    assert st.run_fault("wgmma_fenced_cp_async").tolist() == [16.0] * 128
 
 
 def test_emulator_recovers_after_faults(fault_messages: dict[str, str]) -> None:

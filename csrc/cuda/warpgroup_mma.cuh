@@ -98,7 +98,9 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t shared_addr, uint3
 // Makes this thread's ordinary shared-memory stores visible to the async proxy that wgmma reads
 // shared memory through (then a barrier, for other threads' stores).
 __device__ __forceinline__ void fence_proxy_async_shared() {
-#if !GAM_IS_EMULATED && GAM_WGMMA_COMPILED
+#if GAM_IS_EMULATED
+  ::gam_emu::proxy_fence_async_shared();
+#elif GAM_WGMMA_COMPILED
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }

@@ -66,6 +66,7 @@ struct Fiber {
   int group_line = 0;
   std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
+  std::vector<uint32_t> unfenced;  // 16-byte chunks its cp.async landed since its last proxy fence
 };
 
 struct SharedAlloc {
@@ -95,6 +96,9 @@ struct Engine {
   std::vector<SharedAlloc> shared;
   size_t static_smem_bytes = 0;
   void* dyn_smem = nullptr;
+  // Per 16-byte chunk of dynamic shared memory: the thread whose cp.async landed there and has not
+  // run fence.proxy.async since (-1: none), for wgmma's operand check (async_unfenced_writer).
+  std::vector<int> async_writer;
   bool faulted = false;
   std::string fault;
   bool reverse = false;  // run this block's threads from the last to the first
@@ -406,6 +410,7 @@ void run_block(Engine& e, const uint3& block) {
     f.state = State::kRunnable;
     f.cp_open.clear();
     f.cp_groups.clear();
+    f.unfenced.clear();
     f.stack = &t_stacks.get(i);
     fiber::prepare(f.ctx, *f.stack, &fiber_main);
   }
@@ -421,6 +426,7 @@ void run_block(Engine& e, const uint3& block) {
   const size_t dyn = e.spec->dynamic_smem_bytes;
   if (posix_memalign(&e.dyn_smem, 1024, dyn == 0 ? 1 : dyn) != 0) throw std::bad_alloc();
   std::memset(e.dyn_smem, 0xff, dyn == 0 ? 1 : dyn);
+  e.async_writer.assign((dyn + 15) / 16, -1);
 
   const uint64_t linear_block =
       block.x + uint64_t{e.spec->grid.x} * (block.y + uint64_t{e.spec->grid.y} * block.z);
@@ -679,8 +685,37 @@ void cp_async_wait(int pending) {
   Fiber* self = e->cur;
   const size_t keep = static_cast<size_t>(std::max(pending, 0));
   size_t done = 0;
-  while (self->cp_groups.size() - done > keep) land(self->cp_groups[done++]);
+  const auto base = reinterpret_cast<uintptr_t>(e->dyn_smem);
+  const size_t dyn = e->spec->dynamic_smem_bytes;
+  while (self->cp_groups.size() - done > keep) {
+    const std::vector<AsyncCopy>& group = self->cp_groups[done++];
+    land(group);
+    // The landed bytes are the generic proxy's until this thread's fence.proxy.async.
+    for (const AsyncCopy& c : group) {
+      const auto d = reinterpret_cast<uintptr_t>(c.dst);
+      if (d < base || d >= base + dyn) continue;  // static shared memory: no wgmma operand
+      for (uintptr_t k = (d - base) / 16; k <= (d - base + c.bytes - 1) / 16; ++k) {
+        e->async_writer[k] = self->linear;
+        self->unfenced.push_back(static_cast<uint32_t>(k));
+      }
+    }
+  }
   self->cp_groups.erase(self->cp_groups.begin(), self->cp_groups.begin() + done);
+}
+
+void proxy_fence_async_shared() {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("fence.proxy.async called outside a kernel");
+  Fiber* self = e->cur;
+  for (uint32_t k : self->unfenced)
+    if (e->async_writer[k] == self->linear) e->async_writer[k] = -1;
+  self->unfenced.clear();
+}
+
+int async_unfenced_writer(uint32_t address) {
+  Engine* e = t_engine;
+  if (e == nullptr || address / 16 >= e->async_writer.size()) return -1;
+  return e->async_writer[address / 16];
 }
 
 void block_barrier(const char* file, int line) {

@@ -150,7 +150,16 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* 
 // Closes the open group (possibly empty).
 void cp_async_commit();
 // Completes the oldest committed groups of the calling thread until at most `pending` remain.
+// Their bytes in dynamic shared memory then belong to the generic proxy until the thread runs
+// fence.proxy.async (proxy_fence_async_shared): wgmma, which reads shared memory through the
+// async proxy, faults on such bytes (async_unfenced_writer).
 void cp_async_wait(int pending);
+// fence.proxy.async.shared::cta of the calling thread: its landed cp.async bytes become visible
+// to the async proxy.
+void proxy_fence_async_shared();
+// The thread whose landed cp.async wrote the 16 bytes at this shared-window address and has not
+// fenced them for the async proxy since, or -1.
+int async_unfenced_writer(uint32_t address);
 
 // __syncthreads(): blocks the calling thread until every thread of the block waits at the same
 // call site.

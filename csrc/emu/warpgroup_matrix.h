@@ -32,9 +32,11 @@
 //     shared addresses, as on the GPU).
 //   Shared addresses are shared_window_address's: offsets into dynamic shared memory.
 //
-// Not modelled: wgmma.fence and fence.proxy.async are no-ops here (a kernel that omits them runs
-// correctly in the emulator and may not on the GPU); a kernel that exits with products still
-// queued loses them silently.
+// fence.proxy.async is modelled for cp.async only: a wgmma whose shared-memory operand holds
+// bytes a cp.async landed, not fenced by their writer since, faults at issue (the engine tracks
+// them per 16-byte chunk); ordinary stores are not tracked. Not modelled: wgmma.fence is a no-op
+// here (a kernel that omits it runs correctly in the emulator and may not on the GPU); a kernel
+// that exits with products still queued loses them silently.
 //
 // Arithmetic: as mma.sync's emulation, exact products summed in fp32 in k order from C.
 #pragma once
@@ -119,6 +121,27 @@ inline const char* issue_name(const IssueRecord& r) {
   return r.bf16 ? "wgmma.mma_async (bf16)" : "wgmma.mma_async (f16)";
 }
 
+// wgmma reads shared memory through the async proxy: bytes that a cp.async landed must have been
+// fenced by their writer (fence.proxy.async after its wait_group, then a barrier) before the
+// product is issued. Checked at issue, over every shared-memory element of A and B.
+inline void check_operands_fenced(const IssueRecord& op, const char* what) {
+  auto check = [&](uint64_t desc, bool mn_major, int rows, const char* name) {
+    const Operand o = decode_descriptor(desc, what);
+    for (int i = 0; i < rows; ++i)
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t addr = element_address(o, mn_major, i, k);
+        const int writer = async_unfenced_writer(addr);
+        if (writer >= 0)
+          trap(std::string(what) + ": operand " + name + " reads shared address " +
+               std::to_string(addr) + ", which a cp.async of thread " + std::to_string(writer) +
+               " wrote and that thread has not made visible to the async proxy (a "
+               "fence.proxy.async after its cp.async wait, then a barrier, before the wgmma)");
+      }
+  };
+  if (op.a == nullptr) check(op.desc_a, op.trans_a, 64, "A");
+  check(op.desc_b, op.trans_b, op.n, "B");
+}
+
 inline void resolve_issue(void* const* records) {
   auto rec = [&](int t) { return static_cast<IssueRecord*>(records[t]); };
   const IssueRecord& r0 = *rec(0);
@@ -132,6 +155,7 @@ inline void resolve_issue(void* const* records) {
            "flags (thread " +
            std::to_string(t) + " differs from thread 0)");
   }
+  check_operands_fenced(r0, what);
   Queue& q = queue();
   Product p;
   p.op = r0;
