@@ -392,7 +392,7 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         "for name in ['divergent_barrier', 'warp_deadlock', "
         "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
         "'mma_exited_lane', 'named_barrier_count', 'wgmma_partial_warpgroup', "
-        "'wgmma_exited_thread', 'wgmma_unfenced_cp_async']:\n"
+        "'wgmma_exited_thread', 'wgmma_unfenced_cp_async', 'wgmma_no_wgmma_fence']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -435,6 +435,7 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
             "wgmma_unfenced_cp_async",
             ["gam_launch(wgmma_cp_async_kernel)", "cp.async of thread", "fence.proxy.async"],
         ),
+        ("wgmma_no_wgmma_fence", ["gam_launch(wgmma_cp_async_kernel)", "no wgmma.fence"]),
     ],
 )
 def test_fault_raises_runtime_error_naming_kernel(
@@ -446,7 +447,8 @@ def test_fault_raises_runtime_error_naming_kernel(
 
 
 def test_wgmma_on_fenced_cp_async_operands_runs(st: types.ModuleType) -> None:
-    # The same kernel as wgmma_unfenced_cp_async with the fence: A and B all ones, k = 16.
+    # The kernel of wgmma_unfenced_cp_async and wgmma_no_wgmma_fence with both fences: A and B
+    # all ones, k = 16.
     assert st.run_fault("wgmma_fenced_cp_async").tolist() == [16.0] * 128
 
 

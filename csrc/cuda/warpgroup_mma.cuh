@@ -106,7 +106,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 }
 
 __device__ __forceinline__ void wgmma_fence() {
-#if !GAM_IS_EMULATED && GAM_WGMMA_COMPILED
+#if GAM_IS_EMULATED
+  ::gam_emu::set_wgmma_fenced(true);
+#elif GAM_WGMMA_COMPILED
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }

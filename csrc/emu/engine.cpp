@@ -67,6 +67,7 @@ struct Fiber {
   std::vector<AsyncCopy> cp_open;                 // cp.async not yet committed
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
   std::vector<uint32_t> unfenced;  // 16-byte chunks its cp.async landed since its last proxy fence
+  bool wgmma_fenced = false;       // a wgmma.fence since its last wgmma.wait_group
 };
 
 struct SharedAlloc {
@@ -411,6 +412,7 @@ void run_block(Engine& e, const uint3& block) {
     f.cp_open.clear();
     f.cp_groups.clear();
     f.unfenced.clear();
+    f.wgmma_fenced = false;
     f.stack = &t_stacks.get(i);
     fiber::prepare(f.ctx, *f.stack, &fiber_main);
   }
@@ -710,6 +712,17 @@ void proxy_fence_async_shared() {
   for (uint32_t k : self->unfenced)
     if (e->async_writer[k] == self->linear) e->async_writer[k] = -1;
   self->unfenced.clear();
+}
+
+void set_wgmma_fenced(bool fenced) {
+  Engine* e = t_engine;
+  if (e == nullptr || e->cur == nullptr) trap("wgmma.fence / wait_group called outside a kernel");
+  e->cur->wgmma_fenced = fenced;
+}
+
+bool wgmma_fenced() {
+  Engine* e = t_engine;
+  return e != nullptr && e->cur != nullptr && e->cur->wgmma_fenced;
 }
 
 int async_unfenced_writer(uint32_t address) {

@@ -269,9 +269,13 @@ Tensor run_fault(const std::string& name) {
     gam_selftest::fault_wgmma_partial_warpgroup(nullptr);
   } else if (name == "wgmma_exited_thread") {
     gam_selftest::fault_wgmma_exited_thread(nullptr);
-  } else if (name == "wgmma_unfenced_cp_async" || name == "wgmma_fenced_cp_async") {
+  } else if (name == "wgmma_unfenced_cp_async" || name == "wgmma_no_wgmma_fence" ||
+             name == "wgmma_fenced_cp_async") {
     Tensor src = torch::ones({2048}, torch::kBFloat16);
-    gam_selftest::wgmma_cp_async(src.data_ptr(), fp(out), name == "wgmma_fenced_cp_async", nullptr);
+    const int fences = name == "wgmma_unfenced_cp_async" ? 2
+                       : name == "wgmma_no_wgmma_fence"  ? 1
+                                                         : 3;
+    gam_selftest::wgmma_cp_async(src.data_ptr(), fp(out), fences, nullptr);
     return out.narrow(0, 0, 128);
   } else if (name == "empty_grid") {
     gam_selftest::fault_empty_grid(fp(out), nullptr);

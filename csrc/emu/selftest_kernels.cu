@@ -806,10 +806,10 @@ void fault_wgmma_exited_thread(cudaStream_t stream) {
 
 // One wgmma m64n64k16 whose A and B (64 x 16 each, unswizzled core matrices: 8 rows of 16 bytes
 // per core matrix, the next k-half 128 bytes on, the next 8 rows 256) arrive by cp.async from
-// src (4 KB); fenced: whether each thread runs fence.proxy.async after its wait. out[t] = the
-// thread's first accumulator.
+// src (4 KB); fences: bit 0, each thread runs fence.proxy.async after its cp.async wait; bit 1,
+// wgmma.fence before the product. out[t] = the thread's first accumulator.
 __global__ void wgmma_cp_async_kernel(const uint16_t* __restrict__ src, float* __restrict__ out,
-                                      int fenced) {
+                                      int fences) {
   using namespace gam::cuda;
   GAM_DYNAMIC_SHARED(unsigned char, smem);
   const uint32_t window = shared_address(smem);
@@ -818,12 +818,12 @@ __global__ void wgmma_cp_async_kernel(const uint16_t* __restrict__ src, float* _
   for (int c = t; c < 256; c += 128) cp_async_16(smem + pad + 16 * c, src + 8 * c, true);
   cp_async_commit();
   cp_async_wait<0>();
-  if (fenced) fence_proxy_async_shared();
+  if (fences & 1) fence_proxy_async_shared();
   __syncthreads();
   float acc[32];
   for (int v = 0; v < 32; ++v) acc[v] = 0.f;
   wgmma_fence_registers(acc);
-  wgmma_fence();
+  if (fences & 2) wgmma_fence();
   const uint32_t a = window + pad, b = a + 2048;
   wgmma_mma<__nv_bfloat16, 64, false, false>(
       acc, wgmma_descriptor(a, 128, 256, WgmmaSwizzle::kNone),
@@ -834,9 +834,9 @@ __global__ void wgmma_cp_async_kernel(const uint16_t* __restrict__ src, float* _
   out[t] = acc[0];
 }
 
-void wgmma_cp_async(const void* src, float* out, bool fenced, cudaStream_t stream) {
+void wgmma_cp_async(const void* src, float* out, int fences, cudaStream_t stream) {
   gam_launch("wgmma_cp_async_kernel", wgmma_cp_async_kernel, dim3(1), dim3(128), 1024 + 4096,
-             stream, static_cast<const uint16_t*>(src), out, fenced ? 1 : 0);
+             stream, static_cast<const uint16_t*>(src), out, fences);
 }
 
 void fault_mma_exited_lane(float* out, cudaStream_t stream) {

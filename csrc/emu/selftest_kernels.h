@@ -78,9 +78,10 @@ void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream);
 void fault_mma_exited_lane(float* out, cudaStream_t stream);
 void fault_wgmma_partial_warpgroup(cudaStream_t stream);  // 96 threads
 void fault_wgmma_exited_thread(cudaStream_t stream);      // one thread of the warpgroup exits
-// A wgmma on operands that arrived by cp.async (src: 4 KB of bf16), with or without the
-// fence.proxy.async that must follow the cp.async wait; out[128]. Unfenced, the emulator faults.
-void wgmma_cp_async(const void* src, float* out, bool fenced, cudaStream_t stream);
+// A wgmma on operands that arrived by cp.async (src: 4 KB of bf16), with (fences bit 0) or without
+// the fence.proxy.async that must follow the cp.async wait, and with (bit 1) or without a
+// wgmma.fence before it; out[128]. Without either, the emulator faults.
+void wgmma_cp_async(const void* src, float* out, int fences, cudaStream_t stream);
 void fault_named_barrier_count(float* out, cudaStream_t stream);
 void fault_smem_limit(float* out, cudaStream_t stream);
 

@@ -160,6 +160,10 @@ void proxy_fence_async_shared();
 // The thread whose landed cp.async wrote the 16 bytes at this shared-window address and has not
 // fenced them for the async proxy since, or -1.
 int async_unfenced_writer(uint32_t address);
+// The calling thread's wgmma.fence state: set by wgmma.fence, cleared by wgmma.wait_group (whose
+// caller then usually touches the accumulators); a wgmma issued while it is clear faults.
+void set_wgmma_fenced(bool fenced);
+bool wgmma_fenced();
 
 // __syncthreads(): blocks the calling thread until every thread of the block waits at the same
 // call site.

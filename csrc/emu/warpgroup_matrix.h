@@ -34,9 +34,11 @@
 //
 // fence.proxy.async is modelled for cp.async only: a wgmma whose shared-memory operand holds
 // bytes a cp.async landed, not fenced by their writer since, faults at issue (the engine tracks
-// them per 16-byte chunk); ordinary stores are not tracked. Not modelled: wgmma.fence is a no-op
-// here (a kernel that omits it runs correctly in the emulator and may not on the GPU); a kernel
-// that exits with products still queued loses them silently.
+// them per 16-byte chunk); ordinary stores are not tracked. wgmma.fence is checked more strictly
+// than the PTX ISA asks: every wgmma must follow a wgmma.fence of its thread issued after that
+// thread's last wait_group (or the kernel's start), since the code after a wait usually touches
+// the accumulators; register accesses themselves are not tracked. A kernel that exits with
+// products still queued loses them silently.
 //
 // Arithmetic: as mma.sync's emulation, exact products summed in fp32 in k order from C.
 #pragma once
@@ -249,6 +251,11 @@ inline void wgmma_mma_async(float* d, const uint32_t* a_regs, uint64_t desc_a, u
                             int n, bool bf16, bool trans_a, bool trans_b, bool scale_d,
                             const char* file, int line) {
   wg::IssueRecord rec{d, a_regs, desc_a, desc_b, n, bf16, trans_a, trans_b, scale_d};
+  if (!wgmma_fenced())
+    trap(std::string(wg::issue_name(rec)) + " at " + file + ":" + std::to_string(line) +
+         ": no wgmma.fence since this thread's last wgmma.wait_group (or the kernel's start); "
+         "one must precede the first wgmma and follow any other access to its accumulators or A "
+         "registers");
   warpgroup_exchange(&rec, &wg::resolve_issue, wg::issue_name(rec), file, line);
 }
 
@@ -259,6 +266,7 @@ inline void wgmma_commit_group(const char* file, int line) {
 inline void wgmma_wait_group(int pending, const char* file, int line) {
   wg::WaitRecord rec{pending};
   warpgroup_exchange(&rec, &wg::resolve_wait, "wgmma.wait_group", file, line);
+  set_wgmma_fenced(false);
 }
 
 }  // namespace gam_emu
