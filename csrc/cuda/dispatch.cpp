@@ -318,14 +318,14 @@ void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, con
 }
 
 // GAM_EXT_RETRIEVAL=wgmma, backward where its score kernel applies (bp: shape, pointers and
-// device filled in): P and scale * dS from the wgmma kernel (rows padded to an even stride, read
-// through views of S columns), then the products.
+// device filled in): P and scale * dS from the wgmma kernel (rows padded to a multiple of 8 slots,
+// read through views of S columns), then the products.
 void retrieval_bwd_wgmma(RetrievalBwdParams& bp, const Tensor& g2, const Tensor& h2,
                          const Tensor& m, Tensor& dh2, Tensor& dm, cudaStream_t stream) {
   const int64_t ld = retrieval_bwd_wgmma_ld(bp.slots);
   Tensor pds = at::empty({2, bp.rows, ld}, h2.options());
 #ifdef GAM_EMULATE
-  pds.fill_(std::numeric_limits<float>::quiet_NaN());  // an element the kernel misses shows
+  pds.fill_(std::numeric_limits<float>::quiet_NaN());  // any slot the kernel leaves unwritten
 #endif
   bp.pds = pds.data_ptr();
   launch_retrieval_bwd_wgmma(bp, stream);

@@ -18,6 +18,7 @@
 // alignment = 225.5 KB, one block per SM.
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launchers.h"
