@@ -29,8 +29,10 @@ Providers:
             cuBLAS products around gam_ext's softmax kernels; in fp32 the fused path is the fp32
             SIMT kernels)
   gam_wgmma (cuda only, retrieval and mixer, fp16/bf16, where the device and the build have the
-            sm_90a forward) gam_ext with GAM_EXT_RETRIEVAL=wgmma: the warpgroup-MMA retrieval
-            forward with the gemm path's backward; for the mixer, the fused mixer op on it
+            sm_90a kernels) gam_ext with GAM_EXT_RETRIEVAL=wgmma: the warpgroup-MMA retrieval
+            forward and the backward's warpgroup-MMA score kernel before cuBLAS's products (each
+            where it takes the shape, else the gemm path's); for the mixer, the fused mixer op on
+            them
 
 Modes: fwd (a training forward: inputs require grad), bwd (backward only; the forward runs
 untimed before each repeat), fwdbwd (both).
@@ -151,8 +153,9 @@ def set_provider_env(provider, originals):
 
 
 def has_wgmma(slots, dim, dtype):
-    """Whether the gam_wgmma provider's environment runs the wgmma forward for this shape on this
-    device (else it runs the gemm path's, the gam_ext provider's)."""
+    """Whether the gam_wgmma provider's environment runs a wgmma kernel (the forward or the
+    backward's score kernel) for this shape on this device (else it runs the gemm path, the
+    gam_ext provider's)."""
     originals = {name: os.environ.get(name) for name in PROVIDER_ENV}
     set_provider_env("gam_wgmma", originals)
     try:
@@ -160,7 +163,7 @@ def has_wgmma(slots, dim, dtype):
     finally:
         set_provider_env(None, originals)
     cuda = info.get("cuda")  # a dict on a CUDA device, else a sentence
-    return isinstance(cuda, dict) and cuda["forward"].startswith("wgmma")
+    return isinstance(cuda, dict) and any(cuda[x].startswith("wgmma") for x in ("forward", "backward"))
 
 
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
