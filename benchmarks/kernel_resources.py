@@ -322,7 +322,9 @@ def markdown(data: dict, sources: str = "") -> str:
     if isinstance(data["launches"], list):
         lines.append(
             f"Retrieval launches at rows={shape['rows']} S={shape['slots']} D={shape['dim']} "
-            "(what the launchers pick with each architecture's shared memory):"
+            "(what the fused path's launchers, GAM_EXT_RETRIEVAL=fused, pick with each "
+            "architecture's shared memory; the default gemm path runs cuBLAS around the softmax "
+            "kernels):"
         )
         lines.append("")
         lines.append(
