@@ -9,6 +9,7 @@
 
 #include "emu/fiber.h"
 #include "emu/selftest_kernels.h"
+#include "emu/selftest_wgmma_args.h"
 #include "emu/simt.h"  // the wgmma descriptor decoding (warpgroup_matrix.h)
 
 namespace {
@@ -196,13 +197,8 @@ Tensor barrier_stress(int64_t blocks, int64_t rounds) {
 
 Tensor wgmma_gemm(const Tensor& a, const Tensor& b, int64_t mode_a, int64_t mode_b,
                   int64_t misuse) {
+  gam_selftest::check_wgmma_gemm_args(a, b, mode_a, mode_b);
   const int64_t n = b.size(0);
-  TORCH_CHECK(n == 64 || n == 128 || n == 256, "b must have 64, 128 or 256 rows");
-  check_shape(a, {64, 64}, "a");
-  check_shape(b, {n, 64}, "b");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a and b dtypes differ");
-  TORCH_CHECK(mode_a >= -1 && mode_a < 8 && mode_b >= 0 && mode_b < 16,
-              "mode_a is -1..7, mode_b 0..15");
   Tensor d = torch::empty({64, n}, torch::kFloat32);
   gam_selftest::wgmma_gemm(a.data_ptr(), b.data_ptr(), fp(d), static_cast<int>(n),
                            dtype_code(a, "a"), static_cast<int>(mode_a), static_cast<int>(mode_b),
