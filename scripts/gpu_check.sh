@@ -128,7 +128,7 @@ if [[ -n "$NCU" ]]; then
 fi
 
 # racecheck checks shared memory only: the driver's groups whose kernels use it (the wgmma
-# forward's first). It is the slowest tool, so it runs after the stages that measure the newest
+# kernels' first). It is the slowest tool, so it runs after the stages that measure the newest
 # kernels.
 if [[ -n "$SAN" ]]; then
   echo "== compute-sanitizer racecheck"
