@@ -35,27 +35,12 @@ constexpr int kBwSlots = 128;                            // slots per warpgroup 
 constexpr int kBwThreads = 256;                          // two warpgroups
 constexpr int kBwStages = 3;                             // M chunks in flight per warpgroup
 constexpr int kBwMaxDim = 512;                           // h and grad_out resident: 256 D bytes
-constexpr int kBwPanelBytes = kBwRows * 128;             // 64 rows x 64 16-bit columns
 constexpr int kBwChunkBytes = kBwSlots * 128;            // 128 slots x 64 columns
 constexpr int kBwRingBytes = kBwStages * kBwChunkBytes;  // one warpgroup's ring
 
 int bwd_wgmma_smem_bytes(int64_t dim) {
-  return static_cast<int>(1024 + 2 * (dim / 64) * kBwPanelBytes + 2 * kBwRingBytes +
+  return static_cast<int>(1024 + 2 * (dim / 64) * kPanelBytes + 2 * kBwRingBytes +
                           2 * kBwRows * sizeof(float));
-}
-
-// Rows [0, 64) of a (rows_left x dim) matrix into panels (panel p: columns 64 p ..), all 256
-// threads; rows past rows_left are zero-filled.
-template <typename T>
-__device__ __forceinline__ void load_rows(unsigned char* dst, const T* src, int64_t rows_left,
-                                          int dim, int tid) {
-  const int per_row = dim / 8;
-  for (int q = tid; q < kBwRows * per_row; q += kBwThreads) {
-    const int r = q / per_row, c = q % per_row;
-    const bool ok = r < rows_left;
-    cp_async_16(dst + (c >> 3) * kBwPanelBytes + swizzle128_offset(r, c & 7),
-                src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
-  }
 }
 
 // Chunk (slots s0 .. s0 + 127, columns 64 p .. 64 p + 63) of M into a ring stage, by the 128
@@ -85,25 +70,25 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   const uint32_t pad = (1024u - window % 1024u) % 1024u;
   const int panels = dim / 64;
   unsigned char* hs = smem + pad;
-  unsigned char* gs = hs + panels * kBwPanelBytes;
-  unsigned char* ring = gs + panels * kBwPanelBytes;
+  unsigned char* gs = hs + panels * kPanelBytes;
+  unsigned char* ring = gs + panels * kPanelBytes;
   float* lse2_s = reinterpret_cast<float*>(ring + 2 * kBwRingBytes);
   float* delta_s = lse2_s + kBwRows;
-  const uint32_t hs_addr = window + pad, gs_addr = hs_addr + panels * kBwPanelBytes;
+  const uint32_t hs_addr = window + pad, gs_addr = hs_addr + panels * kPanelBytes;
   const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
   const int warp = t >> 5, lane = t & 31, g = lane >> 2, q = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * kBwRows;
   const int64_t rows_left = rows - row0;
   unsigned char* my_ring = ring + wg * kBwRingBytes;
-  const uint32_t ring_addr = hs_addr + 2 * panels * kBwPanelBytes + wg * kBwRingBytes;
+  const uint32_t ring_addr = hs_addr + 2 * panels * kPanelBytes + wg * kBwRingBytes;
   // This warpgroup's tiles: w, w + 2, ...; chunk c is panel c % panels of tile c / panels.
   const int tiles = (slots + kBwSlots - 1) / kBwSlots;
   const int my_tiles = (tiles - wg + 1) / 2;
   const int chunks = my_tiles * panels;
   auto chunk_slot0 = [&](int c) { return (2 * (c / panels) + wg) * kBwSlots; };
 
-  load_rows(hs, h + row0 * dim, rows_left, dim, tid);
-  load_rows(gs, grad_out + row0 * dim, rows_left, dim, tid);
+  cp_async_rows_to_panels<kBwThreads>(hs, h + row0 * dim, rows_left, dim, tid);
+  cp_async_rows_to_panels<kBwThreads>(gs, grad_out + row0 * dim, rows_left, dim, tid);
   cp_async_commit();  // h and grad_out
   for (int c = 0; c < kBwStages; ++c) {
     if (c < chunks)
@@ -165,7 +150,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t k_off = static_cast<uint32_t>(p * kBwPanelBytes + kk * 32);
+        const uint32_t k_off = static_cast<uint32_t>(p * kPanelBytes + kk * 32);
         const uint64_t b = swizzle128_descriptor(stage + kk * 32, 16);
         wgmma_mma<T, 128, false, false>(s, swizzle128_descriptor(hs_addr + k_off, 16), b,
                                         p > 0 || kk > 0);

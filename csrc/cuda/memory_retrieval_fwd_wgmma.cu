@@ -35,31 +35,11 @@ namespace {
 constexpr int kWgRows = 64;                    // rows per block: one m64 tile
 [[maybe_unused]] constexpr int kWgSlots = 64;  // slots per M tile
 constexpr int kWgThreads = 256;                // two warpgroups, one half of D each
-constexpr int kPanelBytes = 64 * 128;          // 64 rows x 64 16-bit columns
 constexpr int kScoreBytes = 2 * 64 * 64 * 4;   // both warpgroups' partial scores
 
 // 64 rows x D columns, and the kernel's shared memory: h, two M stages, the partial scores.
 constexpr int tile_bytes(int dim) { return dim / 64 * kPanelBytes; }
 constexpr int fwd_wgmma_smem_bytes(int dim) { return 1024 + 3 * tile_bytes(dim) + kScoreBytes; }
-
-// Byte offset of 16-byte chunk c (< D / 8) of row r (0..63) in a tile: panel c / 8, rows of 128
-// bytes, the chunk's index in its row XORed with r % 8 (the 128-byte swizzle, panels 1024-byte
-// aligned).
-[[maybe_unused]] __device__ __forceinline__ uint32_t tile_chunk(int r, int c) {
-  return static_cast<uint32_t>((c >> 3) * kPanelBytes) + swizzle128_offset(r, c & 7);
-}
-
-// Rows [0, 64) of a (rows_left x kDim) matrix into a tile; rows past rows_left are zero-filled.
-template <int kDim, typename T>
-__device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int64_t rows_left,
-                                          int tid) {
-  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
-  for (int q = tid; q < 64 * kChunks; q += kWgThreads) {
-    const int r = unsigned(q) / kChunks, c = unsigned(q) % kChunks;  // unsigned: shifts
-    const bool ok = r < rows_left;
-    cp_async_16(dst + tile_chunk(r, c), src + (ok ? int64_t(r) * kDim + c * 8 : 0), ok);
-  }
-}
 
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kWgThreads, 1)
@@ -83,11 +63,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int64_t rows_left = rows - row0;
   const int ntiles = (slots + kWgSlots - 1) / kWgSlots;
 
-  load_tile<kDim>(hs, h + row0 * kDim, rows_left, tid);
-  load_tile<kDim>(ms, mem, slots, tid);
+  cp_async_rows_to_panels<kWgThreads>(hs, h + row0 * kDim, rows_left, kDim, tid);
+  cp_async_rows_to_panels<kWgThreads>(ms, mem, slots, kDim, tid);
   cp_async_commit();  // h and M tile 0
   if (ntiles > 1)
-    load_tile<kDim>(ms + kTileBytes, mem + int64_t(kWgSlots) * kDim, slots - kWgSlots, tid);
+    cp_async_rows_to_panels<kWgThreads>(ms + kTileBytes, mem + int64_t(kWgSlots) * kDim,
+                                        slots - kWgSlots, kDim, tid);
   cp_async_commit();  // M tile 1 (or nothing)
 
   float o[kAcc];
@@ -169,8 +150,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 
     __syncthreads();  // both warpgroups are done with tile j and the partial scores
     if (j + 2 < ntiles) {
-      load_tile<kDim>(ms + (j & 1) * kTileBytes, mem + int64_t(j + 2) * kWgSlots * kDim,
-                      slots - int64_t(j + 2) * kWgSlots, tid);
+      cp_async_rows_to_panels<kWgThreads>(ms + (j & 1) * kTileBytes,
+                                          mem + int64_t(j + 2) * kWgSlots * kDim,
+                                          slots - int64_t(j + 2) * kWgSlots, kDim, tid);
     }
     cp_async_commit();
   }
@@ -184,7 +166,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
     const int col = kHalf * wg + 8 * (v >> 2) + 2 * q;
     const float f = inv[(v >> 1) & 1];
-    *reinterpret_cast<uint32_t*>(hs + tile_chunk(rr, col >> 3) + (col & 7) * 2) =
+    *reinterpret_cast<uint32_t*>(hs + swizzle128_tile_offset(rr, col >> 3) + (col & 7) * 2) =
         pack2<T>(o[v] * f, o[v + 1] * f);
   }
   __syncthreads();
@@ -192,7 +174,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
     if (r < rows_left) {
       *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
-          *reinterpret_cast<const uint4*>(hs + tile_chunk(r, c));
+          *reinterpret_cast<const uint4*>(hs + swizzle128_tile_offset(r, c));
     }
   }
 #else

@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "compat.cuh"
+#include "warp_mma.cuh"  // cp_async_16, for cp_async_rows_to_panels
 
 #if GAM_IS_EMULATED
 // Call sites recorded for the emulator's fault messages.
@@ -83,9 +84,31 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t shared_addr, uint3
 // 128-byte row each) and 8-row groups 1024 bytes apart, 16-byte chunks swizzled by row (the
 // PTX ISA's 128-byte swizzle; panels 1024-byte aligned). Read K-major when the columns are k,
 // MN-major (LBO = the panel stride) when they are m or n.
+// The bytes of a 64-row panel.
+constexpr int kPanelBytes = 64 * 128;
+
 // Byte offset of 16-byte chunk c (0..7) of row r in a panel.
 [[maybe_unused]] __device__ __forceinline__ uint32_t swizzle128_offset(int r, int c) {
   return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+// Byte offset of 16-byte chunk c of row r in a tile of 64-row panels (panel c / 8).
+[[maybe_unused]] __device__ __forceinline__ uint32_t swizzle128_tile_offset(int r, int c) {
+  return static_cast<uint32_t>((c >> 3) * kPanelBytes) + swizzle128_offset(r, c & 7);
+}
+
+// Rows [0, 64) of a row-major (rows_left x dim) matrix of 16-bit elements (dim % 64 == 0) into
+// such a tile by kThreads threads (tid < kThreads), one cp.async per 16-byte chunk; rows past
+// rows_left are zero-filled. Unsigned index math, so a constant dim divides by shifts.
+template <int kThreads, typename T>
+__device__ __forceinline__ void cp_async_rows_to_panels(unsigned char* dst, const T* src,
+                                                        int64_t rows_left, int dim, int tid) {
+  const unsigned per_row = static_cast<unsigned>(dim) / 8;
+  for (int q = tid; q < 64 * static_cast<int>(per_row); q += kThreads) {
+    const int r = unsigned(q) / per_row, c = unsigned(q) % per_row;
+    const bool ok = r < rows_left;
+    cp_async_16(dst + swizzle128_tile_offset(r, c), src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
+  }
 }
 
 // The descriptor of such an operand at shared address addr (LBO: unused K-major, the panel
