@@ -697,6 +697,7 @@ void cp_async_wait(int pending) {
       const auto d = reinterpret_cast<uintptr_t>(c.dst);
       if (d < base || d >= base + dyn) continue;  // static shared memory: no wgmma operand
       for (uintptr_t k = (d - base) / 16; k <= (d - base + c.bytes - 1) / 16; ++k) {
+        if (e->async_writer[k] == self->linear) continue;  // already listed, not fenced since
         e->async_writer[k] = self->linear;
         self->unfenced.push_back(static_cast<uint32_t>(k));
       }
