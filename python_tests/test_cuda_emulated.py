@@ -305,9 +305,7 @@ def test_retrieval_wgmma_misaligned_input_takes_the_gemm_forward(emu, monkeypatc
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     shape = (1, 9, 45, 512)
     h = gen(shape[:2] + (512,), torch.bfloat16, 30, 0.2)
-    flat = torch.empty(h.numel() + 1, dtype=torch.bfloat16)
-    h_odd = flat[1:].view_as(h)
-    h_odd.copy_(h)
+    h_odd = misaligned(h)
     assert h_odd.data_ptr() % 16 != 0
     m = gen((45, 512), torch.float32, 31, 0.2)
     out, lse = emu.memory_retrieval_fwd(h_odd, m, 0.75)
