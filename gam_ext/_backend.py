@@ -226,7 +226,7 @@ def backend_info(retrieval: tuple[int, int, torch.dtype] | None = None) -> dict[
     default for the dtype) and the forward and backward kernels with their tiles, as the
     launchers pick them for the current device (the gemm path's cuBLAS products and softmax
     kernels, the fused tensor-core kernels, the fp32 SIMT kernels and why, or the sm_90a wgmma
-    forward).
+    forward and backward score kernel).
     """
     mixer = {
         device: "fused"
