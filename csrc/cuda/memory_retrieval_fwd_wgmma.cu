@@ -139,6 +139,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     // O += P M[:, half]: M read MN-major, 16 slots (2 KB of rows) per k step, the panels of the
     // half LBO apart.
     wgmma_fence_registers(o);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_fence_registers(p[kk]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
@@ -147,6 +149,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_registers(o);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_fence_registers(p[kk]);
 
     __syncthreads();  // both warpgroups are done with tile j and the partial scores
     if (j + 2 < ntiles) {

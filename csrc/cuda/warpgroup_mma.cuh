@@ -167,6 +167,18 @@ __device__ __forceinline__ void wgmma_fence_registers(float (&d)[R]) {
 #endif
 }
 
+// The same for A operands held in registers (wgmma_mma_regs): they are read asynchronously too,
+// so their packing must not move past wgmma_fence, nor their reuse before the wait.
+template <int R>
+__device__ __forceinline__ void wgmma_fence_registers(uint32_t (&a)[R]) {
+#if !GAM_IS_EMULATED
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i])::"memory");
+#else
+  (void)a;
+#endif
+}
+
 // The accumulator operand lists of the asm statements below (N / 2 registers for N = 64, 128 and
 // 256) and their "{%0, ..., %(N / 2 - 1)}" strings.
 #define GAM_WG_D8(i)                                                                          \
