@@ -226,10 +226,10 @@ def test_wgmma_is_a_matrix_product(
     torch.testing.assert_close(d.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
 
 
-def _descriptor(lbo: int, sbo: int, swizzle: int) -> int:
-    # Start address 0, byte offsets >> 4, the swizzle code (0 none, 1 128B, 2 64B, 3 32B); as the
-    # signed 64-bit value the binding takes.
-    desc = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swizzle << 62
+def _descriptor(lbo: int, sbo: int, swizzle: int, start: int = 0) -> int:
+    # The start address, byte offsets >> 4, the swizzle code (0 none, 1 128B, 2 64B, 3 32B); as
+    # the signed 64-bit value the binding takes.
+    desc = start >> 4 | (lbo >> 4) << 16 | (sbo >> 4) << 32 | swizzle << 62
     return desc - (1 << 64) if desc >= 1 << 63 else desc
 
 
@@ -249,19 +249,27 @@ def _swizzle(address: int, bits: int) -> int:
 
 
 @pytest.mark.parametrize(
-    ("name", "mn_major", "swizzle", "lbo", "sbo", "shape", "stride", "bits"),
+    ("name", "mn_major", "swizzle", "lbo", "sbo", "shape", "stride", "bits", "rows", "start"),
     [
         # The PTX ISA's worked examples ("Canonical Layouts", bf16; strides in elements).
-        ("MN none", True, 0, 256, 128, ((8, 1, 2), (8, 2)), ((1, 8, 64), (8, 128)), 0),
-        ("MN 32B", True, 3, 256, 512, ((8, 2, 2), (8, 2)), ((1, 8, 128), (16, 256)), 1),
-        ("MN 64B", True, 2, 512, 1024, ((8, 4, 2), (8, 2)), ((1, 8, 256), (32, 512)), 2),
+        ("MN none", True, 0, 256, 128, ((8, 1, 2), (8, 2)), ((1, 8, 64), (8, 128)), 0, 16, 0),
+        ("MN 32B", True, 3, 256, 512, ((8, 2, 2), (8, 2)), ((1, 8, 128), (16, 256)), 1, 16, 0),
+        ("MN 64B", True, 2, 512, 1024, ((8, 4, 2), (8, 2)), ((1, 8, 256), (32, 512)), 2, 16, 0),
         # K-major, from the canonical forms with bf16 (T = 8) and 16 rows.
-        ("K none", False, 0, 256, 128, ((8, 2), (8, 2)), ((8, 64), (1, 128)), 0),
-        ("K 32B", False, 3, 16, 256, ((8, 2), (8, 2)), ((16, 128), (1, 8)), 1),
-        ("K 128B", False, 1, 16, 1024, ((8, 2), (8, 2)), ((64, 512), (1, 8)), 3),
+        ("K none", False, 0, 256, 128, ((8, 2), (8, 2)), ((8, 64), (1, 128)), 0, 16, 0),
+        ("K 32B", False, 3, 16, 256, ((8, 2), (8, 2)), ((16, 128), (1, 8)), 1, 16, 0),
+        ("K 128B", False, 1, 16, 1024, ((8, 2), (8, 2)), ((64, 512), (1, 8)), 3, 16, 0),
+        # The two forms the wgmma retrieval kernels use, for which the PTX ISA has no worked
+        # example: CuTe's 128-byte-swizzle atoms (Layout_K_SW128_Atom, Layout_MN_SW128_Atom for
+        # 16-bit types) tiled as the kernels tile them, with the LBO / SBO that CuTe's
+        # make_gmma_desc gives for those tiles (checked against CuTe itself when the kernels were
+        # written). K-major: 64 rows of 128 bytes, the third k16 step of the atom (start + 64 B).
+        ("K 128B k-step 2", False, 1, 16, 1024, ((8, 8), (8, 2)), ((64, 512), (1, 8)), 3, 64, 64),
+        # MN-major: N = 256 over four 64-column panels LBO = 8 KB apart, 16 k rows of 128 bytes.
+        ("MN 128B N=256", True, 1, 8192, 1024, ((64, 4), (8, 2)), ((1, 4096), (64, 512)), 3, 256, 0),
     ],
 )
-def test_wgmma_descriptor_decoding_matches_the_ptx_canonical_layouts(
+def test_wgmma_descriptor_decoding_matches_the_canonical_layouts(
     st: types.ModuleType,
     name: str,
     mn_major: bool,
@@ -271,15 +279,17 @@ def test_wgmma_descriptor_decoding_matches_the_ptx_canonical_layouts(
     shape,
     stride,
     bits: int,
+    rows: int,
+    start: int,
 ) -> None:
-    # The emulator's element addresses against the PTX ISA's canonical layouts (CuTe notation),
-    # written out independently here: element (i, k) of a 16-row (or 16-column) bf16 operand.
-    rows = 16
-    got = st.wgmma_element_addresses(_descriptor(lbo, sbo, swizzle), mn_major, rows)
+    # The emulator's element addresses against the canonical layouts (CuTe notation), written out
+    # independently here: element (i, k) of a bf16 operand of `rows` rows (or columns), the
+    # swizzle applied to the whole address as the hardware does (the atoms are 1024-byte aligned).
+    got = st.wgmma_element_addresses(_descriptor(lbo, sbo, swizzle, start), mn_major, rows)
     for i in range(rows):
         for k in range(16):
             element = _layout(shape, stride, (i, k))
-            assert got[i, k].item() == _swizzle(2 * element, bits), (name, i, k)
+            assert got[i, k].item() == _swizzle(start + 2 * element, bits), (name, i, k)
 
 
 def test_wgmma_accumulators_are_nan_until_the_wait(st: types.ModuleType) -> None:
