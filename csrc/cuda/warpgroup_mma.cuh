@@ -155,27 +155,24 @@ __device__ __forceinline__ void wgmma_wait(GAM_WG_SITE_ONLY) {
 #endif
 }
 
-// Keeps the compiler from moving other uses of the accumulators across the asynchronous product
-// (the registers are in flight until the wait).
-template <int R>
-__device__ __forceinline__ void wgmma_fence_registers(float (&d)[R]) {
+// Keeps the compiler from moving other uses of the accumulators (float) or of A operands held in
+// registers (uint32_t, wgmma_mma_regs) across the asynchronous product: the registers are in
+// flight from wgmma_fence until the wait.
+template <typename V, int R>
+__device__ __forceinline__ void wgmma_fence_registers(V (&x)[R]) {
+  static_assert(std::is_same_v<V, float> || std::is_same_v<V, uint32_t>,
+                "wgmma_fence_registers takes accumulators (float) or A registers (uint32_t)");
 #if !GAM_IS_EMULATED
 #pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < R; ++i) {
+    if constexpr (std::is_same_v<V, float>) {
+      asm volatile("" : "+f"(x[i])::"memory");
+    } else {
+      asm volatile("" : "+r"(x[i])::"memory");
+    }
+  }
 #else
-  (void)d;
-#endif
-}
-
-// The same for A operands held in registers (wgmma_mma_regs): they are read asynchronously too,
-// so their packing must not move past wgmma_fence, nor their reuse before the wait.
-template <int R>
-__device__ __forceinline__ void wgmma_fence_registers(uint32_t (&a)[R]) {
-#if !GAM_IS_EMULATED
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i])::"memory");
-#else
-  (void)a;
+  (void)x;
 #endif
 }
 
