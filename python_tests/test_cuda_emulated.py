@@ -410,16 +410,23 @@ def test_retrieval_every_device_configuration(emu, device, name, d, dtype, monke
     check_retrieval(ours, ref, dtype, shape)
 
 
+@pytest.mark.parametrize(
+    ("path", "s", "d", "kernels"),
+    [("fused", 130, 32, ("mma", "mma")), ("wgmma", 200, 128, ("wgmma:", "wgmma:"))],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_retrieval_rescale_path(emu, dtype, monkeypatch):
-    # Slot norms that grow along the bank push each row's max up tile after tile, so the
-    # tensor-core kernel must rescale its output fragments (threshold exp(8)) several times.
-    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "fused")
-    assert emu.retrieval_path(130, 32, str(dtype).split(".")[1])[1].startswith("mma"), dtype
-    h = gen((1, 70, 32), dtype, 30)
-    grow = torch.linspace(0.2, 3.0, 130).unsqueeze(1)
-    m = (gen((130, 32), torch.float64, 31) * grow).to(dtype)
-    grad_out = gen((1, 70, 32), dtype, 32)
+def test_retrieval_rescale_path(emu, dtype, path, s, d, kernels, monkeypatch):
+    # Slot norms that grow along the bank push each row's max up tile after tile (scores up to
+    # about 50 apart), so the tensor-core kernels must rescale their output fragments several
+    # times (the mma kernel past a threshold of exp(8), the wgmma one at every tile), and p
+    # underflows to zero for most slots of a row.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
+    assert kind[1].startswith(kernels[0]) and kind[2].startswith(kernels[1]), kind
+    h = gen((1, 70, d), dtype, 30)
+    grow = torch.linspace(0.2, 3.0, s).unsqueeze(1) * (32 / d) ** 0.5
+    m = (gen((s, d), torch.float64, 31) * grow).to(dtype)
+    grad_out = gen((1, 70, d), dtype, 32)
     out_ref, lse_ref, dh_ref, dm_ref = retrieval_ref(h, m, 1.5, grad_out)
     out, lse = emu.memory_retrieval_fwd(h, m, 1.5)
     close(out, out_ref, dtype, scale=4.0)
@@ -428,6 +435,7 @@ def test_retrieval_rescale_path(emu, dtype, monkeypatch):
     assert dm.dtype == dtype
     ref_mag = max(1.0, dh_ref.abs().max().item() / 4)
     close(dh, dh_ref, dtype, scale=ref_mag)
+    close(dm, dm_ref, dtype, scale=max(1.0, dm_ref.abs().max().item() / 4))
 
 
 @pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
