@@ -68,7 +68,7 @@ def test_conv(dtype, shape):
 
 RETRIEVAL_SHAPES = [
     (1, 1, 1, 8), (2, 67, 33, 24), (2, 100, 512, 64), (1, 70, 70, 130), (2, 64, 512, 512),
-    (1, 37, 45, 1000), (1, 9, 40, 1100), (1, 70, 301, 192),
+    (1, 37, 45, 1000), (1, 9, 40, 1100), (1, 70, 301, 192), (2, 77, 200, 128), (1, 130, 515, 256),
 ]  # fmt: skip
 
 
@@ -78,6 +78,25 @@ RETRIEVAL_SHAPES = [
 def test_retrieval(dtype, shape, path, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     check_retrieval(dtype, shape)
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm", "wgmma"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_retrieval_rising_max(dtype, path, monkeypatch):
+    # Slot norms that grow along the bank push each row's max up tile after tile (scores about 50
+    # apart): the online softmax's rescales, and p underflowing for most slots, on the hardware's
+    # exp2 (python_tests/test_cuda_emulated.py runs the same case through the emulator).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    s, d = 200, 128
+    h = gen((1, 70, d), dtype, 30)
+    grow = torch.linspace(0.2, 3.0, s, dtype=torch.float64).unsqueeze(1) * (32 / d) ** 0.5
+    m = (gen((s, d), torch.float64, 31) * grow.to(DEV)).to(dtype)
+    dg = gen((1, 70, d), dtype, 32)
+    out, g = grads(lambda a, c: gam_ext.memory_retrieval(a, c, 1.5), [h, m], dg)
+    out_ref, g_ref = ref_grads(lambda a, c: reference.memory_retrieval(a, c, 1.5), [h, m], dg)
+    close(out, out_ref, dtype, scale=4.0)
+    for ours, ref in zip(g, g_ref, strict=True):
+        close(ours, ref, dtype, scale=max(1.0, ref.abs().max().item() / 4))
 
 
 # Shared memory of smaller GPUs (sm_80, sm_86/89/120, sm_75), to run their configurations here.
