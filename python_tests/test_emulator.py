@@ -292,6 +292,81 @@ def test_wgmma_descriptor_decoding_matches_the_canonical_layouts(
             assert got[i, k].item() == _swizzle(start + 2 * element, bits), (name, i, k)
 
 
+# ---- the emulator's layouts against CUTLASS's CuTe ---------------------------------------------
+# The emulator and the kernels are written by the same hands: both could misread the PTX ISA the
+# same way, and the emulated kernel tests would still pass. CuTe's layouts, from the headers of
+# the nvidia-cutlass wheel (`make` installs it into .venv), are an independent reading, proven on
+# the hardware. python_tests/cute_layouts.cu prints them; the emulated kernel tests then hold the
+# kernels to the emulator.
+
+
+def _cute_include() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or spec.origin is None:
+        return None
+    include = Path(spec.origin).parent / "source" / "include"
+    return include if (include / "cute" / "tensor.hpp").is_file() else None
+
+
+@pytest.fixture(scope="module")
+def cute(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{"maps": {name: (threads, elements, 2) tensor}, "descs": [record, ...]} from CuTe."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_resources
+
+    nvcc = kernel_resources.find_nvcc()
+    include = _cute_include()
+    if nvcc is None or include is None:
+        pytest.skip("needs nvcc and CuTe's headers (pip install --no-deps nvidia-cutlass)")
+    exe = tmp_path_factory.mktemp("cute") / "cute_layouts"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "-I", str(include), str(ROOT / "python_tests" / "cute_layouts.cu"),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    maps, descs = {}, []
+    for line in run.stdout.splitlines():  # CuTe prints notes of its own between the records
+        kind, name, *fields = line.split(" ") if line.startswith(("map ", "desc ")) else ("",) * 2
+        if kind == "map":
+            threads, elements, *pairs = map(int, fields)
+            maps[name] = torch.tensor(pairs).view(threads, elements, 2)
+        elif kind == "desc":
+            mn_major, rows, start, lbo, sbo, layout, base, *addresses = map(int, fields)
+            descs.append(
+                dict(name=name, mn_major=bool(mn_major), rows=rows, start=start, lbo=lbo, sbo=sbo,
+                     layout=layout, base=base, addresses=torch.tensor(addresses).view(rows, 16))
+            )  # fmt: skip
+    return {"maps": maps, "descs": descs}
+
+
+def test_fragment_layouts_match_cute(st: types.ModuleType, cute: dict) -> None:
+    # Which (row, column) each register element of each thread holds: mma.sync m16n8k16's A, B
+    # and C, wgmma's A registers and its accumulators at N = 64, 128 and 256.
+    ours = st.fragment_maps()
+    assert sorted(cute["maps"]) == sorted(ours)
+    for name, theirs in cute["maps"].items():
+        assert torch.equal(ours[name], theirs), name
+
+
+def test_wgmma_descriptor_decoding_matches_cute(st: types.ModuleType, cute: dict) -> None:
+    # The 128-byte-swizzled tiles the retrieval kernels use (K-major: h, M tiles and chunks at
+    # every k16 step; MN-major: M read as B of P M at D = 128, 256 and 512, each half of D):
+    # CuTe's make_gmma_desc for each, decoded by the emulator, must address every element where
+    # CuTe puts it.
+    assert len(cute["descs"]) == 34
+    for d in cute["descs"]:
+        assert (d["layout"], d["base"]) == (1, 0), d["name"]  # 128-byte swizzle, aligned atoms
+        desc = _descriptor(d["lbo"], d["sbo"], 1, d["start"])
+        got = st.wgmma_element_addresses(desc, d["mn_major"], d["rows"])
+        assert torch.equal(got, d["addresses"]), d["name"]
+
+
 def test_wgmma_accumulators_are_nan_until_the_wait(st: types.ModuleType) -> None:
     # wgmma is asynchronous: its accumulators are undefined until wgmma.wait_group, and the
     # emulator makes them NaN, so a kernel that reads them early fails its tests.

@@ -3,6 +3,7 @@
 // what a kernel binding file for the emulated build looks like.
 #include <torch/extension.h>
 
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -219,6 +220,36 @@ Tensor wgmma_element_addresses(int64_t desc, bool mn_major, int64_t rows) {
   return out;
 }
 
+// The emulator's register layouts, as (threads, elements, 2) tensors of (row, column) in the
+// instruction's own orientation: mma.sync m16n8k16's A (16 x 16), B (as n, k: 8 x 16) and C
+// (16 x 8) per lane; wgmma's A registers (64 x 16) and accumulators (64 x N, N = 64, 128, 256)
+// per thread of the warpgroup. python_tests/test_emulator.py compares them with CuTe's.
+std::map<std::string, Tensor> fragment_maps() {
+  auto table = [](int64_t threads, int64_t elements, auto pos) {
+    Tensor out = torch::empty({threads, elements, 2}, torch::kInt64);
+    auto o = out.accessor<int64_t, 3>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t i = 0; i < elements; ++i) {
+        const gam_emu::mat::FragmentPos e = pos(static_cast<int>(t), static_cast<int>(i));
+        o[t][i][0] = e.row;
+        o[t][i][1] = e.col;
+      }
+    return out;
+  };
+  std::map<std::string, Tensor> maps;
+  maps["mma_a"] = table(32, 8, gam_emu::mat::a_fragment_pos);
+  maps["mma_b"] = table(32, 4, [](int lane, int i) {
+    const gam_emu::mat::FragmentPos e = gam_emu::mat::b_fragment_pos(lane, i);
+    return gam_emu::mat::FragmentPos{e.col, e.row};
+  });
+  maps["mma_c"] = table(32, 4, gam_emu::mat::c_fragment_pos);
+  maps["wgmma_a"] = table(128, 8, gam_emu::wg::a_register_pos);
+  for (int n : {64, 128, 256}) {
+    maps["wgmma_d" + std::to_string(n)] = table(128, n / 2, gam_emu::wg::accumulator_pos);
+  }
+  return maps;
+}
+
 // The calling thread's fiber counters (context switches, stacks mapped) and whether switches
 // are the assembly ones (x86-64) or ucontext's.
 std::tuple<int64_t, int64_t, bool> fiber_counters() {
@@ -306,6 +337,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("barrier_stress", &barrier_stress);
   m.def("fiber_counters", &fiber_counters);
   m.def("wgmma_element_addresses", &wgmma_element_addresses);
+  m.def("fragment_maps", &fragment_maps);
   m.def("wgmma_gemm", &wgmma_gemm, py::arg("a"), py::arg("b"), py::arg("mode_a"), py::arg("mode_b"),
         py::arg("misuse") = 0);
   m.def("run_fault", &run_fault);

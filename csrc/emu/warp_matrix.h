@@ -102,13 +102,17 @@ inline const char* ldmatrix_name() {
 
 // Where a lane's fragment elements sit, the PTX ISA's layouts shared by mma.sync and (per warp of
 // a warpgroup, 16 rows further down for each warp) wgmma. Element i of the A fragment (16 x K,
-// two per register, the lower k in the low half): row, column. Element i of the C / D fragment of
-// one 8-column block (16 x 8): row, column.
+// two per register, the lower k in the low half): row, column. Element i of the B fragment (K x 8,
+// the same packing): row k, column n. Element i of the C / D fragment of one 8-column block
+// (16 x 8): row, column. (python_tests/test_emulator.py checks them against CUTLASS's CuTe.)
 struct FragmentPos {
   int row, col;
 };
 inline FragmentPos a_fragment_pos(int lane, int i) {
   return {(lane >> 2) + 8 * ((i / 2) % 2), 2 * (lane % 4) + (i & 1) + (i >= 4 ? 8 : 0)};
+}
+inline FragmentPos b_fragment_pos(int lane, int i) {
+  return {2 * (lane % 4) + (i & 1) + (i >= 2 ? 8 : 0), lane >> 2};
 }
 inline FragmentPos c_fragment_pos(int lane, int i) {
   return {(lane >> 2) + (i < 2 ? 0 : 8), 2 * (lane % 4) + (i & 1)};
@@ -128,15 +132,14 @@ inline void resolve_mma(void* const* records) {
   auto rec = [&](int lane) { return static_cast<MmaRecord<K>*>(records[lane]); };
   float a[16][K], b[K][8], d[16][8];
   for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane % 4;
     const MmaRecord<K>& r = *rec(lane);
     for (int i = 0; i < K / 2; ++i) {  // a_i is half (i & 1) of register i / 2
       const FragmentPos e = a_fragment_pos(lane, i);
       a[e.row][e.col] = decode(half_of(r.a[i / 2], i & 1), kBf16);
     }
     for (int i = 0; i < K / 4; ++i) {
-      const int row = 2 * t + (i & 1) + (i >= 2 ? 8 : 0);
-      b[row][g] = decode(half_of(r.b[i / 2], i & 1), kBf16);
+      const FragmentPos e = b_fragment_pos(lane, i);
+      b[e.row][e.col] = decode(half_of(r.b[i / 2], i & 1), kBf16);
     }
     for (int i = 0; i < 4; ++i) {
       const FragmentPos e = c_fragment_pos(lane, i);

@@ -59,6 +59,19 @@ struct Operand {
   uint32_t start, lbo, sbo, swizzle_bytes;  // swizzle_bytes 0 (none), 32, 64 or 128
 };
 
+// Register v of thread t's accumulators (64 x N): row, column. Element i of thread t's A
+// registers (64 x 16, two per register, the lower k in the low half): row, column. Each warp of
+// the warpgroup holds mma.sync's fragments of its 16 rows, the accumulators of the 8-column
+// block v / 4.
+inline mat::FragmentPos accumulator_pos(int t, int v) {
+  const mat::FragmentPos e = mat::c_fragment_pos(t % 32, v % 4);
+  return {16 * (t / 32) + e.row, 8 * (v / 4) + e.col};
+}
+inline mat::FragmentPos a_register_pos(int t, int i) {
+  const mat::FragmentPos e = mat::a_fragment_pos(t % 32, i);
+  return {16 * (t / 32) + e.row, e.col};
+}
+
 inline Operand decode_descriptor(uint64_t desc, const char* what) {
   if ((desc >> 49) & 7u)
     trap(std::string(what) + ": matrix descriptor with a base offset (unsupported)");
@@ -196,19 +209,18 @@ inline void compute(Product& p) {
       for (int k = 0; k < 16; ++k) a[i * 16 + k] = element(oa, op.trans_a, i, k);
   } else {
     for (int t = 0; t < 128; ++t)
-      for (int i = 0; i < 8; ++i) {  // warp t / 32 holds rows 16 (t / 32) ..
-        const mat::FragmentPos e = mat::a_fragment_pos(t % 32, i);
-        a[(16 * (t / 32) + e.row) * 16 + e.col] =
-            mat::decode(mat::half_of(p.a[t][i / 2], i & 1), op.bf16);
+      for (int i = 0; i < 8; ++i) {
+        const mat::FragmentPos e = a_register_pos(t, i);
+        a[e.row * 16 + e.col] = mat::decode(mat::half_of(p.a[t][i / 2], i & 1), op.bf16);
       }
   }
   const Operand ob = decode_descriptor(op.desc_b, what);
   for (int j = 0; j < n; ++j)
     for (int k = 0; k < 16; ++k) b[static_cast<size_t>(j) * 16 + k] = element(ob, op.trans_b, j, k);
   for (int t = 0; t < 128; ++t) {
-    for (int v = 0; v < per; ++v) {  // v / 4: the 8-column block
-      const mat::FragmentPos e = mat::c_fragment_pos(t % 32, v % 4);
-      const int row = 16 * (t / 32) + e.row, col = 8 * (v / 4) + e.col;
+    for (int v = 0; v < per; ++v) {
+      const mat::FragmentPos e = accumulator_pos(t, v);
+      const int row = e.row, col = e.col;
       float acc = 0.0f;
       if (op.scale_d) acc = p.c_from_d[t] ? p.d[t][v] : p.c[static_cast<size_t>(t * per + v)];
       for (int k = 0; k < 16; ++k) acc += a[row * 16 + k] * b[static_cast<size_t>(col) * 16 + k];
