@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -320,8 +321,12 @@ def cute(tmp_path_factory: pytest.TempPathFactory) -> dict:
     include = _cute_include()
     if nvcc is None or include is None:
         pytest.skip("needs nvcc and CuTe's headers (pip install --no-deps nvidia-cutlass)")
-    exe = tmp_path_factory.mktemp("cute") / "cute_layouts"
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, env=env).stdout
+    release = re.search(r"release (\d+)\.", version)
+    if release is None or int(release.group(1)) < 12:
+        pytest.skip(f"CuTe 4.2 needs nvcc 12 or newer; {nvcc} says {version.strip()[-60:]!r}")
+    exe = tmp_path_factory.mktemp("cute") / "cute_layouts"
     build = subprocess.run(
         [nvcc, "-std=c++17", "-I", str(include), str(ROOT / "python_tests" / "cute_layouts.cu"),
          "-o", str(exe)],
