@@ -336,8 +336,10 @@ def cute(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     maps, descs = {}, []
-    for line in run.stdout.splitlines():  # CuTe prints notes of its own between the records
-        kind, name, *fields = line.split(" ") if line.startswith(("map ", "desc ")) else ("",) * 2
+    for line in run.stdout.splitlines():
+        if not line.startswith(("map ", "desc ")):
+            continue  # CuTe prints notes of its own between the records
+        kind, name, *fields = line.split(" ")
         if kind == "map":
             threads, elements, *pairs = map(int, fields)
             maps[name] = torch.tensor(pairs).view(threads, elements, 2)

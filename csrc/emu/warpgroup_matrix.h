@@ -220,10 +220,10 @@ inline void compute(Product& p) {
   for (int t = 0; t < 128; ++t) {
     for (int v = 0; v < per; ++v) {
       const mat::FragmentPos e = accumulator_pos(t, v);
-      const int row = e.row, col = e.col;
       float acc = 0.0f;
       if (op.scale_d) acc = p.c_from_d[t] ? p.d[t][v] : p.c[static_cast<size_t>(t * per + v)];
-      for (int k = 0; k < 16; ++k) acc += a[row * 16 + k] * b[static_cast<size_t>(col) * 16 + k];
+      for (int k = 0; k < 16; ++k)
+        acc += a[e.row * 16 + k] * b[static_cast<size_t>(e.col) * 16 + k];
       p.d[t][v] = acc;
     }
   }
