@@ -99,6 +99,25 @@ def test_retrieval_rising_max(dtype, path, monkeypatch):
         close(ours, ref, dtype, scale=max(1.0, ref.abs().max().item() / 4))
 
 
+@pytest.mark.parametrize("path", ["fused", "gemm", "wgmma"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_backward_on_peaked_rows(dtype, path, monkeypatch):
+    # h and M of unit scale at D = 192 (and 256, the wgmma forward's): one slot takes nearly all
+    # of each row's p, where dP - delta cancels; the fused and wgmma backwards correct their
+    # swept dS to the exact delta (csrc/cuda/README.md, "Numerics of delta"). The same case runs
+    # through the emulator in python_tests/test_cuda_emulated.py.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    for s, d in ((535, 192), (535, 256)):
+        h = gen((2, 2, d), dtype, 84)
+        m = gen((s, d), dtype, 85)
+        dg = gen((2, 2, d), dtype, 86)
+        out, g = grads(lambda a, c: gam_ext.memory_retrieval(a, c, 1.0), [h, m], dg)
+        out_ref, g_ref = ref_grads(lambda a, c: reference.memory_retrieval(a, c, 1.0), [h, m], dg)
+        close(out, out_ref, dtype)
+        for ours, ref in zip(g, g_ref, strict=True):
+            close(ours, ref, dtype)
+
+
 # Shared memory of smaller GPUs (sm_80, sm_86/89/120, sm_75), to run their configurations here.
 SMEM_LIMITS = [166912, 101376, 65536]
 

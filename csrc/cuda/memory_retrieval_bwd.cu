@@ -7,7 +7,9 @@
 //   (1) row pass, one block per row tile, streaming M tiles as the forward does: S = h M^T and
 //       dP = grad_out M^T (2 units, one M tile and the same B fragments for both), P and
 //       scale * dS in registers, dh += (scale dS) M (1 unit, dS as the A operand); P and
-//       scale * dS are stored once, as T, for (2);
+//       scale * dS are stored once, as T, for (2); at the end, scale * dS and dh are corrected
+//       from delta = rowsum(grad_out * out) to the exact rowsum(P dP) summed in the sweep
+//       (csrc/cuda/README.md, "Numerics of delta");
 //   (2) dM = [scale dS; P]^T [h; grad_out] (2 units as one GEMM with K = 2 R), split over row
 //       ranges into fp32 partials, then (3) the partials added in a fixed order.
 // Bitwise deterministic: fixed tiles, fixed split boundaries, fixed summation orders, no float
@@ -188,10 +190,11 @@ struct BwdMmaArgs {
 template <typename T, bool kHgRegs>
 __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     retrieval_bwd_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
-                             const T* __restrict__ mem, const float* __restrict__ lse,
-                             const float* __restrict__ delta, T* __restrict__ dh,
-                             T* __restrict__ pds, int64_t rows, int slots, int sp, int dim,
-                             float scale, float scale_log2, BwdMmaArgs cfg, bool vec) {
+                             const T* __restrict__ mem, const T* __restrict__ out,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             T* __restrict__ dh, T* __restrict__ pds, int64_t rows, int slots,
+                             int sp, int dim, float scale, float scale_log2, BwdMmaArgs cfg,
+                             bool vec) {
   if constexpr (!kMmaCompiled<T> || (kHgRegs && !kRegsVariantCompiled)) {
     __trap();
   } else {
@@ -271,6 +274,7 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     float acc[kNO][4];
 #pragma unroll
     for (int i = 0; i < kNO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float psum[2] = {0.f, 0.f};  // the lane's part of delta = rowsum(P dP), summed in fp32
     T* p_out = pds;
     T* ds_out = pds + rows * sp;
 
@@ -362,7 +366,9 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
           for (int e = 0; e < 2; ++e) {
             const bool ok = c + e < slots;
             pv[e] = ok ? fast_exp2(s[i][2 * r + e] * scale_log2 - lse2[r]) : 0.f;
-            dv[e] = scale * (pv[e] * (dp[i][2 * r + e] - dlt[r]));
+            const float pdp = pv[e] * dp[i][2 * r + e];  // 0 past S (pv and dp both)
+            psum[r] += pdp;
+            dv[e] = scale * (pdp - pv[e] * dlt[r]);
           }
           const uint32_t pk = pack2<T>(pv[0], pv[1]), dk = pack2<T>(dv[0], dv[1]);
           dsf[i / 2][(i & 1) * 2 + r] = dk;
@@ -389,6 +395,61 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
       }
     }
     cp_async_wait<0>();
+
+    // The sweep used delta from G as stored (rounded to T); rowsum(P dP) is the exact one.
+    // scale dS = scale P (dP - delta) gains P corr with corr = scale (delta_G - delta_PdP), and
+    // dh = sum (scale dS) M gains corr G (csrc/cuda/README.md, "Numerics of delta"). Each thread
+    // corrects the P / dS pairs it stored: n-tiles f = j kNS + i with f % warps_n = wn, columns
+    // 8 f + 2 t; kFix n-tiles' loads in flight before their stores (which may alias the loads as
+    // far as the compiler knows).
+    static_assert(kBlockN == 8 * kNS, "n-tile f starts at slot 8 f");
+    constexpr int kFix = 4;
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) corr[r] = scale * (dlt[r] - quad_sum(psum[r]));
+    for (int f0 = wn; f0 < ntiles * kNS; f0 += kFix * warps_n) {
+      auto pair_offset = [&](int u, int r) -> int64_t {  // -1: past S or past the rows
+        const int c = 8 * (f0 + u * warps_n) + 2 * t, rr = 16 * wm + g + 8 * r;
+        return c < sp && rr < rows_left ? (row0 + rr) * sp + c : -1;
+      };
+      uint32_t pk[kFix][2], dk[kFix][2];
+#pragma unroll
+      for (int u = 0; u < kFix; ++u) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t off = pair_offset(u, r);
+          if (off >= 0) {
+            pk[u][r] = *reinterpret_cast<const uint32_t*>(p_out + off);
+            dk[u][r] = *reinterpret_cast<const uint32_t*>(ds_out + off);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kFix; ++u) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t off = pair_offset(u, r);
+          if (off >= 0)
+            *reinterpret_cast<uint32_t*>(ds_out + off) =
+                corrected_ds<T>(dk[u][r], pk[u][r], corr[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rr = 16 * wm + g + 8 * r;
+      if (rr >= rows_left) continue;
+      const T* g_row = out + (row0 + rr) * dim;
+#pragma unroll
+      for (int i = 0; i < kNO; ++i) {
+        const int c = col0 + 8 * i + 2 * t;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (c + e < dim)
+            acc[i][2 * r + e] = fmaf(corr[r], to_f32(g_row[c + e]), acc[i][2 * r + e]);
+        }
+      }
+    }
 
     // dh through shared memory (h's tile, or the M ring), 16-byte stores.
     T* os = kHgRegs ? ms : hs;
@@ -610,9 +671,9 @@ void launch_bwd_mma(const RetrievalBwdParams& p, const BwdMmaConfig& c, cudaStre
   gam_launch("retrieval_bwd_mma", row_kernel,
              dim3(static_cast<unsigned>(ceil_div(p.rows, c.rows()))),
              dim3(static_cast<unsigned>(c.threads())), static_cast<size_t>(c.smem_bytes()), stream,
-             grad_out, h, static_cast<const T*>(p.memory), p.lse, p.delta, static_cast<T*>(p.dh),
-             pds, p.rows, static_cast<int>(p.slots), sp, static_cast<int>(p.dim), p.scale,
-             p.scale * kLog2e, args, vec);
+             grad_out, h, static_cast<const T*>(p.memory), static_cast<const T*>(p.out), p.lse,
+             p.delta, static_cast<T*>(p.dh), pds, p.rows, static_cast<int>(p.slots), sp,
+             static_cast<int>(p.dim), p.scale, p.scale * kLog2e, args, vec);
   const bool dm_vec = p.dim % 8 == 0 && aligned16(p.grad_out) && aligned16(p.h);
   gam_launch(
       "retrieval_bwd_dm_mma", dm_kernel,

@@ -2,9 +2,11 @@
 // score part of the backward in one kernel, for fp16 / bf16 at D = 64 .. 512 (D % 64 == 0). Per
 // row and slot it computes s = h.M and dP = grad_out.M with wgmma, then p = exp(scale s - lse)
 // and scale * dS = scale p (dP - delta) with delta = rowsum(grad_out * out), and writes P and
-// scale * dS once, rounded to T. The scores and dP never reach global memory: the gemm path
-// writes both as fp32 from cuBLAS and reads them back (26 bytes per score in all against this
-// path's 10). cuBLAS then computes dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out, as
+// scale * dS once, rounded to T; at the end it corrects its dS to the exact delta = rowsum(P dP),
+// summed on the way (csrc/cuda/README.md, "Numerics of delta"). The scores and dP never reach
+// global memory: the gemm path writes both as fp32 from cuBLAS and reads them back (26 bytes per
+// score in all against this path's 10, 16 with the correction's second look at P and dS). cuBLAS
+// then computes dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out, as
 // on the gemm path. Not measured on a GPU yet.
 //
 // A block of two warpgroups owns 64 rows. h and grad_out (64 x D each) are loaded once into
@@ -125,6 +127,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   const int r_lo = 16 * warp + g;
   const float lse2[2] = {lse2_s[r_lo], lse2_s[r_lo + 8]};
   const float delta[2] = {delta_s[r_lo], delta_s[r_lo + 8]};
+  float psum[2] = {0.f, 0.f};  // the thread's part of delta = rowsum(P dP), summed in fp32
   float s[64], dp[64];
   for (int c0 = 0; c0 < chunks; c0 += panels) {  // one 128-slot tile per trip
     for (int p = 0; p < panels; ++p) {
@@ -178,7 +181,9 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       for (int e = 0; e < 2; ++e) {
         const bool ok = slot + e < slots;
         pv[e] = ok ? fast_exp2(s[v + e] * scale_log2 - lse2[hi]) : 0.f;
-        dsv[e] = ok ? scale * (pv[e] * (dp[v + e] - delta[hi])) : 0.f;
+        const float pdp = pv[e] * dp[v + e];  // 0 past S: pv = 0 there, and dp too (M zero-filled)
+        psum[hi] += pdp;
+        dsv[e] = ok ? scale * (pdp - pv[e] * delta[hi]) : 0.f;
       }
       if (r < rows_left && slot < ld) {
         const int64_t at = (row0 + r) * ld + slot;
@@ -188,6 +193,51 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     }
   }
   cp_async_wait<0>();
+
+  // The sweep used delta from G as stored (rounded to T); rowsum(P dP) is the exact one
+  // (csrc/cuda/README.md, "Numerics of delta"). Both warpgroups' parts meet in the lse / delta
+  // slots, which every thread has read (hence the first barrier), added in a fixed order; then
+  // scale dS gains P corr, corr = scale (delta_G - delta_PdP), in the pairs this thread stored.
+  const float part[2] = {quad_sum(psum[0]), quad_sum(psum[1])};
+  __syncthreads();
+  if (q == 0) {
+    float* parts = wg == 0 ? lse2_s : delta_s;
+    parts[r_lo] = part[0];
+    parts[r_lo + 8] = part[1];
+  }
+  __syncthreads();
+  float corr[2];
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    const int r = r_lo + 8 * hi;
+    corr[hi] = scale * (delta[hi] - (lse2_s[r] + delta_s[r]));
+  }
+  // Half a tile's pairs (16) loaded before their stores, which may alias the loads as far as the
+  // compiler knows.
+  for (int c0 = 0; c0 < chunks; c0 += panels) {
+    const int s0 = chunk_slot0(c0);
+#pragma unroll
+    for (int v0 = 0; v0 < 64; v0 += 32) {
+      uint32_t pk[16], dk[16];
+#pragma unroll
+      for (int u = 0; u < 16; ++u) {
+        const int v = v0 + 2 * u, r = r_lo + 8 * ((v >> 1) & 1), slot = s0 + 8 * (v >> 2) + 2 * q;
+        const int64_t at = (row0 + r) * ld + slot;
+        if (r < rows_left && slot < ld) {
+          pk[u] = *reinterpret_cast<const uint32_t*>(p_out + at);
+          dk[u] = *reinterpret_cast<const uint32_t*>(ds_out + at);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 16; ++u) {
+        const int v = v0 + 2 * u, hi = (v >> 1) & 1, r = r_lo + 8 * hi;
+        const int slot = s0 + 8 * (v >> 2) + 2 * q;
+        const int64_t at = (row0 + r) * ld + slot;
+        if (r < rows_left && slot < ld)
+          *reinterpret_cast<uint32_t*>(ds_out + at) = corrected_ds<T>(dk[u], pk[u], corr[hi]);
+      }
+    }
+  }
 #else
   (void)grad_out, (void)h, (void)mem, (void)out, (void)lse, (void)p_out, (void)ds_out;
   (void)rows, (void)slots, (void)ld, (void)dim, (void)scale, (void)scale_log2;

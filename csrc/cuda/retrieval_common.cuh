@@ -138,6 +138,16 @@ __device__ __forceinline__ uint32_t probabilities(float s0, float s1, float mx, 
   return pk;
 }
 
+// The backward's delta correction (csrc/cuda/README.md, "Numerics of delta"): a pair of
+// scale dS plus corr times the pair of P, each packed as T.
+template <typename T>
+__device__ __forceinline__ uint32_t corrected_ds(uint32_t ds, uint32_t p, float corr) {
+  float d0, d1, p0, p1;
+  unpack2<T>(ds, d0, d1);
+  unpack2<T>(p, p0, p1);
+  return pack2<T>(fmaf(corr, p0, d0), fmaf(corr, p1, d1));
+}
+
 // The end of the online softmax for a thread's two rows (rows row and row + 8 of the block,
 // whose first row is block_lse[0]): l summed over the quad, inv = 1 / l, and, where `write` and
 // the row exists (< rows_left), lse = ln 2 * max2 + ln l.
