@@ -95,42 +95,45 @@ GAM_INLINE void softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
 
 // Softmax backward of t rows, in place on the raw scores s = h M^T (rows of srows) and
 // dp = grad M^T (rows of dprows), both with row stride ld: p = exp(scale*s - lse); srows become
-// scale * ds = scale * p * (dp - delta), dprows become p. With ds_bf16 (fp32 only; row stride
-// ld), scale * ds is also written there rounded to bf16 (the operand of a bf16 product).
+// scale * ds = scale * p * (dp - delta), dprows become p. Where delta is null the w slots are the
+// whole row: p is renormalised to sum to 1 (lse is fp32: rounded near |s| ~ 40 it leaves p off by
+// a few 1e-6) and delta = rowsum(p dp) is summed here, which keeps dp - delta's cancellation on
+// rows where one slot holds nearly all of p (docs/design.md, "Numerics"). Chunks of a longer row
+// take delta as given (rowsum(dG G), per row). With ds_bf16 (fp32 only; row stride ld), scale * ds
+// is also written there rounded to bf16 (the operand of a bf16 product).
 template <typename A>
 GAM_INLINE void scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
                                 const float* lse, const A* delta, A scale, at::BFloat16* ds_bf16) {
+  at::BFloat16* drow = nullptr;
   for (int64_t q = 0; q < t; ++q) {
     A* __restrict srow = srows + q * ld;
     A* __restrict dprow = dprows + q * ld;
-    const A l = static_cast<A>(lse[q]), dl = delta[q];
-    if constexpr (std::is_same_v<A, double>) {
-      // lse is fp32: in fp64 (which holds all S slots of a row at once) renormalise the row so
-      // that p carries no fp32 rounding.
-      for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(scale * srow[j] - l);
-      const A inv = A(1) / row_sum(srow, w);
-      for (int64_t j = 0; j < w; ++j) {
-        const A p = srow[j] * inv;
-        srow[j] = scale * p * (dprow[j] - dl);
-        dprow[j] = p;
-      }
-    } else if (ds_bf16 != nullptr) {
-      if constexpr (std::is_same_v<A, float>) {
-        at::BFloat16* __restrict drow = ds_bf16 + q * ld;
-        for (int64_t j = 0; j < w; ++j) {
-          const A p = fast_exp(scale * srow[j] - l);
-          const A g = scale * p * (dprow[j] - dl);
-          srow[j] = g;
-          drow[j] = to_bf16(g);
-          dprow[j] = p;
-        }
-      }
-    } else {
+    if constexpr (std::is_same_v<A, float>) {
+      if (ds_bf16 != nullptr) drow = ds_bf16 + q * ld;
+    }
+    const A l = static_cast<A>(lse[q]);
+    A dl = 0, inv = 1;
+    if (delta != nullptr) {
+      dl = delta[q];
+    } else {  // p first (into srow), then the row's sums
+      A sum = 0, pdp = 0;
       for (int64_t j = 0; j < w; ++j) {
         const A p = fast_exp(scale * srow[j] - l);
-        srow[j] = scale * p * (dprow[j] - dl);
-        dprow[j] = p;
+        srow[j] = p;
+        sum += p;
+        pdp += p * dprow[j];
       }
+      inv = A(1) / sum;
+      dl = pdp * inv;
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      const A p = delta != nullptr ? fast_exp(scale * srow[j] - l) : srow[j] * inv;
+      const A g = scale * p * (dprow[j] - dl);
+      srow[j] = g;
+      if constexpr (std::is_same_v<A, float>) {
+        if (drow != nullptr) drow[j] = to_bf16(g);
+      }
+      dprow[j] = p;
     }
   }
 }

@@ -126,6 +126,11 @@ GAM_AVX512 inline void softmax_chunk_avx512(float* sbuf, int64_t t, int64_t w, b
 }
 
 // scores_to_grads<float> (retrieval_tiles.h) on AVX-512, with the same optional bf16 copy of ds.
+// p = exp(scale * s - lse) of the lanes m of 16 scores at s.
+GAM_AVX512_INLINE __m512 probs16(const float* s, __mmask16 m, __m512 scale, __m512 lse) {
+  return exp16(_mm512_fmsub_ps(scale, _mm512_maskz_loadu_ps(m, s), lse));
+}
+
 GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64_t ld, int64_t t,
                                               int64_t w, const float* lse, const float* delta,
                                               float scale, at::BFloat16* ds_bf16) {
@@ -133,10 +138,27 @@ GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64
   for (int64_t q = 0; q < t; ++q) {
     float* const srow = srows + q * ld;
     float* const dprow = dprows + q * ld;
-    const __m512 vl = _mm512_set1_ps(lse[q]), vdl = _mm512_set1_ps(delta[q]);
+    const __m512 vl = _mm512_set1_ps(lse[q]);
+    __m512 vdl, vinv = _mm512_set1_ps(1.0f);
+    if (delta != nullptr) {
+      vdl = _mm512_set1_ps(delta[q]);
+    } else {  // p first (into srow), then the row's sums (retrieval_tiles.h)
+      __m512 sum = _mm512_setzero_ps(), pdp = _mm512_setzero_ps();
+      for (int64_t j = 0; j < w; j += 16) {
+        const __mmask16 m = lanes(w - j);
+        const __m512 p = _mm512_maskz_mov_ps(m, probs16(srow + j, m, vs, vl));  // 0 past w
+        _mm512_mask_storeu_ps(srow + j, m, p);
+        sum = _mm512_add_ps(sum, p);
+        pdp = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, dprow + j), pdp);
+      }
+      const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+      vinv = _mm512_set1_ps(inv);
+      vdl = _mm512_set1_ps(_mm512_reduce_add_ps(pdp) * inv);
+    }
     for (int64_t j = 0; j < w; j += 16) {
       const __mmask16 m = lanes(w - j);
-      const __m512 p = exp16(_mm512_fmsub_ps(vs, _mm512_maskz_loadu_ps(m, srow + j), vl));
+      const __m512 p = delta != nullptr ? probs16(srow + j, m, vs, vl)
+                                        : _mm512_mul_ps(_mm512_maskz_loadu_ps(m, srow + j), vinv);
       const __m512 dp = _mm512_maskz_loadu_ps(m, dprow + j);
       const __m512 g = _mm512_mul_ps(_mm512_mul_ps(vs, p), _mm512_sub_ps(dp, vdl));
       _mm512_mask_storeu_ps(srow + j, m, g);
