@@ -559,7 +559,9 @@ __global__ void __launch_bounds__(kDmThreads)
 
 constexpr int kSoftmaxWarps = 8;
 
-// One warp per row: p = exp(scale * s - lse), delta = sum p dP, ds = scale * p (dP - delta);
+// One warp per row: p = exp(scale * s - lse) renormalised to sum to 1 (lse is fp32: rounded near
+// |s| ~ 40 it leaves p off by a few 1e-6, and on a row where one slot holds nearly all of p that
+// error, times delta, stays whole in dP - delta), delta = sum p dP, ds = scale * p (dP - delta);
 // P and ds rounded to T.
 template <typename T>
 __global__ void __launch_bounds__(kSoftmaxWarps * 32)
@@ -573,13 +575,20 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   const float* s = scores + row * slots;
   const float* dp = dps + row * slots;
   const float lse2 = lse[row] * kLog2e;
-  float delta = 0.f;
-  for (int c = lane; c < slots; c += 32)
-    delta = fmaf(fast_exp2(s[c] * scale_log2 - lse2), dp[c], delta);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+  float sum = 0.f, pdp = 0.f;
   for (int c = lane; c < slots; c += 32) {
     const float pv = fast_exp2(s[c] * scale_log2 - lse2);
+    sum += pv;
+    pdp = fmaf(pv, dp[c], pdp);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    pdp += __shfl_xor_sync(0xffffffffu, pdp, o);
+  }
+  const float inv = 1.f / sum, delta = pdp * inv;
+  for (int c = lane; c < slots; c += 32) {
+    const float pv = fast_exp2(s[c] * scale_log2 - lse2) * inv;
     p_out[row * slots + c] = from_f32<T>(pv);
     ds_out[row * slots + c] = from_f32<T>(scale * (pv * (dp[c] - delta)));
   }
@@ -603,7 +612,7 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   const float* dp = dps + row * slots;
   const float lse2 = lse[row] * kLog2e;
   float pv[kVecs][4], dpv[kVecs][4];
-  float delta = 0.f;
+  float sum = 0.f, pdp = 0.f;
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
     const int c = lane + 32 * i;
@@ -613,19 +622,27 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         pv[i][j] = fast_exp2(pv[i][j] * scale_log2 - lse2);
-        delta = fmaf(pv[i][j], dpv[i][j], delta);
+        sum += pv[i][j];
+        pdp = fmaf(pv[i][j], dpv[i][j], pdp);
       }
     }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+  for (int o = 16; o > 0; o >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    pdp += __shfl_xor_sync(0xffffffffu, pdp, o);
+  }
+  const float inv = 1.f / sum, delta = pdp * inv;
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
     const int c = lane + 32 * i;
     if (c < nvec) {
       float ds[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) ds[j] = scale * (pv[i][j] * (dpv[i][j] - delta));
+      for (int j = 0; j < 4; ++j) {
+        pv[i][j] *= inv;
+        ds[j] = scale * (pv[i][j] * (dpv[i][j] - delta));
+      }
       store_f32<T, 4>(p_out + row * slots + 4 * c, pv[i]);
       store_f32<T, 4>(ds_out + row * slots + 4 * c, ds);
     }
