@@ -118,12 +118,16 @@ def test_retrieval_backward_on_peaked_rows(dtype, path, monkeypatch):
             close(ours, ref, dtype)
 
 
+@pytest.mark.parametrize("path", ["gemm", "simt"])
 @pytest.mark.parametrize("s", [500, 502])
-def test_retrieval_backward_on_peaked_rows_fp32_gemm(s, monkeypatch):
-    # The same rows in fp32 on the gemm path, whose softmax backward renormalises p (lse's fp32
-    # rounding near |s| ~ 40 leaves it off by a few 1e-6, which such rows feel): within twice the
-    # error of eager fp32 on the device.
-    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+def test_retrieval_backward_on_peaked_rows_fp32(s, path, monkeypatch):
+    # The same rows in fp32; both fp32 paths renormalise p (lse's fp32 rounding near |s| ~ 40
+    # leaves it off by a few 1e-6, which such rows feel: 25 times eager's error before). Within
+    # four times the error of eager fp32 on the device: the kernels' exp2 (ex2.approx, about 2
+    # ulp, on the scale folded into a base-2 exponent) and the SIMT path's sequential dot
+    # products add per-score noise that such rows make visible (the emulator, with exact exp2,
+    # measures 1x / 3.3x).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     h, m, dg = (
         gen((2, 2, 192), torch.float32, 84),
         gen((s, 192), torch.float32, 85),
@@ -134,7 +138,7 @@ def test_retrieval_backward_on_peaked_rows_fp32_gemm(s, monkeypatch):
     _, g_ref = ref_grads(lambda a, c: reference.memory_retrieval(a, c, 1.0), [h, m], dg)
     for ours, eager, ref in zip(g, g_eager, g_ref, strict=True):
         err = (ours.double() - ref).abs().max().item()
-        assert err <= 2 * (eager.double() - ref).abs().max().item() + 1e-6, err
+        assert err <= 4 * (eager.double() - ref).abs().max().item() + 1e-6, err
 
 
 # Shared memory of smaller GPUs (sm_80, sm_86/89/120, sm_75), to run their configurations here.

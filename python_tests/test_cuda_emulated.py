@@ -439,7 +439,7 @@ def test_retrieval_rescale_path(emu, dtype, path, s, d, kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("path", ["gemm", "fused", "wgmma"])
+@pytest.mark.parametrize("path", ["gemm", "fused", "wgmma", "simt"])
 def test_retrieval_backward_on_peaked_rows(emu, path, dtype, monkeypatch):
     # h and M of unit scale at D = 192: scores about 14 apart, one slot holds nearly all of each
     # row's p (a case a randomised run found). There dP of that slot and delta = rowsum(P dP)
@@ -451,7 +451,9 @@ def test_retrieval_backward_on_peaked_rows(emu, path, dtype, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     b, n, s, d = 2, 2, 535, 192
     backward = emu.retrieval_path(s, d, str(dtype).split(".")[1])[2]
-    assert backward.startswith({"gemm": "gemm", "fused": "mma", "wgmma": "wgmma:"}[path]), backward
+    assert backward.startswith({"gemm": "gemm", "fused": "mma", "wgmma": "wgmma:", "simt": "simt"}[path]), (
+        backward
+    )
     h = gen((b, n, d), dtype, 84)
     m = gen((s, d), torch.float32, 85)
     grad_out = gen((b, n, d), dtype, 86)
@@ -464,12 +466,16 @@ def test_retrieval_backward_on_peaked_rows(emu, path, dtype, monkeypatch):
     close(dm, dm_ref, dtype)
 
 
-@pytest.mark.parametrize("s", [500, 502])  # S % 4 == 0: the row-in-registers softmax kernel; else the other
-def test_retrieval_backward_on_peaked_rows_fp32_gemm(emu, s, monkeypatch):
-    # The same rows in fp32 on the gemm path: there lse's fp32 rounding (scores near 40) left p
-    # off by a few 1e-6, which on such rows stays whole in dP - delta (dh off by 4.3e-5 against
-    # eager's 1.7e-6 at S = 500); the softmax backward now renormalises p. Budget: twice eager.
-    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "gemm")
+@pytest.mark.parametrize("path", ["gemm", "simt"])
+@pytest.mark.parametrize("s", [500, 502])  # gemm: S % 4 == 0 takes the row-in-registers kernel
+def test_retrieval_backward_on_peaked_rows_fp32(emu, s, path, monkeypatch):
+    # The same rows in fp32: there lse's fp32 rounding (scores near 40) left p off by a few 1e-6,
+    # which on such rows stays whole in dP - delta (dh off by 4.3e-5 / 4.4e-5 against eager's
+    # 1.7e-6 at S = 500); both paths now renormalise p: 1.6e-6 / 5.5e-6. Budget: twice eager's
+    # error on the gemm path, whose products are eager's; four times on the SIMT one, whose
+    # scores and dP are sequential fp32 dot products (about sqrt(D) ulp each; p's errors stay
+    # visible on such rows: 2e-7 of noise in p alone gives 5e-6 here).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
     b, n, d = 2, 2, 192
     h, m, grad_out = (
         gen((b, n, d), torch.float32, 84),
@@ -481,9 +487,10 @@ def test_retrieval_backward_on_peaked_rows_fp32_gemm(emu, s, monkeypatch):
     dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
     leaves = [h.clone().requires_grad_(), m.clone().requires_grad_()]
     reference.memory_retrieval(*leaves, 1.0).backward(grad_out)
+    budget = {"gemm": 2, "simt": 4}[path]
     for ours, eager, ref in ((dh, leaves[0].grad, dh_ref), (dm, leaves[1].grad, dm_ref)):
         err = (ours.double() - ref).abs().max().item()
-        assert err <= 2 * (eager.double() - ref).abs().max().item(), err
+        assert err <= budget * (eager.double() - ref).abs().max().item(), err
 
 
 @pytest.mark.parametrize("path", ["fused", "simt", "gemm"])

@@ -415,10 +415,13 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
     return {dh, dm};
   }
   const int splits = memory_retrieval_bwd_row_splits(rows);
-  Tensor delta = at::empty({rows}, h.options().dtype(at::kFloat));
+  // delta, inv_psum, delta_pdp: a float per row each.
+  Tensor row_ws = at::empty({3 * rows}, h.options().dtype(at::kFloat));
   Tensor ws = at::empty({memory_retrieval_bwd_workspace_floats(slots, dim, splits)},
                         h.options().dtype(at::kFloat));
-  p.delta = delta.data_ptr<float>();
+  p.delta = row_ws.data_ptr<float>();
+  p.inv_psum = p.delta + rows;
+  p.delta_pdp = p.delta + 2 * rows;
   p.partials = ws.data_ptr<float>();
   p.row_splits = splits;
   Tensor pds = at::empty({memory_retrieval_bwd_pds_elements(p)}, h.options());

@@ -16,7 +16,7 @@
 // atomics. Why P and scale * dS are stored rather than recomputed: csrc/cuda/README.md.
 // fp32 SIMT path (fp32 on the fused path, GAM_EXT_RETRIEVAL=simt, or D > 1024): (1') dh per row
 // tile and (2') dM per (slot tile, column slice, row range), each recomputing p and ds (7 units),
-// then (3).
+// then (3); (1') also writes each row's 1 / sum p and exact delta = rowsum(p dP) for (2').
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -66,8 +66,10 @@ template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dh_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                                  const T* __restrict__ mem, const float* __restrict__ lse,
-                                 const float* __restrict__ delta, T* __restrict__ dh, int64_t rows,
-                                 int64_t slots, int64_t dim, float scale) {
+                                 const float* __restrict__ delta, const T* __restrict__ out,
+                                 T* __restrict__ dh, float* __restrict__ inv_psum,
+                                 float* __restrict__ delta_pdp, int64_t rows, int64_t slots,
+                                 int64_t dim, float scale) {
   GAM_SHARED(float, hs, kSimtRows* kSimtChunk);
   GAM_SHARED(float, grad_out_s, kSimtRows* kSimtChunk);
   GAM_SHARED(float, ms, kSimtSlots*(kSimtChunk + 1));
@@ -82,10 +84,13 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
   float acc[kSimtCols / 16];
 #pragma unroll
   for (int i = 0; i < kSimtCols / 16; ++i) acc[i] = 0.f;
+  float psum = 0.f, pdp = 0.f;
   for (int64_t s0 = 0; s0 < slots; s0 += kSimtSlots) {
     float sa[2], sb[2], p[2], ds[2];
     simt_scores<T, true>(h, grad_out, mem, rows, slots, dim, row0, s0, hs, grad_out_s, ms, sa, sb);
     probs(sa, sb, row_ok, lse_r, delta_r, s0, slots, scale, p, ds);
+    psum += p[0] + p[1];
+    pdp = fmaf(p[0], sb[0], fmaf(p[1], sb[1], pdp));
     dss[r * kSimtSlots + sl] = ds[0];
     dss[r * kSimtSlots + sl + 16] = ds[1];
     simt_load_cols(mem, slots, dim, s0, d0, kSimtSlots, mv);
@@ -98,11 +103,22 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     }
     __syncthreads();
   }
+  // The sweep took p = exp(scale s - lse) and delta from G as stored. With the row's sums, p is
+  // renormalised (lse is fp32: rounded near |s| ~ 40 it leaves p off by a few 1e-6) and delta
+  // becomes the exact rowsum(p dP) (G's rounding, not shared by dP, would stay whole in
+  // dP - delta on rows where one slot holds nearly all of p): dh = scale (acc / sum p +
+  // (delta_G - delta_pdp) G) (csrc/cuda/README.md, "Numerics of delta"); the dM kernel takes
+  // both sums from inv_psum and delta_pdp.
+  const float inv = 1.f / half_warp_sum(psum), dex = half_warp_sum(pdp) * inv;
   if (row_ok) {
+    if (blockIdx.y == 0 && sl == 0) inv_psum[row] = inv, delta_pdp[row] = dex;
 #pragma unroll
     for (int i = 0; i < kSimtCols / 16; ++i) {
       const int64_t c = d0 + sl + 16 * i;
-      if (c < dim) dh[row * dim + c] = from_f32<T>(scale * acc[i]);
+      if (c < dim) {
+        const float g = to_f32(out[row * dim + c]);
+        dh[row * dim + c] = from_f32<T>(scale * fmaf(delta_r - dex, g, acc[i] * inv));
+      }
     }
   }
 }
@@ -112,7 +128,8 @@ template <typename T>
 __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     retrieval_bwd_dm_simt_kernel(const T* __restrict__ grad_out, const T* __restrict__ h,
                                  const T* __restrict__ mem, const float* __restrict__ lse,
-                                 const float* __restrict__ delta, float* __restrict__ partials,
+                                 const float* __restrict__ delta_pdp,
+                                 const float* __restrict__ inv_psum, float* __restrict__ partials,
                                  int64_t rows, int64_t slots, int64_t dim, float scale,
                                  int64_t rows_per_split) {
   GAM_SHARED(float, hs, kSimtRows* kSimtChunk);
@@ -135,14 +152,15 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
     const int64_t row = row0 + r;
     const bool row_ok = row < rend;
     const float lse_r = row_ok ? lse[row] : 0.f;
-    const float delta_r = row_ok ? delta[row] : 0.f;
+    const float delta_r = row_ok ? delta_pdp[row] : 0.f;  // both from the dh kernel
+    const float inv = row_ok ? inv_psum[row] : 0.f;
     float sa[2], sb[2], p[2], ds[2];
     simt_scores<T, true>(h, grad_out, mem, rend, slots, dim, row0, s0, hs, grad_out_s, ms, sa, sb);
     probs(sa, sb, row_ok, lse_r, delta_r, s0, slots, scale, p, ds);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      dss[r * kSimtSlots + sl + 16 * i] = scale * ds[i];
-      pss[r * kSimtSlots + sl + 16 * i] = p[i];
+      dss[r * kSimtSlots + sl + 16 * i] = scale * ds[i] * inv;
+      pss[r * kSimtSlots + sl + 16 * i] = p[i] * inv;
     }
     simt_load_cols(h, rend, dim, row0, d0, kSimtRows, hv);
     simt_load_cols(grad_out, rend, dim, row0, d0, kSimtRows, gv);
@@ -813,12 +831,13 @@ void launch_memory_retrieval_bwd(const RetrievalBwdParams& p, cudaStream_t strea
     gam_launch("retrieval_bwd_dh_simt", retrieval_bwd_dh_simt_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.rows, kSimtRows)), col_blocks),
                dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta,
-               static_cast<T*>(p.dh), p.rows, p.slots, p.dim, p.scale);
+               static_cast<const T*>(p.out), static_cast<T*>(p.dh), p.inv_psum, p.delta_pdp, p.rows,
+               p.slots, p.dim, p.scale);
     gam_launch("retrieval_bwd_dm_simt", retrieval_bwd_dm_simt_kernel<T>,
                dim3(static_cast<unsigned>(ceil_div(p.slots, kSimtSlots)), col_blocks,
                     static_cast<unsigned>(p.row_splits)),
-               dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta, p.partials, p.rows,
-               p.slots, p.dim, p.scale, rows_per_split(p.rows, p.row_splits));
+               dim3(kSimtThreads), 0, stream, grad_out, h, mem, p.lse, p.delta_pdp, p.inv_psum,
+               p.partials, p.rows, p.slots, p.dim, p.scale, rows_per_split(p.rows, p.row_splits));
   });
   launch_reduce_partials("retrieval_bwd_reduce", p.partials, int64_t(p.row_splits), p.slots * p.dim,
                          StoreContiguous{p.dmemory}, stream);

@@ -74,6 +74,8 @@ struct RetrievalBwdParams {
   void* dh;              // (R, D)
   float* dmemory;        // (S, D) fp32, written
   float* delta;          // workspace (R) fp32
+  float* inv_psum;       // workspace (R) fp32: 1 / rowsum(p), the SIMT kernels' renormalisation
+  float* delta_pdp;      // workspace (R) fp32: rowsum(p dP), the SIMT kernels' exact delta
   float* partials;       // workspace: memory_retrieval_bwd_workspace_floats() floats
   void* pds;             // workspace: memory_retrieval_bwd_pds_elements() elements of h's dtype
                          // (P, then scale * dS, each rows x S rounded up to 8) or nullptr
