@@ -466,6 +466,24 @@ def test_retrieval_backward_on_peaked_rows(emu, path, dtype, monkeypatch):
     close(dm, dm_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["gemm", "fused", "wgmma", "simt"])
+def test_retrieval_single_slot_backward(emu, path, dtype, monkeypatch):
+    # S = 1: p = 1 whatever h is, so dh = 0 and dM = sum of grad_out. Every path's dS must sum to
+    # zero over the row as softmax's gradient does, also where the backward's recomputed score
+    # differs from the forward's by rounding (the wgmma kernels order their products
+    # differently), so that p = exp(scale s - lse) is 1 +- 1e-6: the delta correction divides
+    # rowsum(p dP) by rowsum(p) (without that the wgmma path left dh at 2e-5 here; in the
+    # emulator, with exact exp2 and the same products on both sides, the other paths give 0).
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    h, m, grad_out = gen((1, 70, 128), dtype, 30), gen((1, 128), dtype, 31, 1.5), gen((1, 70, 128), dtype, 32)
+    out, lse = emu.memory_retrieval_fwd(h, m, 1.0)
+    assert torch.equal(out, m.expand(1, 70, 128))
+    dh, dm = emu.memory_retrieval_bwd(grad_out, h, m, out, lse, 1.0)
+    assert dh.abs().max().item() <= 1e-6
+    close(dm, grad_out.double().sum((0, 1)).unsqueeze(0), dtype)
+
+
 @pytest.mark.parametrize("path", ["gemm", "simt"])
 @pytest.mark.parametrize("s", [500, 502])  # gemm: S % 4 == 0 takes the row-in-registers kernel
 def test_retrieval_backward_on_peaked_rows_fp32(emu, s, path, monkeypatch):

@@ -8,8 +8,8 @@
 //       dP = grad_out M^T (2 units, one M tile and the same B fragments for both), P and
 //       scale * dS in registers, dh += (scale dS) M (1 unit, dS as the A operand); P and
 //       scale * dS are stored once, as T, for (2); at the end, scale * dS and dh are corrected
-//       from delta = rowsum(grad_out * out) to the exact rowsum(P dP) summed in the sweep
-//       (csrc/cuda/README.md, "Numerics of delta");
+//       from delta = rowsum(grad_out * out) to the exact rowsum(p dP) / rowsum(p) summed in the
+//       sweep (csrc/cuda/README.md, "Numerics of delta");
 //   (2) dM = [scale dS; P]^T [h; grad_out] (2 units as one GEMM with K = 2 R), split over row
 //       ranges into fp32 partials, then (3) the partials added in a fixed order.
 // Bitwise deterministic: fixed tiles, fixed split boundaries, fixed summation orders, no float
@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     float acc[kNO][4];
 #pragma unroll
     for (int i = 0; i < kNO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float psum[2] = {0.f, 0.f};  // the lane's part of delta = rowsum(P dP), summed in fp32
+    // The lane's parts of rowsum(p) and rowsum(p dP), summed in fp32 for the exact delta.
+    float p_sum[2] = {0.f, 0.f}, pdp_sum[2] = {0.f, 0.f};
     T* p_out = pds;
     T* ds_out = pds + rows * sp;
 
@@ -385,7 +386,8 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
             const bool ok = c + e < slots;
             pv[e] = ok ? fast_exp2(s[i][2 * r + e] * scale_log2 - lse2[r]) : 0.f;
             const float pdp = pv[e] * dp[i][2 * r + e];  // 0 past S (pv and dp both)
-            psum[r] += pdp;
+            p_sum[r] += pv[e];
+            pdp_sum[r] += pdp;
             dv[e] = scale * (pdp - pv[e] * dlt[r]);
           }
           const uint32_t pk = pack2<T>(pv[0], pv[1]), dk = pack2<T>(dv[0], dv[1]);
@@ -414,8 +416,8 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     }
     cp_async_wait<0>();
 
-    // The sweep used delta from G as stored (rounded to T); rowsum(P dP) is the exact one.
-    // scale dS = scale P (dP - delta) gains P corr with corr = scale (delta_G - delta_PdP), and
+    // The sweep used delta from G as stored (rounded to T); rowsum(p dP) / rowsum(p) is the exact
+    // one. scale dS = scale P (dP - delta) gains P corr with corr = scale (delta_G - delta), and
     // dh = sum (scale dS) M gains corr G (csrc/cuda/README.md, "Numerics of delta"). Each thread
     // corrects the P / dS pairs it stored: n-tiles f = j kNS + i with f % warps_n = wn, columns
     // 8 f + 2 t; kFix n-tiles' loads in flight before their stores (which may alias the loads as
@@ -424,7 +426,8 @@ __global__ void __launch_bounds__(kHgRegs ? 256 : kBwdMaxThreads)
     constexpr int kFix = 4;
     float corr[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) corr[r] = scale * (dlt[r] - quad_sum(psum[r]));
+    for (int r = 0; r < 2; ++r)
+      corr[r] = scale * (dlt[r] - quad_sum(pdp_sum[r]) / quad_sum(p_sum[r]));
     for (int f0 = wn; f0 < ntiles * kNS; f0 += kFix * warps_n) {
       auto pair_offset = [&](int u, int r) -> int64_t {  // -1: past S or past the rows
         const int c = 8 * (f0 + u * warps_n) + 2 * t, rr = 16 * wm + g + 8 * r;

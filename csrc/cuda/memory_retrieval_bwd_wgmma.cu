@@ -2,12 +2,12 @@
 // score part of the backward in one kernel, for fp16 / bf16 at D = 64 .. 512 (D % 64 == 0). Per
 // row and slot it computes s = h.M and dP = grad_out.M with wgmma, then p = exp(scale s - lse)
 // and scale * dS = scale p (dP - delta) with delta = rowsum(grad_out * out), and writes P and
-// scale * dS once, rounded to T; at the end it corrects its dS to the exact delta = rowsum(P dP),
-// summed on the way (csrc/cuda/README.md, "Numerics of delta"). The scores and dP never reach
-// global memory: the gemm path writes both as fp32 from cuBLAS and reads them back (26 bytes per
-// score in all against this path's 10, 16 with the correction's second look at P and dS). cuBLAS
-// then computes dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out, as
-// on the gemm path. Not measured on a GPU yet.
+// scale * dS once, rounded to T; at the end it corrects its dS to the exact delta =
+// rowsum(p dP) / rowsum(p), summed on the way (csrc/cuda/README.md, "Numerics of delta"). The
+// scores and dP never reach global memory: the gemm path writes both as fp32 from cuBLAS and
+// reads them back (26 bytes per score in all against this path's 10, 16 with the correction's
+// second look at P and dS). cuBLAS then computes dh = (scale dS) M and dM = (scale dS)^T h +
+// P^T grad_out, as on the gemm path. Not measured on a GPU yet.
 //
 // A block of two warpgroups owns 64 rows. h and grad_out (64 x D each) are loaded once into
 // shared memory as D / 64 panels of 64 columns (128-byte rows, 128-byte swizzle), the K-major
@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   const int r_lo = 16 * warp + g;
   const float lse2[2] = {lse2_s[r_lo], lse2_s[r_lo + 8]};
   const float delta[2] = {delta_s[r_lo], delta_s[r_lo + 8]};
-  float psum[2] = {0.f, 0.f};  // the thread's part of delta = rowsum(P dP), summed in fp32
+  // The thread's parts of rowsum(p) and rowsum(p dP), summed in fp32 for the exact delta.
+  float p_sum[2] = {0.f, 0.f}, pdp_sum[2] = {0.f, 0.f};
   float s[64], dp[64];
   for (int c0 = 0; c0 < chunks; c0 += panels) {  // one 128-slot tile per trip
     for (int p = 0; p < panels; ++p) {
@@ -182,9 +183,10 @@ __global__ void __launch_bounds__(kBwThreads, 1)
         const bool ok = slot + e < slots;
         pv[e] = ok ? fast_exp2(s[v + e] * scale_log2 - lse2[hi]) : 0.f;
         const float pdp = pv[e] * dp[v + e];  // 0 past S: pv = 0 there, and dp too (M zero-filled)
-        psum[hi] += pdp;
+        pdp_sum[hi] += pdp;
         dsv[e] = ok ? scale * (pdp - pv[e] * delta[hi]) : 0.f;
       }
+      p_sum[hi] += pv[0] + pv[1];
       if (r < rows_left && slot < ld) {
         const int64_t at = (row0 + r) * ld + slot;
         *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(pv[0], pv[1]);
@@ -194,23 +196,29 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   }
   cp_async_wait<0>();
 
-  // The sweep used delta from G as stored (rounded to T); rowsum(P dP) is the exact one
-  // (csrc/cuda/README.md, "Numerics of delta"). Both warpgroups' parts meet in the lse / delta
-  // slots, which every thread has read (hence the first barrier), added in a fixed order; then
-  // scale dS gains P corr, corr = scale (delta_G - delta_PdP), in the pairs this thread stored.
-  const float part[2] = {quad_sum(psum[0]), quad_sum(psum[1])};
+  // The sweep used delta from G as stored (rounded to T); rowsum(p dP) / rowsum(p) is the exact
+  // one (csrc/cuda/README.md, "Numerics of delta"). Both warpgroups' parts meet in the M ring,
+  // free once every thread is past its sweep (the first barrier), added in a fixed order; then
+  // scale dS gains P corr, corr = scale (delta_G - delta), in the pairs this thread stored.
+  float* parts = reinterpret_cast<float*>(ring);  // [warpgroup][p, p dP][row]
+  const float part[2][2] = {{quad_sum(p_sum[0]), quad_sum(p_sum[1])},
+                            {quad_sum(pdp_sum[0]), quad_sum(pdp_sum[1])}};
   __syncthreads();
   if (q == 0) {
-    float* parts = wg == 0 ? lse2_s : delta_s;
-    parts[r_lo] = part[0];
-    parts[r_lo + 8] = part[1];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      parts[(2 * wg + k) * kBwRows + r_lo] = part[k][0];
+      parts[(2 * wg + k) * kBwRows + r_lo + 8] = part[k][1];
+    }
   }
   __syncthreads();
   float corr[2];
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int r = r_lo + 8 * hi;
-    corr[hi] = scale * (delta[hi] - (lse2_s[r] + delta_s[r]));
+    const float p_row = parts[r] + parts[2 * kBwRows + r];
+    const float pdp_row = parts[kBwRows + r] + parts[3 * kBwRows + r];
+    corr[hi] = scale * (delta[hi] - pdp_row / p_row);
   }
   // Half a tile's pairs (16) loaded before their stores, which may alias the loads as far as the
   // compiler knows.
