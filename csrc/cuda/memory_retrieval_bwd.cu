@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(kSimtThreads, kSimtMinBlocks)
   }
   // The sweep took p = exp(scale s - lse) and delta from G as stored. With the row's sums, p is
   // renormalised (lse is fp32: rounded near |s| ~ 40 it leaves p off by a few 1e-6) and delta
-  // becomes the exact rowsum(p dP) (G's rounding, not shared by dP, would stay whole in
+  // becomes the exact rowsum(p dP) / sum p (G's rounding, not shared by dP, would stay whole in
   // dP - delta on rows where one slot holds nearly all of p): dh = scale (acc / sum p +
-  // (delta_G - delta_pdp) G) (csrc/cuda/README.md, "Numerics of delta"); the dM kernel takes
-  // both sums from inv_psum and delta_pdp.
+  // (delta_G - delta) G) (csrc/cuda/README.md, "Numerics of delta"); the dM kernel takes both
+  // from inv_psum and delta_pdp.
   const float inv = 1.f / half_warp_sum(psum), dex = half_warp_sum(pdp) * inv;
   if (row_ok) {
     if (blockIdx.y == 0 && sl == 0) inv_psum[row] = inv, delta_pdp[row] = dex;
