@@ -125,12 +125,12 @@ GAM_AVX512 inline void softmax_chunk_avx512(float* sbuf, int64_t t, int64_t w, b
   }
 }
 
-// scores_to_grads<float> (retrieval_tiles.h) on AVX-512, with the same optional bf16 copy of ds.
 // p = exp(scale * s - lse) of the lanes m of 16 scores at s.
 GAM_AVX512_INLINE __m512 probs16(const float* s, __mmask16 m, __m512 scale, __m512 lse) {
   return exp16(_mm512_fmsub_ps(scale, _mm512_maskz_loadu_ps(m, s), lse));
 }
 
+// scores_to_grads<float> (retrieval_tiles.h) on AVX-512, with the same optional bf16 copy of ds.
 GAM_AVX512 inline void scores_to_grads_avx512(float* srows, float* dprows, int64_t ld, int64_t t,
                                               int64_t w, const float* lse, const float* delta,
                                               float scale, at::BFloat16* ds_bf16) {
