@@ -24,12 +24,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import gam_ext
-from gam_ext import reference
+BENCHMARKS = Path(__file__).resolve().parent
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+from bench_ops import has_wgmma  # noqa: E402
+
+import gam_ext  # noqa: E402
+from gam_ext import reference  # noqa: E402
 
 # Nominal peaks (SXM parts): HBM GB/s, bf16 dense TFLOP/s.
 PEAKS = {"H100": (3350.0, 989.0), "H200": (4800.0, 989.0), "A100": (2039.0, 312.0)}
@@ -134,9 +142,7 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     times = {}
     retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
     # The wgmma kernels where this device and build have them (sm_90, built for 9.0a).
-    wgmma_info = with_path("wgmma", lambda: gam_ext.backend_info(retrieval=(s, d, dtype)))()
-    wgmma = any(wgmma_info["retrieval"]["cuda"][x].startswith("wgmma") for x in ("forward", "backward"))
-    paths = ("fused", "gemm", "wgmma") if wgmma else ("fused", "gemm")
+    paths = ("fused", "gemm", "wgmma") if has_wgmma(s, d, dtype) else ("fused", "gemm")
     for path in paths:
         t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))
         g, lse = with_path(path, lambda: torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0))()
