@@ -365,9 +365,6 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
       const int64_t w = std::min(sc, s - c0);
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
-      // A row in one chunk sums its exact delta = rowsum(p dp) itself; chunks of a longer row
-      // take rowsum(dG G) (retrieval_tiles.h, scores_to_grads).
-      auto chunk_delta = [&](int64_t i0) -> const A* { return w == s ? nullptr : delta + i0; };
       parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
         const int64_t t = i1 - i0;
         if (first_chunk) {
@@ -399,8 +396,8 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
           if (native) {
             gemm_bf16(h + (r0 + i0) * d, d, t, mem_packed->xt, 0, d, srows, w, false, c0, c0 + w);
             gemm_bf16(gb + i0 * d, d, t, mem_packed->xt, 0, d, prows, w, false, c0, c0 + w);
-            run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, chunk_delta(i0), scale,
-                                   dsb + i0 * w);
+            run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0,
+                                   chunk_delta(delta + i0, w, s), scale, dsb + i0 * w);
             gemm_bf16(dsb + i0 * w, w, t, mem_packed->x, c0, w, dhs + i0 * d, d, true, 0, d);
             release_bf16_gemm();
             done = true;
@@ -412,7 +409,8 @@ void mixer_bwd_kernel(const T* df, const T* h, const acc_t<T>* mem, const acc_t<
                   A(0));
           gemm<A>(Mat<A>{gs + i0 * d, t, d, d}, false, mc, true, Mat<A>{prows, t, w, w}, A(1),
                   A(0));
-          run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0, chunk_delta(i0), scale);
+          run_scores_to_grads<A>(srows, prows, w, t, w, lse + r0 + i0,
+                                 chunk_delta(delta + i0, w, s), scale);
           gemm<A>(Mat<A>{srows, t, w, w}, false, mc, false, Mat<A>{dhs + i0 * d, t, d, d}, A(1),
                   A(1));
         }

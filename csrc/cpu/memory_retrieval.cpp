@@ -185,9 +185,6 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
     for (int64_t c0 = 0; c0 < s; c0 += sc) {
       const int64_t w = std::min(sc, s - c0);
       const bool first_chunk = c0 == 0, last_chunk = c0 + w >= s;
-      // A row in one chunk sums its exact delta = rowsum(p dp) itself; chunks of a longer row
-      // take rowsum(dG G) (retrieval_tiles.h, scores_to_grads).
-      auto chunk_delta = [&](int64_t i0) -> const A* { return w == s ? nullptr : delta + i0; };
       parallel_blocks(tr, kBwdSubRows, [&](int64_t i0, int64_t i1) {
         const int64_t t = i1 - i0;
         A* ps = p2 + 2 * i0 * w;
@@ -213,8 +210,8 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
             }
             gemm_bf16(hr, d, t, packed->xt, 0, d, ps, w, false, c0, c0 + w);
             gemm_bf16(gr, d, t, packed->xt, 0, d, ps + t * w, w, false, c0, c0 + w);
-            run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, chunk_delta(i0), scale,
-                                   dsb + i0 * w);
+            run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0,
+                                   chunk_delta(delta + i0, w, s), scale, dsb + i0 * w);
             gemm_bf16(dsb + i0 * w, w, t, packed->x, c0, w, dhs, d, !first_chunk, 0, d);
             release_bf16_gemm();
             transpose_to_bf16(ps, w, 2 * t, w, p2t + 2 * i0, 2 * tile);
@@ -229,7 +226,8 @@ void retrieval_bwd_kernel(const T* grad_out, const T* h, const acc_t<T>* mem,
                                                      d);
           }
           gemm<A>(Mat<A>{xs, 2 * t, d, d}, false, mc, true, Mat<A>{ps, 2 * t, w, w}, A(1), A(0));
-          run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0, chunk_delta(i0), scale);
+          run_scores_to_grads<A>(ps, ps + t * w, w, t, w, lse + r0 + i0,
+                                 chunk_delta(delta + i0, w, s), scale);
           gemm<A>(Mat<A>{ps, t, w, w}, false, mc, false, Mat<A>{dhs, t, d, d}, A(1),
                   first_chunk ? A(0) : A(1));
         }

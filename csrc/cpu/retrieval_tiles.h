@@ -154,6 +154,13 @@ inline void run_softmax_chunk(A* sbuf, int64_t t, int64_t w, bool first, A* mrow
   run_best_isa<softmax_chunk<A>>(sbuf, t, w, first, mrow, lrow, acc, d, ld, scale, p_bf16);
 }
 
+// scores_to_grads's delta for a chunk of w of a row's s slots: null where the chunk is the whole
+// row (delta is then summed exactly there), else the rows' rowsum(dG G).
+template <typename A>
+inline const A* chunk_delta(const A* delta, int64_t w, int64_t s) {
+  return w == s ? nullptr : delta;
+}
+
 template <typename A>
 inline void run_scores_to_grads(A* srows, A* dprows, int64_t ld, int64_t t, int64_t w,
                                 const float* lse, const A* delta, A scale,
