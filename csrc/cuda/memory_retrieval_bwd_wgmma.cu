@@ -7,7 +7,8 @@
 // scores and dP never reach global memory: the gemm path writes both as fp32 from cuBLAS and
 // reads them back (26 bytes per score in all against this path's 10, 16 with the correction's
 // second look at P and dS). cuBLAS then computes dh = (scale dS) M and dM = (scale dS)^T h +
-// P^T grad_out, as on the gemm path. Not measured on a GPU yet.
+// P^T grad_out, as on the gemm path. Measured on an H200: csrc/cuda/README.md, "The wgmma
+// kernels on the H200".
 //
 // A block of two warpgroups owns 64 rows. h and grad_out (64 x D each) are loaded once into
 // shared memory as D / 64 panels of 64 columns (128-byte rows, 128-byte swizzle), the K-major
@@ -195,6 +196,11 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     }
   }
   cp_async_wait<0>();
+  // Where S has an odd number of tiles, warpgroup 1 has one tile less: it passes the barriers of
+  // the missing chunks too, so that both warpgroups reach the barriers below having passed the
+  // same number of named barriers. The hardware needs no such thing; compute-sanitizer's
+  // racecheck reported the exchange below as a race without it.
+  for (int c = chunks; c < (tiles + 1) / 2 * panels; ++c) named_barrier_sync(1 + wg, 128);
 
   // The sweep used delta from G as stored (rounded to T); rowsum(p dP) / rowsum(p) is the exact
   // one (csrc/cuda/README.md, "Numerics of delta"). Both warpgroups' parts meet in the M ring,
