@@ -1,6 +1,7 @@
 // Memory retrieval forward on Hopper's warpgroup MMA (sm_90a; GAM_EXT_RETRIEVAL=wgmma): g =
 // softmax(scale * h M^T) M and the fp32 lse, for fp16 / bf16 at D = 128, 256 or 512, the scores
-// never in global memory. Not measured on a GPU yet.
+// never in global memory. Measured on an H200: csrc/cuda/README.md, "The wgmma kernels on the
+// H200".
 //
 // A block of two warpgroups owns 64 rows. h (64 x D) is loaded once; M streams through two
 // stages of 64 slots x D columns. Both operands sit in shared memory as D / 64 128-byte-swizzled
