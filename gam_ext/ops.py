@@ -252,9 +252,11 @@ def gam_mixer(
         return torch.ops.gam_ext.gam_mixer_fwd(
             act, weight_2d, conv_bias, memory, gate_weight, gate_bias, float(scale)
         )[0]
-    local = causal_conv1d(h, conv_weight, conv_bias)
-    global_ctx = memory_retrieval(h, memory, scale)
-    gate_logits = _gate_linear(_activation(h), gate_weight, gate_bias)
+    # The three take the one cast of h (under autocast each would cast it again, and autograd
+    # would convert three gradients back to fp32 and sum them there).
+    local = causal_conv1d(act, conv_weight, conv_bias)
+    global_ctx = memory_retrieval(act, memory, scale)
+    gate_logits = _gate_linear(act, gate_weight, gate_bias)
     return gate_fusion(local, global_ctx, gate_logits)
 
 

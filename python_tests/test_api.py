@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gam_ext
 from gam_ext import reference
@@ -403,3 +404,47 @@ def test_gam_mixer_applies_the_size_rule(monkeypatch, use_backend):
     assert "gam_mixer" in type(gam_ext.gam_mixer(small, *params).grad_fn).__name__
     assert "gate_fusion" in type(gam_ext.gam_mixer(large, *params).grad_fn).__name__
     assert gam_ext.backend_info()["mixer"]["cpu"] == "by size"
+
+
+class _CastsOfShape(TorchDispatchMode):
+    """Records the dtype conversions (aten._to_copy) of tensors of one shape."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape = shape
+        self.casts: list[tuple[torch.dtype, torch.dtype | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].shape == self.shape:
+            self.casts.append((args[0].dtype, kwargs.get("dtype")))
+        return func(*args, **kwargs)
+
+
+def test_unfused_mixer_casts_h_once_under_autocast():
+    # The three ops of the unfused mixer share one cast of h, as the fused op does: one fp32 ->
+    # bf16 copy forward, and backward one bf16 -> fp32 copy of the summed gradient (not three
+    # copies of each op's gradient, summed in fp32).
+    args = _mixer_args(d=8)
+    h = args.pop("h").requires_grad_()
+    previous = gam_ext.set_backend("unfused")
+    try:
+        with _CastsOfShape(h.shape) as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gam_ext.gam_mixer(h, **args)
+        with _CastsOfShape(h.shape) as backward:
+            out.backward(torch.ones_like(out))
+    finally:
+        gam_ext.set_backend(previous)
+    assert out.dtype == torch.bfloat16
+    # (The gate linear on a CPU without bf16 matrix units runs in fp32: its copies of h go the
+    # other way and are not counted.)
+    assert forward.casts.count((torch.float32, torch.bfloat16)) == 1, forward.casts
+    assert backward.casts.count((torch.bfloat16, torch.float32)) == 1, backward.casts
+    torch.testing.assert_close(h.grad, _reference_mixer_grad(h.detach(), args), rtol=2e-2, atol=5e-2)
+
+
+def _reference_mixer_grad(h: torch.Tensor, params: dict) -> torch.Tensor:
+    h = h.double().requires_grad_()
+    out = reference.gam_mixer(h, **{k: v.double() for k, v in params.items()})
+    out.backward(torch.ones_like(out))
+    return h.grad.float()
