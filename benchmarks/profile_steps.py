@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     nvtx = torch.cuda.nvtx if cuda else None
 
     def step() -> None:
+        # A fresh input gradient each step, not one summed over the steps: that sum would add an
+        # fp32 pass over the block's input to every backward, which training (whose block inputs
+        # are not leaves) never runs.
+        inputs.grad = None
         with nvtx.range("forward") if cuda else contextlib.nullcontext(), autocast:
             out, grad = forward(inputs)
         with nvtx.range("backward") if cuda else contextlib.nullcontext():
