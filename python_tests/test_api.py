@@ -421,20 +421,17 @@ class _CastsOfShape(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_unfused_mixer_casts_h_once_under_autocast():
+def test_unfused_mixer_casts_h_once_under_autocast(use_backend):
     # The three ops of the unfused mixer share one cast of h, as the fused op does: one fp32 ->
     # bf16 copy forward, and backward one bf16 -> fp32 copy of the summed gradient (not three
     # copies of each op's gradient, summed in fp32).
     args = _mixer_args(d=8)
     h = args.pop("h").requires_grad_()
-    previous = gam_ext.set_backend("unfused")
-    try:
-        with _CastsOfShape(h.shape) as forward, torch.autocast("cpu", dtype=torch.bfloat16):
-            out = gam_ext.gam_mixer(h, **args)
-        with _CastsOfShape(h.shape) as backward:
-            out.backward(torch.ones_like(out))
-    finally:
-        gam_ext.set_backend(previous)
+    use_backend("unfused")
+    with _CastsOfShape(h.shape) as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gam_ext.gam_mixer(h, **args)
+    with _CastsOfShape(h.shape) as backward:
+        out.backward(torch.ones_like(out))
     assert out.dtype == torch.bfloat16
     # (The gate linear on a CPU without bf16 matrix units runs in fp32: its copies of h go the
     # other way and are not counted.)
