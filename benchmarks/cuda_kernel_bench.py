@@ -7,7 +7,8 @@ device-to-device copy and of the nominal HBM peak; retrieval reports TFLOP/s (4*
 the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, torch.compile and
 SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused; gemm: cuBLAS around a softmax
 kernel, the default; and wgmma, the sm_90a forward and the backward's sm_90a score kernel before
-cuBLAS's products, where the device and the build have them), forward, backward (against eager
+cuBLAS's products, where the device and the build have them, with the pipelined forward and, as
+wgmma-lockstep, the first one), forward, backward (against eager
 autograd's backward alone) and both, with each path's speed-up over the gemm path ("vs gemm"),
 all in one process, so that a GPU run can check the default per shape (csrc/cuda/README.md); the
 mixer (the default retrieval path) reports fwd+bwd speed-up over eager; the one-token step of
@@ -82,19 +83,31 @@ def bw_row(n, op, fn, nbytes, hbm, copy_bw, eager_fn=None):
     )
 
 
+# The environment of each retrieval path measured: GAM_EXT_RETRIEVAL, and for the wgmma path
+# its forward kernel (GAM_EXT_WGMMA_FORWARD): the pipelined one (the default) and the lockstep
+# one it replaces, kept to be measured against it.
+PATH_ENV = {
+    "fused": {"GAM_EXT_RETRIEVAL": "fused"},
+    "gemm": {"GAM_EXT_RETRIEVAL": "gemm"},
+    "wgmma": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "pipelined"},
+    "wgmma-lockstep": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "lockstep"},
+}
+
+
 def with_path(path, fn):
-    """fn run with GAM_EXT_RETRIEVAL=path (read by the extension on every call)."""
+    """fn run with the environment of PATH_ENV[path] (read by the extension on every call)."""
 
     def run():
-        old = os.environ.get("GAM_EXT_RETRIEVAL")
-        os.environ["GAM_EXT_RETRIEVAL"] = path
+        old = {name: os.environ.get(name) for name in PATH_ENV[path]}
+        os.environ.update(PATH_ENV[path])
         try:
             return fn()
         finally:
-            if old is None:
-                del os.environ["GAM_EXT_RETRIEVAL"]
-            else:
-                os.environ["GAM_EXT_RETRIEVAL"] = old
+            for name, value in old.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
     return run
 
@@ -142,7 +155,7 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     times = {}
     retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
     # The wgmma kernels where this device and build have them (sm_90, built for 9.0a).
-    paths = ("fused", "gemm", "wgmma") if has_wgmma(s, d, dtype) else ("fused", "gemm")
+    paths = ("fused", "gemm", "wgmma", "wgmma-lockstep") if has_wgmma(s, d, dtype) else ("fused", "gemm")
     for path in paths:
         t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))
         g, lse = with_path(path, lambda: torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0))()

@@ -244,8 +244,10 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
     check_retrieval((out, lse, dh, dm), (out_ref, lse_ref, dh_ref, dm_ref), dtype, shape)
 
 
-# The wgmma kernels (sm_90a). Forward (D = 128, 256, 512): rows crossing its 64-row blocks,
-# slots its 64-slot tiles (S = 1: one slot; 130: a 2-slot tail), a single row. Backward (D = 64
+# The wgmma kernels (sm_90a). Forward (D = 128, 256, 512), both kernels: rows crossing their
+# 64-row blocks, slots their 64-slot (lockstep) and 32-slot (pipelined) tiles (S = 1: one slot;
+# 45: two tiles of 32, the second partial; 130: five, a 2-slot tail, the 4-stage ring wrapped;
+# 300: ten), a single row. Backward (D = 64
 # .. 512, D % 64 == 0; at D = 64 and 192 the forward is the gemm path's): the same 64-row blocks,
 # 128-slot tiles split between two warpgroups (S <= 128: the second has none; 130: three tiles,
 # the second one; 515: five, odd S, a 3-slot tail), 1 to 8 panels of 64 columns.
@@ -255,15 +257,18 @@ WGMMA_SHAPES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("forward", ["pipelined", "lockstep"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
-def test_retrieval_wgmma(emu, dtype, shape, monkeypatch):
+def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", forward)
     _, _, s, d = shape
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    fwd = (
-        "wgmma: retrieval_fwd_wgmma_kernel" if d in (128, 256, 512) else "gemm path (the wgmma forward takes"
+    kernel = (
+        "retrieval_fwd_wgmma_pipelined_kernel" if forward == "pipelined" else "retrieval_fwd_wgmma_kernel"
     )
+    fwd = f"wgmma: {kernel}<" if d in (128, 256, 512) else "gemm path (the wgmma forward takes"
     assert kind[0] == "wgmma" and kind[1].startswith(fwd), kind
     assert kind[2].startswith("wgmma: retrieval_bwd_scores_wgmma_kernel"), kind
     ours, ref = run_retrieval(emu, dtype, shape)
@@ -574,6 +579,12 @@ def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
         mp.delenv("GAM_EXT_RETRIEVAL_SMEM_LIMIT")
         with pytest.raises(RuntimeError, match="GAM_EXT_RETRIEVAL must be fused, gemm, simt or wgmma"):
             emu.memory_retrieval_fwd(h, m, 1.0)
+        mp.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+        mp.setenv("GAM_EXT_WGMMA_FORWARD", "overlapped")
+        with pytest.raises(RuntimeError, match="GAM_EXT_WGMMA_FORWARD must be pipelined or lockstep"):
+            emu.memory_retrieval_fwd(h, m, 1.0)
+        mp.delenv("GAM_EXT_RETRIEVAL")
+        mp.delenv("GAM_EXT_WGMMA_FORWARD")
     close(out, out_ref, torch.bfloat16)
     close(dh, dh_ref, torch.bfloat16)
     close(dm, dm_ref, torch.bfloat16, scale=2.0)

@@ -210,9 +210,8 @@ def test_cp_async_pipeline_gemm(st: types.ModuleType, dtype: torch.dtype, k: int
 # ---- warpgroup-level matrix primitives (csrc/cuda/warpgroup_mma.cuh) ------------------------
 
 
-@pytest.mark.parametrize("layout_b", list(wgmma_cases.LAYOUTS))
+@pytest.mark.parametrize("n,layout_b", wgmma_cases.N_AND_LAYOUT_B)
 @pytest.mark.parametrize("layout_a", wgmma_cases.A_FORMS)
-@pytest.mark.parametrize("n", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wgmma_is_a_matrix_product(
     st: types.ModuleType, dtype: torch.dtype, n: int, layout_a: str, layout_b: str

@@ -116,12 +116,13 @@ def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
 def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
     """csrc/cuda/warpgroup_mma.cuh under nvcc: the emulator's wgmma self-test kernels, built for
     sm_90a, hold HGMMA of their shape (ptxas accepts the inline PTX of every variant: f16 and
-    bf16, N = 64, 128 and 256, A from shared memory or registers, K- or MN-major); built for plain
-    sm_90 they compile to a trap, with no HGMMA."""
+    bf16, N = 32, 64, 128 and 256, A from shared memory or registers, K- or MN-major, B K-major
+    at N = 32); built for plain sm_90 they compile to a trap, with no HGMMA."""
     _, sass = compile_sm90a(ROOT / "csrc" / "emu" / "selftest_kernels.cu", tmp_path / "selftest.o")
     hgmma = hgmma_shapes(sass, "wgmma_gemm_kernel")
     kernels = {f for _, f in hgmma}
-    assert len(kernels) == 36, sorted(kernels)  # 2 dtypes x 3 N x 6 operand forms
+    # 2 dtypes x (3 N x 6 operand forms + N = 32 x 3 forms of A with B K-major)
+    assert len(kernels) == 42, sorted(kernels)
     for func in kernels:
         n = re.search(r"Li(\d+)E", func).group(1)
         assert set(hgmma[("sm_90a", func)]) == {f"64x{n}x16"}, func
@@ -143,6 +144,29 @@ def test_wgmma_retrieval_forward_on_sm90a(tmp_path: Path) -> None:
         d = int(re.search(r"Li(\d+)E", func).group(1))
         expected = ["64x64x16"] * (d // 32) + [f"64x{d // 2}x16"] * 4
         assert shapes == ([] if arch == "sm_90" else expected), func
+
+
+def test_wgmma_pipelined_forward_on_sm90a(tmp_path: Path) -> None:
+    """The pipelined wgmma forward (memory_retrieval_fwd_wgmma.cu) for sm_90a, D = 128, 256 and
+    512: the first tile's D / 32 HGMMA.64x32x16 (its scores), the loop's D / 32 of them for the
+    next tile followed at once by 2 HGMMA.64x(D/2)x16 (P M) with one wait between the two
+    groups (DEPBAR.LE 1), then the last tile's 2; no spills, at most 224 registers, and no wgmma
+    serialised by ptxas (which it does, silently for the SASS, where it cannot prove that the
+    registers of a product in flight are left alone); for plain sm_90 a trap."""
+    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
+    assert "is injected" not in report and "serialized" not in report, report
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(a == "0" and b == "0" for a, b in spills), spills
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert registers and max(registers) <= 224, registers
+    hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_pipelined_kernel")
+    assert len({f for _, f in hgmma}) == 6, hgmma.keys()  # __half and __nv_bfloat16 x 3 D
+    for (arch, func), shapes in hgmma.items():
+        d = int(re.search(r"Li(\d+)E", func).group(1))
+        expected = ["64x32x16"] * (2 * d // 32) + [f"64x{d // 2}x16"] * 4
+        assert shapes == ([] if arch == "sm_90" else expected), func
+    pipelined = sass.split("retrieval_fwd_wgmma_pipelined_kernel")
+    assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in part for part in pipelined[1:]), "no partial wait"
 
 
 def test_wgmma_retrieval_backward_on_sm90a(tmp_path: Path) -> None:

@@ -13,3 +13,9 @@ A_FORMS = ["regs", "k128", "mn128", "kcore", "mncore"]
 def mode_a(form: str) -> int:
     """The kernel's mode_a for a form of A (-1: registers)."""
     return -1 if form == "regs" else LAYOUTS[form]
+
+
+# The self-test's (N, layout of B) pairs: N = 32 takes B K-major only (warpgroup_mma.cuh).
+N_AND_LAYOUT_B = [
+    (n, layout) for n in (32, 64, 128, 256) for layout, code in LAYOUTS.items() if n != 32 or not code & 4
+]

@@ -1,13 +1,15 @@
 // Memory retrieval forward on Hopper's warpgroup MMA (sm_90a; GAM_EXT_RETRIEVAL=wgmma): g =
 // softmax(scale * h M^T) M and the fp32 lse, for fp16 / bf16 at D = 128, 256 or 512, the scores
-// never in global memory. Measured on an H200: csrc/cuda/README.md, "The wgmma kernels on the
-// H200".
+// never in global memory. Two kernels: the pipelined one (the default; below) and the lockstep
+// one, the first, kept so that one process can measure both (GAM_EXT_WGMMA_FORWARD=lockstep).
+// The lockstep kernel is measured on an H200 (csrc/cuda/README.md, "The wgmma kernels on the
+// H200"); the pipelined one not yet.
 //
-// A block of two warpgroups owns 64 rows. h (64 x D) is loaded once; M streams through two
-// stages of 64 slots x D columns. Both operands sit in shared memory as D / 64 128-byte-swizzled
-// panels of 64 columns (8 KB each), the layout wgmma's descriptors read K-major for the scores
-// and MN-major for P M, so one M tile serves both products. Per M tile, warpgroup w (columns
-// (D / 2) w .. (D / 2) (w + 1) - 1 of D, "its half"):
+// The lockstep kernel: a block of two warpgroups owns 64 rows. h (64 x D) is loaded once; M streams
+// through two stages of 64 slots x D columns. Both operands sit in shared memory as D / 64
+// 128-byte-swizzled panels of 64 columns (8 KB each), the layout wgmma's descriptors read K-major
+// for the scores and MN-major for P M, so one M tile serves both products. Per M tile, warpgroup w
+// (columns (D / 2) w .. (D / 2) (w + 1) - 1 of D, "its half"):
 //   * S_w = h[:, half w] M[:, half w]^T: D / 32 wgmma m64n64k16 from shared memory, then the two
 //     partial score tiles are added through shared memory (16 KB each, fixed order), so both
 //     warpgroups hold the same 64 x 64 scores without computing them twice;
@@ -188,6 +190,241 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #endif
 }
 
+// ---- the pipelined forward (the default of GAM_EXT_RETRIEVAL=wgmma) ----------------------------
+//
+// The lockstep kernel above leaves the tensor cores idle through each tile's exchange and
+// softmax (ncu on the H200: barrier and wait stalls on top). This one overlaps them with products,
+// FlashAttention-3's intra-warpgroup pipelining: warpgroup w issues the partial scores of tile
+// j + 1 and then P_j M_j back to back, waits for the scores only, and runs their exchange and
+// softmax while P_j M_j runs. Tiles j and j + 1 are then read together while tiles j + 2 and
+// j + 3 land, so M streams in 32-slot tiles through 4 stages (the 64-slot tiles of the lockstep
+// kernel fit only 2 at D = 512). Each warpgroup loads, and waits for, only its own half of D's
+// columns of h and of each M tile (all that its products read), so the warpgroups meet once per
+// tile, at the partial-score exchange (double-buffered, one block barrier).
+// Per tile j < last, warpgroup w, with P_j (registers) and alpha_j from the previous step:
+//   1. O_w *= alpha_j; waits for its half of tile j + 1 (a warpgroup barrier, which also says
+//      that every warp of it is done with tile j - 1) and loads tile j + 3 into j - 1's stage;
+//   2. issues S_{j+1} = h[:, half w] M_{j+1}[:, half w]^T (D / 32 wgmma m64n32k16), then
+//      O_w += P_j M_j[:, half w] (2 wgmma m64n(D/2)k16, P as the A registers);
+//   3. waits for S_{j+1}, adds the other warpgroup's partial, online softmax (alpha_{j+1}), while
+//      P_j M_j runs; waits for it, and rounds P_{j+1} to T.
+// 192 registers at D = 512 (sm_90a), no spills, no product serialised by ptxas.
+// Shared memory at D = 512: h 64 KB + 4 x 32 KB of M + 2 x 16 KB of partial scores + 1 KB of
+// alignment = 225 KB (D = 256: 129 KB; D = 128: 81 KB).
+constexpr int kPipeSlots = 32;                    // slots per M tile
+constexpr int kPipeStages = 4;                    // M tiles in shared memory
+constexpr int kPipeSlotPanel = kPipeSlots * 128;  // bytes of a 32-row panel of 64 columns
+constexpr int kPipeScoreBytes = 2 * 2 * 64 * kPipeSlots * 4;  // 2 buffers x 2 partials
+
+constexpr int pipe_stage_bytes(int dim) { return dim / 64 * kPipeSlotPanel; }
+constexpr int fwd_wgmma_pipe_smem_bytes(int dim) {
+  return 1024 + tile_bytes(dim) + kPipeStages * pipe_stage_bytes(dim) + kPipeScoreBytes;
+}
+
+// Rows [0, kRowsT) of warpgroup wg's half of the columns of a row-major (rows_left x dim) matrix
+// into a tile of kRowsT-row panels of 64 columns (128-byte swizzle) by its 128 threads (t < 128);
+// rows past rows_left are zero-filled.
+template <int kRowsT, typename T>
+__device__ __forceinline__ void cp_async_half_to_panels(unsigned char* tile, const T* src,
+                                                        int64_t rows_left, int dim, int wg, int t) {
+  const unsigned per_row = static_cast<unsigned>(dim) / 16;  // 16-byte chunks per half row
+  for (int q = t; q < kRowsT * static_cast<int>(per_row); q += 128) {
+    const int r = unsigned(q) / per_row;
+    const int c = static_cast<int>(unsigned(q) % per_row + wg * per_row);
+    const bool ok = r < rows_left;
+    cp_async_16(tile + (c >> 3) * (kRowsT * 128) + swizzle128_offset(r, c & 7),
+                src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
+  }
+}
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    retrieval_fwd_wgmma_pipelined_kernel(const T* __restrict__ h, const T* __restrict__ mem,
+                                         T* __restrict__ out, float* __restrict__ lse, int64_t rows,
+                                         int slots, float scale_log2) {
+#if GAM_WGMMA_COMPILED
+  constexpr int kHalf = kDim / 2;  // output columns per warpgroup: the P M product's N
+  constexpr int kAcc = kDim / 4;   // its fp32 accumulators per thread
+  constexpr int kStageBytes = pipe_stage_bytes(kDim);
+  GAM_DYNAMIC_SHARED(unsigned char, smem);
+  const uint32_t window = shared_address(smem);
+  const uint32_t pad = (1024u - window % 1024u) % 1024u;
+  unsigned char* hs = smem + pad;
+  unsigned char* ms = hs + tile_bytes(kDim);
+  float4* xs = reinterpret_cast<float4*>(ms + kPipeStages * kStageBytes);
+  const uint32_t hs_addr = window + pad, ms_addr = hs_addr + tile_bytes(kDim);
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
+  const int warp = t >> 5, g = (t & 31) >> 2, q = t & 3;
+  const int64_t row0 = int64_t(blockIdx.x) * kWgRows;
+  const int64_t rows_left = rows - row0;
+  const int ntiles = (slots + kPipeSlots - 1) / kPipeSlots;
+  auto load_tile = [&](int j) {
+    if (j < ntiles)
+      cp_async_half_to_panels<kPipeSlots>(ms + (j % kPipeStages) * kStageBytes,
+                                          mem + int64_t(j) * kPipeSlots * kDim,
+                                          slots - int64_t(j) * kPipeSlots, kDim, wg, t);
+    cp_async_commit();  // a group per tile, empty past the last, so that the counts below hold
+  };
+  // This warpgroup's first panel of h and of an M tile.
+  const uint32_t h_half = hs_addr + (kDim / 128) * wg * kPanelBytes;
+  const uint32_t m_half = (kDim / 128) * wg * kPipeSlotPanel;
+  float s[kPipeSlots / 2];  // this warpgroup's partial scores, then the tile's 2^(s - max)
+  auto issue_scores = [&](int j) {
+    const uint32_t mt = ms_addr + (j % kPipeStages) * kStageBytes + m_half;
+    wgmma_fence_registers(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDim / 32; ++kk) {
+      const uint32_t col = (kk & 3) * 32;  // 16 columns into the 128-byte row of panel kk / 4
+      wgmma_mma<T, kPipeSlots, false, false>(
+          s, swizzle128_descriptor(h_half + (kk >> 2) * kPanelBytes + col, 16),
+          swizzle128_descriptor(mt + (kk >> 2) * kPipeSlotPanel + col, 16), kk > 0);
+    }
+    wgmma_commit();
+  };
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2] = {0.f, 0.f};
+  // The scores of tile j (its partial done): the other warpgroup's partial added, thread for
+  // thread the same elements (p0 + p1 in both; the buffer of tile j is next written for tile
+  // j + 2, after the next exchange's barrier), then the online softmax's max and alpha, and s
+  // becomes 2^(s - max) (slots past S masked). s[v]: row 16 warp + g + 8 ((v / 2) % 2), slot
+  // 8 (v / 4) + 2 q + v % 2 of the tile.
+  auto softmax_tile = [&](int j) {
+    wgmma_fence_registers(s);
+    float4* mine = xs + ((j & 1) * 2 + wg) * (kPipeSlots / 8 * 128);
+    const float4* theirs = xs + ((j & 1) * 2 + (1 - wg)) * (kPipeSlots / 8 * 128);
+#pragma unroll
+    for (int i = 0; i < kPipeSlots / 8; ++i)
+      mine[i * 128 + t] = make_float4(s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kPipeSlots / 8; ++i) {
+      const float4 v = theirs[i * 128 + t];
+      s[4 * i] += v.x;
+      s[4 * i + 1] += v.y;
+      s[4 * i + 2] += v.z;
+      s[4 * i + 3] += v.w;
+    }
+    const int sbase = j * kPipeSlots;
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int v = 0; v < kPipeSlots / 2; ++v) {
+      const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
+      s[v] = ok ? s[v] * scale_log2 : -INFINITY;
+      mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
+    }
+    online_softmax_max(mx, m_run, alpha);
+#pragma unroll
+    for (int v = 0; v < kPipeSlots / 2; ++v) s[v] = fast_exp2(s[v] - mx[(v >> 1) & 1]);
+  };
+  // P of a tile as the A registers of P M's 2 k steps (p[i / 4][i % 4] = s[2 i], s[2 i + 1],
+  // row i % 2, rounded to T), the row sums from the rounded values, as the product sees them.
+  uint32_t p[2][4];
+  auto pack_probabilities = [&] {
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < kPipeSlots / 4; ++i) {
+      p[i >> 2][i & 3] = pack2<T>(s[2 * i], s[2 * i + 1]);
+      float lo, hi;
+      unpack2<T>(p[i >> 2][i & 3], lo, hi);
+      rs[i & 1] += lo + hi;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+  };
+
+  float o[kAcc];
+#pragma unroll
+  for (int v = 0; v < kAcc; ++v) o[v] = 0.f;
+  wgmma_fence_registers(o);
+
+  // h's half and tile 0 (group 0), tiles 1 and 2; then S_0 and P_0.
+  cp_async_half_to_panels<kWgRows>(hs, h + row0 * kDim, rows_left, kDim, wg, t);
+  load_tile(0);
+  load_tile(1);
+  load_tile(2);
+  cp_async_wait<2>();
+  fence_proxy_async_shared();  // the cp.async writes, for wgmma's reads
+  named_barrier_sync(1 + wg, 128);
+  issue_scores(0);
+  wgmma_wait<0>();
+  softmax_tile(0);
+  pack_probabilities();
+
+  // O = alpha O + P_j M_j[:, half]: O rescaled before any product is issued, M read MN-major,
+  // 16 slots (2 KB of rows) per k step, the panels of the half LBO apart.
+  auto rescale_o = [&] {
+#pragma unroll
+    for (int v = 0; v < kAcc; ++v) o[v] *= alpha[(v >> 1) & 1];
+    wgmma_fence_registers(o);
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) wgmma_fence_registers(p[kk]);
+  };
+  auto issue_pm = [&](int j) {
+    const uint32_t mt = ms_addr + (j % kPipeStages) * kStageBytes + m_half;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+      wgmma_mma_regs<T, kHalf, true>(
+          o, p[kk], swizzle128_descriptor(mt + kk * 16 * 128, kPipeSlotPanel), true);
+    wgmma_commit();
+  };
+
+  // Every tile but the last, with no branch around a product: ptxas serialises every wgmma of a
+  // kernel where it cannot prove that the registers of one in flight are left alone (a product
+  // issued on one path and waited for on another, or registers of one in flight copied, as a
+  // value carried over a loop's back edge can be), so nothing is in flight there either.
+  for (int j = 0; j + 1 < ntiles; ++j) {
+    rescale_o();
+    // Tile j + 1 landed (group j + 1 of j + 3); after the barrier every warp of this warpgroup is
+    // past tile j - 1's P M, so its stage takes tile j + 3.
+    cp_async_wait<1>();
+    fence_proxy_async_shared();
+    named_barrier_sync(1 + wg, 128);
+    load_tile(j + 3);
+    issue_scores(j + 1);
+    issue_pm(j);
+    wgmma_wait<1>();  // S_{j+1}; its softmax runs while P_j M_j does
+    softmax_tile(j + 1);
+    wgmma_wait<0>();
+    wgmma_fence_registers(o);
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) wgmma_fence_registers(p[kk]);
+    pack_probabilities();
+  }
+  rescale_o();
+  issue_pm(ntiles - 1);
+  wgmma_wait<0>();
+  wgmma_fence_registers(o);
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) wgmma_fence_registers(p[kk]);
+  cp_async_wait<0>();
+
+  // Epilogue: l over the quad, lse (warpgroup 0), O / l into this warpgroup's half of h's space
+  // (its own products are done with it), then 16-byte stores of whole rows.
+  float inv[2];
+  online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * warp + g, rows_left, wg == 0 && q == 0);
+#pragma unroll
+  for (int v = 0; v < kAcc; v += 2) {
+    const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
+    const int col = kHalf * wg + 8 * (v >> 2) + 2 * q;
+    const float f = inv[(v >> 1) & 1];
+    *reinterpret_cast<uint32_t*>(hs + swizzle128_tile_offset(rr, col >> 3) + (col & 7) * 2) =
+        pack2<T>(o[v] * f, o[v + 1] * f);
+  }
+  __syncthreads();
+  for (int i = tid; i < 64 * (kDim / 8); i += kWgThreads) {
+    const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
+    if (r < rows_left) {
+      *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
+          *reinterpret_cast<const uint4*>(hs + swizzle128_tile_offset(r, c));
+    }
+  }
+#else
+  (void)h, (void)mem, (void)out, (void)lse, (void)rows, (void)slots, (void)scale_log2;
+  __trap();
+#endif
+}
+
 __global__ void wgmma_probe_kernel(int* compiled) { *compiled = GAM_WGMMA_COMPILED; }
 
 }  // namespace
@@ -198,8 +435,10 @@ bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p) {
   const auto bits = reinterpret_cast<uintptr_t>(p.h) | reinterpret_cast<uintptr_t>(p.memory) |
                     reinterpret_cast<uintptr_t>(p.out);
   const bool dim_ok = p.dim == 128 || p.dim == 256 || p.dim == 512;
+  const int smem = p.wgmma_lockstep ? fwd_wgmma_smem_bytes(static_cast<int>(p.dim))
+                                    : fwd_wgmma_pipe_smem_bytes(static_cast<int>(p.dim));
   return p.dtype != DType::kFloat32 && dim_ok && p.slots >= 1 && p.sm == 90 &&
-         p.max_smem_bytes >= fwd_wgmma_smem_bytes(static_cast<int>(p.dim)) && bits % 16 == 0;
+         p.max_smem_bytes >= smem && bits % 16 == 0;
 }
 
 void launch_wgmma_probe(int* compiled, cudaStream_t stream) {
@@ -217,14 +456,18 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
           [&](int d) { return d == p.dim; },
           [&](auto d) {
             constexpr int kDim = decltype(d)::value;
-            auto kernel = retrieval_fwd_wgmma_kernel<T, kDim>;
-            const int smem = fwd_wgmma_smem_bytes(kDim);
+            auto kernel = p.wgmma_lockstep ? retrieval_fwd_wgmma_kernel<T, kDim>
+                                           : retrieval_fwd_wgmma_pipelined_kernel<T, kDim>;
+            const int smem =
+                p.wgmma_lockstep ? fwd_wgmma_smem_bytes(kDim) : fwd_wgmma_pipe_smem_bytes(kDim);
             GAM_CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            gam_launch("retrieval_fwd_wgmma_kernel", kernel, grid, dim3(kWgThreads),
-                       static_cast<size_t>(smem), stream, static_cast<const T*>(p.h),
-                       static_cast<const T*>(p.memory), static_cast<T*>(p.out), p.lse, p.rows,
-                       static_cast<int>(p.slots), scale_log2);
+            gam_launch(p.wgmma_lockstep ? "retrieval_fwd_wgmma_kernel"
+                                        : "retrieval_fwd_wgmma_pipelined_kernel",
+                       kernel, grid, dim3(kWgThreads), static_cast<size_t>(smem), stream,
+                       static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
+                       static_cast<T*>(p.out), p.lse, p.rows, static_cast<int>(p.slots),
+                       scale_log2);
           },
           [&] {
             throw std::runtime_error("launch_retrieval_fwd_wgmma: D must be 128, 256 or 512");
@@ -234,10 +477,17 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
 }
 
 std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p) {
-  return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) + ", " +
-         std::to_string(p.dim) + ">, 64 rows x 64 slots, 2 warpgroups (" +
-         std::to_string(p.dim / 2) + " columns of D each), 2 stages, " +
-         std::to_string(fwd_wgmma_smem_bytes(static_cast<int>(p.dim))) + " bytes of shared memory";
+  const int dim = static_cast<int>(p.dim);
+  if (p.wgmma_lockstep) {
+    return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) + ", " +
+           std::to_string(dim) + ">, 64 rows x 64 slots, 2 warpgroups (" + std::to_string(dim / 2) +
+           " columns of D each) in lockstep, 2 stages, " +
+           std::to_string(fwd_wgmma_smem_bytes(dim)) + " bytes of shared memory";
+  }
+  return std::string("wgmma: retrieval_fwd_wgmma_pipelined_kernel<") + type_name(p.dtype) + ", " +
+         std::to_string(dim) + ">, 64 rows x 32 slots, 2 warpgroups (" + std::to_string(dim / 2) +
+         " columns of D each), the next tile's scores in flight through the softmax, 4 stages, " +
+         std::to_string(fwd_wgmma_pipe_smem_bytes(dim)) + " bytes of shared memory";
 }
 
 }  // namespace cuda

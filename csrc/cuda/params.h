@@ -63,6 +63,9 @@ struct RetrievalFwdParams {
   int sm;
   int max_smem_bytes;
   int smem_per_sm;
+  // GAM_EXT_WGMMA_FORWARD=lockstep: the wgmma path's first forward kernel, kept to measure the
+  // pipelined one against (memory_retrieval_fwd_wgmma.cu).
+  bool wgmma_lockstep;
 };
 
 struct RetrievalBwdParams {

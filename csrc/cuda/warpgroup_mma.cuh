@@ -176,16 +176,18 @@ __device__ __forceinline__ void wgmma_fence_registers(V (&x)[R]) {
 #endif
 }
 
-// The accumulator operand lists of the asm statements below (N / 2 registers for N = 64, 128 and
-// 256) and their "{%0, ..., %(N / 2 - 1)}" strings.
+// The accumulator operand lists of the asm statements below (N / 2 registers for N = 32, 64, 128
+// and 256) and their "{%0, ..., %(N / 2 - 1)}" strings.
 #define GAM_WG_D8(i)                                                                          \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
-#define GAM_WG_D32_OPS GAM_WG_D8(0), GAM_WG_D8(8), GAM_WG_D8(16), GAM_WG_D8(24)
+#define GAM_WG_D16_OPS GAM_WG_D8(0), GAM_WG_D8(8)
+#define GAM_WG_D32_OPS GAM_WG_D16_OPS, GAM_WG_D8(16), GAM_WG_D8(24)
 #define GAM_WG_D64_OPS GAM_WG_D32_OPS, GAM_WG_D8(32), GAM_WG_D8(40), GAM_WG_D8(48), GAM_WG_D8(56)
 #define GAM_WG_D128_OPS                                                                      \
   GAM_WG_D64_OPS, GAM_WG_D8(64), GAM_WG_D8(72), GAM_WG_D8(80), GAM_WG_D8(88), GAM_WG_D8(96), \
       GAM_WG_D8(104), GAM_WG_D8(112), GAM_WG_D8(120)
+#define GAM_WG_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define GAM_WG_D32                                                                 \
   "{"                                                                              \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "         \
@@ -232,13 +234,15 @@ __device__ __forceinline__ void wgmma_fence_registers(V (&x)[R]) {
 
 // d (64 x N, f32) = A B (+ d when accumulate), A (64 x 16) and B (N x 16) in shared memory
 // through their descriptors; kTransA / kTransB: the operand is MN-major (else K-major).
-// T: __half or __nv_bfloat16; N: 64, 128 or 256.
+// T: __half or __nv_bfloat16; N: 32, 64, 128 or 256 (32 only with B K-major: the project uses
+// it for the scores of 32-slot tiles, and the self-test covers no MN-major B of 32 columns).
 template <typename T, int N, bool kTransA, bool kTransB>
 __device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                           bool accumulate GAM_WG_SITE) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma_mma takes __half or __nv_bfloat16");
-  static_assert(N == 64 || N == 128 || N == 256, "wgmma_mma: N is 64, 128 or 256");
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256, "wgmma_mma: N is 32, 64, 128 or 256");
+  static_assert(N != 32 || !kTransB, "wgmma_mma: N = 32 takes B K-major");
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 #if GAM_IS_EMULATED
   ::gam_emu::wgmma_mma_async(d, nullptr, desc_a, desc_b, N, kBf16, kTransA, kTransB, accumulate,
@@ -246,7 +250,11 @@ __device__ __forceinline__ void wgmma_mma(float (&d)[N / 2], uint64_t desc_a, ui
 #elif GAM_WGMMA_COMPILED
   const uint32_t scale_d = accumulate ? 1u : 0u;
   constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
-  if constexpr (N == 64 && kBf16) {
+  if constexpr (N == 32 && kBf16) {
+    GAM_WGMMA_SS("m64n32k16", "bf16", GAM_WG_D16, GAM_WG_D16_OPS, "16", "17", "18", "19", "20");
+  } else if constexpr (N == 32) {
+    GAM_WGMMA_SS("m64n32k16", "f16", GAM_WG_D16, GAM_WG_D16_OPS, "16", "17", "18", "19", "20");
+  } else if constexpr (N == 64 && kBf16) {
     GAM_WGMMA_SS("m64n64k16", "bf16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36");
   } else if constexpr (N == 64) {
     GAM_WGMMA_SS("m64n64k16", "f16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36");
@@ -273,7 +281,9 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
                                                uint64_t desc_b, bool accumulate GAM_WG_SITE) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma_mma_regs takes __half or __nv_bfloat16");
-  static_assert(N == 64 || N == 128 || N == 256, "wgmma_mma_regs: N is 64, 128 or 256");
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256,
+                "wgmma_mma_regs: N is 32, 64, 128 or 256");
+  static_assert(N != 32 || !kTransB, "wgmma_mma_regs: N = 32 takes B K-major");
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
 #if GAM_IS_EMULATED
   ::gam_emu::wgmma_mma_async(d, a, 0, desc_b, N, kBf16, false, kTransB, accumulate,
@@ -281,7 +291,13 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
 #elif GAM_WGMMA_COMPILED
   const uint32_t scale_d = accumulate ? 1u : 0u;
   constexpr int tb = kTransB ? 1 : 0;
-  if constexpr (N == 64 && kBf16) {
+  if constexpr (N == 32 && kBf16) {
+    GAM_WGMMA_RS("m64n32k16", "bf16", GAM_WG_D16, GAM_WG_D16_OPS, "16", "17", "18", "19", "20",
+                 "21", "22");
+  } else if constexpr (N == 32) {
+    GAM_WGMMA_RS("m64n32k16", "f16", GAM_WG_D16, GAM_WG_D16_OPS, "16", "17", "18", "19", "20", "21",
+                 "22");
+  } else if constexpr (N == 64 && kBf16) {
     GAM_WGMMA_RS("m64n64k16", "bf16", GAM_WG_D32, GAM_WG_D32_OPS, "32", "33", "34", "35", "36",
                  "37", "38");
   } else if constexpr (N == 64) {
@@ -309,9 +325,11 @@ __device__ __forceinline__ void wgmma_mma_regs(float (&d)[N / 2], const uint32_t
 #undef GAM_WGMMA_SS
 #undef GAM_WGMMA_RS
 #undef GAM_WG_D8
+#undef GAM_WG_D16_OPS
 #undef GAM_WG_D32_OPS
 #undef GAM_WG_D64_OPS
 #undef GAM_WG_D128_OPS
+#undef GAM_WG_D16
 #undef GAM_WG_D32
 #undef GAM_WG_D64
 #undef GAM_WG_D128

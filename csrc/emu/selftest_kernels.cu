@@ -706,7 +706,15 @@ template <typename T, int N>
 void wgmma_gemm_n(const void* a, const void* b, float* d, int mode_a, int mode_b, int misuse,
                   cudaStream_t stream) {
   const bool tb = (mode_b & 4) != 0;
-  if (mode_a < 0) {
+  if constexpr (N == 32) {  // B K-major only (warpgroup_mma.cuh); the binding checks mode_b
+    if (mode_a < 0) {
+      launch_wgmma_gemm<T, N, false, false, true>(a, b, d, mode_a, mode_b, misuse, stream);
+    } else if (mode_a & 4) {
+      launch_wgmma_gemm<T, N, true, false, false>(a, b, d, mode_a, mode_b, misuse, stream);
+    } else {
+      launch_wgmma_gemm<T, N, false, false, false>(a, b, d, mode_a, mode_b, misuse, stream);
+    }
+  } else if (mode_a < 0) {
     (tb ? launch_wgmma_gemm<T, N, false, true, true>
         : launch_wgmma_gemm<T, N, false, false, true>)(a, b, d, mode_a, mode_b, misuse, stream);
   } else if (mode_a & 4) {
@@ -722,7 +730,8 @@ void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mo
                 int misuse, cudaStream_t stream) {
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    (n == 64    ? wgmma_gemm_n<T, 64>
+    (n == 32    ? wgmma_gemm_n<T, 32>
+     : n == 64  ? wgmma_gemm_n<T, 64>
      : n == 128 ? wgmma_gemm_n<T, 128>
                 : wgmma_gemm_n<T, 256>)(a, b, d, mode_a, mode_b, misuse, stream);
   };

@@ -50,11 +50,12 @@ void named_barrier_groups(const float* x, float* y, int blocks, cudaStream_t str
 // y[i] = x[warp base + (lane + 1) % 32] through shared memory and __syncwarp; blocks of 64.
 void syncwarp_exchange(const float* x, float* y, int blocks, cudaStream_t stream);
 // 256 threads x `blocks` blocks x `rounds` barriers (speed check).
-// d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 64, 128 or 256, by one warpgroup's
-// wgmma with its operands in shared memory in layouts mode_a / mode_b (selftest_kernels.cu);
-// mode_a < 0: a from registers; mode_b + 8: b described as unswizzled core matrices whatever its
-// storage (a wrong descriptor). misuse 1: d gets each thread's accumulators, read before the
-// wgmma wait, in thread order (t * n / 2 + v); 2: b's shared memory is zeroed before the wait.
+// d (64 x n f32, row major) = a (64 x 64) b^T, b (n x 64), n 32 (b K-major), 64, 128 or 256, by one
+// warpgroup's wgmma with its operands in shared memory in layouts mode_a / mode_b
+// (selftest_kernels.cu); mode_a < 0: a from registers; mode_b + 8: b described as unswizzled core
+// matrices whatever its storage (a wrong descriptor). misuse 1: d gets each thread's accumulators,
+// read before the wgmma wait, in thread order (t * n / 2 + v); 2: b's shared memory is zeroed
+// before the wait.
 void wgmma_gemm(const void* a, const void* b, float* d, int n, int dtype, int mode_a, int mode_b,
                 int misuse, cudaStream_t stream);
 void barrier_stress(float* data, int blocks, int rounds, cudaStream_t stream);
