@@ -129,57 +129,52 @@ def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
         assert hgmma[("sm_90", func)] == [], func
 
 
-def test_wgmma_retrieval_forward_on_sm90a(tmp_path: Path) -> None:
-    """The wgmma retrieval forward (memory_retrieval_fwd_wgmma.cu) for sm_90a, D = 128, 256 and
-    512: per M tile D / 32 HGMMA.64x64x16 (the scores) then 4 HGMMA.64x(D/2)x16 (P M), no spills,
-    and no wgmma serialised by ptxas (it injects warpgroup.arrive / wait where registers of an
-    in-flight product are touched, and says so); for plain sm_90 a trap."""
-    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
-    assert "is injected" not in report and "serialized" not in report, report
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert spills and all(a == "0" and b == "0" for a, b in spills), spills
-    hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_kernel")
-    assert len({f for _, f in hgmma}) == 6, hgmma.keys()  # __half and __nv_bfloat16 x 3 D
-    for (arch, func), shapes in hgmma.items():
-        d = int(re.search(r"Li(\d+)E", func).group(1))
-        expected = ["64x64x16"] * (d // 32) + [f"64x{d // 2}x16"] * 4
-        assert shapes == ([] if arch == "sm_90" else expected), func
-
-
-def test_wgmma_pipelined_forward_on_sm90a(tmp_path: Path) -> None:
-    """The pipelined wgmma forward (memory_retrieval_fwd_wgmma.cu) for sm_90a, D = 128, 256 and
-    512: the first tile's D / 32 HGMMA.64x32x16 (its scores), the loop's D / 32 of them for the
-    next tile followed at once by 2 HGMMA.64x(D/2)x16 (P M) with one wait between the two
-    groups (DEPBAR.LE 1), then the last tile's 2; no spills, at most 224 registers, and no wgmma
-    serialised by ptxas (which it does, silently for the SASS, where it cannot prove that the
-    registers of a product in flight are left alone); for plain sm_90 a trap."""
-    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
+def compile_wgmma_sm90a(src: Path, obj: Path) -> str:
+    """compile_sm90a of a wgmma kernel file, held to what every wgmma kernel must show: no wgmma
+    serialised by ptxas (it injects warpgroup.arrive / wait, and says so, where it cannot prove
+    that the registers of a product in flight are left alone), no spills, and at most 224
+    registers (one block of 256 threads per SM, bound by shared memory, which could hold 255).
+    Returns the SASS."""
+    report, sass = compile_sm90a(src, obj)
     assert "is injected" not in report and "serialized" not in report, report
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills and all(a == "0" and b == "0" for a, b in spills), spills
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert registers and max(registers) <= 224, registers
-    hgmma = hgmma_shapes(sass, "retrieval_fwd_wgmma_pipelined_kernel")
-    assert len({f for _, f in hgmma}) == 6, hgmma.keys()  # __half and __nv_bfloat16 x 3 D
-    for (arch, func), shapes in hgmma.items():
-        d = int(re.search(r"Li(\d+)E", func).group(1))
-        expected = ["64x32x16"] * (2 * d // 32) + [f"64x{d // 2}x16"] * 4
-        assert shapes == ([] if arch == "sm_90" else expected), func
+    return sass
+
+
+def test_wgmma_retrieval_forwards_on_sm90a(tmp_path: Path) -> None:
+    """The wgmma retrieval forwards (memory_retrieval_fwd_wgmma.cu) for sm_90a, D = 128, 256 and
+    512, as compile_wgmma_sm90a holds them, and their HGMMA sequences. The lockstep kernel: per M
+    tile D / 32 HGMMA.64x64x16 (the scores) then 4 HGMMA.64x(D/2)x16 (P M). The pipelined one:
+    the first tile's D / 32 HGMMA.64x32x16, the loop's D / 32 for the next tile followed at once
+    by 2 HGMMA.64x(D/2)x16 (P M) with a partial wait after them (DEPBAR.LE 1: the scores only),
+    then the last tile's 2. For plain sm_90 both are a trap."""
+    sass = compile_wgmma_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
+    # The SASS of each, by D: the lockstep kernel's one loop; the pipelined one's first scores,
+    # loop (next scores, P M) and last P M.
+    expected_by_kernel = {
+        "retrieval_fwd_wgmma_kernel": lambda d: ["64x64x16"] * (d // 32) + [f"64x{d // 2}x16"] * 4,
+        "retrieval_fwd_wgmma_pipelined_kernel": lambda d: (
+            ["64x32x16"] * (2 * d // 32) + [f"64x{d // 2}x16"] * 4
+        ),
+    }
+    for kernel, expected in expected_by_kernel.items():
+        hgmma = hgmma_shapes(sass, kernel)
+        assert len({f for _, f in hgmma}) == 6, hgmma.keys()  # __half and __nv_bfloat16 x 3 D
+        for (arch, func), shapes in hgmma.items():
+            d = int(re.search(r"Li(\d+)E", func).group(1))
+            assert shapes == ([] if arch == "sm_90" else expected(d)), func
     pipelined = sass.split("retrieval_fwd_wgmma_pipelined_kernel")
     assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in part for part in pipelined[1:]), "no partial wait"
 
 
 def test_wgmma_retrieval_backward_on_sm90a(tmp_path: Path) -> None:
-    """The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu) for sm_90a: per chunk of
-    M 8 HGMMA.64x128x16 (4 for the scores, 4 for dP, interleaved), no spills, no wgmma serialised
-    by ptxas, and the 64 + 64 accumulators with at most 224 registers in all (one block of 256
-    threads per SM, bound by shared memory, which could hold 255); for plain sm_90 a trap."""
-    report, sass = compile_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_bwd_wgmma.cu", tmp_path / "bwd.o")
-    assert "is injected" not in report and "serialized" not in report, report
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert spills and all(a == "0" and b == "0" for a, b in spills), spills
-    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert registers and max(registers) <= 224, registers
+    """The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu) for sm_90a, as
+    compile_wgmma_sm90a holds it (the 64 + 64 accumulators within the 224 registers): per chunk
+    of M 8 HGMMA.64x128x16 (4 for the scores, 4 for dP, interleaved); for plain sm_90 a trap."""
+    sass = compile_wgmma_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_bwd_wgmma.cu", tmp_path / "bwd.o")
     hgmma = hgmma_shapes(sass, "retrieval_bwd_scores_wgmma_kernel")
     assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
     for (arch, func), shapes in hgmma.items():

@@ -44,6 +44,37 @@ constexpr int kScoreBytes = 2 * 64 * 64 * 4;   // both warpgroups' partial score
 constexpr int tile_bytes(int dim) { return dim / 64 * kPanelBytes; }
 constexpr int fwd_wgmma_smem_bytes(int dim) { return 1024 + 3 * tile_bytes(dim) + kScoreBytes; }
 
+// Both forwards' epilogue, for a block of two warpgroups (warpgroup w holding O's columns
+// (D / 2) w ..): l over the quad, lse (warpgroup 0), O / l rounded to T into h's space in shared
+// memory (each warpgroup into its own half, which only its own finished products read), then
+// 16-byte stores of whole rows.
+template <typename T, int kDim>
+__device__ __forceinline__ void wgmma_epilogue(const float (&o)[kDim / 4], float (&l_run)[2],
+                                               const float (&m_run)[2], unsigned char* hs,
+                                               T* __restrict__ out, float* __restrict__ lse,
+                                               int64_t row0, int64_t rows_left) {
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
+  const int warp = t >> 5, g = (t & 31) >> 2, q = t & 3;
+  float inv[2];
+  online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * warp + g, rows_left, wg == 0 && q == 0);
+#pragma unroll
+  for (int v = 0; v < kDim / 4; v += 2) {
+    const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
+    const int col = kDim / 2 * wg + 8 * (v >> 2) + 2 * q;
+    const float f = inv[(v >> 1) & 1];
+    *reinterpret_cast<uint32_t*>(hs + swizzle128_tile_offset(rr, col >> 3) + (col & 7) * 2) =
+        pack2<T>(o[v] * f, o[v + 1] * f);
+  }
+  __syncthreads();
+  for (int i = tid; i < 64 * (kDim / 8); i += kWgThreads) {
+    const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
+    if (r < rows_left) {
+      *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
+          *reinterpret_cast<const uint4*>(hs + swizzle128_tile_offset(r, c));
+    }
+  }
+}
+
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kWgThreads, 1)
     retrieval_fwd_wgmma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
@@ -60,8 +91,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   unsigned char* ms = hs + kTileBytes;
   float4* xs = reinterpret_cast<float4*>(ms + 2 * kTileBytes);
   const uint32_t hs_addr = window + pad, ms_addr = hs_addr + kTileBytes;
-  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
-  const int warp = t >> 5, g = (t & 31) >> 2, q = t & 3;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, q = t & 3;
   const int64_t row0 = int64_t(blockIdx.x) * kWgRows;
   const int64_t rows_left = rows - row0;
   const int ntiles = (slots + kWgSlots - 1) / kWgSlots;
@@ -165,25 +195,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
   cp_async_wait<0>();
 
-  // Epilogue: l over the quad, lse (warpgroup 0), O / l into h's space, 16-byte stores.
-  float inv[2];
-  online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * warp + g, rows_left, wg == 0 && q == 0);
-#pragma unroll
-  for (int v = 0; v < kAcc; v += 2) {
-    const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
-    const int col = kHalf * wg + 8 * (v >> 2) + 2 * q;
-    const float f = inv[(v >> 1) & 1];
-    *reinterpret_cast<uint32_t*>(hs + swizzle128_tile_offset(rr, col >> 3) + (col & 7) * 2) =
-        pack2<T>(o[v] * f, o[v + 1] * f);
-  }
-  __syncthreads();
-  for (int i = tid; i < 64 * (kDim / 8); i += kWgThreads) {
-    const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
-    if (r < rows_left) {
-      *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
-          *reinterpret_cast<const uint4*>(hs + swizzle128_tile_offset(r, c));
-    }
-  }
+  wgmma_epilogue<T, kDim>(o, l_run, m_run, hs, out, lse, row0, rows_left);
 #else
   (void)h, (void)mem, (void)out, (void)lse, (void)rows, (void)slots, (void)scale_log2;
   __trap();
@@ -253,8 +265,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   unsigned char* ms = hs + tile_bytes(kDim);
   float4* xs = reinterpret_cast<float4*>(ms + kPipeStages * kStageBytes);
   const uint32_t hs_addr = window + pad, ms_addr = hs_addr + tile_bytes(kDim);
-  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
-  const int warp = t >> 5, g = (t & 31) >> 2, q = t & 3;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, q = t & 3;
   const int64_t row0 = int64_t(blockIdx.x) * kWgRows;
   const int64_t rows_left = rows - row0;
   const int ntiles = (slots + kPipeSlots - 1) / kPipeSlots;
@@ -399,26 +410,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int kk = 0; kk < 2; ++kk) wgmma_fence_registers(p[kk]);
   cp_async_wait<0>();
 
-  // Epilogue: l over the quad, lse (warpgroup 0), O / l into this warpgroup's half of h's space
-  // (its own products are done with it), then 16-byte stores of whole rows.
-  float inv[2];
-  online_softmax_finish(l_run, m_run, inv, lse + row0, 16 * warp + g, rows_left, wg == 0 && q == 0);
-#pragma unroll
-  for (int v = 0; v < kAcc; v += 2) {
-    const int rr = 16 * warp + g + 8 * ((v >> 1) & 1);
-    const int col = kHalf * wg + 8 * (v >> 2) + 2 * q;
-    const float f = inv[(v >> 1) & 1];
-    *reinterpret_cast<uint32_t*>(hs + swizzle128_tile_offset(rr, col >> 3) + (col & 7) * 2) =
-        pack2<T>(o[v] * f, o[v + 1] * f);
-  }
-  __syncthreads();
-  for (int i = tid; i < 64 * (kDim / 8); i += kWgThreads) {
-    const int r = unsigned(i) / (kDim / 8), c = unsigned(i) % (kDim / 8);
-    if (r < rows_left) {
-      *reinterpret_cast<uint4*>(out + (row0 + r) * kDim + c * 8) =
-          *reinterpret_cast<const uint4*>(hs + swizzle128_tile_offset(r, c));
-    }
-  }
+  wgmma_epilogue<T, kDim>(o, l_run, m_run, hs, out, lse, row0, rows_left);
 #else
   (void)h, (void)mem, (void)out, (void)lse, (void)rows, (void)slots, (void)scale_log2;
   __trap();
