@@ -220,3 +220,47 @@ def test_kernel_bench_times_back_to_back_calls(monkeypatch):
     seconds = bench.timeit(call, calls=4, rounds=3, warmup=2)
     assert clock["calls"] == 2 + 4 * 3
     assert seconds == pytest.approx(0.5e-3)  # the median round's mean; the slow round left out
+
+
+def test_parts_split_the_stages_between_two_reports(tmp_path):
+    """GAM_CHECK_PART=1 runs the build, tests, sanitizers, kernel benchmark and ncu, =2 the
+    benchmarks (keeping the build it finds), each writing its own report of its own stages, also
+    where both share a log folder; anything else stops before doing anything."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "gpu_check.sh").write_text((ROOT / "scripts" / "gpu_check.sh").read_text())
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)  # its check for an existing CUDA build passes: part 2 keeps it
+    python.chmod(0o755)
+    env = dict(os.environ) | {
+        "PYTHON": str(python),
+        "CALLS": str(tmp_path / "calls.txt"),
+        "GAM_CHECK_LOG_DIR": str(tmp_path / "log"),
+    }
+    reports = {}
+    for part, name in (("1", "Stand-in-GPU-{}.md"), ("2", "Stand-in-GPU-{}-part2.md")):
+        out = subprocess.run(
+            ["bash", "scripts/gpu_check.sh"], cwd=tmp_path, env=env | {"GAM_CHECK_PART": part},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        (path,) = (tmp_path / "benchmarks" / "results").glob(name.format("*"))
+        reports[part] = path.read_text()
+        path.unlink()
+    rows = {
+        p: dict(re.findall(r"^\| ([a-z0-9 ]+) \| .* \| (.*) \|$", r, flags=re.M)) for p, r in reports.items()
+    }
+    skipped = "skipped (GAM_CHECK_PART={})"
+    assert rows["1"]["tests"].startswith("ok") and rows["1"]["kernel bench"].startswith("ok")
+    assert rows["1"]["op bench"] == rows["1"]["generation"] == skipped.format(1)
+    assert "## Kernel figures" in reports["1"] and "## bench_ops.py" not in reports["1"]
+    assert rows["2"]["build"] == "not run: this checkout's CUDA build kept"
+    assert rows["2"]["tests"] == rows["2"]["kernel bench"] == rows["2"]["racecheck"] == skipped.format(2)
+    assert rows["2"]["op bench"].startswith("ok") and rows["2"]["generation"].startswith("ok")
+    assert "## bench_ops.py" in reports["2"] and "## Kernel figures" not in reports["2"]
+    assert "`GAM_CHECK_PART=2 bash scripts/gpu_check.sh`" in reports["2"]
+    out = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=tmp_path, env=env | {"GAM_CHECK_PART": "3"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "GAM_CHECK_PART must be all, 1 or 2" in out.stderr
+    assert not list((tmp_path / "benchmarks" / "results").iterdir())

@@ -6,11 +6,16 @@
 # kernels that use shared memory, the op benchmark (with fp32's two retrieval paths), a kernel-time
 # breakdown of the mixer on each of its paths, and the scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md, each stage with its result and wall time. Each stage has
-# a time limit so that the whole check fits in 8 minutes and the report is always written. On a
+# a time limit so that a call fits its budget (GAM_CHECK_BUDGET_S) and the report is always written. On a
 # machine without a usable GPU it stops at once and writes nothing.
 #   bash scripts/gpu_check.sh
 # Knobs: PYTHON (default .venv/bin/python where it exists, else python3), GAM_CHECK_BUDGET_S (the
-# whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there).
+# whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there),
+# GAM_CHECK_PART: unset or "all" runs every stage; "1" the build, tests, sanitizers, kernel
+# benchmark and ncu (about 6 minutes on an H200), "2" the rest (op benchmarks, mixer breakdown,
+# scaling, generation; about 4 minutes), building first only where this checkout has no CUDA
+# build yet: the whole check in two calls of a device session (part 2 on the warm machine, the
+# build of part 1 kept), each with its own report (part 2's named <device>-<date>-part2.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,17 +35,26 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc && -d /usr/local/cuda/lib64 ]]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+PART=${GAM_CHECK_PART:-all}
+if [[ $PART != all && $PART != 1 && $PART != 2 ]]; then
+  echo "gpu_check.sh: GAM_CHECK_PART must be all, 1 or 2, got '$PART'" >&2
+  exit 2
+fi
+in_part() { [[ $PART == all || $PART == "$1" ]]; }  # whether this call runs part $1's stages
+SKIPPED="skipped (GAM_CHECK_PART=$PART)"
 START=$(date +%s)
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")
 SLUG=$(echo "$DEVICE" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')
 DATE=$(date -u +%Y-%m-%d)
 mkdir -p benchmarks/results
-OUT="benchmarks/results/${SLUG}-${DATE}.md"
+OUT="benchmarks/results/${SLUG}-${DATE}$([[ $PART == 2 ]] && echo -part2).md"
 LOG=${GAM_CHECK_LOG_DIR:-$(mktemp -d)}
 mkdir -p "$LOG"
 
+NOT_RUN=200  # a stage's exit code when GAM_CHECK_PART leaves it out
 status() {  # stage name, exit code
   if [[ $2 -eq 0 ]]; then echo "ok"; elif [[ $2 -eq 124 ]]; then echo "TIMEOUT"
+  elif [[ $2 -eq $NOT_RUN ]]; then echo "$SKIPPED"
   elif [[ $2 -eq 127 ]]; then echo "not run (command not found)"; else echo "FAILED (rc=$2)"; fi
 }
 sanitizer_status() {  # log file, exit code: the status, and on a timeout the last group done
@@ -76,23 +90,35 @@ if [[ $ARCH == 9.0 ]] && TORCH_CUDA_ARCH_LIST=9.0a "$PY" -c \
   > /dev/null 2>&1; then
   BUILD_ARCH=9.0a
 fi
-echo "== build (arch $BUILD_ARCH)"
-TORCH_CUDA_ARCH_LIST="$BUILD_ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
-  timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
-BUILD_RC=$?
+# Part 2 builds only where this checkout has no CUDA build yet (part 1's is kept on the machine).
+BUILT_CHECK="import gam_ext; assert gam_ext.backend_info()['ops']['cuda']['memory_retrieval'] == 'kernel'"
+if [[ $PART == 2 ]] && "$PY" -c "$BUILT_CHECK" > /dev/null 2>&1; then
+  echo "== build: this checkout's CUDA build, kept"
+  echo "kept: the CUDA build already in this checkout" > "$LOG/build.txt"
+  BUILD_RC=0 BUILD_KEPT=1
+else
+  echo "== build (arch $BUILD_ARCH)"
+  TORCH_CUDA_ARCH_LIST="$BUILD_ARCH" MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 \
+    timeout $(limit 300) "$PY" setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
+  BUILD_RC=$?
+fi
 took build
 tail -5 "$LOG/build.txt"
 
-echo "== pytest (CUDA kernels, wgmma primitives on sm_90, build)"
 TESTS="python_tests/test_cuda.py python_tests/test_cuda_wgmma.py python_tests/test_build.py"
-timeout $(limit 150) "$PY" -m pytest $TESTS -q -p no:cacheprovider > "$LOG/pytest.txt" 2>&1
-TEST_RC=$?
-took tests
-tail -15 "$LOG/pytest.txt"
+TEST_RC=$NOT_RUN
+if in_part 1; then
+  echo "== pytest (CUDA kernels, wgmma primitives on sm_90, build)"
+  timeout $(limit 150) "$PY" -m pytest $TESTS -q -p no:cacheprovider > "$LOG/pytest.txt" 2>&1
+  TEST_RC=$?
+  took tests
+  tail -15 "$LOG/pytest.txt"
+fi
 
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 MEM_RC=127; RACE_RC=127
-if [[ -n "$SAN" ]]; then
+in_part 1 || { MEM_RC=$NOT_RUN; RACE_RC=$NOT_RUN; }
+if [[ -n "$SAN" ]] && in_part 1; then
   echo "== compute-sanitizer memcheck"
   timeout $(limit 75) "$SAN" --tool memcheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     > "$LOG/memcheck.txt" 2>&1
@@ -101,11 +127,14 @@ if [[ -n "$SAN" ]]; then
   tail -n 3 "$LOG/memcheck.txt"
 fi
 
-echo "== kernel benchmark"
 BENCH_ARGS="--batch 16 --dim 512 --slots 512 --seqlens 256,1024,4096,8192 --dtype bf16"
-timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
-KB_RC=$?
-took kernels
+KB_RC=$NOT_RUN
+if in_part 1; then
+  echo "== kernel benchmark"
+  timeout $(limit 100) "$PY" benchmarks/cuda_kernel_bench.py $BENCH_ARGS > "$LOG/kernels.md" 2>&1
+  KB_RC=$?
+  took kernels
+fi
 
 # Nsight Compute on the retrieval and fused-mixer kernels of one bf16 GAMBlock training step
 # (B=16 N=2048 D=S=512) on the fused mixer (GAM_EXT_BACKEND=fused: its epilogue, prologue and dh
@@ -115,11 +144,12 @@ took kernels
 # so that a tight budget cuts those first.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 NCU_RC=127
+in_part 1 || NCU_RC=$NOT_RUN
 # --print-details all: the sections' bodies too, e.g. the warp-stall breakdown, which the
 # summary lines leave out.
 NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
-if [[ -n "$NCU" ]]; then
+if [[ -n "$NCU" ]] && in_part 1; then
   echo "== ncu"
   GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
     $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
@@ -130,7 +160,7 @@ fi
 # racecheck checks shared memory only: the driver's groups whose kernels use it (the wgmma
 # kernels' first). It is the slowest tool, so it runs after the stages that measure the newest
 # kernels.
-if [[ -n "$SAN" ]]; then
+if [[ -n "$SAN" ]] && in_part 1; then
   echo "== compute-sanitizer racecheck"
   timeout $(limit 100) "$SAN" --tool racecheck --error-exitcode 1 "$PY" scripts/cuda_sanitize_driver.py \
     --shared-memory-only > "$LOG/racecheck.txt" 2>&1
@@ -139,16 +169,18 @@ if [[ -n "$SAN" ]]; then
   tail -n 3 "$LOG/racecheck.txt"
 fi
 
-OPS_RC=127
-if [[ -f benchmarks/bench_ops.py ]]; then
-  # The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /
-  # gam_fused (retrieval)).
-  OPS_ARGS="--device cuda --dtype bfloat16 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
+# Part 2's stages, the benchmarks.
+OPS_RC=$NOT_RUN FP32_RC=$NOT_RUN BREAKDOWN_RC=$NOT_RUN SCALING_RC=$NOT_RUN GENERATE_RC=$NOT_RUN
+# The shared op benchmark (providers gam_ext / gam_unfused (mixer) / eager / compile / sdpa /
+# gam_fused (retrieval)).
+OPS_ARGS="--device cuda --dtype bfloat16 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
 --seqlen 256 1024 4096 8192 --max-seconds 1 --out benchmarks/results/${SLUG}-${DATE}-ops"
+if in_part 2; then
+  echo "== op benchmark"
   timeout $(limit 200) "$PY" benchmarks/bench_ops.py $OPS_ARGS > "$LOG/ops.md" 2>&1
   OPS_RC=$?
+  took ops
 fi
-took ops
 
 # fp32 on the GPU: the default gemm path (cuBLAS fp32 products around gam_ext's softmax kernels)
 # against the fused path's fp32 SIMT kernels (gam_fused) and eager, for the retrieval, and the mixer
@@ -156,36 +188,48 @@ took ops
 FP32_ARGS="--device cuda --dtype float32 --batch 16 --d-model 512 --slots 512 --kernel-size 3 \
 --seqlen 1024 4096 --ops retrieval mixer --modes fwd fwdbwd --providers gam_ext gam_fused eager \
 --max-seconds 0.5 --no-memory --out benchmarks/results/${SLUG}-${DATE}-fp32-ops"
-timeout $(limit 60) "$PY" benchmarks/bench_ops.py $FP32_ARGS > "$LOG/ops-fp32.md" 2>&1
-FP32_RC=$?
-took fp32
+if in_part 2; then
+  echo "== op benchmark, fp32 paths"
+  timeout $(limit 60) "$PY" benchmarks/bench_ops.py $FP32_ARGS > "$LOG/ops-fp32.md" 2>&1
+  FP32_RC=$?
+  took fp32
+fi
 
 # Where each mixer path spends its time: torch.profiler's kernels of the block's token mixer,
 # fwd+bwd (bf16 autocast, B=16 N=8192 D=S=512), on the three-op path and on the fused op.
 BREAKDOWN_ARGS="--what mixer --torch-profiler --dtype bf16 --batch 16 --seqlen 8192 --d-model 512 \
 --slots 512 --warmup 2 --steps 3"
-BREAKDOWN_RC=0
-for backend in unfused fused; do
-  GAM_EXT_BACKEND=$backend timeout $(limit 45) "$PY" benchmarks/profile_steps.py $BREAKDOWN_ARGS \
-    > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
-done
-took breakdown
+if in_part 2; then
+  echo "== mixer breakdown"
+  BREAKDOWN_RC=0
+  for backend in unfused fused; do
+    GAM_EXT_BACKEND=$backend timeout $(limit 45) "$PY" benchmarks/profile_steps.py $BREAKDOWN_ARGS \
+      > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
+  done
+  took breakdown
+fi
 
 # The paper's Table 2 on this GPU: one block fwd+bwd against N, GAM vs attention vs Mamba (bf16,
 # a shorter grid than the script's default so that it fits the budget).
 SCALING_ARGS="--device cuda --dtype bf16 --seqlen 512 2048 8192 --repeats 5 --max-seconds 0.3 \
 --out benchmarks/results/${SLUG}-${DATE}-scaling"
-timeout $(limit 120) "$PY" benchmarks/bench_scaling.py $SCALING_ARGS > "$LOG/scaling.txt" 2>&1
-SCALING_RC=$?
-took scaling
+if in_part 2; then
+  echo "== scaling"
+  timeout $(limit 120) "$PY" benchmarks/bench_scaling.py $SCALING_ARGS > "$LOG/scaling.txt" 2>&1
+  SCALING_RC=$?
+  took scaling
+fi
 
 # Text generation per new token against the context: GAM's recurrent step, the full recompute and
 # a Transformer KV cache (bf16, batch 8, a shorter grid than the script's default).
 GENERATE_ARGS="--device cuda --dtype bf16 --batch 8 --d-model 512 --slots 512 --contexts 64 1024 8192 \
 --tokens 32 --passes 1 --out benchmarks/results/${SLUG}-${DATE}-generate"
-timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
-GENERATE_RC=$?
-took generation
+if in_part 2; then
+  echo "== generation"
+  timeout $(limit 90) "$PY" benchmarks/bench_generate.py $GENERATE_ARGS > "$LOG/generate.txt" 2>&1
+  GENERATE_RC=$?
+  took generation
+fi
 
 {
   echo "# GPU check: $DEVICE, $DATE"
@@ -194,12 +238,12 @@ took generation
   echo "- torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), $(nvcc --version 2>/dev/null | tail -1)"
   echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain \
     --untracked-files=no -- . ':!benchmarks/results' 2>/dev/null | grep -q . && echo ', with uncommitted changes')"
-  echo "- command: \`bash scripts/gpu_check.sh\` (total $(elapsed))"
+  echo "- command: \`$([[ $PART != all ]] && echo "GAM_CHECK_PART=$PART ")bash scripts/gpu_check.sh\` (total $(elapsed))"
   echo
   echo "| stage | command | result |"
   echo "|---|---|---|"
-  echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $(timed build "$(status build $BUILD_RC)") |"
-  echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC): $(tail -1 "$LOG/pytest.txt")") |"
+  echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $([[ -n ${BUILD_KEPT:-} ]] && echo "not run: this checkout's CUDA build kept" || timed build "$(status build $BUILD_RC)") |"
+  echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC)$([[ $TEST_RC -ne $NOT_RUN ]] && echo ": $(tail -1 "$LOG/pytest.txt")")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
   echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
@@ -218,16 +262,15 @@ took generation
   echo
   echo "The same with GAM_EXT_RETRIEVAL=wgmma: $(GAM_EXT_RETRIEVAL=wgmma "$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
   echo
-  echo "## Kernel figures"
-  echo
-  cat "$LOG/kernels.md"
-  if [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
-  if [[ -f "$LOG/ops-fp32.md" ]]; then
+  # Each section from this call's stages only (a log folder kept across the two parts holds both).
+  if in_part 1; then echo "## Kernel figures"; echo; cat "$LOG/kernels.md"; fi
+  if in_part 2 && [[ -f "$LOG/ops.md" ]]; then echo; echo "## bench_ops.py"; echo; cat "$LOG/ops.md"; fi
+  if in_part 2 && [[ -f "$LOG/ops-fp32.md" ]]; then
     echo; echo "## bench_ops.py, fp32: the default (gemm) retrieval against the fp32 SIMT kernels"; echo
     cat "$LOG/ops-fp32.md"
   fi
   for backend in unfused fused; do
-    if [[ -f "$LOG/breakdown-$backend.txt" ]]; then
+    if in_part 2 && [[ -f "$LOG/breakdown-$backend.txt" ]]; then
       echo; echo "## Mixer kernels per step, backend $backend (profile_steps.py --what mixer)"; echo
       grep -E "ms/step" "$LOG/breakdown-$backend.txt"; echo
       sed -n '/^| kernel /,/^| \*\*all/p' "$LOG/breakdown-$backend.txt"
@@ -235,20 +278,24 @@ took generation
     fi
   done
   GENERATE_MD="benchmarks/results/${SLUG}-${DATE}-generate.md"
-  if [[ -f "$GENERATE_MD" ]]; then
+  if ! in_part 2; then
+    :
+  elif [[ -f "$GENERATE_MD" ]]; then
     echo; echo "## bench_generate.py ($GENERATE_MD, with a plot beside it)"; echo
     sed -n '/^|/p' "$GENERATE_MD"
   elif [[ -f "$LOG/generate.txt" ]]; then
     echo; echo "## bench_generate.py (tail)"; echo '```'; tail -20 "$LOG/generate.txt"; echo '```'
   fi
   SCALING_MD="benchmarks/results/${SLUG}-${DATE}-scaling.md"
-  if [[ -f "$SCALING_MD" ]]; then
+  if ! in_part 2; then
+    :
+  elif [[ -f "$SCALING_MD" ]]; then
     echo; echo "## bench_scaling.py ($SCALING_MD, with a plot beside it)"; echo
     sed -n '/^## bf16/,/^## The paper/p' "$SCALING_MD" | sed '$d'
   elif [[ -f "$LOG/scaling.txt" ]]; then
     echo; echo "## bench_scaling.py (tail)"; echo '```'; tail -20 "$LOG/scaling.txt"; echo '```'
   fi
-  if [[ -f "$LOG/ncu.txt" ]]; then
+  if in_part 1 && [[ -f "$LOG/ncu.txt" ]]; then
     echo; echo "## Nsight Compute, retrieval and fused-mixer kernels (excerpt)"; echo; echo '```'
     grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Theoretical Occupancy|Achieved Occupancy|==ERROR==|==WARNING==" \
       "$LOG/ncu.txt" | head -120
@@ -259,10 +306,10 @@ took generation
       echo '```'
     fi
   fi
-  if [[ $TEST_RC -ne 0 ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
+  if [[ $TEST_RC -ne 0 && $TEST_RC -ne $NOT_RUN ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
   if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
   for t in memcheck racecheck; do
-    if [[ -f "$LOG/$t.txt" ]] && ! grep -qE "ERROR SUMMARY: 0 errors|SUMMARY: 0 hazards displayed \(0 errors" "$LOG/$t.txt"; then
+    if in_part 1 && [[ -f "$LOG/$t.txt" ]] && ! grep -qE "ERROR SUMMARY: 0 errors|SUMMARY: 0 hazards displayed \(0 errors" "$LOG/$t.txt"; then
       echo; echo "## $t (tail)"; echo '```'; tail -40 "$LOG/$t.txt"; echo '```'
     fi
   done
