@@ -12,10 +12,10 @@
 # Knobs: PYTHON (default .venv/bin/python where it exists, else python3), GAM_CHECK_BUDGET_S (the
 # whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there),
 # GAM_CHECK_PART: unset or "all" runs every stage; "1" the build, tests, sanitizers, kernel
-# benchmark and ncu (about 6 minutes on an H200), "2" the rest (op benchmarks, mixer breakdown,
-# scaling, generation; about 4 minutes), building first only where this checkout has no CUDA
-# build yet: the whole check in two calls of a device session (part 2 on the warm machine, the
-# build of part 1 kept), each with its own report (part 2's named <device>-<date>-part2.md).
+# benchmark and ncu (about 5 minutes on an H200), "2" the rest (op benchmarks, mixer breakdown,
+# scaling, generation), building first only where this checkout has no CUDA build yet: the whole
+# check in two calls of a device session (part 2 on the warm machine, the build of part 1 kept),
+# each within its budget and with its own report (part 2's named <device>-<date>-part2.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
