@@ -233,20 +233,10 @@ constexpr int fwd_wgmma_pipe_smem_bytes(int dim) {
   return 1024 + tile_bytes(dim) + kPipeStages * pipe_stage_bytes(dim) + kPipeScoreBytes;
 }
 
-// Rows [0, kRowsT) of warpgroup wg's half of the columns of a row-major (rows_left x dim) matrix
-// into a tile of kRowsT-row panels of 64 columns (128-byte swizzle) by its 128 threads (t < 128);
-// rows past rows_left are zero-filled.
-template <int kRowsT, typename T>
-__device__ __forceinline__ void cp_async_half_to_panels(unsigned char* tile, const T* src,
-                                                        int64_t rows_left, int dim, int wg, int t) {
-  const unsigned per_row = static_cast<unsigned>(dim) / 16;  // 16-byte chunks per half row
-  for (int q = t; q < kRowsT * static_cast<int>(per_row); q += 128) {
-    const int r = unsigned(q) / per_row;
-    const int c = static_cast<int>(unsigned(q) % per_row + wg * per_row);
-    const bool ok = r < rows_left;
-    cp_async_16(tile + (c >> 3) * (kRowsT * 128) + swizzle128_offset(r, c & 7),
-                src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
-  }
+// The shared memory of the kernel p selects.
+int fwd_wgmma_smem(const RetrievalFwdParams& p) {
+  const int dim = static_cast<int>(p.dim);
+  return p.wgmma_lockstep ? fwd_wgmma_smem_bytes(dim) : fwd_wgmma_pipe_smem_bytes(dim);
 }
 
 template <typename T, int kDim>
@@ -271,9 +261,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int ntiles = (slots + kPipeSlots - 1) / kPipeSlots;
   auto load_tile = [&](int j) {
     if (j < ntiles)
-      cp_async_half_to_panels<kPipeSlots>(ms + (j % kPipeStages) * kStageBytes,
-                                          mem + int64_t(j) * kPipeSlots * kDim,
-                                          slots - int64_t(j) * kPipeSlots, kDim, wg, t);
+      cp_async_rows_to_panels<128, kPipeSlots>(ms + (j % kPipeStages) * kStageBytes,
+                                               mem + int64_t(j) * kPipeSlots * kDim,
+                                               slots - int64_t(j) * kPipeSlots, kDim, t, 2, wg);
     cp_async_commit();  // a group per tile, empty past the last, so that the counts below hold
   };
   // This warpgroup's first panel of h and of an M tile.
@@ -349,7 +339,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   wgmma_fence_registers(o);
 
   // h's half and tile 0 (group 0), tiles 1 and 2; then S_0 and P_0.
-  cp_async_half_to_panels<kWgRows>(hs, h + row0 * kDim, rows_left, kDim, wg, t);
+  cp_async_rows_to_panels<128>(hs, h + row0 * kDim, rows_left, kDim, t, 2, wg);
   load_tile(0);
   load_tile(1);
   load_tile(2);
@@ -431,10 +421,8 @@ bool retrieval_fwd_wgmma_applies(const RetrievalFwdParams& p) {
   const auto bits = reinterpret_cast<uintptr_t>(p.h) | reinterpret_cast<uintptr_t>(p.memory) |
                     reinterpret_cast<uintptr_t>(p.out);
   const bool dim_ok = p.dim == 128 || p.dim == 256 || p.dim == 512;
-  const int smem = p.wgmma_lockstep ? fwd_wgmma_smem_bytes(static_cast<int>(p.dim))
-                                    : fwd_wgmma_pipe_smem_bytes(static_cast<int>(p.dim));
   return p.dtype != DType::kFloat32 && dim_ok && p.slots >= 1 && p.sm == 90 &&
-         p.max_smem_bytes >= smem && bits % 16 == 0;
+         p.max_smem_bytes >= fwd_wgmma_smem(p) && bits % 16 == 0;
 }
 
 void launch_wgmma_probe(int* compiled, cudaStream_t stream) {
@@ -454,8 +442,7 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
             constexpr int kDim = decltype(d)::value;
             auto kernel = p.wgmma_lockstep ? retrieval_fwd_wgmma_kernel<T, kDim>
                                            : retrieval_fwd_wgmma_pipelined_kernel<T, kDim>;
-            const int smem =
-                p.wgmma_lockstep ? fwd_wgmma_smem_bytes(kDim) : fwd_wgmma_pipe_smem_bytes(kDim);
+            const int smem = fwd_wgmma_smem(p);
             GAM_CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             gam_launch(p.wgmma_lockstep ? "retrieval_fwd_wgmma_kernel"
@@ -477,13 +464,13 @@ std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p) {
   if (p.wgmma_lockstep) {
     return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) + ", " +
            std::to_string(dim) + ">, 64 rows x 64 slots, 2 warpgroups (" + std::to_string(dim / 2) +
-           " columns of D each) in lockstep, 2 stages, " +
-           std::to_string(fwd_wgmma_smem_bytes(dim)) + " bytes of shared memory";
+           " columns of D each) in lockstep, 2 stages, " + std::to_string(fwd_wgmma_smem(p)) +
+           " bytes of shared memory";
   }
   return std::string("wgmma: retrieval_fwd_wgmma_pipelined_kernel<") + type_name(p.dtype) + ", " +
          std::to_string(dim) + ">, 64 rows x 32 slots, 2 warpgroups (" + std::to_string(dim / 2) +
          " columns of D each), the next tile's scores in flight through the softmax, 4 stages, " +
-         std::to_string(fwd_wgmma_pipe_smem_bytes(dim)) + " bytes of shared memory";
+         std::to_string(fwd_wgmma_smem(p)) + " bytes of shared memory";
 }
 
 }  // namespace cuda

@@ -97,17 +97,23 @@ constexpr int kPanelBytes = 64 * 128;
   return static_cast<uint32_t>((c >> 3) * kPanelBytes) + swizzle128_offset(r, c & 7);
 }
 
-// Rows [0, 64) of a row-major (rows_left x dim) matrix of 16-bit elements (dim % 64 == 0) into
-// such a tile by kThreads threads (tid < kThreads), one cp.async per 16-byte chunk; rows past
-// rows_left are zero-filled. Unsigned index math, so a constant dim divides by shifts.
-template <int kThreads, typename T>
+// Rows [0, kRows) of a row-major (rows_left x dim) matrix of 16-bit elements (dim % 64 == 0)
+// into a tile of kRows-row panels of 64 columns laid out as above (64-row panels: such a tile),
+// by kThreads threads (tid < kThreads), one cp.async per 16-byte chunk; rows past rows_left are
+// zero-filled. With parts > 1 only the columns of part `part` of `parts` equal parts of each
+// row (the caller's share of D), into their own panels. Unsigned index math, so a constant dim
+// divides by shifts.
+template <int kThreads, int kRows = 64, typename T>
 __device__ __forceinline__ void cp_async_rows_to_panels(unsigned char* dst, const T* src,
-                                                        int64_t rows_left, int dim, int tid) {
-  const unsigned per_row = static_cast<unsigned>(dim) / 8;
-  for (int q = tid; q < 64 * static_cast<int>(per_row); q += kThreads) {
-    const int r = unsigned(q) / per_row, c = unsigned(q) % per_row;
+                                                        int64_t rows_left, int dim, int tid,
+                                                        int parts = 1, int part = 0) {
+  const unsigned per_row = static_cast<unsigned>(dim) / 8 / parts;  // 16-byte chunks per part
+  for (int q = tid; q < kRows * static_cast<int>(per_row); q += kThreads) {
+    const int r = unsigned(q) / per_row;
+    const int c = static_cast<int>(unsigned(q) % per_row + part * per_row);
     const bool ok = r < rows_left;
-    cp_async_16(dst + swizzle128_tile_offset(r, c), src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
+    cp_async_16(dst + (c >> 3) * (kRows * 128) + swizzle128_offset(r, c & 7),
+                src + (ok ? int64_t(r) * dim + c * 8 : 0), ok);
   }
 }
 
