@@ -2,13 +2,13 @@
 // score part of the backward in one kernel, for fp16 / bf16 at D = 64 .. 512 (D % 64 == 0). Per
 // row and slot it computes s = h.M and dP = grad_out.M with wgmma, then p = exp(scale s - lse)
 // and scale * dS = scale p (dP - delta) with delta = rowsum(grad_out * out), and writes P and
-// scale * dS once, rounded to T; at the end it corrects its dS to the exact delta =
-// rowsum(p dP) / rowsum(p), summed on the way (csrc/cuda/README.md, "Numerics of delta"). The
-// scores and dP never reach global memory: the gemm path writes both as fp32 from cuBLAS and
-// reads them back (26 bytes per score in all against this path's 10, 16 with the correction's
-// second look at P and dS). cuBLAS then computes dh = (scale dS) M and dM = (scale dS)^T h +
-// P^T grad_out, as on the gemm path. Measured on an H200: csrc/cuda/README.md, "The wgmma
-// kernels on the H200".
+// scale * dS once, rounded to T, with the exact delta = rowsum(p dP) / rowsum(p) summed on the
+// way (csrc/cuda/README.md, "Numerics of delta"): a warpgroup's last tile waits in registers for
+// it, its earlier ones (S > 256) are corrected at the end. The scores and dP never reach global
+// memory: the gemm path writes both as fp32 from cuBLAS and reads them back (26 bytes per score
+// in all against this path's 10, up to 16 with the correction's second look at P and dS). cuBLAS
+// then computes dh = (scale dS) M and dM = (scale dS)^T h + P^T grad_out, as on the gemm path.
+// Measured on an H200: csrc/cuda/README.md, "The wgmma kernels on the H200".
 //
 // A block of two warpgroups owns 64 rows. h and grad_out (64 x D each) are loaded once into
 // shared memory as D / 64 panels of 64 columns (128-byte rows, 128-byte swizzle), the K-major
@@ -90,6 +90,25 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   const int chunks = my_tiles * panels;
   auto chunk_slot0 = [&](int c) { return (2 * (c / panels) + wg) * kBwSlots; };
 
+  // delta = rowsum(grad_out * out) for rows 8 w' .. 8 w' + 7 of warp w' of the block. The warp's
+  // rows of `out` are loaded first, all at once (a lane's 16-byte chunks lane and lane + 32 of
+  // each row), through ld_global_16, which ptxas keeps in place: so they cost one memory latency,
+  // under the copies'. grad_out is read from its panels once they land. (The first H200 profile
+  // had this prologue, then a row at a time, as the kernel's top stall.)
+  constexpr int kLaneChunks = kBwMaxDim / 8 / 32;
+  const int row_chunks = dim / 8, warp_row0 = 8 * (tid >> 5);
+  uint4 out_chunks[8][kLaneChunks];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int k = 0; k < kLaneChunks; ++k) {
+      const int r = warp_row0 + i, c = lane + 32 * k;
+      out_chunks[i][k] = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows_left && c < row_chunks)
+        out_chunks[i][k] = ld_global_16(out + (row0 + r) * dim + 8 * c);
+    }
+  }
+  const float lse_row = tid < kBwRows && tid < rows_left ? lse[row0 + tid] : 0.f;
   cp_async_rows_to_panels<kBwThreads>(hs, h + row0 * dim, rows_left, dim, tid);
   cp_async_rows_to_panels<kBwThreads>(gs, grad_out + row0 * dim, rows_left, dim, tid);
   cp_async_commit();  // h and grad_out
@@ -98,30 +117,29 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       load_chunk(my_ring + c * kBwChunkBytes, mem, slots, dim, chunk_slot0(c), c % panels, t);
     cp_async_commit();  // chunk c (or nothing)
   }
-
-  // delta = rowsum(grad_out * out) and lse in log2 units, rows 8 w' .. 8 w' + 7 per warp w' of
-  // the block, while the copies are in flight.
+  cp_async_wait<kBwStages>();  // h and grad_out
+  fence_proxy_async_shared();
+  __syncthreads();
+#pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int r = 8 * (tid >> 5) + i;
-    float acc = 0.f;
-    if (r < rows_left) {
-      for (int c = lane; c < dim / 8; c += 32) {
+    const int r = warp_row0 + i;
+    float acc = 0.f;  // rows past rows_left: grad_out's panels are zero-filled there
+#pragma unroll
+    for (int k = 0; k < kLaneChunks; ++k) {
+      const int c = lane + 32 * k;
+      if (c < row_chunks) {
         float a[8], b[8];
-        load_f32<T, 8>(grad_out + (row0 + r) * dim + 8 * c, a);
-        load_f32<T, 8>(out + (row0 + r) * dim + 8 * c, b);
+        load_f32<T, 8>(reinterpret_cast<const T*>(gs + swizzle128_tile_offset(r, c)), a);
+        load_f32<T, 8>(reinterpret_cast<const T*>(&out_chunks[i][k]), b);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc = fmaf(a[e], b[e], acc);
       }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) {
-      delta_s[r] = acc;
-      lse2_s[r] = r < rows_left ? lse[row0 + r] * kLog2e : 0.f;
-    }
+    if (lane == 0) delta_s[r] = acc;
   }
-  cp_async_wait<kBwStages>();  // h and grad_out
-  fence_proxy_async_shared();
+  if (tid < kBwRows) lse2_s[tid] = lse_row * kLog2e;  // lse in log2 units
   __syncthreads();
 
   // This thread's rows (16 warp + g and + 8) of the 64.
@@ -172,8 +190,10 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     // s0 + 8 (v / 4) + 2 q + v % 2; pairs of slots stored as one 4-byte word (ld is even). The
     // row padding (slots S .. ld - 1, inside the last tile) gets zeros: a product that reads a
     // few columns past S (times zero-padded rows of its other operand, as the CPU's bf16 GEMM
-    // does under the emulator) must not meet NaN there.
+    // does under the emulator) must not meet NaN there. The warpgroup's last tile stays in
+    // registers (p in place of its scores) and is stored once the exact delta is known, below.
     const int s0 = chunk_slot0(c0);
+    const bool last_tile = c0 + panels >= chunks;
 #pragma unroll
     for (int v = 0; v < 64; v += 2) {
       const int hi = (v >> 1) & 1;
@@ -186,9 +206,11 @@ __global__ void __launch_bounds__(kBwThreads, 1)
         const float pdp = pv[e] * dp[v + e];  // 0 past S: pv = 0 there, and dp too (M zero-filled)
         pdp_sum[hi] += pdp;
         dsv[e] = ok ? scale * (pdp - pv[e] * delta[hi]) : 0.f;
+        s[v + e] = pv[e];
+        dp[v + e] = pdp;
       }
       p_sum[hi] += pv[0] + pv[1];
-      if (r < rows_left && slot < ld) {
+      if (!last_tile && r < rows_left && slot < ld) {
         const int64_t at = (row0 + r) * ld + slot;
         *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(pv[0], pv[1]);
         *reinterpret_cast<uint32_t*>(ds_out + at) = pack2<T>(dsv[0], dsv[1]);
@@ -204,8 +226,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
 
   // The sweep used delta from G as stored (rounded to T); rowsum(p dP) / rowsum(p) is the exact
   // one (csrc/cuda/README.md, "Numerics of delta"). Both warpgroups' parts meet in the M ring,
-  // free once every thread is past its sweep (the first barrier), added in a fixed order; then
-  // scale dS gains P corr, corr = scale (delta_G - delta), in the pairs this thread stored.
+  // free once every thread is past its sweep (the first barrier), added in a fixed order.
   float* parts = reinterpret_cast<float*>(ring);  // [warpgroup][p, p dP][row]
   const float part[2][2] = {{quad_sum(p_sum[0]), quad_sum(p_sum[1])},
                             {quad_sum(pdp_sum[0]), quad_sum(pdp_sum[1])}};
@@ -218,38 +239,54 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     }
   }
   __syncthreads();
-  float corr[2];
+  float exact_delta[2], corr[2];
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int r = r_lo + 8 * hi;
     const float p_row = parts[r] + parts[2 * kBwRows + r];
     const float pdp_row = parts[kBwRows + r] + parts[3 * kBwRows + r];
-    corr[hi] = scale * (delta[hi] - pdp_row / p_row);
+    exact_delta[hi] = pdp_row / p_row;
+    corr[hi] = scale * (delta[hi] - exact_delta[hi]);
   }
-  // Half a tile's pairs (16) loaded before their stores, which may alias the loads as far as the
-  // compiler knows.
-  for (int c0 = 0; c0 < chunks; c0 += panels) {
+  if (chunks == 0) return;  // warpgroup 1 where S <= 128: no tiles
+  // The last tile, from registers: scale dS = scale (p dP - p delta) with the exact delta.
+  const int last_s0 = chunk_slot0(chunks - panels);
+#pragma unroll
+  for (int v = 0; v < 64; v += 2) {
+    const int hi = (v >> 1) & 1;
+    const int r = r_lo + 8 * hi, slot = last_s0 + 8 * (v >> 2) + 2 * q;
+    float dsv[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      dsv[e] = slot + e < slots ? scale * (dp[v + e] - s[v + e] * exact_delta[hi]) : 0.f;
+    if (r < rows_left && slot < ld) {
+      const int64_t at = (row0 + r) * ld + slot;
+      *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(s[v], s[v + 1]);
+      *reinterpret_cast<uint32_t*>(ds_out + at) = pack2<T>(dsv[0], dsv[1]);
+    }
+  }
+  // The earlier tiles (S > 256) were stored with delta_G: scale dS gains P corr, corr =
+  // scale (delta_G - delta), in the pairs this thread stored; a tile's 32 + 32 pairs are loaded
+  // before their stores, which may alias the loads as far as the compiler knows.
+  for (int c0 = 0; c0 + panels < chunks; c0 += panels) {
     const int s0 = chunk_slot0(c0);
+    uint32_t pk[32], dk[32];
 #pragma unroll
-    for (int v0 = 0; v0 < 64; v0 += 32) {
-      uint32_t pk[16], dk[16];
-#pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const int v = v0 + 2 * u, r = r_lo + 8 * ((v >> 1) & 1), slot = s0 + 8 * (v >> 2) + 2 * q;
-        const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < ld) {
-          pk[u] = *reinterpret_cast<const uint32_t*>(p_out + at);
-          dk[u] = *reinterpret_cast<const uint32_t*>(ds_out + at);
-        }
+    for (int u = 0; u < 32; ++u) {
+      const int v = 2 * u, r = r_lo + 8 * ((v >> 1) & 1), slot = s0 + 8 * (v >> 2) + 2 * q;
+      const int64_t at = (row0 + r) * ld + slot;
+      if (r < rows_left && slot < ld) {
+        pk[u] = *reinterpret_cast<const uint32_t*>(p_out + at);
+        dk[u] = *reinterpret_cast<const uint32_t*>(ds_out + at);
       }
+    }
 #pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const int v = v0 + 2 * u, hi = (v >> 1) & 1, r = r_lo + 8 * hi;
-        const int slot = s0 + 8 * (v >> 2) + 2 * q;
-        const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < ld)
-          *reinterpret_cast<uint32_t*>(ds_out + at) = corrected_ds<T>(dk[u], pk[u], corr[hi]);
-      }
+    for (int u = 0; u < 32; ++u) {
+      const int v = 2 * u, hi = (v >> 1) & 1, r = r_lo + 8 * hi;
+      const int slot = s0 + 8 * (v >> 2) + 2 * q;
+      const int64_t at = (row0 + r) * ld + slot;
+      if (r < rows_left && slot < ld)
+        *reinterpret_cast<uint32_t*>(ds_out + at) = corrected_ds<T>(dk[u], pk[u], corr[hi]);
     }
   }
 #else

@@ -189,6 +189,24 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ---- ordered global loads ---------------------------------------------------------------------
+
+// A 16-byte global load (16-byte aligned) that stays where the program puts it. The compiler
+// takes loads of const __restrict__ data through the read-only path (ld.global.nc), and ptxas
+// may sink those below a barrier or a cp.async wait, next to their use; this plain ld.global is
+// issued before them, so that its latency runs under theirs.
+__device__ __forceinline__ uint4 ld_global_16(const void* src) {
+#if GAM_IS_EMULATED
+  return *static_cast<const uint4*>(src);
+#else
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
+#endif
+}
+
 // ---- named barriers ----------------------------------------------------------------------------
 
 // bar.sync id, nthreads: waits until nthreads threads (whole warps) of the block have reached
