@@ -16,7 +16,8 @@
 // it streams M in chunks of 128 slots x 64 columns through its own ring of 3 stages (so the two
 // warpgroups never wait on each other) and per chunk issues 4 + 4 wgmma m64n128k16 (scores and
 // dP, the same M chunk as B). The 64 + 64 fp32 accumulators per thread then become P and
-// scale * dS in registers, stored as pairs (4 bytes) straight to global memory.
+// scale * dS in registers, stored straight to global memory, 16 bytes (8 slots of a row) per
+// store after a transpose across each quad.
 // Shared memory at D = 512: h and grad_out 128 KB + 2 x 3 x 16 KB of M + lse and delta + 1 KB of
 // alignment = 225.5 KB, one block per SM.
 #include <cmath>
@@ -149,6 +150,38 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   // The thread's parts of rowsum(p) and rowsum(p dP), summed in fp32 for the exact delta.
   float p_sum[2] = {0.f, 0.f}, pdp_sum[2] = {0.f, 0.f};
   float s[64], dp[64];
+  // Stores a tile's P and scale dS = scale (p dP - p delta), from p in s and p dP in dp. Element
+  // v of the accumulators is row r_lo + 8 ((v / 2) % 2), slot s0 + 8 (v / 4) + 2 q + v % 2, so a
+  // quad holds each group of 8 slots of a row as 4 pairs; quad_transpose turns 4 groups' pairs
+  // into one group's 8 slots per lane, stored as 16 bytes (ld % 8 == 0: a group lies wholly
+  // inside or outside the row). Slots S .. ld - 1 of the last tile get zeros (p = p dP = 0
+  // there): a product that reads a few columns past S (times zero-padded rows of its other
+  // operand, as the CPU's bf16 GEMM does under the emulator) must not meet NaN there.
+  auto store_tile = [&](int s0, const float (&row_delta)[2]) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int r = r_lo + 8 * hi;
+#pragma unroll
+      for (int j0 = 0; j0 < 16; j0 += 4) {
+        uint32_t pw[4], dw[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int v = 4 * (j0 + k) + 2 * hi;
+          pw[k] = pack2<T>(s[v], s[v + 1]);
+          dw[k] = pack2<T>(scale * (dp[v] - s[v] * row_delta[hi]),
+                           scale * (dp[v + 1] - s[v + 1] * row_delta[hi]));
+        }
+        quad_transpose(pw, q);
+        quad_transpose(dw, q);
+        const int slot = s0 + 8 * (j0 + q);
+        if (r < rows_left && slot < ld) {
+          const int64_t at = (row0 + r) * ld + slot;
+          *reinterpret_cast<uint4*>(p_out + at) = make_uint4(pw[0], pw[1], pw[2], pw[3]);
+          *reinterpret_cast<uint4*>(ds_out + at) = make_uint4(dw[0], dw[1], dw[2], dw[3]);
+        }
+      }
+    }
+  };
   for (int c0 = 0; c0 < chunks; c0 += panels) {  // one 128-slot tile per trip
     for (int p = 0; p < panels; ++p) {
       const int c = c0 + p;
@@ -186,36 +219,24 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       wgmma_fence_registers(dp);
     }
 
-    // P and scale * dS of the tile: element v is row r_lo + 8 ((v / 2) % 2), slot
-    // s0 + 8 (v / 4) + 2 q + v % 2; pairs of slots stored as one 4-byte word (ld is even). The
-    // row padding (slots S .. ld - 1, inside the last tile) gets zeros: a product that reads a
-    // few columns past S (times zero-padded rows of its other operand, as the CPU's bf16 GEMM
-    // does under the emulator) must not meet NaN there. The warpgroup's last tile stays in
-    // registers (p in place of its scores) and is stored once the exact delta is known, below.
-    const int s0 = chunk_slot0(c0);
-    const bool last_tile = c0 + panels >= chunks;
+    // p and p dP of the tile in place of its scores and dP, and the row sums of both. The
+    // warpgroup's last tile stays in registers and is stored once the exact delta is known,
+    // below; the others are stored now, with delta_G.
 #pragma unroll
     for (int v = 0; v < 64; v += 2) {
       const int hi = (v >> 1) & 1;
-      const int r = r_lo + 8 * hi, slot = s0 + 8 * (v >> 2) + 2 * q;
-      float pv[2], dsv[2];
+      const int slot = chunk_slot0(c0) + 8 * (v >> 2) + 2 * q;
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const bool ok = slot + e < slots;
-        pv[e] = ok ? fast_exp2(s[v + e] * scale_log2 - lse2[hi]) : 0.f;
-        const float pdp = pv[e] * dp[v + e];  // 0 past S: pv = 0 there, and dp too (M zero-filled)
+        const float pv = slot + e < slots ? fast_exp2(s[v + e] * scale_log2 - lse2[hi]) : 0.f;
+        const float pdp = pv * dp[v + e];  // 0 past S: pv = 0 there, and dp too (M zero-filled)
+        p_sum[hi] += pv;
         pdp_sum[hi] += pdp;
-        dsv[e] = ok ? scale * (pdp - pv[e] * delta[hi]) : 0.f;
-        s[v + e] = pv[e];
+        s[v + e] = pv;
         dp[v + e] = pdp;
       }
-      p_sum[hi] += pv[0] + pv[1];
-      if (!last_tile && r < rows_left && slot < ld) {
-        const int64_t at = (row0 + r) * ld + slot;
-        *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(ds_out + at) = pack2<T>(dsv[0], dsv[1]);
-      }
     }
+    if (c0 + panels < chunks) store_tile(chunk_slot0(c0), delta);
   }
   cp_async_wait<0>();
   // Where S has an odd number of tiles, warpgroup 1 has one tile less: it passes the barriers of
@@ -249,44 +270,40 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     corr[hi] = scale * (delta[hi] - exact_delta[hi]);
   }
   if (chunks == 0) return;  // warpgroup 1 where S <= 128: no tiles
-  // The last tile, from registers: scale dS = scale (p dP - p delta) with the exact delta.
-  const int last_s0 = chunk_slot0(chunks - panels);
-#pragma unroll
-  for (int v = 0; v < 64; v += 2) {
-    const int hi = (v >> 1) & 1;
-    const int r = r_lo + 8 * hi, slot = last_s0 + 8 * (v >> 2) + 2 * q;
-    float dsv[2];
-#pragma unroll
-    for (int e = 0; e < 2; ++e)
-      dsv[e] = slot + e < slots ? scale * (dp[v + e] - s[v + e] * exact_delta[hi]) : 0.f;
-    if (r < rows_left && slot < ld) {
-      const int64_t at = (row0 + r) * ld + slot;
-      *reinterpret_cast<uint32_t*>(p_out + at) = pack2<T>(s[v], s[v + 1]);
-      *reinterpret_cast<uint32_t*>(ds_out + at) = pack2<T>(dsv[0], dsv[1]);
-    }
-  }
+  // The last tile, from registers, with the exact delta.
+  store_tile(chunk_slot0(chunks - panels), exact_delta);
   // The earlier tiles (S > 256) were stored with delta_G: scale dS gains P corr, corr =
-  // scale (delta_G - delta), in the pairs this thread stored; a tile's 32 + 32 pairs are loaded
-  // before their stores, which may alias the loads as far as the compiler knows.
+  // scale (delta_G - delta). Each thread takes its own two rows, 16-byte groups q, q + 4, ... of
+  // a tile (any layout will do: corr is per row); a tile's loads come before its stores, which
+  // may alias them as far as the compiler knows.
   for (int c0 = 0; c0 + panels < chunks; c0 += panels) {
     const int s0 = chunk_slot0(c0);
-    uint32_t pk[32], dk[32];
+    uint4 pk[2][4], dk[2][4];
 #pragma unroll
-    for (int u = 0; u < 32; ++u) {
-      const int v = 2 * u, r = r_lo + 8 * ((v >> 1) & 1), slot = s0 + 8 * (v >> 2) + 2 * q;
-      const int64_t at = (row0 + r) * ld + slot;
-      if (r < rows_left && slot < ld) {
-        pk[u] = *reinterpret_cast<const uint32_t*>(p_out + at);
-        dk[u] = *reinterpret_cast<const uint32_t*>(ds_out + at);
+    for (int hi = 0; hi < 2; ++hi) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
+        const int64_t at = (row0 + r) * ld + slot;
+        if (r < rows_left && slot < ld) {
+          pk[hi][i] = *reinterpret_cast<const uint4*>(p_out + at);
+          dk[hi][i] = *reinterpret_cast<const uint4*>(ds_out + at);
+        }
       }
     }
 #pragma unroll
-    for (int u = 0; u < 32; ++u) {
-      const int v = 2 * u, hi = (v >> 1) & 1, r = r_lo + 8 * hi;
-      const int slot = s0 + 8 * (v >> 2) + 2 * q;
-      const int64_t at = (row0 + r) * ld + slot;
-      if (r < rows_left && slot < ld)
-        *reinterpret_cast<uint32_t*>(ds_out + at) = corrected_ds<T>(dk[u], pk[u], corr[hi]);
+    for (int hi = 0; hi < 2; ++hi) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
+        const int64_t at = (row0 + r) * ld + slot;
+        if (r < rows_left && slot < ld) {
+          const uint4 p4 = pk[hi][i], d4 = dk[hi][i];
+          *reinterpret_cast<uint4*>(ds_out + at) = make_uint4(
+              corrected_ds<T>(d4.x, p4.x, corr[hi]), corrected_ds<T>(d4.y, p4.y, corr[hi]),
+              corrected_ds<T>(d4.z, p4.z, corr[hi]), corrected_ds<T>(d4.w, p4.w, corr[hi]));
+        }
+      }
     }
   }
 #else

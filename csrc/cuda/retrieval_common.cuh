@@ -113,6 +113,31 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// A 4 x 4 transpose of 32-bit words across the lanes of a quad (q = lane % 4): on entry lane q
+// holds w[j] = word j of lane q, on exit w[k] = word q of lane k. For an accumulator fragment,
+// whose quad holds a row's 8 columns of each group of 8 as one pair (2 columns) per lane, the
+// words of groups j0 .. j0 + 3 become, in lane q, the 8 columns of group j0 + q in order: one
+// 16-byte store in place of four 4-byte ones. Two butterflies (lane bit 0 with word bit 0, then
+// bit 1 with bit 1), each two shuffles of the words the partner needs.
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q) {
+#pragma unroll
+  for (int bit = 0; bit < 2; ++bit) {
+    const int m = 1 << bit;
+    const bool upper = (q & m) != 0;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      // The pair of word indices that differ in this bit: lo has it clear, hi set.
+      const int lo = bit == 0 ? 2 * t : t, hi = lo + m;
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, upper ? w[lo] : w[hi], m);
+      if (upper) {
+        w[lo] = got;
+      } else {
+        w[hi] = got;
+      }
+    }
+  }
+}
+
 // One tile of the tensor-core forwards' online softmax (log2 domain) for a thread's two rows (an
 // accumulator fragment's rows g and g + 8): mx holds the running max raised by the thread's own
 // scores of the tile; it becomes the row's max over the quad, alpha the factor 2^(old - new) that
