@@ -102,6 +102,16 @@ def test_shuffles_of_int_unsigned_double_half_bf16(st: types.ModuleType) -> None
     assert torch.equal(out[4], torch.cat([x[:2], x[:-2]]))  # lanes 0, 1 keep theirs
 
 
+def test_quad_transpose_swaps_lanes_and_words(st: types.ModuleType) -> None:
+    # Lane l of quad Q ends with word l % 4 of each lane of Q: the wgmma backward's 16-byte
+    # stores of P and dS rest on it (one lane per group of 8 slots after it).
+    words = torch.arange(128, dtype=torch.int32).view(32, 4) * 7 + 3
+    out = st.quad_transpose(words)
+    lane = torch.arange(32).view(32, 1)
+    k = torch.arange(4).view(1, 4)
+    assert torch.equal(out, words[(lane // 4) * 4 + k, lane % 4])
+
+
 def test_ballot_any_all(st: types.ModuleType) -> None:
     x = torch.cat([torch.ones(32), -torch.ones(32), torch.tensor([1.0, -1.0] * 16), torch.zeros(32)])
     x[96 + 5] = 2.0  # one positive lane in the last warp

@@ -134,6 +134,16 @@ Tensor mma_fragments(const Tensor& a, const Tensor& b, const Tensor& c, bool mis
   return d;
 }
 
+Tensor quad_transpose(const Tensor& words) {
+  check_shape(words, {32, 4}, "words");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32, "words must be int32");
+  const Tensor in = words.contiguous();
+  Tensor out = torch::empty({32, 4}, torch::kInt32);
+  gam_selftest::quad_transpose(reinterpret_cast<const unsigned*>(in.data_ptr<int>()),
+                               reinterpret_cast<unsigned*>(out.data_ptr<int>()), nullptr);
+  return out;
+}
+
 Tensor ldmatrix_fragments(const Tensor& src, bool trans) {
   const int64_t num = src.size(0);
   TORCH_CHECK(num == 1 || num == 2 || num == 4, "src must hold 1, 2 or 4 matrices");
@@ -329,6 +339,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("odd_block", &odd_block);
   m.def("mma_fragments", &mma_fragments, py::arg("a"), py::arg("b"), py::arg("c"),
         py::arg("misplace") = false);
+  m.def("quad_transpose", &quad_transpose);
   m.def("ldmatrix_fragments", &ldmatrix_fragments);
   m.def("ldmatrix_mma", &ldmatrix_mma);
   m.def("cp_async_gemm", &cp_async_gemm);

@@ -3,6 +3,7 @@
 // Each exercises one feature; the fault_* ones plant a bug the emulated
 // build must catch.
 #include "../cuda/compat.cuh"
+#include "../cuda/retrieval_common.cuh"
 #include "../cuda/warp_mma.cuh"
 #include "../cuda/warpgroup_mma.cuh"
 #include "selftest_kernels.h"
@@ -71,6 +72,15 @@ __global__ void shfl_types_kernel(const float* __restrict__ x, float* __restrict
   out[64 + lane] = static_cast<float>(d);
   out[96 + lane] = __half2float(h);
   out[128 + lane] = __bfloat162float(b);
+}
+
+// The 4 x 4 word transpose across each quad of a warp (retrieval_common.cuh).
+__global__ void __launch_bounds__(32) quad_transpose_kernel(const unsigned* in, unsigned* out) {
+  const int lane = threadIdx.x;
+  uint32_t w[4];
+  for (int j = 0; j < 4; ++j) w[j] = in[4 * lane + j];
+  gam::cuda::quad_transpose(w, lane & 3);
+  for (int j = 0; j < 4; ++j) out[4 * lane + j] = w[j];
 }
 
 __global__ void warp_vote_kernel(const float* __restrict__ x, int* ballot, int* any, int* all,
@@ -595,6 +605,10 @@ void warp_scan(const float* x, float* out, int n, cudaStream_t stream) {
 
 void shfl_types(const float* x, float* out, cudaStream_t stream) {
   gam_launch("shfl_types_kernel", shfl_types_kernel, dim3(1), dim3(32), 0, stream, x, out);
+}
+
+void quad_transpose(const unsigned* in, unsigned* out, cudaStream_t stream) {
+  gam_launch("quad_transpose_kernel", quad_transpose_kernel, dim3(1), dim3(32), 0, stream, in, out);
 }
 
 void warp_vote(const float* x, int* ballot, int* any, int* all, int n, cudaStream_t stream) {

@@ -18,6 +18,8 @@ void warp_scan(const float* x, float* out, int n, cudaStream_t stream);
 // int broadcast from lane 3, unsigned xor 5, double xor 1, __half down 1,
 // __nv_bfloat16 up 2 (each converted back to float).
 void shfl_types(const float* x, float* out, cudaStream_t stream);
+// One warp: lane l's words in[4 l .. 4 l + 3] through quad_transpose into out alike.
+void quad_transpose(const unsigned* in, unsigned* out, cudaStream_t stream);
 // Per warp of 32 inputs: ballot of x > 0, any, all (as int32).
 void warp_vote(const float* x, int* ballot, int* any, int* all, int n, cudaStream_t stream);
 // y[i] = x[i-1] + x[i] + x[i+1] (zero outside), tile + halo in shared.
