@@ -93,9 +93,10 @@ __global__ void __launch_bounds__(kBwThreads, 1)
 
   // delta = rowsum(grad_out * out) for rows 8 w' .. 8 w' + 7 of warp w' of the block. The warp's
   // rows of `out` are loaded first, all at once (a lane's 16-byte chunks lane and lane + 32 of
-  // each row), through ld_global_16, which ptxas keeps in place: so they cost one memory latency,
-  // under the copies'. grad_out is read from its panels once they land. (The first H200 profile
-  // had this prologue, then a row at a time, as the kernel's top stall.)
+  // each row), through ld_global_16 and before the copies are issued, so that ptxas keeps them
+  // there: they cost one memory latency, under the copies'. grad_out is read from its panels once
+  // they land. (The first H200 profile had this prologue, then a row at a time, as the kernel's top
+  // stall.)
   constexpr int kLaneChunks = kBwMaxDim / 8 / 32;
   const int row_chunks = dim / 8, warp_row0 = 8 * (tid >> 5);
   uint4 out_chunks[8][kLaneChunks];

@@ -191,10 +191,12 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- ordered global loads ---------------------------------------------------------------------
 
-// A 16-byte global load (16-byte aligned) that stays where the program puts it. The compiler
+// A 16-byte global load (16-byte aligned) that ptxas does not sink below a barrier. The compiler
 // takes loads of const __restrict__ data through the read-only path (ld.global.nc), and ptxas
-// may sink those below a barrier or a cp.async wait, next to their use; this plain ld.global is
-// issued before them, so that its latency runs under theirs.
+// sinks those below a barrier or a cp.async wait, next to their use, so their latency is paid
+// after the wait instead of under it. A plain ld.global stays above a barrier, but may still
+// move below a cp.async wait: issue it before the copies it should overlap (nvcc 13.0, read in
+// the SASS of memory_retrieval_bwd_wgmma.cu).
 __device__ __forceinline__ uint4 ld_global_16(const void* src) {
 #if GAM_IS_EMULATED
   return *static_cast<const uint4*>(src);
