@@ -96,8 +96,9 @@ def compile_sm90a(src: Path, obj: Path) -> tuple[str, str]:
     return proc.stderr, kernel_resources.run([cuobjdump, "-sass", str(obj)]).stdout
 
 
-def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
-    """(arch, function) -> the HGMMA shapes (64xNx16, in order) of each function named kernel."""
+def opcodes(sass: str, kernel: str, prefix: str) -> dict[tuple[str, str], list[str]]:
+    """(arch, function) -> the opcodes that start with prefix (e.g. "STG", with their modifiers:
+    "STG.E.128"), in order, of each function named kernel; predicates are dropped."""
     found: dict[tuple[str, str], list[str]] = {}
     arch = func = None
     for line in sass.splitlines():
@@ -108,9 +109,17 @@ def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
             found[(arch, func)] = []
         elif "Function : " in line:
             func = None
-        elif func and (m := re.search(r"\bHGMMA\.(64x\d+x16)\.F32", line)):
+        elif func and (m := re.search(rf"\*/\s+(?:@!?U?P\w+\s+)?({prefix}[\w.]*)", line)):
             found[(arch, func)].append(m.group(1))
     return found
+
+
+def hgmma_shapes(sass: str, kernel: str) -> dict[tuple[str, str], list[str]]:
+    """(arch, function) -> the HGMMA shapes (64xNx16, in order) of each function named kernel."""
+    return {
+        key: [re.search(r"HGMMA\.(64x\d+x16)\.F32", op).group(1) for op in ops]
+        for key, ops in opcodes(sass, kernel, "HGMMA").items()
+    }
 
 
 def test_wgmma_primitives_compile_to_hgmma_on_sm90a(tmp_path: Path) -> None:
@@ -173,9 +182,15 @@ def test_wgmma_retrieval_forwards_on_sm90a(tmp_path: Path) -> None:
 def test_wgmma_retrieval_backward_on_sm90a(tmp_path: Path) -> None:
     """The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu) for sm_90a, as
     compile_wgmma_sm90a holds it (the 64 + 64 accumulators within the 224 registers): per chunk
-    of M 8 HGMMA.64x128x16 (4 for the scores, 4 for dP, interleaved); for plain sm_90 a trap."""
+    of M 8 HGMMA.64x128x16 (4 for the scores, 4 for dP, interleaved), and only 16-byte global
+    stores; for plain sm_90 a trap."""
     sass = compile_wgmma_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_bwd_wgmma.cu", tmp_path / "bwd.o")
     hgmma = hgmma_shapes(sass, "retrieval_bwd_scores_wgmma_kernel")
     assert len({f for _, f in hgmma}) == 2, hgmma.keys()  # __half and __nv_bfloat16
     for (arch, func), shapes in hgmma.items():
         assert shapes == ([] if arch == "sm_90" else ["64x128x16"] * 8), func
+    # P and dS leave in 16-byte stores (quad_transpose), and so does the delta correction: the
+    # 4-byte pairs it stored before kept the H200's L2 busier than the tensor cores.
+    for (arch, func), stores in opcodes(sass, "retrieval_bwd_scores_wgmma_kernel", "STG").items():
+        if arch == "sm_90a":
+            assert stores and set(stores) == {"STG.E.128"}, (func, sorted(set(stores)))
