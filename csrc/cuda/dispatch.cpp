@@ -280,6 +280,16 @@ void mm_f32_out(Tensor& out, const Tensor& a, const Tensor& b) {
 #endif
 }
 
+// c += a b: the products summed in fp32, c added in fp32, rounded once to c's dtype (cuBLAS's
+// epilogue with beta = 1 on the GPU; the emulated build adds fp32 copies).
+void addmm_in_place(Tensor& c, const Tensor& a, const Tensor& b) {
+#ifdef GAM_EMULATE
+  c.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)).add_(c.to(at::kFloat)));
+#else
+  c.addmm_(a, b);
+#endif
+}
+
 // GAM_EXT_RETRIEVAL=gemm, forward: scores = h M^T (fp32), the softmax kernel (P as T, lse), P M.
 void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor& out2, Tensor& lse,
                         DType dt, cudaStream_t stream) {
@@ -297,53 +307,68 @@ void retrieval_fwd_gemm(const Tensor& h2, const Tensor& m, double scale, Tensor&
   at::mm_out(out2, p, m);
 }
 
-// The backward's products once P and scale * dS (rows x S, of h's dtype) exist: dh = (scale dS) M
-// and dM = (scale dS)^T h + P^T grad_out. The key-path product goes straight into dm (fp32) and
-// the value path is added: one temporary and one elementwise pass fewer than copying both in
-// (addmm.dtype cannot accumulate into an fp32 dm: it wants the added matrix in the inputs' dtype).
-void retrieval_bwd_products(const Tensor& p, const Tensor& ds, const Tensor& g2, const Tensor& h2,
-                            const Tensor& m, Tensor& dh2, Tensor& dm) {
-  at::mm_out(dh2, ds, m);
-  mm_f32_out(dm, ds.t(), h2);
-  dm.add_(mm_f32(p.t(), g2));
+// The row stride of P and scale * dS on the gemm and wgmma paths: S rounded up to 8 elements,
+// so that every row starts 16-byte aligned. Both paths write the slots past S as zeros.
+int64_t pds_ld(int64_t slots) { return (slots + 7) / 8 * 8; }
+
+// Whether the retrieval's backward on this path forms P and scale * dS for cuBLAS's products (the
+// gemm path; the wgmma path, with its score kernel where that applies) rather than computing dh
+// and dM in its own kernels (the fused and SIMT paths).
+bool retrieval_bwd_forms_pds(RetrievalPath path) {
+  return path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma;
 }
 
-// GAM_EXT_RETRIEVAL=gemm, backward: scores and dP = grad_out M^T (fp32), the softmax backward
-// kernel (P and scale * dS as T), then the products.
-void retrieval_bwd_gemm(const Tensor& g2, const Tensor& h2, const Tensor& m, const Tensor& lse,
-                        double scale, Tensor& dh2, Tensor& dm, DType dt, cudaStream_t stream) {
+// The backward's P and scale * dS on the gemm or wgmma path (bp: shape, pointers and device
+// filled in), into p_out and ds_out: views of h's dtype, rows x S, rows ld elements apart (ld % 8
+// == 0, 16-byte aligned rows), slots S .. pds_ld(S) - 1 written as zeros. The wgmma score kernel
+// where it applies; else scores and dP = grad_out M^T (cuBLAS, fp32) and the softmax backward
+// kernel.
+void retrieval_bwd_pds(RetrievalBwdParams& bp, RetrievalPath path, const Tensor& g2,
+                       const Tensor& h2, const Tensor& m, const Tensor& lse, double scale,
+                       Tensor& p_out, Tensor& ds_out, int64_t ld, cudaStream_t stream) {
+  if (bp.rows == 0) return;
+  if (path == RetrievalPath::kWgmma && retrieval_bwd_wgmma_applies(bp) &&
+      wgmma_compiled_on_current_device()) {
+    bp.pds = p_out.data_ptr();
+    bp.ds = ds_out.data_ptr();
+    bp.pds_ld = ld;
+    launch_retrieval_bwd_wgmma(bp, stream);
+    return;
+  }
   const Tensor scores = mm_f32(h2, m.t());
   const Tensor dp = mm_f32(g2, m.t());
-  Tensor p = at::empty(scores.sizes(), h2.options());
-  Tensor ds = at::empty(scores.sizes(), h2.options());
   RetrievalSoftmaxParams sp{};
   sp.scores = scores.data_ptr<float>();
   sp.dp = dp.data_ptr<float>();
   sp.lse = lse.data_ptr<float>();
-  sp.p = p.data_ptr();
-  sp.ds = ds.data_ptr();
+  sp.p = p_out.data_ptr();
+  sp.ds = ds_out.data_ptr();
   sp.rows = scores.size(0);
   sp.slots = scores.size(1);
+  sp.ld = ld;
   sp.scale = static_cast<float>(scale);
-  sp.dtype = dt;
+  sp.dtype = bp.dtype;
   launch_retrieval_softmax_bwd(sp, stream);
-  retrieval_bwd_products(p, ds, g2, h2, m, dh2, dm);
 }
 
-// GAM_EXT_RETRIEVAL=wgmma, backward where its score kernel applies (bp: shape, pointers and
-// device filled in): P and scale * dS from the wgmma kernel (rows padded to a multiple of 8 slots,
-// read through views of S columns), then the products.
-void retrieval_bwd_wgmma(RetrievalBwdParams& bp, const Tensor& g2, const Tensor& h2,
-                         const Tensor& m, Tensor& dh2, Tensor& dm, cudaStream_t stream) {
-  const int64_t ld = retrieval_bwd_wgmma_ld(bp.slots);
-  Tensor pds = at::empty({2, bp.rows, ld}, h2.options());
+// dM = (scale dS)^T h + P^T grad_out (fp32) from P and scale * dS. The key-path product goes
+// straight into dm and the value path is added: one temporary and one elementwise pass fewer
+// than copying both in (addmm.dtype cannot accumulate into an fp32 dm: it wants the added matrix
+// in the inputs' dtype).
+void retrieval_bwd_dm(const Tensor& p, const Tensor& ds, const Tensor& g2, const Tensor& h2,
+                      Tensor& dm) {
+  mm_f32_out(dm, ds.t(), h2);
+  dm.add_(mm_f32(p.t(), g2));
+}
+
+// A buffer for rows of the backward's P and dS (and the fused mixer's dz); NaN in the emulated
+// build, so that a slot no kernel writes shows in the tests.
+Tensor pds_buffer(at::IntArrayRef sizes, const Tensor& like) {
+  Tensor buf = at::empty(sizes, like.options());
 #ifdef GAM_EMULATE
-  pds.fill_(std::numeric_limits<float>::quiet_NaN());  // any slot the kernel leaves unwritten
+  buf.fill_(std::numeric_limits<float>::quiet_NaN());
 #endif
-  bp.pds = pds.data_ptr();
-  launch_retrieval_bwd_wgmma(bp, stream);
-  const Tensor p = pds[0].narrow(1, 0, bp.slots), ds = pds[1].narrow(1, 0, bp.slots);
-  retrieval_bwd_products(p, ds, g2, h2, m, dh2, dm);
+  return buf;
 }
 
 // The retrieval's forward on a contiguous h and m rounded to its dtype, on the path
@@ -392,6 +417,26 @@ std::tuple<Tensor, Tensor> memory_retrieval_fwd(const Tensor& h_in, const Tensor
   return {out, lse};
 }
 
+// The retrieval backward's parameters for contiguous inputs of h's dtype (m rounded to it): the
+// inputs, shape and device; the outputs and workspaces left null.
+RetrievalBwdParams retrieval_bwd_params(const Tensor& grad_out, const Tensor& h, const Tensor& m,
+                                        const Tensor& out, const Tensor& lse, double scale,
+                                        DType dt, RetrievalPath path, const DeviceCtx& ctx) {
+  RetrievalBwdParams p{};
+  p.grad_out = grad_out.data_ptr();
+  p.h = h.data_ptr();
+  p.memory = m.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.rows = h.size(0) * h.size(1);
+  p.slots = m.size(0);
+  p.dim = m.size(1);
+  p.scale = static_cast<float>(scale);
+  p.dtype = dt;
+  ctx.fill_retrieval(p, path);
+  return p;
+}
+
 // The retrieval's backward on contiguous inputs of h's dtype (m rounded to it): (dh, dM in
 // fp32).
 std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h, const Tensor& m,
@@ -401,31 +446,18 @@ std::tuple<Tensor, Tensor> retrieval_bwd(const Tensor& grad_out, const Tensor& h
   Tensor dh = at::empty_like(h);
   Tensor dm = at::empty({slots, dim}, h.options().dtype(at::kFloat));
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
-  RetrievalBwdParams p{};
-  p.grad_out = grad_out.data_ptr();
-  p.h = h.data_ptr();
-  p.memory = m.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  RetrievalBwdParams p = retrieval_bwd_params(grad_out, h, m, out, lse, scale, dt, path, ctx);
   p.dh = dh.data_ptr();
   p.dmemory = dm.data_ptr<float>();
-  p.rows = rows;
-  p.slots = slots;
-  p.dim = dim;
-  p.scale = static_cast<float>(scale);
-  p.dtype = dt;
-  ctx.fill_retrieval(p, path);
-  if (path == RetrievalPath::kWgmma && rows > 0 && retrieval_bwd_wgmma_applies(p) &&
-      wgmma_compiled_on_current_device()) {
+  if (retrieval_bwd_forms_pds(path)) {
+    const int64_t ld = pds_ld(slots);
+    Tensor pds = pds_buffer({2, rows, ld}, h);
+    Tensor pr = pds[0].narrow(1, 0, slots), ds = pds[1].narrow(1, 0, slots);
+    const Tensor g2 = grad_out.view({rows, dim}), h2 = h.view({rows, dim});
+    retrieval_bwd_pds(p, path, g2, h2, m, lse.view({rows}), scale, pr, ds, ld, ctx.stream());
     Tensor dh2 = dh.view({rows, dim});
-    retrieval_bwd_wgmma(p, grad_out.view({rows, dim}), h.view({rows, dim}), m, dh2, dm,
-                        ctx.stream());
-    return {dh, dm};
-  }
-  if (path == RetrievalPath::kGemm || path == RetrievalPath::kWgmma) {
-    Tensor dh2 = dh.view({rows, dim});
-    retrieval_bwd_gemm(grad_out.view({rows, dim}), h.view({rows, dim}), m, lse.view({rows}), scale,
-                       dh2, dm, dt, ctx.stream());
+    at::mm_out(dh2, ds, m);
+    retrieval_bwd_dm(pr, ds, g2, h2, dm);
     return {dh, dm};
   }
   const int splits = memory_retrieval_bwd_row_splits(rows);
@@ -598,10 +630,13 @@ std::tuple<Tensor, Tensor, Tensor> gate_fusion_bwd(const Tensor& grad_out_in,
 // Forward: z = h Wg^T + bg (one cuBLAS GEMM through ATen, the gate parameters rounded to h's
 // dtype as the memory bank is), the retrieval on the path GAM_EXT_RETRIEVAL picks, writing G,
 // then the mixer's epilogue kernel (conv, gates, out) on G. Keeps lse, z and G for the backward.
-// Backward: the prologue kernel (dG, dL, dz from df, z, G and h), the retrieval's backward
-// on dG (it computes delta = rowsum(dG G) where its path needs it), the conv's backward on dL, then
-// dh = (dz Wg + dh_retrieval) + dx_conv (summed in fp32 by one kernel, rounded once), dWg = dz^T h
-// and dbg = sum dz (fp32, cuBLAS and a sum through ATen).
+// Backward: the prologue kernel (dG, dL, dz from df, z, G and h), the conv's backward on dL, the
+// retrieval's backward on dG (it computes delta = rowsum(dG G) where its path needs it). On the
+// gemm and wgmma paths, whose P and scale * dS land beside dz in one buffer, dh = dx_conv +
+// [dz | scale dS] [Wg; M] is one cuBLAS product (K = 2D + S, fp32 accumulation, the conv's part
+// added in its epilogue, rounded once): no fp32 dz Wg and no retrieval dh go to memory. On the
+// fused and SIMT paths, dh = (dz Wg + dh_retrieval) + dx_conv, summed in fp32 by one kernel and
+// rounded once. Then dWg = dz^T h and dbg = sum dz (fp32, cuBLAS and a sum through ATen).
 
 Tensor mixer_gate_logits(const Tensor& h2, const Tensor& gate_weight,
                          const c10::optional<Tensor>& gate_bias) {
@@ -673,8 +708,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   const Tensor wg = gate_weight.to(st).contiguous();
   const Tensor w = f32_contig(conv_weight);
   const Tensor cb = conv_bias.has_value() ? f32_contig(*conv_bias) : Tensor();
+  const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
+  const bool forms_pds = retrieval_bwd_forms_pds(path);
+  // With P and scale * dS from the retrieval, rows of [P | dz | scale dS] in one buffer (P and dS
+  // padded to pds_ld(S)), so that dh's gate and retrieval parts are one product, [dz | scale dS]
+  // [Wg; M]. Else dz alone.
+  const int64_t sp = pds_ld(s), ld = forms_pds ? 2 * sp + 2 * d : 2 * d;
+  Tensor work = pds_buffer({rows, ld}, h);
+  const Tensor dz2 = work.narrow(1, forms_pds ? sp : 0, 2 * d);
+  const Tensor h2 = h.view({rows, d});
   Tensor dglobal = at::empty_like(h), dlocal = at::empty_like(h);
-  Tensor dz = at::empty({b, n, 2 * d}, h.options());
   MixerPrologueParams pp{};
   pp.grad_out = df.data_ptr();
   pp.h = h.data_ptr();
@@ -684,28 +727,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gam_mixer_bwd(
   pp.conv_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
   pp.dglobal = dglobal.data_ptr();
   pp.dlocal = dlocal.data_ptr();
-  pp.dgate_logits = dz.data_ptr();
+  pp.dgate_logits = dz2.data_ptr();
+  pp.dz_ld = ld;
   pp.rows = rows;
   pp.seqlen = n;
   pp.dim = d;
   pp.kwidth = static_cast<int>(k);
   pp.dtype = dt;
   launch_gam_mixer_prologue(pp, ctx.stream());
-  // The retrieval computes delta = rowsum(dG G) itself where its path needs it.
-  auto [dh_ret, dm] = retrieval_bwd(dglobal, h, m, g, lse, scale, dt, ctx);
   auto [dx, dw, dcb] = causal_conv1d_bwd(dlocal, h, w);
-  const Tensor dz2 = dz.view({rows, 2 * d}), h2 = h.view({rows, d});
-  const Tensor dh_gate = mm_f32(dz2, wg).contiguous();
-  const Tensor dh_conv = dx.contiguous();
-  Tensor dh = at::empty_like(h);
-  MixerDhSumParams sp{};
-  sp.gate_part = dh_gate.data_ptr<float>();
-  sp.retrieval_part = dh_ret.data_ptr();
-  sp.conv_part = dh_conv.data_ptr();
-  sp.dh = dh.data_ptr();
-  sp.n = rows * d;
-  sp.dtype = dt;
-  launch_gam_mixer_dh_sum(sp, ctx.stream());
+  Tensor dh, dm;
+  if (forms_pds) {
+    RetrievalBwdParams bp = retrieval_bwd_params(dglobal, h, m, g, lse, scale, dt, path, ctx);
+    Tensor pr = work.narrow(1, 0, s), ds = work.narrow(1, sp + 2 * d, s);
+    const Tensor dg2 = dglobal.view({rows, d});
+    retrieval_bwd_pds(bp, path, dg2, h2, m, lse.view({rows}), scale, pr, ds, ld, ctx.stream());
+    dm = at::empty({s, d}, h.options().dtype(at::kFloat));
+    retrieval_bwd_dm(pr, ds, dg2, h2, dm);
+    // dh = dx_conv + [dz | scale dS] [Wg; M]: one product over 2D + S, added to the conv's part
+    // in fp32 and rounded once (in place of the conv's dx).
+    dh = dx;
+    Tensor dh2 = dh.view({rows, d});
+    addmm_in_place(dh2, work.narrow(1, sp, 2 * d + s), at::cat({wg, m}));
+  } else {
+    // The retrieval's kernels compute its dh and dM; dh = (dz Wg + dh_retrieval) + dx_conv, summed
+    // in fp32 by one kernel and rounded once.
+    Tensor dh_ret;
+    std::tie(dh_ret, dm) = retrieval_bwd(dglobal, h, m, g, lse, scale, dt, ctx);
+    const Tensor dh_gate = mm_f32(dz2, wg).contiguous();
+    dh = at::empty_like(h);
+    MixerDhSumParams sum{};
+    sum.gate_part = dh_gate.data_ptr<float>();
+    sum.retrieval_part = dh_ret.data_ptr();
+    sum.conv_part = dx.data_ptr();
+    sum.dh = dh.data_ptr();
+    sum.n = rows * d;
+    sum.dtype = dt;
+    launch_gam_mixer_dh_sum(sum, ctx.stream());
+  }
   const Tensor dwg = mm_f32(dz2.t(), h2);
   const Tensor dbg = at::sum(dz2, {0}, false, at::kFloat);
   const auto wdt = conv_weight.scalar_type();

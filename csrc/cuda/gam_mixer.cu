@@ -10,8 +10,12 @@
 // output gradients and the gate logits' gradient (dG, dL, dz); the retrieval's backward computes
 // its own delta = rowsum(dG G) where its path needs one (the gemm path's softmax kernel sums
 // P dP instead). (The first version ran one warp per row, with the taps and weights read per
-// row, and also wrote delta.) mixer_dh_sum_kernel adds the three parts of dh (the gate linear's
-// fp32 dz Wg, the retrieval's and the conv's) in one pass. Everything in fp32; no atomics.
+// row, and also wrote delta.) The prologue writes dz into rows dz_ld elements apart: on the gemm
+// and wgmma retrieval paths it lies between P and scale dS in one buffer, and dh is one cuBLAS
+// product [dz | scale dS] [Wg; M] added to the conv's dx (dispatch.cpp). On the fused and SIMT
+// paths, whose kernels compute the retrieval's dh themselves, mixer_dh_sum_kernel adds the three
+// parts of dh (the gate linear's fp32 dz Wg, the retrieval's and the conv's) in one pass.
+// Everything in fp32; no atomics.
 #include "common.cuh"
 #include "conv_common.cuh"
 #include "launchers.h"
@@ -85,12 +89,13 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY, 4)
 
 // The backward prologue of row r, channels c .. c+VEC-1, given l (the conv of the row, rounded to
 // T first as the forward used it): dG = sg df (rounded to T: what the retrieval's backward reads),
-// dL = sl df, dz = [df l sl (1 - sl), df G sg (1 - sg)].
+// dL = sl df, dz = [df l sl (1 - sl), df G sg (1 - sg)] (rows of dz dz_ld elements apart).
 template <typename T, int VEC>
 __device__ __forceinline__ void prologue_row(const T* __restrict__ df, const T* __restrict__ z,
                                              const T* __restrict__ g, T* __restrict__ dglobal,
-                                             T* __restrict__ dlocal, T* __restrict__ dz, int64_t r,
-                                             int64_t c, int64_t dim, const float (&l)[VEC]) {
+                                             T* __restrict__ dlocal, T* __restrict__ dz,
+                                             int64_t dz_ld, int64_t r, int64_t c, int64_t dim,
+                                             const float (&l)[VEC]) {
   float f[VEC], zl[VEC], zg[VEC], gv[VEC];
   load_f32<T, VEC>(df + r * dim + c, f);
   load_f32<T, VEC>(z + r * 2 * dim + c, zl);
@@ -108,8 +113,8 @@ __device__ __forceinline__ void prologue_row(const T* __restrict__ df, const T* 
   }
   store_f32<T, VEC>(dglobal + r * dim + c, dgv);
   store_f32<T, VEC>(dlocal + r * dim + c, dlv);
-  store_f32<T, VEC>(dz + r * 2 * dim + c, dzl);
-  store_f32<T, VEC>(dz + r * 2 * dim + dim + c, dzg);
+  store_f32<T, VEC>(dz + r * dz_ld + c, dzl);
+  store_f32<T, VEC>(dz + r * dz_ld + dim + c, dzg);
 }
 
 // At least 3 blocks per SM (170 registers: K = 4 takes about 140).
@@ -119,13 +124,14 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY, 3)
                           const T* __restrict__ z, const T* __restrict__ g,
                           const float* __restrict__ w, const float* __restrict__ bias,
                           T* __restrict__ dglobal, T* __restrict__ dlocal, T* __restrict__ dz,
-                          int64_t seqlen, int64_t dim, int tblocks_per_seq, int span, int k) {
+                          int64_t dz_ld, int64_t seqlen, int64_t dim, int tblocks_per_seq, int span,
+                          int k) {
   ConvThread th;
   if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
   const int64_t row0 = th.b * seqlen;
   mixer_conv_span<T, VEC, K>(
       h + row0 * dim, w, bias, th.c, dim, th.t0, th.t1, k, [&](int64_t t, const float (&l)[VEC]) {
-        prologue_row<T, VEC>(df, z, g, dglobal, dlocal, dz, row0 + t, th.c, dim, l);
+        prologue_row<T, VEC>(df, z, g, dglobal, dlocal, dz, dz_ld, row0 + t, th.c, dim, l);
       });
 }
 
@@ -202,7 +208,7 @@ void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream
     using T = decltype(tag);
     const bool aligned = aligned16(p.grad_out) && aligned16(p.h) && aligned16(p.gate_logits) &&
                          aligned16(p.global_ctx) && aligned16(p.dglobal) && aligned16(p.dlocal) &&
-                         aligned16(p.dgate_logits);
+                         aligned16(p.dgate_logits) && p.dz_ld % kVec16<T> == 0;
     launch_on_conv_tiling<T>(
         p.rows, p.seqlen, p.dim, p.kwidth, aligned, [&](auto vtag, auto ktag, const ConvGrid& cg) {
           gam_launch("gam_mixer_prologue",
@@ -211,8 +217,8 @@ void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream
                      static_cast<const T*>(p.grad_out), static_cast<const T*>(p.h),
                      static_cast<const T*>(p.gate_logits), static_cast<const T*>(p.global_ctx),
                      p.conv_weight, p.conv_bias, static_cast<T*>(p.dglobal),
-                     static_cast<T*>(p.dlocal), static_cast<T*>(p.dgate_logits), p.seqlen, p.dim,
-                     cg.per_seq, cg.span, p.kwidth);
+                     static_cast<T*>(p.dlocal), static_cast<T*>(p.dgate_logits), p.dz_ld, p.seqlen,
+                     p.dim, cg.per_seq, cg.span, p.kwidth);
         });
   });
 }

@@ -49,10 +49,10 @@ std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p);
 void launch_wgmma_probe(int* compiled, cudaStream_t stream);
 // The wgmma backward's score kernel (memory_retrieval_bwd_wgmma.cu): whether p suits it (fp16 /
 // bf16, D = 64 .. 512 with D % 64 == 0, 16-byte aligned h, grad_out, memory and out, sm_90, its
-// shared memory); its launch, which writes P then scale * dS (each rows x ld, ld =
-// retrieval_bwd_wgmma_ld(S), rounded to h's dtype) into p.pds; and its description.
+// shared memory); its launch, which writes P to p.pds and scale * dS to p.ds (rounded to h's
+// dtype, rows p.pds_ld elements apart, S rounded up to 8 slots per row, zeros past S); and its
+// description.
 bool retrieval_bwd_wgmma_applies(const RetrievalBwdParams& p);
-int64_t retrieval_bwd_wgmma_ld(int64_t slots);
 void launch_retrieval_bwd_wgmma(const RetrievalBwdParams& p, cudaStream_t stream);
 std::string describe_retrieval_bwd_wgmma(const RetrievalBwdParams& p);
 // The kernels and configuration launch_memory_retrieval_bwd picks for p, in words.
@@ -72,7 +72,8 @@ constexpr int softmax_max_vecs(bool f32) { return f32 ? 4 : 8; }
 int retrieval_softmax_vecs(const RetrievalSoftmaxParams& p);
 
 // The fused mixer (gam_mixer.cu): the forward's epilogue on the G the retrieval (any path) wrote,
-// the backward's prologue, and the sum of the backward's three parts of dh.
+// the backward's prologue, and the sum of the backward's three parts of dh (on the retrieval
+// paths that compute their own dh).
 void launch_gam_mixer_epilogue(const MixerEpilogueParams& p, cudaStream_t stream);
 void launch_gam_mixer_prologue(const MixerPrologueParams& p, cudaStream_t stream);
 void launch_gam_mixer_dh_sum(const MixerDhSumParams& p, cudaStream_t stream);

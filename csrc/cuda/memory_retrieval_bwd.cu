@@ -580,16 +580,20 @@ __global__ void __launch_bounds__(kDmThreads)
 
 constexpr int kSoftmaxWarps = 8;
 
+__device__ __forceinline__ int padded_to_8(int slots) { return (slots + 7) & ~7; }
+
 // One warp per row: p = exp(scale * s - lse) renormalised to sum to 1 (lse is fp32: rounded near
 // |s| ~ 40 it leaves p off by a few 1e-6, and on a row where one slot holds nearly all of p that
 // error, times delta, stays whole in dP - delta), delta = sum p dP, ds = scale * p (dP - delta);
-// P and ds rounded to T.
+// P and ds rounded to T, in rows ld elements apart (the fused mixer's ds is part of a wider
+// buffer), and slots S .. S rounded up to 8 of each row as zeros (as the wgmma score kernel
+// writes them: rows of P and dS start 16-byte aligned and hold no undefined values).
 template <typename T>
 __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     retrieval_softmax_bwd_kernel(const float* __restrict__ scores, const float* __restrict__ dps,
                                  const float* __restrict__ lse, T* __restrict__ p_out,
-                                 T* __restrict__ ds_out, int64_t rows, int slots, float scale,
-                                 float scale_log2) {
+                                 T* __restrict__ ds_out, int64_t rows, int slots, int64_t ld,
+                                 float scale, float scale_log2) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
   if (row >= rows) return;  // whole warps leave; no block barrier follows
@@ -610,8 +614,12 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   const float inv = 1.f / sum, delta = pdp * inv;
   for (int c = lane; c < slots; c += 32) {
     const float pv = fast_exp2(s[c] * scale_log2 - lse2) * inv;
-    p_out[row * slots + c] = from_f32<T>(pv);
-    ds_out[row * slots + c] = from_f32<T>(scale * (pv * (dp[c] - delta)));
+    p_out[row * ld + c] = from_f32<T>(pv);
+    ds_out[row * ld + c] = from_f32<T>(scale * (pv * (dp[c] - delta)));
+  }
+  for (int c = slots + lane; c < padded_to_8(slots); c += 32) {
+    p_out[row * ld + c] = from_f32<T>(0.f);
+    ds_out[row * ld + c] = from_f32<T>(0.f);
   }
 }
 
@@ -624,7 +632,7 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     retrieval_softmax_bwd_vec_kernel(const float* __restrict__ scores,
                                      const float* __restrict__ dps, const float* __restrict__ lse,
                                      T* __restrict__ p_out, T* __restrict__ ds_out, int64_t rows,
-                                     int slots, float scale, float scale_log2) {
+                                     int slots, int64_t ld, float scale, float scale_log2) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kSoftmaxWarps + (threadIdx.x >> 5);
   if (row >= rows) return;  // whole warps leave; no block barrier follows
@@ -664,9 +672,14 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
         pv[i][j] *= inv;
         ds[j] = scale * (pv[i][j] * (dpv[i][j] - delta));
       }
-      store_f32<T, 4>(p_out + row * slots + 4 * c, pv[i]);
-      store_f32<T, 4>(ds_out + row * slots + 4 * c, ds);
+      store_f32<T, 4>(p_out + row * ld + 4 * c, pv[i]);
+      store_f32<T, 4>(ds_out + row * ld + 4 * c, ds);
     }
+  }
+  if (lane == 0 && slots % 8 != 0) {  // S % 4 == 0 here: slots S .. S + 3
+    const float zeros[4] = {0.f, 0.f, 0.f, 0.f};
+    store_f32<T, 4>(p_out + row * ld + slots, zeros);
+    store_f32<T, 4>(ds_out + row * ld + slots, zeros);
   }
 }
 
@@ -791,14 +804,14 @@ void launch_retrieval_softmax_bwd(const RetrievalSoftmaxParams& p, cudaStream_t 
             auto kernel = retrieval_softmax_bwd_vec_kernel<T, V>;
             gam_launch("retrieval_softmax_bwd_vec", kernel, grid, dim3(kSoftmaxWarps * 32), 0,
                        stream, p.scores, p.dp, p.lse, static_cast<T*>(p.p), static_cast<T*>(p.ds),
-                       p.rows, static_cast<int>(p.slots), p.scale, p.scale * kLog2e);
+                       p.rows, static_cast<int>(p.slots), p.ld, p.scale, p.scale * kLog2e);
           }
         },
         [&] {
           gam_launch("retrieval_softmax_bwd", retrieval_softmax_bwd_kernel<T>, grid,
                      dim3(kSoftmaxWarps * 32), 0, stream, p.scores, p.dp, p.lse,
                      static_cast<T*>(p.p), static_cast<T*>(p.ds), p.rows, static_cast<int>(p.slots),
-                     p.scale, p.scale * kLog2e);
+                     p.ld, p.scale, p.scale * kLog2e);
         });
   });
 }

@@ -154,10 +154,11 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   // Stores a tile's P and scale dS = scale (p dP - p delta), from p in s and p dP in dp. Element
   // v of the accumulators is row r_lo + 8 ((v / 2) % 2), slot s0 + 8 (v / 4) + 2 q + v % 2, so a
   // quad holds each group of 8 slots of a row as 4 pairs; quad_transpose turns 4 groups' pairs
-  // into one group's 8 slots per lane, stored as 16 bytes (ld % 8 == 0: a group lies wholly
-  // inside or outside the row). Slots S .. ld - 1 of the last tile get zeros (p = p dP = 0
-  // there): a product that reads a few columns past S (times zero-padded rows of its other
-  // operand, as the CPU's bf16 GEMM does under the emulator) must not meet NaN there.
+  // into one group's 8 slots per lane, stored as 16 bytes (rows ld % 8 == 0 elements apart). A
+  // group starting below S is stored whole: slots S .. S rounded up to 8 of the last tile get
+  // zeros (p = p dP = 0 there), so a product that reads a few columns past S (times zero-padded
+  // rows of its other operand, as the CPU's bf16 GEMM does under the emulator) does not meet NaN
+  // there.
   auto store_tile = [&](int s0, const float (&row_delta)[2]) {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
         quad_transpose(pw, q);
         quad_transpose(dw, q);
         const int slot = s0 + 8 * (j0 + q);
-        if (r < rows_left && slot < ld) {
+        if (r < rows_left && slot < slots) {
           const int64_t at = (row0 + r) * ld + slot;
           *reinterpret_cast<uint4*>(p_out + at) = make_uint4(pw[0], pw[1], pw[2], pw[3]);
           *reinterpret_cast<uint4*>(ds_out + at) = make_uint4(dw[0], dw[1], dw[2], dw[3]);
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       for (int i = 0; i < 4; ++i) {
         const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
         const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < ld) {
+        if (r < rows_left && slot < slots) {
           pk[hi][i] = *reinterpret_cast<const uint4*>(p_out + at);
           dk[hi][i] = *reinterpret_cast<const uint4*>(ds_out + at);
         }
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(kBwThreads, 1)
       for (int i = 0; i < 4; ++i) {
         const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
         const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < ld) {
+        if (r < rows_left && slot < slots) {
           const uint4 p4 = pk[hi][i], d4 = dk[hi][i];
           *reinterpret_cast<uint4*>(ds_out + at) = make_uint4(
               corrected_ds<T>(d4.x, p4.x, corr[hi]), corrected_ds<T>(d4.y, p4.y, corr[hi]),
@@ -326,26 +327,22 @@ bool retrieval_bwd_wgmma_applies(const RetrievalBwdParams& p) {
          bits % 16 == 0;
 }
 
-int64_t retrieval_bwd_wgmma_ld(int64_t slots) { return ceil_div(slots, 8) * 8; }
-
 void launch_retrieval_bwd_wgmma(const RetrievalBwdParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.rows, kBwRows)));
   const int smem = bwd_wgmma_smem_bytes(p.dim);
-  const int64_t ld = retrieval_bwd_wgmma_ld(p.slots);
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       auto kernel = retrieval_bwd_scores_wgmma_kernel<T>;
       GAM_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      T* pds = static_cast<T*>(p.pds);
       gam_launch("retrieval_bwd_scores_wgmma_kernel", kernel, grid, dim3(kBwThreads),
                  static_cast<size_t>(smem), stream, static_cast<const T*>(p.grad_out),
                  static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
-                 static_cast<const T*>(p.out), p.lse, pds, pds + p.rows * ld, p.rows,
-                 static_cast<int>(p.slots), static_cast<int>(ld), static_cast<int>(p.dim), p.scale,
-                 p.scale * kLog2e);
+                 static_cast<const T*>(p.out), p.lse, static_cast<T*>(p.pds), static_cast<T*>(p.ds),
+                 p.rows, static_cast<int>(p.slots), static_cast<int>(p.pds_ld),
+                 static_cast<int>(p.dim), p.scale, p.scale * kLog2e);
     }
   });
 }

@@ -465,6 +465,7 @@ int retrieval_softmax_vecs(const RetrievalSoftmaxParams& p) {
   const bool f32 = p.dtype == DType::kFloat32;
   const int vec_bytes = f32 ? 16 : 8;  // 4 elements of P or dS
   if (p.slots % 4 != 0 || !aligned16(p.scores) || !aligned(p.p, vec_bytes)) return 0;
+  if (p.ds != nullptr && p.ld % 4 != 0) return 0;  // the backward's rows of P and dS
   if (!aligned16(p.dp) || !aligned(p.ds, vec_bytes)) return 0;
   for (int v : {1, 2, 4, 8})
     if (p.slots <= 128 * v && v <= softmax_max_vecs(f32)) return v;

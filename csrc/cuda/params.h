@@ -81,7 +81,10 @@ struct RetrievalBwdParams {
   float* delta_pdp;      // workspace (R) fp32: rowsum(p dP), the SIMT kernels' exact delta
   float* partials;       // workspace: memory_retrieval_bwd_workspace_floats() floats
   void* pds;             // workspace: memory_retrieval_bwd_pds_elements() elements of h's dtype
-                         // (P, then scale * dS, each rows x S rounded up to 8) or nullptr
+                         // (P, then scale * dS, each rows x S rounded up to 8) or nullptr;
+                         // the wgmma score kernel writes P here
+  void* ds;              // the wgmma score kernel: where scale * dS goes
+  int64_t pds_ld;        // the wgmma score kernel: the row stride of P and dS (a multiple of 8)
   int64_t rows, slots, dim;
   float scale;
   DType dtype;
@@ -104,14 +107,16 @@ struct MixerPrologueParams {
   const float* conv_bias;    // (D) fp32 or nullptr
   void* dglobal;             // (R, D) dG
   void* dlocal;              // (R, D) dL
-  void* dgate_logits;        // (R, 2D) dz
+  void* dgate_logits;        // (R, 2D) dz, rows dz_ld elements apart
+  int64_t dz_ld;             // >= 2D
   int64_t rows, seqlen, dim;
   int kwidth;
   DType dtype;
 };
 
-// The fused mixer's backward, last step: dh = (gate part + retrieval part) + conv part, summed in
-// fp32 in that order and rounded once to T, in one pass (the gate part is cuBLAS's fp32 dz Wg).
+// The fused mixer's backward on the fused and SIMT retrieval paths, last step: dh = (gate part +
+// retrieval part) + conv part, summed in fp32 in that order and rounded once to T, in one pass
+// (the gate part is cuBLAS's fp32 dz Wg).
 struct MixerDhSumParams {
   const float* gate_part;      // (R, D) fp32
   const void* retrieval_part;  // (R, D) T
@@ -129,6 +134,8 @@ struct RetrievalSoftmaxParams {
   void* p;              // (R, S) in dtype: the probabilities
   void* ds;             // backward: (R, S) in dtype: scale * dS
   int64_t rows, slots;
+  int64_t ld;  // backward: the row stride of p and ds (>= S rounded up to 8); the forward's p is
+               // (R, S) contiguous
   float scale;
   DType dtype;
 };
