@@ -371,20 +371,27 @@ Tensor pds_buffer(at::IntArrayRef sizes, const Tensor& like) {
   return buf;
 }
 
-// The retrieval's forward on a contiguous h and m rounded to its dtype, on the path
-// GAM_EXT_RETRIEVAL picks: writes out (like h) and lse (B, N) fp32.
-void retrieval_fwd(const Tensor& h, const Tensor& m, double scale, Tensor& out, Tensor& lse,
-                   DType dt, const DeviceCtx& ctx) {
-  RetrievalFwdParams p{};
+// What the retrieval's forward and backward parameters share: h (B, N, D) and m (S, D), contiguous,
+// of one dtype, their shape, the scale and the dtype.
+template <typename Params>
+void fill_retrieval_inputs(Params& p, const Tensor& h, const Tensor& m, double scale, DType dt) {
   p.h = h.data_ptr();
   p.memory = m.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   p.rows = h.size(0) * h.size(1);
   p.slots = m.size(0);
   p.dim = m.size(1);
   p.scale = static_cast<float>(scale);
   p.dtype = dt;
+}
+
+// The retrieval's forward on a contiguous h and m rounded to its dtype, on the path
+// GAM_EXT_RETRIEVAL picks: writes out (like h) and lse (B, N) fp32.
+void retrieval_fwd(const Tensor& h, const Tensor& m, double scale, Tensor& out, Tensor& lse,
+                   DType dt, const DeviceCtx& ctx) {
+  RetrievalFwdParams p{};
+  fill_retrieval_inputs(p, h, m, scale, dt);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kWgmma) {
     ctx.fill_retrieval(p, path);
@@ -423,16 +430,10 @@ RetrievalBwdParams retrieval_bwd_params(const Tensor& grad_out, const Tensor& h,
                                         const Tensor& out, const Tensor& lse, double scale,
                                         DType dt, RetrievalPath path, const DeviceCtx& ctx) {
   RetrievalBwdParams p{};
+  fill_retrieval_inputs(p, h, m, scale, dt);
   p.grad_out = grad_out.data_ptr();
-  p.h = h.data_ptr();
-  p.memory = m.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.rows = h.size(0) * h.size(1);
-  p.slots = m.size(0);
-  p.dim = m.size(1);
-  p.scale = static_cast<float>(scale);
-  p.dtype = dt;
   ctx.fill_retrieval(p, path);
   return p;
 }

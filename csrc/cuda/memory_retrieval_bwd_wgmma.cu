@@ -280,14 +280,20 @@ __global__ void __launch_bounds__(kBwThreads, 1)
   // may alias them as far as the compiler knows.
   for (int c0 = 0; c0 + panels < chunks; c0 += panels) {
     const int s0 = chunk_slot0(c0);
+    // Group i of row r_lo + 8 hi: whether it lies inside the rows and S, and its offset in P and
+    // dS.
+    auto group = [&](int hi, int i, int64_t& at) {
+      const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
+      at = (row0 + r) * ld + slot;
+      return r < rows_left && slot < slots;
+    };
     uint4 pk[2][4], dk[2][4];
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
-        const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < slots) {
+        int64_t at;
+        if (group(hi, i, at)) {
           pk[hi][i] = *reinterpret_cast<const uint4*>(p_out + at);
           dk[hi][i] = *reinterpret_cast<const uint4*>(ds_out + at);
         }
@@ -297,9 +303,8 @@ __global__ void __launch_bounds__(kBwThreads, 1)
     for (int hi = 0; hi < 2; ++hi) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int r = r_lo + 8 * hi, slot = s0 + 8 * (q + 4 * i);
-        const int64_t at = (row0 + r) * ld + slot;
-        if (r < rows_left && slot < slots) {
+        int64_t at;
+        if (group(hi, i, at)) {
           const uint4 p4 = pk[hi][i], d4 = dk[hi][i];
           *reinterpret_cast<uint4*>(ds_out + at) = make_uint4(
               corrected_ds<T>(d4.x, p4.x, corr[hi]), corrected_ds<T>(d4.y, p4.y, corr[hi]),
