@@ -12,6 +12,7 @@
 // GPU's, so tolerances tuned here may be tight on a GPU.
 inline float __expf(float x) { return expf(x); }
 inline float __log2f(float x) { return log2f(x); }
+inline float __fdividef(float x, float y) { return x / y; }
 
 // ---- min, as the CUDA math headers provide it -----------------------------------
 inline int min(int a, int b) { return a < b ? a : b; }
