@@ -871,6 +871,26 @@ def test_mixer_scalar_paths(emu, dtype, path, monkeypatch):
     check_mixer(ours, refs, dtype, shape)
 
 
+@pytest.mark.parametrize("misalign", [False, True], ids=["vector", "scalar"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixer_forward_bitwise_as_three_ops(emu, dtype, k, misalign):
+    # The epilogue (the prefetching span for K = 2..4, conv_span's for any other K) sums the conv
+    # in conv_fwd_kernel's order and rounds it as the three-op path stores it, so out has the bits
+    # of gate_fusion(conv(h), G, z) on the same G and z. 77 rows: spans that start past the
+    # sequence's first row (halo from memory) and end short of 32 rows.
+    b_, n, d, s = 2, 77, 24, 9
+    h = gen((b_, n, d), dtype, 300 + k, 0.5)
+    cw = gen((d, k), torch.float32, 301, 0.5)
+    cb = gen((d,), torch.float32, 302, 0.1)
+    m = gen((s, d), torch.float32, 303, 0.5)
+    gw = gen((2 * d, d), torch.float32, 304, d**-0.5)
+    x = misaligned(h) if misalign else h
+    out, _, z, g = emu.gam_mixer_fwd(x, cw, cb, m, gw, None, 0.7)
+    local = emu.causal_conv1d_fwd(x, cw, cb)
+    assert torch.equal(out, emu.gate_fusion_fwd(local, g, z))
+
+
 @pytest.mark.parametrize("path", ["fused", "simt", "gemm"])
 def test_mixer_empty_no_bias_and_deterministic(emu, path, monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)

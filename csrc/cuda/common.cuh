@@ -34,24 +34,50 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
-// Loads VEC consecutive elements as fp32: one 16- or 8-byte transaction when VEC * sizeof(T) is
-// 16 or 8 (the caller guarantees alignment), element loads otherwise.
+// VEC consecutive elements of T as loaded: one 16- or 8-byte word when VEC * sizeof(T) is 16 or 8
+// (the caller guarantees alignment), else the elements. unpack_f32 converts them where they are
+// used, so a loop can issue the next row's loads before it computes this one and hold them in
+// half the registers of fp32 values (16-bit types).
 template <typename T, int VEC>
-__device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&out)[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
+struct Packed {
+  static constexpr int kBytes = VEC * static_cast<int>(sizeof(T));
+  struct Elems {
+    T e[VEC];
+  };
+  using Word =
+      std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, Elems>>;
+  Word w;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Packed<T, VEC> load_packed(const T* __restrict__ p) {
+  using Word = typename Packed<T, VEC>::Word;
+  Packed<T, VEC> v;
+  if constexpr (Packed<T, VEC>::kBytes == 16 || Packed<T, VEC>::kBytes == 8) {
+    v.w = *reinterpret_cast<const Word*>(p);
+  } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = to_f32(e[i]);
-  } else if constexpr (VEC * sizeof(T) == 8) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
+    for (int i = 0; i < VEC; ++i) v.w.e[i] = p[i];
+  }
+  return v;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void unpack_f32(const Packed<T, VEC>& v, float (&out)[VEC]) {
+  if constexpr (Packed<T, VEC>::kBytes == 16 || Packed<T, VEC>::kBytes == 8) {
+    const T* e = reinterpret_cast<const T*>(&v.w);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out[i] = to_f32(e[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = to_f32(p[i]);
+    for (int i = 0; i < VEC; ++i) out[i] = to_f32(v.w.e[i]);
   }
+}
+
+// Loads VEC consecutive elements as fp32 (one transaction where Packed makes one).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&out)[VEC]) {
+  unpack_f32<T, VEC>(load_packed<T, VEC>(p), out);
 }
 
 // Stores VEC values converted to T: one 16- or 8-byte transaction when VEC * sizeof(T) is 16 or
@@ -105,7 +131,7 @@ __device__ __forceinline__ void load_rows_to_smem(T* dst, int64_t ld, const T* _
   }
 }
 
-// 1 / (1 + e^-z) with the fast reciprocal (MUFU.RCP, within 1 ulp: __expf's own error is larger):
+// 1 / (1 + e^-z) with the fast reciprocal (MUFU.RCP, within 2 ulp: __expf's own error is larger):
 // the IEEE division "1.f / x" compiles to about 15 instructions with a branch to a slow path, which
 // in the mixer's epilogue made up more than half of each row's instructions (16 sigmoids per
 // thread). z < -87 gives 0 (e^-z = inf), as the exact form does.

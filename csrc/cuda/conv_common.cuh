@@ -53,25 +53,25 @@ __device__ __forceinline__ bool conv_thread(int vec, int64_t seqlen, int64_t dim
   return th.c < dim && th.t0 < seqlen;
 }
 
-// The causal conv of VEC channels c .. c+VEC-1 over time steps [t0, t1) of one sequence (xb: its
-// first row, at channel 0), with the K weights and the K-1 previous inputs in registers and STEP
-// inputs loaded at once: calls emit(t, acc), in time order, with acc = bias + sum_j w[c, j] *
-// x[t - (K-1) + j] (inputs before the sequence read zeros). The conv forward and the fused mixer's
-// epilogue share it.
-template <typename T, int VEC, int K, int STEP, typename Emit>
-__device__ __forceinline__ void conv_span(const T* __restrict__ xb, const float* __restrict__ w,
-                                          const float* __restrict__ bias, int64_t c, int64_t dim,
-                                          int64_t t0, int64_t t1, Emit&& emit) {
-  float wr[K][VEC], br[VEC];
+// The K weights and the bias (0 without one) of channels c .. c+VEC-1, for a span's registers.
+template <int VEC, int K>
+__device__ __forceinline__ void load_conv_taps(const float* __restrict__ w,
+                                               const float* __restrict__ bias, int64_t c,
+                                               float (&wr)[K][VEC], float (&br)[VEC]) {
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     br[v] = bias != nullptr ? bias[c + v] : 0.f;
 #pragma unroll
     for (int j = 0; j < K; ++j) wr[j][v] = w[(c + v) * K + j];
   }
-  xb += c;
-  // buf[i] holds x at time t - (K-1) + i: K-1 halo steps, then STEP new ones.
-  float buf[K - 1 + STEP][VEC];
+}
+
+// x at times t0 - (K-1) .. t0 - 1 into buf[0 .. K-2] (xb: the sequence's first row, at the
+// thread's channels), zeros before the sequence: a span's halo.
+template <typename T, int VEC, int K, int N>
+__device__ __forceinline__ void load_conv_halo(const T* __restrict__ xb, int64_t dim, int64_t t0,
+                                               float (&buf)[N][VEC]) {
+  static_assert(N >= K - 1, "the halo takes K - 1 rows of buf");
 #pragma unroll
   for (int j = 0; j < K - 1; ++j) {
     const int64_t t = t0 - (K - 1) + j;
@@ -82,6 +82,24 @@ __device__ __forceinline__ void conv_span(const T* __restrict__ xb, const float*
       for (int v = 0; v < VEC; ++v) buf[j][v] = 0.f;
     }
   }
+}
+
+// The causal conv of VEC channels c .. c+VEC-1 over time steps [t0, t1) of one sequence (xb: its
+// first row, at channel 0), with the K weights and the K-1 previous inputs in registers and STEP
+// inputs loaded at once: calls emit(t, acc), in time order, with acc = bias + sum_j w[c, j] *
+// x[t - (K-1) + j] (inputs before the sequence read zeros). The conv forward and the fused mixer's
+// prologue use it; the mixer's epilogue sums in the same order in a span loop of its own, which
+// loads a row ahead (gam_mixer.cu).
+template <typename T, int VEC, int K, int STEP, typename Emit>
+__device__ __forceinline__ void conv_span(const T* __restrict__ xb, const float* __restrict__ w,
+                                          const float* __restrict__ bias, int64_t c, int64_t dim,
+                                          int64_t t0, int64_t t1, Emit&& emit) {
+  float wr[K][VEC], br[VEC];
+  load_conv_taps<VEC, K>(w, bias, c, wr, br);
+  xb += c;
+  // buf[i] holds x at time t - (K-1) + i: K-1 halo steps, then STEP new ones.
+  float buf[K - 1 + STEP][VEC];
+  load_conv_halo<T, VEC, K>(xb, dim, t0, buf);
   for (int64_t t = t0; t < t1; t += STEP) {
 #pragma unroll
     for (int i = 0; i < STEP; ++i) {

@@ -25,10 +25,11 @@ namespace cuda {
 namespace {
 
 constexpr int kDhSumThreads = 256;
-// Rows of h the epilogue loads at once (conv_fwd_kernel loads kConvStep = 4): with the gates'
-// loads beside them, 2 or 4 rows did not fit the 128 registers of 4 blocks of 128 threads per SM
-// without spilling at K = 4.
-constexpr int kEpilogueStep = 1;
+// Rows of h the prologue's conv_span loads at once (conv_fwd_kernel loads kConvStep = 4). In the
+// epilogue, with the gates' loads beside them, 2 or 4 rows at once did not fit the 128 registers
+// of 4 blocks of 128 threads per SM without spilling at K = 4; it now loads one row ahead instead
+// (epilogue_span_prefetched).
+constexpr int kSpanStep = 1;
 
 // out = sigmoid(zl) * l + sigmoid(zg) * g over VEC channels.
 template <int VEC>
@@ -65,9 +66,64 @@ __device__ __forceinline__ void mixer_conv_span(const T* __restrict__ hb,
                                                 int64_t dim, int64_t t0, int64_t t1, int k,
                                                 Emit&& emit) {
   if constexpr (K > 0) {
-    conv_span<T, VEC, K, kEpilogueStep>(hb, w, bias, c, dim, t0, t1, emit);
+    conv_span<T, VEC, K, kSpanStep>(hb, w, bias, c, dim, t0, t1, emit);
   } else {
     conv_span_any_k<T, VEC>(hb, w, bias, c, dim, t0, t1, k, emit);
+  }
+}
+
+// The epilogue over a thread's span of rows for K = 2, 3, 4 with the next row's four loads (h, G,
+// zl, zg) issued before this row is computed, held as loaded (Packed) until the next iteration:
+// with only the current row's loads in flight, a thread waited out each row's DRAM latency (ncu,
+// H200: 50% of DRAM bandwidth at 4 blocks of 128 threads per SM). The conv sums in conv_span's
+// order, so out has the same bits as through conv_span. The last row is loaded twice (a cache hit)
+// rather than predicated.
+template <typename T, int VEC, int K>
+__device__ __forceinline__ void epilogue_span_prefetched(
+    const T* __restrict__ h, const T* __restrict__ z, const T* __restrict__ g,
+    const float* __restrict__ w, const float* __restrict__ bias, T* __restrict__ out, int64_t row0,
+    int64_t c, int64_t dim, int64_t t0, int64_t t1) {
+  float wr[K][VEC], br[VEC];
+  load_conv_taps<VEC, K>(w, bias, c, wr, br);
+  const T* hb = h + row0 * dim + c;
+  // halo[j] holds h at time t - (K-1) + j.
+  float halo[K - 1][VEC];
+  load_conv_halo<T, VEC, K>(hb, dim, t0, halo);
+  struct Row {
+    Packed<T, VEC> h, g, zl, zg;
+  };
+  auto load_row = [&](int64_t t) {
+    const int64_t r = row0 + t;
+    return Row{load_packed<T, VEC>(hb + t * dim), load_packed<T, VEC>(g + r * dim + c),
+               load_packed<T, VEC>(z + r * 2 * dim + c),
+               load_packed<T, VEC>(z + r * 2 * dim + dim + c)};
+  };
+  Row cur = load_row(t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const Row next = load_row(t + 1 < t1 ? t + 1 : t);
+    float x[VEC], l[VEC], gv[VEC], zl[VEC], zg[VEC], f[VEC];
+    unpack_f32<T, VEC>(cur.h, x);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      float acc = br[v];
+#pragma unroll
+      for (int j = 0; j < K - 1; ++j) acc = fmaf(wr[j][v], halo[j][v], acc);
+      acc = fmaf(wr[K - 1][v], x[v], acc);
+      l[v] = to_f32(from_f32<T>(acc));  // rounded as epilogue_row rounds it
+    }
+    unpack_f32<T, VEC>(cur.g, gv);
+    unpack_f32<T, VEC>(cur.zl, zl);
+    unpack_f32<T, VEC>(cur.zg, zg);
+    gate_channels<VEC>(zl, zg, l, gv, f);
+    store_f32<T, VEC>(out + (row0 + t) * dim + c, f);
+#pragma unroll
+    for (int j = 0; j < K - 2; ++j) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) halo[j][v] = halo[j + 1][v];
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) halo[K - 2][v] = x[v];
+    cur = next;
   }
 }
 
@@ -82,9 +138,14 @@ __global__ void __launch_bounds__(kConvThreadsX* kConvThreadsY, 4)
   ConvThread th;
   if (!conv_thread(VEC, seqlen, dim, tblocks_per_seq, span, th)) return;
   const int64_t row0 = th.b * seqlen;
-  mixer_conv_span<T, VEC, K>(
-      h + row0 * dim, w, bias, th.c, dim, th.t0, th.t1, k,
-      [&](int64_t t, float (&l)[VEC]) { epilogue_row<T, VEC>(z, g, out, row0 + t, th.c, dim, l); });
+  if constexpr (K >= 2) {
+    epilogue_span_prefetched<T, VEC, K>(h, z, g, w, bias, out, row0, th.c, dim, th.t0, th.t1);
+  } else {
+    mixer_conv_span<T, VEC, K>(h + row0 * dim, w, bias, th.c, dim, th.t0, th.t1, k,
+                               [&](int64_t t, float (&l)[VEC]) {
+                                 epilogue_row<T, VEC>(z, g, out, row0 + t, th.c, dim, l);
+                               });
+  }
 }
 
 // The backward prologue of row r, channels c .. c+VEC-1, given l (the conv of the row, rounded to
