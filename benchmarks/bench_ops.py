@@ -4,6 +4,8 @@ For each op (conv, retrieval, gate) and the whole token mixer (conv + retrieval 
 gate fusion, as in one GAM block), in forward, backward and forward+backward, on the same inputs in
 one process, it reports the median time, GFLOP/s, peak memory and the speedup over eager, plus the
 fp32 GEMM floor of the mixer (its model GEMM FLOPs at the fp32 GEMM rate measured in the same run).
+Where the fused and unfused mixer both ran, a line per size sets one against the other and says
+which of them the backend "auto" runs there (``_backend.AUTO_FUSED_MAX_ELEMENTS``).
 The providers' repeats are interleaved (round after round, each provider once per round), so that
 load from other processes on a shared machine moves every provider's times alike.
 
@@ -549,30 +551,48 @@ def main(argv=None):
     write_results(args, rows, rate, load, info)
 
 
-def mixer_summary(rows, dtype_name, n):
-    """One line: the mixer's fwd+bwd on gam_ext (the fused op where built) against eager and
-    against the unfused gam_ext path, time and peak memory, when those rows were measured."""
+def mixer_summary(rows, dtype_name, n, device):
+    """The mixer's fwd+bwd in one or two lines, when those rows were measured: gam_ext (the fused
+    op where built) against eager and against the unfused gam_ext path, time and peak memory; and
+    the fused op against the three ops (gam_fused_mixer against gam_unfused) with the path that the
+    backend "auto" takes at this size (``_backend.AUTO_FUSED_MAX_ELEMENTS``), so that a report
+    says where that limit should move."""
     cell = {
         r["provider"]: r
         for r in rows
         if r["dtype"] == dtype_name and r["seqlen"] == n and r["op"] == "mixer" and r["mode"] == "fwdbwd"
     }
-    if "gam_ext" not in cell or "eager" not in cell:
-        return []
-    ours, eager = cell["gam_ext"], cell["eager"]
-    parts = [
-        f"gam_ext {eager['ms'] / ours['ms']:.2f}x eager (median; "
-        f"{eager['min_ms'] / ours['min_ms']:.2f}x from min)"
-    ]
-    if "gam_unfused" in cell:
-        unfused = cell["gam_unfused"]
-        parts.append(
-            f"{unfused['ms'] / ours['ms']:.2f}x gam_unfused "
-            f"({unfused['min_ms'] / ours['min_ms']:.2f}x from min)"
-        )
-    if ours["peak_mb"] is not None and eager["peak_mb"]:
-        parts.append(f"peak memory {ours['peak_mb'] / eager['peak_mb']:.2f}x eager")
-    return ["", "Mixer fwd+bwd: " + ", ".join(parts) + "."]
+    lines = []
+    if "gam_ext" in cell and "eager" in cell:
+        ours, eager = cell["gam_ext"], cell["eager"]
+        parts = [
+            f"gam_ext {eager['ms'] / ours['ms']:.2f}x eager (median; "
+            f"{eager['min_ms'] / ours['min_ms']:.2f}x from min)"
+        ]
+        if "gam_unfused" in cell:
+            unfused = cell["gam_unfused"]
+            parts.append(
+                f"{unfused['ms'] / ours['ms']:.2f}x gam_unfused "
+                f"({unfused['min_ms'] / ours['min_ms']:.2f}x from min)"
+            )
+        if ours["peak_mb"] is not None and eager["peak_mb"]:
+            parts.append(f"peak memory {ours['peak_mb'] / eager['peak_mb']:.2f}x eager")
+        lines += ["", "Mixer fwd+bwd: " + ", ".join(parts) + "."]
+    if "gam_fused_mixer" in cell and "gam_unfused" in cell:
+        fused, unfused = cell["gam_fused_mixer"], cell["gam_unfused"]
+        elements = fused["batch"] * fused["seqlen"] * fused["d_model"]
+        device = device.split(":")[0]
+        limit = gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS.get(device)
+        auto = "fused" if limit is None or elements <= limit else "unfused"
+        limit_text = "no size limit" if limit is None else f"AUTO_FUSED_MAX_ELEMENTS = {limit}"
+        lines += [
+            "",
+            f"Fused op against the three ops, fwd+bwd: gam_fused_mixer "
+            f"{unfused['ms'] / fused['ms']:.2f}x gam_unfused (median; "
+            f"{unfused['min_ms'] / fused['min_ms']:.2f}x from min); at B*N*D = {elements} the "
+            f"backend auto runs the {auto} path ({limit_text} on {device}).",
+        ]
+    return lines
 
 
 def write_results(args, rows, rate, load, info):
@@ -667,7 +687,7 @@ def write_results(args, rows, rate, load, info):
                     f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['peak_vs_eager'], '.2f')} | "
                     f"{fmt(r['extra_mb'], '.1f')} | {fmt(r['extra_vs_eager'], '.2f')} |"
                 )
-            lines += mixer_summary(rows, dtype_name, n)
+            lines += mixer_summary(rows, dtype_name, n, args.device)
             floor_ms = mixer_gemm_flops(b, n, d, s) / (rate * 1e9) * 1e3
             lines += [
                 "",

@@ -191,3 +191,36 @@ def test_bench_ops_wgmma_provider_only_where_it_runs(monkeypatch):
     assert os.environ["GAM_EXT_RETRIEVAL"] == "gemm"
     assert "gam_wgmma" not in bench.parse_args(["--device", "cpu"]).providers
     assert bench.FORCED_ENV["gam_wgmma"] == {"GAM_EXT_RETRIEVAL": "wgmma"}
+
+
+def test_bench_ops_mixer_summary_says_which_path_auto_takes():
+    # The report sets the fused op against the three ops at each size and says which of them the
+    # backend auto runs there, on each side of AUTO_FUSED_MAX_ELEMENTS.
+    bench = load_script(ROOT / "benchmarks" / "bench_ops.py")
+    limit = bench.gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS["cuda"]
+
+    def rows(batch, seqlen, d):
+        timed = {"gam_ext": 2.0, "eager": 6.0, "gam_fused_mixer": 2.0, "gam_unfused": 2.5}
+        return [
+            dict(
+                dtype="bfloat16",
+                batch=batch,
+                seqlen=seqlen,
+                d_model=d,
+                op="mixer",
+                mode="fwdbwd",
+                provider=p,
+                ms=ms,
+                min_ms=ms,
+                peak_mb=None,
+            )
+            for p, ms in timed.items()
+        ]
+
+    small = bench.mixer_summary(rows(1, limit // 512, 512), "bfloat16", limit // 512, "cuda:0")
+    assert "gam_fused_mixer 1.25x gam_unfused" in small[-1] and "runs the fused path" in small[-1]
+    assert "3.00x eager" in small[1]
+    large = bench.mixer_summary(rows(2, limit // 512, 512), "bfloat16", limit // 512, "cuda")
+    assert "runs the unfused path" in large[-1]
+    cpu = bench.mixer_summary(rows(2, limit // 512, 512), "bfloat16", limit // 512, "cpu")
+    assert "runs the fused path (no size limit on cpu)" in cpu[-1]
