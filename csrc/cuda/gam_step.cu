@@ -28,6 +28,13 @@ constexpr int kStepThreads = 128;  // threads per block of every step kernel
 constexpr int kStepWarps = kStepThreads / 32;
 constexpr int kStepSlots = 32;  // slots per retrieval split
 
+// q mod width for q >= 0 and width > 0: a 32-bit remainder where q fits in 32 bits (every cache
+// position an int32 cache_seqlens can hold), which compiles inline; the 64-bit one is a call to a
+// division subroutine (11-12 of them in these kernels' SASS, with a stack frame).
+__device__ __forceinline__ int64_t ring_row(int64_t q, int64_t width) {
+  return q <= 0xffffffffLL ? int64_t(uint32_t(q) % uint32_t(width)) : q % width;
+}
+
 // One channel of one sequence's conv state.
 template <typename T>
 struct StateColumn {
@@ -40,7 +47,7 @@ struct StateColumn {
   __device__ __forceinline__ float prev(int64_t rel) const {
     if (pos == nullptr) return to_f32(col[(width + rel) * dim]);
     const int64_t q = int64_t(*pos) + rel;
-    return q < 0 ? 0.f : to_f32(col[(q % width) * dim]);
+    return q < 0 ? 0.f : to_f32(col[ring_row(q, width) * dim]);
   }
 
   // After the outputs: the state takes the L new rows (x_col[l * x_stride]).
@@ -49,7 +56,7 @@ struct StateColumn {
     if (pos != nullptr) {
       const int64_t p = *pos;
       for (int64_t l = l_rows > width ? l_rows - width : 0; l < l_rows; ++l) {
-        col[((p + l) % width) * dim] = x_col[l * x_stride];
+        col[ring_row(p + l, width) * dim] = x_col[l * x_stride];
       }
       return;
     }
