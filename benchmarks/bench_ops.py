@@ -583,7 +583,7 @@ def mixer_summary(rows, dtype_name, n, device):
         elements = fused["batch"] * fused["seqlen"] * fused["d_model"]
         device = device.split(":")[0]
         limit = gam_ext._backend.AUTO_FUSED_MAX_ELEMENTS.get(device)
-        auto = "fused" if limit is None or elements <= limit else "unfused"
+        auto = "fused" if gam_ext._backend.within_auto_fused_limit(device, elements) else "unfused"
         limit_text = "no size limit" if limit is None else f"AUTO_FUSED_MAX_ELEMENTS = {limit}"
         lines += [
             "",

@@ -139,6 +139,14 @@ def get_backend() -> str:
     return _backend
 
 
+def within_auto_fused_limit(device_type: str, elements: int | None) -> bool:
+    """True when the backend ``auto`` runs the fused ops on ``device_type`` at ``elements``
+    elements of the activations (any size where the device has no limit; none unknown where it
+    has one)."""
+    limit = AUTO_FUSED_MAX_ELEMENTS.get(device_type)
+    return limit is None or (elements is not None and elements <= limit)
+
+
 def use_kernel(
     op: str, device_type: str, dtype: torch.dtype | None = None, elements: int | None = None
 ) -> bool:
@@ -148,8 +156,7 @@ def use_kernel(
     if _backend == "reference" or not _KERNELS.get(device_type, {}).get(op, False):
         return False
     if op in FUSED_OPS and _backend != "fused":
-        limit = AUTO_FUSED_MAX_ELEMENTS.get(device_type)
-        if _backend == "unfused" or (limit is not None and (elements is None or elements > limit)):
+        if _backend == "unfused" or not within_auto_fused_limit(device_type, elements):
             return False
     return dtype is None or dtype in KERNEL_DTYPES[device_type]
 
