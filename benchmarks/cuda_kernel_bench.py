@@ -8,7 +8,7 @@ the nominal bf16 dense tensor-core peak and its speed-up over eager PyTorch, tor
 SDPA (K = V = M), for each path of GAM_EXT_RETRIEVAL (fused; gemm: cuBLAS around a softmax
 kernel, the default; and wgmma, the sm_90a forward and the backward's sm_90a score kernel before
 cuBLAS's products, where the device and the build have them, with the pipelined forward and, as
-wgmma-lockstep, the first one), forward, backward (against eager
+wgmma-lockstep and wgmma-seesaw, the other two), forward, backward (against eager
 autograd's backward alone) and both, with each path's speed-up over the gemm path ("vs gemm"),
 all in one process, so that a GPU run can check the default per shape (csrc/cuda/README.md); the
 mixer (the default retrieval path) reports fwd+bwd speed-up over eager; the one-token step of
@@ -84,13 +84,14 @@ def bw_row(n, op, fn, nbytes, hbm, copy_bw, eager_fn=None):
 
 
 # The environment of each retrieval path measured: GAM_EXT_RETRIEVAL, and for the wgmma path
-# its forward kernel (GAM_EXT_WGMMA_FORWARD): the pipelined one (the default) and the lockstep
-# one it replaces, kept to be measured against it.
+# its forward kernel (GAM_EXT_WGMMA_FORWARD): the pipelined one (the default), the lockstep one
+# it replaced and the seesaw one (scores once per tile), kept to be measured against each other.
 PATH_ENV = {
     "fused": {"GAM_EXT_RETRIEVAL": "fused"},
     "gemm": {"GAM_EXT_RETRIEVAL": "gemm"},
     "wgmma": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "pipelined"},
     "wgmma-lockstep": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "lockstep"},
+    "wgmma-seesaw": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "seesaw"},
 }
 
 
@@ -155,7 +156,7 @@ def bench_seqlen(n, b, d, s, k, dtype, esz, hbm, tc_peak, copy_bw, mem_compiled)
     times = {}
     retrieval_bwd = torch.ops.gam_ext.memory_retrieval_bwd
     # The wgmma kernels where this device and build have them (sm_90, built for 9.0a).
-    paths = ("fused", "gemm", "wgmma", "wgmma-lockstep") if has_wgmma(s, d, dtype) else ("fused", "gemm")
+    paths = tuple(PATH_ENV) if has_wgmma(s, d, dtype) else ("fused", "gemm")
     for path in paths:
         t = timeit(with_path(path, lambda: gam_ext.memory_retrieval(h, m)))
         g, lse = with_path(path, lambda: torch.ops.gam_ext.memory_retrieval_fwd(h, m, 1.0))()

@@ -80,13 +80,15 @@ def test_retrieval(dtype, shape, path, monkeypatch):
     check_retrieval(dtype, shape)
 
 
-@pytest.mark.parametrize("path", ["fused", "gemm", "wgmma"])
+@pytest.mark.parametrize("path", ["fused", "gemm", "wgmma", "wgmma-seesaw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_retrieval_rising_max(dtype, path, monkeypatch):
     # Slot norms that grow along the bank push each row's max up tile after tile (scores about 50
     # apart): the online softmax's rescales, and p underflowing for most slots, on the hardware's
     # exp2 (python_tests/test_cuda_emulated.py runs the same case through the emulator).
-    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path)
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", path.split("-")[0])
+    if path == "wgmma-seesaw":
+        monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", "seesaw")
     s, d = 200, 128
     h = gen((1, 70, d), dtype, 30)
     grow = torch.linspace(0.2, 3.0, s, dtype=torch.float64).unsqueeze(1) * (32 / d) ** 0.5
@@ -182,6 +184,26 @@ def test_wgmma_backward_runs_where_the_wgmma_forward_does(monkeypatch):
     monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
     info = gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"]
     assert info["forward"].startswith("wgmma") == info["backward"].startswith("wgmma"), info
+
+
+@pytest.mark.parametrize("forward", ["pipelined", "lockstep", "seesaw"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 64, 512, 512), (1, 70, 301, 512), (2, 77, 200, 128), (1, 130, 515, 256)], ids=str
+)
+def test_retrieval_every_wgmma_forward(dtype, shape, forward, monkeypatch):
+    # Each wgmma forward kernel (GAM_EXT_WGMMA_FORWARD) on the hardware: whole and partial tiles,
+    # odd and even tile counts, every D it takes. Where the wgmma kernels do not run (another GPU,
+    # or a build without 9.0a) the gemm path's forward runs instead, as backend_info says.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", forward)
+    _, _, s, d = shape
+    info = gam_ext.backend_info(retrieval=(s, d, dtype))["retrieval"]["cuda"]
+    if info["forward"].startswith("wgmma"):
+        assert f"retrieval_fwd_wgmma_{forward}_kernel" in info["forward"] or (
+            forward == "lockstep" and "retrieval_fwd_wgmma_kernel" in info["forward"]
+        ), info
+    check_retrieval(dtype, shape)
 
 
 def check_retrieval(dtype, shape):

@@ -247,17 +247,27 @@ def test_retrieval(emu, dtype, shape, path, monkeypatch):
 # The wgmma kernels (sm_90a). Forward (D = 128, 256, 512), both kernels: rows crossing their
 # 64-row blocks, slots their 64-slot (lockstep) and 32-slot (pipelined) tiles (S = 1: one slot;
 # 45: two tiles of 32, the second partial; 130: five, a 2-slot tail, the 4-stage ring wrapped;
-# 300: ten), a single row. Backward (D = 64
+# 300: ten), a single row; for the seesaw kernel's pairs of 64-slot tiles S = 1, 45 and 64 are
+# one tile and a tile past S, 130 two pairs (the second with a tile past S), 200 two whole pairs
+# (a 8-slot tail). Backward (D = 64
 # .. 512, D % 64 == 0; at D = 64 and 192 the forward is the gemm path's): the same 64-row blocks,
 # 128-slot tiles split between two warpgroups (S <= 128: the second has none; 130: three tiles,
 # the second one; 515: five, odd S, a 3-slot tail), 1 to 8 panels of 64 columns.
 WGMMA_SHAPES = [
     (1, 1, 1, 512), (2, 37, 45, 512), (1, 128, 64, 512), (3, 50, 130, 512),
     (1, 65, 129, 64), (2, 33, 515, 192), (1, 7, 1, 256), (1, 130, 300, 128), (2, 40, 70, 256),
+    (1, 70, 200, 128),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("forward", ["pipelined", "lockstep"])
+WGMMA_FORWARDS = {
+    "pipelined": "retrieval_fwd_wgmma_pipelined_kernel",
+    "lockstep": "retrieval_fwd_wgmma_kernel",
+    "seesaw": "retrieval_fwd_wgmma_seesaw_kernel",
+}
+
+
+@pytest.mark.parametrize("forward", list(WGMMA_FORWARDS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
 def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
@@ -265,9 +275,7 @@ def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
     monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", forward)
     _, _, s, d = shape
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    kernel = (
-        "retrieval_fwd_wgmma_pipelined_kernel" if forward == "pipelined" else "retrieval_fwd_wgmma_kernel"
-    )
+    kernel = WGMMA_FORWARDS[forward]
     fwd = f"wgmma: {kernel}<" if d in (128, 256, 512) else "gemm path (the wgmma forward takes"
     assert kind[0] == "wgmma" and kind[1].startswith(fwd), kind
     assert kind[2].startswith("wgmma: retrieval_bwd_scores_wgmma_kernel"), kind
@@ -275,6 +283,35 @@ def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
     check_retrieval(ours, ref, dtype, shape)
     again, _ = run_retrieval(emu, dtype, shape)
     assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True))  # bitwise repeatable
+
+
+@pytest.mark.parametrize("forward", list(WGMMA_FORWARDS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_retrieval_wgmma_forward_on_rows_peaked_in_every_tile(emu, dtype, forward, monkeypatch):
+    # Each row's scores have two peaks far above the rest, at slots of their own in two different
+    # tiles (early, middle or late; either one first): the running max jumps by 3.5 to 5.5 on a
+    # tile that either warpgroup owns, and the lower peak still carries 0.5-3% of the output. Every
+    # rescale of O and of the row sums (and, in the seesaw kernel, of the P handed between the
+    # warpgroups) must be right, or that share is off by a factor of e^3.5 or more.
+    monkeypatch.setenv("GAM_EXT_RETRIEVAL", "wgmma")
+    monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", forward)
+    n, s, d = 96, 250, 128
+    m = gen((s, d), torch.float64, 60)
+    m = (m / m.norm(dim=1, keepdim=True) * 3.0).float()  # rows of norm 3
+    rows = torch.arange(n)
+    high = (rows * 37 + 11) % s
+    low = ((high // 64 + 1 + rows % 3) % 4) * 64 + (rows * 13) % 50  # another of the 4 tiles
+    md = m.double()
+    h = (gen((1, n, d), torch.float64, 61, 0.02) + 0.7 * md[high] + 0.45 * md[low]).to(dtype)
+    out, lse = emu.memory_retrieval_fwd(h, m, 2.0)
+    hd, md = h.double(), m.to(dtype).double()
+    scores = 2.0 * hd[0] @ md.t()
+    top2 = scores.topk(2, -1)
+    assert torch.equal(top2.indices[:, 0], high) and torch.equal(top2.indices[:, 1], low)
+    assert (top2.values[:, 1] - scores.median(-1).values).min() > 5  # two peaks, as intended
+    assert set((high // 64).tolist()) == {0, 1, 2, 3} and bool((high // 64 != low // 64).all())
+    close(out[0], torch.softmax(scores, -1) @ md, dtype)
+    close(lse[0], torch.logsumexp(scores, -1), dtype)
 
 
 def test_retrieval_wgmma_backward_matches_the_gemm_path(emu, monkeypatch):
@@ -581,7 +618,7 @@ def test_retrieval_smem_limit_and_layouts(emu, monkeypatch):
             emu.memory_retrieval_fwd(h, m, 1.0)
         mp.setenv("GAM_EXT_RETRIEVAL", "wgmma")
         mp.setenv("GAM_EXT_WGMMA_FORWARD", "overlapped")
-        with pytest.raises(RuntimeError, match="GAM_EXT_WGMMA_FORWARD must be pipelined or lockstep"):
+        with pytest.raises(RuntimeError, match="GAM_EXT_WGMMA_FORWARD must be pipelined, lockstep or seesaw"):
             emu.memory_retrieval_fwd(h, m, 1.0)
         mp.delenv("GAM_EXT_RETRIEVAL")
         mp.delenv("GAM_EXT_WGMMA_FORWARD")

@@ -159,14 +159,19 @@ def test_wgmma_retrieval_forwards_on_sm90a(tmp_path: Path) -> None:
     tile D / 32 HGMMA.64x64x16 (the scores) then 4 HGMMA.64x(D/2)x16 (P M). The pipelined one:
     the first tile's D / 32 HGMMA.64x32x16, the loop's D / 32 for the next tile followed at once
     by 2 HGMMA.64x(D/2)x16 (P M) with a partial wait after them (DEPBAR.LE 1: the scores only),
-    then the last tile's 2. For plain sm_90 both are a trap."""
+    then the last tile's 2. The seesaw one, in each warpgroup's branch of its loop over pairs of
+    tiles: D / 16 HGMMA.64x64x16 (its tile's scores over all of D), then 4 + 4 HGMMA.64x(D/2)x16
+    (P M of both tiles). For plain sm_90 all three are a trap."""
     sass = compile_wgmma_sm90a(ROOT / "csrc" / "cuda" / "memory_retrieval_fwd_wgmma.cu", tmp_path / "fwd.o")
     # The SASS of each, by D: the lockstep kernel's one loop; the pipelined one's first scores,
-    # loop (next scores, P M) and last P M.
+    # loop (next scores, P M) and last P M; the seesaw one's two branches.
     expected_by_kernel = {
         "retrieval_fwd_wgmma_kernel": lambda d: ["64x64x16"] * (d // 32) + [f"64x{d // 2}x16"] * 4,
         "retrieval_fwd_wgmma_pipelined_kernel": lambda d: (
             ["64x32x16"] * (2 * d // 32) + [f"64x{d // 2}x16"] * 4
+        ),
+        "retrieval_fwd_wgmma_seesaw_kernel": lambda d: (
+            (["64x64x16"] * (d // 16) + [f"64x{d // 2}x16"] * 8) * 2
         ),
     }
     for kernel, expected in expected_by_kernel.items():

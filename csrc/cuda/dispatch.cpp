@@ -59,16 +59,18 @@ RetrievalPath retrieval_path_from_env(DType dt, int sm) {
   return RetrievalPath::kFused;
 }
 
-// GAM_EXT_WGMMA_FORWARD (read on every call on the wgmma path): pipelined (the default) or
-// lockstep, the first wgmma forward, kept so that one process can measure the two
-// (csrc/cuda/README.md, "The pipelined wgmma forward").
-bool wgmma_lockstep_from_env() {
+// GAM_EXT_WGMMA_FORWARD (read on every call on the wgmma path): pipelined (the default),
+// lockstep (the first wgmma forward) or seesaw, kept side by side so that one process can measure
+// them (csrc/cuda/README.md, "The pipelined wgmma forward").
+WgmmaForward wgmma_forward_from_env() {
   const char* env = std::getenv("GAM_EXT_WGMMA_FORWARD");
-  if (env == nullptr || *env == '\0') return false;
+  if (env == nullptr || *env == '\0') return WgmmaForward::kPipelined;
   const std::string v(env);
-  TORCH_CHECK(v == "pipelined" || v == "lockstep",
-              "GAM_EXT_WGMMA_FORWARD must be pipelined or lockstep, got '", v, "'");
-  return v == "lockstep";
+  if (v == "pipelined") return WgmmaForward::kPipelined;
+  if (v == "lockstep") return WgmmaForward::kLockstep;
+  if (v == "seesaw") return WgmmaForward::kSeesaw;
+  TORCH_CHECK(false, "GAM_EXT_WGMMA_FORWARD must be pipelined, lockstep or seesaw, got '", v, "'");
+  return WgmmaForward::kPipelined;
 }
 
 // GAM_EXT_RETRIEVAL_SMEM_LIMIT=<bytes>: size the fused kernels for at most this much shared
@@ -395,7 +397,7 @@ void retrieval_fwd(const Tensor& h, const Tensor& m, double scale, Tensor& out, 
   const RetrievalPath path = retrieval_path_from_env(dt, ctx.props().sm);
   if (path == RetrievalPath::kWgmma) {
     ctx.fill_retrieval(p, path);
-    p.wgmma_lockstep = wgmma_lockstep_from_env();
+    p.wgmma_forward = wgmma_forward_from_env();
     if (retrieval_fwd_wgmma_applies(p) && wgmma_compiled_on_current_device()) {
       launch_retrieval_fwd_wgmma(p, ctx.stream());
       return;
@@ -532,7 +534,8 @@ std::tuple<std::string, std::string, std::string> retrieval_path(int64_t slots, 
   f.sm = d.sm;
   f.max_smem_bytes = smem_limit_from_env(d.smem_optin);
   f.smem_per_sm = smem_limit_from_env(d.smem_per_sm);
-  f.wgmma_lockstep = path == RetrievalPath::kWgmma && wgmma_lockstep_from_env();
+  f.wgmma_forward =
+      path == RetrievalPath::kWgmma ? wgmma_forward_from_env() : WgmmaForward::kPipelined;
   RetrievalBwdParams b{};
   b.rows = 1;
   b.slots = slots;

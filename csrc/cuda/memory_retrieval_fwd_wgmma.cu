@@ -233,12 +233,6 @@ constexpr int fwd_wgmma_pipe_smem_bytes(int dim) {
   return 1024 + tile_bytes(dim) + kPipeStages * pipe_stage_bytes(dim) + kPipeScoreBytes;
 }
 
-// The shared memory of the kernel p selects.
-int fwd_wgmma_smem(const RetrievalFwdParams& p) {
-  const int dim = static_cast<int>(p.dim);
-  return p.wgmma_lockstep ? fwd_wgmma_smem_bytes(dim) : fwd_wgmma_pipe_smem_bytes(dim);
-}
-
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kWgThreads, 1)
     retrieval_fwd_wgmma_pipelined_kernel(const T* __restrict__ h, const T* __restrict__ mem,
@@ -411,6 +405,264 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #endif
 }
 
+// ---- the seesaw forward (GAM_EXT_WGMMA_FORWARD=seesaw) ------------------------------------------
+//
+// The scores of each 64-slot tile computed once, over the whole depth D, by one warpgroup:
+// warpgroup 0 takes the even tiles (a = 2 i), warpgroup 1 the odd ones (b = 2 i + 1), and each
+// hands its tile's P to the other through shared memory, so that both accumulate their half of
+// O's columns from every tile (FlashMLA's schedule for the same shape class; csrc/cuda/README.md,
+// "A forward with the scores computed once per tile"). No fp32 partial scores are exchanged and
+// each softmax runs once. Per pair of tiles (m the running max, both warpgroups keep the same):
+//   1. [0] S_a = h M_a^T; [1] S_b = h M_b^T (each 64 x 64, D / 16 wgmma m64n64k16).
+//   2. [0] m_a = max(m, max S_a), P_a = 2^(S_a - m_a) into shared memory.
+//   3. [0] O_L = 2^(m - m_a) O_L + P_a M_a[:, L]; [1] the same for O_R, while it computes
+//      m_b = max(m_a, max S_b) and P_b = 2^(S_b - m_b) into shared memory.
+//   4. [0] O_L = 2^(m_a - m_b) O_L + P_b M_b[:, L]; [1] the same for O_R. m = m_b.
+// P M reads P from shared memory in both warpgroups (wgmma's A operand there, not registers:
+// the warpgroup that computes P_b does so while its P_a M product holds O's 128 registers).
+// Both halves see the same rounded P of every tile. Each warpgroup sums its own tiles' rows of P
+// (rescaled as its O is), and the two sums are added at the end. M tiles stream through two
+// buffers (even tiles, odd tiles): as soon as a warpgroup's last product on a buffer is done it
+// loads its half of D of the next tile there; the other half comes from the other warpgroup, and
+// four block-wide named barriers per pair order it all (A: tile a landed; B: tile b landed; X:
+// m_a and P_a written; Y: m_b and P_b written). With an odd tile count the last pair's b is past
+// S: loaded as zeros and masked, it changes nothing.
+// Shared memory at D = 512: h 64 KB + 2 x 64 KB of M + 2 x 8 KB of P + 2 x 256 B of row maxima +
+// 2 KB for the final sums + 1 KB of alignment = 211.5 KB (D = 256: 115.5 KB; D = 128: 67.5 KB).
+constexpr int kSeesawPBytes = 64 * 64 * 2;                      // one tile of P, a 64-row panel
+constexpr int kSeesawStatBytes = 2 * 64 * 4 + 2 * 128 * 2 * 4;  // m_a, m_b; the final l parts
+constexpr int fwd_wgmma_seesaw_smem_bytes(int dim) {
+  return 1024 + 3 * tile_bytes(dim) + 2 * kSeesawPBytes + kSeesawStatBytes;
+}
+
+// The shared memory of the kernel p selects.
+int fwd_wgmma_smem(const RetrievalFwdParams& p) {
+  const int dim = static_cast<int>(p.dim);
+  switch (p.wgmma_forward) {
+    case WgmmaForward::kLockstep:
+      return fwd_wgmma_smem_bytes(dim);
+    case WgmmaForward::kSeesaw:
+      return fwd_wgmma_seesaw_smem_bytes(dim);
+    default:
+      return fwd_wgmma_pipe_smem_bytes(dim);
+  }
+}
+
+// The block-wide (256-thread) named barriers of a pair of tiles.
+enum SeesawBarrier : int { kTileALanded = 3, kTileBLanded = 4, kPaWritten = 5, kPbWritten = 6 };
+
+template <typename T, int kDim>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    retrieval_fwd_wgmma_seesaw_kernel(const T* __restrict__ h, const T* __restrict__ mem,
+                                      T* __restrict__ out, float* __restrict__ lse, int64_t rows,
+                                      int slots, float scale_log2) {
+#if GAM_WGMMA_COMPILED
+  constexpr int kHalf = kDim / 2;  // output columns per warpgroup: the P M product's N
+  constexpr int kAcc = kDim / 4;   // its fp32 accumulators per thread
+  constexpr int kTileBytes = tile_bytes(kDim);
+  GAM_DYNAMIC_SHARED(unsigned char, smem);
+  const uint32_t window = shared_address(smem);
+  const uint32_t pad = (1024u - window % 1024u) % 1024u;
+  unsigned char* hs = smem + pad;
+  unsigned char* ms = hs + kTileBytes;      // buffer 0 (even tiles), then buffer 1
+  unsigned char* ps = ms + 2 * kTileBytes;  // P_a, then P_b
+  float* m_shared = reinterpret_cast<float*>(ps + 2 * kSeesawPBytes);  // m_a[64], m_b[64]
+  float* l_shared = m_shared + 2 * 64;                                 // [warpgroup][thread][2]
+  const uint32_t hs_addr = window + pad, ms_addr = hs_addr + kTileBytes;
+  const uint32_t ps_addr = ms_addr + 2 * kTileBytes;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127, warp = t >> 5, g = (t & 31) >> 2,
+            q = t & 3;
+  const int64_t row0 = int64_t(blockIdx.x) * kWgRows;
+  const int64_t rows_left = rows - row0;
+  const int ntiles = (slots + kWgSlots - 1) / kWgSlots;
+  const int npairs = (ntiles + 1) / 2;
+  // This warpgroup's half of D: the columns it loads and the columns of O it owns.
+  const uint32_t half = (kDim / 128) * wg * kPanelBytes;
+  auto load_half = [&](int j) {  // this warpgroup's half of tile j into buffer j % 2
+    if (j < 2 * npairs)          // the tile past S (odd counts): zeros, from a valid address
+      cp_async_rows_to_panels<128>(ms + (j & 1) * kTileBytes,
+                                   mem + (j < ntiles ? int64_t(j) * kWgSlots * kDim : 0),
+                                   slots - int64_t(j) * kWgSlots, kDim, t, 2, wg);
+    cp_async_commit();  // a group per tile, empty past the last pair, so the counts below hold
+  };
+
+  // h and tiles 0 and 1, each warpgroup its half of the columns.
+  cp_async_rows_to_panels<128>(hs, h + row0 * kDim, rows_left, kDim, t, 2, wg);
+  load_half(0);
+  load_half(1);
+
+  float o[kAcc];
+#pragma unroll
+  for (int v = 0; v < kAcc; ++v) o[v] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float s[32];
+  const int row_lo = 16 * warp + g;  // the rows of this thread's fragments: row_lo, row_lo + 8
+
+  // S_j = h M_j^T over the whole depth, issued (committed, not waited for).
+  auto issue_scores = [&](int j) {
+    const uint32_t mt = ms_addr + (j & 1) * kTileBytes;
+    wgmma_fence_registers(s);  // the first product overwrites s (accumulate off)
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDim / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * kPanelBytes + (kk & 3) * 32;
+      wgmma_mma<T, 64, false, false>(s, swizzle128_descriptor(hs_addr + off, 16),
+                                     swizzle128_descriptor(mt + off, 16), kk > 0);
+    }
+    wgmma_commit();
+  };
+  // The row maxima of tile j's scores over the quad (slots past S masked to -inf, scaled to the
+  // log2 domain in place), raised to at least `floor`.
+  auto tile_max = [&](int j, const float (&floor)[2], float (&mx)[2]) {
+    const int sbase = j * kWgSlots;
+    mx[0] = floor[0];
+    mx[1] = floor[1];
+#pragma unroll
+    for (int v = 0; v < 32; ++v) {
+      const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
+      s[v] = ok ? s[v] * scale_log2 : -INFINITY;
+      mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) mx[r] = quad_max(mx[r]);
+  };
+  // P = 2^(s - mx) rounded to T into P panel `which` (0: P_a, 1: P_b), the A operand of both
+  // warpgroups' products (kept out of registers: the warpgroup that computes P_b does so while
+  // its P_a M product holds O); rs gets the rounded values' row sums.
+  auto make_p = [&](const float (&mx)[2], float (&rs)[2], int which) {
+    unsigned char* panel = ps + which * kSeesawPBytes;
+    rs[0] = rs[1] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      // s[2 i], s[2 i + 1]: row row_lo + 8 (i % 2), slots 8 (i / 2) + 2 q and the next.
+      *reinterpret_cast<uint32_t*>(panel + swizzle128_offset(row_lo + 8 * (i & 1), i >> 1) +
+                                   4 * q) =
+          probabilities<T>(s[2 * i], s[2 * i + 1], mx[i & 1], rs[i & 1]);
+    }
+    fence_proxy_async_shared();  // the P panel, for the wgmma of both warpgroups
+  };
+  auto rescale_o = [&](const float (&f)[2]) {
+    if (f[0] != 1.f || f[1] != 1.f) {
+#pragma unroll
+      for (int v = 0; v < kAcc; ++v) o[v] *= f[(v >> 1) & 1];
+    }
+  };
+  // O += P_j M_j[:, half], P_j from panel `which`, M read MN-major.
+  auto issue_pm = [&](int j, int which) {
+    const uint32_t mt = ms_addr + (j & 1) * kTileBytes + half;
+    const uint32_t pa = ps_addr + which * kSeesawPBytes;
+    wgmma_fence_registers(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_mma<T, kHalf, false, true>(o, swizzle128_descriptor(pa + kk * 32, 16),
+                                       swizzle128_descriptor(mt + kk * 16 * 128, kPanelBytes),
+                                       true);
+    wgmma_commit();
+  };
+  auto wait_all = [&] {
+    wgmma_wait<0>();
+    wgmma_fence_registers(o);
+    wgmma_fence_registers(s);
+  };
+
+  for (int i = 0; i < npairs; ++i) {
+    const int a = 2 * i, b = a + 1;
+    // This warpgroup's half of tile a landed (its group of two back), then the other's (A).
+    cp_async_wait<1>();
+    fence_proxy_async_shared();
+    named_barrier_sync(kTileALanded, kWgThreads);
+    if (wg == 0) {
+      issue_scores(a);
+      cp_async_wait<0>();
+      fence_proxy_async_shared();
+      named_barrier_sync(kTileBLanded, kWgThreads);
+      wgmma_wait<0>();
+      wgmma_fence_registers(s);
+      float m_a[2], rs[2], alpha[2];
+      tile_max(a, m_run, m_a);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) alpha[r] = fast_exp2(m_run[r] - m_a[r]);
+      if (q == 0) {
+        m_shared[row_lo] = m_a[0];
+        m_shared[row_lo + 8] = m_a[1];
+      }
+      make_p(m_a, rs, 0);
+      named_barrier_sync(kPaWritten, kWgThreads);
+      rescale_o(alpha);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+      issue_pm(a, 0);
+      named_barrier_sync(kPbWritten, kWgThreads);
+      float m_b[2], beta[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m_b[r] = m_shared[64 + row_lo + 8 * r];
+        beta[r] = fast_exp2(m_a[r] - m_b[r]);
+        m_run[r] = m_b[r];
+        l_run[r] *= beta[r];
+      }
+      wait_all();
+      load_half(a + 2);  // P_a M_a[:, L] done: the L half of buffer 0 is free
+      rescale_o(beta);
+      issue_pm(b, 1);
+      wait_all();
+      load_half(b + 2);
+    } else {
+      cp_async_wait<0>();
+      fence_proxy_async_shared();
+      named_barrier_sync(kTileBLanded, kWgThreads);
+      issue_scores(b);
+      wgmma_wait<0>();
+      wgmma_fence_registers(s);
+      float mx_b[2];
+      const float none[2] = {-INFINITY, -INFINITY};
+      tile_max(b, none, mx_b);
+      named_barrier_sync(kPaWritten, kWgThreads);
+      float m_a[2], m_b[2], alpha[2], beta[2], rs[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m_a[r] = m_shared[row_lo + 8 * r];
+        m_b[r] = fmaxf(m_a[r], mx_b[r]);
+        alpha[r] = fast_exp2(m_run[r] - m_a[r]);
+        beta[r] = fast_exp2(m_a[r] - m_b[r]);
+        m_run[r] = m_b[r];
+        l_run[r] *= alpha[r];
+      }
+      rescale_o(alpha);
+      issue_pm(a, 0);
+      // P_b while P_a M_a[:, R] runs (s is not the product's register).
+      if (q == 0) {
+        m_shared[64 + row_lo] = m_b[0];
+        m_shared[64 + row_lo + 8] = m_b[1];
+      }
+      make_p(m_b, rs, 1);
+      named_barrier_sync(kPbWritten, kWgThreads);
+      wait_all();
+      load_half(a + 2);  // P_a M_a[:, R] done: the R half of buffer 0 is free
+      rescale_o(beta);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * beta[r] + rs[r];
+      issue_pm(b, 1);
+      wait_all();
+      load_half(b + 2);
+    }
+  }
+  cp_async_wait<0>();
+
+  // l over both warpgroups' tiles, added in the same order in both; then O / l.
+  l_shared[(wg * 128 + t) * 2] = l_run[0];
+  l_shared[(wg * 128 + t) * 2 + 1] = l_run[1];
+  __syncthreads();  // also: every product of both warpgroups is done, so h's space is free
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l_run[r] = l_shared[t * 2 + r] + l_shared[(128 + t) * 2 + r];
+  wgmma_epilogue<T, kDim>(o, l_run, m_run, hs, out, lse, row0, rows_left);
+#else
+  (void)h, (void)mem, (void)out, (void)lse, (void)rows, (void)slots, (void)scale_log2;
+  __trap();
+#endif
+}
+
 __global__ void wgmma_probe_kernel(int* compiled) { *compiled = GAM_WGMMA_COMPILED; }
 
 }  // namespace
@@ -440,14 +692,19 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
           [&](int d) { return d == p.dim; },
           [&](auto d) {
             constexpr int kDim = decltype(d)::value;
-            auto kernel = p.wgmma_lockstep ? retrieval_fwd_wgmma_kernel<T, kDim>
-                                           : retrieval_fwd_wgmma_pipelined_kernel<T, kDim>;
+            auto kernel = retrieval_fwd_wgmma_pipelined_kernel<T, kDim>;
+            const char* name = "retrieval_fwd_wgmma_pipelined_kernel";
+            if (p.wgmma_forward == WgmmaForward::kLockstep) {
+              kernel = retrieval_fwd_wgmma_kernel<T, kDim>;
+              name = "retrieval_fwd_wgmma_kernel";
+            } else if (p.wgmma_forward == WgmmaForward::kSeesaw) {
+              kernel = retrieval_fwd_wgmma_seesaw_kernel<T, kDim>;
+              name = "retrieval_fwd_wgmma_seesaw_kernel";
+            }
             const int smem = fwd_wgmma_smem(p);
             GAM_CUDA_CHECK(
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            gam_launch(p.wgmma_lockstep ? "retrieval_fwd_wgmma_kernel"
-                                        : "retrieval_fwd_wgmma_pipelined_kernel",
-                       kernel, grid, dim3(kWgThreads), static_cast<size_t>(smem), stream,
+            gam_launch(name, kernel, grid, dim3(kWgThreads), static_cast<size_t>(smem), stream,
                        static_cast<const T*>(p.h), static_cast<const T*>(p.memory),
                        static_cast<T*>(p.out), p.lse, p.rows, static_cast<int>(p.slots),
                        scale_log2);
@@ -461,7 +718,14 @@ void launch_retrieval_fwd_wgmma(const RetrievalFwdParams& p, cudaStream_t stream
 
 std::string describe_retrieval_fwd_wgmma(const RetrievalFwdParams& p) {
   const int dim = static_cast<int>(p.dim);
-  if (p.wgmma_lockstep) {
+  if (p.wgmma_forward == WgmmaForward::kSeesaw) {
+    return std::string("wgmma: retrieval_fwd_wgmma_seesaw_kernel<") + type_name(p.dtype) + ", " +
+           std::to_string(dim) + ">, 64 rows x 64 slots, 2 warpgroups (" + std::to_string(dim / 2) +
+           " columns of O each) taking the scores of alternate tiles over all of D, P handed " +
+           "over in shared memory, 2 tile buffers, " + std::to_string(fwd_wgmma_smem(p)) +
+           " bytes of shared memory";
+  }
+  if (p.wgmma_forward == WgmmaForward::kLockstep) {
     return std::string("wgmma: retrieval_fwd_wgmma_kernel<") + type_name(p.dtype) + ", " +
            std::to_string(dim) + ">, 64 rows x 64 slots, 2 warpgroups (" + std::to_string(dim / 2) +
            " columns of D each) in lockstep, 2 stages, " + std::to_string(fwd_wgmma_smem(p)) +

@@ -48,6 +48,10 @@ struct MixerEpilogueParams {
   DType dtype;
 };
 
+// The wgmma path's forward kernels: pipelined (the default), lockstep (the first) and seesaw (the
+// scores of each tile computed once, by one warpgroup).
+enum class WgmmaForward : int { kPipelined = 0, kLockstep = 1, kSeesaw = 2 };
+
 struct RetrievalFwdParams {
   const void* h;       // (R, D) rows of the queries, R = B * N
   const void* memory;  // (S, D), same dtype as h
@@ -63,9 +67,9 @@ struct RetrievalFwdParams {
   int sm;
   int max_smem_bytes;
   int smem_per_sm;
-  // GAM_EXT_WGMMA_FORWARD=lockstep: the wgmma path's first forward kernel, kept to measure the
-  // pipelined one against (memory_retrieval_fwd_wgmma.cu).
-  bool wgmma_lockstep;
+  // GAM_EXT_WGMMA_FORWARD: which of the wgmma path's forward kernels runs
+  // (memory_retrieval_fwd_wgmma.cu), so that one process can measure each.
+  WgmmaForward wgmma_forward;
 };
 
 struct RetrievalBwdParams {
