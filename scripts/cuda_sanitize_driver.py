@@ -4,12 +4,12 @@
     compute-sanitizer --tool racecheck python scripts/cuda_sanitize_driver.py --shared-memory-only
 
 Covers the conv fast paths (K = 2, 3, 4) and the generic path, vectorised and scalar layouts,
-the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm / wgmma, the gemm path's softmax kernels
-element-wise and register-resident; the fused tensor-core kernels also at the shared memory of
-smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT) forward and backward with several dM row splits, the
-gate kernels, the fused mixer's epilogue and prologue kernels, and the one-token step kernels
-(causal_conv1d_update in both state layouts, gam_mixer_step across several slot splits), in
-fp32 / fp16 / bf16.
+the retrieval paths (GAM_EXT_RETRIEVAL=fused / simt / gemm / wgmma with each of its forward
+kernels, the gemm path's softmax kernels element-wise and register-resident; the fused
+tensor-core kernels also at the shared memory of smaller GPUs, GAM_EXT_RETRIEVAL_SMEM_LIMIT)
+forward and backward with several dM row splits, the gate kernels, the fused mixer's epilogue
+and prologue kernels, and the one-token step kernels (causal_conv1d_update in both state
+layouts, gam_mixer_step across several slot splits), in fp32 / fp16 / bf16.
 """
 
 from __future__ import annotations
@@ -94,6 +94,15 @@ def wgmma_cases() -> None:
         step(dtype, d=192, k=3, n=40, s=301)  # backward only: 3 panels, odd S, 3 slot tiles
         step(dtype, d=128, k=3, n=40, s=70)  # the forward's D = 128 variant
         fused_mixer(dtype, d=512, k=3, n=40)
+    # The other two forward kernels (GAM_EXT_WGMMA_FORWARD; the pipelined one ran above), forward
+    # only: an odd tile count at D = 512 and two whole pairs of 64-slot tiles at D = 128.
+    for forward in ("lockstep", "seesaw"):
+        os.environ["GAM_EXT_WGMMA_FORWARD"] = forward
+        for dtype in (torch.float16, torch.bfloat16):
+            for d, n, s in ((512, 70, 130), (128, 40, 200)):
+                h = torch.randn(2, n, d, device=DEV, dtype=dtype)
+                gam_ext.memory_retrieval(h, torch.randn(s, d, device=DEV, dtype=dtype) * d**-0.5)
+    del os.environ["GAM_EXT_WGMMA_FORWARD"]
 
 
 def tensor_core_tile_cases() -> None:
