@@ -189,7 +189,9 @@ def test_wgmma_backward_runs_where_the_wgmma_forward_does(monkeypatch):
 @pytest.mark.parametrize("forward", ["pipelined", "lockstep", "seesaw"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize(
-    "shape", [(2, 64, 512, 512), (1, 70, 301, 512), (2, 77, 200, 128), (1, 130, 515, 256)], ids=str
+    "shape",
+    [(2, 64, 512, 512), (1, 70, 301, 512), (2, 77, 200, 128), (1, 130, 515, 256)],
+    ids=lambda s: "B{}N{}S{}D{}".format(*s),
 )
 def test_retrieval_every_wgmma_forward(dtype, shape, forward, monkeypatch):
     # Each wgmma forward kernel (GAM_EXT_WGMMA_FORWARD) on the hardware: whole and partial tiles,
