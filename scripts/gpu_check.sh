@@ -149,11 +149,19 @@ in_part 1 || NCU_RC=$NOT_RUN
 # summary lines leave out.
 NCU_ARGS="--clock-control none --profile-from-start off -k regex:retrieval|mixer --set full --print-details all"
 PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --warmup 1 --steps 1"
+# Then one launch of the seesaw forward (GAM_EXT_WGMMA_FORWARD=seesaw), which the step above does
+# not run, into its own log.
+NCU_SEESAW_ARGS="--clock-control none --profile-from-start off -k regex:seesaw -c 1 --set full --print-details all"
 if [[ -n "$NCU" ]] && in_part 1; then
   echo "== ncu"
   GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
     $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
+  if [[ $NCU_RC -eq 0 ]]; then
+    GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
+      $NCU_SEESAW_ARGS "$PY" benchmarks/profile_steps.py $PROFILE_ARGS > "$LOG/ncu_seesaw.txt" 2>&1
+    NCU_RC=$?
+  fi
   took ncu
 fi
 
@@ -246,7 +254,7 @@ fi
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC)$([[ $TEST_RC -ne $NOT_RUN ]] && echo ": $(tail -1 "$LOG/pytest.txt")")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
-  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
+  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS; then with GAM_EXT_WGMMA_FORWARD=seesaw, ncu $NCU_SEESAW_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(timed ops "$(status ops $OPS_RC)") |"
   echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(timed fp32 "$(status fp32 $FP32_RC)") |"
@@ -305,6 +313,12 @@ fi
       grep -E "^  [a-z_]+.*\(|[Ss]tall" "$LOG/ncu.txt" | head -150
       echo '```'
     fi
+  fi
+  if in_part 1 && [[ -f "$LOG/ncu_seesaw.txt" ]]; then
+    echo; echo "## Nsight Compute, the seesaw wgmma forward (excerpt)"; echo; echo '```'
+    grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Achieved Occupancy|[Ss]tall|==ERROR==|==WARNING==" \
+      "$LOG/ncu_seesaw.txt" | head -60
+    echo '```'
   fi
   if [[ $TEST_RC -ne 0 && $TEST_RC -ne $NOT_RUN ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
   if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
