@@ -132,6 +132,9 @@ __device__ __forceinline__ void load_rows_to_smem(T* dst, int64_t ld, const T* _
   }
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 // 1 / (1 + e^-z) with e^-z = 2^(-z log2 e) on the special function unit (fast_exp2: the same
 // MUFU.EX2 as __expf, without __expf's three instructions that keep denormal results, which cannot
 // change a sigmoid) and the fast reciprocal (MUFU.RCP, within 2 ulp, below the exp's own error).
@@ -139,7 +142,6 @@ __device__ __forceinline__ void load_rows_to_smem(T* dst, int64_t ld, const T* _
 // which in the mixer's epilogue made up more than half of each row's instructions (16 sigmoids
 // per thread). z < -87 gives 0 (e^-z = inf), as the exact form does.
 __device__ __forceinline__ float sigmoid_f32(float z) {
-  constexpr float kLog2e = 1.4426950408889634f;
   return __fdividef(1.f, 1.f + fast_exp2(z * -kLog2e));
 }
 

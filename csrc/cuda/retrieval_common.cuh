@@ -98,8 +98,6 @@ __device__ __forceinline__ void store_tile(T* __restrict__ dst, const T* src, in
   }
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // The fused tensor-core kernels take rows of up to this many columns (fp32 SIMT beyond).
 constexpr int64_t kMaxMmaDim = 1024;
 
