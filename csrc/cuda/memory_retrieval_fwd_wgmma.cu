@@ -75,6 +75,21 @@ __device__ __forceinline__ void wgmma_epilogue(const float (&o)[kDim / 4], float
   }
 }
 
+// A thread's kN scores of a tile whose first slot is sbase (accumulator v: row 16 warp + g +
+// 8 ((v / 2) % 2), slot sbase + 8 (v / 4) + 2 q + v % 2): scaled to the log2 domain in place,
+// slots past S masked to -inf, and its two rows' maxima raised into mx (this thread's own; the
+// quad's max is the caller's).
+template <int kN>
+__device__ __forceinline__ void scale_mask_max(float (&s)[kN], int sbase, int slots, int q,
+                                               float scale_log2, float (&mx)[2]) {
+#pragma unroll
+  for (int v = 0; v < kN; ++v) {
+    const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
+    s[v] = ok ? s[v] * scale_log2 : -INFINITY;
+    mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
+  }
+}
+
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kWgThreads, 1)
     retrieval_fwd_wgmma_kernel(const T* __restrict__ h, const T* __restrict__ mem,
@@ -146,16 +161,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       s[4 * i + 3] += v.w;
     }
 
-    // Online softmax (log2 domain; slots past S masked). s[v]: row 16 warp + g + 8 ((v / 2) % 2),
-    // slot 8 (v / 4) + 2 q + v % 2 of the tile.
-    const int sbase = j * kWgSlots;
+    // Online softmax (log2 domain; slots past S masked).
     float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-    for (int v = 0; v < 32; ++v) {
-      const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
-      s[v] = ok ? s[v] * scale_log2 : -INFINITY;
-      mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
-    }
+    scale_mask_max(s, j * kWgSlots, slots, q, scale_log2, mx);
     float alpha[2];
     online_softmax_max(mx, m_run, alpha);
     // P as the A registers of the 4 k steps (16 slots each): two 8-slot blocks of S per step.
@@ -299,14 +307,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       s[4 * i + 2] += v.z;
       s[4 * i + 3] += v.w;
     }
-    const int sbase = j * kPipeSlots;
     float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-    for (int v = 0; v < kPipeSlots / 2; ++v) {
-      const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
-      s[v] = ok ? s[v] * scale_log2 : -INFINITY;
-      mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
-    }
+    scale_mask_max(s, j * kPipeSlots, slots, q, scale_log2, mx);
     online_softmax_max(mx, m_run, alpha);
 #pragma unroll
     for (int v = 0; v < kPipeSlots / 2; ++v) s[v] = fast_exp2(s[v] - mx[(v >> 1) & 1]);
@@ -514,15 +516,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // The row maxima of tile j's scores over the quad (slots past S masked to -inf, scaled to the
   // log2 domain in place), raised to at least `floor`.
   auto tile_max = [&](int j, const float (&floor)[2], float (&mx)[2]) {
-    const int sbase = j * kWgSlots;
     mx[0] = floor[0];
     mx[1] = floor[1];
-#pragma unroll
-    for (int v = 0; v < 32; ++v) {
-      const bool ok = sbase + 8 * (v >> 2) + 2 * q + (v & 1) < slots;
-      s[v] = ok ? s[v] * scale_log2 : -INFINITY;
-      mx[(v >> 1) & 1] = fmaxf(mx[(v >> 1) & 1], s[v]);
-    }
+    scale_mask_max(s, j * kWgSlots, slots, q, scale_log2, mx);
 #pragma unroll
     for (int r = 0; r < 2; ++r) mx[r] = quad_max(mx[r]);
   };
@@ -540,6 +536,14 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           probabilities<T>(s[2 * i], s[2 * i + 1], mx[i & 1], rs[i & 1]);
     }
     fence_proxy_async_shared();  // the P panel, for the wgmma of both warpgroups
+  };
+  // This thread's two rows of m (m_a: which 0, m_b: 1) for the other warpgroup, by one lane of
+  // the quad (all four hold them).
+  auto publish_max = [&](const float (&m)[2], int which) {
+    if (q == 0) {
+      m_shared[64 * which + row_lo] = m[0];
+      m_shared[64 * which + row_lo + 8] = m[1];
+    }
   };
   auto rescale_o = [&](const float (&f)[2]) {
     if (f[0] != 1.f || f[1] != 1.f) {
@@ -583,10 +587,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       tile_max(a, m_run, m_a);
 #pragma unroll
       for (int r = 0; r < 2; ++r) alpha[r] = fast_exp2(m_run[r] - m_a[r]);
-      if (q == 0) {
-        m_shared[row_lo] = m_a[0];
-        m_shared[row_lo + 8] = m_a[1];
-      }
+      publish_max(m_a, 0);
       make_p(m_a, rs, 0);
       named_barrier_sync(kPaWritten, kWgThreads);
       rescale_o(alpha);
@@ -632,10 +633,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       rescale_o(alpha);
       issue_pm(a, 0);
       // P_b while P_a M_a[:, R] runs (s is not the product's register).
-      if (q == 0) {
-        m_shared[64 + row_lo] = m_b[0];
-        m_shared[64 + row_lo + 8] = m_b[1];
-      }
+      publish_max(m_b, 1);
       make_p(m_b, rs, 1);
       named_barrier_sync(kPbWritten, kWgThreads);
       wait_all();
