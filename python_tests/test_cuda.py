@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import wgmma_cases
 from tolerances import TOL
 
 import gam_ext
@@ -186,7 +187,7 @@ def test_wgmma_backward_runs_where_the_wgmma_forward_does(monkeypatch):
     assert info["forward"].startswith("wgmma") == info["backward"].startswith("wgmma"), info
 
 
-@pytest.mark.parametrize("forward", ["pipelined", "lockstep", "seesaw"])
+@pytest.mark.parametrize("forward", list(wgmma_cases.FORWARD_KERNELS))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize(
     "shape",
@@ -202,9 +203,7 @@ def test_retrieval_every_wgmma_forward(dtype, shape, forward, monkeypatch):
     _, _, s, d = shape
     info = gam_ext.backend_info(retrieval=(s, d, dtype))["retrieval"]["cuda"]
     if info["forward"].startswith("wgmma"):
-        assert f"retrieval_fwd_wgmma_{forward}_kernel" in info["forward"] or (
-            forward == "lockstep" and "retrieval_fwd_wgmma_kernel" in info["forward"]
-        ), info
+        assert info["forward"].startswith(f"wgmma: {wgmma_cases.FORWARD_KERNELS[forward]}<"), info
     check_retrieval(dtype, shape)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import wgmma_cases
 from tolerances import TOL
 
 from gam_ext import reference
@@ -260,14 +261,7 @@ WGMMA_SHAPES = [
 ]  # fmt: skip
 
 
-WGMMA_FORWARDS = {
-    "pipelined": "retrieval_fwd_wgmma_pipelined_kernel",
-    "lockstep": "retrieval_fwd_wgmma_kernel",
-    "seesaw": "retrieval_fwd_wgmma_seesaw_kernel",
-}
-
-
-@pytest.mark.parametrize("forward", list(WGMMA_FORWARDS))
+@pytest.mark.parametrize("forward", list(wgmma_cases.FORWARD_KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "B{}N{}S{}D{}".format(*s))
 def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
@@ -275,7 +269,7 @@ def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
     monkeypatch.setenv("GAM_EXT_WGMMA_FORWARD", forward)
     _, _, s, d = shape
     kind = emu.retrieval_path(s, d, str(dtype).split(".")[1])
-    kernel = WGMMA_FORWARDS[forward]
+    kernel = wgmma_cases.FORWARD_KERNELS[forward]
     fwd = f"wgmma: {kernel}<" if d in (128, 256, 512) else "gemm path (the wgmma forward takes"
     assert kind[0] == "wgmma" and kind[1].startswith(fwd), kind
     assert kind[2].startswith("wgmma: retrieval_bwd_scores_wgmma_kernel"), kind
@@ -285,7 +279,7 @@ def test_retrieval_wgmma(emu, dtype, shape, forward, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True))  # bitwise repeatable
 
 
-@pytest.mark.parametrize("forward", list(WGMMA_FORWARDS))
+@pytest.mark.parametrize("forward", list(wgmma_cases.FORWARD_KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_retrieval_wgmma_forward_on_rows_peaked_in_every_tile(emu, dtype, forward, monkeypatch):
     # Each row's scores have two peaks far above the rest, at slots of their own in two different

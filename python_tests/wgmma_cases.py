@@ -1,5 +1,7 @@
 """The operand layouts of the wgmma self-test kernel (csrc/emu/selftest_kernels.cu), shared by its
-emulated test (test_emulator.py) and its GPU test (test_cuda_wgmma.py), which run the same cases.
+emulated test (test_emulator.py) and its GPU test (test_cuda_wgmma.py), which run the same cases;
+and the wgmma retrieval forwards by GAM_EXT_WGMMA_FORWARD, shared by test_cuda_emulated.py and
+test_cuda.py.
 """
 
 from __future__ import annotations
@@ -19,3 +21,11 @@ def mode_a(form: str) -> int:
 N_AND_LAYOUT_B = [
     (n, layout) for n in (32, 64, 128, 256) for layout, code in LAYOUTS.items() if n != 32 or not code & 4
 ]
+
+
+# GAM_EXT_WGMMA_FORWARD -> the forward kernel it runs (as backend_info names it).
+FORWARD_KERNELS = {
+    "pipelined": "retrieval_fwd_wgmma_pipelined_kernel",
+    "lockstep": "retrieval_fwd_wgmma_kernel",
+    "seesaw": "retrieval_fwd_wgmma_seesaw_kernel",
+}
