@@ -13,15 +13,36 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+# pyproject.toml's `license` is an SPDX expression (PEP 639), which setuptools reads from 77 on; an
+# older one (Python 3.11's venv ships 65) rejects it with a schema dump. Under --no-build-isolation
+# the environment's setuptools builds, whatever [build-system] requires, so say what to do here.
+MIN_SETUPTOOLS = (77, 0)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '65.5.0' or '80.0rc1'."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:2])
+
+
+if version_tuple(setuptools.__version__) < MIN_SETUPTOOLS:
+    sys.exit(
+        f"gam_ext needs setuptools >= {'.'.join(map(str, MIN_SETUPTOOLS))} to build, and this "
+        f"environment has {setuptools.__version__} (a build without isolation uses the "
+        "environment's own). Upgrade it, then build again: "
+        "`pip install -U 'setuptools>=77' wheel && pip install --no-build-isolation .`"
+    )
 
 try:
     import torch

@@ -50,6 +50,15 @@ def test_setup_without_torch_says_what_to_do():
     assert "pip install --no-build-isolation ." in out.stderr
 
 
+def test_setup_with_old_setuptools_says_what_to_do():
+    # Python 3.11's venv ships setuptools 65, which cannot read pyproject.toml's SPDX license.
+    code = "import runpy, setuptools; setuptools.__version__ = '65.5.0'; runpy.run_path('setup.py')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "has 65.5.0" in out.stderr
+    assert "pip install -U 'setuptools>=77'" in out.stderr
+
+
 def compiled_module() -> Path:
     try:
         from gam_ext import _C
