@@ -2,7 +2,8 @@
 
 Environment knobs:
   GAM_EXT_SKIP_CUDA=1    build without the CUDA sources even where a toolkit is found
-  GAM_EXT_FORCE_CUDA=1   build the CUDA sources; fail if that is impossible
+  GAM_EXT_FORCE_CUDA=1   build the CUDA sources; fail if that is impossible (no CUDA torch, no
+                         toolkit, or one of another major CUDA version than torch's)
   TORCH_CUDA_ARCH_LIST   architectures to compile for (default: the visible GPU's, or a list
                          from 7.5 to 12.0 plus PTX when no GPU is visible)
   MAX_JOBS               parallel compile jobs (ninja)
@@ -108,16 +109,42 @@ def read_sources() -> dict[str, list[str]]:
     return groups
 
 
+def toolkit_version(cuda_home: str) -> str | None:
+    """The toolkit's CUDA version ("13.0") from its nvcc, or None if nvcc does not say."""
+    try:
+        out = subprocess.run(
+            [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
 def want_cuda(cuda_home: str | None) -> bool:
     if env_flag("GAM_EXT_SKIP_CUDA"):
         return False
-    possible = torch.version.cuda is not None and cuda_home is not None
-    if env_flag("GAM_EXT_FORCE_CUDA") and not possible:
-        sys.exit(
-            "GAM_EXT_FORCE_CUDA=1 but the CUDA sources cannot be built: "
-            f"torch {torch.__version__} CUDA={torch.version.cuda}, toolkit={cuda_home}"
-        )
-    return possible
+    why_not = None
+    if torch.version.cuda is None:
+        why_not = f"torch {torch.__version__} is not a CUDA build"
+    elif cuda_home is None:
+        why_not = "no CUDA toolkit was found (set CUDA_HOME, or put its nvcc on PATH)"
+    else:
+        # torch.utils.cpp_extension refuses a toolkit of another major version than torch's.
+        toolkit = toolkit_version(cuda_home)
+        if toolkit and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+            why_not = (
+                f"the toolkit at {cuda_home} is CUDA {toolkit} and torch {torch.__version__} was "
+                f"built with CUDA {torch.version.cuda}: install a CUDA "
+                f"{torch.version.cuda.split('.')[0]} toolkit and point CUDA_HOME at it"
+            )
+    if why_not is None:
+        return True
+    if env_flag("GAM_EXT_FORCE_CUDA"):
+        sys.exit(f"GAM_EXT_FORCE_CUDA=1 but the CUDA sources cannot be built: {why_not}")
+    if torch.version.cuda is not None:  # a CUDA torch: say why its kernels are left out
+        print(f"gam_ext: the CUDA kernels are left out of this build: {why_not}", file=sys.stderr)
+    return False
 
 
 def extra_cuda_include_dirs(cuda_home: str) -> list[str]:

@@ -98,6 +98,26 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         warnings.warn(f"gam_ext: {_extension_error}", stacklevel=2)
 
 
+def _missing_cuda_kernels(cuda_compiled: bool, cuda_available: bool) -> str | None:
+    """What to tell a user whose GPU would run the reference: _C was built without CUDA sources."""
+    if cuda_compiled or not cuda_available:
+        return None
+    major = (torch.version.cuda or "").split(".")[0] or "matching"
+    return (
+        f"gam_ext._C in {os.path.dirname(os.path.abspath(__file__))} was built without its CUDA "
+        "kernels, so ops on CUDA tensors run the pure-PyTorch reference (slower, more memory). "
+        f"To fix: rebuild where a CUDA {major} toolkit is installed, with "
+        "`GAM_EXT_FORCE_CUDA=1 pip install --no-build-isolation .` (it stops with the reason if it "
+        "cannot build them); set GAM_EXT_QUIET=1 to keep the CPU-only build quietly"
+    )
+
+
+if _extension is not None and os.environ.get("GAM_EXT_QUIET") != "1":
+    _cuda_message = _missing_cuda_kernels(_extension.cuda_compiled(), torch.cuda.is_available())
+    if _cuda_message:
+        warnings.warn(f"gam_ext: {_cuda_message}", stacklevel=2)
+
+
 def _has_kernel(op: str, device_type: str) -> bool:
     if _extension is None:
         return False

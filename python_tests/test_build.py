@@ -43,6 +43,32 @@ def test_setup_finds_a_real_toolkit():
     assert (home / "lib64").is_dir() or (home / "lib").is_dir()
 
 
+@pytest.mark.skipif(not cuda_build_expected(), reason="no nvcc or no CUDA-enabled torch here")
+@pytest.mark.parametrize("force", [False, True])
+def test_setup_with_a_toolkit_of_another_major_version(force):
+    # torch.utils.cpp_extension refuses to build then: setup.py builds the CPU kernels and says
+    # why, or stops with the reason under GAM_EXT_FORCE_CUDA=1.
+    code = (
+        "import runpy, sys, torch; torch.version.cuda = '99.0'; sys.argv = ['setup.py', '--name']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    env = {**os.environ, "GAM_EXT_FORCE_CUDA": "1" if force else "0"}
+    env.pop("GAM_EXT_SKIP_CUDA", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    reason = re.search(
+        r"is CUDA \d+\.\d+ and torch \S+ was built with CUDA 99\.0: install a CUDA 99 toolkit", out.stderr
+    )
+    assert reason, out.stderr
+    if force:
+        assert (
+            out.returncode != 0 and "GAM_EXT_FORCE_CUDA=1 but the CUDA sources cannot be built" in out.stderr
+        )
+    else:
+        assert out.returncode == 0, out.stderr
+        assert "the CUDA kernels are left out of this build" in out.stderr
+        assert "building without CUDA sources" in out.stdout
+
+
 def test_setup_without_torch_says_what_to_do():
     code = "import runpy, sys; sys.modules['torch'] = None; runpy.run_path('setup.py')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
