@@ -122,6 +122,8 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # A stand-in interpreter that claims a GPU: answers gpu_check.sh's one-line queries and lets every
 # stage succeed at once, recording its arguments.
 echo "$*" >> "$CALLS"
+# The report's own helper runs for real where the test names an interpreter for it.
+[[ "$1" == *ncu_source_top.py && -n "${REAL_PYTHON:-}" ]] && exec "$REAL_PYTHON" "$@"
 if [[ "$1" == -c ]]; then
   case "$2" in
     *get_device_capability*) echo 9.0 ;;
@@ -150,13 +152,24 @@ def test_report_names_every_stage_with_its_time(tmp_path):
     for tool in ("compute-sanitizer", "ncu"):
         (tools / tool).write_text(
             f'#!/usr/bin/env bash\necho "{tool} $*" >> "$CALLS"\necho "ERROR SUMMARY: 0 errors"\n'
+            # ncu's source page, as CSV, for the report's table of stalls.
+            + (
+                '[[ "$*" == *"--page source"* ]] && printf \'%s\\n\' "$NCU_SOURCE_CSV"\nexit 0\n'
+                if tool == "ncu"
+                else ""
+            )
         )
         (tools / tool).chmod(0o755)
     path = os.pathsep.join([str(tools), os.environ["PATH"]])
     before = set(RESULTS.iterdir())
     try:
         out, _ = run_check(
-            PYTHON=str(python), CALLS=str(calls), GAM_CHECK_LOG_DIR=str(tmp_path / "logs"), PATH=path
+            PYTHON=str(python),
+            CALLS=str(calls),
+            GAM_CHECK_LOG_DIR=str(tmp_path / "logs"),
+            PATH=path,
+            NCU_SOURCE_CSV=SOURCE_CSV,
+            REAL_PYTHON=sys.executable,
         )
         written = set(RESULTS.iterdir()) - before
         assert out.returncode == 0, out.stdout + out.stderr
@@ -193,6 +206,41 @@ def test_report_names_every_stage_with_its_time(tmp_path):
         assert f"benchmarks/{script}" in ran, script
     for tool in ("compute-sanitizer --tool memcheck", "compute-sanitizer --tool racecheck", "ncu --clock"):
         assert tool in ran, tool
+    # The source-page pass: a report saved, then its SASS page read back, summarised in the report.
+    assert "-k regex:seesaw|bwd_scores -c 2 --section SourceCounters" in ran and "--page source" in ran
+    assert "## Nsight Compute, where the warps stall" in report
+    assert "| 0x0040 | `DEPBAR.LE SB0, 0x1` | 90 | 75.0% |" in report
+
+
+# A source page as ncu prints it with --csv (the columns the summary reads, and others).
+SOURCE_CSV = """\
+"retrieval_fwd_wgmma_seesaw_kernel"
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"
+"0x0010","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;","10","8"
+"0x0040","DEPBAR.LE SB0, 0x1 ;","90","88"
+"0x0050","BAR.SYNC.DEFER_BLOCKING R3, R4 ;","20","20"
+"retrieval_bwd_scores_wgmma_kernel"
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"
+"0x0100","LDG.E.128 R4, desc[UR6][R2.64] ;","1,200","1,100"
+"""
+
+
+def test_ncu_source_summary_lists_each_kernels_top_stalls(tmp_path, capsys):
+    top = load_script(ROOT / "scripts" / "ncu_source_top.py")
+    path = tmp_path / "source.csv"
+    path.write_text(SOURCE_CSV)
+    assert top.main([str(path), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval_fwd_wgmma_seesaw_kernel: 3 instructions, 120 stall samples" in out
+    assert "retrieval_bwd_scores_wgmma_kernel: 1 instructions, 1200 stall samples" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 0x")]
+    # The two most-sampled of the first kernel, most first, then the second kernel's.
+    assert [row.split(" | ")[0] for row in rows] == ["| 0x0040", "| 0x0050", "| 0x0100"]
+    assert rows[2].endswith("| 1200 | 100.0% |")
+    # A file without such a table: its first lines, so the report still shows what ncu said.
+    path.write_text("==ERROR== the source page is not available\n")
+    assert top.main([str(path)]) == 0
+    assert "==ERROR== the source page is not available" in capsys.readouterr().out
 
 
 def test_kernel_bench_times_back_to_back_calls(monkeypatch):

@@ -2,7 +2,8 @@
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
 # and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
 # and build tests, compute-sanitizer memcheck on a small case of every kernel, the kernel
-# benchmark, an Nsight Compute summary of the retrieval and fused-mixer kernels, racecheck on the
+# benchmark, an Nsight Compute summary of the retrieval and fused-mixer kernels (and the SASS
+# instructions where the seesaw forward and the backward's score kernel stall), racecheck on the
 # kernels that use shared memory, the op benchmark (with fp32's two retrieval paths), a kernel-time
 # breakdown of the mixer on each of its paths, and the scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md, each stage with its result and wall time. Each stage has
@@ -152,6 +153,12 @@ PROFILE_ARGS="--dtype bf16 --batch 16 --seqlen 2048 --d-model 512 --slots 512 --
 # Then one launch of the seesaw forward (GAM_EXT_WGMMA_FORWARD=seesaw), which the step above does
 # not run, into its own log.
 NCU_SEESAW_ARGS="--clock-control none --profile-from-start off -k regex:seesaw -c 1 --set full --print-details all"
+# Then where the warps of the two kernels that matter most stall, per SASS instruction: the seesaw
+# forward and the backward's score kernel, PC sampling only (few passes), saved as a report and
+# printed from it as the source page (the report excerpt lists the top instructions). Its result
+# does not change the stage's: the excerpts above come from the first two calls.
+NCU_SOURCE_ARGS="--clock-control none --profile-from-start off -k regex:seesaw|bwd_scores -c 2 --section SourceCounters --section WarpStateStats"
+NCU_SOURCE_RC=$NOT_RUN
 if [[ -n "$NCU" ]] && in_part 1; then
   echo "== ncu"
   GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
@@ -161,6 +168,15 @@ if [[ -n "$NCU" ]] && in_part 1; then
     GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
       $NCU_SEESAW_ARGS "$PY" benchmarks/profile_steps.py $PROFILE_ARGS > "$LOG/ncu_seesaw.txt" 2>&1
     NCU_RC=$?
+  fi
+  if [[ $NCU_RC -eq 0 ]]; then
+    rm -f "$LOG/ncu_source.ncu-rep"
+    GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
+      $NCU_SOURCE_ARGS -o "$LOG/ncu_source" "$PY" benchmarks/profile_steps.py $PROFILE_ARGS \
+      > "$LOG/ncu_source.txt" 2>&1 \
+      && timeout $(limit 30) "$NCU" --import "$LOG/ncu_source.ncu-rep" --page source --print-source sass --csv \
+      > "$LOG/ncu_source.csv" 2>> "$LOG/ncu_source.txt"
+    NCU_SOURCE_RC=$?
   fi
   took ncu
 fi
@@ -319,6 +335,15 @@ fi
     grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Dynamic Shared Memory Per Block|Achieved Occupancy|[Ss]tall|==ERROR==|==WARNING==" \
       "$LOG/ncu_seesaw.txt" | head -60
     echo '```'
+  fi
+  if in_part 1 && [[ $NCU_SOURCE_RC -ne $NOT_RUN ]]; then
+    echo; echo "## Nsight Compute, where the warps stall (SASS, seesaw forward and backward score kernel)"; echo
+    echo "\`GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw ncu $NCU_SOURCE_ARGS -o ncu_source\`, then \`ncu --import ncu_source.ncu-rep --page source --print-source sass --csv\`: $(status ncu "$NCU_SOURCE_RC")"; echo
+    if [[ -s "$LOG/ncu_source.csv" ]]; then
+      "$PY" scripts/ncu_source_top.py "$LOG/ncu_source.csv" --top 25 2>&1
+    else
+      echo '```'; tail -20 "$LOG/ncu_source.txt" 2>/dev/null; echo '```'
+    fi
   fi
   if [[ $TEST_RC -ne 0 && $TEST_RC -ne $NOT_RUN ]]; then echo; echo "## pytest output (tail)"; echo '```'; tail -60 "$LOG/pytest.txt"; echo '```'; fi
   if [[ $BUILD_RC -ne 0 ]]; then echo; echo "## build output (tail)"; echo '```'; tail -40 "$LOG/build.txt"; echo '```'; fi
