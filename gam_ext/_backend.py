@@ -112,8 +112,9 @@ def _missing_cuda_kernels(cuda_compiled: bool, cuda_available: bool) -> str | No
     )
 
 
-if _extension is not None and os.environ.get("GAM_EXT_QUIET") != "1":
-    _cuda_message = _missing_cuda_kernels(_extension.cuda_compiled(), torch.cuda.is_available())
+# torch.cuda.is_available() only for a build without CUDA kernels (it queries the driver).
+if _extension is not None and not _extension.cuda_compiled() and os.environ.get("GAM_EXT_QUIET") != "1":
+    _cuda_message = _missing_cuda_kernels(False, torch.cuda.is_available())
     if _cuda_message:
         warnings.warn(f"gam_ext: {_cuda_message}", stacklevel=2)
 
