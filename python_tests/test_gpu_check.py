@@ -219,7 +219,7 @@ SOURCE_CSV = """\
 "0x0010","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;","10","8"
 "0x0040","DEPBAR.LE SB0, 0x1 ;","90","88"
 "0x0050","BAR.SYNC.DEFER_BLOCKING R3, R4 ;","20","20"
-"retrieval_bwd_scores_wgmma_kernel"
+"Kernel Name","retrieval_bwd_scores_wgmma_kernel"
 "Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"
 "0x0100","LDG.E.128 R4, desc[UR6][R2.64] ;","1,200","1,100"
 """

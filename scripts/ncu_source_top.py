@@ -44,8 +44,11 @@ def parse_tables(rows: list[list[str]]) -> list[tuple[str, list[tuple[str, str, 
             tables.append((title, []))
             continue
         if columns is None or len(cells) <= max(columns):
-            if len([c for c in cells if c]) == 1:  # a line naming the kernel before its table
-                title = next(c for c in cells if c)
+            named = [c for c in cells if c]
+            if len(named) == 1:  # a line naming the kernel before its table
+                title = named[0]
+            elif len(named) == 2 and "kernel" in named[0].lower():  # "Kernel Name", name
+                title = named[1]
             continue
         try:
             count = float(cells[columns[2]].replace(",", "") or 0)
