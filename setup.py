@@ -131,12 +131,12 @@ def want_cuda(cuda_home: str | None) -> bool:
         why_not = "no CUDA toolkit was found (set CUDA_HOME, or put its nvcc on PATH)"
     else:
         # torch.utils.cpp_extension refuses a toolkit of another major version than torch's.
-        toolkit = toolkit_version(cuda_home)
-        if toolkit and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        toolkit, torch_major = toolkit_version(cuda_home), torch.version.cuda.split(".")[0]
+        if toolkit and toolkit.split(".")[0] != torch_major:
             why_not = (
                 f"the toolkit at {cuda_home} is CUDA {toolkit} and torch {torch.__version__} was "
-                f"built with CUDA {torch.version.cuda}: install a CUDA "
-                f"{torch.version.cuda.split('.')[0]} toolkit and point CUDA_HOME at it"
+                f"built with CUDA {torch.version.cuda}: install a CUDA {torch_major} toolkit and "
+                "point CUDA_HOME at it"
             )
     if why_not is None:
         return True

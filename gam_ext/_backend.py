@@ -27,6 +27,7 @@ import importlib.machinery
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,9 +99,11 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         warnings.warn(f"gam_ext: {_extension_error}", stacklevel=2)
 
 
-def _missing_cuda_kernels(cuda_compiled: bool, cuda_available: bool) -> str | None:
-    """What to tell a user whose GPU would run the reference: _C was built without CUDA sources."""
-    if cuda_compiled or not cuda_available:
+def _missing_cuda_kernels(cuda_compiled: bool, cuda_available: Callable[[], bool]) -> str | None:
+    """What to tell a user whose GPU would run the reference: _C was built without CUDA sources.
+
+    cuda_available (torch.cuda.is_available, which queries the driver) is asked only then."""
+    if cuda_compiled or not cuda_available():
         return None
     major = (torch.version.cuda or "").split(".")[0] or "matching"
     return (
@@ -112,9 +115,8 @@ def _missing_cuda_kernels(cuda_compiled: bool, cuda_available: bool) -> str | No
     )
 
 
-# torch.cuda.is_available() only for a build without CUDA kernels (it queries the driver).
-if _extension is not None and not _extension.cuda_compiled() and os.environ.get("GAM_EXT_QUIET") != "1":
-    _cuda_message = _missing_cuda_kernels(False, torch.cuda.is_available())
+if _extension is not None and os.environ.get("GAM_EXT_QUIET") != "1":
+    _cuda_message = _missing_cuda_kernels(_extension.cuda_compiled(), torch.cuda.is_available)
     if _cuda_message:
         warnings.warn(f"gam_ext: {_cuda_message}", stacklevel=2)
 

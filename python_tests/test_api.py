@@ -461,8 +461,11 @@ def _reference_mixer_grad(h: torch.Tensor, params: dict) -> torch.Tensor:
 def test_a_build_without_cuda_kernels_on_a_gpu_machine_says_so():
     from gam_ext import _backend
 
-    assert _backend._missing_cuda_kernels(cuda_compiled=True, cuda_available=True) is None
-    assert _backend._missing_cuda_kernels(cuda_compiled=False, cuda_available=False) is None
-    message = _backend._missing_cuda_kernels(cuda_compiled=False, cuda_available=True)
+    def no_query() -> bool:
+        raise AssertionError("a build with CUDA kernels need not ask the driver")
+
+    assert _backend._missing_cuda_kernels(cuda_compiled=True, cuda_available=no_query) is None
+    assert _backend._missing_cuda_kernels(cuda_compiled=False, cuda_available=lambda: False) is None
+    message = _backend._missing_cuda_kernels(cuda_compiled=False, cuda_available=lambda: True)
     assert "ops on CUDA tensors run the pure-PyTorch reference" in message
     assert "GAM_EXT_FORCE_CUDA=1 pip install --no-build-isolation ." in message
