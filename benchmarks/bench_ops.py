@@ -168,6 +168,22 @@ def has_wgmma(slots, dim, dtype):
     return isinstance(cuda, dict) and any(cuda[x].startswith("wgmma") for x in ("forward", "backward"))
 
 
+def broken_kernels_met(env: dict[str, str], *, backward: bool = True, mixer: bool = False) -> list[str]:
+    """The kernel paths that scripts/gpu_check.sh's smoke stage found hanging or failing on this
+    GPU (GAM_CHECK_BROKEN, in scripts/cuda_smoke.py's names) that a run would meet under env
+    (values of GAM_EXT_RETRIEVAL and GAM_EXT_WGMMA_FORWARD over the process's own), with the
+    backward or not, and with the fused mixer op or not."""
+    broken = set(os.environ.get("GAM_CHECK_BROKEN", "").split())
+    path = env.get("GAM_EXT_RETRIEVAL", os.environ.get("GAM_EXT_RETRIEVAL"))
+    met = {"mixer"} if mixer else set()
+    if path == "wgmma":
+        forward = env.get("GAM_EXT_WGMMA_FORWARD", os.environ.get("GAM_EXT_WGMMA_FORWARD", "pipelined"))
+        met |= {f"wgmma-{forward}", "wgmma-backward"} if backward else {f"wgmma-{forward}"}
+    elif path:
+        met.add(path)
+    return sorted(met & broken)
+
+
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):
     return gam_ext.gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b)
 
@@ -485,6 +501,11 @@ def main(argv=None):
                     if provider == "gam_fp32_tiles" and (
                         device != "cpu" or dtype != torch.bfloat16 or op not in ("retrieval", "mixer")
                     ):
+                        continue
+                    mixer_op = op == "mixer" and provider in ("gam_ext", "gam_fused_mixer", "gam_wgmma")
+                    met = broken_kernels_met(FORCED_ENV.get(provider, {}), mixer=mixer_op)
+                    if device == "cuda" and met:
+                        print(f"left out: {op} {provider} (GAM_CHECK_BROKEN: {' '.join(met)})", flush=True)
                         continue
                     if provider == "compile":
                         fn = compiled.setdefault(op, torch.compile(FUNCS[(op, "eager")]))

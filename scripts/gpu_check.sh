@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with a fresh copy of the repository (no internet; torch with CUDA
-# and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs the CUDA
-# and build tests, compute-sanitizer memcheck on a small case of every kernel, the kernel
-# benchmark, an Nsight Compute summary of the retrieval and fused-mixer kernels (and the SASS
-# instructions where the seesaw forward and the backward's score kernel stall), racecheck on the
-# kernels that use shared memory, the op benchmark (with fp32's two retrieval paths), a kernel-time
-# breakdown of the mixer on each of its paths, and the scaling and generation benchmarks, and writes
+# and nvcc preinstalled): builds gam_ext with its CUDA kernels for the local GPU only, runs each
+# kernel path once in its own process under a time limit (the smoke stage: a path that hangs or
+# fails there is left out of every later stage, GAM_CHECK_BROKEN), runs the CUDA and build tests,
+# compute-sanitizer memcheck on a small case of every kernel, the kernel benchmark, an Nsight
+# Compute summary of the retrieval and fused-mixer kernels (and the SASS instructions where the
+# seesaw forward and the backward's score kernel stall), racecheck on the kernels that use shared
+# memory, the op benchmark (with fp32's two retrieval paths), a kernel-time breakdown of the mixer
+# on each of its paths, and the scaling and generation benchmarks, and writes
 # benchmarks/results/<device>-<date>.md, each stage with its result and wall time. Each stage has
-# a time limit so that a call fits its budget (GAM_CHECK_BUDGET_S) and the report is always written. On a
-# machine without a usable GPU it stops at once and writes nothing.
+# a time limit so that a call fits its budget (GAM_CHECK_BUDGET_S) and the report is always
+# written. On a machine without a usable GPU it stops at once and writes nothing.
 #   bash scripts/gpu_check.sh
 # Knobs: PYTHON (default .venv/bin/python where it exists, else python3), GAM_CHECK_BUDGET_S (the
 # whole check, seconds; default 450), GAM_CHECK_LOG_DIR (keep every stage's full log there),
@@ -58,6 +60,9 @@ status() {  # stage name, exit code
   elif [[ $2 -eq $NOT_RUN ]]; then echo "$SKIPPED"
   elif [[ $2 -eq 127 ]]; then echo "not run (command not found)"; else echo "FAILED (rc=$2)"; fi
 }
+smoke_status() {  # exit code: 1 means it ran, and some path was not ok (its table says which)
+  if [[ $1 -eq 1 ]]; then echo "ran: not every path ok (the table below)"; else status smoke "$1"; fi
+}
 sanitizer_status() {  # log file, exit code: the status, and on a timeout the last group done
   local st; st=$(status san "$2")
   if [[ $2 -eq 124 ]]; then
@@ -105,6 +110,34 @@ else
 fi
 took build
 tail -5 "$LOG/build.txt"
+
+# A first run of every kernel path (scripts/cuda_smoke.py: each path in its own process under a
+# time limit, in seconds) before any stage spends minutes on one: the paths it finds hanging or
+# failing are left out of every later stage (GAM_CHECK_BROKEN, read by the test suite's conftest,
+# the sanitizer driver and the benchmarks), since a hung kernel would hold each stage that runs
+# it to its time limit and a CUDA error ends the process that meets it.
+echo "== smoke"
+timeout $(limit 150) "$PY" scripts/cuda_smoke.py --time-limit 45 > "$LOG/smoke.md" 2>&1
+SMOKE_RC=$?
+took smoke
+tail -n 12 "$LOG/smoke.md"
+BROKEN=$(sed -n 's/^broken: //p' "$LOG/smoke.md" | tail -1)
+[[ $BROKEN == none ]] && BROKEN=""
+export GAM_CHECK_BROKEN="$BROKEN"
+broken() { [[ " $GAM_CHECK_BROKEN " == *" $1 "* ]]; }
+# Without the fused mixer op, the stages that run GAMBlock as a user would get the three ops.
+broken mixer && export GAM_EXT_BACKEND=unfused
+# The stages that run GAM_EXT_RETRIEVAL=wgmma without naming a forward get a working one, and the
+# wgmma path runs only where a forward and the backward work (else ncu profiles the gemm path).
+WGMMA_OK=""
+if ! broken wgmma-backward; then
+  for forward in pipelined lockstep seesaw; do
+    broken "wgmma-$forward" && continue
+    WGMMA_OK=1
+    [[ $forward != pipelined ]] && export GAM_EXT_WGMMA_FORWARD=$forward
+    break
+  done
+fi
 
 TESTS="python_tests/test_cuda.py python_tests/test_cuda_wgmma.py python_tests/test_build.py"
 TEST_RC=$NOT_RUN
@@ -159,19 +192,27 @@ NCU_SEESAW_ARGS="--clock-control none --profile-from-start off -k regex:seesaw -
 # does not change the stage's: the excerpts above come from the first two calls.
 NCU_SOURCE_ARGS="--clock-control none --profile-from-start off -k regex:seesaw|bwd_scores -c 2 --section SourceCounters --section WarpStateStats"
 NCU_SOURCE_RC=$NOT_RUN
+# Paths the smoke stage found broken are left out: the fused mixer (then the three ops), the
+# wgmma path (then the gemm path's kernels), the seesaw forward (then its passes, or its half of
+# the source pass).
+NCU_BACKEND=$(broken mixer && echo unfused || echo fused)
+NCU_RETRIEVAL=$([[ -n $WGMMA_OK ]] && echo wgmma || echo gemm)
+NCU_ENV="GAM_EXT_BACKEND=$NCU_BACKEND GAM_EXT_RETRIEVAL=$NCU_RETRIEVAL${GAM_EXT_WGMMA_FORWARD:+ GAM_EXT_WGMMA_FORWARD=$GAM_EXT_WGMMA_FORWARD}"
+SEESAW_OK=$([[ -n $WGMMA_OK ]] && ! broken wgmma-seesaw && echo 1)
+[[ -z $SEESAW_OK ]] && NCU_SOURCE_ARGS=${NCU_SOURCE_ARGS/"-k regex:seesaw|bwd_scores -c 2"/"-k regex:bwd_scores -c 1"}
 if [[ -n "$NCU" ]] && in_part 1; then
   echo "== ncu"
-  GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
+  env $NCU_ENV timeout $(limit 90) "$NCU" $NCU_ARGS "$PY" benchmarks/profile_steps.py \
     $PROFILE_ARGS > "$LOG/ncu.txt" 2>&1
   NCU_RC=$?
-  if [[ $NCU_RC -eq 0 ]]; then
-    GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
+  if [[ $NCU_RC -eq 0 && -n $SEESAW_OK ]]; then
+    env $NCU_ENV GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
       $NCU_SEESAW_ARGS "$PY" benchmarks/profile_steps.py $PROFILE_ARGS > "$LOG/ncu_seesaw.txt" 2>&1
     NCU_RC=$?
   fi
-  if [[ $NCU_RC -eq 0 ]]; then
+  if [[ $NCU_RC -eq 0 && -n $WGMMA_OK ]]; then
     rm -f "$LOG/ncu_source.ncu-rep"
-    GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw timeout $(limit 45) "$NCU" \
+    env $NCU_ENV $([[ -n $SEESAW_OK ]] && echo GAM_EXT_WGMMA_FORWARD=seesaw) timeout $(limit 45) "$NCU" \
       $NCU_SOURCE_ARGS -o "$LOG/ncu_source" "$PY" benchmarks/profile_steps.py $PROFILE_ARGS \
       > "$LOG/ncu_source.txt" 2>&1 \
       && timeout $(limit 30) "$NCU" --import "$LOG/ncu_source.ncu-rep" --page source --print-source sass --csv \
@@ -226,7 +267,7 @@ BREAKDOWN_ARGS="--what mixer --torch-profiler --dtype bf16 --batch 16 --seqlen 8
 if in_part 2; then
   echo "== mixer breakdown"
   BREAKDOWN_RC=0
-  for backend in unfused fused; do
+  for backend in unfused $(broken mixer || echo fused); do
     GAM_EXT_BACKEND=$backend timeout $(limit 45) "$PY" benchmarks/profile_steps.py $BREAKDOWN_ARGS \
       > "$LOG/breakdown-$backend.txt" 2>&1 || BREAKDOWN_RC=$?
   done
@@ -267,10 +308,11 @@ fi
   echo "| stage | command | result |"
   echo "|---|---|---|"
   echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $([[ -n ${BUILD_KEPT:-} ]] && echo "not run: this checkout's CUDA build kept" || timed build "$(status build $BUILD_RC)") |"
+  echo "| smoke | $PY scripts/cuda_smoke.py --time-limit 45 | $(timed smoke "$(smoke_status $SMOKE_RC)$([[ -n $BROKEN ]] && echo ": left out of the later stages: $BROKEN")") |"
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC)$([[ $TEST_RC -ne $NOT_RUN ]] && echo ": $(tail -1 "$LOG/pytest.txt")")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
-  echo "| ncu | GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS; then with GAM_EXT_WGMMA_FORWARD=seesaw, ncu $NCU_SEESAW_ARGS | $(timed ncu "$(status ncu $NCU_RC)") |"
+  echo "| ncu | $NCU_ENV ncu $NCU_ARGS $PY benchmarks/profile_steps.py $PROFILE_ARGS$([[ -n $SEESAW_OK ]] && echo "; then with GAM_EXT_WGMMA_FORWARD=seesaw, ncu $NCU_SEESAW_ARGS") | $(timed ncu "$(status ncu $NCU_RC)") |"
   echo "| racecheck | compute-sanitizer --tool racecheck $PY scripts/cuda_sanitize_driver.py --shared-memory-only | $(timed racecheck "$(sanitizer_status "$LOG/racecheck.txt" $RACE_RC)") |"
   echo "| op bench | $PY benchmarks/bench_ops.py ${OPS_ARGS:-(missing)} | $(timed ops "$(status ops $OPS_RC)") |"
   echo "| fp32 paths | $PY benchmarks/bench_ops.py $FP32_ARGS | $(timed fp32 "$(status fp32 $FP32_RC)") |"
@@ -285,6 +327,9 @@ fi
   echo "Retrieval kernels at S=D=512, bf16 (gam_ext.backend_info): $("$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
   echo
   echo "The same with GAM_EXT_RETRIEVAL=wgmma: $(GAM_EXT_RETRIEVAL=wgmma "$PY" -c 'import torch, gam_ext; print(gam_ext.backend_info(retrieval=(512, 512, torch.bfloat16))["retrieval"]["cuda"])' 2>&1 | tail -1)"
+  echo
+  echo "## Smoke: a first run of each kernel path (scripts/cuda_smoke.py)"; echo
+  grep -E "^\||^broken:|^every path" "$LOG/smoke.md" || { echo '```'; tail -20 "$LOG/smoke.md"; echo '```'; }
   echo
   # Each section from this call's stages only (a log folder kept across the two parts holds both).
   if in_part 1; then echo "## Kernel figures"; echo; cat "$LOG/kernels.md"; fi
@@ -338,7 +383,7 @@ fi
   fi
   if in_part 1 && [[ $NCU_SOURCE_RC -ne $NOT_RUN ]]; then
     echo; echo "## Nsight Compute, where the warps stall (SASS, seesaw forward and backward score kernel)"; echo
-    echo "\`GAM_EXT_BACKEND=fused GAM_EXT_RETRIEVAL=wgmma GAM_EXT_WGMMA_FORWARD=seesaw ncu $NCU_SOURCE_ARGS -o ncu_source\`, then \`ncu --import ncu_source.ncu-rep --page source --print-source sass --csv\`: $(status ncu "$NCU_SOURCE_RC")"; echo
+    echo "\`$NCU_ENV$([[ -n $SEESAW_OK ]] && echo " GAM_EXT_WGMMA_FORWARD=seesaw") ncu $NCU_SOURCE_ARGS -o ncu_source\`, then \`ncu --import ncu_source.ncu-rep --page source --print-source sass --csv\`: $(status ncu "$NCU_SOURCE_RC")"; echo
     if [[ -s "$LOG/ncu_source.csv" ]]; then
       "$PY" scripts/ncu_source_top.py "$LOG/ncu_source.csv" --top 25 2>&1
     else
