@@ -59,8 +59,9 @@ PATHS_BY_TEST = {"test_fused_mixer": {"mixer"}, "test_retrieval_smaller_gpu_conf
 
 def kernel_paths_run(item: pytest.Item) -> set[str]:
     """The kernel paths, as scripts/cuda_smoke.py names them, that a CUDA test runs: by its
-    parameters `path` (a GAM_EXT_RETRIEVAL value, "wgmma-seesaw" for that forward) and `forward`
-    (a wgmma forward kernel), and by PATHS_BY_TEST."""
+    parameters `path` (a GAM_EXT_RETRIEVAL value, "wgmma-seesaw" for that forward), `forward`
+    (a wgmma forward kernel) and `backend` ("fused": the fused mixer op), and by
+    PATHS_BY_TEST."""
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec else {}
     path, forward = params.get("path"), params.get("forward")
@@ -74,6 +75,8 @@ def kernel_paths_run(item: pytest.Item) -> set[str]:
             paths |= {f"wgmma-{forward}", "wgmma-backward"}
         else:
             paths.add(base)
+    if params.get("backend") == "fused":
+        paths.add("mixer")
     return paths | PATHS_BY_TEST.get(item.originalname, set())
 
 
