@@ -14,6 +14,9 @@ configuration the dispatcher can pick runs here.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import wgmma_cases
@@ -1080,14 +1083,27 @@ def test_step_layouts_empty_deterministic_and_errors(emu):
         emu.causal_conv1d_update(h.unsqueeze(1), state, w, None, pos64[:2])
 
 
+@contextlib.contextmanager
+def cpu_ops_shadowed(impls):
+    """The CPU implementations of the named gam_ext ops replaced by impls (name -> function) for
+    the duration: a fresh registration shadows the C++ one, and destroying it restores that."""
+    lib = torch.library.Library("gam_ext", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name, impl in impls.items():
+                lib.impl(name, impl, "CPU")
+        yield
+    finally:
+        lib._destroy()
+
+
 def test_greedy_generation_on_the_emulated_kernels(emu):
     # GAMModel's ops on the CUDA kernels: the CPU implementations of the ops it calls are
     # overridden by the emulated kernels for the duration of the test (a fresh registration
     # shadows the C++ one; destroying it restores that). Greedy generation with the step must
     # give generate_tokens' tokens (the full recompute, on the same kernels), for prompts shorter
     # and longer than block_size, and the step logits the full forward's.
-    import warnings
-
     import gam_ext
     from gam_ext.modules import generate_tokens
 
@@ -1114,12 +1130,7 @@ def test_greedy_generation_on_the_emulated_kernels(emu):
         )
     ).eval()
     g = torch.Generator().manual_seed(1)
-    lib = torch.library.Library("gam_ext", "IMPL")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-            for name in names:
-                lib.impl(name, counted(name), "CPU")
+    with cpu_ops_shadowed({name: counted(name) for name in names}):
         for n_prompt in (3, 14):
             prompt = torch.randint(0, 37, (2, n_prompt), generator=g)
             ours = model.generate(prompt, 12, greedy=True)
@@ -1131,9 +1142,64 @@ def test_greedy_generation_on_the_emulated_kernels(emu):
         with torch.no_grad():
             full = model(idx)[0][:, 1:]
         close(torch.stack(logits, 1), full, torch.float32)
-    finally:
-        lib._destroy()
     assert all(calls.values()), calls  # every op ran on the emulated kernels
     before = dict(calls)
     model.generate(idx[:, :3], 2, greedy=True)  # the C++ kernels again
     assert calls == before
+
+
+def test_gpu_check_smoke_children_on_the_emulated_kernels(emu, use_backend):
+    # scripts/cuda_smoke.py's children (the smoke stage of scripts/gpu_check.sh) with the CPU
+    # implementations of the ops they call shadowed by the emulated CUDA kernels, as in the test
+    # above: each path's cases pass on the kernels a GPU check would run, and the environment
+    # each child sets reaches the dispatcher (wgmma-backward: the gemm path's forward, then the
+    # wgmma backward on what it saved).
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "cuda_smoke.py"
+    spec = importlib.util.spec_from_file_location("cuda_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+
+    ran = []
+
+    def shadow(name):
+        def kernel(*args):
+            if name.startswith("memory_retrieval"):
+                h, m = args[:2] if name.endswith("fwd") else args[1:3]
+                words = emu.retrieval_path(m.shape[0], m.shape[1], str(h.dtype).split(".")[1])
+                ran.append(words[1] if name.endswith("fwd") else words[2])
+            else:
+                ran.append(name)
+            return getattr(emu, name)(*args)
+
+        return kernel
+
+    names = ("memory_retrieval_fwd", "memory_retrieval_bwd", "gam_mixer_fwd", "gam_mixer_bwd")
+    saved = {k: os.environ.get(k) for k in smoke.KERNEL_VARIABLES}
+    runs = {}
+    try:
+        with cpu_ops_shadowed({name: shadow(name) for name in names}):
+            for child in smoke.PATH_ENV:
+                for k in smoke.KERNEL_VARIABLES:
+                    os.environ.pop(k, None)
+                use_backend("auto")
+                ran.clear()
+                assert smoke.child(child, device="cpu", shapes=[(1, 5, 13, 128)]) == 0, child
+                runs[child] = list(ran)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for forward, kernel in wgmma_cases.FORWARD_KERNELS.items():
+        assert runs[f"wgmma-{forward}"] and all(
+            r.startswith(f"wgmma: {kernel}<") for r in runs[f"wgmma-{forward}"]
+        )
+    forwards, backwards = runs["wgmma-backward"][0::2], runs["wgmma-backward"][1::2]
+    assert all(f.startswith("gemm:") for f in forwards) and all(b.startswith("wgmma:") for b in backwards)
+    assert all(r.startswith("gemm:") for r in runs["gemm"]) and not any("wgmma" in r for r in runs["fused"])
+    assert set(runs["mixer"]) == {"gam_mixer_fwd", "gam_mixer_bwd"}
