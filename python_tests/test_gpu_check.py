@@ -292,7 +292,7 @@ def test_smoke_stage_leaves_broken_paths_out(tmp_path):
     (GAM_CHECK_BROKEN) and the stages that gpu_check.sh runs on those paths itself skip them: here
     the default wgmma forward and the seesaw one, so the wgmma stages run the lockstep forward
     and no seesaw pass runs."""
-    table = "| wgmma-pipelined | HANG | no exit in 45 s |\n| wgmma-seesaw | FAILED | exit 1 |"
+    table = "| wgmma-pipelined | HANG | no exit in 60 s |\n| wgmma-seesaw | FAILED | exit 1 |"
     report, ran = run_on_stand_ins(
         tmp_path, SMOKE_OUTPUT=table, SMOKE_BROKEN="wgmma-pipelined wgmma-seesaw", SMOKE_RC="1"
     )
@@ -300,7 +300,7 @@ def test_smoke_stage_leaves_broken_paths_out(tmp_path):
     assert rows["smoke"].startswith(
         "ran: not every path ok (the table below): left out of the later stages: wgmma-pipelined wgmma-seesaw"
     )
-    assert "| wgmma-pipelined | HANG | no exit in 45 s |" in report  # the smoke table, whole
+    assert "| wgmma-pipelined | HANG | no exit in 60 s |" in report  # the smoke table, whole
     lines = ran.splitlines()
     smoke_call = next(i for i, line in enumerate(lines) if "cuda_smoke.py" in line)
     later = [line for line in lines[smoke_call + 1 :] if not line.startswith("-c ")]
@@ -374,6 +374,13 @@ def test_smoke_finds_hung_failed_and_wrong_paths(capsys):
         started.count("wgmma-seesaw") == started.count("wgmma-lockstep") == 2 and started.count("gemm") == 1
     )
     assert out.splitlines()[-1] == "broken: simt wgmma-seesaw"
+    # No path finished: the script, the build or the machine is at fault, not a kernel, and
+    # nothing is left out (else the check would have nothing left to run).
+    children = {"gemm": "raise SystemExit(1)", "fused": "import time; time.sleep(60)"}
+    assert smoke.run(list(children), time_limit=2, launch=launch) == 1
+    out = capsys.readouterr().out
+    assert "every path failed or ran out of time: nothing is left out" in out
+    assert out.splitlines()[-1] == "broken: none"
 
 
 def test_smoke_children_run_every_path_on_the_cpu_kernels(monkeypatch, capsys):

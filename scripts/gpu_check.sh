@@ -117,7 +117,7 @@ tail -5 "$LOG/build.txt"
 # the sanitizer driver and the benchmarks), since a hung kernel would hold each stage that runs
 # it to its time limit and a CUDA error ends the process that meets it.
 echo "== smoke"
-timeout $(limit 150) "$PY" scripts/cuda_smoke.py --time-limit 45 > "$LOG/smoke.md" 2>&1
+timeout $(limit 150) "$PY" scripts/cuda_smoke.py --time-limit 60 > "$LOG/smoke.md" 2>&1
 SMOKE_RC=$?
 took smoke
 tail -n 12 "$LOG/smoke.md"
@@ -308,7 +308,7 @@ fi
   echo "| stage | command | result |"
   echo "|---|---|---|"
   echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $([[ -n ${BUILD_KEPT:-} ]] && echo "not run: this checkout's CUDA build kept" || timed build "$(status build $BUILD_RC)") |"
-  echo "| smoke | $PY scripts/cuda_smoke.py --time-limit 45 | $(timed smoke "$(smoke_status $SMOKE_RC)$([[ -n $BROKEN ]] && echo ": left out of the later stages: $BROKEN")") |"
+  echo "| smoke | $PY scripts/cuda_smoke.py --time-limit 60 | $(timed smoke "$(smoke_status $SMOKE_RC)$([[ -n $BROKEN ]] && echo ": left out of the later stages: $BROKEN")") |"
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC)$([[ $TEST_RC -ne $NOT_RUN ]] && echo ": $(tail -1 "$LOG/pytest.txt")")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
