@@ -492,8 +492,9 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         "out = {}\n"
         "for name in ['divergent_barrier', 'warp_deadlock', "
         "'empty_grid', 'smem_limit', 'ldmatrix_misaligned', 'ldmatrix_global', "
-        "'mma_exited_lane', 'named_barrier_count', 'wgmma_partial_warpgroup', "
-        "'wgmma_exited_thread', 'wgmma_unfenced_cp_async', 'wgmma_no_wgmma_fence']:\n"
+        "'mma_exited_lane', 'named_barrier_count', 'named_barrier_split_warp', "
+        "'wgmma_partial_warpgroup', 'wgmma_exited_thread', 'wgmma_unfenced_cp_async', "
+        "'wgmma_no_wgmma_fence']:\n"
         "    try:\n"
         "        mod.run_fault(name)\n"
         "        out[name] = 'NOT RAISED'\n"
@@ -522,6 +523,14 @@ def fault_messages(st: types.ModuleType) -> dict[str, str]:
         (
             "named_barrier_count",
             ["gam_launch(named_barrier_count_kernel)", "named barrier 1", "fewer than its count"],
+        ),
+        (
+            "named_barrier_split_warp",
+            [
+                "gam_launch(named_barrier_split_warp_kernel)",
+                "bar.sync 1",
+                "warp 0 takes part with 16 of its 32 threads",
+            ],
         ),
         ("wgmma_partial_warpgroup", ["gam_launch(wgmma_commit_kernel)", "not whole warpgroups"]),
         (

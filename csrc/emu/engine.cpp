@@ -776,6 +776,21 @@ void named_barrier(int id, int count, const char* file, int line) {
     yield_from(self);
     return;
   }
+  // bar.sync is .aligned: on the GPU a warp arrives as a whole (its arrival counts 32 threads),
+  // so every live thread of a warp that takes part must be waiting here; a warp split across
+  // two arrivals deadlocks or releases early there, whatever it does here.
+  std::vector<int> waiting(e.warp_exists.size(), 0), live(e.warp_exists.size(), 0);
+  for (const Fiber& f : e.fibers) {
+    if (f.state == State::kDone) continue;
+    ++live[f.warp];
+    if (f.state == State::kBarrier && f.bar_id == id) ++waiting[f.warp];
+  }
+  for (size_t w = 0; w < waiting.size(); ++w)
+    if (waiting[w] != 0 && waiting[w] != live[w])
+      fault_in_fiber("bar.sync " + std::to_string(id) + " at " + site(file, line) + ": warp " +
+                     std::to_string(w) + " takes part with " + std::to_string(waiting[w]) +
+                     " of its " + std::to_string(live[w]) +
+                     " threads (bar.sync is .aligned: the whole warp must reach it together)");
   // Last arrival: release the threads waiting at this barrier (a fixed count, as on the GPU).
   int released = 0;
   for (Fiber& f : e.fibers) {

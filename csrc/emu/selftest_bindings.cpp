@@ -300,6 +300,8 @@ Tensor run_fault(const std::string& name) {
     gam_selftest::fault_ldmatrix_global(src.data_ptr(), fp(out), nullptr);
   } else if (name == "named_barrier_count") {
     gam_selftest::fault_named_barrier_count(fp(out), nullptr);
+  } else if (name == "named_barrier_split_warp") {
+    gam_selftest::fault_named_barrier_split_warp(fp(out), nullptr);
   } else if (name == "mma_exited_lane") {
     gam_selftest::fault_mma_exited_lane(fp(out), nullptr);
   } else if (name == "wgmma_partial_warpgroup") {

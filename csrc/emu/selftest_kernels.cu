@@ -570,6 +570,14 @@ __global__ void named_barrier_count_kernel(float* out) {
   out[threadIdx.x] = 1.0f;
 }
 
+// Half of each of two warps at a named barrier whose count (32) the two halves make up; the other
+// halves go on to the block barrier. On the GPU warp 0's arrival alone counts 32.
+__global__ void named_barrier_split_warp_kernel(float* out) {
+  if (threadIdx.x % 32 < 16) gam::cuda::named_barrier_sync(1, 32);
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
 __global__ void mma_exited_lane_kernel(float* out) {
   if (threadIdx.x == 31) return;  // mma.sync needs all 32 lanes
   uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
@@ -810,6 +818,11 @@ void fault_ldmatrix_global(const void* src, float* out, cudaStream_t stream) {
 void fault_named_barrier_count(float* out, cudaStream_t stream) {
   gam_launch("named_barrier_count_kernel", named_barrier_count_kernel, dim3(1), dim3(128), 0,
              stream, out);
+}
+
+void fault_named_barrier_split_warp(float* out, cudaStream_t stream) {
+  gam_launch("named_barrier_split_warp_kernel", named_barrier_split_warp_kernel, dim3(1), dim3(64),
+             0, stream, out);
 }
 
 // A warpgroup collective in a block that is not whole warpgroups (96 threads), or that one

@@ -86,6 +86,7 @@ void fault_wgmma_exited_thread(cudaStream_t stream);      // one thread of the w
 // wgmma.fence before it; out[128]. Without either, the emulator faults.
 void wgmma_cp_async(const void* src, float* out, int fences, cudaStream_t stream);
 void fault_named_barrier_count(float* out, cudaStream_t stream);
+void fault_named_barrier_split_warp(float* out, cudaStream_t stream);
 void fault_smem_limit(float* out, cudaStream_t stream);
 
 }  // namespace gam_selftest

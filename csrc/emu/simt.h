@@ -170,7 +170,9 @@ bool wgmma_fenced();
 void block_barrier(const char* file, int line);
 
 // bar.sync id, count (named barrier, id 1..15): blocks the calling thread until `count` threads
-// (a multiple of 32) wait at barrier id, wherever they call it from.
+// (a multiple of 32) wait at barrier id, wherever they call it from. As bar.sync is .aligned on
+// the GPU (a warp arrives as a whole), a release where some but not all live threads of a warp
+// wait at the barrier is a fault.
 void named_barrier(int id, int count, const char* file, int line);
 
 // Lanes of the caller's warp that exist and have not exited.
