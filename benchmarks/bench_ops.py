@@ -77,6 +77,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # The installed gam_ext; this source tree (built in place) only when none is installed.
 if importlib.util.find_spec("gam_ext") is None:
     sys.path.insert(1, str(ROOT))
+# The GPU check's names of the kernel paths (scripts/cuda_smoke.py).
+sys.path.insert(1, str(ROOT / "scripts"))
+
+from cuda_smoke import broken_paths, paths_met  # noqa: E402
 
 import gam_ext  # noqa: E402
 
@@ -173,15 +177,9 @@ def broken_kernels_met(env: dict[str, str], *, backward: bool = True, mixer: boo
     GPU (GAM_CHECK_BROKEN, in scripts/cuda_smoke.py's names) that a run would meet under env
     (values of GAM_EXT_RETRIEVAL and GAM_EXT_WGMMA_FORWARD over the process's own), with the
     backward or not, and with the fused mixer op or not."""
-    broken = set(os.environ.get("GAM_CHECK_BROKEN", "").split())
     path = env.get("GAM_EXT_RETRIEVAL", os.environ.get("GAM_EXT_RETRIEVAL"))
-    met = {"mixer"} if mixer else set()
-    if path == "wgmma":
-        forward = env.get("GAM_EXT_WGMMA_FORWARD", os.environ.get("GAM_EXT_WGMMA_FORWARD", "pipelined"))
-        met |= {f"wgmma-{forward}", "wgmma-backward"} if backward else {f"wgmma-{forward}"}
-    elif path:
-        met.add(path)
-    return sorted(met & broken)
+    met = paths_met(path, env.get("GAM_EXT_WGMMA_FORWARD"), backward=backward, mixer=mixer)
+    return sorted(met & broken_paths())
 
 
 def gam_mixer(h, conv_w, conv_b, memory, gate_w, gate_b):

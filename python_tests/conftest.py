@@ -8,6 +8,8 @@ import torch
 # The emulated CUDA build's driver is a test tool that lives with the emulator sources, outside
 # the gam_ext package: the emulated tests import it as `emulation`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "csrc" / "emu"))
+# The GPU check's smoke stage, whose names of the kernel paths the skips below use.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 # The suite must not depend on the thread count of the machine it runs on.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -21,6 +23,16 @@ def use_backend():
     previous = gam_ext.get_backend()
     yield gam_ext.set_backend
     gam_ext.set_backend(previous)
+
+
+@pytest.fixture
+def restore_environ():
+    """os.environ restored after the test to what it was before, for code under test that sets
+    variables itself (monkeypatch.delenv of an unset variable would not undo a later set)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
@@ -62,21 +74,15 @@ def kernel_paths_run(item: pytest.Item) -> set[str]:
     parameters `path` (a GAM_EXT_RETRIEVAL value, "wgmma-seesaw" for that forward), `forward`
     (a wgmma forward kernel) and `backend` ("fused": the fused mixer op), and by
     PATHS_BY_TEST."""
+    from cuda_smoke import paths_met
+
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec else {}
     path, forward = params.get("path"), params.get("forward")
+    retrieval, _, variant = path.partition("-") if isinstance(path, str) else (None, "", "")
     if forward is not None:
-        path = "wgmma"
-    paths = set()
-    if isinstance(path, str):
-        base, _, variant = path.partition("-")
-        if base == "wgmma":
-            forward = forward or variant or os.environ.get("GAM_EXT_WGMMA_FORWARD", "pipelined")
-            paths |= {f"wgmma-{forward}", "wgmma-backward"}
-        else:
-            paths.add(base)
-    if params.get("backend") == "fused":
-        paths.add("mixer")
+        retrieval = "wgmma"
+    paths = paths_met(retrieval, forward or variant or None, mixer=params.get("backend") == "fused")
     return paths | PATHS_BY_TEST.get(item.originalname, set())
 
 
@@ -85,7 +91,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # GAM_CHECK_BROKEN: the CUDA tests that would run them are skipped, saying so, since a hung
     # kernel would hold the whole test stage to its time limit and a CUDA error fails every
     # test after it in the process.
-    broken = set(os.environ.get("GAM_CHECK_BROKEN", "").split())
+    from cuda_smoke import broken_paths
+
+    broken = broken_paths()
     if not broken:
         return
     for item in items:

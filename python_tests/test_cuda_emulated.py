@@ -1148,20 +1148,15 @@ def test_greedy_generation_on_the_emulated_kernels(emu):
     assert calls == before
 
 
-def test_gpu_check_smoke_children_on_the_emulated_kernels(emu, use_backend):
+def test_gpu_check_smoke_children_on_the_emulated_kernels(emu, use_backend, restore_environ):
     # scripts/cuda_smoke.py's children (the smoke stage of scripts/gpu_check.sh) with the CPU
     # implementations of the ops they call shadowed by the emulated CUDA kernels, as in the test
     # above: each path's cases pass on the kernels a GPU check would run, and the environment
     # each child sets reaches the dispatcher (wgmma-backward: the gemm path's forward, then the
     # wgmma backward on what it saved).
-    import importlib.util
     import os
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "cuda_smoke.py"
-    spec = importlib.util.spec_from_file_location("cuda_smoke", path)
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    import cuda_smoke as smoke  # scripts/, on the path through conftest.py
 
     ran = []
 
@@ -1178,23 +1173,15 @@ def test_gpu_check_smoke_children_on_the_emulated_kernels(emu, use_backend):
         return kernel
 
     names = ("memory_retrieval_fwd", "memory_retrieval_bwd", "gam_mixer_fwd", "gam_mixer_bwd")
-    saved = {k: os.environ.get(k) for k in smoke.KERNEL_VARIABLES}
     runs = {}
-    try:
-        with cpu_ops_shadowed({name: shadow(name) for name in names}):
-            for child in smoke.PATH_ENV:
-                for k in smoke.KERNEL_VARIABLES:
-                    os.environ.pop(k, None)
-                use_backend("auto")
-                ran.clear()
-                assert smoke.child(child, device="cpu", shapes=[(1, 5, 13, 128)]) == 0, child
-                runs[child] = list(ran)
-    finally:
-        for k, v in saved.items():
-            if v is None:
+    with cpu_ops_shadowed({name: shadow(name) for name in names}):
+        for child in smoke.PATH_ENV:
+            for k in smoke.KERNEL_VARIABLES:
                 os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            use_backend("auto")
+            ran.clear()
+            assert smoke.child(child, device="cpu", shapes=[(1, 5, 13, 128)]) == 0, child
+            runs[child] = list(ran)
     for forward, kernel in wgmma_cases.FORWARD_KERNELS.items():
         assert runs[f"wgmma-{forward}"] and all(
             r.startswith(f"wgmma: {kernel}<") for r in runs[f"wgmma-{forward}"]

@@ -19,13 +19,14 @@ import os
 import time
 
 import torch
+from cuda_smoke import broken_paths
 
 import gam_ext
 
 DEV = "cuda"
 # Kernel paths that scripts/gpu_check.sh's smoke stage found hanging or failing on this GPU
 # (scripts/cuda_smoke.py's names): the cases that would run them are left out.
-BROKEN = set(os.environ.get("GAM_CHECK_BROKEN", "").split())
+BROKEN = broken_paths()
 
 
 def step(dtype: torch.dtype, d: int, k: int, n: int, s: int = 70) -> None:
@@ -42,6 +43,8 @@ def step(dtype: torch.dtype, d: int, k: int, n: int, s: int = 70) -> None:
 
 
 def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
+    if "mixer" in BROKEN:
+        return
     h = torch.randn(2, n, d, device=DEV, dtype=dtype, requires_grad=True)
     params = [
         torch.randn(d, 1, k, device=DEV),
@@ -52,8 +55,6 @@ def fused_mixer(dtype: torch.dtype, d: int, k: int, n: int) -> None:
     ]
     for p in params:
         p.requires_grad_()
-    if "mixer" in BROKEN:
-        return
     previous = gam_ext.set_backend("fused")  # "auto" runs the three ops on CUDA above a size
     try:
         gam_ext.gam_mixer(h, *params, 0.9).float().square().sum().backward()

@@ -45,6 +45,30 @@ PATH_ENV = {
     "wgmma-seesaw": {"GAM_EXT_RETRIEVAL": "wgmma", "GAM_EXT_WGMMA_FORWARD": "seesaw"},
     "wgmma-backward": {"GAM_EXT_RETRIEVAL": "wgmma"},
 }
+
+
+def paths_met(
+    retrieval: str | None, forward: str | None = None, *, backward: bool = True, mixer: bool = False
+) -> set[str]:
+    """The paths above that a run meets: on the GAM_EXT_RETRIEVAL path `retrieval` (None: the
+    default one, not checked) with the wgmma forward `forward` (None: GAM_EXT_WGMMA_FORWARD's,
+    else the default, pipelined), with its backward or not, with the fused mixer op or not."""
+    met = {"mixer"} if mixer else set()
+    if retrieval == "wgmma":
+        met.add(f"wgmma-{forward or os.environ.get('GAM_EXT_WGMMA_FORWARD') or 'pipelined'}")
+        if backward:
+            met.add("wgmma-backward")
+    elif retrieval:
+        met.add(retrieval)
+    return met
+
+
+def broken_paths() -> set[str]:
+    """GAM_CHECK_BROKEN: the paths that scripts/gpu_check.sh's run of this script found hanging
+    or failing, which its later stages leave out."""
+    return set(os.environ.get("GAM_CHECK_BROKEN", "").split())
+
+
 # (B, N, S, D): partial row and slot tiles, odd and even tile counts, every D the wgmma forwards
 # take, and one launch of the benchmarks' size (more blocks than SMs).
 SHAPES = [(2, 70, 130, 512), (1, 40, 200, 128), (2, 77, 515, 256), (16, 1024, 512, 512)]
