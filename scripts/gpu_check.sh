@@ -121,9 +121,9 @@ timeout $(limit 150) "$PY" scripts/cuda_smoke.py --time-limit 60 > "$LOG/smoke.m
 SMOKE_RC=$?
 took smoke
 tail -n 12 "$LOG/smoke.md"
-BROKEN=$(sed -n 's/^broken: //p' "$LOG/smoke.md" | tail -1)
-[[ $BROKEN == none ]] && BROKEN=""
-export GAM_CHECK_BROKEN="$BROKEN"
+GAM_CHECK_BROKEN=$(sed -n 's/^broken: //p' "$LOG/smoke.md" | tail -1)
+[[ $GAM_CHECK_BROKEN == none ]] && GAM_CHECK_BROKEN=""
+export GAM_CHECK_BROKEN
 broken() { [[ " $GAM_CHECK_BROKEN " == *" $1 "* ]]; }
 # Without the fused mixer op, the stages that run GAMBlock as a user would get the three ops.
 broken mixer && export GAM_EXT_BACKEND=unfused
@@ -308,7 +308,7 @@ fi
   echo "| stage | command | result |"
   echo "|---|---|---|"
   echo "| build | TORCH_CUDA_ARCH_LIST=$BUILD_ARCH MAX_JOBS=16 GAM_EXT_FORCE_CUDA=1 $PY setup.py build_ext --inplace | $([[ -n ${BUILD_KEPT:-} ]] && echo "not run: this checkout's CUDA build kept" || timed build "$(status build $BUILD_RC)") |"
-  echo "| smoke | $PY scripts/cuda_smoke.py --time-limit 60 | $(timed smoke "$(smoke_status $SMOKE_RC)$([[ -n $BROKEN ]] && echo ": left out of the later stages: $BROKEN")") |"
+  echo "| smoke | $PY scripts/cuda_smoke.py --time-limit 60 | $(timed smoke "$(smoke_status $SMOKE_RC)$([[ -n $GAM_CHECK_BROKEN ]] && echo ": left out of the later stages: $GAM_CHECK_BROKEN")") |"
   echo "| tests | $PY -m pytest $TESTS | $(timed tests "$(status tests $TEST_RC)$([[ $TEST_RC -ne $NOT_RUN ]] && echo ": $(tail -1 "$LOG/pytest.txt")")") |"
   echo "| memcheck | compute-sanitizer --tool memcheck $PY scripts/cuda_sanitize_driver.py | $(timed memcheck "$(sanitizer_status "$LOG/memcheck.txt" $MEM_RC)") |"
   echo "| kernel bench | $PY benchmarks/cuda_kernel_bench.py $BENCH_ARGS | $(timed kernels "$(status kb $KB_RC)") |"
