@@ -124,7 +124,7 @@ UPDATE_SHAPES = [
 
 def _positions(b, seed):
     # Per-sequence positions: 0, below K-1 and far past it (masking and wrap-around).
-    return torch.tensor([0, 1, 37, 5, 2][:b], dtype=torch.int32) if seed else None
+    return torch.tensor([0, 1, 37, 5, 2] * (b // 5 + 1), dtype=torch.int32)[:b] if seed else None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -170,13 +170,15 @@ def test_conv_update_accepts_int64_positions_and_noncontiguous_x():
 
 STEP_SHAPES = [
     # (B, D, S, K): S = 1; S across the slot chunks (496 slots at D = 130, 240 at D = 264,
-    # 4096 at D = 8); D odd; K = 1 (no state) .. 5.
+    # 4096 at D = 8); D odd; K = 1 (no state) .. 5; B across the 64-row blocks of the kernel.
     (1, 8, 1, 3),
     (2, 5, 3, 1),
     (3, 13, 40, 4),
     (1, 130, 600, 3),
     (2, 264, 500, 2),
     (1, 8, 4100, 5),
+    (70, 16, 90, 3),
+    (129, 264, 500, 2),
 ]
 
 
@@ -286,8 +288,8 @@ def test_inputs_that_need_a_gradient_take_the_reference():
 
 def _step_outputs():
     results = []
-    for b in (1, 3):
-        p = _step_inputs((b, 40, 3000, 3), torch.float32, 60)  # 2 slot chunks per row
+    for b in (1, 3, 70):
+        p = _step_inputs((b, 40, 3000, 3), torch.float32, 60)  # 2 slot chunks, 2 row blocks
         state = p["conv_state"].clone()
         results += [gam_ext.gam_mixer_step(**{**p, "conv_state": state}), state]
     return results

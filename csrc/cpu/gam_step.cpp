@@ -87,88 +87,80 @@ ConvStateView<T> state_view(T* state, int64_t b, int64_t width, int64_t d, const
                           pos != nullptr ? pos[b] : 0};
 }
 
-// Slots per retrieval work item: about 64k multiply-adds each, fixed by D (never by the thread
-// count), so the chunk partials and their combination do not depend on the machine.
+// Slots per retrieval work item: about 64k multiply-adds per row, fixed by D (never by the thread
+// count or the batch), so the chunk partials and their combination do not depend on the machine's
+// threads. Several chunks let a single row (batch 1, the common case) run on every thread.
 int64_t step_slot_chunk(int64_t d) {
   return std::min<int64_t>(4096,
                            std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
-// src[0 .. 16) widened to A, as one vector-extension value.
-template <typename Vec, typename A, typename M>
-GAM_INLINE void widened_block(const M* src, Vec& out) {
-  A v[16];
-  for (int q = 0; q < 16; ++q) v[q] = static_cast<A>(src[q]);
-  std::memcpy(&out, v, sizeof(Vec));
-}
+// Rows per retrieval work item: the rows of a batch share each slot chunk's two tile products
+// (one pass over the chunk for all of them) instead of one matrix-vector pass per row.
+constexpr int64_t kStepRows = 64;
 
-// row_dot<A>(h, mem + k * d, d) for k < 4, side by side: one row_dot is a single chain of
-// dependent FMAs, four independent chains keep the FMA units busy. Each sum is row_dot's, in
-// row_dot's order (16 partial sums, sum_partials). The partial sums are vector-extension values,
-// which GCC keeps in registers (as plain arrays, 4 x 16 of them went to the stack).
-template <typename A, typename M>
-GAM_INLINE void row_dots4(const A* h, const M* mem, int64_t d, A* out) {
-  typedef A Vec __attribute__((vector_size(16 * sizeof(A))));
-  Vec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  const int64_t blocks = d / 16;
-  for (int64_t i = 0; i < blocks; ++i) {
-    Vec x, y0, y1, y2, y3;
-    std::memcpy(&x, h + i * 16, sizeof(Vec));
-    widened_block<Vec, A>(mem + i * 16, y0);
-    widened_block<Vec, A>(mem + d + i * 16, y1);
-    widened_block<Vec, A>(mem + 2 * d + i * 16, y2);
-    widened_block<Vec, A>(mem + 3 * d + i * 16, y3);
-    acc0 += x * y0;
-    acc1 += x * y1;
-    acc2 += x * y2;
-    acc3 += x * y3;
-  }
-  const Vec* accs[4] = {&acc0, &acc1, &acc2, &acc3};
-  for (int k = 0; k < 4; ++k) {
-    A s[16];
-    std::memcpy(s, accs[k], sizeof(Vec));
-    for (int64_t c = blocks * 16; c < d; ++c) s[0] += h[c] * static_cast<A>(mem[k * d + c]);
-    out[k] = sum_partials(s);
-  }
-}
-
-// One (row, slot chunk) of the retrieval: scores of the w slots of mem, their max mx, the sum of
-// exp(score - mx) and acc = sum_j exp(score_j - mx) mem[j]. part = [acc (D) | mx | sum]. With
-// round_p, exp(score - mx) enters acc rounded to bf16, as in the full-sequence kernels when they
-// run bf16 products (bf16_gemm.h).
-template <typename A, typename M>
-GAM_INLINE void retrieval_chunk(const A* h, const M* mem, int64_t w, int64_t d, A scale, A* scores,
-                                A* part, bool round_p) {
-  A mx = -std::numeric_limits<A>::infinity();
-  const int64_t w4 = w / 4 * 4;  // slots scored four at a time
-  for (int64_t j = 0; j < w4; j += 4) {
-    A dots[4];
-    row_dots4(h, mem + j * d, d, dots);
-    for (int k = 0; k < 4; ++k) {
-      scores[j + k] = scale * dots[k];
-      mx = std::max(mx, scores[j + k]);
-    }
-  }
-  for (int64_t j = w4; j < w; ++j) {
-    scores[j] = scale * row_dot<A>(h, mem + j * d, d);
-    mx = std::max(mx, scores[j]);
-  }
-  // A chunk of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
-  const A shift = std::isfinite(mx) ? mx : A(0);
-  for (int64_t j = 0; j < w; ++j) scores[j] = fast_exp(scores[j] - shift);
-  const A sum = row_sum(scores, w);
-  A* __restrict acc = part;
-  std::fill(acc, acc + d, A(0));
-  for (int64_t j = 0; j < w; ++j) {
-    A p = scores[j];
+// One (row block, slot chunk) item after its score product: the t x w scores in sbuf become
+// p = exp(score - shift) in place, shift = the row's max over the chunk, and each row's part tail
+// (stride ld) takes [shift, sum of p]. With round_p, p is then rounded to bf16 for the P M
+// product, as in the full-sequence kernels when they run bf16 products (bf16_gemm.h); the sum
+// is of the unrounded p, as there.
+template <typename A>
+GAM_INLINE void chunk_probabilities(A* sbuf, int64_t t, int64_t w, bool round_p, A* tails,
+                                    int64_t ld) {
+  for (int64_t i = 0; i < t; ++i) {
+    A* __restrict srow = sbuf + i * w;
+    A mx = -std::numeric_limits<A>::infinity();
+    for (int64_t j = 0; j < w; ++j) mx = std::max(mx, srow[j]);
+    // A chunk of all -inf scores cannot happen with finite inputs; keep exp() finite anyway.
+    const A shift = std::isfinite(mx) ? mx : A(0);
+    for (int64_t j = 0; j < w; ++j) srow[j] = fast_exp(srow[j] - shift);
+    tails[i * ld] = shift;
+    tails[i * ld + 1] = row_sum(srow, w);
     if constexpr (std::is_same_v<A, float>) {
-      if (round_p) p = static_cast<float>(to_bf16(p));
+      if (round_p) {
+        for (int64_t j = 0; j < w; ++j) srow[j] = static_cast<float>(to_bf16(srow[j]));
+      }
     }
-    const M* __restrict row = mem + j * d;
-    for (int64_t c = 0; c < d; ++c) acc[c] += p * static_cast<A>(row[c]);
   }
-  part[d] = shift;
-  part[d + 1] = sum;
+}
+
+// The retrieval of the step as chunk partials: for every row and slot chunk, part = [sum_j p_j
+// M_j (D) | shift | sum_j p_j] with p_j = exp(scale h.M_j - shift) (parts: (b, chunks, d + 2)).
+// Each item runs its two products on tiles through ATen's BLAS, single-threaded inside the
+// parallel region (cpu_common.h: the same bits whatever the thread count); a half bank is widened
+// chunk by chunk into the item's scratch, once per row block.
+template <typename T>
+void step_retrieval_parts(const acc_t<T>* h, const T* mem, int64_t b, int64_t s, int64_t d,
+                          acc_t<T> scale, bool round_p, acc_t<T>* parts) {
+  using A = acc_t<T>;
+  constexpr bool kWide = std::is_same_v<T, A>;
+  const int64_t chunk = step_slot_chunk(d);
+  const int64_t chunks = (s + chunk - 1) / chunk;
+  const int64_t rows = std::min(b, kStepRows);
+  const int64_t blocks = (b + rows - 1) / rows;
+  const int64_t ld = chunks * (d + 2);  // parts: one row's stride
+  const int64_t per_thread = rows * chunk + (kWide ? 0 : chunk * d);
+  const int64_t slots = thread_slots();
+  at::Tensor scratch = at::empty({slots, per_thread}, c10::CppTypeToScalarType<A>::value);
+  A* const scratch_p = scratch.mutable_data_ptr<A>();
+  // Chunk-major items: the row blocks of one chunk run one after another while it is in cache.
+  parallel_items(blocks * chunks, [&](int64_t item) {
+    const int64_t ch = item / blocks, blk = item % blocks;
+    const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);
+    const int64_t r0 = blk * rows, t = std::min(rows, b - r0);
+    A* const sbuf = scratch_p + thread_slot(slots) * per_thread;
+    A* mc = sbuf + rows * chunk;
+    if constexpr (kWide) {
+      mc = const_cast<A*>(mem + j0 * d);
+    } else {
+      run_best_isa<convert_rows<A, T>>(mc, d, mem + j0 * d, d, w, d);
+    }
+    A* const part0 = parts + r0 * ld + ch * (d + 2);
+    const Mat<A> hm{const_cast<A*>(h + r0 * d), t, d, d}, mm{mc, w, d, d}, sm{sbuf, t, w, w};
+    gemm<A>(hm, false, mm, true, sm, scale, A(0));
+    run_best_isa<chunk_probabilities<A>>(sbuf, t, w, round_p, part0 + d, ld);
+    gemm<A>(sm, false, mm, false, Mat<A>{part0, t, d, ld}, A(1), A(0));
+  });
 }
 
 // Row b: combine the chunk partials into g, the conv from the state into local, both rounded to
@@ -260,31 +252,17 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
   const at::Tensor wt = conv_weight.to(acc).t().contiguous();
   const at::Tensor bias_acc =
       conv_bias.has_value() ? conv_bias->to(acc).contiguous() : at::Tensor();
-  // Rounded to h's dtype (op_checks.h) and read in it: the loops widen each value exactly to the
-  // accumulation type (a widened copy of the bank per token took a third of a bf16 step).
+  // Rounded to h's dtype (op_checks.h), as the full ops read it; widened chunk by chunk.
   const at::Tensor mem = memory_in_activation_dtype(memory, h).contiguous();
   const at::Tensor h_acc = h.to(acc).contiguous();
   const at::Tensor pos = positions_or_none(cache_seqlens);
-  const int64_t chunk = step_slot_chunk(d);
-  const int64_t chunks = (s + chunk - 1) / chunk;
+  const int64_t chunks = (s + step_slot_chunk(d) - 1) / step_slot_chunk(d);
   at::Tensor parts = at::empty({b, chunks, d + 2}, h.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gam_mixer_step", [&] {
     using A = acc_t<scalar_t>;
-    const A* hp = h_acc.const_data_ptr<A>();
-    const scalar_t* mp = mem.const_data_ptr<scalar_t>();
     A* partp = parts.mutable_data_ptr<A>();
-    const A scale_a = static_cast<A>(scale);
-    const bool round_p = bf16_products(st);
-    // Chunk-major items: the rows of one slot chunk run one after another, so that the chunk is
-    // read from memory once per step rather than once per row.
-    parallel_items(b * chunks, [&](int64_t item) {
-      const int64_t ch = item / b, bi = item % b;
-      const int64_t j0 = ch * chunk, w = std::min(chunk, s - j0);
-      std::vector<A> scores(w);
-      run_best_isa<retrieval_chunk<A, scalar_t>>(hp + bi * d, mp + j0 * d, w, d, scale_a,
-                                                 scores.data(),
-                                                 partp + (bi * chunks + ch) * (d + 2), round_p);
-    });
+    step_retrieval_parts<scalar_t>(h_acc.const_data_ptr<A>(), mem.const_data_ptr<scalar_t>(), b, s,
+                                   d, static_cast<A>(scale), bf16_products(st), partp);
     const scalar_t* hT = h.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* fp = f.mutable_data_ptr<scalar_t>();
