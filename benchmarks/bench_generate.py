@@ -5,6 +5,8 @@ For a context of C tokens (a random prompt), each provider emits new tokens one 
   gam_step        GAMModel's recurrent step (GAMModel.prefill, then GAMModel.step per token): a
                   state of n_layer * (K-1) * D numbers per sequence; past block_size it re-runs
                   only the last n_layer * (K-1) + 1 tokens per step (gam_ext/generation.py)
+  gam_step_graph  the same step replayed from a CUDA graph, as GAMModel.generate(cuda_graph=True)
+                  runs it (CUDA only; the launch cost of the step's kernels leaves the host)
   gam_recompute   gam_ext.modules.generate_tokens: the whole model on the last block_size tokens
                   for every new token (what GAMModel.generate did before the step)
   transformer_kv  the Transformer baseline of examples/baselines.py with a KV cache: per token,
@@ -57,10 +59,11 @@ from baselines import TransformerLM  # noqa: E402
 from bench_ops import machine_description, peak_memory, sync  # noqa: E402
 
 import gam_ext  # noqa: E402
-from gam_ext.generation import _step  # noqa: E402
+from gam_ext.generation import StepGraph, _step  # noqa: E402
 from gam_ext.modules import generate_tokens  # noqa: E402
 
-PROVIDERS = ("gam_step", "gam_recompute", "transformer_kv")
+PROVIDERS = ("gam_step", "gam_step_graph", "gam_recompute", "transformer_kv")
+CUDA_ONLY = ("gam_step_graph",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -172,6 +175,15 @@ def measure(
             peak = transient_peak(lambda: _step(model, next(fed), state), dev)
             times = time_calls(lambda: _step(model, next(fed), state), args.tokens, dev)
             kept = state.nbytes
+        elif provider == "gam_step_graph":
+            state = model.allocate_state(args.batch)
+            model.prefill(prompt, state)
+            graphed = StepGraph(model, state)  # the capture: once per generate call
+            fed = iter(new)
+            graphed(next(fed))  # warm-up
+            peak = transient_peak(lambda: graphed(next(fed)), dev)
+            times = time_calls(lambda: graphed(next(fed)), args.tokens, dev)
+            kept = state.nbytes
         elif provider == "gam_recompute":
             block = model.config.block_size
 
@@ -239,6 +251,14 @@ def acceptance_lines(rows: list[dict], contexts: list[int]) -> list[str]:
             f"- context {at}: gam_recompute latency / gam_step latency = "
             f"{full['ms'] / step['ms']:.1f} (target >= 20)"
         )
+    for context in sorted(contexts):
+        graphed = lookup(rows, "gam_step_graph", context)
+        if step := lookup(rows, "gam_step", context):
+            if graphed:
+                lines.append(
+                    f"- context {context}: gam_step latency / gam_step_graph latency = "
+                    f"{step['ms'] / graphed['ms']:.2f} (the host's launch cost per token)"
+                )
     kv = lookup(rows, "transformer_kv", max(contexts))
     step = lookup(rows, "gam_step", max(contexts))
     if kv and step:
@@ -412,7 +432,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS,
+        default=None,
+        help=f"default: all ({', '.join(CUDA_ONLY)} on CUDA only)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
@@ -449,9 +475,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.providers is None:
+        args.providers = [q for q in PROVIDERS if args.device == "cuda" or q not in CUDA_ONLY]
+    elif args.device != "cuda" and (cuda_only := [q for q in args.providers if q in CUDA_ONLY]):
+        p.error(f"{', '.join(cuda_only)} runs on CUDA only (--device cuda)")
     if args.block_size is None:
         args.block_size = max(args.contexts) + args.tokens + 2
     return args
+
+
+def provider_of(name: str) -> str:
+    """The provider a model of the grid runs: gam_step_block<N> is gam_step on a shorter block."""
+    return "gam_step" if name.startswith("gam_step_block") else name
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -478,8 +513,7 @@ def main(argv: list[str] | None = None) -> Path:
     # initialisation; one discarded pass per provider at the smallest context.
     for name, model in models.items():
         if name != "gam":
-            provider = "gam_step" if name.startswith("gam_step") else name
-            measure(provider, model, min(args.contexts), args, device)
+            measure(provider_of(name), model, min(args.contexts), args, device)
     best: dict[tuple[str, int], dict] = {}
     capped: set[str] = set()
     for run in range(args.passes):
@@ -487,7 +521,7 @@ def main(argv: list[str] | None = None) -> Path:
             for name, model in models.items():
                 if name == "gam":
                     continue
-                provider = "gam_step" if name.startswith("gam_step") else name
+                provider = provider_of(name)
                 if name in capped:
                     best.setdefault(
                         (name, context), {"provider": name, "context": context, "status": "skipped (cap)"}

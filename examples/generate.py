@@ -36,7 +36,7 @@ if importlib.util.find_spec("gam_ext") is None:
 import torch  # noqa: E402
 
 import gam_ext  # noqa: E402
-from gam_ext.generation import sample_logits  # noqa: E402
+from gam_ext.generation import StepGraph, sample_logits  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="fp32", help="the model's dtype (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="on a GPU, replay each step from a CUDA graph (gam_ext.generation.StepGraph) "
+        "instead of launching its kernels one by one",
     )
     p.add_argument(
         "--threads",
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.device == "auto"
             else args.device
         )
+        if args.cuda_graph and device.type != "cuda":
+            raise UserError("--cuda-graph needs a GPU (the model runs on the CPU here)")
         ckpt_path, ckpt = load_checkpoint(args.checkpoint)
         run = ckpt.get("args") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else None
         model = load_model(ckpt, DTYPES[args.dtype], device)
@@ -311,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         state = model.allocate_state(1)
         model.step(model.prefill(idx[:, :1], state).argmax(-1), state)  # warm-up, not timed
+        # The graph holds the state's tensors, which the prefill below rewrites in place.
+        step = StepGraph(model, state) if args.cuda_graph else (lambda token: model.step(token, state))
         sync()
         t0 = time.perf_counter()
         logits = model.prefill(idx, state)
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             printer.add(value)
             if i + 1 < args.max_new_tokens:
-                logits = model.step(token, state)
+                logits = step(token)
         sync()
         t2 = time.perf_counter()
     sys.stdout.write("\n")

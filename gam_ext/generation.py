@@ -11,7 +11,8 @@ The API follows the inference caches of other recurrent models (Mamba's ``Infere
     state = model.allocate_state(batch_size)     # zeros; a few KB
     logits = model.prefill(idx, state)           # the prompt through the fused full-sequence path
     logits = model.step(next_tokens, state)      # one token per sequence, state updated in place
-    out = model.generate(idx, max_new_tokens, temperature=..., top_k=..., top_p=..., greedy=...)
+    out = model.generate(idx, max_new_tokens, temperature=..., top_k=..., top_p=..., greedy=...,
+                         cuda_graph=...)
 
 **Positions.** GAMModel has learned absolute positions 0 .. block_size-1. While the context fits
 (at most block_size tokens) the step is exact: its logits are the last row of ``model(idx)``, up to
@@ -32,7 +33,10 @@ shifted on the device, and the step ops allocate only from the caching allocator
 stays within block_size (the window step past it is capturable too, as a second graph). The only
 host-side field is ``state.seqlen``, which picks the branch; a replay does not advance it, so
 advance it yourself when you mix replays with eager calls. Token ids are range-checked on the
-CPU, and on CUDA outside a capture (a device-to-host read).
+CPU, and on CUDA outside a capture (a device-to-host read). :class:`StepGraph` does all of this
+for a loop of your own, and ``generate(..., cuda_graph=True)`` for its own: one step is a few
+dozen small kernels, and on a GPU their launches from Python can take longer than the kernels; a
+replay launches them all at once.
 
 **Dropout** never applies: prefill, step and generate compute what ``model.eval()`` computes.
 """
@@ -50,7 +54,16 @@ import torch.nn.functional as F
 
 from gam_ext import ops
 
-__all__ = ["GAMState", "allocate_state", "prefill", "step", "generate", "sample_logits", "window_length"]
+__all__ = [
+    "GAMState",
+    "StepGraph",
+    "allocate_state",
+    "prefill",
+    "step",
+    "generate",
+    "sample_logits",
+    "window_length",
+]
 
 
 @dataclass
@@ -302,20 +315,101 @@ def prefill(model: nn.Module, idx: torch.Tensor, state: GAMState) -> torch.Tenso
         return model.head(model.ln_f(x[:, -1]))
 
 
+def _recurrent_step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tensor:
+    """The device work of a step within block_size, tokens (B,): it reads and writes no host
+    state (state.seqlen is the caller's), so a CUDA graph can capture it."""
+    state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
+    x = model.token_embedding(tokens) + model.pos_embedding(state.positions)
+    for block, conv in zip(model.blocks, state.conv, strict=True):
+        x = block._step(x, conv, state.positions)
+    state.positions.add_(1)
+    return model.head(model.ln_f(x))
+
+
 def _step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tensor:
     """The step without argument checks: tokens (B,) on the model's device."""
     with _inference(model):
-        state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
         if state.seqlen < model.config.block_size:
-            x = model.token_embedding(tokens) + model.pos_embedding(state.positions)
-            for block, conv in zip(model.blocks, state.conv, strict=True):
-                x = block.step(x, conv, state.positions)
-            logits = model.head(model.ln_f(x))
+            logits = _recurrent_step(model, tokens, state)
         else:
+            state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
             logits = _window_logits(model, state.tokens)
-        state.positions.add_(1)
+            state.positions.add_(1)
         state.seqlen += 1
     return logits
+
+
+class StepGraph:
+    """``model.step(tokens, state)`` for one state, with the recurrent step captured once in a CUDA
+    graph: a call copies the tokens into the graph's input, replays it and returns the logits
+    (B, vocab_size) in the graph's output buffer, which the next call overwrites (sample from it,
+    or clone it, before the next call). Past block_size a call runs the window step eagerly.
+
+    One step is a few dozen small kernels; launched one by one from Python they can take longer
+    than they run, and a replay launches them all at once. The graph holds the state's tensors,
+    so it serves this state only (``prefill`` it again to start a new prompt: it is written in
+    place). The capture runs no step: construct it after the prefill, at any point. Tokens are
+    not range-checked (that needs a device-to-host read); an id outside the vocabulary fails in
+    the embedding kernel. ``generate(..., cuda_graph=True)`` builds one for its own loop.
+    """
+
+    def __init__(self, model: nn.Module, state: GAMState) -> None:
+        device = _model_device(model)
+        if device.type != "cuda":
+            raise ValueError(f"StepGraph needs a model on a CUDA device; this one is on {device}")
+        _check_state(model, state, state.batch_size if isinstance(state, GAMState) else 0)
+        self.model, self.state = model, state
+        device = state.device
+        self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with _inference(model), _uncached_autocast():
+            # Warm up on a side stream, on a copy of the state (lazy cuBLAS handles and
+            # workspaces must not be created inside the capture).
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                _recurrent_step(model, self.tokens, state.clone())
+            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.cuda.graph(self.graph):  # records the kernels, runs none: the state stays
+                self.logits = _recurrent_step(model, self.tokens, state)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, (B,) or (B, 1) ids on the model's device; the next-token logits."""
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.numel() != self.tokens.numel()
+            or tokens.dim() not in (1, 2)
+            or tokens.dtype.is_floating_point
+            or tokens.dtype.is_complex
+            or tokens.dtype == torch.bool
+            or tokens.device != self.tokens.device
+        ):
+            got = (
+                f"shape {tuple(tokens.shape)}, {tokens.dtype} on {tokens.device}"
+                if isinstance(tokens, torch.Tensor)
+                else type(tokens).__name__
+            )
+            raise ValueError(
+                f"tokens must be {self.tokens.numel()} integer token ids, (B,) or (B, 1), on "
+                f"{self.tokens.device}; got {got}"
+            )
+        if self.state.seqlen >= self.model.config.block_size:
+            return _step(self.model, tokens.reshape(-1).to(torch.long), self.state)
+        self.tokens.copy_(tokens.reshape(-1))
+        self.graph.replay()
+        self.state.seqlen += 1
+        return self.logits
+
+
+@contextlib.contextmanager
+def _uncached_autocast() -> Iterator[None]:
+    """Under CUDA autocast, autocast again without its cast cache: a capture must not use casts
+    cached before it (freed when the outer autocast exits, while the graph still reads them)."""
+    if not torch.is_autocast_enabled("cuda"):
+        yield
+        return
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+        yield
 
 
 def step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tensor:
@@ -382,13 +476,23 @@ def generate(
     greedy: bool = False,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """idx (B, N) followed by up to max_new_tokens generated tokens: (B, N + new).
 
     Prefill, then one recurrent step per token (see the module docstring); the samples follow
     :func:`sample_logits`. With eos_token_id, a sequence that has produced it continues with
-    eos_token_id, and generation stops once every sequence has.
+    eos_token_id, and generation stops once every sequence has. With cuda_graph (a model on a
+    CUDA device), the step within block_size is captured once in a CUDA graph and replayed per
+    token: the same tokens, without the host's per-kernel launch cost (the capture itself costs
+    about as much as a few eager steps).
     """
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if cuda_graph and _model_device(model).type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs a model on a CUDA device; this one is on {_model_device(model)}"
+        )
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
@@ -405,6 +509,7 @@ def generate(
     with _inference(model):
         state = allocate_state(model, idx.shape[0])
         logits = prefill(model, idx, state)
+        next_logits = StepGraph(model, state) if cuda_graph and max_new_tokens > 1 else None
         pieces, done = [idx], None
         for i in range(max_new_tokens):
             token = sample_logits(
@@ -416,5 +521,5 @@ def generate(
             pieces.append(token.unsqueeze(1).to(idx.dtype))
             if i + 1 == max_new_tokens or (done is not None and bool(done.all())):
                 break
-            logits = _step(model, token, state)
+            logits = _step(model, token, state) if next_logits is None else next_logits(token)
     return torch.cat(pieces, dim=1)

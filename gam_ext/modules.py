@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam_ext import generation
-from gam_ext.ops import _check_float_tensor, gam_mixer, gam_mixer_step
+from gam_ext import generation, ops
+from gam_ext.ops import _check_float_tensor, gam_mixer
 
 __all__ = ["GAMConfig", "GAMBlock", "GAMModel", "LanguageModel", "generate_tokens"]
 
@@ -118,17 +118,37 @@ class GAMBlock(nn.Module):
         takes LN1(x), in place, as in :func:`gam_ext.causal_conv1d_update` (with cache_seqlens, a
         circular buffer by position). Inference: no dropout.
         """
-        x = x + gam_mixer_step(
-            self.ln1(x),
+        x = _check_float_tensor("x", x, 2)
+        if x.shape[1] != self.d_model:
+            raise ValueError(f"x must have shape (B, {self.d_model}), got {tuple(x.shape)}")
+        ops._check_same_device("x", x, memory_bank=self.memory_bank)
+        ops._check_conv_state(
+            "x", ops._activation(x), conv_state, self.causal_conv.kernel_size[0], cache_seqlens
+        )
+        return self._step(x, conv_state, cache_seqlens)
+
+    def _step(
+        self, x: torch.Tensor, conv_state: torch.Tensor, cache_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`step` past its checks, in functional calls (generation's per-token loop runs it:
+        a step is host-bound, and each module call and check costs microseconds)."""
+        d = self.d_model
+        h = ops._activation(F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps))
+        conv = self.causal_conv
+        x = x + ops._mixer_step(
+            h,
             conv_state,
-            self.causal_conv.weight,
-            self.causal_conv.bias,
+            conv.weight.reshape(d, conv.kernel_size[0]),
+            conv.bias,
             self.memory_bank,
             self.gate.weight,
             self.gate.bias,
-            cache_seqlens=cache_seqlens,
+            1.0,
+            cache_seqlens,
         )
-        return x + self.ffn[:3](self.ln2(x))  # Linear, GELU, Linear: the FFN without its dropout
+        u = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        up, down = self.ffn[0], self.ffn[2]  # Linear, GELU, Linear: the FFN without its dropout
+        return x + F.linear(F.gelu(F.linear(u, up.weight, up.bias)), down.weight, down.bias)
 
 
 class LanguageModel(nn.Module):
@@ -269,6 +289,7 @@ class GAMModel(LanguageModel):
         greedy: bool = False,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """idx (B, N) followed by up to ``max_new_tokens`` new tokens, one :meth:`step` each after
         a :meth:`prefill`: constant memory and time per token at any context length. The tokens
@@ -276,6 +297,8 @@ class GAMModel(LanguageModel):
         block_size). Sampling: softmax of logits / temperature, restricted to the top_k tokens
         and the top_p nucleus; greedy takes the argmax. A sequence that produced eos_token_id
         continues with it, and generation stops when all have. Runs without dropout or autograd.
+        ``cuda_graph=True`` (a model on a GPU) replays the step from a CUDA graph: the same
+        tokens, without the host's cost of launching each of the step's kernels.
         """
         return generation.generate(
             self,
@@ -287,6 +310,7 @@ class GAMModel(LanguageModel):
             greedy=greedy,
             eos_token_id=eos_token_id,
             generator=generator,
+            cuda_graph=cuda_graph,
         )
 
     @classmethod

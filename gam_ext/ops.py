@@ -453,6 +453,25 @@ def gam_mixer_step(
     _check_memory(h.unsqueeze(1), memory, scale)
     h = _activation(h)
     _check_conv_state("h", h, conv_state, weight_2d.shape[1], cache_seqlens)
+    return _mixer_step(
+        h, conv_state, weight_2d, conv_bias, memory, gate_weight, gate_bias, scale, cache_seqlens
+    )
+
+
+def _mixer_step(
+    h: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight_2d: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    memory: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    scale: float,
+    cache_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """gam_mixer_step past its argument checks, h already in its activation dtype. The model's
+    own step calls it directly: its parameters are its own and its state was checked once, and
+    at small widths the checks take more host time per token than the step's kernel."""
     gate_logits = _gate_linear(h, gate_weight, gate_bias)
     if _use_step_kernel(
         "gam_mixer_step", h.device.type, h.dtype, h, weight_2d, conv_bias, memory, gate_logits

@@ -67,6 +67,17 @@ def test_tiny_grid_writes_table_csv_and_plot(tmp_path):
     assert "## Targets" in text and "gam_recompute latency / gam_step latency" in text
     assert stem.with_suffix(".png").stat().st_size > 0
     assert "USDT" not in out.stdout + out.stderr
+    assert not any(r["provider"] == "gam_step_graph" for r in rows)  # CUDA only: not by default here
+
+
+def test_cuda_only_provider_on_the_cpu_is_refused():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--providers", "gam_step", "gam_step_graph"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "gam_step_graph runs on CUDA only (--device cuda)" in out.stderr
 
 
 def test_kv_cache_step_is_the_transformer_forward():

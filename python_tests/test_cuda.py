@@ -1,6 +1,7 @@
 """The CUDA kernels on a GPU: every op vs the fp64 reference, opcheck, torch.compile, autocast,
 determinism and bad input. Skipped without a CUDA GPU and a CUDA build of gam_ext._C
-(scripts/gpu_check.sh builds one and runs `pytest -m cuda`).
+(scripts/gpu_check.sh builds one and runs this file; every test marked `cuda` lives here or in
+test_cuda_wgmma.py, so that the check runs them all).
 """
 
 from __future__ import annotations
@@ -8,10 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import wgmma_cases
+from test_generation import make_model as gen_model
+from test_generation import step_logits as gen_step_logits
+from test_generation import tokens as gen_tokens
 from tolerances import TOL
 
 import gam_ext
 from gam_ext import _backend, reference
+from gam_ext.modules import generate_tokens
 
 pytestmark = [
     pytest.mark.cuda,
@@ -493,3 +498,128 @@ def test_step_ops_opcheck_and_determinism():
         st = state.clone()
         runs.append((torch.ops.gam_ext.gam_mixer_step(h, st, w, None, m, z, pos, 1.0), st))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+# --------------------------------------------------------------------------------------------
+# Generation: the model's step on the CUDA kernels, and replayed from a CUDA graph
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_model_step_matches_forward_and_greedy_matches_generate_tokens(dtype):
+    model = gen_model(dtype=dtype).cuda()
+    idx = gen_tokens((2, 20)).cuda()
+    with torch.no_grad():
+        full = model(idx)[0][:, 2:].cpu().double()
+        previous = gam_ext.set_backend("reference")
+        try:
+            ref64 = gen_model(dtype=torch.float64)(idx.cpu())[0][:, 2:]
+        finally:
+            gam_ext.set_backend(previous)
+    ours = gen_step_logits(model, idx, 3).cpu().double()
+    # Within the dtype's tolerance of the full forward in that dtype, or of the float64 model
+    # within twice the full forward's own error (the full path's tensor cores round P to dtype).
+    tol = TOL[dtype]
+    ok = (ours - full).abs() <= tol["atol"] + tol["rtol"] * full.abs()
+    ok |= (ours - ref64).abs() <= tol["atol"] + tol["rtol"] * ref64.abs()
+    ok |= (ours - ref64).abs() <= 2 * (full - ref64).abs() + 1e-5
+    assert bool(ok.all()), f"{int((~ok).sum())} logits off"
+    if dtype == torch.float32:
+        for n_prompt in (3, 25):
+            prompt = gen_tokens((2, n_prompt), seed=9).cuda()
+            assert torch.equal(
+                model.generate(prompt, 30, greedy=True), generate_tokens(model, prompt, 30, 20, greedy=True)
+            )
+
+
+def test_model_step_captures_in_a_cuda_graph():
+    model = gen_model().cuda()
+    state = model.allocate_state(2)
+    model.prefill(gen_tokens((2, 4)).cuda(), state)
+    eager = state.clone()
+    static_tokens = gen_tokens((2,), seed=10).cuda()
+    # Warm up on a side stream (cuBLAS handles, allocator), on a throw-away copy of the state.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.step(static_tokens, state.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = model.step(static_tokens, state)
+    state.seqlen -= 1  # capture ran no kernels; the host counter is advanced by hand below
+    for t in range(8):
+        static_tokens.copy_(gen_tokens((2,), seed=20 + t).cuda())
+        graph.replay()
+        state.seqlen += 1
+        expected = model.step(static_tokens, eager)
+        torch.testing.assert_close(static_logits, expected, **TOL[torch.float32])
+        assert torch.equal(state.positions, eager.positions)
+        for a, b in zip(state.conv, eager.conv, strict=True):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_generate_with_cuda_graph_gives_the_eager_tokens():
+    # Prompts below and above block_size (20): past it the graph hands over to the eager window
+    # step. Greedy, so the tokens follow from the logits; fp32, so no near-ties between the two.
+    model = gen_model().cuda()
+    for n_prompt, new in ((3, 30), (25, 6)):
+        prompt = gen_tokens((2, n_prompt), seed=9).cuda()
+        eager = model.generate(prompt, new, greedy=True)
+        graphed = model.generate(prompt, new, greedy=True, cuda_graph=True)
+        assert torch.equal(graphed, eager)
+    # Sampling draws from the same generator stream either way.
+    prompt = gen_tokens((3, 5), seed=11).cuda()
+    draws = [
+        model.generate(
+            prompt, 12, top_k=10, cuda_graph=graph, generator=torch.Generator("cuda").manual_seed(3)
+        )
+        for graph in (False, True)
+    ]
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_graphed_step_under_autocast_matches_eager():
+    # An fp32 model under bf16 autocast: the capture runs without autocast's cast cache, so the
+    # graph casts the weights itself on every replay rather than reading casts freed since.
+    from gam_ext.generation import StepGraph, _step
+
+    model = gen_model().cuda()
+    prompt = gen_tokens((2, 4)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        state = model.allocate_state(2)
+        model.prefill(prompt, state)
+        eager = state.clone()
+        graphed = StepGraph(model, state)
+    torch.cuda.empty_cache()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for t in range(6):
+            token = gen_tokens((2,), seed=30 + t).cuda()
+            torch.testing.assert_close(graphed(token), _step(model, token, eager), **TOL[torch.bfloat16])
+            for a, b in zip(state.conv, eager.conv, strict=True):
+                torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+    assert state.seqlen == eager.seqlen == 10
+
+
+def test_step_graph_serves_its_state_across_prefills_and_past_block_size():
+    from gam_ext.generation import StepGraph, _step
+
+    model = gen_model().cuda()
+    state = model.allocate_state(2)
+    model.prefill(gen_tokens((2, 3)).cuda(), state)
+    graph = StepGraph(model, state)
+    # A second prompt into the same state (prefill writes it in place); 7 + 18 tokens cross
+    # block_size (20), where the graph hands over to the eager window step.
+    for n_prompt, steps in ((4, 6), (7, 18)):
+        model.prefill(gen_tokens((2, n_prompt), seed=n_prompt).cuda(), state)
+        eager = state.clone()
+        for t in range(steps):
+            token = gen_tokens((2, 1), seed=40 + t).cuda()  # (B, 1) is taken too
+            torch.testing.assert_close(
+                graph(token), _step(model, token.reshape(-1), eager), **TOL[torch.float32]
+            )
+            assert state.seqlen == eager.seqlen and torch.equal(state.positions, eager.positions)
+    with pytest.raises(ValueError, match=r"tokens must be 2 integer token ids, \(B,\) or \(B, 1\), on cuda"):
+        graph(torch.zeros(3, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="got shape \\(2,\\), torch.int64 on cpu"):
+        graph(torch.zeros(2, dtype=torch.long))

@@ -160,6 +160,7 @@ def test_paper_checkpoint_with_a_byte_tokenizer(tmp_path: Path) -> None:
         (["--checkpoint", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
         (["--top-p", "1.5", "x"], "--top-p must be in (0, 1]"),
         (["--max-new-tokens", "-1", "x"], "--max-new-tokens must be >= 0"),
+        (["--device", "cpu", "--cuda-graph", "x"], "--cuda-graph needs a GPU"),
         (["--checkpoint", "{tmp}", "x"], "holds a transformer model"),
     ],
 )

@@ -14,7 +14,7 @@ from tolerances import TOL
 
 import gam_ext
 from gam_ext import GAMConfig, GAMModel, GAMState
-from gam_ext.generation import window_length
+from gam_ext.generation import StepGraph, window_length
 from gam_ext.modules import generate_tokens
 
 VOCAB = 61
@@ -211,6 +211,7 @@ def test_bad_input_is_a_clear_error():
     idx = tokens((2, 4))
     state = model.allocate_state(2)
     model.prefill(idx, state)
+    block, block_state = model.blocks[0], torch.zeros(2, 2, 48)
     cases = [
         (lambda: model.step(idx[:, 0], model.allocate_state(3)), ValueError, "holds 3 sequences"),
         (
@@ -244,6 +245,26 @@ def test_bad_input_is_a_clear_error():
         (lambda: model.generate(idx, 2, top_p=1.5), ValueError, "top_p"),
         (lambda: model.generate(idx, 2, eos_token_id=VOCAB), ValueError, "eos_token_id"),
         (lambda: model.generate(idx + VOCAB, 2), ValueError, "outside the vocabulary"),
+        (
+            lambda: model.generate(idx, 2, cuda_graph=True),
+            ValueError,
+            "cuda_graph=True needs a model on a CUDA",
+        ),
+        (lambda: model.generate(idx, 2, cuda_graph=1), TypeError, "cuda_graph must be a bool"),
+        (lambda: StepGraph(model, state), ValueError, "StepGraph needs a model on a CUDA device"),
+        (lambda: block.step(torch.randn(2, 47), block_state), ValueError, r"x must have shape \(B, 48\)"),
+        (lambda: block.step(torch.randn(2, 1, 48), block_state), ValueError, "x must have 2 dimensions"),
+        (
+            lambda: block.step(torch.randn(3, 48), block_state),
+            ValueError,
+            r"conv_state must have shape \(B, W, D\)",
+        ),
+        (
+            lambda: block.step(torch.randn(2, 48), block_state.double()),
+            TypeError,
+            "conv_state must have the dtype",
+        ),
+        (lambda: block.step(torch.randn(2, 48), block_state[:, :1]), ValueError, "at least K-1 = 2 rows"),
         (lambda: model.allocate_state(0), ValueError, "batch_size must be a positive int"),
         (lambda: model.allocate_state(2, dtype=torch.int32), TypeError, "floating-point"),
     ]
@@ -251,78 +272,3 @@ def test_bad_input_is_a_clear_error():
         with pytest.raises(error, match=match):
             call()
     assert isinstance(state, GAMState)
-
-
-# --------------------------------------------------------------------------------------------
-# On a GPU (pytest -m cuda): the step on the CUDA kernels, and captured in a CUDA graph
-# --------------------------------------------------------------------------------------------
-
-
-def on_cuda(test):
-    """Marks a test `cuda`: it needs a GPU and a CUDA build of gam_ext._C."""
-    for mark in (
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        pytest.mark.skipif(
-            not gam_ext.backend_info()["cuda_compiled"],
-            reason="gam_ext._C was built without the CUDA kernels",
-        ),
-    ):
-        test = mark(test)
-    return test
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@on_cuda
-def test_cuda_step_matches_forward_and_greedy_matches_generate_tokens(dtype):
-    model = make_model(dtype=dtype).cuda()
-    idx = tokens((2, 20)).cuda()
-    with torch.no_grad():
-        full = model(idx)[0][:, 2:].cpu().double()
-        previous = gam_ext.set_backend("reference")
-        try:
-            ref64 = make_model(dtype=torch.float64)(idx.cpu())[0][:, 2:]
-        finally:
-            gam_ext.set_backend(previous)
-    ours = step_logits(model, idx, 3).cpu().double()
-    # Within the dtype's tolerance of the full forward in that dtype, or of the float64 model
-    # within twice the full forward's own error (the full path's tensor cores round P to dtype).
-    tol = TOL[dtype]
-    ok = (ours - full).abs() <= tol["atol"] + tol["rtol"] * full.abs()
-    ok |= (ours - ref64).abs() <= tol["atol"] + tol["rtol"] * ref64.abs()
-    ok |= (ours - ref64).abs() <= 2 * (full - ref64).abs() + 1e-5
-    assert bool(ok.all()), f"{int((~ok).sum())} logits off"
-    if dtype == torch.float32:
-        for n_prompt in (3, 25):
-            prompt = tokens((2, n_prompt), seed=9).cuda()
-            assert torch.equal(
-                model.generate(prompt, 30, greedy=True), generate_tokens(model, prompt, 30, 20, greedy=True)
-            )
-
-
-@on_cuda
-def test_cuda_graph_captures_and_replays_the_step():
-    model = make_model().cuda()
-    state = model.allocate_state(2)
-    model.prefill(tokens((2, 4)).cuda(), state)
-    eager = state.clone()
-    static_tokens = tokens((2,), seed=10).cuda()
-    # Warm up on a side stream (cuBLAS handles, allocator), on a throw-away copy of the state.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        model.step(static_tokens, state.clone())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = model.step(static_tokens, state)
-    state.seqlen -= 1  # capture ran no kernels; the host counter is advanced by hand below
-    for t in range(8):
-        static_tokens.copy_(tokens((2,), seed=20 + t).cuda())
-        graph.replay()
-        state.seqlen += 1
-        expected = model.step(static_tokens, eager)
-        torch.testing.assert_close(static_logits, expected, **TOL[torch.float32])
-        assert torch.equal(state.positions, eager.positions)
-        for a, b in zip(state.conv, eager.conv, strict=True):
-            torch.testing.assert_close(a, b, **TOL[torch.float32])

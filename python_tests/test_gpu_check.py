@@ -560,3 +560,31 @@ def test_parts_split_the_stages_between_two_reports(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2 and "GAM_CHECK_PART must be all, 1 or 2" in out.stderr
     assert not list((tmp_path / "benchmarks" / "results").iterdir())
+
+
+def test_every_cuda_test_is_in_the_checks_test_files():
+    # The check runs the files in TESTS, not `pytest -m cuda` over the suite: a GPU test in any
+    # other file would never run on a GPU. (Generation's GPU tests once sat in test_generation.py.)
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    files = set(shlex.split(re.search(r'^TESTS="([^"]*)"', script, re.M).group(1)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "python_tests",
+            "-m",
+            "cuda",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    collected = [line.split("::")[0] for line in out.stdout.splitlines() if "::" in line]
+    assert len(collected) > 100, out.stdout[-2000:] + out.stderr[-2000:]
+    assert sorted(set(collected) - files) == []
