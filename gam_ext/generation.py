@@ -354,12 +354,13 @@ class StepGraph:
     """
 
     def __init__(self, model: nn.Module, state: GAMState) -> None:
-        device = _model_device(model)
-        if device.type != "cuda":
-            raise ValueError(f"StepGraph needs a model on a CUDA device; this one is on {device}")
+        if _model_device(model).type != "cuda":
+            raise ValueError(
+                f"StepGraph needs a model on a CUDA device; this one is on {_model_device(model)}"
+            )
         _check_state(model, state, state.batch_size if isinstance(state, GAMState) else 0)
         self.model, self.state = model, state
-        device = state.device
+        device = state.device  # the model's (checked)
         self.tokens = torch.zeros(state.batch_size, dtype=torch.long, device=device)
         self.graph = torch.cuda.CUDAGraph()
         with _inference(model), _uncached_autocast():
@@ -483,9 +484,9 @@ def generate(
     Prefill, then one recurrent step per token (see the module docstring); the samples follow
     :func:`sample_logits`. With eos_token_id, a sequence that has produced it continues with
     eos_token_id, and generation stops once every sequence has. With cuda_graph (a model on a
-    CUDA device), the step within block_size is captured once in a CUDA graph and replayed per
-    token: the same tokens, without the host's per-kernel launch cost (the capture itself costs
-    about as much as a few eager steps).
+    CUDA device), the step within block_size is captured once in a CUDA graph (a
+    :class:`StepGraph`) and replayed per token: the same tokens, without the host's per-kernel
+    launch cost.
     """
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
