@@ -217,7 +217,7 @@ def _check_tokens(model: nn.Module, name: str, tokens: object, ndim: tuple[int, 
         raise ValueError(f"{name} is on {tokens.device} but the model is on {device}")
     vocab = model.config.vocab_size
     if tokens.numel() and not _capturing(device):
-        low, high = int(tokens.min()), int(tokens.max())
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one device-to-host read
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             raise ValueError(f"{name} holds the token id {bad}, outside the vocabulary [0, {vocab})")
