@@ -365,11 +365,14 @@ class StepGraph:
         self.graph = torch.cuda.CUDAGraph()
         with _inference(model), _uncached_autocast():
             # Warm up on a side stream, on a copy of the state (lazy cuBLAS handles and
-            # workspaces must not be created inside the capture).
+            # workspaces must not be created inside the capture), at position 0: the state may
+            # be past block_size, where the recurrent step's position embedding has no row.
+            warm = state.clone()
+            warm.positions.zero_()
             side = torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                _recurrent_step(model, self.tokens, state.clone())
+                _recurrent_step(model, self.tokens, warm)
             torch.cuda.current_stream(device).wait_stream(side)
             with torch.cuda.graph(self.graph):  # records the kernels, runs none: the state stays
                 self.logits = _recurrent_step(model, self.tokens, state)
@@ -510,7 +513,9 @@ def generate(
     with _inference(model):
         state = allocate_state(model, idx.shape[0])
         logits = prefill(model, idx, state)
-        next_logits = StepGraph(model, state) if cuda_graph and max_new_tokens > 1 else None
+        # No graph where no step would replay it (a prompt past block_size: window steps only).
+        replays = max_new_tokens > 1 and state.seqlen < model.config.block_size
+        next_logits = StepGraph(model, state) if cuda_graph and replays else None
         pieces, done = [idx], None
         for i in range(max_new_tokens):
             token = sample_logits(
