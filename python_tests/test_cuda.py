@@ -606,7 +606,7 @@ def test_step_graph_serves_its_state_across_prefills_and_past_block_size():
 
     model = gen_model().cuda()
     state = model.allocate_state(2)
-    model.prefill(gen_tokens((2, 3)).cuda(), state)
+    model.prefill(gen_tokens((2, 25)).cuda(), state)  # built past block_size (20): warm-up at 0
     graph = StepGraph(model, state)
     # A second prompt into the same state (prefill writes it in place); 7 + 18 tokens cross
     # block_size (20), where the graph hands over to the eager window step.
