@@ -241,17 +241,14 @@ def _inference(model: nn.Module) -> Iterator[None]:
 def _block_tail(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     """The last ``rows`` rows of ``block(x)`` in eval mode, computing only those: LN1 and the conv
     see every row of x (the conv reads the K-1 rows before each kept one), the retrieval, the
-    gates and the FFN only the kept rows. The same ops and math as ``gam_block``."""
-    d, eps = x.shape[-1], block.ln1.eps
-    h = F.layer_norm(x, (d,), block.ln1.weight, block.ln1.bias, eps)
+    gates and the FFN only the kept rows. The same ops and math as ``GAMBlock.forward``."""
+    d = x.shape[-1]
+    h = F.layer_norm(x, (d,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
     local = ops.causal_conv1d(h, block.causal_conv.weight, block.causal_conv.bias)[:, -rows:]
     h = h[:, -rows:]
     global_ctx = ops.memory_retrieval(h, block.memory_bank)
     gate_logits = ops._gate_linear(ops._activation(h), block.gate.weight, block.gate.bias)
-    x = x[:, -rows:] + ops.gate_fusion(local, global_ctx, gate_logits)
-    u = F.layer_norm(x, (d,), block.ln2.weight, block.ln2.bias, eps)
-    ffn = block.ffn
-    return x + F.linear(F.gelu(F.linear(u, ffn[0].weight, ffn[0].bias)), ffn[2].weight, ffn[2].bias)
+    return block._ffn_residual(x[:, -rows:] + ops.gate_fusion(local, global_ctx, gate_logits))
 
 
 def _window_logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -315,10 +312,15 @@ def prefill(model: nn.Module, idx: torch.Tensor, state: GAMState) -> torch.Tenso
         return model.head(model.ln_f(x[:, -1]))
 
 
+def _push_tokens(state: GAMState, tokens: torch.Tensor) -> None:
+    """The token history (for the window step past block_size) takes tokens (B,) as its newest."""
+    state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
+
+
 def _recurrent_step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tensor:
     """The device work of a step within block_size, tokens (B,): it reads and writes no host
     state (state.seqlen is the caller's), so a CUDA graph can capture it."""
-    state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
+    _push_tokens(state, tokens)
     x = model.token_embedding(tokens) + model.pos_embedding(state.positions)
     for block, conv in zip(model.blocks, state.conv, strict=True):
         x = block._step(x, conv, state.positions)
@@ -332,7 +334,7 @@ def _step(model: nn.Module, tokens: torch.Tensor, state: GAMState) -> torch.Tens
         if state.seqlen < model.config.block_size:
             logits = _recurrent_step(model, tokens, state)
         else:
-            state.tokens.copy_(torch.cat([state.tokens[:, 1:], tokens.unsqueeze(1)], dim=1))
+            _push_tokens(state, tokens)
             logits = _window_logits(model, state.tokens)
             state.positions.add_(1)
         state.seqlen += 1

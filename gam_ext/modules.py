@@ -146,7 +146,11 @@ class GAMBlock(nn.Module):
             1.0,
             cache_seqlens,
         )
-        u = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        return self._ffn_residual(x)
+
+    def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x + FFN(LN2(x)) in eval mode, in functional calls (the steps of generation)."""
+        u = F.layer_norm(x, (self.d_model,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
         up, down = self.ffn[0], self.ffn[2]  # Linear, GELU, Linear: the FFN without its dropout
         return x + F.linear(F.gelu(F.linear(u, up.weight, up.bias)), down.weight, down.bias)
 

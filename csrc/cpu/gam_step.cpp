@@ -95,6 +95,12 @@ int64_t step_slot_chunk(int64_t d) {
                            std::max<int64_t>(16, (65536 / std::max<int64_t>(d, 1)) / 16 * 16));
 }
 
+// Slot chunks of a bank of s slots at width d.
+int64_t step_slot_chunks(int64_t s, int64_t d) {
+  const int64_t chunk = step_slot_chunk(d);
+  return (s + chunk - 1) / chunk;
+}
+
 // Rows per retrieval work item: the rows of a batch share each slot chunk's two tile products
 // (one pass over the chunk for all of them) instead of one matrix-vector pass per row.
 constexpr int64_t kStepRows = 64;
@@ -134,8 +140,7 @@ void step_retrieval_parts(const acc_t<T>* h, const T* mem, int64_t b, int64_t s,
                           acc_t<T> scale, bool round_p, acc_t<T>* parts) {
   using A = acc_t<T>;
   constexpr bool kWide = std::is_same_v<T, A>;
-  const int64_t chunk = step_slot_chunk(d);
-  const int64_t chunks = (s + chunk - 1) / chunk;
+  const int64_t chunk = step_slot_chunk(d), chunks = step_slot_chunks(s, d);
   const int64_t rows = std::min(b, kStepRows);
   const int64_t blocks = (b + rows - 1) / rows;
   const int64_t ld = chunks * (d + 2);  // parts: one row's stride
@@ -256,7 +261,7 @@ at::Tensor gam_mixer_step(const at::Tensor& h_in, at::Tensor& conv_state,
   const at::Tensor mem = memory_in_activation_dtype(memory, h).contiguous();
   const at::Tensor h_acc = h.to(acc).contiguous();
   const at::Tensor pos = positions_or_none(cache_seqlens);
-  const int64_t chunks = (s + step_slot_chunk(d) - 1) / step_slot_chunk(d);
+  const int64_t chunks = step_slot_chunks(s, d);
   at::Tensor parts = at::empty({b, chunks, d + 2}, h.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gam_mixer_step", [&] {
     using A = acc_t<scalar_t>;
